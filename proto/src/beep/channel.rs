@@ -1,0 +1,568 @@
+//! Per-channel state of a BEEP session (RFC 3080 §2.2.1, §2.6; RFC 3081 §3): message numbers in
+//! both directions, reply ordering, reassembly of continued frames, ANS/NUL bookkeeping,
+//! sequence numbers and the sliding windows in both directions.
+//!
+//! Two independent numbering spaces per channel (beep.md §2.6 impl. note):
+//!
+//! ```text
+//!   peer's MSGs  --> [assembly] --> pending_replies (in order) --> our RPY/ERR/ANS*NUL
+//!   our MSGs     --> send queue --> outstanding (in order)     <-- peer's replies
+//! ```
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::beep::frame::{self, Header, Keyword};
+use crate::error::ProtocolError;
+use crate::limits::{Limits, INITIAL_WINDOW, MAX_31BIT};
+
+/// A message waiting in the send queue; `sent` octets of it have been framed already.
+#[derive(Debug)]
+pub(crate) struct OutMsg {
+    pub(crate) keyword: Keyword,
+    pub(crate) msgno: u32,
+    pub(crate) ansno: Option<u32>,
+    pub(crate) payload: Bytes,
+    pub(crate) sent: usize,
+    /// Writing this message's last frame makes the named channel known to the peer (the
+    /// positive reply to its `start`): only then may that channel transmit.
+    pub(crate) announces: Option<u32>,
+}
+
+/// A MSG received from the peer that our reply has not completed yet.
+#[derive(Debug)]
+struct PendingReply {
+    msgno: u32,
+    /// Reply messages given by the application before it was this MSG's turn.
+    parts: Vec<OutMsg>,
+    /// The last part (RPY, ERR or NUL) has been given.
+    complete: bool,
+    next_ansno: u32,
+}
+
+/// How far the reply to one of our MSGs has arrived.
+#[derive(Debug)]
+pub(crate) enum ReplyState {
+    /// No reply frame yet.
+    Awaiting,
+    /// RPY or ERR frames arriving; the keyword of the first one.
+    OneToOne(Keyword),
+    /// ANS messages in progress (ansno -> keyword seen), last frame was ANS.
+    Answers(HashSet<u32>),
+}
+
+/// One of our MSGs awaiting its reply.
+#[derive(Debug)]
+pub(crate) struct Outstanding {
+    pub(crate) msgno: u32,
+    pub(crate) state: ReplyState,
+}
+
+/// What the session must do with a frame the channel accepted.
+#[derive(Debug)]
+pub(crate) enum Received {
+    /// Nothing yet: a continuation was buffered, or a discarded MSG's frame was dropped.
+    Nothing,
+    /// A MSG arrived completely.
+    Msg { msgno: u32, payload: Bytes },
+    /// A MSG grew past the size limit: answer it with a pre-emptive ERR (BEEP-38).
+    MsgTooLarge { msgno: u32 },
+    /// A reply message to our MSG arrived completely (`complete`: the whole reply is done).
+    Reply {
+        keyword: Keyword,
+        msgno: u32,
+        ansno: Option<u32>,
+        payload: Bytes,
+        complete: bool,
+    },
+}
+
+/// State of one open channel.
+#[derive(Debug)]
+pub(crate) struct Channel {
+    pub(crate) profile: String,
+    /// We sent `close` for this channel and await the answer (BEEP-26).
+    pub(crate) closing: bool,
+
+    // Receive direction.
+    recv_next: u32,
+    recv_edge: u32,
+    recv_buffer: u32,
+    /// Octets handed to the application as events it has not polled yet.
+    pub(crate) undelivered: u32,
+    /// Msgno and keyword of the last frame received, when it had `*` (P7, P9).
+    last_continued: Option<(u32, Keyword)>,
+    /// Frames of the peer's MSG being assembled.
+    msg_assembly: Option<(u32, BytesMut)>,
+    /// Msgno of a MSG answered pre-emptively; its remaining frames are dropped (BEEP-38).
+    discarding: Option<u32>,
+    pending_replies: VecDeque<PendingReply>,
+    pending_set: HashSet<u32>,
+    /// Partially received replies: (msgno, ansno) -> octets so far.
+    reply_assembly: HashMap<(u32, Option<u32>), BytesMut>,
+
+    // Send direction.
+    send_next: u32,
+    send_edge: u32,
+    send_acked: u32,
+    next_msgno: u32,
+    pub(crate) queue: VecDeque<OutMsg>,
+    pub(crate) outstanding: VecDeque<Outstanding>,
+    /// Set while the channel is listed as ready in the session's round-robin.
+    pub(crate) in_ready: bool,
+    /// Set while the channel is listed for a SEQ check.
+    pub(crate) seq_dirty: bool,
+    /// False until the reply creating this channel has been written: nothing may be sent on a
+    /// channel the peer does not know yet (it would be a P3 violation on its side).
+    pub(crate) announced: bool,
+}
+
+impl Channel {
+    pub(crate) fn new(profile: String, limits: &Limits, first_msgno: u32) -> Self {
+        Self {
+            profile,
+            closing: false,
+            recv_next: 0,
+            recv_edge: INITIAL_WINDOW,
+            recv_buffer: limits.recv_window,
+            undelivered: 0,
+            last_continued: None,
+            msg_assembly: None,
+            discarding: None,
+            pending_replies: VecDeque::new(),
+            pending_set: HashSet::new(),
+            reply_assembly: HashMap::new(),
+            send_next: 0,
+            send_edge: INITIAL_WINDOW,
+            send_acked: 0,
+            next_msgno: first_msgno,
+            queue: VecDeque::new(),
+            outstanding: VecDeque::new(),
+            in_ready: false,
+            seq_dirty: true,
+            announced: true,
+        }
+    }
+
+    /// Work that keeps the channel from being closed (BEEP-28): replies we owe, replies owed
+    /// to us, or queued output.
+    pub(crate) fn is_busy(&self) -> bool {
+        !self.pending_replies.is_empty()
+            || !self.outstanding.is_empty()
+            || !self.queue.is_empty()
+            || self.msg_assembly.is_some()
+    }
+
+    /// Every MSG we sent has had at least one reply frame (BEEP-25).
+    pub(crate) fn all_acknowledged(&self) -> bool {
+        self.outstanding
+            .iter()
+            .all(|o| !matches!(o.state, ReplyState::Awaiting))
+    }
+
+    /// Checks a data header against this channel before its payload is read: P4-P10 and the
+    /// window (RFC 3081 §3.1.2). Done early so a peer cannot make us buffer beyond the window.
+    pub(crate) fn check_header(&self, h: &Header) -> Result<(), ProtocolError> {
+        let ch = h.channel;
+        if h.seqno != self.recv_next {
+            return Err(ProtocolError::SeqnoMismatch {
+                channel: ch,
+                expected: self.recv_next,
+                got: h.seqno,
+            });
+        }
+        if self.recv_edge.wrapping_sub(self.recv_next) < h.size {
+            return Err(ProtocolError::WindowOverrun(ch));
+        }
+        if let Some((msgno, keyword)) = self.last_continued {
+            if h.msgno != msgno {
+                return Err(ProtocolError::ContinuationMismatch(ch));
+            }
+            if h.keyword != keyword && h.keyword != Keyword::Nul {
+                return Err(ProtocolError::KeywordChanged(ch));
+            }
+        }
+        match h.keyword {
+            Keyword::Msg => {
+                let continuing = self.last_continued.is_some() || self.discarding == Some(h.msgno);
+                if !continuing && self.pending_set.contains(&h.msgno) {
+                    return Err(ProtocolError::MsgnoInUse {
+                        channel: ch,
+                        msgno: h.msgno,
+                    });
+                }
+            }
+            _ => {
+                let Some(out) = self.outstanding.iter().find(|o| o.msgno == h.msgno) else {
+                    return Err(ProtocolError::UnexpectedReply {
+                        channel: ch,
+                        msgno: h.msgno,
+                    });
+                };
+                match (&out.state, h.keyword) {
+                    (ReplyState::Awaiting, _) => {}
+                    (ReplyState::OneToOne(k), kw) if *k == kw => {}
+                    (ReplyState::OneToOne(_), Keyword::Nul) => {
+                        return Err(ProtocolError::NulNotAfterAns(ch))
+                    }
+                    (ReplyState::OneToOne(_), _) => return Err(ProtocolError::KeywordChanged(ch)),
+                    (ReplyState::Answers(_), Keyword::Ans | Keyword::Nul) => {}
+                    (ReplyState::Answers(_), _) => return Err(ProtocolError::KeywordChanged(ch)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Accepts a frame whose header passed [`Channel::check_header`].
+    pub(crate) fn receive(
+        &mut self,
+        h: &Header,
+        payload: Bytes,
+        limits: &Limits,
+    ) -> Result<Received, ProtocolError> {
+        let ch = h.channel;
+        self.recv_next = self.recv_next.wrapping_add(h.size);
+        self.seq_dirty = true;
+        self.last_continued = h.more.then_some((h.msgno, h.keyword));
+        if h.keyword == Keyword::Msg {
+            return self.receive_msg(h, payload, limits);
+        }
+        let idx = self
+            .outstanding
+            .iter()
+            .position(|o| o.msgno == h.msgno)
+            .ok_or(ProtocolError::UnexpectedReply {
+                channel: ch,
+                msgno: h.msgno,
+            })?;
+        if h.keyword == Keyword::Nul {
+            // The whole one-to-many reply ends here (BEEP-11).
+            self.outstanding.remove(idx);
+            self.reply_assembly.retain(|(m, _), _| *m != h.msgno);
+            return Ok(Received::Reply {
+                keyword: Keyword::Nul,
+                msgno: h.msgno,
+                ansno: None,
+                payload,
+                complete: true,
+            });
+        }
+        let key = (h.msgno, h.ansno);
+        match &mut self.outstanding[idx].state {
+            state @ ReplyState::Awaiting => {
+                *state = if h.keyword == Keyword::Ans {
+                    ReplyState::Answers(HashSet::new())
+                } else {
+                    ReplyState::OneToOne(h.keyword)
+                };
+            }
+            ReplyState::OneToOne(_) => {}
+            ReplyState::Answers(_) => {}
+        }
+        if let (ReplyState::Answers(in_progress), Some(ansno)) =
+            (&mut self.outstanding[idx].state, h.ansno)
+        {
+            let continuing = self.reply_assembly.contains_key(&key);
+            if !continuing && in_progress.contains(&ansno) {
+                return Err(ProtocolError::AnsnoInUse { channel: ch, ansno });
+            }
+            if h.more {
+                in_progress.insert(ansno);
+            } else {
+                in_progress.remove(&ansno);
+            }
+        }
+        let Some(payload) = assemble(&mut self.reply_assembly, key, h.more, payload, limits)
+            .map_err(|()| ProtocolError::MessageTooLarge(ch))?
+        else {
+            return Ok(Received::Nothing);
+        };
+        let complete = h.keyword != Keyword::Ans;
+        if complete {
+            self.outstanding.remove(idx);
+        }
+        Ok(Received::Reply {
+            keyword: h.keyword,
+            msgno: h.msgno,
+            ansno: h.ansno,
+            payload,
+            complete,
+        })
+    }
+
+    fn receive_msg(
+        &mut self,
+        h: &Header,
+        payload: Bytes,
+        limits: &Limits,
+    ) -> Result<Received, ProtocolError> {
+        if self.discarding == Some(h.msgno) {
+            if !h.more {
+                self.discarding = None;
+            }
+            return Ok(Received::Nothing);
+        }
+        let whole = match self.msg_assembly.take() {
+            None if !h.more => payload,
+            None => {
+                if payload.len() > limits.max_message_size {
+                    return self.too_large(h);
+                }
+                self.msg_assembly = Some((h.msgno, BytesMut::from(&payload[..])));
+                return Ok(Received::Nothing);
+            }
+            Some((msgno, mut buf)) => {
+                debug_assert_eq!(msgno, h.msgno, "P9 checked in check_header");
+                if buf.len() + payload.len() > limits.max_message_size {
+                    return self.too_large(h);
+                }
+                buf.extend_from_slice(&payload);
+                if h.more {
+                    self.msg_assembly = Some((msgno, buf));
+                    return Ok(Received::Nothing);
+                }
+                buf.freeze()
+            }
+        };
+        if self.pending_replies.len() >= limits.max_pending_replies {
+            return Err(ProtocolError::TooManyPendingReplies(h.channel));
+        }
+        self.push_pending(h.msgno);
+        Ok(Received::Msg {
+            msgno: h.msgno,
+            payload: whole,
+        })
+    }
+
+    fn too_large(&mut self, h: &Header) -> Result<Received, ProtocolError> {
+        if h.more {
+            self.discarding = Some(h.msgno);
+        }
+        self.push_pending(h.msgno);
+        Ok(Received::MsgTooLarge { msgno: h.msgno })
+    }
+
+    fn push_pending(&mut self, msgno: u32) {
+        self.pending_set.insert(msgno);
+        self.pending_replies.push_back(PendingReply {
+            msgno,
+            parts: Vec::new(),
+            complete: false,
+            next_ansno: 0,
+        });
+    }
+
+    /// Queues one part of our reply to the peer's MSG `msgno`, in the order the MSGs arrived
+    /// (BEEP-35): parts for a later MSG wait until every earlier reply is complete.
+    /// Returns the ansno used for an ANS. `Err(())` when no such MSG awaits a reply.
+    pub(crate) fn reply(
+        &mut self,
+        keyword: Keyword,
+        msgno: u32,
+        payload: Bytes,
+        announces: Option<u32>,
+    ) -> Result<Option<u32>, ()> {
+        let pending = self
+            .pending_replies
+            .iter_mut()
+            .find(|p| p.msgno == msgno && !p.complete)
+            .ok_or(())?;
+        let ansno = (keyword == Keyword::Ans).then(|| {
+            let n = pending.next_ansno;
+            pending.next_ansno = (n + 1) % (MAX_31BIT + 1);
+            n
+        });
+        pending.parts.push(OutMsg {
+            keyword,
+            msgno,
+            ansno,
+            payload,
+            sent: 0,
+            announces,
+        });
+        pending.complete = keyword != Keyword::Ans;
+        self.release_ready_replies();
+        Ok(ansno)
+    }
+
+    /// Moves reply parts whose turn has come into the send queue.
+    fn release_ready_replies(&mut self) {
+        while let Some(head) = self.pending_replies.front_mut() {
+            self.queue.extend(head.parts.drain(..));
+            if !head.complete {
+                break;
+            }
+            self.pending_set.remove(&head.msgno);
+            self.pending_replies.pop_front();
+        }
+    }
+
+    /// Allocates a msgno for our next MSG, skipping numbers still awaiting replies (BEEP-04).
+    pub(crate) fn queue_msg(&mut self, payload: Bytes) -> u32 {
+        let mut msgno = self.next_msgno;
+        while self.outstanding.iter().any(|o| o.msgno == msgno) {
+            msgno = (msgno + 1) % (MAX_31BIT + 1);
+        }
+        self.next_msgno = (msgno + 1) % (MAX_31BIT + 1);
+        self.outstanding.push_back(Outstanding {
+            msgno,
+            state: ReplyState::Awaiting,
+        });
+        self.queue.push_back(OutMsg {
+            keyword: Keyword::Msg,
+            msgno,
+            ansno: None,
+            payload,
+            sent: 0,
+            announces: None,
+        });
+        msgno
+    }
+
+    /// Queues a message that answers nothing in our pending list (the greeting).
+    pub(crate) fn queue_raw(&mut self, keyword: Keyword, msgno: u32, payload: Bytes) {
+        self.queue.push_back(OutMsg {
+            keyword,
+            msgno,
+            ansno: None,
+            payload,
+            sent: 0,
+            announces: None,
+        });
+    }
+
+    /// Registers a reply we expect without having sent a MSG (the peer's greeting).
+    pub(crate) fn expect_reply(&mut self, msgno: u32) {
+        self.outstanding.push_back(Outstanding {
+            msgno,
+            state: ReplyState::Awaiting,
+        });
+    }
+
+    /// BEEP-39: the peer answered our MSG negatively before we sent its last frame; finish it
+    /// with an empty final frame and drop the rest.
+    pub(crate) fn truncate_unsent_msg(&mut self, msgno: u32) {
+        if let Some(out) = self
+            .queue
+            .iter_mut()
+            .find(|o| o.keyword == Keyword::Msg && o.msgno == msgno && o.sent > 0)
+        {
+            out.payload.truncate(out.sent);
+        }
+    }
+
+    /// Octets we may still send before the peer's window is exhausted (RFC 3081 §3.1.2).
+    pub(crate) fn send_window(&self) -> u32 {
+        let avail = self.send_edge.wrapping_sub(self.send_next);
+        if avail > MAX_31BIT {
+            0 // the peer moved its right edge left of what we sent
+        } else {
+            avail
+        }
+    }
+
+    /// Applies a SEQ from the peer (RFC 3081 §3.1.3). Fails when the ackno acknowledges
+    /// octets never sent or moves backwards.
+    pub(crate) fn apply_seq(&mut self, ackno: u32, window: u32) -> Result<(), ()> {
+        let sent_since_acked = self.send_next.wrapping_sub(self.send_acked);
+        let acked_now = ackno.wrapping_sub(self.send_acked);
+        if acked_now > sent_since_acked {
+            return Err(());
+        }
+        self.send_acked = ackno;
+        self.send_edge = ackno.wrapping_add(window);
+        Ok(())
+    }
+
+    /// Frames the head of the send queue, as much as window and frame limit allow. Returns
+    /// `None` when nothing could be written, else the channel announced by the message the
+    /// frame completed, if any.
+    pub(crate) fn write_frame(
+        &mut self,
+        number: u32,
+        max_frame: u32,
+        out: &mut BytesMut,
+    ) -> Option<Option<u32>> {
+        let window = self.send_window();
+        if !self.announced {
+            return None;
+        }
+        let msg = self.queue.front_mut()?;
+        let remaining = msg.payload.len() - msg.sent;
+        let chunk = remaining.min(window as usize).min(max_frame as usize);
+        if chunk == 0 && remaining > 0 {
+            return None; // blocked until a SEQ opens the window
+        }
+        let more = chunk < remaining;
+        let header = Header {
+            keyword: msg.keyword,
+            channel: number,
+            msgno: msg.msgno,
+            more,
+            seqno: self.send_next,
+            size: chunk as u32,
+            ansno: msg.ansno,
+        };
+        frame::encode_data_frame(out, &header, &msg.payload[msg.sent..msg.sent + chunk]);
+        msg.sent += chunk;
+        self.send_next = self.send_next.wrapping_add(chunk as u32);
+        if more {
+            return Some(None);
+        }
+        Some(self.queue.pop_front().and_then(|m| m.announces))
+    }
+
+    /// The SEQ to send now, if the window we can advertise has grown by at least half the
+    /// channel's buffer (BEEP-66) or the peer is stalled on a closed window. Never shrinks the
+    /// window (BEEP-69).
+    pub(crate) fn take_seq(&mut self) -> Option<(u32, u32)> {
+        self.seq_dirty = false;
+        let free = self.recv_buffer.saturating_sub(self.undelivered);
+        let new_edge = self.recv_next.wrapping_add(free);
+        let growth = new_edge.wrapping_sub(self.recv_edge);
+        if growth == 0 || growth > MAX_31BIT {
+            return None;
+        }
+        let stalled = self.recv_edge == self.recv_next;
+        if growth < self.recv_buffer / 2 && !stalled {
+            return None;
+        }
+        self.recv_edge = new_edge;
+        Some((self.recv_next, free))
+    }
+}
+
+/// Appends a frame's payload to its message. `Ok(Some)` when the message is complete,
+/// `Ok(None)` when more frames follow, `Err` when it outgrows the limit.
+fn assemble(
+    partial: &mut HashMap<(u32, Option<u32>), BytesMut>,
+    key: (u32, Option<u32>),
+    more: bool,
+    payload: Bytes,
+    limits: &Limits,
+) -> Result<Option<Bytes>, ()> {
+    match partial.remove(&key) {
+        None if !more => Ok(Some(payload)),
+        None => {
+            if payload.len() > limits.max_message_size {
+                return Err(());
+            }
+            partial.insert(key, BytesMut::from(&payload[..]));
+            Ok(None)
+        }
+        Some(mut buf) => {
+            if buf.len() + payload.len() > limits.max_message_size {
+                return Err(());
+            }
+            buf.extend_from_slice(&payload);
+            if more {
+                partial.insert(key, buf);
+                Ok(None)
+            } else {
+                Ok(Some(buf.freeze()))
+            }
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! BEEP frames on the wire: header lines of MSG, RPY, ERR, ANS, NUL and SEQ, payload and trailer
+//! (RFC 3080 §2.2.1, RFC 3081 §3.1.3). Bytes to values and back; no channel state.
+//!
+//! ```text
+//! header  = keyword SP channel SP msgno SP more SP seqno SP size [SP ansno] CRLF
+//! seq     = "SEQ" SP channel SP ackno SP window CRLF
+//! frame   = header payload "END" CRLF        ; payload is exactly `size` octets
+//! ```
+//!
+//! Parsing is strict (exactly one space between fields, digits only, ranges checked) and
+//! zero-copy: a frame's payload is a [`Bytes`] slice of the caller's read buffer. Incomplete input
+//! is `Ok(None)`, never an error.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::{Field, FrameError};
+use crate::limits::MAX_31BIT;
+
+/// The trailer after every data frame's payload (RFC 3080 §2.2.1.3).
+pub const TRAILER: &[u8; 5] = b"END\r\n";
+
+/// Largest seqno/ackno/ansno accepted on input: 2^32 - 1.
+const MAX_32BIT: u64 = u32::MAX as u64;
+
+/// Data-frame keywords (RFC 3080 §2.2.1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Keyword {
+    /// A message (request).
+    Msg,
+    /// A positive one-to-one reply.
+    Rpy,
+    /// A negative one-to-one reply.
+    Err,
+    /// One answer of a one-to-many reply.
+    Ans,
+    /// The end of a one-to-many reply.
+    Nul,
+}
+
+impl Keyword {
+    /// The three octets on the wire.
+    pub fn as_bytes(self) -> &'static [u8; 3] {
+        match self {
+            Keyword::Msg => b"MSG",
+            Keyword::Rpy => b"RPY",
+            Keyword::Err => b"ERR",
+            Keyword::Ans => b"ANS",
+            Keyword::Nul => b"NUL",
+        }
+    }
+
+    /// True for the reply keywords (everything but MSG).
+    pub fn is_reply(self) -> bool {
+        self != Keyword::Msg
+    }
+}
+
+/// A parsed data-frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Frame type.
+    pub keyword: Keyword,
+    /// Channel number, 0..=2^31-1.
+    pub channel: u32,
+    /// Message number, 0..=2^31-1.
+    pub msgno: u32,
+    /// `*`: more frames of this message follow.
+    pub more: bool,
+    /// Sequence number of the first payload octet, 0..=2^32-1.
+    pub seqno: u32,
+    /// Payload length, 0..=2^31-1.
+    pub size: u32,
+    /// Answer number; present exactly on ANS frames.
+    pub ansno: Option<u32>,
+}
+
+/// A SEQ frame (RFC 3081 §3.1.3): "expect `ackno` next, accept `window` octets from there".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seq {
+    /// Channel whose receive window is updated.
+    pub channel: u32,
+    /// Next seqno the sender of the SEQ expects.
+    pub ackno: u32,
+    /// Octets it will accept starting at `ackno`, 0..=2^31-1.
+    pub window: u32,
+}
+
+/// A complete data frame. `payload` shares the read buffer's memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// The header line.
+    pub header: Header,
+    /// Exactly `header.size` octets.
+    pub payload: Bytes,
+}
+
+/// A header line recognised at the front of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// A data frame; its payload and trailer follow the header line.
+    Data(Header),
+    /// A SEQ frame; the header line is the whole frame.
+    Seq(Seq),
+}
+
+/// Anything that arrives on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A data frame.
+    Data(Frame),
+    /// A SEQ frame.
+    Seq(Seq),
+}
+
+/// Recognises the header line at the front of `buf`.
+///
+/// Returns the header and the length of its line including CRLF, `Ok(None)` when the line is
+/// not complete yet, or the poorly-formed condition found. A keyword that cannot begin a frame is
+/// reported as soon as its first octets arrive, so a peer cannot make us buffer garbage.
+pub fn parse_head(buf: &[u8], max_header_line: usize) -> Result<Option<(Head, usize)>, FrameError> {
+    let window = &buf[..buf.len().min(max_header_line)];
+    let Some(lf) = memchr::memchr(b'\n', window) else {
+        check_keyword_prefix(window)?;
+        if buf.len() >= max_header_line {
+            return Err(FrameError::HeaderTooLong);
+        }
+        return Ok(None);
+    };
+    // A header line ends in CRLF: a bare LF is a malformed separator.
+    if lf == 0 || window[lf - 1] != b'\r' {
+        check_keyword_prefix(&window[..lf])?;
+        return Err(FrameError::BadField(Field::Layout));
+    }
+    let head = parse_line(&window[..lf - 1])?;
+    Ok(Some((head, lf + 1)))
+}
+
+/// Parses one complete frame from the front of `buf`, splitting it off without copying.
+///
+/// This is the stateless entry point (tests, fuzzing, benchmarks); a session uses
+/// [`parse_head`] first so it can check the header against channel state and windows before
+/// waiting for a payload.
+pub fn parse(buf: &mut BytesMut, max_header_line: usize) -> Result<Option<Inbound>, FrameError> {
+    let Some((head, header_len)) = parse_head(buf, max_header_line)? else {
+        return Ok(None);
+    };
+    match head {
+        Head::Seq(seq) => {
+            let _ = buf.split_to(header_len);
+            Ok(Some(Inbound::Seq(seq)))
+        }
+        Head::Data(header) => Ok(take_payload(buf, header, header_len)?.map(Inbound::Data)),
+    }
+}
+
+/// Splits a data frame whose header was recognised by [`parse_head`] off `buf` once its payload
+/// and trailer are present. The payload is a zero-copy slice (RFC 3080 §2.2.1.3 trailer check).
+pub fn take_payload(
+    buf: &mut BytesMut,
+    header: Header,
+    header_len: usize,
+) -> Result<Option<Frame>, FrameError> {
+    let size = header.size as usize;
+    let total = header_len + size + TRAILER.len();
+    if buf.len() < total {
+        // Reject a wrong trailer as soon as its first octets are visible.
+        let seen = &buf[(header_len + size).min(buf.len())..];
+        if !TRAILER.starts_with(seen) {
+            return Err(FrameError::BadTrailer);
+        }
+        return Ok(None);
+    }
+    if &buf[header_len + size..total] != TRAILER {
+        return Err(FrameError::BadTrailer);
+    }
+    let mut frame = buf.split_to(total);
+    frame.truncate(header_len + size);
+    let payload = frame.freeze().slice(header_len..);
+    Ok(Some(Frame { header, payload }))
+}
+
+/// Fails with P1 when the octets seen so far cannot start any keyword.
+fn check_keyword_prefix(seen: &[u8]) -> Result<(), FrameError> {
+    const KEYWORDS: [&[u8; 4]; 6] = [b"MSG ", b"RPY ", b"ERR ", b"ANS ", b"NUL ", b"SEQ "];
+    let n = seen.len().min(4);
+    if KEYWORDS.iter().any(|k| k[..n] == seen[..n]) {
+        Ok(())
+    } else {
+        Err(FrameError::BadKeyword)
+    }
+}
+
+fn parse_line(line: &[u8]) -> Result<Head, FrameError> {
+    if line.len() < 4 || line[3] != b' ' {
+        check_keyword_prefix(line)?;
+        return Err(FrameError::BadField(Field::Layout));
+    }
+    let keyword = match &line[..3] {
+        b"MSG" => Keyword::Msg,
+        b"RPY" => Keyword::Rpy,
+        b"ERR" => Keyword::Err,
+        b"ANS" => Keyword::Ans,
+        b"NUL" => Keyword::Nul,
+        b"SEQ" => return parse_seq(&line[4..]).map(Head::Seq),
+        _ => return Err(FrameError::BadKeyword),
+    };
+    let mut fields = Fields::new(&line[4..]);
+    let channel = fields.number(Field::Channel, MAX_31BIT.into())?;
+    let msgno = fields.number(Field::Msgno, MAX_31BIT.into())?;
+    let more = match fields.next_field(Field::More)? {
+        b"." => false,
+        b"*" => true,
+        _ => return Err(FrameError::BadField(Field::More)),
+    };
+    let seqno = fields.number(Field::Seqno, MAX_32BIT)?;
+    let size = fields.number(Field::Size, MAX_31BIT.into())?;
+    // The ansno range is 0..2^31-1 in the ABNF but 0..2^32-1 in the prose: accept the wider
+    // one on input (beep.md §2.2).
+    let ansno = if keyword == Keyword::Ans {
+        Some(fields.number(Field::Ansno, MAX_32BIT)?)
+    } else {
+        None
+    };
+    fields.finish()?;
+    if keyword == Keyword::Nul && (more || size != 0) {
+        return Err(FrameError::BadNul);
+    }
+    Ok(Head::Data(Header {
+        keyword,
+        channel,
+        msgno,
+        more,
+        seqno,
+        size,
+        ansno,
+    }))
+}
+
+fn parse_seq(rest: &[u8]) -> Result<Seq, FrameError> {
+    let mut fields = Fields::new(rest);
+    let channel = fields.number(Field::Channel, MAX_31BIT.into())?;
+    let ackno = fields.number(Field::Ackno, MAX_32BIT)?;
+    let window = fields.number(Field::Window, MAX_31BIT.into())?;
+    fields.finish()?;
+    Ok(Seq {
+        channel,
+        ackno,
+        window,
+    })
+}
+
+/// The space-separated fields after the keyword. `dangling` records a separator with nothing
+/// after it, which makes the line malformed even when no further field is expected.
+struct Fields<'a> {
+    rest: &'a [u8],
+    dangling: bool,
+}
+
+impl<'a> Fields<'a> {
+    fn new(rest: &'a [u8]) -> Self {
+        Self {
+            rest,
+            dangling: false,
+        }
+    }
+
+    fn next_field(&mut self, field: Field) -> Result<&'a [u8], FrameError> {
+        let end = memchr::memchr(b' ', self.rest).unwrap_or(self.rest.len());
+        if end == 0 {
+            return Err(FrameError::BadField(field));
+        }
+        let value = &self.rest[..end];
+        if end < self.rest.len() {
+            self.rest = &self.rest[end + 1..];
+            self.dangling = self.rest.is_empty();
+        } else {
+            self.rest = &[];
+        }
+        Ok(value)
+    }
+
+    fn number(&mut self, field: Field, max: u64) -> Result<u32, FrameError> {
+        let digits = self.next_field(field)?;
+        let mut value: u64 = 0;
+        for &d in digits {
+            if !d.is_ascii_digit() {
+                return Err(FrameError::BadField(field));
+            }
+            value = value * 10 + u64::from(d - b'0');
+            if value > max {
+                return Err(FrameError::BadField(field));
+            }
+        }
+        // `max` never exceeds u32::MAX, so the conversion cannot fail.
+        u32::try_from(value).map_err(|_| FrameError::BadField(field))
+    }
+
+    fn finish(&self) -> Result<(), FrameError> {
+        if self.rest.is_empty() && !self.dangling {
+            Ok(())
+        } else {
+            Err(FrameError::BadField(Field::Layout))
+        }
+    }
+}
+
+/// Appends `n` in plain decimal (no sign, no leading zeros).
+pub fn put_decimal(out: &mut BytesMut, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[i..]);
+}
+
+impl Header {
+    /// Appends the header line, CRLF included.
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.put_slice(self.keyword.as_bytes());
+        out.put_u8(b' ');
+        put_decimal(out, self.channel);
+        out.put_u8(b' ');
+        put_decimal(out, self.msgno);
+        out.put_slice(if self.more { b" * " } else { b" . " });
+        put_decimal(out, self.seqno);
+        out.put_u8(b' ');
+        put_decimal(out, self.size);
+        if let Some(ansno) = self.ansno {
+            out.put_u8(b' ');
+            put_decimal(out, ansno);
+        }
+        out.put_slice(b"\r\n");
+    }
+}
+
+impl Frame {
+    /// Appends header, payload and trailer.
+    pub fn encode(&self, out: &mut BytesMut) {
+        encode_data_frame(out, &self.header, &self.payload);
+    }
+}
+
+/// Appends one data frame; `header.size` is taken from `payload`.
+pub fn encode_data_frame(out: &mut BytesMut, header: &Header, payload: &[u8]) {
+    out.reserve(64 + payload.len());
+    let header = Header {
+        size: payload.len() as u32,
+        ..*header
+    };
+    header.encode(out);
+    out.put_slice(payload);
+    out.put_slice(TRAILER);
+}
+
+impl Seq {
+    /// Appends the SEQ line, CRLF included.
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.put_slice(b"SEQ ");
+        put_decimal(out, self.channel);
+        out.put_u8(b' ');
+        put_decimal(out, self.ackno);
+        out.put_u8(b' ');
+        put_decimal(out, self.window);
+        out.put_slice(b"\r\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(input: &[u8]) -> Result<Option<Inbound>, FrameError> {
+        parse(&mut BytesMut::from(input), 128)
+    }
+
+    #[test]
+    fn greeting_rpy_is_parsed_by_size() {
+        // beep.md §13.1, BEEP-01/BEEP-03.
+        let wire =
+            b"RPY 0 0 . 0 52\r\nContent-Type: application/beep+xml\r\n\r\n<greeting />\r\nEND\r\n";
+        let mut buf = BytesMut::from(&wire[..]);
+        let Some(Inbound::Data(frame)) = parse(&mut buf, 128).unwrap() else {
+            panic!("expected a data frame")
+        };
+        assert_eq!(frame.header.keyword, Keyword::Rpy);
+        assert_eq!(frame.payload.len(), 52);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn payload_may_contain_end() {
+        // beep.md §13.4: END follows the payload on the same line; parse by size (pitfall 1).
+        let wire = b"MSG 3 0 * 0 14\r\n\r\nfirst half, END\r\n";
+        let Some(Inbound::Data(frame)) = parse_all(wire).unwrap() else {
+            panic!()
+        };
+        assert_eq!(&frame.payload[..], b"\r\nfirst half, ");
+        assert!(frame.header.more);
+    }
+
+    #[test]
+    fn trailing_space_is_rejected() {
+        assert_eq!(
+            parse_all(b"SEQ 1 2 3 \r\n"),
+            Err(FrameError::BadField(Field::Layout))
+        );
+        assert_eq!(
+            parse_all(b"MSG 1 2 . 3 0 \r\nEND\r\n"),
+            Err(FrameError::BadField(Field::Layout))
+        );
+    }
+
+    #[test]
+    fn decimal_encoding_has_no_leading_zeros() {
+        let mut out = BytesMut::new();
+        for n in [0, 7, 10, 4_294_967_295] {
+            out.clear();
+            put_decimal(&mut out, n);
+            assert_eq!(&out[..], n.to_string().as_bytes());
+        }
+    }
+}

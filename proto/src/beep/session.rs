@@ -1,0 +1,974 @@
+//! A BEEP session: the channel table, channel 0, flow control and output scheduling.
+//!
+//! Sans-IO in the manner of quinn-proto: the caller owns the socket and the buffers.
+//!
+//! ```text
+//!   bytes read ──► handle_input(buf, now) ──► poll_event() ──► application / profiles
+//!                                                 │
+//!   application ──► send_msg / reply / answer / start_channel / close_*
+//!                                                 │
+//!   bytes to write ◄── poll_transmit(out) ◄───────┘   (SEQ first, then round-robin frames)
+//! ```
+//!
+//! Poll order after every input: drain `poll_event`, act on it, then `poll_transmit` until it
+//! appends nothing; write what it appended in one write. When `handle_input` fails the session is
+//! dead and the connection must be aborted without writing anything more (RFC 3080 §2.2.1.1).
+//! When [`Session::is_finished`] turns true after a flush, close the connection (RFC 3081 §2).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::beep::channel::{Channel, Received};
+use crate::beep::frame::{self, Head, Header, Keyword, Seq};
+use crate::beep::mgmt::{
+    self, code, Close, ErrorElement, Greeting, Mgmt, MgmtLimits, ProfileOffer, Start,
+};
+use crate::beep::mime::Entity;
+use crate::error::{Misuse, ProtocolError};
+use crate::limits::{Limits, MAX_31BIT};
+
+/// Which end of the transport this session is (RFC 3080 §2.1; RFC 3081 §2, BEEP-57).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Opened the connection; starts odd-numbered channels.
+    Initiator,
+    /// Accepted the connection; starts even-numbered channels.
+    Listener,
+}
+
+/// Everything a session needs to know at creation.
+#[derive(Debug, Clone, Default)]
+pub struct SessionConfig {
+    /// Profiles offered in the greeting: the ones the peer may start.
+    pub profiles: Vec<String>,
+    /// Channel-management features announced in the greeting.
+    pub features: Vec<String>,
+    /// Languages we prefer for diagnostics, most preferred first.
+    pub localize: Vec<String>,
+    /// Resource bounds.
+    pub limits: Limits,
+}
+
+/// A `start` from the peer that passed the engine's checks and awaits the application's
+/// decision ([`Session::accept_start`] / [`Session::refuse_start`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartRequest {
+    /// Identifies the request in `accept_start`/`refuse_start`.
+    pub id: u32,
+    /// The channel the peer wants to create.
+    pub channel: u32,
+    /// The candidates this session offers, in the peer's order, with decoded piggybacks.
+    pub profiles: Vec<ProfileOffer>,
+    /// The server name asked for, if any.
+    pub server_name: Option<String>,
+}
+
+/// The kind of a complete reply message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// Positive reply.
+    Rpy,
+    /// Negative reply.
+    Err,
+    /// One answer (with its ansno) of a one-to-many reply.
+    Ans(u32),
+    /// End of a one-to-many reply.
+    Nul,
+}
+
+/// What the session reports to the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The peer's greeting arrived.
+    Greeting(Greeting),
+    /// The peer asks to start a channel.
+    StartRequested(StartRequest),
+    /// A channel exists now: one we asked for was accepted (`content` is the piggybacked
+    /// response) or one the peer asked for was accepted by us.
+    ChannelStarted {
+        /// Channel number.
+        channel: u32,
+        /// The profile running on it.
+        profile: String,
+        /// Piggybacked response to our initialization message.
+        content: Option<Bytes>,
+    },
+    /// The peer refused our `start`.
+    StartRefused {
+        /// The channel we asked for.
+        channel: u32,
+        /// The peer's error.
+        error: ErrorElement,
+    },
+    /// A complete MSG arrived on a profile channel; answer it with `reply`/`answer`.
+    Message {
+        /// Channel.
+        channel: u32,
+        /// The peer's msgno (use it to reply).
+        msgno: u32,
+        /// The whole MIME entity.
+        payload: Bytes,
+    },
+    /// A complete reply message to one of our MSGs.
+    Reply {
+        /// Channel.
+        channel: u32,
+        /// Our msgno it answers.
+        msgno: u32,
+        /// RPY, ERR, ANS or NUL.
+        kind: ReplyKind,
+        /// The whole MIME entity (empty for NUL).
+        payload: Bytes,
+    },
+    /// A channel was closed, by us or by the peer.
+    ChannelClosed {
+        /// Channel number.
+        channel: u32,
+        /// The profile that ran on it.
+        profile: String,
+    },
+    /// The peer declined our `close`.
+    CloseRefused {
+        /// The channel (0: the session).
+        channel: u32,
+        /// The peer's error.
+        error: ErrorElement,
+    },
+    /// The session was released by agreement; close the transport once output is flushed.
+    SessionReleased,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitingGreeting,
+    Open,
+    /// Release agreed (or the listener refused service): flush, then close the transport.
+    Releasing,
+    Dead,
+}
+
+/// Our outstanding channel-0 requests.
+#[derive(Debug)]
+enum Request {
+    Greeting,
+    Start { channel: u32, offers: Vec<String> },
+    Close { channel: u32 },
+}
+
+/// A BEEP session over one transport connection.
+#[derive(Debug)]
+pub struct Session {
+    role: Role,
+    config: SessionConfig,
+    state: State,
+    channels: HashMap<u32, Channel>,
+    /// Channel numbers promised to a start in progress (ours or the peer's).
+    reserved: HashSet<u32>,
+    /// Channels closed during this session: a SEQ racing the close is ignored for them.
+    recently_closed: HashSet<u32>,
+    /// Header recognised in the read buffer whose payload has not fully arrived.
+    pending_head: Option<(Header, usize)>,
+    events: VecDeque<Event>,
+    ready: VecDeque<u32>,
+    seq_dirty: Vec<u32>,
+    requests: HashMap<u32, Request>,
+    starts: HashMap<u32, u32>,
+    next_channel: u32,
+    server_name: Option<String>,
+    peer_greeting: Option<Greeting>,
+    last_input: Option<Instant>,
+}
+
+impl Session {
+    /// Creates a session and queues our greeting (RFC 3080 §2.3.1.1, BEEP-17).
+    pub fn new(role: Role, config: SessionConfig) -> Self {
+        let greeting = Mgmt::Greeting(Greeting {
+            profiles: config.profiles.clone(),
+            features: config.features.clone(),
+            localize: config.localize.clone(),
+        });
+        let mut session = Self::bare(role, config);
+        session.queue_greeting(Keyword::Rpy, greeting.to_payload());
+        session
+    }
+
+    /// Creates a listener session that refuses service: an ERR with `error` instead of the
+    /// greeting, then the transport is closed (RFC 3080 §2.3.1.5, §2.4, BEEP-18/BEEP-19).
+    pub fn new_refusing(config: SessionConfig, error: ErrorElement) -> Self {
+        let mut session = Self::bare(Role::Listener, config);
+        session.queue_greeting(Keyword::Err, Mgmt::Error(error).to_payload());
+        session.state = State::Releasing;
+        session
+    }
+
+    fn bare(role: Role, config: SessionConfig) -> Self {
+        let mut ch0 = Channel::new(String::new(), &config.limits, 1);
+        ch0.expect_reply(0); // the peer's greeting answers no MSG (P6 exception)
+        let mut channels = HashMap::new();
+        channels.insert(0, ch0);
+        Self {
+            role,
+            config,
+            state: State::AwaitingGreeting,
+            channels,
+            reserved: HashSet::new(),
+            recently_closed: HashSet::new(),
+            pending_head: None,
+            events: VecDeque::new(),
+            ready: VecDeque::new(),
+            seq_dirty: Vec::new(),
+            requests: HashMap::from([(0, Request::Greeting)]),
+            starts: HashMap::new(),
+            next_channel: if role == Role::Initiator { 1 } else { 2 },
+            server_name: None,
+            peer_greeting: None,
+            last_input: None,
+        }
+    }
+
+    fn queue_greeting(&mut self, keyword: Keyword, payload: Bytes) {
+        if let Some(ch0) = self.channels.get_mut(&0) {
+            ch0.queue_raw(keyword, 0, payload);
+        }
+        self.mark_ready(0);
+    }
+
+    /// This session's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    /// The peer's greeting, once received.
+    pub fn peer_greeting(&self) -> Option<&Greeting> {
+        self.peer_greeting.as_ref()
+    }
+
+    /// The serverName of the first successful `start` (RFC 3080 §2.3.1.2, BEEP-23).
+    pub fn server_name(&self) -> Option<&str> {
+        self.server_name.as_deref()
+    }
+
+    /// The profile running on `channel`.
+    pub fn channel_profile(&self, channel: u32) -> Option<&str> {
+        self.channels
+            .get(&channel)
+            .filter(|_| channel != 0)
+            .map(|c| c.profile.as_str())
+    }
+
+    /// Channels open besides channel 0.
+    pub fn open_channels(&self) -> Vec<u32> {
+        let mut list: Vec<u32> = self.channels.keys().copied().filter(|c| *c != 0).collect();
+        list.sort_unstable();
+        list
+    }
+
+    /// Time of the last `handle_input` call.
+    pub fn last_input(&self) -> Option<Instant> {
+        self.last_input
+    }
+
+    /// True once the session has been released and all output polled: close the transport.
+    pub fn is_finished(&self) -> bool {
+        match self.state {
+            State::Dead => true,
+            State::Releasing => self.ready.is_empty(),
+            _ => false,
+        }
+    }
+
+    /// Consumes frames from the front of `buf` (the connection's read buffer), leaving an
+    /// incomplete frame in place. Payloads are split off without copying.
+    pub fn handle_input(&mut self, buf: &mut BytesMut, now: Instant) -> Result<(), ProtocolError> {
+        self.last_input = Some(now);
+        if self.state == State::Dead {
+            buf.clear();
+            return Ok(());
+        }
+        let result = self.consume(buf);
+        if result.is_err() {
+            self.state = State::Dead;
+            self.ready.clear();
+            self.seq_dirty.clear();
+        }
+        result
+    }
+
+    fn consume(&mut self, buf: &mut BytesMut) -> Result<(), ProtocolError> {
+        loop {
+            let (header, header_len) = match self.pending_head {
+                Some(pending) => pending,
+                None => match frame::parse_head(buf, self.config.limits.max_header_line)? {
+                    None => return Ok(()),
+                    Some((Head::Seq(seq), len)) => {
+                        let _ = buf.split_to(len);
+                        self.handle_seq(seq)?;
+                        continue;
+                    }
+                    Some((Head::Data(header), len)) => {
+                        self.check_header(&header)?;
+                        self.pending_head = Some((header, len));
+                        (header, len)
+                    }
+                },
+            };
+            let Some(frame) = frame::take_payload(buf, header, header_len)? else {
+                return Ok(());
+            };
+            self.pending_head = None;
+            self.handle_frame(&frame.header, frame.payload)?;
+            if self.state == State::Dead {
+                buf.clear();
+                return Ok(());
+            }
+        }
+    }
+
+    fn check_header(&self, h: &Header) -> Result<(), ProtocolError> {
+        if self.state == State::AwaitingGreeting
+            && !(h.channel == 0 && h.msgno == 0 && matches!(h.keyword, Keyword::Rpy | Keyword::Err))
+        {
+            return Err(ProtocolError::GreetingExpected);
+        }
+        let channel = self
+            .channels
+            .get(&h.channel)
+            .ok_or(ProtocolError::UnknownChannel(h.channel))?;
+        channel.check_header(h)
+    }
+
+    fn handle_seq(&mut self, seq: Seq) -> Result<(), ProtocolError> {
+        let Some(channel) = self.channels.get_mut(&seq.channel) else {
+            if self.recently_closed.contains(&seq.channel) {
+                return Ok(()); // a SEQ that crossed our `ok` to the channel's close
+            }
+            return Err(ProtocolError::InvalidSeq(seq.channel));
+        };
+        channel
+            .apply_seq(seq.ackno, seq.window)
+            .map_err(|()| ProtocolError::InvalidSeq(seq.channel))?;
+        if !channel.queue.is_empty() {
+            self.mark_ready(seq.channel);
+        }
+        Ok(())
+    }
+
+    fn handle_frame(&mut self, h: &Header, payload: Bytes) -> Result<(), ProtocolError> {
+        let limits = &self.config.limits;
+        let Some(channel) = self.channels.get_mut(&h.channel) else {
+            return Err(ProtocolError::UnknownChannel(h.channel));
+        };
+        let received = channel.receive(h, payload, limits)?;
+        if channel.seq_dirty {
+            self.seq_dirty.push(h.channel);
+        }
+        match received {
+            Received::Nothing => Ok(()),
+            Received::MsgTooLarge { msgno } => {
+                let error = Mgmt::Error(ErrorElement::new(
+                    code::ACTION_NOT_TAKEN,
+                    "message too large",
+                ));
+                if h.channel == 0 {
+                    return Err(ProtocolError::MessageTooLarge(0));
+                }
+                self.queue_reply(h.channel, Keyword::Err, msgno, error.to_payload());
+                Ok(())
+            }
+            Received::Msg { msgno, payload } if h.channel == 0 => {
+                self.handle_mgmt_msg(msgno, payload);
+                Ok(())
+            }
+            Received::Msg { msgno, payload } => {
+                if let Some(channel) = self.channels.get_mut(&h.channel) {
+                    channel.undelivered = channel.undelivered.saturating_add(payload.len() as u32);
+                }
+                self.events.push_back(Event::Message {
+                    channel: h.channel,
+                    msgno,
+                    payload,
+                });
+                Ok(())
+            }
+            Received::Reply {
+                keyword,
+                msgno,
+                ansno,
+                payload,
+                complete,
+            } => {
+                if keyword == Keyword::Err {
+                    if let Some(channel) = self.channels.get_mut(&h.channel) {
+                        channel.truncate_unsent_msg(msgno);
+                    }
+                }
+                if h.channel == 0 {
+                    return self.handle_mgmt_reply(keyword, msgno, payload);
+                }
+                if let Some(channel) = self.channels.get_mut(&h.channel) {
+                    channel.undelivered = channel.undelivered.saturating_add(payload.len() as u32);
+                }
+                let kind = match (keyword, ansno) {
+                    (Keyword::Rpy, _) => ReplyKind::Rpy,
+                    (Keyword::Ans, Some(n)) => ReplyKind::Ans(n),
+                    (Keyword::Nul, _) => ReplyKind::Nul,
+                    _ => ReplyKind::Err,
+                };
+                let _ = complete;
+                self.events.push_back(Event::Reply {
+                    channel: h.channel,
+                    msgno,
+                    kind,
+                    payload,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn mgmt_limits(&self) -> MgmtLimits {
+        MgmtLimits {
+            max_depth: self.config.limits.max_xml_depth,
+            max_attributes: self.config.limits.max_xml_attributes,
+            max_piggyback: self.config.limits.max_piggyback,
+        }
+    }
+
+    fn parse_mgmt(&self, payload: &Bytes) -> Result<Mgmt, ErrorElement> {
+        let entity = Entity::parse(payload)
+            .map_err(|e| ErrorElement::new(code::SYNTAX_ERROR, e.to_string()))?;
+        // Channel 0 carries only application/beep+xml (RFC 3080 §2.3). A message without a
+        // Content-Type is strictly an octet stream; read it as XML anyway (robustness).
+        if entity.header("Content-Type").is_some() && !entity.is_beep_xml() {
+            return Err(ErrorElement::new(
+                code::PARAMETER_ERROR,
+                "channel 0 carries application/beep+xml in UTF-8 only",
+            ));
+        }
+        mgmt::parse(&entity.body, self.mgmt_limits()).map_err(|e| ErrorElement::new(e.code, e.text))
+    }
+
+    /// A complete MSG on channel 0: `start` or `close` (RFC 3080 §2.3.1).
+    fn handle_mgmt_msg(&mut self, msgno: u32, payload: Bytes) {
+        let outcome = match self.parse_mgmt(&payload) {
+            Err(error) => Err(error),
+            Ok(Mgmt::Start(start)) => self.handle_start(msgno, start),
+            Ok(Mgmt::Close(close)) => self.handle_close(close),
+            Ok(_) => Err(ErrorElement::new(
+                code::PARAMETER_ERROR,
+                "unexpected element in a channel-0 MSG",
+            )),
+        };
+        match outcome {
+            Ok(Some(reply)) => self.queue_reply(0, Keyword::Rpy, msgno, reply.to_payload()),
+            Ok(None) => {} // answered later by accept_start/refuse_start
+            Err(error) => self.queue_reply(0, Keyword::Err, msgno, Mgmt::Error(error).to_payload()),
+        }
+    }
+
+    fn handle_start(&mut self, msgno: u32, start: Start) -> Result<Option<Mgmt>, ErrorElement> {
+        let odd = start.number % 2 == 1;
+        let peer_is_initiator = self.role == Role::Listener;
+        if odd != peer_is_initiator {
+            let text = if peer_is_initiator {
+                "initiator must use odd channel numbers"
+            } else {
+                "listener must use even channel numbers"
+            };
+            return Err(ErrorElement::new(code::PARAMETER_ERROR, text));
+        }
+        if self.channels.contains_key(&start.number) || self.reserved.contains(&start.number) {
+            return Err(ErrorElement::new(
+                code::ACTION_NOT_TAKEN,
+                "channel already in use",
+            ));
+        }
+        if self.channels.len() - 1 + self.reserved.len() >= self.config.limits.max_channels {
+            return Err(ErrorElement::new(
+                code::ACTION_NOT_TAKEN,
+                "too many channels",
+            ));
+        }
+        if matches!(self.state, State::Releasing) {
+            return Err(ErrorElement::new(
+                code::SERVICE_NOT_AVAILABLE,
+                "session is closing",
+            ));
+        }
+        let profiles: Vec<ProfileOffer> = start
+            .profiles
+            .into_iter()
+            .filter(|p| self.config.profiles.contains(&p.uri))
+            .collect();
+        if profiles.is_empty() {
+            return Err(ErrorElement::new(
+                code::ACTION_NOT_TAKEN,
+                "no requested profile is acceptable",
+            ));
+        }
+        self.reserved.insert(start.number);
+        self.starts.insert(msgno, start.number);
+        self.events.push_back(Event::StartRequested(StartRequest {
+            id: msgno,
+            channel: start.number,
+            profiles,
+            server_name: start.server_name,
+        }));
+        Ok(None)
+    }
+
+    fn handle_close(&mut self, close: Close) -> Result<Option<Mgmt>, ErrorElement> {
+        if close.number == 0 {
+            // Session release (RFC 3080 §2.4): every channel must be idle (BEEP-28, §5.6).
+            let busy = self.channels.iter().any(|(n, c)| *n != 0 && c.is_busy())
+                || !self.starts.is_empty();
+            if busy {
+                return Err(ErrorElement::new(
+                    code::ACTION_NOT_TAKEN,
+                    "replies still pending",
+                ));
+            }
+            self.state = State::Releasing;
+            self.events.push_back(Event::SessionReleased);
+            return Ok(Some(Mgmt::Ok));
+        }
+        match self.channels.get(&close.number) {
+            None => Err(ErrorElement::new(code::ACTION_NOT_TAKEN, "no such channel")),
+            Some(c) if c.is_busy() || c.undelivered > 0 => Err(ErrorElement::new(
+                code::ACTION_NOT_TAKEN,
+                "replies still pending",
+            )),
+            Some(_) => {
+                self.remove_channel(close.number);
+                Ok(Some(Mgmt::Ok))
+            }
+        }
+    }
+
+    fn remove_channel(&mut self, number: u32) {
+        let Some(channel) = self.channels.remove(&number) else {
+            return;
+        };
+        self.recently_closed.insert(number);
+        self.ready.retain(|c| *c != number);
+        self.events.push_back(Event::ChannelClosed {
+            channel: number,
+            profile: channel.profile,
+        });
+    }
+
+    /// A complete reply on channel 0 to one of our requests; anything that does not fit the
+    /// request is a poorly-formed reply and ends the session (BEEP-15).
+    fn handle_mgmt_reply(
+        &mut self,
+        keyword: Keyword,
+        msgno: u32,
+        payload: Bytes,
+    ) -> Result<(), ProtocolError> {
+        let request = self
+            .requests
+            .remove(&msgno)
+            .ok_or(ProtocolError::BadManagementReply("reply to no request"))?;
+        let element = self
+            .parse_mgmt(&payload)
+            .map_err(|_| ProtocolError::BadManagementReply("unparsable channel-0 reply"))?;
+        match (request, keyword, element) {
+            (Request::Greeting, Keyword::Rpy, Mgmt::Greeting(greeting)) => {
+                self.state = State::Open;
+                self.peer_greeting = Some(greeting.clone());
+                self.events.push_back(Event::Greeting(greeting));
+            }
+            (Request::Greeting, Keyword::Err, Mgmt::Error(error)) => {
+                // BEEP-18: the listener refused service; both peers terminate.
+                return Err(ProtocolError::SessionRefused {
+                    code: error.code,
+                    text: error.text,
+                });
+            }
+            (Request::Start { channel, offers }, Keyword::Rpy, Mgmt::Profile(profile)) => {
+                self.reserved.remove(&channel);
+                if !offers.contains(&profile.uri) {
+                    return Err(ProtocolError::BadManagementReply(
+                        "peer chose a profile we did not offer",
+                    ));
+                }
+                self.open_channel(channel, profile.uri.clone());
+                self.events.push_back(Event::ChannelStarted {
+                    channel,
+                    profile: profile.uri,
+                    content: profile.content,
+                });
+            }
+            (Request::Start { channel, .. }, Keyword::Err, Mgmt::Error(error)) => {
+                self.reserved.remove(&channel);
+                self.events
+                    .push_back(Event::StartRefused { channel, error });
+            }
+            (Request::Close { channel: 0 }, Keyword::Rpy, Mgmt::Ok) => {
+                self.state = State::Releasing;
+                self.events.push_back(Event::SessionReleased);
+            }
+            (Request::Close { channel }, Keyword::Rpy, Mgmt::Ok) => {
+                if self.channels.contains_key(&channel) {
+                    self.remove_channel(channel);
+                }
+            }
+            (Request::Close { channel }, Keyword::Err, Mgmt::Error(error)) => {
+                if let Some(c) = self.channels.get_mut(&channel) {
+                    c.closing = false;
+                }
+                self.events
+                    .push_back(Event::CloseRefused { channel, error });
+            }
+            _ => {
+                return Err(ProtocolError::BadManagementReply(
+                    "reply does not answer its request",
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn open_channel(&mut self, number: u32, profile: String) {
+        let channel = Channel::new(profile, &self.config.limits, 0);
+        self.channels.insert(number, channel);
+        self.recently_closed.remove(&number);
+        self.seq_dirty.push(number);
+    }
+
+    fn queue_reply(&mut self, channel: u32, keyword: Keyword, msgno: u32, payload: Bytes) {
+        self.queue_reply_announcing(channel, keyword, msgno, payload, None);
+    }
+
+    fn queue_reply_announcing(
+        &mut self,
+        channel: u32,
+        keyword: Keyword,
+        msgno: u32,
+        payload: Bytes,
+        announces: Option<u32>,
+    ) {
+        if let Some(c) = self.channels.get_mut(&channel) {
+            if c.reply(keyword, msgno, payload, announces).is_ok() && !c.queue.is_empty() {
+                self.mark_ready(channel);
+            }
+        }
+    }
+
+    fn mark_ready(&mut self, channel: u32) {
+        if let Some(c) = self.channels.get_mut(&channel) {
+            if !c.in_ready {
+                c.in_ready = true;
+                self.ready.push_back(channel);
+            }
+        }
+    }
+
+    /// The next event, if any. Taking a message event counts its octets as consumed by the
+    /// application, which lets the next `poll_transmit` reopen the window (BEEP-63).
+    pub fn poll_event(&mut self) -> Option<Event> {
+        let event = self.events.pop_front()?;
+        if let Event::Message {
+            channel, payload, ..
+        }
+        | Event::Reply {
+            channel, payload, ..
+        } = &event
+        {
+            if let Some(c) = self.channels.get_mut(channel) {
+                c.undelivered = c.undelivered.saturating_sub(payload.len() as u32);
+                if !c.seq_dirty {
+                    c.seq_dirty = true;
+                    self.seq_dirty.push(*channel);
+                }
+            }
+        }
+        Some(event)
+    }
+
+    /// Appends pending output to `out`: first the SEQ frames that reopen windows (BEEP-67),
+    /// then data frames round-robin across channels (BEEP-65), each within the peer's window
+    /// (BEEP-61) and the frame limit, up to `max_transmit` octets. Returns the octets appended.
+    pub fn poll_transmit(&mut self, out: &mut BytesMut) -> usize {
+        let start = out.len();
+        if self.state == State::Dead {
+            return 0;
+        }
+        let mut deferred = Vec::new();
+        for number in std::mem::take(&mut self.seq_dirty) {
+            if let Some(channel) = self.channels.get_mut(&number) {
+                if !channel.announced {
+                    deferred.push(number);
+                    continue;
+                }
+                if let Some((ackno, window)) = channel.take_seq() {
+                    Seq {
+                        channel: number,
+                        ackno,
+                        window,
+                    }
+                    .encode(out);
+                }
+            }
+        }
+        let max_frame = self.config.limits.max_send_frame;
+        let budget = self.config.limits.max_transmit;
+        while out.len() - start < budget {
+            let Some(number) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(channel) = self.channels.get_mut(&number) else {
+                continue;
+            };
+            let wrote = channel.write_frame(number, max_frame, out);
+            if wrote.is_some() && !channel.queue.is_empty() {
+                self.ready.push_back(number);
+            } else {
+                channel.in_ready = false;
+            }
+            if let Some(Some(announced)) = wrote {
+                // The peer learns of the channel with this frame: it may speak from now on.
+                if let Some(c) = self.channels.get_mut(&announced) {
+                    c.announced = true;
+                    deferred.push(announced);
+                    if !c.queue.is_empty() {
+                        self.mark_ready(announced);
+                    }
+                }
+            }
+        }
+        self.seq_dirty.extend(deferred);
+        out.len() - start
+    }
+
+    /// True when `poll_transmit` has frames it could write now.
+    pub fn has_output(&self) -> bool {
+        !self.ready.is_empty() || !self.seq_dirty.is_empty()
+    }
+
+    fn usable(&self) -> Result<(), Misuse> {
+        match self.state {
+            State::Releasing | State::Dead => Err(Misuse::SessionClosed),
+            _ => Ok(()),
+        }
+    }
+
+    /// Asks the peer to start a channel with one of `profiles` (RFC 3080 §2.3.1.2). Returns the
+    /// channel number; [`Event::ChannelStarted`] or [`Event::StartRefused`] follows.
+    pub fn start_channel(
+        &mut self,
+        profiles: Vec<ProfileOffer>,
+        server_name: Option<String>,
+    ) -> Result<u32, Misuse> {
+        self.usable()?;
+        if self.channels.len() - 1 + self.reserved.len() >= self.config.limits.max_channels {
+            return Err(Misuse::ChannelsExhausted);
+        }
+        let first = if self.role == Role::Initiator { 1 } else { 2 };
+        let step = |n: u32| if n + 2 > MAX_31BIT { first } else { n + 2 };
+        let mut number = self.next_channel;
+        while self.channels.contains_key(&number) || self.reserved.contains(&number) {
+            number = step(number);
+        }
+        self.next_channel = step(number);
+        self.reserved.insert(number);
+        let offers = profiles.iter().map(|p| p.uri.clone()).collect();
+        let payload = Mgmt::Start(Start {
+            number,
+            server_name,
+            profiles,
+        })
+        .to_payload();
+        let msgno = self.queue_mgmt_msg(payload);
+        self.requests.insert(
+            msgno,
+            Request::Start {
+                channel: number,
+                offers,
+            },
+        );
+        Ok(number)
+    }
+
+    fn queue_mgmt_msg(&mut self, payload: Bytes) -> u32 {
+        let msgno = match self.channels.get_mut(&0) {
+            Some(ch0) => ch0.queue_msg(payload),
+            None => 0,
+        };
+        self.mark_ready(0);
+        msgno
+    }
+
+    /// Accepts the peer's start `id` with `profile`, piggybacking `content` in the reply when
+    /// given (RFC 3080 §2.3.1.2, BEEP-22).
+    pub fn accept_start(
+        &mut self,
+        id: u32,
+        profile: &str,
+        content: Option<Bytes>,
+    ) -> Result<u32, Misuse> {
+        let channel = self.starts.remove(&id).ok_or(Misuse::NoSuchStart(id))?;
+        self.reserved.remove(&channel);
+        self.open_channel(channel, profile.to_owned());
+        if let Some(c) = self.channels.get_mut(&channel) {
+            c.announced = false;
+        }
+        let reply = Mgmt::Profile(ProfileOffer {
+            uri: profile.to_owned(),
+            content,
+        });
+        self.queue_reply_announcing(0, Keyword::Rpy, id, reply.to_payload(), Some(channel));
+        self.events.push_back(Event::ChannelStarted {
+            channel,
+            profile: profile.to_owned(),
+            content: None,
+        });
+        Ok(channel)
+    }
+
+    /// Records the serverName of the first successful start (BEEP-23).
+    pub fn set_server_name(&mut self, name: &str) {
+        if self.server_name.is_none() {
+            self.server_name = Some(name.to_owned());
+        }
+    }
+
+    /// Refuses the peer's start `id` with `error` (RFC 3080 §2.3.1.2).
+    pub fn refuse_start(&mut self, id: u32, error: ErrorElement) -> Result<(), Misuse> {
+        let channel = self.starts.remove(&id).ok_or(Misuse::NoSuchStart(id))?;
+        self.reserved.remove(&channel);
+        self.queue_reply(0, Keyword::Err, id, Mgmt::Error(error).to_payload());
+        Ok(())
+    }
+
+    fn profile_channel(&mut self, channel: u32) -> Result<&mut Channel, Misuse> {
+        if channel == 0 {
+            return Err(Misuse::NoSuchChannel(0));
+        }
+        self.channels
+            .get_mut(&channel)
+            .ok_or(Misuse::NoSuchChannel(channel))
+    }
+
+    /// Queues a MSG on a profile channel; returns its msgno.
+    pub fn send_msg(&mut self, channel: u32, payload: Bytes) -> Result<u32, Misuse> {
+        self.usable()?;
+        check_size(&payload)?;
+        let limit = self.config.limits.max_outstanding_msgs;
+        let c = self.profile_channel(channel)?;
+        if c.closing {
+            return Err(Misuse::ChannelClosing(channel));
+        }
+        if c.outstanding.len() >= limit {
+            return Err(Misuse::TooManyOutstanding(channel));
+        }
+        let msgno = c.queue_msg(payload);
+        self.mark_ready(channel);
+        Ok(msgno)
+    }
+
+    /// Answers the peer's MSG `msgno` with a RPY.
+    pub fn send_rpy(&mut self, channel: u32, msgno: u32, payload: Bytes) -> Result<(), Misuse> {
+        self.reply(channel, Keyword::Rpy, msgno, payload)
+            .map(|_| ())
+    }
+
+    /// Answers the peer's MSG `msgno` with an ERR.
+    pub fn send_err(&mut self, channel: u32, msgno: u32, payload: Bytes) -> Result<(), Misuse> {
+        self.reply(channel, Keyword::Err, msgno, payload)
+            .map(|_| ())
+    }
+
+    /// Sends one ANS of a one-to-many reply; returns its ansno. End the reply with
+    /// [`Session::send_nul`].
+    pub fn send_ans(&mut self, channel: u32, msgno: u32, payload: Bytes) -> Result<u32, Misuse> {
+        self.reply(channel, Keyword::Ans, msgno, payload)
+            .map(|a| a.unwrap_or_default())
+    }
+
+    /// Ends a one-to-many reply (BEEP-11: NUL carries `.` and no payload).
+    pub fn send_nul(&mut self, channel: u32, msgno: u32) -> Result<(), Misuse> {
+        self.reply(channel, Keyword::Nul, msgno, Bytes::new())
+            .map(|_| ())
+    }
+
+    fn reply(
+        &mut self,
+        channel: u32,
+        keyword: Keyword,
+        msgno: u32,
+        payload: Bytes,
+    ) -> Result<Option<u32>, Misuse> {
+        if self.state == State::Dead {
+            return Err(Misuse::SessionClosed);
+        }
+        check_size(&payload)?;
+        let c = self.profile_channel(channel)?;
+        let ansno = c
+            .reply(keyword, msgno, payload, None)
+            .map_err(|()| Misuse::NoPendingMsg { channel, msgno })?;
+        if !c.queue.is_empty() {
+            self.mark_ready(channel);
+        }
+        Ok(ansno)
+    }
+
+    /// Asks the peer to close `channel` (RFC 3080 §2.3.1.3). Allowed only when every MSG we
+    /// sent on it has been acknowledged (BEEP-25); no MSG may follow (BEEP-26).
+    pub fn close_channel(&mut self, channel: u32, reply_code: u16) -> Result<(), Misuse> {
+        self.usable()?;
+        let c = self.profile_channel(channel)?;
+        if c.closing {
+            return Err(Misuse::ChannelClosing(channel));
+        }
+        if !c.all_acknowledged() {
+            return Err(Misuse::Unacknowledged(channel));
+        }
+        c.closing = true;
+        let payload = Mgmt::Close(Close {
+            number: channel,
+            code: reply_code,
+            text: String::new(),
+        })
+        .to_payload();
+        let msgno = self.queue_mgmt_msg(payload);
+        self.requests.insert(msgno, Request::Close { channel });
+        Ok(())
+    }
+
+    /// Asks the peer to release the session (`close` with number 0, RFC 3080 §2.4).
+    pub fn close_session(&mut self, reply_code: u16) -> Result<(), Misuse> {
+        self.usable()?;
+        if self
+            .requests
+            .values()
+            .any(|r| matches!(r, Request::Close { channel: 0 }))
+        {
+            return Ok(());
+        }
+        let payload = Mgmt::Close(Close {
+            number: 0,
+            code: reply_code,
+            text: String::new(),
+        })
+        .to_payload();
+        let msgno = self.queue_mgmt_msg(payload);
+        self.requests.insert(msgno, Request::Close { channel: 0 });
+        Ok(())
+    }
+}
+
+fn check_size(payload: &Bytes) -> Result<(), Misuse> {
+    if payload.len() > MAX_31BIT as usize {
+        Err(Misuse::PayloadTooLarge)
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,114 @@
+//! Every resource bound of the protocol core, named, documented and defaulted.
+//!
+//! The runtime shell fills a [`Limits`] from its configuration once and hands a copy to each
+//! session; nothing in the core allocates beyond what these values allow.
+
+/// The initial window of every channel in both directions (RFC 3081 §3.1.1, BEEP-60).
+pub const INITIAL_WINDOW: u32 = 4096;
+
+/// Largest value of channel, msgno and size fields (RFC 3080 §2.2.1.1, BEEP-02).
+pub const MAX_31BIT: u32 = 2_147_483_647;
+
+/// Longest legal data header without leading zeros is 62 octets (beep.md §2.2); leave room for
+/// peers that pad numbers with zeros.
+pub const DEFAULT_MAX_HEADER_LINE: usize = 128;
+
+/// Limits applied by a session to what a peer may make it hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest header line (including CRLF) accepted before the frame is declared poorly formed.
+    pub max_header_line: usize,
+    /// Receive window advertised per channel once the channel exists (octets). The protocol
+    /// starts every channel at 4096; a larger value is advertised with the first SEQ.
+    pub recv_window: u32,
+    /// Largest message assembled from continuation frames (octets). A MSG that grows past it
+    /// is answered with a pre-emptive ERR 550 and its remaining frames are ignored (BEEP-38);
+    /// an oversized reply closes its channel (or the session on channel 0).
+    pub max_message_size: usize,
+    /// Largest payload of one frame this side emits. RFC 3081 §3.1.4 suggests 2/3 of the TCP
+    /// MSS; a bigger default keeps per-frame overhead low on loopback and LAN links.
+    pub max_send_frame: u32,
+    /// Most channels (besides channel 0) open at once in a session (BEEP-16 asks for >= 257).
+    pub max_channels: usize,
+    /// Most MSGs received on one channel still waiting for our reply. A peer that pipelines
+    /// further is terminated: it would otherwise make us hold unbounded state.
+    pub max_pending_replies: usize,
+    /// Most of our own MSGs on one channel awaiting a reply before `send_msg` refuses.
+    pub max_outstanding_msgs: usize,
+    /// Largest piggybacked `profile` content in a `start` (RFC 3080 §2.3.1.2: "4K octets").
+    pub max_piggyback: usize,
+    /// Octets of output `poll_transmit` appends per call; bounds one write.
+    pub max_transmit: usize,
+    /// Most nested XML elements accepted in a channel-0 document.
+    pub max_xml_depth: usize,
+    /// Most attributes on one XML element of a channel-0 document.
+    pub max_xml_attributes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_line: DEFAULT_MAX_HEADER_LINE,
+            recv_window: 256 * 1024,
+            max_message_size: 4 * 1024 * 1024,
+            max_send_frame: 32 * 1024,
+            max_channels: 1024,
+            max_pending_replies: 65_536,
+            max_outstanding_msgs: 65_536,
+            max_piggyback: 4096,
+            max_transmit: 256 * 1024,
+            max_xml_depth: 16,
+            max_xml_attributes: 16,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks the values are usable together; returns the name of the first bad field.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.max_header_line < 64 {
+            return Err("max_header_line (must be >= 64)");
+        }
+        if self.recv_window < INITIAL_WINDOW || self.recv_window > MAX_31BIT {
+            return Err("recv_window (must be 4096..=2147483647)");
+        }
+        if self.max_send_frame == 0 || self.max_send_frame > MAX_31BIT {
+            return Err("max_send_frame (must be 1..=2147483647)");
+        }
+        if self.max_channels == 0 {
+            return Err("max_channels (must be >= 1)");
+        }
+        if self.max_pending_replies == 0 || self.max_outstanding_msgs == 0 {
+            return Err("max_pending_replies/max_outstanding_msgs (must be >= 1)");
+        }
+        if self.max_transmit < 1024 {
+            return Err("max_transmit (must be >= 1024)");
+        }
+        if self.max_xml_depth < 2 || self.max_xml_attributes < 4 {
+            return Err("max_xml_depth/max_xml_attributes (must be >= 2 and >= 4)");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_meet_beep_16() {
+        let limits = Limits::default();
+        assert_eq!(limits.validate(), Ok(()));
+        assert!(limits.max_channels >= 257, "BEEP-16");
+        assert!(limits.max_piggyback >= 4096, "BEEP-21");
+    }
+
+    #[test]
+    fn validate_names_the_bad_field() {
+        let limits = Limits {
+            recv_window: 100,
+            ..Limits::default()
+        };
+        assert!(limits.validate().unwrap_err().starts_with("recv_window"));
+    }
+}
