@@ -1,1 +1,10 @@
+//! # apexd: the runtime shell of the APEX relay
+//!
+//! Owns CPUs, executors, sockets, timers, configuration, signals and logs, and drives the
+//! sans-IO protocol core in `apex-proto`. It never parses payloads itself.
+#![deny(unsafe_code)]
 
+pub mod apex_profile;
+pub mod config;
+pub mod shard;
+pub mod sys;

@@ -1,1 +1,87 @@
-fn main() {}
+//! `apexd`: the APEX relay daemon.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Result;
+use apexd::config::{Config, Overrides};
+use clap::Parser;
+
+/// APEX relay (RFC 3340) on thread-per-core io_uring shards.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Administrative domain served (default: this host's name).
+    #[arg(long)]
+    domain: Option<String>,
+    /// apex-edge listen address (endpoints), default 0.0.0.0:913.
+    #[arg(long, value_name = "ADDR")]
+    edge_listen: Option<std::net::SocketAddr>,
+    /// apex-mesh listen address (relays), default 0.0.0.0:912.
+    #[arg(long, value_name = "ADDR")]
+    mesh_listen: Option<std::net::SocketAddr>,
+    /// Number of shards (default: one per online CPU).
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
+    /// TOML configuration file; flags override its values.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log filter: error, warn, info, debug, trace.
+    #[arg(long, value_name = "LEVEL")]
+    log: Option<String>,
+    /// Do not pin shards to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("apexd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args = Args::parse();
+    let overrides = Overrides {
+        domain: args.domain,
+        edge_listen: args.edge_listen,
+        mesh_listen: args.mesh_listen,
+        shards: args.shards,
+        no_pin: args.no_pin,
+        log: args.log,
+    };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log)
+                .map_err(|e| anyhow::anyhow!("invalid --log filter '{}': {e}", config.log))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    let domain = config.domain.clone();
+    apexd::shard::run(config, stop, |bound| {
+        // One machine-readable line for scripts and tests.
+        println!(
+            "apexd ready domain={domain} edge={} mesh={} shards={}",
+            bound.edge, bound.mesh, bound.shards
+        );
+        let _ = std::io::stdout().flush();
+    })?;
+    tracing::info!("apexd stopped");
+    Ok(())
+}

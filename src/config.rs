@@ -1,0 +1,355 @@
+//! apexd configuration: the embedded default, a TOML file (`--config FILE`) and command-line
+//! flags, merged in that order (flags win) and validated once. Errors name the file, the line and
+//! the field.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use apex_proto::Limits;
+use serde::{Deserialize, Serialize};
+
+/// The configuration apexd runs with when given no file: every field explicit, so
+/// `--print-config` shows what is in force.
+pub const EMBEDDED_DEFAULT: &str = r#"# apexd embedded default configuration.
+# domain: the administrative domain this relay serves; empty means "this host's name".
+domain = ""
+# apex-edge: endpoints attach here (RFC 3340 §3: TCP port 913).
+edge_listen = "0.0.0.0:913"
+# apex-mesh: relays exchange data here (RFC 3340 §3: TCP port 912).
+mesh_listen = "0.0.0.0:912"
+# shards: one glommio executor per shard; 0 means one per online CPU.
+shards = 0
+# pin: pin each shard to its own CPU (production); false lets the kernel place them (tests).
+pin = true
+# log: error, warn, info, debug or trace (or a tracing filter such as "apexd=debug").
+log = "info"
+# grace_ms: how long a shutting-down session may take to answer our BEEP close.
+shutdown_grace_ms = 2000
+
+[runtime]
+# Registered io_uring buffer memory per shard (bytes); counts against `ulimit -l`.
+io_memory = 524288
+# Entries in each io_uring submission ring per shard.
+ring_depth = 128
+# Most concurrent connections per shard; beyond it new sessions get ERR 421 (BEEP-18).
+max_connections = 10000
+# Octets read per read call.
+read_chunk = 65536
+# Capacity of each shard-to-shard queue (messages).
+mesh_queue = 1024
+
+[limits]
+# See apex_proto::Limits for the meaning of each bound.
+max_header_line = 128
+recv_window = 262144
+max_message_size = 4194304
+max_send_frame = 32768
+max_channels = 1024
+max_pending_replies = 65536
+max_outstanding_msgs = 65536
+max_piggyback = 4096
+max_transmit = 262144
+max_xml_depth = 16
+max_xml_attributes = 16
+"#;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Administrative domain; empty means the host name.
+    pub domain: String,
+    /// apex-edge listen address.
+    pub edge_listen: SocketAddr,
+    /// apex-mesh listen address.
+    pub mesh_listen: SocketAddr,
+    /// Number of shards; 0: one per online CPU.
+    pub shards: usize,
+    /// Pin shards to CPUs.
+    pub pin: bool,
+    /// Log filter.
+    pub log: String,
+    /// Milliseconds a session has to answer our close at shutdown.
+    pub shutdown_grace_ms: u64,
+    /// Executor and socket settings.
+    pub runtime: Runtime,
+    /// Protocol limits.
+    pub limits: LimitsConfig,
+}
+
+/// Executor and socket settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    /// Registered io_uring buffer memory per shard, bytes.
+    pub io_memory: usize,
+    /// io_uring ring depth.
+    pub ring_depth: usize,
+    /// Connection limit per shard.
+    pub max_connections: usize,
+    /// Octets per read call.
+    pub read_chunk: usize,
+    /// Capacity of each shard-to-shard queue.
+    pub mesh_queue: usize,
+}
+
+/// The protocol limits, mirrored here so the protocol core stays free of serde.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct LimitsConfig {
+    pub max_header_line: usize,
+    pub recv_window: u32,
+    pub max_message_size: usize,
+    pub max_send_frame: u32,
+    pub max_channels: usize,
+    pub max_pending_replies: usize,
+    pub max_outstanding_msgs: usize,
+    pub max_piggyback: usize,
+    pub max_transmit: usize,
+    pub max_xml_depth: usize,
+    pub max_xml_attributes: usize,
+}
+
+impl From<&LimitsConfig> for Limits {
+    fn from(c: &LimitsConfig) -> Self {
+        Limits {
+            max_header_line: c.max_header_line,
+            recv_window: c.recv_window,
+            max_message_size: c.max_message_size,
+            max_send_frame: c.max_send_frame,
+            max_channels: c.max_channels,
+            max_pending_replies: c.max_pending_replies,
+            max_outstanding_msgs: c.max_outstanding_msgs,
+            max_piggyback: c.max_piggyback,
+            max_transmit: c.max_transmit,
+            max_xml_depth: c.max_xml_depth,
+            max_xml_attributes: c.max_xml_attributes,
+        }
+    }
+}
+
+/// Values given on the command line; `None` leaves the file's (or default's) value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--domain`.
+    pub domain: Option<String>,
+    /// `--edge-listen`.
+    pub edge_listen: Option<SocketAddr>,
+    /// `--mesh-listen`.
+    pub mesh_listen: Option<SocketAddr>,
+    /// `--shards`.
+    pub shards: Option<usize>,
+    /// `--no-pin`.
+    pub no_pin: bool,
+    /// `--log`.
+    pub log: Option<String>,
+}
+
+impl Config {
+    /// Parses a TOML document; `origin` names it in errors (a path, or "embedded default").
+    /// A file may give any subset of fields: the rest come from the embedded default.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config> {
+        let mut base: toml::Table =
+            toml::from_str(EMBEDDED_DEFAULT).context("embedded default configuration")?;
+        let file: toml::Table = toml::from_str(text).map_err(|e| located(origin, text, &e))?;
+        merge(&mut base, file);
+        let merged = toml::to_string(&base).context("re-encoding configuration")?;
+        let config: Config = toml::from_str(&merged).map_err(|e| {
+            // Type errors are found after merging: report them against the user's file.
+            match toml::from_str::<Config>(text) {
+                Err(orig) if orig.span().is_some() => located(origin, text, &orig),
+                _ => anyhow::anyhow!("{origin}: {}", e.message()),
+            }
+        })?;
+        Ok(config)
+    }
+
+    /// Reads `path`, or the embedded default when `None`, then applies `overrides`.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read configuration file {}", path.display())
+                })?;
+                Config::from_toml(&text, &path.display().to_string())?
+            }
+            None => Config::from_toml("", "embedded default")?,
+        };
+        config.apply(overrides);
+        config.resolve_domain();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = &o.domain {
+            self.domain = v.clone();
+        }
+        if let Some(v) = o.edge_listen {
+            self.edge_listen = v;
+        }
+        if let Some(v) = o.mesh_listen {
+            self.mesh_listen = v;
+        }
+        if let Some(v) = o.shards {
+            self.shards = v;
+        }
+        if o.no_pin {
+            self.pin = false;
+        }
+        if let Some(v) = &o.log {
+            self.log = v.clone();
+        }
+    }
+
+    fn resolve_domain(&mut self) {
+        if self.domain.is_empty() {
+            self.domain = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".to_owned());
+        }
+    }
+
+    /// Checks values that parse but cannot work, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.domain.contains(char::is_whitespace) || self.domain.contains('@') {
+            bail!("field `domain`: '{}' is not a domain name", self.domain);
+        }
+        if self.edge_listen == self.mesh_listen && self.edge_listen.port() != 0 {
+            bail!(
+                "fields `edge_listen` and `mesh_listen` are both {}",
+                self.edge_listen
+            );
+        }
+        if self.runtime.ring_depth < 8 || !self.runtime.ring_depth.is_power_of_two() {
+            bail!(
+                "field `runtime.ring_depth`: {} must be a power of two >= 8",
+                self.runtime.ring_depth
+            );
+        }
+        if self.runtime.io_memory < 64 * 1024 {
+            bail!(
+                "field `runtime.io_memory`: {} must be at least 65536",
+                self.runtime.io_memory
+            );
+        }
+        if self.runtime.read_chunk < 1024 {
+            bail!(
+                "field `runtime.read_chunk`: {} must be at least 1024",
+                self.runtime.read_chunk
+            );
+        }
+        if self.runtime.max_connections == 0 || self.runtime.mesh_queue == 0 {
+            bail!("fields `runtime.max_connections` and `runtime.mesh_queue` must be at least 1");
+        }
+        Limits::from(&self.limits)
+            .validate()
+            .map_err(|field| anyhow::anyhow!("field `limits.{field}`"))?;
+        Ok(())
+    }
+
+    /// The effective configuration as TOML (for `--print-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot encode configuration: {e}\n"))
+    }
+
+    /// Shards to run: the configured count, or one per CPU this process may use.
+    pub fn shard_count(&self) -> usize {
+        match self.shards {
+            0 => online_cpus(),
+            n => n,
+        }
+    }
+}
+
+/// CPUs this process may run on (its affinity mask), at least 1.
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// "FILE:LINE: message" from a toml error with a span.
+fn located(origin: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            anyhow::anyhow!("{origin}:{line}: {}", e.message())
+        }
+        None => anyhow::anyhow!("{origin}: {}", e.message()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let config = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(config.edge_listen.port(), 913);
+        assert_eq!(config.mesh_listen.port(), 912);
+        assert!(!config.domain.is_empty());
+        assert_eq!(Limits::from(&config.limits), Limits::default());
+    }
+
+    #[test]
+    fn file_values_and_flags_merge() {
+        let config = Config::from_toml(
+            "domain = \"example.com\"\n[runtime]\nring_depth = 256\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(config.domain, "example.com");
+        assert_eq!(config.runtime.ring_depth, 256);
+        assert_eq!(config.runtime.io_memory, 524288);
+        let mut config = config;
+        config.apply(&Overrides {
+            domain: Some("rubble.com".into()),
+            shards: Some(2),
+            ..Overrides::default()
+        });
+        assert_eq!((config.domain.as_str(), config.shards), ("rubble.com", 2));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let err = Config::from_toml(
+            "domain = \"x\"\n\n[runtime]\nring_depth = \"deep\"\n",
+            "relay.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("relay.toml:4:"), "{err}");
+        assert!(
+            err.contains("ring_depth") || err.contains("integer"),
+            "{err}"
+        );
+        let err = Config::from_toml("domian = \"x\"\n", "relay.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("relay.toml:1:") && err.contains("domian"),
+            "{err}"
+        );
+        let err = Config::from_toml("[limits]\nrecv_window = 10\n", "r.toml").unwrap();
+        assert!(err
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("limits.recv_window"));
+    }
+}

@@ -1,0 +1,297 @@
+//! Shards: one glommio `LocalExecutor` per CPU, each owning the connections the kernel hands its
+//! SO_REUSEPORT listeners on the edge (913) and mesh (912) ports, connected to the other shards
+//! by the channel mesh. Nothing about a connection is shared between shards.
+
+pub mod conn;
+pub mod mesh;
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use apex_proto::{Limits, SessionConfig};
+use glommio::net::TcpListener;
+use glommio::sync::Semaphore;
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
+use tracing::{info, warn};
+
+use crate::apex_profile::APEX_PROFILE;
+use crate::config::Config;
+use crate::sys;
+use mesh::{ShardMesh, ShardMsg};
+
+/// What every task of one shard shares (never crosses threads).
+pub struct ShardContext {
+    /// Shard index.
+    pub id: usize,
+    /// The validated configuration.
+    pub config: Config,
+    /// Session settings derived from it.
+    pub session_config: SessionConfig,
+    /// Closed when the shard shuts down: every waiter wakes.
+    pub shutdown: Semaphore,
+    /// Open connections on this shard.
+    pub connections: Cell<usize>,
+}
+
+/// Addresses the relay actually listens on (port 0 resolved).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// apex-edge address.
+    pub edge: SocketAddr,
+    /// apex-mesh address.
+    pub mesh: SocketAddr,
+    /// Shards running.
+    pub shards: usize,
+}
+
+/// Glommio needs at least this much lockable memory per executor besides `io_memory`.
+const RING_MEMLOCK_ALLOWANCE: u64 = 512 * 1024;
+
+/// Refuses to start, with the fix, when io_uring or lockable memory is missing.
+pub fn check_environment(config: &Config, shards: usize) -> Result<()> {
+    if let Some(why) = sys::io_uring_disabled() {
+        bail!("{why}");
+    }
+    let need = shards as u64 * (config.runtime.io_memory as u64 + RING_MEMLOCK_ALLOWANCE);
+    if let Ok(Some(limit)) = sys::memlock_limit() {
+        if limit < need {
+            bail!(
+                "locked-memory limit (ulimit -l) is {} KiB but {shards} shard(s) need {} KiB for io_uring; \
+                 raise it (`ulimit -l {}` or LimitMEMLOCK= in the systemd unit), or lower \
+                 `runtime.io_memory` / `--shards`",
+                limit / 1024,
+                need / 1024,
+                need.div_ceil(1024)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Binds a placeholder socket with SO_REUSEPORT to check the address early (privileges, address
+/// in use) and to fix an ephemeral port for all shards. Kept open until the shards have bound.
+fn reserve(addr: SocketAddr, what: &str, flag: &str) -> Result<(socket2::Socket, SocketAddr)> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_port(true)?;
+    socket.set_reuse_address(true)?;
+    if let Err(e) = socket.bind(&addr.into()) {
+        if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+            bail!(
+                "cannot bind the {what} port {addr}: ports below 1024 need root or CAP_NET_BIND_SERVICE; \
+                 choose another with {flag} (for example {flag} 127.0.0.1:{})",
+                addr.port() + 9000
+            );
+        }
+        return Err(anyhow!(e).context(format!(
+            "cannot bind the {what} address {addr} (change it with {flag})"
+        )));
+    }
+    let local = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| anyhow!("{what} address is not an IP address"))?;
+    Ok((socket, local))
+}
+
+/// Runs the relay until SIGINT/SIGTERM (or `stop` is set) and every shard has drained.
+/// `on_ready` is called once every shard listens.
+pub fn run(config: Config, stop: Arc<AtomicBool>, on_ready: impl FnOnce(Bound)) -> Result<()> {
+    let shards = config.shard_count();
+    check_environment(&config, shards)?;
+    let (_edge_reservation, edge) = reserve(config.edge_listen, "edge", "--edge-listen")?;
+    let (_mesh_reservation, mesh_addr) = reserve(config.mesh_listen, "mesh", "--mesh-listen")?;
+    let mut config = config;
+    config.edge_listen = edge;
+    config.mesh_listen = mesh_addr;
+
+    let placement = if config.pin {
+        if shards > sys_cpus() {
+            bail!(
+                "--shards {shards} exceeds the {} CPUs available for pinning; use fewer shards or --no-pin",
+                sys_cpus()
+            );
+        }
+        PoolPlacement::MaxSpread(shards, None)
+    } else {
+        PoolPlacement::Unbound(shards)
+    };
+    let mesh_builder = (shards > 1).then(|| mesh::builder(shards, config.runtime.mesh_queue));
+    let (bound_tx, bound_rx) = mpsc::channel::<Result<()>>();
+    let next_index = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let pool = LocalExecutorPoolBuilder::new(placement)
+        .name("apexd-shard")
+        .io_memory(config.runtime.io_memory)
+        .ring_depth(config.runtime.ring_depth)
+        .on_all_shards({
+            let config = config.clone();
+            move || {
+                let config = config.clone();
+                let stop = stop.clone();
+                let bound_tx = bound_tx.clone();
+                let mesh_builder = mesh_builder.clone();
+                let index = next_index.fetch_add(1, Ordering::Relaxed);
+                async move { shard_main(index, config, stop, bound_tx, mesh_builder).await }
+            }
+        })
+        .map_err(|e| anyhow!("cannot start the shard executors: {e}. {}", glommio_hint()))?;
+
+    for _ in 0..shards {
+        match bound_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => bail!("a shard did not start within 30 s"),
+        }
+    }
+    on_ready(Bound {
+        edge,
+        mesh: mesh_addr,
+        shards,
+    });
+    let mut failed = None;
+    for result in pool.join_all() {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed = Some(e),
+            Err(e) => failed = Some(anyhow!("shard failed: {e}")),
+        }
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+fn sys_cpus() -> usize {
+    crate::config::online_cpus()
+}
+
+fn glommio_hint() -> &'static str {
+    "apexd needs io_uring (Linux 5.8 or later, not disabled by kernel.io_uring_disabled) and \
+     enough locked memory (ulimit -l; see runtime.io_memory)"
+}
+
+async fn shard_main(
+    id: usize,
+    config: Config,
+    stop: Arc<AtomicBool>,
+    bound_tx: mpsc::Sender<Result<()>>,
+    mesh_builder: Option<
+        glommio::channels::channel_mesh::MeshBuilder<
+            ShardMsg,
+            glommio::channels::channel_mesh::Full,
+        >,
+    >,
+) -> Result<()> {
+    let listeners = TcpListener::bind(config.edge_listen)
+        .map_err(|e| anyhow!("binding edge {}: {e}", config.edge_listen))
+        .and_then(|edge| {
+            TcpListener::bind(config.mesh_listen)
+                .map_err(|e| anyhow!("binding mesh {}: {e}", config.mesh_listen))
+                .map(|mesh| (edge, mesh))
+        });
+    let (edge, mesh_listener) = match listeners {
+        Ok(l) => {
+            let _ = bound_tx.send(Ok(()));
+            l
+        }
+        Err(e) => {
+            let _ = bound_tx.send(Err(e));
+            return Ok(());
+        }
+    };
+    let limits = Limits::from(&config.limits);
+    let ctx = Rc::new(ShardContext {
+        id,
+        session_config: SessionConfig {
+            profiles: vec![APEX_PROFILE.to_owned()],
+            limits,
+            ..SessionConfig::default()
+        },
+        config,
+        shutdown: Semaphore::new(0),
+        connections: Cell::new(0),
+    });
+
+    let mesh = match mesh_builder {
+        Some(builder) => Some(ShardMesh::join(builder).await?),
+        None => None,
+    };
+    if let Some(mut mesh) = mesh {
+        for (peer, receiver) in mesh.receivers.streams() {
+            glommio::spawn_local(async move {
+                while let Some(msg) = receiver.recv().await {
+                    // The relay (APEX issue) consumes envelopes; until then they are counted.
+                    let ShardMsg::Envelope { payload, .. } = msg;
+                    tracing::trace!(peer, len = payload.len(), "envelope from shard");
+                }
+            })
+            .detach();
+        }
+    }
+
+    let edge_task = glommio::spawn_local(accept_loop(edge, ctx.clone()));
+    let mesh_task = glommio::spawn_local(accept_loop(mesh_listener, ctx.clone()));
+    info!(shard = id, edge = %ctx.config.edge_listen, mesh = %ctx.config.mesh_listen, "shard listening");
+
+    while !stop.load(Ordering::Relaxed) {
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+    info!(
+        shard = id,
+        connections = ctx.connections.get(),
+        "shutting down"
+    );
+    ctx.shutdown.close();
+    edge_task.await;
+    mesh_task.await;
+    // Sessions get the grace period to answer our close, plus a margin to flush.
+    let deadline =
+        std::time::Instant::now() + Duration::from_millis(ctx.config.shutdown_grace_ms + 500);
+    while ctx.connections.get() > 0 && std::time::Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    if ctx.connections.get() > 0 {
+        warn!(
+            shard = id,
+            left = ctx.connections.get(),
+            "connections still open at exit"
+        );
+    }
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
+    enum Accepted {
+        Stream(std::io::Result<glommio::net::TcpStream>),
+        Stop,
+    }
+    loop {
+        let next = futures_lite::future::or(
+            async { Accepted::Stream(listener.accept().await.map_err(std::io::Error::from)) },
+            async {
+                let _ = ctx.shutdown.acquire(1).await;
+                Accepted::Stop
+            },
+        )
+        .await;
+        match next {
+            Accepted::Stop => return,
+            Accepted::Stream(Err(e)) => {
+                warn!(shard = ctx.id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+            Accepted::Stream(Ok(stream)) => {
+                let ctx = ctx.clone();
+                ctx.connections.set(ctx.connections.get() + 1);
+                glommio::spawn_local(async move {
+                    conn::drive(stream, ctx.clone()).await;
+                    ctx.connections.set(ctx.connections.get() - 1);
+                })
+                .detach();
+            }
+        }
+    }
+}
