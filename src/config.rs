@@ -282,14 +282,30 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
-/// "FILE:LINE: message" from a toml error with a span.
+/// "FILE:LINE: field `table.key`: message" from a toml error with a span.
 fn located(origin: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
-    match e.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            anyhow::anyhow!("{origin}:{line}: {}", e.message())
+    let Some(span) = e.span() else {
+        return anyhow::anyhow!("{origin}: {}", e.message());
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or_default();
+    let table = text
+        .lines()
+        .take(line_no)
+        .filter_map(|l| {
+            let l = l.trim();
+            (l.starts_with('[') && l.ends_with(']'))
+                .then(|| l.trim_matches(['[', ']']).trim().to_owned())
+        })
+        .last();
+    match line.split_once('=') {
+        Some((key, _)) if !line.trim_start().starts_with('[') => {
+            let key = key.trim();
+            let field = table.map_or_else(|| key.to_owned(), |t| format!("{t}.{key}"));
+            anyhow::anyhow!("{origin}:{line_no}: field `{field}`: {}", e.message())
         }
-        None => anyhow::anyhow!("{origin}: {}", e.message()),
+        _ => anyhow::anyhow!("{origin}:{line_no}: {}", e.message()),
     }
 }
 

@@ -140,7 +140,7 @@ impl Channel {
             queue: VecDeque::new(),
             outstanding: VecDeque::new(),
             in_ready: false,
-            seq_dirty: true,
+            seq_dirty: false,
             announced: true,
         }
     }
@@ -224,7 +224,6 @@ impl Channel {
     ) -> Result<Received, ProtocolError> {
         let ch = h.channel;
         self.recv_next = self.recv_next.wrapping_add(h.size);
-        self.seq_dirty = true;
         self.last_continued = h.more.then_some((h.msgno, h.keyword));
         if h.keyword == Keyword::Msg {
             return self.receive_msg(h, payload, limits);
@@ -394,7 +393,7 @@ impl Channel {
             if !head.complete {
                 break;
             }
-            self.pending_set.remove(&head.msgno);
+            // The msgno stays in `pending_set` until the reply's last frame is written (P4).
             self.pending_replies.pop_front();
         }
     }
@@ -442,14 +441,18 @@ impl Channel {
     }
 
     /// BEEP-39: the peer answered our MSG negatively before we sent its last frame; finish it
-    /// with an empty final frame and drop the rest.
-    pub(crate) fn truncate_unsent_msg(&mut self, msgno: u32) {
-        if let Some(out) = self
+    /// with an empty final frame and drop the rest. Returns whether such a MSG was found.
+    pub(crate) fn truncate_unsent_msg(&mut self, msgno: u32) -> bool {
+        match self
             .queue
             .iter_mut()
             .find(|o| o.keyword == Keyword::Msg && o.msgno == msgno && o.sent > 0)
         {
-            out.payload.truncate(out.sent);
+            Some(out) => {
+                out.payload.truncate(out.sent);
+                true
+            }
+            None => false,
         }
     }
 
@@ -511,7 +514,12 @@ impl Channel {
         if more {
             return Some(None);
         }
-        Some(self.queue.pop_front().and_then(|m| m.announces))
+        let done = self.queue.pop_front()?;
+        if matches!(done.keyword, Keyword::Rpy | Keyword::Err | Keyword::Nul) {
+            // The reply is completely sent: the peer may reuse the msgno now (P4).
+            self.pending_set.remove(&done.msgno);
+        }
+        Some(done.announces)
     }
 
     /// The SEQ to send now, if the window we can advertise has grown by at least half the

@@ -179,6 +179,8 @@ pub struct Session {
     server_name: Option<String>,
     peer_greeting: Option<Greeting>,
     last_input: Option<Instant>,
+    /// A listener that answered the session with an error: all input is ignored (BEEP-18).
+    refusing: bool,
 }
 
 impl Session {
@@ -200,6 +202,7 @@ impl Session {
         let mut session = Self::bare(Role::Listener, config);
         session.queue_greeting(Keyword::Err, Mgmt::Error(error).to_payload());
         session.state = State::Releasing;
+        session.refusing = true;
         session
     }
 
@@ -225,6 +228,7 @@ impl Session {
             server_name: None,
             peer_greeting: None,
             last_input: None,
+            refusing: false,
         }
     }
 
@@ -288,7 +292,8 @@ impl Session {
     /// incomplete frame in place. Payloads are split off without copying.
     pub fn handle_input(&mut self, buf: &mut BytesMut, now: Instant) -> Result<(), ProtocolError> {
         self.last_input = Some(now);
-        if self.state == State::Dead {
+        if self.state == State::Dead || self.refusing {
+            // A refusing listener ignores the initiator's greeting and everything after it.
             buf.clear();
             return Ok(());
         }
@@ -366,7 +371,8 @@ impl Session {
             return Err(ProtocolError::UnknownChannel(h.channel));
         };
         let received = channel.receive(h, payload, limits)?;
-        if channel.seq_dirty {
+        if !channel.seq_dirty {
+            channel.seq_dirty = true;
             self.seq_dirty.push(h.channel);
         }
         match received {
@@ -405,8 +411,11 @@ impl Session {
                 complete,
             } => {
                 if keyword == Keyword::Err {
+                    // BEEP-39: finish our MSG with an empty final frame, window or not.
                     if let Some(channel) = self.channels.get_mut(&h.channel) {
-                        channel.truncate_unsent_msg(msgno);
+                        if channel.truncate_unsent_msg(msgno) {
+                            self.mark_ready(h.channel);
+                        }
                     }
                 }
                 if h.channel == 0 {
@@ -637,7 +646,9 @@ impl Session {
     }
 
     fn open_channel(&mut self, number: u32, profile: String) {
-        let channel = Channel::new(profile, &self.config.limits, 0);
+        let mut channel = Channel::new(profile, &self.config.limits, 0);
+        // Advertise the configured window as soon as the channel may speak.
+        channel.seq_dirty = true;
         self.channels.insert(number, channel);
         self.recently_closed.remove(&number);
         self.seq_dirty.push(number);

@@ -1,0 +1,194 @@
+//! Shared support for loopback integration tests: start the real `apexd` binary on ephemeral
+//! loopback ports, and a blocking BEEP client built on the protocol core.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use apex_proto::beep::mgmt::ProfileOffer;
+use apex_proto::{Event, Role, Session, SessionConfig};
+use bytes::BytesMut;
+
+pub const APEX: &str = "http://iana.org/beep/APEX";
+
+/// A running relay, stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Relay {
+    pub child: Child,
+    pub edge: SocketAddr,
+    pub mesh: SocketAddr,
+}
+
+impl Relay {
+    pub fn start(shards: usize) -> Relay {
+        Self::start_with(&["--shards", &shards.to_string()])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Relay {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_apexd"))
+            .args([
+                "--edge-listen",
+                "127.0.0.1:0",
+                "--mesh-listen",
+                "127.0.0.1:0",
+                "--no-pin",
+                "--log",
+                "warn",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn apexd");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("apexd did not report ready");
+        let field = |name: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {line}"))
+                .parse()
+                .unwrap()
+        };
+        Relay {
+            edge: field("edge="),
+            mesh: field("mesh="),
+            child,
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "apexd did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if self.child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A blocking BEEP initiator over loopback, driven by the protocol core.
+pub struct Client {
+    pub stream: TcpStream,
+    pub session: Session,
+    pub inbox: BytesMut,
+    pub events: Vec<Event>,
+    pub eof: bool,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        stream.set_nodelay(true).unwrap();
+        Client {
+            stream,
+            session: Session::new(Role::Initiator, SessionConfig::default()),
+            inbox: BytesMut::new(),
+            events: Vec::new(),
+            eof: false,
+        }
+    }
+
+    /// Writes pending output, reads what arrived, collects events.
+    pub fn pump(&mut self) {
+        let mut out = BytesMut::new();
+        while self.session.poll_transmit(&mut out) > 0 {}
+        if !out.is_empty() {
+            self.stream.write_all(&out).unwrap();
+        }
+        let mut buf = [0u8; 65536];
+        match self.stream.read(&mut buf) {
+            Ok(0) => self.eof = true,
+            Ok(n) => {
+                self.inbox.extend_from_slice(&buf[..n]);
+                self.session
+                    .handle_input(&mut self.inbox, Instant::now())
+                    .expect("relay sent a valid stream");
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => self.eof = true,
+        }
+        while let Some(event) = self.session.poll_event() {
+            self.events.push(event);
+        }
+    }
+
+    /// Pumps until `done` holds (panics after 10 s).
+    pub fn pump_until(&mut self, what: &str, mut done: impl FnMut(&Client) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; events {:?}",
+                self.events
+            );
+            self.pump();
+        }
+    }
+
+    pub fn greet(&mut self) {
+        self.pump_until("greeting", |c| {
+            c.events.iter().any(|e| matches!(e, Event::Greeting(_)))
+        });
+    }
+
+    pub fn start_apex(&mut self) -> u32 {
+        let channel = self
+            .session
+            .start_channel(vec![ProfileOffer::new(APEX)], None)
+            .unwrap();
+        self.pump_until("channel start", |c| {
+            c.events
+                .iter()
+                .any(|e| matches!(e, Event::ChannelStarted { channel: ch, .. } if *ch == channel))
+        });
+        channel
+    }
+
+    pub fn release(&mut self) {
+        self.session.close_session(200).unwrap();
+        self.pump_until("release", |c| c.events.contains(&Event::SessionReleased));
+        self.pump_until("EOF after release", |c| c.eof);
+    }
+}

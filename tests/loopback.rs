@@ -1,0 +1,252 @@
+//! Loopback integration tests against the real `apexd` binary with 1 and 2 shards: greeting,
+//! start, close, release, malformed input closing only its own session, a byte-at-a-time client,
+//! the independent RFC client (tests/interop/beep_client.py), and shutdown by signal.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use apex_proto::Event;
+use bytes::Bytes;
+use common::{Client, Relay};
+
+/// The listener's greeting offering APEX, byte for byte (BEEP-17; beep.md §13.3 payload 111).
+const GREETING: &[u8] = b"RPY 0 0 . 0 111\r\nContent-Type: application/beep+xml\r\n\r\n<greeting>\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</greeting>\r\nEND\r\n";
+
+fn read_exact_with_timeout(stream: &mut TcpStream, n: usize) -> Vec<u8> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = vec![0u8; n];
+    stream.read_exact(&mut buf).unwrap();
+    buf
+}
+
+fn greeting_is_byte_exact(shards: usize) {
+    let relay = Relay::start(shards);
+    let mut stream = TcpStream::connect(relay.edge).unwrap();
+    assert_eq!(
+        read_exact_with_timeout(&mut stream, GREETING.len()),
+        GREETING
+    );
+    let mut stream = TcpStream::connect(relay.mesh).unwrap();
+    assert_eq!(
+        read_exact_with_timeout(&mut stream, GREETING.len()),
+        GREETING
+    );
+}
+
+#[test]
+fn beep_17_greeting_1_shard() {
+    greeting_is_byte_exact(1);
+}
+
+#[test]
+fn beep_17_greeting_2_shards() {
+    greeting_is_byte_exact(2);
+}
+
+fn start_message_close(shards: usize) {
+    let relay = Relay::start(shards);
+    let mut client = Client::connect(relay.edge);
+    client.greet();
+    let channel = client.start_apex();
+    assert_eq!(channel, 1);
+    // Until the relay logic lands, APEX operations are answered with ERR 504.
+    let msgno = client
+        .session
+        .send_msg(channel, Bytes::from_static(b"Content-Type: application/beep+xml\r\n\r\n<attach endpoint='fred@example.com' transID='1' />"))
+        .unwrap();
+    client.pump_until("reply", |c| {
+        c.events
+            .iter()
+            .any(|e| matches!(e, Event::Reply { msgno: m, .. } if *m == msgno))
+    });
+    let reply = client.events.iter().find_map(|e| match e {
+        Event::Reply { payload, .. } => Some(payload.clone()),
+        _ => None,
+    });
+    assert!(String::from_utf8_lossy(&reply.unwrap()).contains("code='504'"));
+    client.session.close_channel(channel, 200).unwrap();
+    client.pump_until("channel close", |c| {
+        c.events
+            .iter()
+            .any(|e| matches!(e, Event::ChannelClosed { channel: 1, .. }))
+    });
+    client.release();
+}
+
+#[test]
+fn start_message_close_release_1_shard() {
+    start_message_close(1);
+}
+
+#[test]
+fn start_message_close_release_2_shards() {
+    start_message_close(2);
+}
+
+fn malformed_closes_only_that_session(shards: usize) {
+    let relay = Relay::start(shards);
+    // Several bystanders so that, with two shards, some share the offender's shard.
+    let mut bystanders: Vec<Client> = (0..6).map(|_| Client::connect(relay.edge)).collect();
+    for c in &mut bystanders {
+        c.greet();
+    }
+    let mut bad = TcpStream::connect(relay.edge).unwrap();
+    read_exact_with_timeout(&mut bad, GREETING.len());
+    // A valid initiator greeting, then a MSG whose trailer is wrong (P12, BEEP-10).
+    bad.write_all(
+        b"RPY 0 0 . 0 52\r\nContent-Type: application/beep+xml\r\n\r\n<greeting />\r\nEND\r\n",
+    )
+    .unwrap();
+    bad.write_all(b"MSG 0 1 . 52 5\r\nhelloXXXXX").unwrap();
+    bad.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut rest = Vec::new();
+    let outcome = bad.read_to_end(&mut rest);
+    // Terminated without a reply: at most SEQ frames, then a reset (RFC 3081 §2).
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        !text.contains("RPY") && !text.contains("ERR") && !text.contains("MSG"),
+        "{text}"
+    );
+    match outcome {
+        Ok(_) => {}
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "connection must end"
+        ),
+    }
+    for c in &mut bystanders {
+        let channel = c.start_apex();
+        c.session.close_channel(channel, 200).unwrap();
+        c.pump_until("close", |c| {
+            c.events
+                .iter()
+                .any(|e| matches!(e, Event::ChannelClosed { .. }))
+        });
+        c.release();
+    }
+}
+
+#[test]
+fn beep_08_malformed_frame_closes_only_that_session_1_shard() {
+    malformed_closes_only_that_session(1);
+}
+
+#[test]
+fn beep_08_malformed_frame_closes_only_that_session_2_shards() {
+    malformed_closes_only_that_session(2);
+}
+
+/// Runs the independent client (written from the RFCs, not from this code) for `scenario`.
+fn interop(relay: &Relay, scenario: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/beep_client.py");
+    let output = Command::new("python3")
+        .args([
+            script,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &relay.edge.port().to_string(),
+            scenario,
+        ])
+        .output()
+        .expect("python3 runs the interop client");
+    assert!(
+        output.status.success(),
+        "{scenario}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+const SCENARIOS: [&str; 6] = [
+    "greet-start-close",
+    "even-channel",
+    "unknown-profile",
+    "stream",
+    "malformed",
+    "byte-at-a-time",
+];
+
+#[test]
+fn independent_rfc_client_1_shard() {
+    let relay = Relay::start(1);
+    for scenario in SCENARIOS {
+        interop(&relay, scenario);
+    }
+}
+
+#[test]
+fn independent_rfc_client_2_shards() {
+    let relay = Relay::start(2);
+    for scenario in SCENARIOS {
+        interop(&relay, scenario);
+    }
+}
+
+#[test]
+fn sigterm_sends_beep_close_and_exits_0() {
+    let mut relay = Relay::start(2);
+    let mut client = Client::connect(relay.edge);
+    client.greet();
+    let _ = client.start_apex();
+    let _ = Command::new("kill")
+        .args(["-TERM", &relay.child.id().to_string()])
+        .status();
+    // The relay asks to release the session; the core answers `ok` (no channel is busy) and the
+    // relay closes the connection.
+    client.pump_until("EOF after the relay's close", |c| c.eof);
+    assert!(
+        client.session.is_finished(),
+        "session released by BEEP close, not dropped"
+    );
+    let status = relay.terminate();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn privileged_port_error_says_how_to_choose_another() {
+    if Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false)
+    {
+        // Root may bind 913; run the check as an unprivileged user when one exists.
+        let Ok(out) = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                env!("CARGO_BIN_EXE_apexd"),
+                "--shards",
+                "1",
+                "--no-pin",
+            ])
+            .output()
+        else {
+            return;
+        };
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("--edge-listen") || err.contains("--mesh-listen"),
+            "{err}"
+        );
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_apexd"))
+        .args(["--shards", "1", "--no-pin"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--edge-listen"), "{err}");
+}
