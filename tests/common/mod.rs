@@ -1,6 +1,6 @@
 //! Shared support for loopback integration tests: start the real `apexd` binary on ephemeral
 //! loopback ports, and a blocking BEEP client built on the protocol core.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};

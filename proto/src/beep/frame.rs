@@ -11,7 +11,7 @@
 //! zero-copy: a frame's payload is a [`Bytes`] slice of the caller's read buffer. Incomplete input
 //! is `Ok(None)`, never an error.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::{Field, FrameError};
 use crate::limits::MAX_31BIT;
@@ -118,6 +118,7 @@ pub enum Inbound {
 /// Returns the header and the length of its line including CRLF, `Ok(None)` when the line is
 /// not complete yet, or the poorly-formed condition found. A keyword that cannot begin a frame is
 /// reported as soon as its first octets arrive, so a peer cannot make us buffer garbage.
+#[inline]
 pub fn parse_head(buf: &[u8], max_header_line: usize) -> Result<Option<(Head, usize)>, FrameError> {
     let window = &buf[..buf.len().min(max_header_line)];
     let Some(lf) = memchr::memchr(b'\n', window) else {
@@ -141,6 +142,7 @@ pub fn parse_head(buf: &[u8], max_header_line: usize) -> Result<Option<(Head, us
 /// This is the stateless entry point (tests, fuzzing, benchmarks); a session uses
 /// [`parse_head`] first so it can check the header against channel state and windows before
 /// waiting for a payload.
+#[inline]
 pub fn parse(buf: &mut BytesMut, max_header_line: usize) -> Result<Option<Inbound>, FrameError> {
     let Some((head, header_len)) = parse_head(buf, max_header_line)? else {
         return Ok(None);
@@ -156,6 +158,7 @@ pub fn parse(buf: &mut BytesMut, max_header_line: usize) -> Result<Option<Inboun
 
 /// Splits a data frame whose header was recognised by [`parse_head`] off `buf` once its payload
 /// and trailer are present. The payload is a zero-copy slice (RFC 3080 §2.2.1.3 trailer check).
+#[inline]
 pub fn take_payload(
     buf: &mut BytesMut,
     header: Header,
@@ -174,10 +177,14 @@ pub fn take_payload(
     if &buf[header_len + size..total] != TRAILER {
         return Err(FrameError::BadTrailer);
     }
+    // One reference-count increment per frame: split, then narrow to the payload in place.
     let mut frame = buf.split_to(total);
-    frame.truncate(header_len + size);
-    let payload = frame.freeze().slice(header_len..);
-    Ok(Some(Frame { header, payload }))
+    frame.advance(header_len);
+    frame.truncate(size);
+    Ok(Some(Frame {
+        header,
+        payload: frame.freeze(),
+    }))
 }
 
 /// Fails with P1 when the octets seen so far cannot start any keyword.
@@ -191,6 +198,7 @@ fn check_keyword_prefix(seen: &[u8]) -> Result<(), FrameError> {
     }
 }
 
+#[inline]
 fn parse_line(line: &[u8]) -> Result<Head, FrameError> {
     if line.len() < 4 || line[3] != b' ' {
         check_keyword_prefix(line)?;
@@ -237,6 +245,7 @@ fn parse_line(line: &[u8]) -> Result<Head, FrameError> {
     }))
 }
 
+#[inline]
 fn parse_seq(rest: &[u8]) -> Result<Seq, FrameError> {
     let mut fields = Fields::new(rest);
     let channel = fields.number(Field::Channel, MAX_31BIT.into())?;
@@ -250,8 +259,9 @@ fn parse_seq(rest: &[u8]) -> Result<Seq, FrameError> {
     })
 }
 
-/// The space-separated fields after the keyword. `dangling` records a separator with nothing
-/// after it, which makes the line malformed even when no further field is expected.
+/// The space-separated fields after the keyword, read in one pass. `dangling` records a
+/// separator with nothing after it, which makes the line malformed even when no further field is
+/// expected.
 struct Fields<'a> {
     rest: &'a [u8],
     dangling: bool,
@@ -265,8 +275,10 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// Consumes one field and the single space after it.
+    #[inline]
     fn next_field(&mut self, field: Field) -> Result<&'a [u8], FrameError> {
-        let end = memchr::memchr(b' ', self.rest).unwrap_or(self.rest.len());
+        let end = self.rest.iter().position(|&b| b == b' ').unwrap_or(self.rest.len());
         if end == 0 {
             return Err(FrameError::BadField(field));
         }
@@ -280,17 +292,33 @@ impl<'a> Fields<'a> {
         Ok(value)
     }
 
+    /// Consumes a decimal field of at most `max`, digits only (leading zeros allowed).
+    #[inline(always)]
     fn number(&mut self, field: Field, max: u64) -> Result<u32, FrameError> {
-        let digits = self.next_field(field)?;
         let mut value: u64 = 0;
-        for &d in digits {
-            if !d.is_ascii_digit() {
+        let mut digits = 0usize;
+        for &b in self.rest {
+            if b == b' ' {
+                break;
+            }
+            let d = b.wrapping_sub(b'0');
+            if d > 9 {
                 return Err(FrameError::BadField(field));
             }
-            value = value * 10 + u64::from(d - b'0');
+            value = value * 10 + u64::from(d);
             if value > max {
                 return Err(FrameError::BadField(field));
             }
+            digits += 1;
+        }
+        if digits == 0 {
+            return Err(FrameError::BadField(field));
+        }
+        if digits < self.rest.len() {
+            self.rest = &self.rest[digits + 1..];
+            self.dangling = self.rest.is_empty();
+        } else {
+            self.rest = &[];
         }
         // `max` never exceeds u32::MAX, so the conversion cannot fail.
         u32::try_from(value).map_err(|_| FrameError::BadField(field))
