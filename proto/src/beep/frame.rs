@@ -278,7 +278,11 @@ impl<'a> Fields<'a> {
     /// Consumes one field and the single space after it.
     #[inline]
     fn next_field(&mut self, field: Field) -> Result<&'a [u8], FrameError> {
-        let end = self.rest.iter().position(|&b| b == b' ').unwrap_or(self.rest.len());
+        let end = self
+            .rest
+            .iter()
+            .position(|&b| b == b' ')
+            .unwrap_or(self.rest.len());
         if end == 0 {
             return Err(FrameError::BadField(field));
         }
