@@ -6,6 +6,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use std::str::FromStr;
+
+use apex_proto::apex::access::{AccessTable, Grant};
 use apex_proto::Limits;
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +41,12 @@ max_connections = 10000
 read_chunk = 65536
 # Capacity of each shard-to-shard queue (messages).
 mesh_queue = 1024
+
+[access]
+# Access entries granted for every local endpoint (RFC 3341), as ACTOR=ACTIONS. The RFC's
+# default entries deny core:data between ordinary endpoints; this grant lets the endpoints of
+# this relay's own domain send each other data. $DOMAIN stands for `domain`.
+grants = ["*@$DOMAIN=core:data"]
 
 [limits]
 # See apex_proto::Limits for the meaning of each bound.
@@ -74,8 +83,18 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Executor and socket settings.
     pub runtime: Runtime,
+    /// Access entries.
+    pub access: AccessConfig,
     /// Protocol limits.
     pub limits: LimitsConfig,
+}
+
+/// Access entries from configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// `ACTOR=ACTIONS` grants applied to every local endpoint.
+    pub grants: Vec<String>,
 }
 
 /// Executor and socket settings.
@@ -145,6 +164,8 @@ pub struct Overrides {
     pub no_pin: bool,
     /// `--log`.
     pub log: Option<String>,
+    /// `--grant`, repeatable: added to `access.grants`.
+    pub grants: Vec<String>,
 }
 
 impl Config {
@@ -202,6 +223,7 @@ impl Config {
         if let Some(v) = &o.log {
             self.log = v.clone();
         }
+        self.access.grants.extend(o.grants.iter().cloned());
     }
 
     fn resolve_domain(&mut self) {
@@ -212,6 +234,21 @@ impl Config {
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| "localhost".to_owned());
         }
+        for grant in &mut self.access.grants {
+            *grant = grant.replace("$DOMAIN", &self.domain);
+        }
+    }
+
+    /// The access table: the RFC defaults plus `access.grants` for every local endpoint.
+    pub fn access_table(&self) -> Result<AccessTable> {
+        let mut table = AccessTable::new();
+        for (i, text) in self.access.grants.iter().enumerate() {
+            let text = text.replace("$DOMAIN", &self.domain);
+            let grant = Grant::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("field `access.grants[{i}]`: '{text}': {e}"))?;
+            table.grant_all_local(grant.actor, grant.actions);
+        }
+        Ok(table)
     }
 
     /// Checks values that parse but cannot work, naming the field.
@@ -246,6 +283,10 @@ impl Config {
         if self.runtime.max_connections == 0 || self.runtime.mesh_queue == 0 {
             bail!("fields `runtime.max_connections` and `runtime.mesh_queue` must be at least 1");
         }
+        if apex_proto::apex::addr::validate_domain(&self.domain).is_err() {
+            bail!("field `domain`: '{}' is not a domain name", self.domain);
+        }
+        self.access_table()?;
         Limits::from(&self.limits)
             .validate()
             .map_err(|field| anyhow::anyhow!("field `limits.{field}`"))?;
@@ -361,7 +402,7 @@ mod tests {
             err.starts_with("relay.toml:1:") && err.contains("domian"),
             "{err}"
         );
-        let err = Config::from_toml("[limits]\nrecv_window = 10\n", "r.toml").unwrap();
+        let err = Config::from_toml("domain = \"x.org\"\n[limits]\nrecv_window = 10\n", "r.toml").unwrap();
         assert!(err
             .validate()
             .unwrap_err()

@@ -51,12 +51,12 @@ fn beep_17_greeting_2_shards() {
 }
 
 fn start_message_close(shards: usize) {
-    let relay = Relay::start(shards);
+    let relay = Relay::start_with(&["--shards", &shards.to_string(), "--domain", "example.com"]);
     let mut client = Client::connect(relay.edge);
     client.greet();
     let channel = client.start_apex();
     assert_eq!(channel, 1);
-    // Until the relay logic lands, APEX operations are answered with ERR 504.
+    // An attach as a MSG on the channel (APEX-15), answered `ok`.
     let msgno = client
         .session
         .send_msg(channel, Bytes::from_static(b"Content-Type: application/beep+xml\r\n\r\n<attach endpoint='fred@example.com' transID='1' />"))
@@ -70,7 +70,10 @@ fn start_message_close(shards: usize) {
         Event::Reply { payload, .. } => Some(payload.clone()),
         _ => None,
     });
-    assert!(String::from_utf8_lossy(&reply.unwrap()).contains("code='504'"));
+    assert_eq!(
+        &reply.unwrap()[..],
+        &b"Content-Type: application/beep+xml\r\n\r\n<ok />\r\n"[..]
+    );
     client.session.close_channel(channel, 200).unwrap();
     client.pump_until("channel close", |c| {
         c.events

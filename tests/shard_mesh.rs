@@ -2,8 +2,28 @@
 //! shard sees the very allocation the sending shard filled.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use apexd::shard::mesh::{self, ShardMesh, ShardMsg};
+use apex_proto::apex::relay::{ChannelRef, Envelope};
+use apexd::shard::mesh::{self, Refused, ShardMesh, ShardMsg};
 use bytes::Bytes;
+
+fn deliver(payload: Bytes) -> ShardMsg {
+    ShardMsg::Relay(Envelope::Deliver {
+        at: ChannelRef {
+            shard: 1,
+            conn: 0,
+            channel: 1,
+        },
+        payload,
+        report: None,
+    })
+}
+
+fn payload_of(msg: ShardMsg) -> Bytes {
+    match msg {
+        ShardMsg::Relay(Envelope::Deliver { payload, .. }) => payload,
+        other => panic!("unexpected {other:?}"),
+    }
+}
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
 #[test]
@@ -20,17 +40,12 @@ fn bytes_cross_shards_without_a_copy() {
                 if mesh.shard_id() == 0 {
                     let payload = Bytes::from(vec![0xA5u8; 4096]);
                     let address = payload.as_ptr() as usize;
-                    mesh.send(1, ShardMsg::Envelope { from: 0, payload })
-                        .await
-                        .unwrap();
+                    mesh.send(1, deliver(payload)).await.unwrap();
                     (address, 0)
                 } else {
                     let (from, receiver) = mesh.receivers.streams().pop().unwrap();
-                    let ShardMsg::Envelope {
-                        from: sender,
-                        payload,
-                    } = receiver.recv().await.unwrap();
-                    assert_eq!((from, sender, payload.len()), (0, 0, 4096));
+                    let payload = payload_of(receiver.recv().await.unwrap());
+                    assert_eq!((from, payload.len()), (0, 4096));
                     assert!(payload.iter().all(|b| *b == 0xA5));
                     (payload.as_ptr() as usize, 1)
                 }
@@ -57,18 +72,16 @@ fn a_full_queue_hands_the_message_back() {
             async move {
                 let mesh = ShardMesh::join(builder).await.unwrap();
                 if mesh.shard_id() == 0 {
-                    let first = ShardMsg::Envelope {
-                        from: 0,
-                        payload: Bytes::from_static(b"one"),
-                    };
-                    let second = ShardMsg::Envelope {
-                        from: 0,
-                        payload: Bytes::from_static(b"two"),
-                    };
-                    mesh.try_send(1, first).unwrap();
+                    mesh.try_send(1, deliver(Bytes::from_static(b"one")))
+                        .unwrap();
                     // Capacity 1: the second message comes back intact, nothing is dropped.
-                    let ShardMsg::Envelope { payload, .. } = mesh.try_send(1, second).unwrap_err();
-                    assert_eq!(&payload[..], b"two");
+                    let Refused::Full(back) = mesh
+                        .try_send(1, deliver(Bytes::from_static(b"two")))
+                        .unwrap_err()
+                    else {
+                        panic!("a full queue reports Full")
+                    };
+                    assert_eq!(&payload_of(back)[..], b"two");
                 }
                 // Keep both shards alive until the sender has checked.
                 glommio::timer::sleep(std::time::Duration::from_millis(100)).await;

@@ -14,6 +14,7 @@
 //! is never copied; only messages continued over several frames are reassembled.
 #![forbid(unsafe_code)]
 
+pub mod apex;
 pub mod beep;
 pub mod error;
 pub mod limits;

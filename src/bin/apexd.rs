@@ -31,6 +31,10 @@ struct Args {
     /// Log filter: error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL")]
     log: Option<String>,
+    /// Grant ACTIONS to ACTOR for every local endpoint (repeatable), e.g.
+    /// `--grant '*@example.com=core:data'`.
+    #[arg(long, value_name = "ACTOR=ACTIONS")]
+    grant: Vec<String>,
     /// Do not pin shards to CPUs.
     #[arg(long)]
     no_pin: bool,
@@ -55,6 +59,7 @@ fn run() -> Result<()> {
         shards: args.shards,
         no_pin: args.no_pin,
         log: args.log,
+        grants: args.grant,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     if args.print_config {

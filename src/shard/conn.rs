@@ -1,20 +1,24 @@
 //! The connection driver: one task per TCP connection. Reads into the connection's buffer, feeds
-//! the BEEP session, lets the profiles act on its events, and writes what the session polls,
-//! coalesced into one write per round. It never parses payloads itself.
+//! the BEEP session, hands APEX events to the shard's relay, executes the relay's actions (which
+//! may queue output on other connections of the shard and wake them), and writes what the
+//! session polls, coalesced into one write per round. It never parses payloads itself.
 
+use std::cell::RefCell;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use apex_proto::apex::relay::{Action, ConnId, ConnKind};
 use apex_proto::beep::mgmt::{code, ErrorElement};
-use apex_proto::beep::profile::Dispatcher;
-use apex_proto::{Event, Role, Session};
+use apex_proto::{Event, ReplyKind, Role, Session};
 use bytes::BytesMut;
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tracing::{debug, info};
 
-use crate::apex_profile::ApexProfile;
+use crate::apex_profile::APEX_PROFILE;
+use crate::shard::mesh::{Refused, ShardMsg};
+use crate::shard::notify::Notify;
 use crate::shard::ShardContext;
 use crate::sys;
 
@@ -31,16 +35,27 @@ pub enum Ending {
     GraceExpired,
 }
 
+/// What other tasks of the shard may touch of a connection: its session (to queue output) and
+/// its wake-up flag.
+#[derive(Debug)]
+pub struct ConnShared {
+    /// The BEEP session.
+    pub session: RefCell<Session>,
+    /// Woken when output was queued by another task.
+    pub wake: Notify,
+}
+
 enum Wake {
     Read(std::io::Result<usize>),
+    Output,
     Stop,
 }
 
 /// Drives one accepted connection until it ends.
-pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>) -> Ending {
+pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind) -> Ending {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
-    let mut session = if ctx.connections.get() > ctx.config.runtime.max_connections {
+    let session = if ctx.connections.get() > ctx.config.runtime.max_connections {
         Session::new_refusing(
             ctx.session_config.clone(),
             ErrorElement::new(code::SERVICE_NOT_AVAILABLE, "too many connections"),
@@ -48,7 +63,19 @@ pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>) -> Ending {
     } else {
         Session::new(Role::Listener, ctx.session_config.clone())
     };
-    let ending = run(&mut stream, &mut session, &ctx).await;
+    let conn = ctx.next_conn_id();
+    let shared = Rc::new(ConnShared {
+        session: RefCell::new(session),
+        wake: Notify::default(),
+    });
+    ctx.conns.borrow_mut().insert(conn, shared.clone());
+    ctx.relay.borrow_mut().conn_opened(conn, kind);
+
+    let ending = run(&mut stream, conn, &shared, &ctx).await;
+
+    ctx.conns.borrow_mut().remove(&conn);
+    ctx.relay.borrow_mut().conn_closed(conn);
+    execute_actions(&ctx).await;
     match ending {
         Ending::Aborted => {
             let _ = sys::reset_on_close(stream.as_raw_fd());
@@ -57,29 +84,37 @@ pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>) -> Ending {
             let _ = stream.shutdown(std::net::Shutdown::Both).await;
         }
     }
-    debug!(?peer, ?ending, shard = ctx.id, "connection ended");
+    debug!(?peer, ?ending, shard = ctx.id, conn, "connection ended");
     ending
 }
 
-async fn run(stream: &mut TcpStream, session: &mut Session, ctx: &ShardContext) -> Ending {
+async fn run(
+    stream: &mut TcpStream,
+    conn: ConnId,
+    shared: &ConnShared,
+    ctx: &ShardContext,
+) -> Ending {
     let read_chunk = ctx.config.runtime.read_chunk;
     let mut read_buf = BytesMut::with_capacity(read_chunk);
     let mut write_buf = BytesMut::with_capacity(read_chunk);
-    let mut apex = ApexProfile::default();
     let stop = ctx.shutdown.acquire(1);
     futures_lite::pin!(stop);
     let mut closing_since: Option<Instant> = None;
     let grace = Duration::from_millis(ctx.config.shutdown_grace_ms);
 
     loop {
-        while session.poll_transmit(&mut write_buf) > 0 {}
+        let finished = {
+            let mut session = shared.session.borrow_mut();
+            while session.poll_transmit(&mut write_buf) > 0 {}
+            session.is_finished()
+        };
         if !write_buf.is_empty() {
             if stream.write_all(&write_buf).await.is_err() {
                 return Ending::PeerClosed;
             }
             write_buf.clear();
         }
-        if session.is_finished() {
+        if finished {
             return Ending::Released;
         }
 
@@ -88,7 +123,13 @@ async fn run(stream: &mut TcpStream, session: &mut Session, ctx: &ShardContext) 
         let wake = match closing_since {
             None => {
                 future::or(
-                    async { Wake::Read(stream.read(&mut read_buf[len..]).await) },
+                    future::or(
+                        async { Wake::Read(stream.read(&mut read_buf[len..]).await) },
+                        async {
+                            shared.wake.notified().await;
+                            Wake::Output
+                        },
+                    ),
                     async {
                         let _ = (&mut stop).await;
                         Wake::Stop
@@ -99,7 +140,13 @@ async fn run(stream: &mut TcpStream, session: &mut Session, ctx: &ShardContext) 
             Some(since) => {
                 let left = grace.saturating_sub(since.elapsed());
                 future::or(
-                    async { Wake::Read(stream.read(&mut read_buf[len..]).await) },
+                    future::or(
+                        async { Wake::Read(stream.read(&mut read_buf[len..]).await) },
+                        async {
+                            shared.wake.notified().await;
+                            Wake::Output
+                        },
+                    ),
                     async {
                         glommio::timer::sleep(left).await;
                         Wake::Stop
@@ -114,6 +161,10 @@ async fn run(stream: &mut TcpStream, session: &mut Session, ctx: &ShardContext) 
                 return Ending::PeerClosed;
             }
             Wake::Read(Ok(n)) => n,
+            Wake::Output => {
+                read_buf.truncate(len);
+                continue;
+            }
             Wake::Stop => {
                 read_buf.truncate(len);
                 if closing_since.is_some() {
@@ -121,19 +172,151 @@ async fn run(stream: &mut TcpStream, session: &mut Session, ctx: &ShardContext) 
                 }
                 // Shutdown: ask the peer to release the session (RFC 3080 §2.4).
                 closing_since = Some(Instant::now());
-                let _ = session.close_session(code::SERVICE_NOT_AVAILABLE);
+                let _ = shared
+                    .session
+                    .borrow_mut()
+                    .close_session(code::SERVICE_NOT_AVAILABLE);
                 continue;
             }
         };
         read_buf.truncate(len + n);
-        if let Err(error) = session.handle_input(&mut read_buf, Instant::now()) {
-            info!(shard = ctx.id, %error, "terminating session");
+        let input = shared
+            .session
+            .borrow_mut()
+            .handle_input(&mut read_buf, Instant::now());
+        if let Err(error) = input {
+            info!(shard = ctx.id, conn, %error, "terminating session");
             return Ending::Aborted;
         }
-        Dispatcher::new(vec![&mut apex]).dispatch(session, |_, event| {
-            if let Event::CloseRefused { channel: 0, .. } = event {
-                debug!("peer declined session release");
+        handle_events(conn, shared, ctx);
+        execute_actions(ctx).await;
+    }
+}
+
+/// Hands the session's events to the relay. The session is borrowed only while draining.
+fn handle_events(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
+    let events: Vec<Event> = {
+        let mut session = shared.session.borrow_mut();
+        std::iter::from_fn(|| session.poll_event()).collect()
+    };
+    let mut relay = ctx.relay.borrow_mut();
+    for event in events {
+        match event {
+            Event::StartRequested(request) => {
+                let offer = request.profiles.iter().find(|p| p.uri == APEX_PROFILE);
+                match offer {
+                    Some(offer) => match &offer.content {
+                        // A piggybacked attach/bind: the relay answers through StartReply.
+                        Some(content) => {
+                            relay.handle_start(conn, request.id, request.channel, content)
+                        }
+                        None => {
+                            let mut session = shared.session.borrow_mut();
+                            if let Some(name) = &request.server_name {
+                                session.set_server_name(name);
+                            }
+                            if session.accept_start(request.id, APEX_PROFILE, None).is_ok() {
+                                relay.channel_started(conn, request.channel);
+                            }
+                        }
+                    },
+                    None => {
+                        let error = ErrorElement::new(
+                            code::ACTION_NOT_TAKEN,
+                            "no requested profile is acceptable",
+                        );
+                        let _ = shared.session.borrow_mut().refuse_start(request.id, error);
+                    }
+                }
             }
-        });
+            Event::Message {
+                channel,
+                msgno,
+                payload,
+            } => relay.handle_message(conn, channel, msgno, &payload),
+            Event::Reply {
+                channel,
+                kind,
+                payload,
+                ..
+            } => {
+                relay.handle_reply(conn, channel, kind == ReplyKind::Rpy, &payload);
+            }
+            Event::ChannelClosed { channel, .. } => relay.channel_closed(conn, channel),
+            Event::CloseRefused { channel: 0, .. } => debug!(conn, "peer declined session release"),
+            _ => {}
+        }
+    }
+}
+
+/// Executes the relay's actions until none is left. Output for other connections wakes them;
+/// a full shard queue makes this task wait (backpressure on the connection it serves).
+pub async fn execute_actions(ctx: &ShardContext) {
+    loop {
+        let Some(action) = ctx.relay.borrow_mut().poll_action() else {
+            return;
+        };
+        match action {
+            Action::Reply {
+                conn,
+                channel,
+                msgno,
+                positive,
+                payload,
+            } => {
+                ctx.with_session(conn, |s| {
+                    let _ = if positive {
+                        s.send_rpy(channel, msgno, payload)
+                    } else {
+                        s.send_err(channel, msgno, payload)
+                    };
+                });
+            }
+            Action::StartReply {
+                conn,
+                start_id,
+                content,
+            } => {
+                let channel = ctx.with_session(conn, |s| {
+                    s.accept_start(start_id, APEX_PROFILE, Some(content)).ok()
+                });
+                if channel.flatten().is_none() {
+                    debug!(conn, start_id, "start answered after its connection ended");
+                }
+            }
+            Action::Send {
+                conn,
+                channel,
+                payload,
+            } => {
+                let sent = ctx.with_session(conn, |s| s.send_msg(channel, payload).is_ok());
+                if sent != Some(true) {
+                    // The channel went away: count it as a refusal so reports still flow.
+                    let refusal = apex_proto::apex::msg::error_payload(
+                        code::ACTION_NOT_TAKEN,
+                        "endpoint went away",
+                    );
+                    ctx.relay
+                        .borrow_mut()
+                        .handle_reply(conn, channel, false, &refusal);
+                }
+            }
+            Action::ToShard { shard, envelope } => {
+                if let Some(mesh) = &ctx.mesh {
+                    match mesh.try_send(shard, ShardMsg::Relay(envelope)) {
+                        Ok(()) => {}
+                        Err(Refused::Full(msg)) => {
+                            if let Err(refused) = mesh.send(shard, msg).await {
+                                tracing::error!(shard, ?refused, "shard queue refused an envelope");
+                            }
+                        }
+                        Err(refused) => {
+                            tracing::error!(shard, ?refused, "shard queue refused an envelope")
+                        }
+                    }
+                }
+            }
+            Action::Forward { domain, payload } => ctx.forward(domain, payload),
+        }
     }
 }

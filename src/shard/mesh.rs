@@ -5,19 +5,15 @@
 //! A full queue hands the message back to the sender ([`ShardMesh::try_send`]) or makes the
 //! sender wait ([`ShardMesh::send`]): backpressure, never a silent drop.
 
-use bytes::Bytes;
+use apex_proto::apex::relay::Envelope;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 
 /// What shards send each other.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// An opaque message for the receiving shard's relay.
-    Envelope {
-        /// Shard that sent it.
-        from: usize,
-        /// The message; shares memory with the sender's read buffer.
-        payload: Bytes,
-    },
+    /// An envelope for the receiving shard's relay; its payloads share memory with the
+    /// sending shard's read buffer.
+    Relay(Envelope),
 }
 
 /// Builds the full mesh for `shards` shards with queues of `capacity` messages.
@@ -53,30 +49,48 @@ impl ShardMesh {
     }
 
     /// Sends without waiting; a full or closed queue returns the message.
-    pub fn try_send(&self, to: usize, msg: ShardMsg) -> Result<(), ShardMsg> {
-        self.senders.try_send_to(to, msg).map_err(|e| match e {
-            glommio::GlommioError::Closed(glommio::ResourceType::Channel(m))
-            | glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m)) => m,
-            other => unreachable_channel_error(other),
-        })
+    #[allow(clippy::result_large_err)] // the refused message comes back by value: nothing is lost
+    pub fn try_send(&self, to: usize, msg: ShardMsg) -> Result<(), Refused> {
+        self.senders.try_send_to(to, msg).map_err(Refused::from)
     }
 
     /// Sends, waiting while the queue is full; a closed queue returns the message.
-    pub async fn send(&self, to: usize, msg: ShardMsg) -> Result<(), ShardMsg> {
-        self.senders.send_to(to, msg).await.map_err(|e| match e {
-            glommio::GlommioError::Closed(glommio::ResourceType::Channel(m))
-            | glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m)) => m,
-            other => unreachable_channel_error(other),
-        })
+    #[allow(clippy::result_large_err)] // the refused message comes back by value: nothing is lost
+    pub async fn send(&self, to: usize, msg: ShardMsg) -> Result<(), Refused> {
+        self.senders.send_to(to, msg).await.map_err(Refused::from)
     }
 }
 
-/// glommio's channel errors always carry the message back; any other error kind would mean the
-/// message is gone, which we refuse to hide.
-fn unreachable_channel_error(e: glommio::GlommioError<ShardMsg>) -> ShardMsg {
-    tracing::error!(error = %e, "shard mesh lost a message");
-    ShardMsg::Envelope {
-        from: usize::MAX,
-        payload: Bytes::new(),
+/// Why the mesh did not take a message. glommio hands the message back for a full or closed
+/// queue, so nothing is lost silently.
+#[derive(Debug)]
+pub enum Refused {
+    /// The queue is full: retry, or wait with [`ShardMesh::send`].
+    Full(ShardMsg),
+    /// The peer shard is gone.
+    Closed(ShardMsg),
+    /// Any other failure (the message could not be recovered).
+    Other(String),
+}
+
+impl Refused {
+    /// The message, when glommio returned it.
+    pub fn into_message(self) -> Option<ShardMsg> {
+        match self {
+            Refused::Full(m) | Refused::Closed(m) => Some(m),
+            Refused::Other(_) => None,
+        }
+    }
+}
+
+impl From<glommio::GlommioError<ShardMsg>> for Refused {
+    fn from(e: glommio::GlommioError<ShardMsg>) -> Self {
+        match e {
+            glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m)) => {
+                Refused::Full(m)
+            }
+            glommio::GlommioError::Closed(glommio::ResourceType::Channel(m)) => Refused::Closed(m),
+            other => Refused::Other(other.to_string()),
+        }
     }
 }

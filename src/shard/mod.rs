@@ -4,8 +4,10 @@
 
 pub mod conn;
 pub mod mesh;
+pub mod notify;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +15,9 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
-use apex_proto::{Limits, SessionConfig};
+use apex_proto::apex::relay::{ConnId, ConnKind, Relay, RelayConfig};
+use apex_proto::{Limits, Session, SessionConfig};
+use bytes::Bytes;
 use glommio::net::TcpListener;
 use glommio::sync::Semaphore;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
@@ -22,6 +26,7 @@ use tracing::{info, warn};
 use crate::apex_profile::APEX_PROFILE;
 use crate::config::Config;
 use crate::sys;
+use conn::ConnShared;
 use mesh::{ShardMesh, ShardMsg};
 
 /// What every task of one shard shares (never crosses threads).
@@ -36,6 +41,40 @@ pub struct ShardContext {
     pub shutdown: Semaphore,
     /// Open connections on this shard.
     pub connections: Cell<usize>,
+    /// The shard's APEX relay (sans-IO core).
+    pub relay: RefCell<Relay>,
+    /// Connections of this shard by id, for delivering output to them.
+    pub conns: RefCell<HashMap<ConnId, Rc<ConnShared>>>,
+    /// Queues to the other shards (none with one shard).
+    pub mesh: Option<ShardMesh>,
+    next_conn: Cell<ConnId>,
+}
+
+impl ShardContext {
+    /// A fresh connection id.
+    pub fn next_conn_id(&self) -> ConnId {
+        let id = self.next_conn.get();
+        self.next_conn.set(id.wrapping_add(1));
+        id
+    }
+
+    /// Runs `f` on connection `conn`'s session and wakes its driver. `None` when the connection
+    /// is gone.
+    pub fn with_session<T>(&self, conn: ConnId, f: impl FnOnce(&mut Session) -> T) -> Option<T> {
+        let shared = self.conns.borrow().get(&conn).cloned()?;
+        let result = f(&mut shared.session.borrow_mut());
+        shared.wake.notify();
+        Some(result)
+    }
+
+    /// Sends data towards another domain. Relay-to-relay links are not configured in this
+    /// build, so the recipients fail (and are reported when asked).
+    pub fn forward(&self, domain: String, payload: Bytes) {
+        tracing::debug!(%domain, "no route to domain");
+        self.relay
+            .borrow_mut()
+            .forward_failed(&payload, "no route to the recipient's domain");
+    }
 }
 
 /// Addresses the relay actually listens on (port 0 resolved).
@@ -203,6 +242,24 @@ async fn shard_main(
         }
     };
     let limits = Limits::from(&config.limits);
+    let mut mesh = match mesh_builder {
+        Some(builder) => Some(ShardMesh::join(builder).await?),
+        None => None,
+    };
+    let receivers = mesh
+        .as_mut()
+        .map(|m| m.receivers.streams())
+        .unwrap_or_default();
+    // With several shards, a shard's index is its place in the mesh (the order in which the
+    // executors joined), so envelopes address the right peer.
+    let id = mesh.as_ref().map_or(id, |m| m.shard_id());
+    let relay = Relay::new(RelayConfig {
+        domain: config.domain.clone(),
+        shard: id,
+        shards: config.shard_count(),
+        limits: apex_proto::apex::msg::ApexLimits::default(),
+        access: config.access_table()?,
+    });
     let ctx = Rc::new(ShardContext {
         id,
         session_config: SessionConfig {
@@ -213,27 +270,25 @@ async fn shard_main(
         config,
         shutdown: Semaphore::new(0),
         connections: Cell::new(0),
+        relay: RefCell::new(relay),
+        conns: RefCell::new(HashMap::new()),
+        mesh,
+        next_conn: Cell::new(0),
     });
-
-    let mesh = match mesh_builder {
-        Some(builder) => Some(ShardMesh::join(builder).await?),
-        None => None,
-    };
-    if let Some(mut mesh) = mesh {
-        for (peer, receiver) in mesh.receivers.streams() {
-            glommio::spawn_local(async move {
-                while let Some(msg) = receiver.recv().await {
-                    // The relay (APEX issue) consumes envelopes; until then they are counted.
-                    let ShardMsg::Envelope { payload, .. } = msg;
-                    tracing::trace!(peer, len = payload.len(), "envelope from shard");
-                }
-            })
-            .detach();
-        }
+    for (peer, receiver) in receivers {
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            while let Some(ShardMsg::Relay(envelope)) = receiver.recv().await {
+                tracing::trace!(peer, ?envelope, "envelope from shard");
+                ctx.relay.borrow_mut().handle_envelope(envelope);
+                conn::execute_actions(&ctx).await;
+            }
+        })
+        .detach();
     }
 
-    let edge_task = glommio::spawn_local(accept_loop(edge, ctx.clone()));
-    let mesh_task = glommio::spawn_local(accept_loop(mesh_listener, ctx.clone()));
+    let edge_task = glommio::spawn_local(accept_loop(edge, ctx.clone(), ConnKind::Edge));
+    let mesh_task = glommio::spawn_local(accept_loop(mesh_listener, ctx.clone(), ConnKind::Mesh));
     info!(shard = id, edge = %ctx.config.edge_listen, mesh = %ctx.config.mesh_listen, "shard listening");
 
     while !stop.load(Ordering::Relaxed) {
@@ -263,7 +318,7 @@ async fn shard_main(
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
+async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>, kind: ConnKind) {
     enum Accepted {
         Stream(std::io::Result<glommio::net::TcpStream>),
         Stop,
@@ -287,7 +342,7 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
                 let ctx = ctx.clone();
                 ctx.connections.set(ctx.connections.get() + 1);
                 glommio::spawn_local(async move {
-                    conn::drive(stream, ctx.clone()).await;
+                    conn::drive(stream, ctx.clone(), kind).await;
                     ctx.connections.set(ctx.connections.get() - 1);
                 })
                 .detach();

@@ -186,6 +186,99 @@ impl Client {
         channel
     }
 
+    /// Starts an APEX channel with a piggybacked attach (RFC 3340 §4.2); returns the channel
+    /// and the piggybacked reply (`<ok />` or an `error`).
+    pub fn attach(&mut self, endpoint: &str) -> (u32, String) {
+        let doc = format!("<attach endpoint='{endpoint}' transID='1' />");
+        let offer = ProfileOffer {
+            uri: APEX.to_owned(),
+            content: Some(bytes::Bytes::from(doc)),
+        };
+        let channel = self.session.start_channel(vec![offer], None).unwrap();
+        self.pump_until("attach", |c| {
+            c.events
+                .iter()
+                .any(|e| matches!(e, Event::ChannelStarted { channel: ch, .. } if *ch == channel))
+        });
+        let content = self
+            .events
+            .iter()
+            .find_map(|e| match e {
+                Event::ChannelStarted {
+                    channel: ch,
+                    content,
+                    ..
+                } if *ch == channel => content.clone(),
+                _ => None,
+            })
+            .unwrap_or_default();
+        (channel, String::from_utf8_lossy(&content).into_owned())
+    }
+
+    /// Sends `payload` as a MSG and waits for its reply: (positive, reply payload).
+    pub fn request(&mut self, channel: u32, payload: bytes::Bytes) -> (bool, bytes::Bytes) {
+        let msgno = self.session.send_msg(channel, payload).unwrap();
+        self.pump_until("reply", |c| c.events.iter().any(|e| matches!(e, Event::Reply { channel: ch, msgno: m, .. } if *ch == channel && *m == msgno)));
+        let index = self
+            .events
+            .iter()
+            .position(|e| matches!(e, Event::Reply { channel: ch, msgno: m, .. } if *ch == channel && *m == msgno))
+            .unwrap();
+        match self.events.remove(index) {
+            Event::Reply { kind, payload, .. } => (kind == apex_proto::ReplyKind::Rpy, payload),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Waits for the next MSG from the relay, answers it `ok` and returns its payload.
+    pub fn receive(&mut self) -> bytes::Bytes {
+        self.pump_until("a MSG from the relay", |c| {
+            c.events.iter().any(|e| matches!(e, Event::Message { .. }))
+        });
+        let index = self
+            .events
+            .iter()
+            .position(|e| matches!(e, Event::Message { .. }))
+            .unwrap();
+        let Event::Message {
+            channel,
+            msgno,
+            payload,
+        } = self.events.remove(index)
+        else {
+            unreachable!()
+        };
+        self.session
+            .send_rpy(channel, msgno, apex_proto::apex::msg::ok_payload())
+            .unwrap();
+        self.pump();
+        payload
+    }
+
+    /// Pumps once and answers `ok` to every MSG received, returning their payloads.
+    pub fn drain_messages(&mut self) -> Vec<bytes::Bytes> {
+        self.pump();
+        let mut payloads = Vec::new();
+        let mut rest = Vec::new();
+        for event in std::mem::take(&mut self.events) {
+            match event {
+                Event::Message {
+                    channel,
+                    msgno,
+                    payload,
+                } => {
+                    self.session
+                        .send_rpy(channel, msgno, apex_proto::apex::msg::ok_payload())
+                        .unwrap();
+                    payloads.push(payload);
+                }
+                other => rest.push(other),
+            }
+        }
+        self.events = rest;
+        payloads
+    }
+
     pub fn release(&mut self) {
         self.session.close_session(200).unwrap();
         self.pump_until("release", |c| c.events.contains(&Event::SessionReleased));

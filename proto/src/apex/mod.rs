@@ -1,0 +1,7 @@
+//! APEX (RFC 3340): endpoint identities, access evaluation and operations, over BEEP.
+
+pub mod access;
+pub mod addr;
+pub mod msg;
+pub mod relay;
+pub mod options;

@@ -1,0 +1,1049 @@
+//! APEX operations on the wire (RFC 3340 §4.1, §4.4, §9.1): `attach`, `bind`, `terminate`,
+//! `data`, `ok` and `error`, read from a BEEP message and written back. No routing, no state.
+//!
+//! A message is an `application/beep+xml` control document, or a `multipart/related` entity
+//! whose start part is that document (APEX-07). Parsing borrows nothing it does not need: the
+//! `originator`, each `recipient`, each `option` and the `data-content` element are kept as
+//! [`Bytes`] slices of the received payload, so a relay re-emits them byte for byte (APEX-28)
+//! and MIME parts outside the control document are never touched.
+//!
+//! XML from peers is restricted: no XML declaration, DOCTYPE or processing instruction, only the
+//! predefined entities and character references, bounded depth, attribute count and attribute
+//! length ([`ApexLimits`]). Violations are answered with 500 (poorly formed) or 501 (not valid).
+
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::Reader;
+
+use crate::beep::mgmt::code;
+use crate::beep::mime::{Entity, BEEP_XML_HEADERS};
+use crate::xml;
+
+/// Reply codes of RFC 3340 §10 beyond BEEP's.
+pub mod apex_code {
+    /// Transaction successful.
+    pub const SUCCESS: u16 = 250;
+    /// Action not authorized.
+    pub const NOT_AUTHORIZED: u16 = 537;
+    /// Transaction already in progress.
+    pub const IN_PROGRESS: u16 = 555;
+    /// Attachment terminated by an override (RFC 3342).
+    pub const OVERRIDDEN: u16 = 556;
+}
+
+/// Bounds on control documents received from peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApexLimits {
+    /// Most nested elements.
+    pub max_depth: usize,
+    /// Most attributes on one element.
+    pub max_attributes: usize,
+    /// Longest attribute value, octets.
+    pub max_attribute_len: usize,
+    /// Most `recipient` elements in one `data`.
+    pub max_recipients: usize,
+    /// Most `option` elements in one operation (all containers together).
+    pub max_options: usize,
+}
+
+impl Default for ApexLimits {
+    fn default() -> Self {
+        Self {
+            max_depth: 32,
+            max_attributes: 16,
+            max_attribute_len: 1024,
+            max_recipients: 256,
+            max_options: 64,
+        }
+    }
+}
+
+/// Why an APEX message was refused, with the reply code to answer it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpError {
+    /// 500 for poorly-formed input, 501 for input that breaks the DTD, 504 for unsupported.
+    pub code: u16,
+    /// Diagnostic.
+    pub text: String,
+}
+
+impl OpError {
+    fn syntax(text: impl Into<String>) -> Self {
+        Self {
+            code: code::SYNTAX_ERROR,
+            text: text.into(),
+        }
+    }
+
+    fn invalid(text: impl Into<String>) -> Self {
+        Self {
+            code: code::PARAMETER_ERROR,
+            text: text.into(),
+        }
+    }
+}
+
+/// Which relays process an option (RFC 3340 §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetHop {
+    /// Only the receiving relay, which removes it before forwarding.
+    This,
+    /// Only the relay delivering to the recipient (the default).
+    Final,
+    /// Every relay.
+    All,
+}
+
+/// An `option` element (RFC 3340 §5, §9.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApexOption {
+    /// IANA-registered name (`internal`), when given.
+    pub internal: Option<String>,
+    /// URI naming the option (`external`), when given.
+    pub external: Option<String>,
+    /// Which relays process it.
+    pub target_hop: TargetHop,
+    /// Whether not understanding it is an error.
+    pub must_understand: bool,
+    /// Its transaction identifier (0 when absent, e.g. inside `attach`).
+    pub trans_id: u32,
+    /// The element exactly as received.
+    pub raw: Bytes,
+}
+
+impl ApexOption {
+    /// The option's name: `internal`, else `external`.
+    pub fn name(&self) -> &str {
+        self.internal
+            .as_deref()
+            .or(self.external.as_deref())
+            .unwrap_or_default()
+    }
+}
+
+/// The `originator` or a `recipient` of a `data`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Party {
+    /// The endpoint identity, unescaped.
+    pub identity: String,
+    /// Per-originator or per-recipient options.
+    pub options: Vec<ApexOption>,
+    /// The element exactly as received (options included).
+    pub raw: Bytes,
+}
+
+/// A `data` operation (RFC 3340 §4.4.4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Data {
+    /// The `content` URI-reference (`#Name` or an absolute URI such as `cid:...`).
+    pub content: String,
+    /// The sending endpoint.
+    pub originator: Party,
+    /// One or more recipients.
+    pub recipients: Vec<Party>,
+    /// Per-data options.
+    pub options: Vec<ApexOption>,
+    /// The `data-content` element exactly as received, when present.
+    pub data_content: Option<Bytes>,
+    /// The whole BEEP payload it came in.
+    payload: Bytes,
+    /// Where the control document sits in `payload`.
+    control: Range<usize>,
+}
+
+/// Any APEX element that can arrive on an APEX channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    /// `attach` (initiator only).
+    Attach {
+        /// Endpoint to attach as.
+        endpoint: String,
+        /// Transaction identifier, 1..=2^31-1.
+        trans_id: u32,
+        /// Options (their targetHop and transID are ignored, APEX-37).
+        options: Vec<ApexOption>,
+    },
+    /// `bind`.
+    Bind {
+        /// Administrative domain the sender serves.
+        relay: String,
+        /// Transaction identifier.
+        trans_id: u32,
+        /// Options.
+        options: Vec<ApexOption>,
+    },
+    /// `terminate`.
+    Terminate {
+        /// The attach/bind to end; 0: all of them.
+        trans_id: u32,
+        /// Why (default 250).
+        code: u16,
+        /// Diagnostic.
+        text: String,
+    },
+    /// `data`.
+    Data(Data),
+    /// `ok`.
+    Ok,
+    /// `error`.
+    Error {
+        /// Reply code.
+        code: u16,
+        /// Diagnostic.
+        text: String,
+    },
+}
+
+/// Parses a whole APEX BEEP message (MIME entity).
+pub fn parse_message(payload: &Bytes, limits: &ApexLimits) -> Result<Operation, OpError> {
+    let entity = Entity::parse(payload).map_err(|e| OpError::syntax(e.to_string()))?;
+    let media = entity.media_type();
+    let (control, parts) = match media.as_str() {
+        "application/beep+xml" => {
+            if !entity.is_beep_xml() {
+                return Err(OpError::invalid(
+                    "only UTF-8 control documents are accepted",
+                ));
+            }
+            let start = payload.len() - entity.body.len();
+            (start..payload.len(), Vec::new())
+        }
+        "multipart/related" => multipart(payload, &entity)?,
+        other => {
+            return Err(OpError::invalid(format!(
+                "unexpected content type '{other}'"
+            )))
+        }
+    };
+    let op = parse_control(payload, control, limits)?;
+    if let Operation::Data(data) = &op {
+        check_content_reference(data, &parts)?;
+    }
+    Ok(op)
+}
+
+/// Parses a control document alone, as piggybacked in a `start` (RFC 3340 §4.2).
+pub fn parse_document(doc: &Bytes, limits: &ApexLimits) -> Result<Operation, OpError> {
+    let op = parse_control(doc, 0..doc.len(), limits)?;
+    if let Operation::Data(data) = &op {
+        check_content_reference(data, &[])?;
+    }
+    Ok(op)
+}
+
+/// APEX-07: `#Name` must name the `data-content`; `cid:` must name a part.
+fn check_content_reference(data: &Data, content_ids: &[String]) -> Result<(), OpError> {
+    if let Some(fragment) = data.content.strip_prefix('#') {
+        let named = data
+            .data_content
+            .as_ref()
+            .and_then(data_content_name)
+            .is_some_and(|name| name == fragment);
+        if !named {
+            return Err(OpError::invalid("content names no data-content element"));
+        }
+    } else if let Some(cid) = data.content.strip_prefix("cid:") {
+        if !content_ids.iter().any(|id| id == cid) {
+            return Err(OpError::invalid("content names no MIME part"));
+        }
+    } else if !data.content.contains(':') {
+        return Err(OpError::invalid(
+            "content must be an absolute URI or a fragment",
+        ));
+    }
+    Ok(())
+}
+
+fn data_content_name(raw: &Bytes) -> Option<String> {
+    let mut reader = Reader::from_reader(&raw[..]);
+    match reader.read_event() {
+        Ok(Event::Start(s) | Event::Empty(s)) => attr(&s, "Name").ok().flatten(),
+        _ => None,
+    }
+}
+
+/// Finds the control part of a `multipart/related` entity (RFC 2387): the part named by the
+/// `start` parameter, else the first. Returns its body's range and every part's Content-ID.
+fn multipart(payload: &Bytes, entity: &Entity) -> Result<(Range<usize>, Vec<String>), OpError> {
+    let content_type = entity.header("Content-Type").unwrap_or_default();
+    let param = |name: &str| -> Option<String> {
+        content_type.split(';').skip(1).find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().trim_matches('"').to_owned())
+        })
+    };
+    let boundary =
+        param("boundary").ok_or_else(|| OpError::invalid("multipart without boundary"))?;
+    let start_id = param("start");
+    let body_start = payload.len() - entity.body.len();
+    let delimiter = format!("--{boundary}");
+    let mut parts: Vec<(Range<usize>, Option<String>, bool)> = Vec::new();
+    // Positions of delimiter lines: at the body start or after CRLF.
+    let body = &payload[body_start..];
+    let mut cursor = if body.starts_with(delimiter.as_bytes()) {
+        0
+    } else {
+        let marker = format!("\r\n{delimiter}");
+        memchr::memmem::find(body, marker.as_bytes())
+            .map(|i| i + 2)
+            .ok_or_else(|| OpError::invalid("multipart body has no delimiter"))?
+    };
+    loop {
+        let after = cursor + delimiter.len();
+        if body[after..].starts_with(b"--") {
+            break; // close delimiter
+        }
+        if !body[after..].starts_with(b"\r\n") {
+            return Err(OpError::invalid("malformed multipart delimiter"));
+        }
+        let part_start = after + 2;
+        let marker = format!("\r\n{delimiter}");
+        let end = memchr::memmem::find(&body[part_start..], marker.as_bytes())
+            .map(|i| part_start + i)
+            .ok_or_else(|| OpError::invalid("multipart without close delimiter"))?;
+        let part = payload.slice(body_start + part_start..body_start + end);
+        let part_entity =
+            Entity::parse(&part).map_err(|e| OpError::invalid(format!("multipart part: {e}")))?;
+        let id = part_entity.header("Content-ID").map(|v| {
+            v.trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_owned()
+        });
+        let body_offset = part.len() - part_entity.body.len();
+        let range = body_start + part_start + body_offset..body_start + end;
+        parts.push((range, id, part_entity.is_beep_xml()));
+        cursor = end + 2;
+        if parts.len() > 64 {
+            return Err(OpError::invalid("too many MIME parts"));
+        }
+    }
+    let wanted = start_id.map(|s| s.trim_start_matches('<').trim_end_matches('>').to_owned());
+    let control = match &wanted {
+        Some(id) => parts
+            .iter()
+            .find(|(_, pid, _)| pid.as_deref() == Some(id.as_str())),
+        None => parts.first(),
+    }
+    .ok_or_else(|| OpError::invalid("multipart start part not found"))?;
+    if !control.2 {
+        return Err(OpError::invalid(
+            "multipart start part is not application/beep+xml",
+        ));
+    }
+    let ids = parts.iter().filter_map(|(_, id, _)| id.clone()).collect();
+    Ok((control.0.clone(), ids))
+}
+
+/// A streaming reader over the control document that remembers where each element starts.
+struct Doc<'a> {
+    reader: Reader<&'a [u8]>,
+    base: usize,
+    payload: &'a Bytes,
+    limits: &'a ApexLimits,
+    options_seen: usize,
+}
+
+enum Node<'a> {
+    Open(BytesStart<'a>, usize),
+    Empty(BytesStart<'a>, usize),
+    Close,
+    Text(bool),
+    Eof,
+}
+
+impl<'a> Doc<'a> {
+    fn next(&mut self) -> Result<Node<'a>, OpError> {
+        loop {
+            let at = self.base + self.reader.buffer_position() as usize;
+            let event = self
+                .reader
+                .read_event()
+                .map_err(|e| OpError::syntax(format!("poorly-formed XML: {e}")))?;
+            return Ok(match event {
+                Event::Decl(_) => return Err(OpError::syntax("XML declaration is not allowed")),
+                Event::DocType(_) => return Err(OpError::syntax("DOCTYPE is not allowed")),
+                Event::PI(_) => {
+                    return Err(OpError::syntax("processing instructions are not allowed"))
+                }
+                Event::Comment(_) => continue,
+                Event::Start(s) => {
+                    self.check_attributes(&s)?;
+                    Node::Open(s, at)
+                }
+                Event::Empty(s) => {
+                    self.check_attributes(&s)?;
+                    Node::Empty(s, at)
+                }
+                Event::End(_) => Node::Close,
+                Event::Text(t) => {
+                    let text = t
+                        .unescape()
+                        .map_err(|e| OpError::syntax(format!("bad text: {e}")))?;
+                    Node::Text(text.trim().is_empty())
+                }
+                Event::CData(_) => Node::Text(false),
+                Event::Eof => Node::Eof,
+            });
+        }
+    }
+
+    fn check_attributes(&self, start: &BytesStart<'_>) -> Result<(), OpError> {
+        let mut count = 0;
+        for a in start.attributes() {
+            let a = a.map_err(|e| OpError::syntax(format!("bad attribute: {e}")))?;
+            count += 1;
+            if count > self.limits.max_attributes {
+                return Err(OpError::invalid("too many attributes"));
+            }
+            if a.value.len() > self.limits.max_attribute_len {
+                return Err(OpError::invalid("attribute value too long"));
+            }
+        }
+        Ok(())
+    }
+
+    fn pos(&self) -> usize {
+        self.base + self.reader.buffer_position() as usize
+    }
+
+    /// Skips the rest of an element opened at depth 1 relative to here, bounded in depth.
+    fn skip_element(&mut self, depth_now: usize) -> Result<(), OpError> {
+        let mut depth = 1;
+        while depth > 0 {
+            match self.next()? {
+                Node::Open(..) => {
+                    depth += 1;
+                    if depth_now + depth > self.limits.max_depth {
+                        return Err(OpError::invalid("elements nested too deeply"));
+                    }
+                }
+                Node::Close => depth -= 1,
+                Node::Eof => return Err(OpError::syntax("unclosed element")),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `option` children until the element that contains them closes. `open` tells
+    /// whether the container had content at all.
+    fn options(&mut self, open: bool, depth: usize) -> Result<Vec<ApexOption>, OpError> {
+        let mut options = Vec::new();
+        if !open {
+            return Ok(options);
+        }
+        loop {
+            match self.next()? {
+                Node::Text(true) => {}
+                Node::Close => return Ok(options),
+                Node::Empty(s, at) if s.name().as_ref() == b"option" => {
+                    options.push(self.option(&s, at, false, depth)?);
+                }
+                Node::Open(s, at) if s.name().as_ref() == b"option" => {
+                    options.push(self.option(&s, at, true, depth)?);
+                }
+                Node::Eof => return Err(OpError::syntax("unclosed element")),
+                _ => return Err(OpError::invalid("only option elements may appear here")),
+            }
+        }
+    }
+
+    fn option(
+        &mut self,
+        s: &BytesStart<'_>,
+        at: usize,
+        open: bool,
+        depth: usize,
+    ) -> Result<ApexOption, OpError> {
+        self.options_seen += 1;
+        if self.options_seen > self.limits.max_options {
+            return Err(OpError::invalid("too many options"));
+        }
+        let internal = attr(s, "internal")?.filter(|v| !v.is_empty());
+        let external = attr(s, "external")?.filter(|v| !v.is_empty());
+        // APEX-34: exactly one of internal/external; external is an absolute URI.
+        match (&internal, &external) {
+            (Some(_), None) => {}
+            (None, Some(uri)) if uri.contains(':') => {}
+            _ => {
+                return Err(OpError::invalid(
+                    "option needs exactly one of internal or absolute external",
+                ))
+            }
+        }
+        let target_hop = match attr(s, "targetHop")?.as_deref() {
+            None | Some("final") => TargetHop::Final,
+            Some("this") => TargetHop::This,
+            Some("all") => TargetHop::All,
+            Some(_) => return Err(OpError::invalid("targetHop must be this, final or all")),
+        };
+        let must_understand = match attr(s, "mustUnderstand")?.as_deref() {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(_) => return Err(OpError::invalid("mustUnderstand must be true or false")),
+        };
+        let trans_id = attr(s, "transID")?
+            .map(|v| number(&v, false))
+            .transpose()?
+            .unwrap_or(0);
+        if open {
+            self.skip_element(depth + 1)?;
+        }
+        let raw = self.payload.slice(at..self.pos());
+        Ok(ApexOption {
+            internal,
+            external,
+            target_hop,
+            must_understand,
+            trans_id,
+            raw,
+        })
+    }
+
+    fn party(&mut self, s: &BytesStart<'_>, at: usize, open: bool) -> Result<Party, OpError> {
+        let identity = required(s, "identity")?;
+        let options = self.options(open, 2)?;
+        Ok(Party {
+            identity,
+            options,
+            raw: self.payload.slice(at..self.pos()),
+        })
+    }
+}
+
+fn attr(s: &BytesStart<'_>, name: &str) -> Result<Option<String>, OpError> {
+    for a in s.attributes() {
+        let a = a.map_err(|e| OpError::syntax(format!("bad attribute: {e}")))?;
+        if a.key.as_ref() == name.as_bytes() {
+            let v = a
+                .unescape_value()
+                .map_err(|e| OpError::syntax(format!("bad attribute value: {e}")))?;
+            return Ok(Some(v.into_owned()));
+        }
+    }
+    Ok(None)
+}
+
+fn required(s: &BytesStart<'_>, name: &str) -> Result<String, OpError> {
+    attr(s, name)?.ok_or_else(|| OpError::invalid(format!("attribute {name} is required")))
+}
+
+/// UNIQID (1..2^31-1) or UNIZID (0..2^31-1).
+fn number(v: &str, zero_allowed: bool) -> Result<u32, OpError> {
+    v.parse::<u32>()
+        .ok()
+        .filter(|n| *n <= crate::limits::MAX_31BIT && (zero_allowed || *n > 0))
+        .ok_or_else(|| OpError::invalid(format!("'{v}' is not a valid transaction identifier")))
+}
+
+fn reply_code(v: Option<String>, default: u16) -> Result<u16, OpError> {
+    match v {
+        None => Ok(default),
+        Some(v) => {
+            let b = v.as_bytes();
+            if b.len() == 3
+                && (b'1'..=b'5').contains(&b[0])
+                && b[1..].iter().all(u8::is_ascii_digit)
+            {
+                v.parse().map_err(|_| OpError::invalid("bad reply code"))
+            } else {
+                Err(OpError::invalid("reply code must be three digits"))
+            }
+        }
+    }
+}
+
+fn parse_control(
+    payload: &Bytes,
+    control: Range<usize>,
+    limits: &ApexLimits,
+) -> Result<Operation, OpError> {
+    let text = &payload[control.clone()];
+    std::str::from_utf8(text).map_err(|_| OpError::syntax("control document is not UTF-8"))?;
+    let mut doc = Doc {
+        reader: Reader::from_reader(text),
+        base: control.start,
+        payload,
+        limits,
+        options_seen: 0,
+    };
+    let (root, open) = loop {
+        match doc.next()? {
+            Node::Text(true) => {}
+            Node::Open(s, at) => break ((s, at), true),
+            Node::Empty(s, at) => break ((s, at), false),
+            _ => return Err(OpError::syntax("control document has no root element")),
+        }
+    };
+    let ((start, _), open) = (root, open);
+    let op = match start.name().as_ref() {
+        b"attach" => Operation::Attach {
+            endpoint: required(&start, "endpoint")?,
+            trans_id: number(&required(&start, "transID")?, false)?,
+            options: doc.options(open, 1)?,
+        },
+        b"bind" => Operation::Bind {
+            relay: required(&start, "relay")?,
+            trans_id: number(&required(&start, "transID")?, false)?,
+            options: doc.options(open, 1)?,
+        },
+        b"terminate" | b"error" => {
+            let is_error = start.name().as_ref() == b"error";
+            let code = if is_error {
+                reply_code(Some(required(&start, "code")?), 0)?
+            } else {
+                reply_code(attr(&start, "code")?, apex_code::SUCCESS)?
+            };
+            let trans_id = match attr(&start, "transID")? {
+                Some(v) if !is_error => number(&v, true)?,
+                _ => 0,
+            };
+            let text = if open {
+                element_text(&mut doc)?
+            } else {
+                String::new()
+            };
+            if is_error {
+                Operation::Error { code, text }
+            } else {
+                Operation::Terminate {
+                    trans_id,
+                    code,
+                    text,
+                }
+            }
+        }
+        b"ok" => {
+            if open || start.attributes().next().is_some() {
+                // `ok` is empty; tolerate `<ok></ok>` but nothing inside it.
+                if open && !matches!(doc.next()?, Node::Close) {
+                    return Err(OpError::invalid("ok has no content"));
+                }
+            }
+            Operation::Ok
+        }
+        b"data" => Operation::Data(data(
+            &mut doc,
+            &start,
+            open,
+            payload.clone(),
+            control.clone(),
+        )?),
+        other => {
+            return Err(OpError::invalid(format!(
+                "unknown APEX element '{}'",
+                String::from_utf8_lossy(other)
+            )))
+        }
+    };
+    // Nothing but whitespace and comments may follow the root element.
+    loop {
+        match doc.next()? {
+            Node::Eof => return Ok(op),
+            Node::Text(true) => {}
+            _ => return Err(OpError::syntax("content after the root element")),
+        }
+    }
+}
+
+fn element_text(doc: &mut Doc<'_>) -> Result<String, OpError> {
+    let mut text = String::new();
+    loop {
+        let event = doc
+            .reader
+            .read_event()
+            .map_err(|e| OpError::syntax(format!("poorly-formed XML: {e}")))?;
+        match event {
+            Event::Text(t) => {
+                text.push_str(&t.unescape().map_err(|e| OpError::syntax(e.to_string()))?)
+            }
+            Event::CData(c) => text.push_str(&String::from_utf8_lossy(&c)),
+            Event::End(_) => return Ok(text.trim().to_owned()),
+            Event::Comment(_) => {}
+            _ => return Err(OpError::invalid("diagnostic text only")),
+        }
+    }
+}
+
+/// `data = originator, recipient+, option*, data-content?` in this order (APEX-21).
+fn data(
+    doc: &mut Doc<'_>,
+    start: &BytesStart<'_>,
+    open: bool,
+    payload: Bytes,
+    control: Range<usize>,
+) -> Result<Data, OpError> {
+    let content = required(start, "content")?;
+    if !open {
+        return Err(OpError::invalid("data needs an originator and recipients"));
+    }
+    let mut originator = None;
+    let mut recipients = Vec::new();
+    let mut options = Vec::new();
+    let mut data_content = None;
+    loop {
+        let node = doc.next()?;
+        let (s, at, has_children) = match node {
+            Node::Text(true) => continue,
+            Node::Close => break,
+            Node::Open(s, at) => (s, at, true),
+            Node::Empty(s, at) => (s, at, false),
+            Node::Eof => return Err(OpError::syntax("unclosed data element")),
+            _ => return Err(OpError::invalid("unexpected content in data")),
+        };
+        match s.name().as_ref() {
+            b"originator" if originator.is_none() && recipients.is_empty() => {
+                originator = Some(doc.party(&s, at, has_children)?);
+            }
+            b"recipient"
+                if originator.is_some() && options.is_empty() && data_content.is_none() =>
+            {
+                if recipients.len() == doc.limits.max_recipients {
+                    return Err(OpError::invalid("too many recipients"));
+                }
+                recipients.push(doc.party(&s, at, has_children)?);
+            }
+            b"option" if !recipients.is_empty() && data_content.is_none() => {
+                options.push(doc.option(&s, at, has_children, 1)?);
+            }
+            b"data-content" if !recipients.is_empty() && data_content.is_none() => {
+                required(&s, "Name")?;
+                if has_children {
+                    doc.skip_element(2)?;
+                }
+                data_content = Some(doc.payload.slice(at..doc.pos()));
+            }
+            _ => {
+                return Err(OpError::invalid(
+                    "data must be originator, recipient+, option*, data-content?",
+                ))
+            }
+        }
+    }
+    let originator = originator.ok_or_else(|| OpError::invalid("data without originator"))?;
+    if recipients.is_empty() {
+        return Err(OpError::invalid("data without recipient"));
+    }
+    Ok(Data {
+        content,
+        originator,
+        recipients,
+        options,
+        data_content,
+        payload,
+        control,
+    })
+}
+
+impl Data {
+    /// The BEEP payload this data arrived in.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// The message to send onward carrying only `recipients` (indices into
+    /// [`Data::recipients`]) and the per-data options `keep_option` accepts. Everything else -
+    /// originator, the recipients' own elements, `data-content`, MIME parts - is copied byte for
+    /// byte (APEX-28). When nothing changes the received payload itself is returned (no copy).
+    pub fn payload_for(
+        &self,
+        recipients: &[usize],
+        keep_option: impl Fn(&ApexOption) -> bool,
+    ) -> Bytes {
+        let all = recipients.len() == self.recipients.len()
+            && recipients.iter().enumerate().all(|(i, r)| i == *r);
+        let kept: Vec<&ApexOption> = self.options.iter().filter(|o| keep_option(o)).collect();
+        if all && kept.len() == self.options.len() {
+            return self.payload.clone();
+        }
+        let mut out = BytesMut::with_capacity(self.payload.len());
+        out.put_slice(&self.payload[..self.control.start]);
+        out.put_slice(b"<data content='");
+        out.put_slice(xml::escape(&self.content).as_bytes());
+        out.put_slice(b"'>\r\n   ");
+        out.put_slice(&self.originator.raw);
+        for &r in recipients {
+            if let Some(party) = self.recipients.get(r) {
+                out.put_slice(b"\r\n   ");
+                out.put_slice(&party.raw);
+            }
+        }
+        for option in kept {
+            out.put_slice(b"\r\n   ");
+            out.put_slice(&option.raw);
+        }
+        if let Some(dc) = &self.data_content {
+            out.put_slice(b"\r\n   ");
+            out.put_slice(dc);
+        }
+        out.put_slice(b"\r\n</data>\r\n");
+        out.put_slice(&self.payload[self.control.end..]);
+        out.freeze()
+    }
+}
+
+/// A `data` built by the relay itself (reports, service replies): one recipient, content
+/// embedded as `data-content Name='Content'`.
+pub fn data_payload(originator: &str, recipient: &str, content_xml: &str) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_slice(BEEP_XML_HEADERS);
+    out.put_slice(b"<data content='#Content'>\r\n   <originator identity='");
+    out.put_slice(xml::escape(originator).as_bytes());
+    out.put_slice(b"' />\r\n   <recipient identity='");
+    out.put_slice(xml::escape(recipient).as_bytes());
+    out.put_slice(b"' />\r\n   <data-content Name='Content'>");
+    out.put_slice(content_xml.as_bytes());
+    out.put_slice(b"</data-content>\r\n</data>\r\n");
+    out.freeze()
+}
+
+/// The `ok` reply payload (RFC 3340 §9.1).
+pub fn ok_payload() -> Bytes {
+    let mut out = BytesMut::with_capacity(BEEP_XML_HEADERS.len() + 8);
+    out.put_slice(BEEP_XML_HEADERS);
+    out.put_slice(b"<ok />\r\n");
+    out.freeze()
+}
+
+/// The `error` reply payload.
+pub fn error_payload(code: u16, text: &str) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_slice(BEEP_XML_HEADERS);
+    out.put_slice(error_xml(code, text).as_bytes());
+    out.freeze()
+}
+
+/// The `error` element alone (for piggybacked replies), followed by CRLF.
+pub fn error_xml(code: u16, text: &str) -> String {
+    if text.is_empty() {
+        format!("<error code='{code}' />\r\n")
+    } else {
+        format!("<error code='{code}'>{}</error>\r\n", xml::escape(text))
+    }
+}
+
+/// An operation's control document with entity headers: attach, bind or terminate.
+pub fn attach_payload(endpoint: &str, trans_id: u32) -> Bytes {
+    xml_payload(&format!(
+        "<attach endpoint='{}' transID='{trans_id}' />\r\n",
+        xml::escape(endpoint)
+    ))
+}
+
+/// A `terminate` payload.
+pub fn terminate_payload(trans_id: u32, code: u16, text: &str) -> Bytes {
+    if text.is_empty() {
+        xml_payload(&format!(
+            "<terminate transID='{trans_id}' code='{code}' />\r\n"
+        ))
+    } else {
+        xml_payload(&format!(
+            "<terminate transID='{trans_id}' code='{code}'>{}</terminate>\r\n",
+            xml::escape(text)
+        ))
+    }
+}
+
+fn xml_payload(body: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(BEEP_XML_HEADERS.len() + body.len());
+    out.put_slice(BEEP_XML_HEADERS);
+    out.put_slice(body.as_bytes());
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: ApexLimits = ApexLimits {
+        max_depth: 32,
+        max_attributes: 16,
+        max_attribute_len: 1024,
+        max_recipients: 256,
+        max_options: 64,
+    };
+
+    fn msg(s: &str) -> Result<Operation, OpError> {
+        parse_message(&Bytes::copy_from_slice(s.as_bytes()), &LIMITS)
+    }
+
+    const DATA_13_1: &str = "Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\n";
+
+    #[test]
+    fn apex_21_data_of_13_1() {
+        let Operation::Data(d) = msg(DATA_13_1).unwrap() else {
+            panic!()
+        };
+        assert_eq!(d.content, "#Content");
+        assert_eq!(d.originator.identity, "fred@example.com");
+        assert_eq!(d.recipients[0].identity, "barney@example.com");
+        assert_eq!(
+            d.data_content.as_deref(),
+            Some(&b"<data-content Name='Content'>hello, barney</data-content>"[..])
+        );
+        // Delivered unchanged to its only recipient (apex-core.md §13.2): same bytes, no copy.
+        let out = d.payload_for(&[0], |_| true);
+        assert_eq!(out, d.payload());
+        assert_eq!(out.as_ptr(), d.payload().as_ptr());
+    }
+
+    #[test]
+    fn apex_28_splitting_recipients_keeps_content_bytes() {
+        let payload = "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='a@x' /><recipient identity='b@x'><option internal='statusRequest' transID='7'/></recipient><recipient identity='c@y' /><option internal='x' targetHop='this' transID='2'/><data-content Name='C'><p a='1'>&amp; <![CDATA[<raw>]]></p></data-content></data>";
+        let Operation::Data(d) = msg(payload).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            d.recipients[0].options[0].internal.as_deref(),
+            Some("statusRequest")
+        );
+        assert_eq!(d.options[0].target_hop, TargetHop::This);
+        let out = d.payload_for(&[1], |o| o.target_hop != TargetHop::This);
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(text.contains("<recipient identity='c@y' />"));
+        assert!(!text.contains("b@x") && !text.contains("internal='x'"));
+        assert!(text.contains(
+            "<data-content Name='C'><p a='1'>&amp; <![CDATA[<raw>]]></p></data-content>"
+        ));
+        let Operation::Data(again) = parse_message(&out, &LIMITS).unwrap() else {
+            panic!()
+        };
+        assert_eq!(again.recipients.len(), 1);
+        assert_eq!(again.data_content, d.data_content);
+    }
+
+    #[test]
+    fn apex_07_multipart_related_of_13_4() {
+        let payload = "Content-Type: multipart/related; boundary=\"XX\"; start=\"<1@fred.example.com>\"; type=\"application/beep+xml\"\r\n\r\n--XX\r\nContent-Type: application/beep+xml\r\nContent-ID: <1@fred.example.com>\r\n\r\n<data content='cid:2@fred.example.com'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n</data>\r\n--XX\r\nContent-Type: text/plain\r\nContent-ID: <2@fred.example.com>\r\n\r\nhello, barney\r\n--XX--\r\n";
+        assert_eq!(payload.len(), 423, "apex-core.md §13.4");
+        let Operation::Data(d) = msg(payload).unwrap() else {
+            panic!()
+        };
+        assert_eq!(d.content, "cid:2@fred.example.com");
+        // A second recipient removed: the text/plain part is still byte-identical.
+        let bytes = Bytes::copy_from_slice(
+            payload
+                .replace(
+                    "/>\r\n</data>",
+                    "/>\r\n   <recipient identity='wilma@example.com' />\r\n</data>",
+                )
+                .as_bytes(),
+        );
+        let Operation::Data(two) = parse_message(&bytes, &LIMITS).unwrap() else {
+            panic!()
+        };
+        let out = two.payload_for(&[1], |_| true);
+        let tail = "--XX\r\nContent-Type: text/plain\r\nContent-ID: <2@fred.example.com>\r\n\r\nhello, barney\r\n--XX--\r\n";
+        assert!(String::from_utf8_lossy(&out).ends_with(tail));
+        assert!(!String::from_utf8_lossy(&out).contains("barney@example.com'"));
+    }
+
+    #[test]
+    fn apex_07_content_must_resolve() {
+        let bad = DATA_13_1.replace("#Content", "#Other");
+        assert_eq!(msg(&bad).unwrap_err().code, 501);
+        let bad = DATA_13_1.replace("#Content", "relative/path");
+        assert_eq!(msg(&bad).unwrap_err().code, 501);
+    }
+
+    #[test]
+    fn apex_21_element_order() {
+        let bad = "Content-Type: application/beep+xml\r\n\r\n<data content='http://x/y'><recipient identity='b@x' /><originator identity='a@x' /></data>";
+        assert_eq!(msg(bad).unwrap_err().code, 501);
+        let bad = "Content-Type: application/beep+xml\r\n\r\n<data content='http://x/y'><originator identity='a@x' /></data>";
+        assert_eq!(msg(bad).unwrap_err().code, 501);
+    }
+
+    #[test]
+    fn attach_bind_terminate() {
+        assert_eq!(
+            parse_document(
+                &Bytes::from_static(b"<attach endpoint='fred@example.com' transID='1' />"),
+                &LIMITS
+            )
+            .unwrap(),
+            Operation::Attach {
+                endpoint: "fred@example.com".into(),
+                trans_id: 1,
+                options: vec![]
+            }
+        );
+        assert!(matches!(
+            msg("Content-Type: application/beep+xml\r\n\r\n<bind relay='example.com' transID='1'><option internal='x' transID='3' /></bind>").unwrap(),
+            Operation::Bind { ref relay, trans_id: 1, ref options } if relay == "example.com" && options.len() == 1
+        ));
+        // Pitfall 9: <terminate /> means transID 0, code 250.
+        assert_eq!(
+            msg("Content-Type: application/beep+xml\r\n\r\n<terminate />").unwrap(),
+            Operation::Terminate {
+                trans_id: 0,
+                code: 250,
+                text: String::new()
+            }
+        );
+        assert_eq!(
+            msg("Content-Type: application/beep+xml\r\n\r\n<terminate transID='1' code='421'>relay going down</terminate>\r\n").unwrap(),
+            Operation::Terminate { trans_id: 1, code: 421, text: "relay going down".into() }
+        );
+        assert_eq!(
+            msg("Content-Type: application/beep+xml\r\n\r\n<attach endpoint='f@x' transID='0' />")
+                .unwrap_err()
+                .code,
+            501
+        );
+    }
+
+    #[test]
+    fn restricted_xml_gets_500() {
+        for doc in [
+            "<?xml version='1.0'?><ok />",
+            "<!DOCTYPE data><ok />",
+            "<?pi x?><ok />",
+            "<error code='500'>&custom;</error>",
+            "<data content='#C'><originator identity='a@x'>",
+        ] {
+            let r = msg(&format!("Content-Type: application/beep+xml\r\n\r\n{doc}"));
+            assert_eq!(r.unwrap_err().code, 500, "{doc}");
+        }
+    }
+
+    #[test]
+    fn bounds_are_enforced() {
+        let deep = format!(
+            "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='a@x' /><recipient identity='b@x' /><data-content Name='C'>{}{}</data-content></data>",
+            "<a>".repeat(40),
+            "</a>".repeat(40)
+        );
+        assert_eq!(msg(&deep).unwrap_err().code, 501);
+        let long = format!(
+            "Content-Type: application/beep+xml\r\n\r\n<attach endpoint='{}@x' transID='1' />",
+            "a".repeat(2000)
+        );
+        assert_eq!(msg(&long).unwrap_err().code, 501);
+        let many: String = (0..300)
+            .map(|i| format!("<recipient identity='r{i}@x' />"))
+            .collect();
+        let many = format!("Content-Type: application/beep+xml\r\n\r\n<data content='http://x/'><originator identity='a@x' />{many}</data>");
+        assert_eq!(msg(&many).unwrap_err().code, 501);
+    }
+
+    #[test]
+    fn encoders_match_the_digest() {
+        assert_eq!(ok_payload().len(), 46);
+        assert_eq!(
+            &error_payload(555, "transaction already in progress")[..],
+            &b"Content-Type: application/beep+xml\r\n\r\n<error code='555'>transaction already in progress</error>\r\n"[..]
+        );
+        assert_eq!(attach_payload("fred/appl=wb@example.com", 1).len(), 98);
+        let report = data_payload("apex=report@example.com", "fred@example.com", "x");
+        assert!(matches!(
+            parse_message(&report, &LIMITS).unwrap(),
+            Operation::Data(_)
+        ));
+    }
+}

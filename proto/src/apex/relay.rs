@@ -1,0 +1,1007 @@
+//! The per-shard APEX relay (RFC 3340 §4.4, §8): attachments and bindings, the endpoint
+//! directory, data acceptance, local delivery, forwarding decisions and status reports.
+//!
+//! Sans-IO like the rest of the core: the runtime tells the relay what happened on its
+//! connections (`handle_*`) and executes the [`Action`]s it polls. The relay never sees a socket;
+//! connections are [`ConnId`]s and channels are numbers.
+//!
+//! ```text
+//!  session events ─► handle_message / handle_reply / handle_start / channel_closed ─┐
+//!  other shards   ─► handle_envelope ───────────────────────────────────────────────┤
+//!                                                                                    ▼
+//!            Relay { directory replica, channel associations, pending deliveries }
+//!                                                                                    │
+//!  poll_action ◄─ Reply / StartReply / Send (MSG to an endpoint) / ToShard / Forward ◄┘
+//! ```
+//!
+//! Every endpoint has a home shard (`home_shard`) that settles attach conflicts; attachments are
+//! broadcast so every shard holds a replica of the directory and data needs at most one hop.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+
+use crate::apex::access::AccessTable;
+use crate::apex::addr::Endpoint;
+use crate::apex::msg::{self, apex_code, ApexLimits, ApexOption, Data, Operation, TargetHop};
+use crate::beep::mgmt::code;
+
+/// A connection of this shard, as numbered by the runtime.
+pub type ConnId = u32;
+
+/// Where an attachment lives: shard, connection and APEX channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChannelRef {
+    /// Shard owning the connection.
+    pub shard: usize,
+    /// Connection on that shard.
+    pub conn: ConnId,
+    /// APEX channel of the attachment.
+    pub channel: u32,
+}
+
+/// Which port a session arrived on: endpoints attach on apex-edge, relays bind on apex-mesh
+/// (apex-core.md §8.1, an implementation choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnKind {
+    /// apex-edge (913): endpoint-relay mode.
+    Edge,
+    /// apex-mesh (912): relay-relay mode.
+    Mesh,
+}
+
+/// Relay settings, validated by the runtime.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The administrative domain served.
+    pub domain: String,
+    /// This shard's index.
+    pub shard: usize,
+    /// Number of shards.
+    pub shards: usize,
+    /// Bounds on control documents.
+    pub limits: ApexLimits,
+    /// Access entries consulted for local delivery (`core:data`).
+    pub access: AccessTable,
+}
+
+/// Something the runtime must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Answer the peer's MSG `msgno` on `channel` of `conn` (RPY when `positive`, else ERR).
+    Reply {
+        /// Connection.
+        conn: ConnId,
+        /// Channel.
+        channel: u32,
+        /// The peer's msgno.
+        msgno: u32,
+        /// RPY or ERR.
+        positive: bool,
+        /// The `ok` or `error` payload.
+        payload: Bytes,
+    },
+    /// Accept the deferred `start` `start_id` with this piggybacked reply (`<ok />` or an
+    /// `error`): the channel exists either way (RFC 3080 §2.3.1.2).
+    StartReply {
+        /// Connection.
+        conn: ConnId,
+        /// The start request id given to [`Relay::handle_start`].
+        start_id: u32,
+        /// Piggybacked content.
+        content: Bytes,
+    },
+    /// Send a MSG on a channel of a local connection (delivery, report or terminate). Its
+    /// reply must be passed to [`Relay::handle_reply`].
+    Send {
+        /// Connection.
+        conn: ConnId,
+        /// Channel.
+        channel: u32,
+        /// The message.
+        payload: Bytes,
+    },
+    /// Hand an envelope to another shard over the mesh queue.
+    ToShard {
+        /// Destination shard.
+        shard: usize,
+        /// The envelope.
+        envelope: Envelope,
+    },
+    /// Send data towards another administrative domain over the relay mesh.
+    Forward {
+        /// Destination domain.
+        domain: String,
+        /// The data message, carrying only the recipients routed there.
+        payload: Bytes,
+    },
+}
+
+/// Messages between shards. Payloads are `Bytes`: crossing shards moves a reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Envelope {
+    /// To the endpoint's home shard: may `endpoint` attach at `at`?
+    AttachRequest {
+        /// Request id, echoed in the verdict.
+        id: u64,
+        /// Endpoint.
+        endpoint: Endpoint,
+        /// Where it would attach.
+        at: ChannelRef,
+        /// The attach carried attachOverride (RFC 3342).
+        overriding: bool,
+    },
+    /// From the home shard: the verdict (`Err(code)` on conflict).
+    AttachVerdict {
+        /// Request id.
+        id: u64,
+        /// Outcome.
+        result: Result<(), u16>,
+    },
+    /// Broadcast: `endpoint` is attached at `at`.
+    Attached {
+        /// Endpoint.
+        endpoint: Endpoint,
+        /// Its channel.
+        at: ChannelRef,
+    },
+    /// Broadcast: `endpoint` is no longer attached at `at`.
+    Detached {
+        /// Endpoint.
+        endpoint: Endpoint,
+        /// The channel it was attached on.
+        at: ChannelRef,
+    },
+    /// To the shard owning `at`: end that attachment with 556 (attachOverride).
+    Evict {
+        /// Endpoint.
+        endpoint: Endpoint,
+        /// The old channel.
+        at: ChannelRef,
+    },
+    /// To the shard owning `at`: deliver `payload` there.
+    Deliver {
+        /// Recipient's channel.
+        at: ChannelRef,
+        /// The data message.
+        payload: Bytes,
+        /// Report the outcome to the originator when set.
+        report: Option<ReportRequest>,
+    },
+}
+
+/// A statusRequest to honour once a recipient's outcome is known (RFC 3340 §5.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportRequest {
+    /// The option's transID.
+    pub trans_id: u32,
+    /// Who asked (the data's originator).
+    pub originator: Endpoint,
+    /// The recipient reported on.
+    pub recipient: String,
+}
+
+/// How to answer an attach or bind once it is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Msg(u32),
+    Start(u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Association {
+    Attached(Endpoint),
+    Bound(String),
+}
+
+/// What the relay's own MSGs on a channel were, in order, to match the replies.
+#[derive(Debug)]
+enum Sent {
+    Delivery(Option<ReportRequest>),
+    Notice,
+}
+
+#[derive(Debug, Default)]
+struct ChannelState {
+    /// transID -> live attach/bind on this channel (APEX-42).
+    associations: HashMap<u32, Association>,
+    /// Our MSGs awaiting replies, in order.
+    sent: VecDeque<Sent>,
+}
+
+#[derive(Debug)]
+struct PendingAttach {
+    endpoint: Endpoint,
+    at: ChannelRef,
+    trans_id: u32,
+    answer: Answer,
+}
+
+/// One shard's relay.
+#[derive(Debug)]
+pub struct Relay {
+    config: RelayConfig,
+    directory: HashMap<Endpoint, ChannelRef>,
+    connections: HashMap<ConnId, ConnKind>,
+    channels: HashMap<(ConnId, u32), ChannelState>,
+    pending: HashMap<u64, PendingAttach>,
+    next_request: u64,
+    actions: VecDeque<Action>,
+}
+
+/// The home shard of an endpoint: stable across shards and runs (FNV-1a over the local part and
+/// the lower-cased domain, matching [`Endpoint`] equality).
+pub fn home_shard(endpoint: &Endpoint, shards: usize) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: u8| {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    endpoint.local().bytes().for_each(&mut eat);
+    eat(b'@');
+    endpoint
+        .domain()
+        .bytes()
+        .for_each(|b| eat(b.to_ascii_lowercase()));
+    (hash % shards.max(1) as u64) as usize
+}
+
+impl Relay {
+    /// A relay for one shard.
+    pub fn new(config: RelayConfig) -> Self {
+        Self {
+            config,
+            directory: HashMap::new(),
+            connections: HashMap::new(),
+            channels: HashMap::new(),
+            pending: HashMap::new(),
+            next_request: 0,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The domain served.
+    pub fn domain(&self) -> &str {
+        &self.config.domain
+    }
+
+    /// Where `endpoint` is attached, per this shard's replica.
+    pub fn lookup(&self, endpoint: &Endpoint) -> Option<ChannelRef> {
+        self.directory.get(endpoint).copied()
+    }
+
+    /// The next action to execute.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    fn at(&self, conn: ConnId, channel: u32) -> ChannelRef {
+        ChannelRef {
+            shard: self.config.shard,
+            conn,
+            channel,
+        }
+    }
+
+    fn serves(&self, domain: &str) -> bool {
+        domain.eq_ignore_ascii_case(&self.config.domain)
+    }
+
+    /// A connection was accepted.
+    pub fn conn_opened(&mut self, conn: ConnId, kind: ConnKind) {
+        self.connections.insert(conn, kind);
+    }
+
+    /// A connection ended: every association made over it ends (APEX-16).
+    pub fn conn_closed(&mut self, conn: ConnId) {
+        let channels: Vec<u32> = self
+            .channels
+            .keys()
+            .filter(|(c, _)| *c == conn)
+            .map(|(_, ch)| *ch)
+            .collect();
+        for channel in channels {
+            self.channel_closed(conn, channel);
+        }
+        self.connections.remove(&conn);
+        self.pending
+            .retain(|_, p| p.at.conn != conn || p.at.shard != self.config.shard);
+    }
+
+    /// An APEX channel was created without a piggybacked operation.
+    pub fn channel_started(&mut self, conn: ConnId, channel: u32) {
+        self.channels.entry((conn, channel)).or_default();
+    }
+
+    /// An APEX channel closed: its attachments and bindings end (APEX-16).
+    pub fn channel_closed(&mut self, conn: ConnId, channel: u32) {
+        if let Some(state) = self.channels.remove(&(conn, channel)) {
+            let at = self.at(conn, channel);
+            for association in state.associations.into_values() {
+                if let Association::Attached(endpoint) = association {
+                    self.detach(endpoint, at);
+                }
+            }
+        }
+    }
+
+    /// A `start` for APEX carrying `piggyback` (RFC 3340 §4.2, APEX-06): the runtime defers
+    /// its answer until [`Action::StartReply`].
+    pub fn handle_start(&mut self, conn: ConnId, start_id: u32, channel: u32, piggyback: &Bytes) {
+        self.channels.entry((conn, channel)).or_default();
+        let answer = Answer::Start(start_id);
+        match msg::parse_document(piggyback, &self.config.limits) {
+            Ok(Operation::Attach {
+                endpoint,
+                trans_id,
+                options,
+            }) => self.attach(conn, channel, answer, &endpoint, trans_id, &options),
+            Ok(Operation::Bind {
+                relay, trans_id, ..
+            }) => self.bind(conn, channel, answer, &relay, trans_id),
+            Ok(_) => self.answer(
+                conn,
+                channel,
+                answer,
+                Err((
+                    code::PARAMETER_ERROR,
+                    "only attach or bind may be piggybacked",
+                )),
+            ),
+            Err(e) => self.answer_owned(conn, channel, answer, Err((e.code, e.text))),
+        }
+    }
+
+    /// A MSG on an APEX channel.
+    pub fn handle_message(&mut self, conn: ConnId, channel: u32, msgno: u32, payload: &Bytes) {
+        self.channels.entry((conn, channel)).or_default();
+        let answer = Answer::Msg(msgno);
+        match msg::parse_message(payload, &self.config.limits) {
+            Ok(Operation::Attach {
+                endpoint,
+                trans_id,
+                options,
+            }) => self.attach(conn, channel, answer, &endpoint, trans_id, &options),
+            Ok(Operation::Bind {
+                relay, trans_id, ..
+            }) => self.bind(conn, channel, answer, &relay, trans_id),
+            Ok(Operation::Terminate { trans_id, .. }) => {
+                self.terminate(conn, channel, msgno, trans_id)
+            }
+            Ok(Operation::Data(data)) => self.data(conn, channel, msgno, &data),
+            Ok(Operation::Ok | Operation::Error { .. }) => self.answer(
+                conn,
+                channel,
+                answer,
+                Err((
+                    code::PARAMETER_ERROR,
+                    "ok and error are replies, not requests",
+                )),
+            ),
+            Err(e) => self.answer_owned(conn, channel, answer, Err((e.code, e.text))),
+        }
+    }
+
+    fn answer(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        answer: Answer,
+        result: Result<(), (u16, &str)>,
+    ) {
+        self.answer_owned(
+            conn,
+            channel,
+            answer,
+            result.map_err(|(c, t)| (c, t.to_owned())),
+        );
+    }
+
+    fn answer_owned(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        answer: Answer,
+        result: Result<(), (u16, String)>,
+    ) {
+        let action = match (answer, result) {
+            (Answer::Msg(msgno), Ok(())) => Action::Reply {
+                conn,
+                channel,
+                msgno,
+                positive: true,
+                payload: msg::ok_payload(),
+            },
+            (Answer::Msg(msgno), Err((code, text))) => Action::Reply {
+                conn,
+                channel,
+                msgno,
+                positive: false,
+                payload: msg::error_payload(code, &text),
+            },
+            (Answer::Start(start_id), Ok(())) => Action::StartReply {
+                conn,
+                start_id,
+                content: Bytes::from_static(b"<ok />"),
+            },
+            (Answer::Start(start_id), Err((code, text))) => Action::StartReply {
+                conn,
+                start_id,
+                content: Bytes::from(msg::error_xml(code, &text).trim_end().to_owned()),
+            },
+        };
+        self.actions.push_back(action);
+    }
+
+    fn trans_live(&self, conn: ConnId, channel: u32, trans_id: u32) -> bool {
+        self.channels
+            .get(&(conn, channel))
+            .is_some_and(|c| c.associations.contains_key(&trans_id))
+    }
+
+    /// RFC 3340 §4.4.1 steps 1-6 (APEX-10..15).
+    fn attach(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        answer: Answer,
+        endpoint: &str,
+        trans_id: u32,
+        options: &[ApexOption],
+    ) {
+        if self.trans_live(conn, channel, trans_id) {
+            return self.answer(
+                conn,
+                channel,
+                answer,
+                Err((apex_code::IN_PROGRESS, "transaction already in progress")),
+            );
+        }
+        let endpoint = match Endpoint::parse(endpoint) {
+            Ok(e) => e,
+            Err(e) => {
+                return self.answer_owned(
+                    conn,
+                    channel,
+                    answer,
+                    Err((code::PARAMETER_ERROR, e.to_string())),
+                )
+            }
+        };
+        if !self.serves(endpoint.domain()) {
+            return self.answer(
+                conn,
+                channel,
+                answer,
+                Err((
+                    code::PARAMETER_INVALID,
+                    "endpoint is not in this relay's domain",
+                )),
+            );
+        }
+        // Step 3 (APEX-12): attach only on apex-edge sessions, and never as a service.
+        if self.connections.get(&conn) != Some(&ConnKind::Edge) || endpoint.is_service() {
+            return self.answer(
+                conn,
+                channel,
+                answer,
+                Err((
+                    apex_code::NOT_AUTHORIZED,
+                    "not authorized to attach as this endpoint",
+                )),
+            );
+        }
+        // Step 4 (APEX-13, APEX-37): options before the duplicate check.
+        let overriding = options.iter().any(|o| o.name() == "attachOverride");
+        if let Some(unknown) = options.iter().find(|o| o.must_understand && !understood(o)) {
+            let text = format!("option '{}' is not understood", unknown.name());
+            return self.answer_owned(conn, channel, answer, Err((code::NOT_IMPLEMENTED, text)));
+        }
+        let at = self.at(conn, channel);
+        let home = home_shard(&endpoint, self.config.shards);
+        if home == self.config.shard {
+            let result = self.arbitrate(&endpoint, at, overriding);
+            self.finish_attach(endpoint, at, trans_id, answer, result);
+        } else {
+            let id = self.next_request;
+            self.next_request += 1;
+            self.pending.insert(
+                id,
+                PendingAttach {
+                    endpoint: endpoint.clone(),
+                    at,
+                    trans_id,
+                    answer,
+                },
+            );
+            self.actions.push_back(Action::ToShard {
+                shard: home,
+                envelope: Envelope::AttachRequest {
+                    id,
+                    endpoint,
+                    at,
+                    overriding,
+                },
+            });
+        }
+    }
+
+    /// Step 5 at the endpoint's home shard: one attachment per endpoint (APEX-14), unless the
+    /// attach overrides the old one, which is then terminated with 556.
+    fn arbitrate(
+        &mut self,
+        endpoint: &Endpoint,
+        at: ChannelRef,
+        overriding: bool,
+    ) -> Result<(), u16> {
+        match self.directory.get(endpoint).copied() {
+            Some(old) if old != at && !overriding => Err(code::TRANSACTION_FAILED),
+            Some(old) if old != at => {
+                self.evict(endpoint.clone(), old);
+                self.record_attached(endpoint.clone(), at);
+                Ok(())
+            }
+            _ => {
+                self.record_attached(endpoint.clone(), at);
+                Ok(())
+            }
+        }
+    }
+
+    fn record_attached(&mut self, endpoint: Endpoint, at: ChannelRef) {
+        self.directory.insert(endpoint.clone(), at);
+        self.broadcast(|| Envelope::Attached {
+            endpoint: endpoint.clone(),
+            at,
+        });
+    }
+
+    fn broadcast(&mut self, envelope: impl Fn() -> Envelope) {
+        for shard in (0..self.config.shards).filter(|s| *s != self.config.shard) {
+            self.actions.push_back(Action::ToShard {
+                shard,
+                envelope: envelope(),
+            });
+        }
+    }
+
+    fn evict(&mut self, endpoint: Endpoint, old: ChannelRef) {
+        if old.shard == self.config.shard {
+            self.end_attachment(&endpoint, old);
+        } else {
+            self.actions.push_back(Action::ToShard {
+                shard: old.shard,
+                envelope: Envelope::Evict { endpoint, at: old },
+            });
+        }
+    }
+
+    /// Ends a local attachment at the relay's initiative: `terminate` with 556 (RFC 3342).
+    fn end_attachment(&mut self, endpoint: &Endpoint, at: ChannelRef) {
+        let Some(state) = self.channels.get_mut(&(at.conn, at.channel)) else {
+            return;
+        };
+        let found = state
+            .associations
+            .iter()
+            .find(|(_, a)| matches!(a, Association::Attached(e) if e == endpoint))
+            .map(|(t, _)| *t);
+        if let Some(trans_id) = found {
+            state.associations.remove(&trans_id);
+            state.sent.push_back(Sent::Notice);
+            self.actions.push_back(Action::Send {
+                conn: at.conn,
+                channel: at.channel,
+                payload: msg::terminate_payload(
+                    trans_id,
+                    apex_code::OVERRIDDEN,
+                    "attached elsewhere with attachOverride",
+                ),
+            });
+        }
+    }
+
+    fn finish_attach(
+        &mut self,
+        endpoint: Endpoint,
+        at: ChannelRef,
+        trans_id: u32,
+        answer: Answer,
+        result: Result<(), u16>,
+    ) {
+        match result {
+            Ok(()) => {
+                self.directory.insert(endpoint.clone(), at);
+                self.channels
+                    .entry((at.conn, at.channel))
+                    .or_default()
+                    .associations
+                    .insert(trans_id, Association::Attached(endpoint));
+                self.answer(at.conn, at.channel, answer, Ok(()));
+            }
+            Err(code) => self.answer(
+                at.conn,
+                at.channel,
+                answer,
+                Err((code, "endpoint is already attached")),
+            ),
+        }
+    }
+
+    fn detach(&mut self, endpoint: Endpoint, at: ChannelRef) {
+        if self.directory.get(&endpoint) == Some(&at) {
+            self.directory.remove(&endpoint);
+        }
+        self.broadcast(|| Envelope::Detached {
+            endpoint: endpoint.clone(),
+            at,
+        });
+    }
+
+    /// RFC 3340 §4.4.2 (APEX-17): binds are accepted on apex-mesh sessions.
+    fn bind(&mut self, conn: ConnId, channel: u32, answer: Answer, relay: &str, trans_id: u32) {
+        if self.trans_live(conn, channel, trans_id) {
+            return self.answer(
+                conn,
+                channel,
+                answer,
+                Err((apex_code::IN_PROGRESS, "transaction already in progress")),
+            );
+        }
+        if self.connections.get(&conn) != Some(&ConnKind::Mesh)
+            || crate::apex::addr::validate_domain(relay).is_err()
+        {
+            return self.answer(
+                conn,
+                channel,
+                answer,
+                Err((
+                    apex_code::NOT_AUTHORIZED,
+                    "not authorized to bind for this domain",
+                )),
+            );
+        }
+        self.channels
+            .entry((conn, channel))
+            .or_default()
+            .associations
+            .insert(trans_id, Association::Bound(relay.to_owned()));
+        self.answer(conn, channel, answer, Ok(()));
+    }
+
+    /// RFC 3340 §4.4.3 (APEX-18, APEX-19).
+    fn terminate(&mut self, conn: ConnId, channel: u32, msgno: u32, trans_id: u32) {
+        let answer = Answer::Msg(msgno);
+        if trans_id == 0 {
+            // Every association of this peer over the whole session.
+            let keys: Vec<(ConnId, u32)> = self
+                .channels
+                .keys()
+                .filter(|(c, _)| *c == conn)
+                .copied()
+                .collect();
+            for key in keys {
+                let ended: Vec<Association> = self
+                    .channels
+                    .get_mut(&key)
+                    .map(|s| s.associations.drain().map(|(_, a)| a).collect())
+                    .unwrap_or_default();
+                for association in ended {
+                    if let Association::Attached(endpoint) = association {
+                        self.detach(endpoint, self.at(key.0, key.1));
+                    }
+                }
+            }
+            return self.answer(conn, channel, answer, Ok(()));
+        }
+        let removed = self
+            .channels
+            .get_mut(&(conn, channel))
+            .and_then(|s| s.associations.remove(&trans_id));
+        match removed {
+            None => self.answer(
+                conn,
+                channel,
+                answer,
+                Err((code::ACTION_NOT_TAKEN, "unknown transaction-identifier")),
+            ),
+            Some(association) => {
+                if let Association::Attached(endpoint) = association {
+                    self.detach(endpoint, self.at(conn, channel));
+                }
+                self.answer(conn, channel, answer, Ok(()));
+            }
+        }
+    }
+
+    fn associations_of(&self, conn: ConnId) -> impl Iterator<Item = &Association> {
+        self.channels
+            .iter()
+            .filter(move |((c, _), _)| *c == conn)
+            .flat_map(|(_, s)| s.associations.values())
+    }
+
+    /// RFC 3340 §4.4.4.1 (APEX-22..25).
+    fn data(&mut self, conn: ConnId, channel: u32, msgno: u32, data: &Data) {
+        let answer = Answer::Msg(msgno);
+        let originator = match Endpoint::parse(&data.originator.identity) {
+            Ok(o) => o,
+            Err(e) => {
+                return self.answer_owned(
+                    conn,
+                    channel,
+                    answer,
+                    Err((code::PARAMETER_ERROR, e.to_string())),
+                )
+            }
+        };
+        // Step 1: may this peer send in the originator's name?
+        let authorized = match self.connections.get(&conn) {
+            Some(ConnKind::Edge) => self
+                .associations_of(conn)
+                .any(|a| matches!(a, Association::Attached(e) if *e == originator)),
+            Some(ConnKind::Mesh) => self
+                .associations_of(conn)
+                .any(|a| matches!(a, Association::Bound(d) if originator.same_domain(d))),
+            None => false,
+        };
+        if !authorized {
+            return self.answer(
+                conn,
+                channel,
+                answer,
+                Err((
+                    apex_code::NOT_AUTHORIZED,
+                    "not authorized to send as the originator",
+                )),
+            );
+        }
+        // Step 2: per-data options that apply here.
+        if let Some(unknown) = data
+            .options
+            .iter()
+            .chain(&data.originator.options)
+            .find(|o| o.must_understand && !understood(o))
+        {
+            let text = format!("option '{}' is not understood", unknown.name());
+            return self.answer_owned(conn, channel, answer, Err((code::NOT_IMPLEMENTED, text)));
+        }
+        // Step 3: accepted (not yet delivered).
+        self.answer(conn, channel, answer, Ok(()));
+        // Steps 4-5: each recipient, routed on its own.
+        let carries_report = is_status_response(data);
+        let per_data_status = status_request(&data.options);
+        let mut remote: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, recipient) in data.recipients.iter().enumerate() {
+            let report = if carries_report {
+                None // APEX-39: never report on a report
+            } else {
+                status_request(&recipient.options)
+                    .or(per_data_status)
+                    .map(|trans_id| ReportRequest {
+                        trans_id,
+                        originator: originator.clone(),
+                        recipient: recipient.identity.clone(),
+                    })
+            };
+            let target = match Endpoint::parse(&recipient.identity) {
+                Ok(t) => t,
+                Err(_) => {
+                    self.report(
+                        report,
+                        code::PARAMETER_INVALID,
+                        "invalid recipient identity",
+                    );
+                    continue;
+                }
+            };
+            if !self.serves(target.domain()) {
+                remote
+                    .entry(target.domain().to_ascii_lowercase())
+                    .or_default()
+                    .push(i);
+                continue;
+            }
+            let payload = data.payload_for(&[i], |o| o.target_hop != TargetHop::This);
+            self.deliver_local(&originator, &target, payload, report);
+        }
+        for (domain, recipients) in remote {
+            let payload = data.payload_for(&recipients, |o| o.target_hop != TargetHop::This);
+            self.actions.push_back(Action::Forward { domain, payload });
+        }
+    }
+
+    /// Step 5.3 (APEX-25): access check, then the attached recipient's channel.
+    fn deliver_local(
+        &mut self,
+        originator: &Endpoint,
+        recipient: &Endpoint,
+        payload: Bytes,
+        report: Option<ReportRequest>,
+    ) {
+        // Services inside the relay (the report service) reach endpoints without access entries
+        // (apex-core.md §16 item 9: the RFCs leave this open).
+        let allowed = originator.is_service()
+            || self
+                .config
+                .access
+                .allows(recipient, originator, "core:data");
+        if !allowed {
+            return self.report(report, apex_code::NOT_AUTHORIZED, "access denied");
+        }
+        let Some(at) = self.directory.get(recipient).copied() else {
+            return self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached");
+        };
+        self.deliver_at(at, payload, report);
+    }
+
+    fn deliver_at(&mut self, at: ChannelRef, payload: Bytes, report: Option<ReportRequest>) {
+        if at.shard != self.config.shard {
+            self.actions.push_back(Action::ToShard {
+                shard: at.shard,
+                envelope: Envelope::Deliver {
+                    at,
+                    payload,
+                    report,
+                },
+            });
+            return;
+        }
+        match self.channels.get_mut(&(at.conn, at.channel)) {
+            Some(state) => {
+                state.sent.push_back(Sent::Delivery(report));
+                self.actions.push_back(Action::Send {
+                    conn: at.conn,
+                    channel: at.channel,
+                    payload,
+                });
+            }
+            None => self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached"),
+        }
+    }
+
+    /// Sends a statusResponse from `apex=report@<domain>` to the originator (APEX-38).
+    fn report(&mut self, request: Option<ReportRequest>, reply_code: u16, text: &str) {
+        let Some(request) = request else { return };
+        let reporter = format!("apex=report@{}", self.config.domain);
+        let Ok(reporter) = Endpoint::parse(&reporter) else {
+            return;
+        };
+        let xml = status_response_xml(request.trans_id, &request.recipient, reply_code, text);
+        let payload = msg::data_payload(reporter.as_str(), request.originator.as_str(), &xml);
+        if self.serves(request.originator.domain()) {
+            self.deliver_local(&reporter, &request.originator, payload, None);
+        } else {
+            self.actions.push_back(Action::Forward {
+                domain: request.originator.domain().to_ascii_lowercase(),
+                payload,
+            });
+        }
+    }
+
+    /// A reply to one of the relay's MSGs on `channel` (replies come in order, BEEP-35).
+    pub fn handle_reply(&mut self, conn: ConnId, channel: u32, positive: bool, payload: &Bytes) {
+        let Some(sent) = self
+            .channels
+            .get_mut(&(conn, channel))
+            .and_then(|s| s.sent.pop_front())
+        else {
+            return;
+        };
+        if let Sent::Delivery(report) = sent {
+            if positive {
+                self.report(report, apex_code::SUCCESS, "delivered");
+            } else {
+                let (code, text) = match msg::parse_message(payload, &self.config.limits) {
+                    Ok(Operation::Error { code, text }) => (code, text),
+                    _ => (code::ACTION_NOT_TAKEN, "refused by the endpoint".to_owned()),
+                };
+                self.report(report, code, &text);
+            }
+        }
+    }
+
+    /// The outcome of forwarding to another relay, for reports (APEX-24).
+    pub fn forward_failed(&mut self, payload: &Bytes, reason: &str) {
+        if let Ok(Operation::Data(data)) = msg::parse_message(payload, &self.config.limits) {
+            if is_status_response(&data) {
+                return;
+            }
+            let Ok(originator) = Endpoint::parse(&data.originator.identity) else {
+                return;
+            };
+            let per_data = status_request(&data.options);
+            for recipient in &data.recipients {
+                if let Some(trans_id) = status_request(&recipient.options).or(per_data) {
+                    let request = ReportRequest {
+                        trans_id,
+                        originator: originator.clone(),
+                        recipient: recipient.identity.clone(),
+                    };
+                    self.report(Some(request), code::ACTION_NOT_TAKEN, reason);
+                }
+            }
+        }
+    }
+
+    /// An envelope from another shard.
+    pub fn handle_envelope(&mut self, envelope: Envelope) {
+        match envelope {
+            Envelope::AttachRequest {
+                id,
+                endpoint,
+                at,
+                overriding,
+            } => {
+                let result = self.arbitrate(&endpoint, at, overriding);
+                self.actions.push_back(Action::ToShard {
+                    shard: at.shard,
+                    envelope: Envelope::AttachVerdict { id, result },
+                });
+            }
+            Envelope::AttachVerdict { id, result } => {
+                if let Some(p) = self.pending.remove(&id) {
+                    if result.is_ok() && !self.channels.contains_key(&(p.at.conn, p.at.channel)) {
+                        // The channel went away meanwhile: undo the attachment.
+                        self.detach(p.endpoint, p.at);
+                        return;
+                    }
+                    self.finish_attach(p.endpoint, p.at, p.trans_id, p.answer, result);
+                }
+            }
+            Envelope::Attached { endpoint, at } => {
+                self.directory.insert(endpoint, at);
+            }
+            Envelope::Detached { endpoint, at } => {
+                if self.directory.get(&endpoint) == Some(&at) {
+                    self.directory.remove(&endpoint);
+                }
+            }
+            Envelope::Evict { endpoint, at } => self.end_attachment(&endpoint, at),
+            Envelope::Deliver {
+                at,
+                payload,
+                report,
+            } => self.deliver_at(at, payload, report),
+        }
+    }
+}
+
+/// Options this relay implements.
+fn understood(option: &ApexOption) -> bool {
+    option
+        .internal
+        .as_deref()
+        .is_some_and(|n| ["statusRequest", "attachOverride"].contains(&n))
+}
+
+/// The transID of a statusRequest among `options` (RFC 3340 §5.1).
+fn status_request(options: &[ApexOption]) -> Option<u32> {
+    options
+        .iter()
+        .find(|o| o.internal.as_deref() == Some("statusRequest"))
+        .map(|o| o.trans_id)
+}
+
+/// Whether the data carries a statusResponse (APEX-39).
+fn is_status_response(data: &Data) -> bool {
+    data.data_content
+        .as_ref()
+        .is_some_and(|dc| memchr::memmem::find(dc, b"<statusResponse").is_some())
+}
+
+/// The statusResponse for one destination, laid out as apex-core.md §13.3.
+pub fn status_response_xml(trans_id: u32, recipient: &str, reply_code: u16, text: &str) -> String {
+    let reply = if text.is_empty() || reply_code == apex_code::SUCCESS {
+        format!("<reply code='{reply_code}' transID='{trans_id}' />")
+    } else {
+        format!(
+            "<reply code='{reply_code}' transID='{trans_id}'>{}</reply>",
+            crate::xml::escape(text)
+        )
+    };
+    format!(
+        "\r\n      <statusResponse transID='{trans_id}'>\r\n         <destination identity='{}'>\r\n            {reply}\r\n         </destination>\r\n      </statusResponse>\r\n   ",
+        crate::xml::escape(recipient)
+    )
+}

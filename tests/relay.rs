@@ -1,0 +1,189 @@
+//! Loopback tests of the APEX relay against the real binary (RFC 3340 §4.4; apex-core.md §13):
+//! attach, data with data-content and with a MIME part (byte-identical on arrival), 537 for a
+//! foreign originator, 554 for an attach conflict, status reports, terminate, pipelining, and
+//! endpoints spread over two shards.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use bytes::Bytes;
+use common::{Client, Relay};
+
+const OK: &[u8] = b"Content-Type: application/beep+xml\r\n\r\n<ok />\r\n";
+
+/// apex-core.md §13.1: fred's data to barney, delivered unchanged (§13.2).
+const DATA_13_1: &[u8] = b"Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\n";
+
+/// apex-core.md §13.4: the content as a separate MIME part.
+const DATA_13_4: &[u8] = b"Content-Type: multipart/related; boundary=\"XX\"; start=\"<1@fred.example.com>\"; type=\"application/beep+xml\"\r\n\r\n--XX\r\nContent-Type: application/beep+xml\r\nContent-ID: <1@fred.example.com>\r\n\r\n<data content='cid:2@fred.example.com'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n</data>\r\n--XX\r\nContent-Type: text/plain\r\nContent-ID: <2@fred.example.com>\r\n\r\nhello, barney\r\n--XX--\r\n";
+
+fn relay(shards: usize) -> Relay {
+    Relay::start_with(&["--shards", &shards.to_string(), "--domain", "example.com"])
+}
+
+fn attached(relay: &Relay, endpoint: &str) -> (Client, u32) {
+    let mut client = Client::connect(relay.edge);
+    client.greet();
+    let (channel, reply) = client.attach(endpoint);
+    assert_eq!(reply, "<ok />", "APEX-15: attach of {endpoint} accepted");
+    (client, channel)
+}
+
+fn data_arrives_byte_identical(shards: usize, data: &'static [u8]) {
+    let relay = relay(shards);
+    let (mut barney, _) = attached(&relay, "barney@example.com");
+    let (mut fred, channel) = attached(&relay, "fred@example.com");
+    let (positive, reply) = fred.request(channel, Bytes::from_static(data));
+    assert!(positive, "{}", String::from_utf8_lossy(&reply));
+    assert_eq!(&reply[..], OK);
+    assert_eq!(&barney.receive()[..], data, "APEX-28: content unchanged");
+}
+
+#[test]
+fn apex_25_data_content_delivered_1_shard() {
+    data_arrives_byte_identical(1, DATA_13_1);
+}
+
+#[test]
+fn apex_25_data_content_delivered_2_shards() {
+    data_arrives_byte_identical(2, DATA_13_1);
+}
+
+#[test]
+fn apex_07_mime_part_delivered_byte_identical() {
+    data_arrives_byte_identical(2, DATA_13_4);
+}
+
+#[test]
+fn apex_22_foreign_originator_is_537() {
+    let relay = relay(1);
+    let (mut fred, channel) = attached(&relay, "fred@example.com");
+    let forged = std::str::from_utf8(DATA_13_1)
+        .unwrap()
+        .replace("fred@example.com", "wilma@example.com");
+    let (positive, reply) = fred.request(channel, Bytes::from(forged));
+    assert!(!positive);
+    assert!(
+        String::from_utf8_lossy(&reply).contains("<error code='537'>"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+}
+
+#[test]
+fn apex_14_attach_conflict_is_554_across_shards() {
+    let relay = relay(2);
+    let (_fred, _) = attached(&relay, "fred@example.com");
+    // Several tries so that, with two shards, some land on the other shard.
+    for _ in 0..4 {
+        let mut other = Client::connect(relay.edge);
+        other.greet();
+        let (_, reply) = other.attach("fred@example.com");
+        assert!(reply.starts_with("<error code='554'>"), "{reply}");
+    }
+}
+
+#[test]
+fn apex_11_attach_outside_the_domain_is_553() {
+    let relay = relay(1);
+    let mut client = Client::connect(relay.edge);
+    client.greet();
+    let (_, reply) = client.attach("fred@rubble.com");
+    assert!(reply.starts_with("<error code='553'>"), "{reply}");
+}
+
+#[test]
+fn apex_38_status_report_for_an_unattached_recipient() {
+    let relay = relay(2);
+    let (mut fred, channel) = attached(&relay, "fred@example.com");
+    let data = b"Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com'>\r\n      <option internal='statusRequest' transID='86' />\r\n   </recipient>\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\n";
+    let (positive, _) = fred.request(channel, Bytes::from_static(data));
+    assert!(
+        positive,
+        "accepted even though barney is not attached (ok = accepted)"
+    );
+    let report = String::from_utf8(fred.receive().to_vec()).unwrap();
+    assert!(
+        report.contains("<originator identity='apex=report@example.com' />"),
+        "{report}"
+    );
+    assert!(report.contains("<statusResponse transID='86'>"), "{report}");
+    assert!(
+        report.contains("<destination identity='barney@example.com'>"),
+        "{report}"
+    );
+    assert!(
+        report.contains("<reply code='550' transID='86'>"),
+        "{report}"
+    );
+}
+
+#[test]
+fn apex_38_status_report_for_a_delivery() {
+    let relay = relay(2);
+    let (mut barney, _) = attached(&relay, "barney@example.com");
+    let (mut fred, channel) = attached(&relay, "fred@example.com");
+    let data = std::str::from_utf8(DATA_13_1).unwrap().replace(
+        "<data-content",
+        "<option internal='statusRequest' transID='7' />\r\n   <data-content",
+    );
+    let (positive, _) = fred.request(channel, Bytes::from(data));
+    assert!(positive);
+    let delivered = String::from_utf8(barney.receive().to_vec()).unwrap();
+    assert!(delivered.contains("hello, barney"));
+    let report = String::from_utf8(fred.receive().to_vec()).unwrap();
+    assert!(
+        report.contains("<reply code='250' transID='7' />"),
+        "{report}"
+    );
+}
+
+#[test]
+fn apex_19_terminate_ends_the_attachment() {
+    let relay = relay(1);
+    let (mut fred, channel) = attached(&relay, "fred@example.com");
+    let terminate = Bytes::from_static(
+        b"Content-Type: application/beep+xml\r\n\r\n<terminate transID='1' />\r\n",
+    );
+    assert_eq!(
+        fred.request(channel, terminate.clone()),
+        (true, Bytes::from_static(OK))
+    );
+    // Now unknown: 550 (APEX-19).
+    let (positive, reply) = fred.request(channel, terminate);
+    assert!(!positive && String::from_utf8_lossy(&reply).contains("code='550'"));
+    // And the endpoint is free for another application.
+    let (_wilma, _) = attached(&relay, "fred@example.com");
+}
+
+#[test]
+fn five_thousand_pipelined_messages_arrive_once_and_in_order() {
+    let relay = relay(1);
+    let (mut barney, _) = attached(&relay, "barney@example.com");
+    let (mut fred, channel) = attached(&relay, "fred@example.com");
+    const N: usize = 5000;
+    for i in 0..N {
+        let data = format!(
+            "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='fred@example.com' /><recipient identity='barney@example.com' /><data-content Name='C'>{i}</data-content></data>"
+        );
+        fred.session.send_msg(channel, Bytes::from(data)).unwrap();
+    }
+    let mut seen = Vec::with_capacity(N);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen.len() < N {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {N} delivered",
+            seen.len()
+        );
+        fred.pump();
+        for payload in barney.drain_messages() {
+            let text = String::from_utf8_lossy(&payload);
+            let start =
+                text.find("<data-content Name='C'>").unwrap() + "<data-content Name='C'>".len();
+            let end = text.find("</data-content>").unwrap();
+            seen.push(text[start..end].parse::<usize>().unwrap());
+        }
+    }
+    assert_eq!(seen, (0..N).collect::<Vec<_>>());
+}
