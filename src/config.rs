@@ -48,6 +48,22 @@ mesh_queue = 1024
 # this relay's own domain send each other data. $DOMAIN stands for `domain`.
 grants = ["*@$DOMAIN=core:data"]
 
+[mesh]
+# Static routes to other relays' apex-mesh ports, as DOMAIN=HOST:PORT. Domains without a
+# static route are looked up in DNS (SRV _apex-mesh._tcp.DOMAIN, then port 912 of DOMAIN).
+peers = []
+# Domains whose relays may relay data for originators of other domains (trusted
+# intermediaries, RFC 3340 §4.5.2); "*" trusts every relay that binds.
+trusted = []
+# Data messages queued per outbound link while it connects; beyond it recipients fail.
+link_queue = 4096
+# Data messages in flight (awaiting the next relay's reply) per link.
+link_in_flight = 256
+# Longest wait between reconnection attempts (milliseconds); the wait doubles from 100 ms.
+max_backoff_ms = 10000
+# Connection attempts before queued data fails (and is reported when asked).
+connect_attempts = 5
+
 [limits]
 # See apex_proto::Limits for the meaning of each bound.
 max_header_line = 128
@@ -85,8 +101,28 @@ pub struct Config {
     pub runtime: Runtime,
     /// Access entries.
     pub access: AccessConfig,
+    /// Relay-to-relay settings.
+    pub mesh: MeshConfig,
     /// Protocol limits.
     pub limits: LimitsConfig,
+}
+
+/// Relay-to-relay settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    /// `DOMAIN=HOST:PORT` static routes.
+    pub peers: Vec<String>,
+    /// Trusted intermediary domains (`*`: all).
+    pub trusted: Vec<String>,
+    /// Queued data messages per link.
+    pub link_queue: usize,
+    /// In-flight data messages per link.
+    pub link_in_flight: usize,
+    /// Longest reconnection wait, milliseconds.
+    pub max_backoff_ms: u64,
+    /// Connection attempts before queued data fails.
+    pub connect_attempts: u32,
 }
 
 /// Access entries from configuration.
@@ -166,6 +202,10 @@ pub struct Overrides {
     pub log: Option<String>,
     /// `--grant`, repeatable: added to `access.grants`.
     pub grants: Vec<String>,
+    /// `--peer`, repeatable: added to `mesh.peers`.
+    pub peers: Vec<String>,
+    /// `--trust`, repeatable: added to `mesh.trusted`.
+    pub trusted: Vec<String>,
 }
 
 impl Config {
@@ -224,6 +264,31 @@ impl Config {
             self.log = v.clone();
         }
         self.access.grants.extend(o.grants.iter().cloned());
+        self.mesh.peers.extend(o.peers.iter().cloned());
+        self.mesh.trusted.extend(o.trusted.iter().cloned());
+    }
+
+    /// The static routes: domain (lower-cased) -> address.
+    pub fn static_routes(&self) -> Result<Vec<(String, SocketAddr)>> {
+        self.mesh
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let (domain, addr) = text.rsplit_once('=').ok_or_else(|| {
+                    anyhow::anyhow!("field `mesh.peers[{i}]`: '{text}' is not DOMAIN=HOST:PORT")
+                })?;
+                apex_proto::apex::addr::validate_domain(domain)
+                    .map_err(|e| anyhow::anyhow!("field `mesh.peers[{i}]`: '{domain}': {e}"))?;
+                let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("field `mesh.peers[{i}]`: '{addr}' is not HOST:PORT")
+                    })?;
+                Ok((domain.to_ascii_lowercase(), addr))
+            })
+            .collect()
     }
 
     fn resolve_domain(&mut self) {
@@ -287,6 +352,13 @@ impl Config {
             bail!("field `domain`: '{}' is not a domain name", self.domain);
         }
         self.access_table()?;
+        self.static_routes()?;
+        if self.mesh.link_queue == 0
+            || self.mesh.link_in_flight == 0
+            || self.mesh.connect_attempts == 0
+        {
+            bail!("fields `mesh.link_queue`, `mesh.link_in_flight` and `mesh.connect_attempts` must be at least 1");
+        }
         Limits::from(&self.limits)
             .validate()
             .map_err(|field| anyhow::anyhow!("field `limits.{field}`"))?;
@@ -402,7 +474,8 @@ mod tests {
             err.starts_with("relay.toml:1:") && err.contains("domian"),
             "{err}"
         );
-        let err = Config::from_toml("domain = \"x.org\"\n[limits]\nrecv_window = 10\n", "r.toml").unwrap();
+        let err = Config::from_toml("domain = \"x.org\"\n[limits]\nrecv_window = 10\n", "r.toml")
+            .unwrap();
         assert!(err
             .validate()
             .unwrap_err()

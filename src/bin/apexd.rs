@@ -35,6 +35,13 @@ struct Args {
     /// `--grant '*@example.com=core:data'`.
     #[arg(long, value_name = "ACTOR=ACTIONS")]
     grant: Vec<String>,
+    /// Static route to another relay's apex-mesh port (repeatable), e.g.
+    /// `--peer rubble.com=127.0.0.1:9912`.
+    #[arg(long, value_name = "DOMAIN=HOST:PORT")]
+    peer: Vec<String>,
+    /// Trust the relays of DOMAIN as intermediaries for any originator (repeatable; `*`: all).
+    #[arg(long, value_name = "DOMAIN")]
+    trust: Vec<String>,
     /// Do not pin shards to CPUs.
     #[arg(long)]
     no_pin: bool,
@@ -60,6 +67,8 @@ fn run() -> Result<()> {
         no_pin: args.no_pin,
         log: args.log,
         grants: args.grant,
+        peers: args.peer,
+        trusted: args.trust,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     if args.print_config {

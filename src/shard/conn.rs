@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use apex_proto::apex::relay::{Action, ConnId, ConnKind};
+use apex_proto::apex::relay::{domain_shard, Action, ConnId, ConnKind, Envelope};
 use apex_proto::beep::mgmt::{code, ErrorElement};
 use apex_proto::{Event, ReplyKind, Role, Session};
 use bytes::BytesMut;
@@ -19,7 +19,7 @@ use tracing::{debug, info};
 use crate::apex_profile::APEX_PROFILE;
 use crate::shard::mesh::{Refused, ShardMsg};
 use crate::shard::notify::Notify;
-use crate::shard::ShardContext;
+use crate::shard::{peer, ShardContext};
 use crate::sys;
 
 /// How a connection ended.
@@ -92,7 +92,7 @@ async fn run(
     stream: &mut TcpStream,
     conn: ConnId,
     shared: &ConnShared,
-    ctx: &ShardContext,
+    ctx: &Rc<ShardContext>,
 ) -> Ending {
     let read_chunk = ctx.config.runtime.read_chunk;
     let mut read_buf = BytesMut::with_capacity(read_chunk);
@@ -200,6 +200,7 @@ fn handle_events(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
         std::iter::from_fn(|| session.poll_event()).collect()
     };
     let mut relay = ctx.relay.borrow_mut();
+    relay.set_now(ctx.now_ms());
     for event in events {
         match event {
             Event::StartRequested(request) => {
@@ -251,7 +252,7 @@ fn handle_events(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
 
 /// Executes the relay's actions until none is left. Output for other connections wakes them;
 /// a full shard queue makes this task wait (backpressure on the connection it serves).
-pub async fn execute_actions(ctx: &ShardContext) {
+pub async fn execute_actions(ctx: &Rc<ShardContext>) {
     loop {
         let Some(action) = ctx.relay.borrow_mut().poll_action() else {
             return;
@@ -301,22 +302,30 @@ pub async fn execute_actions(ctx: &ShardContext) {
                         .handle_reply(conn, channel, false, &refusal);
                 }
             }
-            Action::ToShard { shard, envelope } => {
-                if let Some(mesh) = &ctx.mesh {
-                    match mesh.try_send(shard, ShardMsg::Relay(envelope)) {
-                        Ok(()) => {}
-                        Err(Refused::Full(msg)) => {
-                            if let Err(refused) = mesh.send(shard, msg).await {
-                                tracing::error!(shard, ?refused, "shard queue refused an envelope");
-                            }
-                        }
-                        Err(refused) => {
-                            tracing::error!(shard, ?refused, "shard queue refused an envelope")
-                        }
-                    }
+            Action::ToShard { shard, envelope } => send_to_shard(ctx, shard, envelope).await,
+            Action::Forward { domain, payload } => {
+                let owner = domain_shard(&domain, ctx.config.shard_count());
+                if owner == ctx.id || ctx.mesh.is_none() {
+                    peer::enqueue(ctx, domain, payload);
+                } else {
+                    let envelope = apex_proto::apex::relay::Envelope::Forward { domain, payload };
+                    send_to_shard(ctx, owner, envelope).await;
                 }
             }
-            Action::Forward { domain, payload } => ctx.forward(domain, payload),
         }
+    }
+}
+
+/// Hands an envelope to another shard, waiting while its queue is full.
+async fn send_to_shard(ctx: &ShardContext, shard: usize, envelope: Envelope) {
+    let Some(mesh) = &ctx.mesh else { return };
+    match mesh.try_send(shard, ShardMsg::Relay(envelope)) {
+        Ok(()) => {}
+        Err(Refused::Full(msg)) => {
+            if let Err(refused) = mesh.send(shard, msg).await {
+                tracing::error!(shard, ?refused, "shard queue refused an envelope");
+            }
+        }
+        Err(refused) => tracing::error!(shard, ?refused, "shard queue refused an envelope"),
     }
 }

@@ -5,6 +5,7 @@
 pub mod conn;
 pub mod mesh;
 pub mod notify;
+pub mod peer;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -17,7 +18,6 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Result};
 use apex_proto::apex::relay::{ConnId, ConnKind, Relay, RelayConfig};
 use apex_proto::{Limits, Session, SessionConfig};
-use bytes::Bytes;
 use glommio::net::TcpListener;
 use glommio::sync::Semaphore;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
@@ -47,6 +47,14 @@ pub struct ShardContext {
     pub conns: RefCell<HashMap<ConnId, Rc<ConnShared>>>,
     /// Queues to the other shards (none with one shard).
     pub mesh: Option<ShardMesh>,
+    /// Outbound relay links owned by this shard, by domain.
+    pub links: RefCell<HashMap<String, Rc<peer::Link>>>,
+    /// Static routes to other relays.
+    pub routes: Vec<(String, SocketAddr)>,
+    /// When the shard started: the relay's clock counts from here.
+    pub started: std::time::Instant,
+    /// Set when shutdown begins (with `shutdown` closed).
+    pub stopping: Cell<bool>,
     next_conn: Cell<ConnId>,
 }
 
@@ -67,13 +75,14 @@ impl ShardContext {
         Some(result)
     }
 
-    /// Sends data towards another domain. Relay-to-relay links are not configured in this
-    /// build, so the recipients fail (and are reported when asked).
-    pub fn forward(&self, domain: String, payload: Bytes) {
-        tracing::debug!(%domain, "no route to domain");
-        self.relay
-            .borrow_mut()
-            .forward_failed(&payload, "no route to the recipient's domain");
+    /// Milliseconds since the shard started (the relay's clock).
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// True once shutdown began.
+    pub fn stopping(&self) -> bool {
+        self.stopping.get()
     }
 }
 
@@ -253,12 +262,14 @@ async fn shard_main(
     // With several shards, a shard's index is its place in the mesh (the order in which the
     // executors joined), so envelopes address the right peer.
     let id = mesh.as_ref().map_or(id, |m| m.shard_id());
+    let routes = config.static_routes()?;
     let relay = Relay::new(RelayConfig {
         domain: config.domain.clone(),
         shard: id,
         shards: config.shard_count(),
         limits: apex_proto::apex::msg::ApexLimits::default(),
         access: config.access_table()?,
+        trusted: config.mesh.trusted.clone(),
     });
     let ctx = Rc::new(ShardContext {
         id,
@@ -273,6 +284,10 @@ async fn shard_main(
         relay: RefCell::new(relay),
         conns: RefCell::new(HashMap::new()),
         mesh,
+        links: RefCell::new(HashMap::new()),
+        routes,
+        started: std::time::Instant::now(),
+        stopping: Cell::new(false),
         next_conn: Cell::new(0),
     });
     for (peer, receiver) in receivers {
@@ -299,6 +314,7 @@ async fn shard_main(
         connections = ctx.connections.get(),
         "shutting down"
     );
+    ctx.stopping.set(true);
     ctx.shutdown.close();
     edge_task.await;
     mesh_task.await;

@@ -27,16 +27,14 @@ impl Relay {
     }
 
     pub fn start_with(extra: &[&str]) -> Relay {
+        let mut defaults = vec!["--no-pin", "--log", "warn"];
+        for flag in ["--edge-listen", "--mesh-listen"] {
+            if !extra.contains(&flag) {
+                defaults.extend([flag, "127.0.0.1:0"]);
+            }
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_apexd"))
-            .args([
-                "--edge-listen",
-                "127.0.0.1:0",
-                "--mesh-listen",
-                "127.0.0.1:0",
-                "--no-pin",
-                "--log",
-                "warn",
-            ])
+            .args(defaults)
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -284,4 +282,14 @@ impl Client {
         self.pump_until("release", |c| c.events.contains(&Event::SessionReleased));
         self.pump_until("EOF after release", |c| c.eof);
     }
+}
+
+/// A loopback port that was free a moment ago (for relays that must know each other's ports
+/// before either starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

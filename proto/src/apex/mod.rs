@@ -3,5 +3,5 @@
 pub mod access;
 pub mod addr;
 pub mod msg;
-pub mod relay;
 pub mod options;
+pub mod relay;

@@ -23,7 +23,8 @@ use bytes::Bytes;
 
 use crate::apex::access::AccessTable;
 use crate::apex::addr::Endpoint;
-use crate::apex::msg::{self, apex_code, ApexLimits, ApexOption, Data, Operation, TargetHop};
+use crate::apex::msg::{self, apex_code, ApexLimits, ApexOption, Data, Operation};
+use crate::apex::options::{self, Edit, Hop};
 use crate::beep::mgmt::code;
 
 /// A connection of this shard, as numbered by the runtime.
@@ -63,6 +64,9 @@ pub struct RelayConfig {
     pub limits: ApexLimits,
     /// Access entries consulted for local delivery (`core:data`).
     pub access: AccessTable,
+    /// Domains whose relays are trusted intermediaries: data they send is accepted whatever the
+    /// originator's domain (RFC 3340 §4.5.2, APEX-32). `*` trusts every bound relay.
+    pub trusted: Vec<String>,
 }
 
 /// Something the runtime must do.
@@ -159,6 +163,13 @@ pub enum Envelope {
         /// The old channel.
         at: ChannelRef,
     },
+    /// To the shard owning the link to `domain`: send `payload` over it.
+    Forward {
+        /// Destination domain.
+        domain: String,
+        /// The data message.
+        payload: Bytes,
+    },
     /// To the shard owning `at`: deliver `payload` there.
     Deliver {
         /// Recipient's channel.
@@ -227,6 +238,20 @@ pub struct Relay {
     pending: HashMap<u64, PendingAttach>,
     next_request: u64,
     actions: VecDeque<Action>,
+    /// Milliseconds on the runtime's monotonic clock, as last told ([`Relay::set_now`]).
+    now_ms: u64,
+    /// transIDs for the relay's own reports.
+    next_report_trans: u32,
+}
+
+/// The shard that owns the relay-mesh link to `domain` (same hash family as endpoints).
+pub fn domain_shard(domain: &str, shards: usize) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in domain.bytes() {
+        hash ^= u64::from(b.to_ascii_lowercase());
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % shards.max(1) as u64) as usize
 }
 
 /// The home shard of an endpoint: stable across shards and runs (FNV-1a over the local part and
@@ -257,7 +282,14 @@ impl Relay {
             pending: HashMap::new(),
             next_request: 0,
             actions: VecDeque::new(),
+            now_ms: 0,
+            next_report_trans: 1,
         }
+    }
+
+    /// Tells the relay the time (milliseconds of a monotonic clock); used by `dataTiming`.
+    pub fn set_now(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
     }
 
     /// The domain served.
@@ -492,11 +524,10 @@ impl Relay {
             );
         }
         // Step 4 (APEX-13, APEX-37): options before the duplicate check.
-        let overriding = options.iter().any(|o| o.name() == "attachOverride");
-        if let Some(unknown) = options.iter().find(|o| o.must_understand && !understood(o)) {
-            let text = format!("option '{}' is not understood", unknown.name());
-            return self.answer_owned(conn, channel, answer, Err((code::NOT_IMPLEMENTED, text)));
-        }
+        let overriding = match options::attach_options(options) {
+            Ok(o) => o.override_existing,
+            Err(e) => return self.answer_owned(conn, channel, answer, Err((e.code, e.text))),
+        };
         let at = self.at(conn, channel);
         let home = home_shard(&endpoint, self.config.shards);
         if home == self.config.shard {
@@ -740,9 +771,17 @@ impl Relay {
             Some(ConnKind::Edge) => self
                 .associations_of(conn)
                 .any(|a| matches!(a, Association::Attached(e) if *e == originator)),
-            Some(ConnKind::Mesh) => self
-                .associations_of(conn)
-                .any(|a| matches!(a, Association::Bound(d) if originator.same_domain(d))),
+            Some(ConnKind::Mesh) => self.associations_of(conn).any(|a| match a {
+                Association::Bound(d) => {
+                    originator.same_domain(d)
+                        || self
+                            .config
+                            .trusted
+                            .iter()
+                            .any(|t| t == "*" || t.eq_ignore_ascii_case(d))
+                }
+                Association::Attached(_) => false,
+            }),
             None => false,
         };
         if !authorized {
@@ -756,34 +795,24 @@ impl Relay {
                 )),
             );
         }
-        // Step 2: per-data options that apply here.
-        if let Some(unknown) = data
-            .options
-            .iter()
-            .chain(&data.originator.options)
-            .find(|o| o.must_understand && !understood(o))
+        // Step 2: per-data options that apply here (APEX-36).
+        if let Err(e) = options::check_must_understand(&data.options, Hop::Receiving)
+            .and_then(|()| options::check_must_understand(&data.originator.options, Hop::Receiving))
         {
-            let text = format!("option '{}' is not understood", unknown.name());
-            return self.answer_owned(conn, channel, answer, Err((code::NOT_IMPLEMENTED, text)));
+            return self.answer_owned(conn, channel, answer, Err((e.code, e.text)));
         }
         // Step 3: accepted (not yet delivered).
         self.answer(conn, channel, answer, Ok(()));
         // Steps 4-5: each recipient, routed on its own.
-        let carries_report = is_status_response(data);
-        let per_data_status = status_request(&data.options);
         let mut remote: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, recipient) in data.recipients.iter().enumerate() {
-            let report = if carries_report {
-                None // APEX-39: never report on a report
-            } else {
-                status_request(&recipient.options)
-                    .or(per_data_status)
-                    .map(|trans_id| ReportRequest {
-                        trans_id,
-                        originator: originator.clone(),
-                        recipient: recipient.identity.clone(),
-                    })
-            };
+            let report = options::status_requests_for(data, i, Hop::Final)
+                .first()
+                .map(|&trans_id| ReportRequest {
+                    trans_id,
+                    originator: originator.clone(),
+                    recipient: recipient.identity.clone(),
+                });
             let target = match Endpoint::parse(&recipient.identity) {
                 Ok(t) => t,
                 Err(_) => {
@@ -802,12 +831,72 @@ impl Relay {
                     .push(i);
                 continue;
             }
-            let payload = data.payload_for(&[i], |o| o.target_hop != TargetHop::This);
-            self.deliver_local(&originator, &target, payload, report);
+            if let Err(e) = options::check_must_understand(&recipient.options, Hop::Final) {
+                self.report(report, e.code, &e.text);
+                continue;
+            }
+            match options::prepare_delivery(&data.options, self.now_ms, self.now_ms) {
+                Ok(options::Delivery::Deliver {
+                    options, reports, ..
+                }) => {
+                    self.option_reports(&reports, &originator, &[recipient.identity.as_str()]);
+                    let payload = rebuild(data, &[i], &options);
+                    self.deliver_local(&originator, &target, payload, report);
+                }
+                Ok(options::Delivery::Drop { reports }) => {
+                    self.option_reports(&reports, &originator, &[recipient.identity.as_str()]);
+                }
+                Err(e) => self.report(report, e.code, &e.text),
+            }
         }
         for (domain, recipients) in remote {
-            let payload = data.payload_for(&recipients, |o| o.target_hop != TargetHop::This);
-            self.actions.push_back(Action::Forward { domain, payload });
+            let names: Vec<&str> = recipients
+                .iter()
+                .map(|&i| data.recipients[i].identity.as_str())
+                .collect();
+            match options::prepare_forward(&data.options, self.now_ms, self.now_ms) {
+                Ok(options::Forward::Send { options, reports }) => {
+                    self.option_reports(&reports, &originator, &names);
+                    let payload = rebuild(data, &recipients, &options);
+                    self.actions.push_back(Action::Forward { domain, payload });
+                }
+                Ok(options::Forward::Drop { reports }) => {
+                    // A routing loop or an expired deadline (dataHopping, dataTiming).
+                    self.option_reports(&reports, &originator, &names);
+                }
+                Err(e) => {
+                    for &i in &recipients {
+                        let report = options::status_requests_for(data, i, Hop::Intermediate)
+                            .first()
+                            .map(|&trans_id| ReportRequest {
+                                trans_id,
+                                originator: originator.clone(),
+                                recipient: data.recipients[i].identity.clone(),
+                            });
+                        self.report(report, e.code, &e.text);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the reports options asked for (dataTiming, dataHopping) to the originator.
+    fn option_reports(
+        &mut self,
+        reports: &[options::Report],
+        originator: &Endpoint,
+        recipients: &[&str],
+    ) {
+        for report in reports {
+            let trans_id = self.next_report_trans;
+            self.next_report_trans = self.next_report_trans % crate::limits::MAX_31BIT + 1;
+            let payload = report.payload(
+                &self.config.domain,
+                originator.as_str(),
+                recipients,
+                trans_id,
+            );
+            self.route_report(payload, originator);
         }
     }
 
@@ -867,13 +956,27 @@ impl Relay {
         let Ok(reporter) = Endpoint::parse(&reporter) else {
             return;
         };
-        let xml = status_response_xml(request.trans_id, &request.recipient, reply_code, text);
+        let destination = options::Destination {
+            identity: &request.recipient,
+            code: reply_code,
+            text,
+        };
+        let xml = options::status_response_xml(request.trans_id, &[destination]);
         let payload = msg::data_payload(reporter.as_str(), request.originator.as_str(), &xml);
-        if self.serves(request.originator.domain()) {
-            self.deliver_local(&reporter, &request.originator, payload, None);
+        self.route_report(payload, &request.originator);
+    }
+
+    /// Sends a report (a data from `apex=report`) to `originator`, locally or over the mesh.
+    fn route_report(&mut self, payload: Bytes, originator: &Endpoint) {
+        if self.serves(originator.domain()) {
+            let Ok(reporter) = Endpoint::parse(&options::report_originator(&self.config.domain))
+            else {
+                return;
+            };
+            self.deliver_local(&reporter, originator, payload, None);
         } else {
             self.actions.push_back(Action::Forward {
-                domain: request.originator.domain().to_ascii_lowercase(),
+                domain: originator.domain().to_ascii_lowercase(),
                 payload,
             });
         }
@@ -890,7 +993,7 @@ impl Relay {
         };
         if let Sent::Delivery(report) = sent {
             if positive {
-                self.report(report, apex_code::SUCCESS, "delivered");
+                self.report(report, apex_code::SUCCESS, "");
             } else {
                 let (code, text) = match msg::parse_message(payload, &self.config.limits) {
                     Ok(Operation::Error { code, text }) => (code, text),
@@ -904,15 +1007,12 @@ impl Relay {
     /// The outcome of forwarding to another relay, for reports (APEX-24).
     pub fn forward_failed(&mut self, payload: &Bytes, reason: &str) {
         if let Ok(Operation::Data(data)) = msg::parse_message(payload, &self.config.limits) {
-            if is_status_response(&data) {
-                return;
-            }
             let Ok(originator) = Endpoint::parse(&data.originator.identity) else {
                 return;
             };
-            let per_data = status_request(&data.options);
-            for recipient in &data.recipients {
-                if let Some(trans_id) = status_request(&recipient.options).or(per_data) {
+            for (i, recipient) in data.recipients.iter().enumerate() {
+                if let Some(&trans_id) = options::status_requests_for(&data, i, Hop::Final).first()
+                {
                     let request = ReportRequest {
                         trans_id,
                         originator: originator.clone(),
@@ -958,6 +1058,9 @@ impl Relay {
                 }
             }
             Envelope::Evict { endpoint, at } => self.end_attachment(&endpoint, at),
+            Envelope::Forward { domain, payload } => {
+                self.actions.push_back(Action::Forward { domain, payload })
+            }
             Envelope::Deliver {
                 at,
                 payload,
@@ -967,41 +1070,25 @@ impl Relay {
     }
 }
 
-/// Options this relay implements.
-fn understood(option: &ApexOption) -> bool {
-    option
-        .internal
-        .as_deref()
-        .is_some_and(|n| ["statusRequest", "attachOverride"].contains(&n))
-}
-
-/// The transID of a statusRequest among `options` (RFC 3340 §5.1).
-fn status_request(options: &[ApexOption]) -> Option<u32> {
-    options
-        .iter()
-        .find(|o| o.internal.as_deref() == Some("statusRequest"))
-        .map(|o| o.trans_id)
-}
-
-/// Whether the data carries a statusResponse (APEX-39).
-fn is_status_response(data: &Data) -> bool {
-    data.data_content
-        .as_ref()
-        .is_some_and(|dc| memchr::memmem::find(dc, b"<statusResponse").is_some())
-}
-
-/// The statusResponse for one destination, laid out as apex-core.md §13.3.
-pub fn status_response_xml(trans_id: u32, recipient: &str, reply_code: u16, text: &str) -> String {
-    let reply = if text.is_empty() || reply_code == apex_code::SUCCESS {
-        format!("<reply code='{reply_code}' transID='{trans_id}' />")
-    } else {
-        format!(
-            "<reply code='{reply_code}' transID='{trans_id}'>{}</reply>",
-            crate::xml::escape(text)
-        )
-    };
-    format!(
-        "\r\n      <statusResponse transID='{trans_id}'>\r\n         <destination identity='{}'>\r\n            {reply}\r\n         </destination>\r\n      </statusResponse>\r\n   ",
-        crate::xml::escape(recipient)
-    )
+/// The data to send onward: only `recipients`, the per-data options replaced by `options`
+/// (rewritten or removed ones edited in place), every other byte as received (APEX-28).
+fn rebuild(data: &Data, recipients: &[usize], options: &[ApexOption]) -> Bytes {
+    let mut edits = Vec::new();
+    for (i, party) in data.recipients.iter().enumerate() {
+        if !recipients.contains(&i) {
+            edits.push(Edit::remove(&party.raw));
+        }
+    }
+    for old in &data.options {
+        match options
+            .iter()
+            .find(|new| new.name() == old.name() && new.trans_id == old.trans_id)
+        {
+            Some(new) if new.raw == old.raw => {}
+            Some(new) => edits.push(Edit::replace(&old.raw, new.raw.clone())),
+            None => edits.push(Edit::remove(&old.raw)),
+        }
+    }
+    options::edit_payload(data.payload(), &edits)
+        .unwrap_or_else(|| data.payload_for(recipients, |o| options.iter().any(|n| n.raw == o.raw)))
 }

@@ -1,0 +1,2 @@
+//! apex-load (being written).
+fn main() {}

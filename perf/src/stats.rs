@@ -1,0 +1,265 @@
+//! Latency histograms and the run report (text for people, JSON for scripts).
+
+use std::fmt::{self, Write as _};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Highest latency the histograms track, in microseconds (60 s); longer ones are clamped.
+const MAX_LATENCY_US: u64 = 60_000_000;
+
+/// A latency histogram in microseconds with 3 significant digits.
+pub(crate) fn latency_histogram() -> Histogram<u64> {
+    // Bounds 1..=60 s at 3 digits are valid by construction; the fallback is never taken.
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
+        .or_else(|_| Histogram::new(3))
+        .unwrap_or_else(|_| unreachable!("3 significant digits are always accepted"))
+}
+
+/// Records one latency given in nanoseconds.
+pub(crate) fn record_ns(histogram: &mut Histogram<u64>, latency_ns: u64) {
+    histogram.saturating_record(latency_ns / 1_000);
+}
+
+/// Percentiles of a latency histogram, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub(crate) struct LatencySummary {
+    /// Number of recorded latencies.
+    pub(crate) samples: u64,
+    /// Smallest.
+    pub(crate) min: u64,
+    /// Arithmetic mean.
+    pub(crate) mean: f64,
+    /// Median.
+    pub(crate) p50: u64,
+    /// 90th percentile.
+    pub(crate) p90: u64,
+    /// 99th percentile.
+    pub(crate) p99: u64,
+    /// 99.9th percentile.
+    pub(crate) p999: u64,
+    /// Largest.
+    pub(crate) max: u64,
+}
+
+impl LatencySummary {
+    /// Summarises `histogram` (all zero when it is empty).
+    pub(crate) fn of(histogram: &Histogram<u64>) -> Self {
+        if histogram.is_empty() {
+            return Self {
+                samples: 0,
+                min: 0,
+                mean: 0.0,
+                p50: 0,
+                p90: 0,
+                p99: 0,
+                p999: 0,
+                max: 0,
+            };
+        }
+        Self {
+            samples: histogram.len(),
+            min: histogram.min(),
+            mean: histogram.mean(),
+            p50: histogram.value_at_quantile(0.50),
+            p90: histogram.value_at_quantile(0.90),
+            p99: histogram.value_at_quantile(0.99),
+            p999: histogram.value_at_quantile(0.999),
+            max: histogram.max(),
+        }
+    }
+}
+
+/// What one run measured. Rates count the measured window only (after the warm-up).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Report {
+    /// The system under load (`apex`).
+    pub(crate) target: String,
+    /// Where it was reached.
+    pub(crate) address: String,
+    /// Sender/receiver pairs.
+    pub(crate) pairs: usize,
+    /// Payload octets per message.
+    pub(crate) size: usize,
+    /// Most unacknowledged messages per sender.
+    pub(crate) depth: usize,
+    /// Load-generator threads.
+    pub(crate) threads: usize,
+    /// Warm-up, seconds (not measured).
+    pub(crate) warmup_s: f64,
+    /// Measured window, seconds.
+    pub(crate) duration_s: f64,
+    /// Messages sent over the whole run.
+    pub(crate) sent: u64,
+    /// Messages the target acknowledged over the whole run.
+    pub(crate) acknowledged: u64,
+    /// Messages delivered to receivers over the whole run.
+    pub(crate) delivered: u64,
+    /// Messages delivered within the measured window.
+    pub(crate) delivered_in_window: u64,
+    /// Delivered messages per second in the measured window.
+    pub(crate) msgs_per_sec: f64,
+    /// Delivered payload, 10^6 octets per second, in the measured window.
+    pub(crate) payload_mb_per_sec: f64,
+    /// One-way latency, sender to receiver, in microseconds (measured window only).
+    pub(crate) latency_us: LatencySummary,
+    /// Failed operations, refused messages and unexpected input.
+    pub(crate) errors: u64,
+    /// Messages that never arrived (sequence gaps, and acknowledged messages missing at the end).
+    pub(crate) lost: u64,
+    /// Messages that arrived behind a later one (or twice).
+    pub(crate) reordered: u64,
+    /// The first few error messages.
+    pub(crate) error_samples: Vec<String>,
+    /// Remarks that do not fail the run.
+    pub(crate) notes: Vec<String>,
+}
+
+impl Report {
+    /// True when nothing was lost, reordered or failed.
+    pub(crate) fn passed(&self) -> bool {
+        self.errors == 0 && self.lost == 0 && self.reordered == 0
+    }
+
+    /// Writes the report as pretty-printed JSON.
+    pub(crate) fn write_json(&self, path: &Path) -> Result<()> {
+        let mut text = serde_json::to_string_pretty(self).context("encoding the JSON report")?;
+        text.push('\n');
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let l = &self.latency_us;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{} @ {}: {} pair(s), {} B payload, depth {}, {} thread(s), {:.1} s measured after {:.1} s warm-up",
+            self.target,
+            self.address,
+            self.pairs,
+            self.size,
+            self.depth,
+            self.threads,
+            self.duration_s,
+            self.warmup_s
+        );
+        let _ = writeln!(
+            out,
+            "  throughput  {:.0} msg/s  {:.2} MB/s payload  ({} delivered in the window)",
+            self.msgs_per_sec, self.payload_mb_per_sec, self.delivered_in_window
+        );
+        let _ = writeln!(
+            out,
+            "  latency us  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (min {}, mean {:.1}, {} samples)",
+            l.p50, l.p90, l.p99, l.p999, l.max, l.min, l.mean, l.samples
+        );
+        let _ = writeln!(
+            out,
+            "  totals      sent {}  acknowledged {}  delivered {}",
+            self.sent, self.acknowledged, self.delivered
+        );
+        let _ = write!(
+            out,
+            "  errors {}  lost {}  reordered {}  => {}",
+            self.errors,
+            self.lost,
+            self.reordered,
+            if self.passed() { "PASS" } else { "FAIL" }
+        );
+        for e in &self.error_samples {
+            let _ = write!(out, "\n  error: {e}");
+        }
+        for n in &self.notes {
+            let _ = write!(out, "\n  note: {n}");
+        }
+        f.write_str(&out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(errors: u64, lost: u64, reordered: u64) -> Report {
+        Report {
+            target: "apex".into(),
+            address: "127.0.0.1:1".into(),
+            pairs: 1,
+            size: 128,
+            depth: 64,
+            threads: 2,
+            warmup_s: 1.0,
+            duration_s: 5.0,
+            sent: 10,
+            acknowledged: 10,
+            delivered: 10,
+            delivered_in_window: 8,
+            msgs_per_sec: 1.6,
+            payload_mb_per_sec: 0.0,
+            latency_us: LatencySummary::of(&latency_histogram()),
+            errors,
+            lost,
+            reordered,
+            error_samples: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn percentiles_of_a_uniform_distribution() {
+        let mut h = latency_histogram();
+        for us in 1..=10_000u64 {
+            record_ns(&mut h, us * 1_000 + 999);
+        }
+        let s = LatencySummary::of(&h);
+        assert_eq!(s.samples, 10_000);
+        assert_eq!(s.min, 1);
+        // 3 significant digits: each value is within 0.1 % of the exact one.
+        let near = |got: u64, want: u64| got.abs_diff(want) * 1000 <= want;
+        assert!(near(s.p50, 5_000), "{s:?}");
+        assert!(near(s.p90, 9_000), "{s:?}");
+        assert!(near(s.p99, 9_900), "{s:?}");
+        assert!(near(s.p999, 9_990), "{s:?}");
+        assert!(near(s.max, 10_000), "{s:?}");
+        assert!((s.mean - 5_000.5).abs() < 10.0, "{s:?}");
+    }
+
+    #[test]
+    fn outliers_show_only_in_the_tail() {
+        let mut h = latency_histogram();
+        for _ in 0..999 {
+            record_ns(&mut h, 20_000);
+        }
+        record_ns(&mut h, 5_000_000);
+        // Beyond the tracked range: clamped, not dropped.
+        record_ns(&mut h, 3_600 * 1_000_000_000);
+        let s = LatencySummary::of(&h);
+        assert_eq!((s.p50, s.p99), (20, 20));
+        assert!(s.p999 >= 4_990, "{s:?}");
+        assert!(s.max >= MAX_LATENCY_US * 999 / 1000, "{s:?}");
+        assert_eq!(s.samples, 1_001);
+    }
+
+    #[test]
+    fn empty_histogram_summarises_to_zero() {
+        let s = LatencySummary::of(&latency_histogram());
+        assert_eq!((s.samples, s.p50, s.max), (0, 0, 0));
+    }
+
+    #[test]
+    fn pass_fail_and_json() {
+        assert!(report(0, 0, 0).passed());
+        assert!(!report(1, 0, 0).passed());
+        assert!(!report(0, 1, 0).passed());
+        assert!(!report(0, 0, 1).passed());
+        let json: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&report(0, 2, 0)).unwrap()).unwrap();
+        assert_eq!(json["lost"], 2);
+        assert_eq!(json["latency_us"]["p999"], 0);
+        assert!(report(0, 0, 0).to_string().contains("PASS"));
+    }
+}
