@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use std::str::FromStr;
 
 use apex_proto::apex::access::{AccessTable, Grant};
+use apex_proto::apex::options::HoldLimits;
 use apex_proto::Limits;
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +65,14 @@ max_backoff_ms = 10000
 # Connection attempts before queued data fails (and is reported when asked).
 connect_attempts = 5
 
+[hold]
+# Data held for endpoints that are not attached yet, when the data asks for it with the
+# hold4Endpoint option (RFC 3342): most messages and octets held per shard, and the longest
+# hold in milliseconds (0: as long as the data's dataTiming allows, forever without one).
+max_messages = 1024
+max_bytes = 16777216
+max_hold_ms = 0
+
 [limits]
 # See apex_proto::Limits for the meaning of each bound.
 max_header_line = 128
@@ -103,6 +112,8 @@ pub struct Config {
     pub access: AccessConfig,
     /// Relay-to-relay settings.
     pub mesh: MeshConfig,
+    /// The hold4Endpoint queue.
+    pub hold: HoldConfig,
     /// Protocol limits.
     pub limits: LimitsConfig,
 }
@@ -123,6 +134,28 @@ pub struct MeshConfig {
     pub max_backoff_ms: u64,
     /// Connection attempts before queued data fails.
     pub connect_attempts: u32,
+}
+
+/// Bounds of the hold4Endpoint queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldConfig {
+    /// Most held messages per shard.
+    pub max_messages: usize,
+    /// Most held octets per shard.
+    pub max_bytes: usize,
+    /// Longest hold, ms; 0: no cap.
+    pub max_hold_ms: u64,
+}
+
+impl From<&HoldConfig> for HoldLimits {
+    fn from(c: &HoldConfig) -> Self {
+        HoldLimits {
+            max_messages: c.max_messages,
+            max_bytes: c.max_bytes,
+            max_hold_ms: (c.max_hold_ms > 0).then_some(c.max_hold_ms),
+        }
+    }
 }
 
 /// Access entries from configuration.

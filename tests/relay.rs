@@ -187,3 +187,74 @@ fn five_thousand_pipelined_messages_arrive_once_and_in_order() {
     }
     assert_eq!(seen, (0..N).collect::<Vec<_>>());
 }
+
+#[test]
+fn opt_hold4endpoint_keeps_data_until_the_recipient_attaches() {
+    let relay = relay(2);
+    let (mut fred, channel) = attached(&relay, "fred@example.com");
+    let data = std::str::from_utf8(DATA_13_1).unwrap().replace(
+        "<data-content",
+        "<option internal='hold4Endpoint' transID='3' />\r\n   <data-content",
+    );
+    assert!(fred.request(channel, Bytes::from(data.clone())).0);
+    // barney attaches later (possibly on the other shard) and gets it.
+    let (mut barney, _) = attached(&relay, "barney@example.com");
+    assert_eq!(barney.receive(), Bytes::from(data));
+}
+
+#[test]
+fn sixteen_endpoints_on_two_shards_exchange_3200_messages() {
+    let relay = relay(2);
+    const ENDPOINTS: usize = 16;
+    const PER_SENDER: usize = 200;
+    let mut clients: Vec<(Client, u32)> = (0..ENDPOINTS)
+        .map(|i| attached(&relay, &format!("e{i}@example.com")))
+        .collect();
+    // Each endpoint sends PER_SENDER messages round-robin to the others.
+    for (i, (client, channel)) in clients.iter_mut().enumerate() {
+        for n in 0..PER_SENDER {
+            let to = (i + 1 + n % (ENDPOINTS - 1)) % ENDPOINTS;
+            let data = format!(
+                "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='e{i}@example.com' /><recipient identity='e{to}@example.com' /><data-content Name='C'>{i}:{n}</data-content></data>"
+            );
+            client
+                .session
+                .send_msg(*channel, Bytes::from(data))
+                .unwrap();
+        }
+    }
+    let mut received: Vec<Vec<(usize, usize)>> = vec![Vec::new(); ENDPOINTS];
+    let total = ENDPOINTS * PER_SENDER;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while received.iter().map(Vec::len).sum::<usize>() < total {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "delivered {} of {total}",
+            received.iter().map(Vec::len).sum::<usize>()
+        );
+        for (j, (client, _)) in clients.iter_mut().enumerate() {
+            for payload in client.drain_messages() {
+                let text = String::from_utf8_lossy(&payload).into_owned();
+                let start =
+                    text.find("<data-content Name='C'>").unwrap() + "<data-content Name='C'>".len();
+                let end = text.find("</data-content>").unwrap();
+                let (from, n) = text[start..end].split_once(':').unwrap();
+                received[j].push((from.parse().unwrap(), n.parse().unwrap()));
+            }
+        }
+    }
+    // Once each, and in order per sender.
+    for (j, got) in received.iter().enumerate() {
+        for i in 0..ENDPOINTS {
+            let from_i: Vec<usize> = got
+                .iter()
+                .filter(|(f, _)| *f == i)
+                .map(|(_, n)| *n)
+                .collect();
+            let expected: Vec<usize> = (0..PER_SENDER)
+                .filter(|n| (i + 1 + n % (ENDPOINTS - 1)) % ENDPOINTS == j)
+                .collect();
+            assert_eq!(from_i, expected, "messages from e{i} to e{j}");
+        }
+    }
+}

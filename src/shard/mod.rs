@@ -270,6 +270,7 @@ async fn shard_main(
         limits: apex_proto::apex::msg::ApexLimits::default(),
         access: config.access_table()?,
         trusted: config.mesh.trusted.clone(),
+        hold: (&config.hold).into(),
     });
     let ctx = Rc::new(ShardContext {
         id,
@@ -302,6 +303,16 @@ async fn shard_main(
         .detach();
     }
 
+    // The relay's clock: held data expires even when no traffic arrives.
+    let ticker = ctx.clone();
+    glommio::spawn_local(async move {
+        while !ticker.stopping() {
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            ticker.relay.borrow_mut().handle_timeout(ticker.now_ms());
+            conn::execute_actions(&ticker).await;
+        }
+    })
+    .detach();
     let edge_task = glommio::spawn_local(accept_loop(edge, ctx.clone(), ConnKind::Edge));
     let mesh_task = glommio::spawn_local(accept_loop(mesh_listener, ctx.clone(), ConnKind::Mesh));
     info!(shard = id, edge = %ctx.config.edge_listen, mesh = %ctx.config.mesh_listen, "shard listening");

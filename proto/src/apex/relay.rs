@@ -67,6 +67,8 @@ pub struct RelayConfig {
     /// Domains whose relays are trusted intermediaries: data they send is accepted whatever the
     /// originator's domain (RFC 3340 §4.5.2, APEX-32). `*` trusts every bound relay.
     pub trusted: Vec<String>,
+    /// Bounds of the hold4Endpoint queue (RFC 3342 §3).
+    pub hold: options::HoldLimits,
 }
 
 /// Something the runtime must do.
@@ -218,6 +220,10 @@ struct ChannelState {
     associations: HashMap<u32, Association>,
     /// Our MSGs awaiting replies, in order.
     sent: VecDeque<Sent>,
+    /// The session knows the channel: false while the reply to its `start` (carrying a
+    /// piggybacked attach) is still to be sent. MSGs for it wait in `waiting` until then.
+    ready: bool,
+    waiting: Vec<(Bytes, Option<ReportRequest>)>,
 }
 
 #[derive(Debug)]
@@ -242,6 +248,19 @@ pub struct Relay {
     now_ms: u64,
     /// transIDs for the relay's own reports.
     next_report_trans: u32,
+    /// Data held for endpoints not attached yet (hold4Endpoint), in arrival order.
+    held: HashMap<Endpoint, VecDeque<Held>>,
+    held_messages: usize,
+    held_bytes: usize,
+}
+
+/// A data message waiting for its recipient to attach.
+#[derive(Debug)]
+struct Held {
+    payload: Bytes,
+    report: Option<ReportRequest>,
+    /// Relay-clock millisecond after which it is dropped; `None`: no bound.
+    deadline: Option<u64>,
 }
 
 /// The shard that owns the relay-mesh link to `domain` (same hash family as endpoints).
@@ -284,6 +303,9 @@ impl Relay {
             actions: VecDeque::new(),
             now_ms: 0,
             next_report_trans: 1,
+            held: HashMap::new(),
+            held_messages: 0,
+            held_bytes: 0,
         }
     }
 
@@ -342,7 +364,7 @@ impl Relay {
 
     /// An APEX channel was created without a piggybacked operation.
     pub fn channel_started(&mut self, conn: ConnId, channel: u32) {
-        self.channels.entry((conn, channel)).or_default();
+        self.channels.entry((conn, channel)).or_default().ready = true;
     }
 
     /// An APEX channel closed: its attachments and bindings end (APEX-16).
@@ -386,7 +408,8 @@ impl Relay {
 
     /// A MSG on an APEX channel.
     pub fn handle_message(&mut self, conn: ConnId, channel: u32, msgno: u32, payload: &Bytes) {
-        self.channels.entry((conn, channel)).or_default();
+        // A MSG on the channel proves the peer knows it.
+        self.channels.entry((conn, channel)).or_default().ready = true;
         let answer = Answer::Msg(msgno);
         match msg::parse_message(payload, &self.config.limits) {
             Ok(Operation::Attach {
@@ -463,6 +486,20 @@ impl Relay {
             },
         };
         self.actions.push_back(action);
+        if let Answer::Start(_) = answer {
+            // The channel exists for the peer once this reply is out: release what waited.
+            if let Some(state) = self.channels.get_mut(&(conn, channel)) {
+                state.ready = true;
+                for (payload, report) in std::mem::take(&mut state.waiting) {
+                    state.sent.push_back(Sent::Delivery(report));
+                    self.actions.push_back(Action::Send {
+                        conn,
+                        channel,
+                        payload,
+                    });
+                }
+            }
+        }
     }
 
     fn trans_live(&self, conn: ConnId, channel: u32, trans_id: u32) -> bool {
@@ -580,7 +617,7 @@ impl Relay {
     }
 
     fn record_attached(&mut self, endpoint: Endpoint, at: ChannelRef) {
-        self.directory.insert(endpoint.clone(), at);
+        self.now_attached(endpoint.clone(), at);
         self.broadcast(|| Envelope::Attached {
             endpoint: endpoint.clone(),
             at,
@@ -642,7 +679,7 @@ impl Relay {
     ) {
         match result {
             Ok(()) => {
-                self.directory.insert(endpoint.clone(), at);
+                self.now_attached(endpoint.clone(), at);
                 self.channels
                     .entry((at.conn, at.channel))
                     .or_default()
@@ -837,11 +874,15 @@ impl Relay {
             }
             match options::prepare_delivery(&data.options, self.now_ms, self.now_ms) {
                 Ok(options::Delivery::Deliver {
-                    options, reports, ..
+                    options,
+                    reports,
+                    timings,
                 }) => {
                     self.option_reports(&reports, &originator, &[recipient.identity.as_str()]);
                     let payload = rebuild(data, &[i], &options);
-                    self.deliver_local(&originator, &target, payload, report);
+                    let hold = options::hold_requested(&data.options, Hop::Final)
+                        .then(|| self.config.hold.deadline(self.now_ms, timings.first()));
+                    self.deliver_local(&originator, &target, payload, report, hold);
                 }
                 Ok(options::Delivery::Drop { reports }) => {
                     self.option_reports(&reports, &originator, &[recipient.identity.as_str()]);
@@ -901,12 +942,14 @@ impl Relay {
     }
 
     /// Step 5.3 (APEX-25): access check, then the attached recipient's channel.
+    /// `hold`: the recipient asked to be held for (hold4Endpoint) until this deadline.
     fn deliver_local(
         &mut self,
         originator: &Endpoint,
         recipient: &Endpoint,
         payload: Bytes,
         report: Option<ReportRequest>,
+        hold: Option<Option<u64>>,
     ) {
         // Services inside the relay (the report service) reach endpoints without access entries
         // (apex-core.md §16 item 9: the RFCs leave this open).
@@ -919,9 +962,66 @@ impl Relay {
             return self.report(report, apex_code::NOT_AUTHORIZED, "access denied");
         }
         let Some(at) = self.directory.get(recipient).copied() else {
+            if let Some(deadline) = hold {
+                if self
+                    .config
+                    .hold
+                    .admits(self.held_messages, self.held_bytes, payload.len())
+                {
+                    self.held_messages += 1;
+                    self.held_bytes += payload.len();
+                    self.held
+                        .entry(recipient.clone())
+                        .or_default()
+                        .push_back(Held {
+                            payload,
+                            report,
+                            deadline,
+                        });
+                    return;
+                }
+                return self.report(report, code::ACTION_NOT_TAKEN, "hold queue is full");
+            }
             return self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached");
         };
         self.deliver_at(at, payload, report);
+    }
+
+    /// `endpoint` is attached at `at` now: record it and release what was held for it.
+    fn now_attached(&mut self, endpoint: Endpoint, at: ChannelRef) {
+        if let Some(queue) = self.held.remove(&endpoint) {
+            for held in queue {
+                self.held_messages -= 1;
+                self.held_bytes -= held.payload.len();
+                self.deliver_at(at, held.payload, held.report);
+            }
+        }
+        self.directory.insert(endpoint, at);
+    }
+
+    /// Time passed: held data past its deadline is dropped and reported (RFC 3342 §3).
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        let mut expired = Vec::new();
+        for queue in self.held.values_mut() {
+            queue.retain_mut(|held| {
+                let keep = held.deadline.is_none_or(|d| d > now_ms);
+                if !keep {
+                    expired.push((held.payload.len(), held.report.take()));
+                }
+                keep
+            });
+        }
+        self.held.retain(|_, q| !q.is_empty());
+        for (size, report) in expired {
+            self.held_messages -= 1;
+            self.held_bytes -= size;
+            self.report(
+                report,
+                code::ACTION_NOT_TAKEN,
+                "endpoint did not attach in time",
+            );
+        }
     }
 
     fn deliver_at(&mut self, at: ChannelRef, payload: Bytes, report: Option<ReportRequest>) {
@@ -937,6 +1037,7 @@ impl Relay {
             return;
         }
         match self.channels.get_mut(&(at.conn, at.channel)) {
+            Some(state) if !state.ready => state.waiting.push((payload, report)),
             Some(state) => {
                 state.sent.push_back(Sent::Delivery(report));
                 self.actions.push_back(Action::Send {
@@ -973,7 +1074,7 @@ impl Relay {
             else {
                 return;
             };
-            self.deliver_local(&reporter, originator, payload, None);
+            self.deliver_local(&reporter, originator, payload, None, None);
         } else {
             self.actions.push_back(Action::Forward {
                 domain: originator.domain().to_ascii_lowercase(),
@@ -1049,9 +1150,7 @@ impl Relay {
                     self.finish_attach(p.endpoint, p.at, p.trans_id, p.answer, result);
                 }
             }
-            Envelope::Attached { endpoint, at } => {
-                self.directory.insert(endpoint, at);
-            }
+            Envelope::Attached { endpoint, at } => self.now_attached(endpoint, at),
             Envelope::Detached { endpoint, at } => {
                 if self.directory.get(&endpoint) == Some(&at) {
                     self.directory.remove(&endpoint);
