@@ -6,5 +6,6 @@
 
 pub mod apex_profile;
 pub mod config;
+pub mod dns;
 pub mod shard;
 pub mod sys;

@@ -148,3 +148,25 @@ fn opt_17_routing_loop_stopped_by_data_hopping() {
     );
     assert!(report.contains("code='550'"), "{report}");
 }
+
+#[test]
+fn apex_04_domain_literal_is_routed_without_dns() {
+    // No static route: the literal's address and the IANA port 912 are used (nothing listens
+    // there in tests, so the recipient fails and is reported).
+    let a = relay("example.com", free_port(), &[]);
+    let (mut fred, channel) = attached(&a, "fred@example.com");
+    let option = "   <option internal='statusRequest' transID='4' />\r\n";
+    assert!(
+        fred.request(
+            channel,
+            data("fred@example.com", "x@[127.0.0.1]", option, "?")
+        )
+        .0
+    );
+    let report = String::from_utf8(fred.receive().to_vec()).unwrap();
+    assert!(
+        report.contains("<destination identity='x@[127.0.0.1]'>"),
+        "{report}"
+    );
+    assert!(report.contains("code='550'"), "{report}");
+}

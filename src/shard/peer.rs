@@ -85,10 +85,17 @@ async fn run_link(ctx: Rc<ShardContext>, link: Rc<Link>) {
             .await;
             continue;
         }
-        let Some(addr) = ctx.route(&link.domain) else {
-            fail_queued(&ctx, &link, "no route to the recipient's domain");
-            execute_actions(&ctx).await;
-            continue;
+        let addr = match ctx.route(&link.domain) {
+            Some(addr) => addr,
+            None => match resolve(&link.domain).await {
+                Ok(addr) => addr,
+                Err(e) => {
+                    warn!(shard = ctx.id, domain = %link.domain, error = %e, "no route");
+                    fail_queued(&ctx, &link, "no route to the recipient's domain");
+                    execute_actions(&ctx).await;
+                    continue;
+                }
+            },
         };
         match TcpStream::connect(addr).await {
             Ok(stream) => {
@@ -279,6 +286,25 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
             fail_queued(ctx, link, &reason);
         }
     }
+}
+
+/// Resolves `domain`'s relay off the shard thread (DNS SRV, APEX-04), polling for the answer.
+async fn resolve(domain: &str) -> anyhow::Result<SocketAddr> {
+    let lookup = crate::dns::resolve_mesh(domain);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lookup.is_finished() {
+        if Instant::now() > deadline {
+            anyhow::bail!("DNS lookup for {domain} timed out");
+        }
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    let found = lookup
+        .join()
+        .map_err(|_| anyhow::anyhow!("DNS lookup thread failed"))??;
+    found
+        .first()
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("no address for {domain}"))
 }
 
 impl ShardContext {
