@@ -377,3 +377,25 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>, kind: ConnKin
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+
+    #[test]
+    fn too_little_locked_memory_is_refused_with_the_fix() {
+        let Ok(Some(limit)) = sys::memlock_limit() else {
+            return; // unlimited: nothing can exceed it
+        };
+        let mut config = Config::load(None, &Overrides::default()).unwrap();
+        config.runtime.io_memory = limit as usize;
+        let err = check_environment(&config, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("ulimit -l") && err.contains("runtime.io_memory"),
+            "{err}"
+        );
+        config.runtime.io_memory = 64 * 1024;
+        assert!(check_environment(&config, 1).is_ok());
+    }
+}
