@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use std::str::FromStr;
 
 use apex_proto::apex::access::{AccessTable, Grant};
+use apex_proto::apex::msg::ApexLimits;
 use apex_proto::apex::options::HoldLimits;
 use apex_proto::Limits;
 use serde::{Deserialize, Serialize};
@@ -73,6 +74,14 @@ max_messages = 1024
 max_bytes = 16777216
 max_hold_ms = 0
 
+[apex]
+# Bounds on APEX control documents from peers (apex_proto::apex::msg::ApexLimits).
+max_depth = 32
+max_attributes = 16
+max_attribute_len = 1024
+max_recipients = 256
+max_options = 64
+
 [limits]
 # See apex_proto::Limits for the meaning of each bound.
 max_header_line = 128
@@ -114,6 +123,8 @@ pub struct Config {
     pub mesh: MeshConfig,
     /// The hold4Endpoint queue.
     pub hold: HoldConfig,
+    /// Bounds on APEX control documents.
+    pub apex: ApexConfig,
     /// Protocol limits.
     pub limits: LimitsConfig,
 }
@@ -134,6 +145,30 @@ pub struct MeshConfig {
     pub max_backoff_ms: u64,
     /// Connection attempts before queued data fails.
     pub connect_attempts: u32,
+}
+
+/// Bounds on APEX control documents, mirrored from the core's `ApexLimits`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct ApexConfig {
+    pub max_depth: usize,
+    pub max_attributes: usize,
+    pub max_attribute_len: usize,
+    pub max_recipients: usize,
+    pub max_options: usize,
+}
+
+impl From<&ApexConfig> for ApexLimits {
+    fn from(c: &ApexConfig) -> Self {
+        ApexLimits {
+            max_depth: c.max_depth,
+            max_attributes: c.max_attributes,
+            max_attribute_len: c.max_attribute_len,
+            max_recipients: c.max_recipients,
+            max_options: c.max_options,
+        }
+    }
 }
 
 /// Bounds of the hold4Endpoint queue.
@@ -386,6 +421,15 @@ impl Config {
         }
         self.access_table()?;
         self.static_routes()?;
+        if self.apex.max_depth < 4
+            || self.apex.max_attributes < 4
+            || self.apex.max_attribute_len < 64
+        {
+            bail!("fields `apex.max_depth`/`apex.max_attributes` must be >= 4 and `apex.max_attribute_len` >= 64");
+        }
+        if self.apex.max_recipients == 0 {
+            bail!("field `apex.max_recipients` must be at least 1");
+        }
         if self.mesh.link_queue == 0
             || self.mesh.link_in_flight == 0
             || self.mesh.connect_attempts == 0
@@ -466,6 +510,8 @@ mod tests {
         assert_eq!(config.mesh_listen.port(), 912);
         assert!(!config.domain.is_empty());
         assert_eq!(Limits::from(&config.limits), Limits::default());
+        assert_eq!(ApexLimits::from(&config.apex), ApexLimits::default());
+        assert_eq!(HoldLimits::from(&config.hold), HoldLimits::default());
     }
 
     #[test]

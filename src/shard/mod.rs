@@ -267,7 +267,7 @@ async fn shard_main(
         domain: config.domain.clone(),
         shard: id,
         shards: config.shard_count(),
-        limits: apex_proto::apex::msg::ApexLimits::default(),
+        limits: (&config.apex).into(),
         access: config.access_table()?,
         trusted: config.mesh.trusted.clone(),
         hold: (&config.hold).into(),

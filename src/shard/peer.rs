@@ -141,6 +141,7 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
     let mut write_buf = BytesMut::new();
     let mut channel: Option<u32> = None;
     let mut in_flight: VecDeque<Bytes> = VecDeque::new();
+    let apex_limits: msg::ApexLimits = (&ctx.config.apex).into();
     let bind = format!(
         "<bind relay='{}' transID='1' />",
         apex_proto::xml::escape(&ctx.config.domain)
@@ -229,7 +230,7 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
                 } => {
                     let accepted = content
                         .as_ref()
-                        .and_then(|c| msg::parse_document(c, &Default::default()).ok());
+                        .and_then(|c| msg::parse_document(c, &apex_limits).ok());
                     match accepted {
                         Some(Operation::Ok) => {
                             debug!(domain = %link.domain, "bound at the next relay");
@@ -251,7 +252,7 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
                 Event::Reply { kind, payload, .. } => {
                     if let Some(sent) = in_flight.pop_front() {
                         if kind != ReplyKind::Rpy {
-                            let reason = match msg::parse_message(&payload, &Default::default()) {
+                            let reason = match msg::parse_message(&payload, &apex_limits) {
                                 Ok(Operation::Error { code, text }) => {
                                     format!("next relay: {code} {text}")
                                 }
