@@ -258,3 +258,57 @@ fn sixteen_endpoints_on_two_shards_exchange_3200_messages() {
         }
     }
 }
+
+#[test]
+fn slow_receiver_backpressure_loses_nothing() {
+    // More deliveries than the relay lets be outstanding on barney's channel (64 here): the
+    // rest wait in the relay and fred's connection stops being read, but every accepted
+    // message arrives, once and in order.
+    let config =
+        std::env::temp_dir().join(format!("apexd-backpressure-{}.toml", std::process::id()));
+    std::fs::write(&config, "[limits]\nmax_outstanding_msgs = 64\n").unwrap();
+    let relay = Relay::start_with(&[
+        "--shards",
+        "1",
+        "--domain",
+        "example.com",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&config).unwrap();
+    let (mut barney, _) = attached(&relay, "barney@example.com");
+    let (mut fred, channel) = attached(&relay, "fred@example.com");
+    const N: usize = 3_000;
+    for i in 0..N {
+        let data = format!(
+            "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='fred@example.com' /><recipient identity='barney@example.com' /><data-content Name='C'>{i}</data-content></data>"
+        );
+        fred.session.send_msg(channel, Bytes::from(data)).unwrap();
+    }
+    // barney reads nothing for a while; fred keeps writing what his windows allow.
+    let pause = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    while std::time::Instant::now() < pause {
+        fred.pump();
+    }
+    let mut seen = Vec::with_capacity(N);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while seen.len() < N {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {N} delivered",
+            seen.len()
+        );
+        fred.pump();
+        for payload in barney.drain_messages() {
+            let text = String::from_utf8_lossy(&payload);
+            let start =
+                text.find("<data-content Name='C'>").unwrap() + "<data-content Name='C'>".len();
+            let end = text.find("</data-content>").unwrap();
+            seen.push(text[start..end].parse::<usize>().unwrap());
+        }
+    }
+    assert_eq!(seen, (0..N).collect::<Vec<_>>());
+    // Every data was accepted (ok), none refused.
+    let refused = fred.events.iter().filter(|e| matches!(e, apex_proto::Event::Reply { kind, .. } if *kind != apex_proto::ReplyKind::Rpy)).count();
+    assert_eq!(refused, 0);
+}

@@ -1,2 +1,244 @@
-//! apex-load (being written).
-fn main() {}
+//! `apex-load`: load generator and benchmark driver for apexd.
+//!
+//! ```text
+//! apex-load apex --relay 127.0.0.1:PORT [--domain example.com] [--pairs 1] [--size 128]
+//!                [--duration 5] [--warmup 1] [--depth 64] [--threads N] [--cpus LIST]
+//!                [--json FILE]
+//! ```
+//!
+//! Load goes to loopback addresses only (127.0.0.0/8 and ::1). The run lasts warm-up plus
+//! duration, and never longer than that plus a 10 s grace to drain. The report gives the
+//! delivered messages per second and payload MB/s in the measured window, one-way latency
+//! percentiles, and errors, lost and reordered messages. The exit status is 1 when any of
+//! those last three is not zero, and 2 when the run could not be set up.
+
+mod apex;
+mod driver;
+mod payload;
+mod stats;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+/// Load generator for apexd: measures throughput, latency and delivery correctness.
+#[derive(Debug, Parser)]
+#[command(name = "apex-load", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    target: Target,
+}
+
+#[derive(Debug, Subcommand)]
+enum Target {
+    /// APEX endpoints through a relay: in pair i, sndI@DOMAIN sends data to rcvI@DOMAIN.
+    Apex(ApexArgs),
+}
+
+#[derive(Debug, Args)]
+struct ApexArgs {
+    /// The relay's apex-edge address; loopback only (127.0.0.0/8, ::1).
+    #[arg(long, value_name = "HOST:PORT")]
+    relay: String,
+    /// Administrative domain of the endpoints (the relay's --domain).
+    #[arg(long, default_value = "example.com")]
+    domain: String,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+/// Options every target shares.
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// Sender/receiver pairs, each endpoint on its own connection.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pairs: u32,
+    /// Payload octets per message (sequence number, send timestamp, padding).
+    #[arg(long, default_value_t = 128)]
+    size: usize,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Most messages per sender not yet acknowledged by the target.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    depth: u32,
+    /// Load threads (default: one per connection); fewer threads poll several connections.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+    /// CPUs to pin the load threads to, round-robin, e.g. `1` or `2-3`.
+    #[arg(long, value_name = "LIST")]
+    cpus: Option<String>,
+    /// Also write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+/// Largest payload accepted (the relay's default message limit is 4 MiB).
+const MAX_SIZE: usize = 1024 * 1024;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("apex-load: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs the chosen target; returns whether the run passed.
+fn run(cli: Cli) -> Result<bool> {
+    match cli.target {
+        Target::Apex(args) => {
+            let load = &args.load;
+            let relay = loopback_addr(&args.relay)?;
+            check_domain(&args.domain)?;
+            let cpus = match &load.cpus {
+                Some(list) => driver::parse_cpus(list)?,
+                None => Vec::new(),
+            };
+            driver::check_cpus(&cpus)?;
+            let pairs = load.pairs as usize;
+            let config = apex::Config {
+                relay,
+                domain: args.domain.clone(),
+                pairs,
+                size: check_size(load.size)?,
+                depth: load.depth as usize,
+                warmup: seconds("--warmup", load.warmup, true)?,
+                duration: seconds("--duration", load.duration, false)?,
+                threads: load.threads.map_or(pairs * 2, |t| t as usize),
+                cpus,
+            };
+            let report = apex::run(&config)?;
+            println!("{report}");
+            if let Some(path) = &load.json {
+                report.write_json(path)?;
+            }
+            Ok(report.passed())
+        }
+    }
+}
+
+/// Resolves `text` and insists that every address it names is a loopback one.
+fn loopback_addr(text: &str) -> Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .with_context(|| format!("bad address '{text}' (want HOST:PORT)"))?
+        .collect();
+    let Some(first) = addrs.first().copied() else {
+        bail!("'{text}' resolves to no address");
+    };
+    if let Some(bad) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+        bail!(
+            "refusing to load {bad}: apex-load only connects to loopback addresses (127.0.0.0/8, ::1)"
+        );
+    }
+    if first.port() == 0 {
+        bail!("'{text}' has no port");
+    }
+    Ok(first)
+}
+
+/// Endpoint names are `sndI@DOMAIN`: keep the domain a plain host name.
+fn check_domain(domain: &str) -> Result<()> {
+    let ok = !domain.is_empty()
+        && domain.len() <= 200
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    if !ok {
+        bail!("bad --domain '{domain}': letters, digits, '.' and '-' only");
+    }
+    Ok(())
+}
+
+fn check_size(size: usize) -> Result<usize> {
+    if !(payload::MIN_SIZE..=MAX_SIZE).contains(&size) {
+        bail!(
+            "--size {size} is out of range {}..={MAX_SIZE} (the payload holds a sequence number and a timestamp)",
+            payload::MIN_SIZE
+        );
+    }
+    Ok(size)
+}
+
+fn seconds(flag: &str, value: f64, zero_ok: bool) -> Result<Duration> {
+    let ok = value.is_finite() && value <= 86_400.0 && (value > 0.0 || (zero_ok && value == 0.0));
+    if !ok {
+        bail!(
+            "{flag} {value}: want a number of seconds, {}",
+            if zero_ok { ">= 0" } else { "> 0" }
+        );
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_is_accepted() {
+        assert_eq!(
+            loopback_addr("127.0.0.1:913").unwrap(),
+            "127.0.0.1:913".parse().unwrap()
+        );
+        assert!(loopback_addr("127.1.2.3:913").is_ok());
+        assert!(loopback_addr("[::1]:913").is_ok());
+        for bad in [
+            "10.0.0.1:913",
+            "192.168.1.1:913",
+            "0.0.0.0:913",
+            "[::]:913",
+            "[::ffff:127.0.0.1]:913",
+            "8.8.8.8:53",
+            "127.0.0.1",
+            "127.0.0.1:0",
+        ] {
+            assert!(loopback_addr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn arguments_are_checked() {
+        assert!(check_domain("example.com").is_ok());
+        assert!(check_domain("a'b").is_err());
+        assert!(check_size(128).is_ok());
+        assert!(check_size(8).is_err());
+        assert!(seconds("--warmup", 0.0, true).is_ok());
+        assert!(seconds("--duration", 0.0, false).is_err());
+        assert!(seconds("--duration", f64::NAN, false).is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        let cli = Cli::try_parse_from([
+            "apex-load",
+            "apex",
+            "--relay",
+            "127.0.0.1:9",
+            "--pairs",
+            "2",
+            "--size",
+            "4096",
+            "--cpus",
+            "1",
+        ])
+        .unwrap();
+        let Target::Apex(a) = cli.target;
+        assert_eq!((a.load.pairs, a.load.size, a.load.depth), (2, 4096, 64));
+        assert!(
+            Cli::try_parse_from(["apex-load", "apex", "--relay", "x", "--depth", "0"]).is_err()
+        );
+    }
+}

@@ -90,7 +90,12 @@ mod tests {
 
     #[test]
     fn round_trip_at_exact_size() {
-        for (seq, sent_ns) in [(0, 0), (1, 999), (123_456, 5_000_000_123), (u64::MAX, u64::MAX)] {
+        for (seq, sent_ns) in [
+            (0, 0),
+            (1, 999),
+            (123_456, 5_000_000_123),
+            (u64::MAX, u64::MAX),
+        ] {
             for size in [MIN_SIZE, 64, 128, 4096] {
                 let stamp = Stamp { seq, sent_ns };
                 let out = encoded(stamp, size);

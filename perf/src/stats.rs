@@ -101,8 +101,14 @@ pub(crate) struct Report {
     pub(crate) delivered_in_window: u64,
     /// Delivered messages per second in the measured window.
     pub(crate) msgs_per_sec: f64,
+    /// Acknowledgements from the target per second in the measured window. Well above
+    /// `msgs_per_sec`, it means the target accepts faster than it delivers: a growing backlog.
+    pub(crate) acks_per_sec: f64,
     /// Delivered payload, 10^6 octets per second, in the measured window.
     pub(crate) payload_mb_per_sec: f64,
+    /// Seconds from the end of the measured window until the last acknowledged message was
+    /// delivered (the backlog left in the target; at most the 10 s grace).
+    pub(crate) drain_s: f64,
     /// One-way latency, sender to receiver, in microseconds (measured window only).
     pub(crate) latency_us: LatencySummary,
     /// Failed operations, refused messages and unexpected input.
@@ -149,8 +155,12 @@ impl fmt::Display for Report {
         );
         let _ = writeln!(
             out,
-            "  throughput  {:.0} msg/s  {:.2} MB/s payload  ({} delivered in the window)",
-            self.msgs_per_sec, self.payload_mb_per_sec, self.delivered_in_window
+            "  throughput  {:.0} msg/s  {:.2} MB/s payload  ({} delivered in the window; acknowledged {:.0}/s; drained {:.3} s after the window)",
+            self.msgs_per_sec,
+            self.payload_mb_per_sec,
+            self.delivered_in_window,
+            self.acks_per_sec,
+            self.drain_s
         );
         let _ = writeln!(
             out,
@@ -199,7 +209,9 @@ mod tests {
             delivered: 10,
             delivered_in_window: 8,
             msgs_per_sec: 1.6,
+            acks_per_sec: 1.6,
             payload_mb_per_sec: 0.0,
+            drain_s: 0.0,
             latency_us: LatencySummary::of(&latency_histogram()),
             errors,
             lost,

@@ -33,7 +33,8 @@ pub struct Limits {
     /// Most MSGs received on one channel still waiting for our reply. A peer that pipelines
     /// further is terminated: it would otherwise make us hold unbounded state.
     pub max_pending_replies: usize,
-    /// Most of our own MSGs on one channel awaiting a reply before `send_msg` refuses.
+    /// Most of our own MSGs on one channel awaiting a reply before `send_msg` refuses (the
+    /// relay then holds further deliveries and pauses its other connections: backpressure).
     pub max_outstanding_msgs: usize,
     /// Largest piggybacked `profile` content in a `start` (RFC 3080 §2.3.1.2: "4K octets").
     pub max_piggyback: usize,
@@ -54,7 +55,7 @@ impl Default for Limits {
             max_send_frame: 32 * 1024,
             max_channels: 1024,
             max_pending_replies: 65_536,
-            max_outstanding_msgs: 65_536,
+            max_outstanding_msgs: 4096,
             max_piggyback: 4096,
             max_transmit: 256 * 1024,
             max_xml_depth: 16,
@@ -80,6 +81,9 @@ impl Limits {
         }
         if self.max_pending_replies == 0 || self.max_outstanding_msgs == 0 {
             return Err("max_pending_replies/max_outstanding_msgs (must be >= 1)");
+        }
+        if self.max_outstanding_msgs > 1 << 30 {
+            return Err("max_outstanding_msgs (must be <= 2^30, far below the msgno range)");
         }
         if self.max_transmit < 1024 {
             return Err("max_transmit (must be >= 1024)");

@@ -1,15 +1,20 @@
 //! Test support: an in-memory [`Pair`] of sessions talking without sockets, on a simulated
 //! clock, and byte builders for frames. Available with the `testing` feature.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::beep::frame::{encode_data_frame, Header, Keyword};
-use crate::beep::mgmt::ProfileOffer;
+use crate::apex::access::AccessTable;
+use crate::apex::msg::{self as apex_msg, ApexLimits};
+use crate::apex::relay::{domain_shard, Action, ConnId, ConnKind, Envelope, Relay, RelayConfig};
+use crate::beep::frame::{self as beep_frame, encode_data_frame, Header, Inbound, Keyword};
+use crate::beep::mgmt::{code as beep_code, ErrorElement, ProfileOffer};
 use crate::beep::profile::{Dispatcher, ProfileHandler, StartDecision};
 use crate::beep::session::{Event, ReplyKind, Role, Session, SessionConfig, StartRequest};
 use crate::error::ProtocolError;
+use crate::limits::Limits;
 
 /// The encoded bytes of one data frame.
 pub fn frame_bytes(
@@ -214,5 +219,669 @@ impl Pair {
         to.pump_events();
         moved |= to.events.len() + to.profile.messages.len() + to.profile.replies.len() != before;
         moved
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RelayNet: shards of APEX relays and endpoint clients, in memory
+// ---------------------------------------------------------------------------------------------
+
+/// The APEX profile URI (RFC 3340 §8.1).
+pub const APEX_PROFILE: &str = "http://iana.org/beep/APEX";
+
+/// Index of a client in [`RelayNet::clients`].
+pub type ClientId = usize;
+
+/// A data message a shard handed to the relay mesh ([`Action::Forward`]), after the routing
+/// the runtime does (`domain_shard`): recorded on the shard that owns the link to `domain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    /// The shard whose runtime would send it (the owner of the domain's link).
+    pub shard: usize,
+    /// Destination domain.
+    pub domain: String,
+    /// The data message.
+    pub payload: Bytes,
+}
+
+/// One connection to a relay shard: an initiator [`Session`] (the endpoint or peer relay side;
+/// absent for a raw client, whose octets the test writes itself) talking in memory to the
+/// listener [`Session`] the relay's runtime would own.
+#[derive(Debug)]
+pub struct RelayClient {
+    /// Shard the connection was accepted on.
+    pub shard: usize,
+    /// The connection's id on that shard.
+    pub conn: ConnId,
+    /// apex-edge or apex-mesh.
+    pub kind: ConnKind,
+    /// The client side; `None` for a raw client ([`RelayNet::connect_raw`]).
+    pub initiator: Option<Session>,
+    /// The relay side.
+    pub listener: Session,
+    /// Answer every MSG the relay sends with RPY `<ok />` (the default).
+    pub auto_reply: bool,
+    /// MSGs the relay sent to this client: (channel, msgno, payload), in arrival order.
+    pub received: Vec<(u32, u32, Bytes)>,
+    /// Replies to this client's MSGs: (channel, msgno, kind, payload).
+    pub replies: Vec<(u32, u32, ReplyKind, Bytes)>,
+    /// Channels started by this client, with the relay's piggybacked reply.
+    pub started: Vec<(u32, Option<Bytes>)>,
+    /// Starts the relay refused.
+    pub refused: Vec<(u32, ErrorElement)>,
+    /// Channels closed (either side's initiative), as seen by the client.
+    pub closed: Vec<u32>,
+    /// Other client-side events (greeting, release...).
+    pub events: Vec<Event>,
+    /// Every octet the relay side wrote on this connection.
+    pub from_relay: Vec<u8>,
+    /// Every octet the client side wrote (or a raw client injected).
+    pub to_relay: Vec<u8>,
+    /// Set when one side's `handle_input` failed (the connection was then dropped).
+    pub error: Option<ProtocolError>,
+    /// False once the connection ended.
+    pub connected: bool,
+    listener_inbox: BytesMut,
+    initiator_inbox: BytesMut,
+}
+
+impl RelayClient {
+    /// Complete frames the relay wrote, each exactly as on the wire, SEQ frames included.
+    pub fn relay_frames(&self) -> Vec<Bytes> {
+        split_frames(&self.from_relay)
+    }
+
+    /// Complete data frames (no SEQ) the relay wrote, exactly as on the wire.
+    pub fn relay_data_frames(&self) -> Vec<Bytes> {
+        self.relay_frames()
+            .into_iter()
+            .filter(|f| !f.starts_with(b"SEQ "))
+            .collect()
+    }
+
+    /// The reply to this client's MSG `msgno` on `channel`, once it arrived.
+    pub fn reply_to(&self, channel: u32, msgno: u32) -> Option<(ReplyKind, Bytes)> {
+        self.replies
+            .iter()
+            .find(|(c, m, _, _)| *c == channel && *m == msgno)
+            .map(|(_, _, k, p)| (*k, p.clone()))
+    }
+
+    /// Payloads the relay sent to this client on `channel`, in order.
+    pub fn received_on(&self, channel: u32) -> Vec<Bytes> {
+        self.received
+            .iter()
+            .filter(|(c, _, _)| *c == channel)
+            .map(|(_, _, p)| p.clone())
+            .collect()
+    }
+}
+
+/// Splits `wire` into complete frames (data and SEQ), each as the exact octets it occupied.
+/// Stops at the first incomplete or malformed frame.
+pub fn split_frames(wire: &[u8]) -> Vec<Bytes> {
+    let mut buf = BytesMut::from(wire);
+    let mut out = Vec::new();
+    loop {
+        let before = buf.len();
+        let snapshot = buf.clone().freeze();
+        match beep_frame::parse(&mut buf, 4096) {
+            Ok(Some(Inbound::Data(_) | Inbound::Seq(_))) => {
+                out.push(snapshot.slice(..before - buf.len()));
+            }
+            _ => return out,
+        }
+    }
+}
+
+/// N shards of [`Relay`]s serving one domain and the clients connected to them, all in memory.
+///
+/// The harness plays the runtime (`src/shard/conn.rs`): listener-session events become relay
+/// inputs (`StartRequested` with an APEX piggyback -> `handle_start`, without -> `accept_start`
+/// then `channel_started`; `Message` -> `handle_message`; `Reply` -> `handle_reply`;
+/// `ChannelClosed` -> `channel_closed`), relay actions are executed on the right listener
+/// session (`Reply`, `StartReply`, `Send`; a `Send` that cannot be queued is reported back as a
+/// refusal), `ToShard` envelopes are handed in FIFO order to the other shard's
+/// `handle_envelope`, and `Forward` goes, like the runtime, to the shard owning the domain's
+/// link and is recorded in [`RelayNet::forwards`]. [`RelayNet::drive`] loops until quiescent.
+#[derive(Debug)]
+pub struct RelayNet {
+    /// One relay per shard.
+    pub relays: Vec<Relay>,
+    /// Connections, by [`ClientId`].
+    pub clients: Vec<RelayClient>,
+    /// Data handed to the relay mesh, in order.
+    pub forwards: Vec<Forwarded>,
+    /// Envelopes exchanged between shards so far.
+    pub envelopes_sent: usize,
+    /// Configuration of the relay-side sessions of connections opened from now on (by default
+    /// offering only APEX).
+    pub listener_config: SessionConfig,
+    /// Configuration of the client-side sessions of connections opened from now on.
+    pub initiator_config: SessionConfig,
+    /// The relays' clock, ms (passed with `set_now` before every input).
+    pub now_ms: u64,
+    /// While set, envelopes between shards stay queued (a slow shard queue): lets a test
+    /// interleave connection events with cross-shard exchanges.
+    pub pause_mesh: bool,
+    envelopes: VecDeque<(usize, Envelope)>,
+    next_conn: ConnId,
+    epoch: Instant,
+}
+
+impl RelayNet {
+    /// `shards` relays for `domain` with only the default access entries and no trusted relay.
+    pub fn new(domain: &str, shards: usize) -> Self {
+        Self::with(domain, shards, AccessTable::new(), Vec::new())
+    }
+
+    /// `shards` relays for `domain` sharing `access` and `trusted`, with
+    /// [`ApexLimits::default`].
+    pub fn with(domain: &str, shards: usize, access: AccessTable, trusted: Vec<String>) -> Self {
+        let relays = (0..shards)
+            .map(|shard| {
+                Relay::new(RelayConfig {
+                    domain: domain.to_owned(),
+                    shard,
+                    shards,
+                    limits: ApexLimits::default(),
+                    access: access.clone(),
+                    trusted: trusted.clone(),
+                    hold: crate::apex::options::HoldLimits::default(),
+                })
+            })
+            .collect();
+        Self {
+            relays,
+            clients: Vec::new(),
+            forwards: Vec::new(),
+            envelopes_sent: 0,
+            // The in-memory net does not model the runtime's overflow queue and backpressure,
+            // so both ends may pipeline freely.
+            listener_config: SessionConfig {
+                profiles: vec![APEX_PROFILE.to_owned()],
+                limits: Limits {
+                    max_outstanding_msgs: 1 << 20,
+                    ..Limits::default()
+                },
+                ..SessionConfig::default()
+            },
+            initiator_config: SessionConfig {
+                limits: Limits {
+                    max_outstanding_msgs: 1 << 20,
+                    ..Limits::default()
+                },
+                ..SessionConfig::default()
+            },
+            now_ms: 0,
+            pause_mesh: false,
+            envelopes: VecDeque::new(),
+            next_conn: 1,
+            epoch: Instant::now(),
+        }
+    }
+
+    fn open(&mut self, shard: usize, kind: ConnKind, raw: bool) -> ClientId {
+        assert!(shard < self.relays.len(), "no shard {shard}");
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.relays[shard].conn_opened(conn, kind);
+        self.clients.push(RelayClient {
+            shard,
+            conn,
+            kind,
+            initiator: (!raw).then(|| Session::new(Role::Initiator, self.initiator_config.clone())),
+            listener: Session::new(Role::Listener, self.listener_config.clone()),
+            auto_reply: true,
+            received: Vec::new(),
+            replies: Vec::new(),
+            started: Vec::new(),
+            refused: Vec::new(),
+            closed: Vec::new(),
+            events: Vec::new(),
+            from_relay: Vec::new(),
+            to_relay: Vec::new(),
+            error: None,
+            connected: true,
+            listener_inbox: BytesMut::new(),
+            initiator_inbox: BytesMut::new(),
+        });
+        self.drive();
+        self.clients.len() - 1
+    }
+
+    /// Opens a connection on `shard` with a client session; greetings are exchanged.
+    pub fn connect(&mut self, shard: usize, kind: ConnKind) -> ClientId {
+        self.open(shard, kind, false)
+    }
+
+    /// Opens a connection on `shard` whose client side is the test itself: it writes octets
+    /// with [`RelayNet::inject`] and reads [`RelayClient::from_relay`]. The relay's greeting
+    /// has been written when this returns.
+    pub fn connect_raw(&mut self, shard: usize, kind: ConnKind) -> ClientId {
+        self.open(shard, kind, true)
+    }
+
+    /// Writes `octets` to the relay on a raw client's connection, then drives.
+    pub fn inject(&mut self, id: ClientId, octets: &[u8]) {
+        let client = &mut self.clients[id];
+        client.to_relay.extend_from_slice(octets);
+        client.listener_inbox.extend_from_slice(octets);
+        self.drive();
+    }
+
+    /// The client side of `id`.
+    pub fn session(&mut self, id: ClientId) -> &mut Session {
+        match self.clients[id].initiator.as_mut() {
+            Some(s) => s,
+            None => panic!("client {id} is raw: it has no session"),
+        }
+    }
+
+    /// Starts an APEX channel, piggybacking `content` (an attach or bind document) when given.
+    /// Returns the channel and the relay's piggybacked reply. Panics if the start is refused.
+    pub fn start(&mut self, id: ClientId, content: Option<&str>) -> (u32, Option<String>) {
+        let offer = ProfileOffer {
+            uri: APEX_PROFILE.to_owned(),
+            content: content.map(|c| Bytes::copy_from_slice(c.as_bytes())),
+        };
+        let channel = match self.session(id).start_channel(vec![offer], None) {
+            Ok(c) => c,
+            Err(e) => panic!("start_channel: {e:?}"),
+        };
+        self.drive();
+        let client = &self.clients[id];
+        if let Some((_, error)) = client.refused.iter().find(|(c, _)| *c == channel) {
+            panic!("start of channel {channel} refused: {error:?}");
+        }
+        match client.started.iter().find(|(c, _)| *c == channel) {
+            Some((_, reply)) => (
+                channel,
+                reply
+                    .as_ref()
+                    .map(|r| String::from_utf8_lossy(r).into_owned()),
+            ),
+            None => panic!("channel {channel} did not start"),
+        }
+    }
+
+    /// Starts a channel with a piggybacked `attach` of `endpoint` (transID 1); returns the
+    /// channel and the piggybacked reply text (`<ok />` or an `error` element).
+    pub fn attach(&mut self, id: ClientId, endpoint: &str) -> (u32, String) {
+        let doc = format!(
+            "<attach endpoint='{}' transID='1' />",
+            crate::xml::escape(endpoint)
+        );
+        let (channel, reply) = self.start(id, Some(&doc));
+        (channel, reply.unwrap_or_default())
+    }
+
+    /// Starts a channel with a piggybacked `bind` of `domain` (transID 1).
+    pub fn bind(&mut self, id: ClientId, domain: &str) -> (u32, String) {
+        let doc = format!(
+            "<bind relay='{}' transID='1' />",
+            crate::xml::escape(domain)
+        );
+        let (channel, reply) = self.start(id, Some(&doc));
+        (channel, reply.unwrap_or_default())
+    }
+
+    /// Sends a MSG without waiting; returns its msgno.
+    pub fn send_nowait(&mut self, id: ClientId, channel: u32, payload: Bytes) -> u32 {
+        match self.session(id).send_msg(channel, payload) {
+            Ok(msgno) => msgno,
+            Err(e) => panic!("send_msg on channel {channel}: {e:?}"),
+        }
+    }
+
+    /// Sends a MSG, drives, and returns (RPY?, reply payload). Panics without a reply.
+    pub fn send(&mut self, id: ClientId, channel: u32, payload: impl Into<Bytes>) -> (bool, Bytes) {
+        let msgno = self.send_nowait(id, channel, payload.into());
+        self.drive();
+        match self.clients[id].reply_to(channel, msgno) {
+            Some((kind, payload)) => (kind == ReplyKind::Rpy, payload),
+            None => panic!("no reply to MSG {channel} {msgno}"),
+        }
+    }
+
+    /// Answers the relay's MSG `msgno` on `channel` (for clients with `auto_reply` off).
+    pub fn reply(
+        &mut self,
+        id: ClientId,
+        channel: u32,
+        msgno: u32,
+        positive: bool,
+        payload: Bytes,
+    ) {
+        let session = self.session(id);
+        let result = if positive {
+            session.send_rpy(channel, msgno, payload)
+        } else {
+            session.send_err(channel, msgno, payload)
+        };
+        if let Err(e) = result {
+            panic!("reply to MSG {channel} {msgno}: {e:?}");
+        }
+        self.drive();
+    }
+
+    /// The client asks to close `channel` (BEEP `close`), and drives.
+    pub fn close_channel(&mut self, id: ClientId, channel: u32) {
+        if let Err(e) = self.session(id).close_channel(channel, 200) {
+            panic!("close_channel {channel}: {e:?}");
+        }
+        self.drive();
+    }
+
+    /// The transport of `id` ends (as when the peer resets it): the relay is told, then drives.
+    pub fn disconnect(&mut self, id: ClientId) {
+        let client = &mut self.clients[id];
+        if !client.connected {
+            return;
+        }
+        client.connected = false;
+        let (shard, conn) = (client.shard, client.conn);
+        self.relays[shard].conn_closed(conn);
+        self.drive();
+    }
+
+    /// Advances the relays' clock and runs their timers (`handle_timeout`, as the shard's
+    /// ticker does), then drives.
+    pub fn advance(&mut self, ms: u64) {
+        self.now_ms += ms;
+        let now_ms = self.now_ms;
+        for relay in &mut self.relays {
+            relay.handle_timeout(now_ms);
+        }
+        self.drive();
+    }
+
+    /// The forwarded payloads for `domain` (case-insensitive), in order.
+    pub fn forwards_to(&self, domain: &str) -> Vec<Bytes> {
+        self.forwards
+            .iter()
+            .filter(|f| f.domain.eq_ignore_ascii_case(domain))
+            .map(|f| f.payload.clone())
+            .collect()
+    }
+
+    fn instant(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.now_ms)
+    }
+
+    /// Moves octets, turns events into relay inputs and executes actions until nothing is left
+    /// to do. Returns the number of rounds; panics on a livelock.
+    pub fn drive(&mut self) -> usize {
+        const MAX_ROUNDS: usize = 1_000_000;
+        for round in 0..MAX_ROUNDS {
+            let mut progress = false;
+            for id in 0..self.clients.len() {
+                progress |= self.client_to_relay(id);
+            }
+            progress |= self.run_actions();
+            for id in 0..self.clients.len() {
+                progress |= self.relay_to_client(id);
+            }
+            progress |= self.run_actions();
+            if !progress {
+                return round;
+            }
+        }
+        panic!("RelayNet did not settle after {MAX_ROUNDS} rounds");
+    }
+
+    /// Client octets into the listener session, listener events into the relay.
+    fn client_to_relay(&mut self, id: ClientId) -> bool {
+        let now = self.instant();
+        let client = &mut self.clients[id];
+        if !client.connected {
+            return false;
+        }
+        let mut moved = false;
+        if let Some(initiator) = client.initiator.as_mut() {
+            let mut out = BytesMut::new();
+            while initiator.poll_transmit(&mut out) > 0 {}
+            if !out.is_empty() {
+                moved = true;
+                client.to_relay.extend_from_slice(&out);
+                client.listener_inbox.extend_from_slice(&out);
+            }
+        }
+        if !client.listener_inbox.is_empty() {
+            let before = client.listener_inbox.len();
+            if let Err(e) = client
+                .listener
+                .handle_input(&mut client.listener_inbox, now)
+            {
+                client.error = Some(e);
+                client.listener_inbox.clear();
+                self.abort(id);
+                return true;
+            }
+            moved |= client.listener_inbox.len() != before;
+        }
+        moved | self.listener_events(id)
+    }
+
+    /// The runtime's `handle_events` (src/shard/conn.rs).
+    fn listener_events(&mut self, id: ClientId) -> bool {
+        let now_ms = self.now_ms;
+        let client = &mut self.clients[id];
+        let relay = &mut self.relays[client.shard];
+        let conn = client.conn;
+        relay.set_now(now_ms);
+        let mut any = false;
+        while let Some(event) = client.listener.poll_event() {
+            any = true;
+            match event {
+                Event::StartRequested(request) => {
+                    let offer = request.profiles.iter().find(|p| p.uri == APEX_PROFILE);
+                    match offer {
+                        Some(offer) => match &offer.content {
+                            Some(content) => {
+                                relay.handle_start(conn, request.id, request.channel, content)
+                            }
+                            None => {
+                                if let Some(name) = &request.server_name {
+                                    client.listener.set_server_name(name);
+                                }
+                                if client
+                                    .listener
+                                    .accept_start(request.id, APEX_PROFILE, None)
+                                    .is_ok()
+                                {
+                                    relay.channel_started(conn, request.channel);
+                                }
+                            }
+                        },
+                        None => {
+                            let error = ErrorElement::new(
+                                beep_code::ACTION_NOT_TAKEN,
+                                "no requested profile is acceptable",
+                            );
+                            let _ = client.listener.refuse_start(request.id, error);
+                        }
+                    }
+                }
+                Event::Message {
+                    channel,
+                    msgno,
+                    payload,
+                } => relay.handle_message(conn, channel, msgno, &payload),
+                Event::Reply {
+                    channel,
+                    kind,
+                    payload,
+                    ..
+                } => relay.handle_reply(conn, channel, kind == ReplyKind::Rpy, &payload),
+                Event::ChannelClosed { channel, .. } => relay.channel_closed(conn, channel),
+                _ => {}
+            }
+        }
+        any
+    }
+
+    /// Listener octets to the client side; client events recorded (and auto-replied).
+    fn relay_to_client(&mut self, id: ClientId) -> bool {
+        let now = self.instant();
+        let client = &mut self.clients[id];
+        if !client.connected {
+            return false;
+        }
+        let mut out = BytesMut::new();
+        while client.listener.poll_transmit(&mut out) > 0 {}
+        let mut moved = !out.is_empty();
+        client.from_relay.extend_from_slice(&out);
+        let Some(initiator) = client.initiator.as_mut() else {
+            return moved;
+        };
+        client.initiator_inbox.extend_from_slice(&out);
+        if !client.initiator_inbox.is_empty() {
+            let before = client.initiator_inbox.len();
+            if let Err(e) = initiator.handle_input(&mut client.initiator_inbox, now) {
+                client.error = Some(e);
+                client.initiator_inbox.clear();
+                self.abort(id);
+                return true;
+            }
+            moved |= client.initiator_inbox.len() != before;
+        }
+        while let Some(event) = initiator.poll_event() {
+            moved = true;
+            match event {
+                Event::Message {
+                    channel,
+                    msgno,
+                    payload,
+                } => {
+                    client.received.push((channel, msgno, payload));
+                    if client.auto_reply {
+                        let _ = initiator.send_rpy(channel, msgno, apex_msg::ok_payload());
+                    }
+                }
+                Event::Reply {
+                    channel,
+                    msgno,
+                    kind,
+                    payload,
+                } => client.replies.push((channel, msgno, kind, payload)),
+                Event::ChannelStarted {
+                    channel, content, ..
+                } => client.started.push((channel, content)),
+                Event::StartRefused { channel, error } => client.refused.push((channel, error)),
+                Event::ChannelClosed { channel, .. } => client.closed.push(channel),
+                other => client.events.push(other),
+            }
+        }
+        moved
+    }
+
+    /// A session failed: the runtime aborts the connection and tells the relay.
+    fn abort(&mut self, id: ClientId) {
+        let client = &mut self.clients[id];
+        client.connected = false;
+        let (shard, conn) = (client.shard, client.conn);
+        self.relays[shard].conn_closed(conn);
+    }
+
+    fn client_by_conn(&mut self, shard: usize, conn: ConnId) -> Option<&mut RelayClient> {
+        self.clients
+            .iter_mut()
+            .find(|c| c.shard == shard && c.conn == conn && c.connected)
+    }
+
+    /// The runtime's `execute_actions` for every shard, and the shard queues.
+    fn run_actions(&mut self) -> bool {
+        let mut any = false;
+        loop {
+            let mut round = false;
+            for shard in 0..self.relays.len() {
+                while let Some(action) = self.relays[shard].poll_action() {
+                    round = true;
+                    self.execute(shard, action);
+                }
+            }
+            let next = if self.pause_mesh {
+                None
+            } else {
+                self.envelopes.pop_front()
+            };
+            if let Some((shard, envelope)) = next {
+                round = true;
+                let now_ms = self.now_ms;
+                self.relays[shard].set_now(now_ms);
+                self.relays[shard].handle_envelope(envelope);
+            }
+            if !round {
+                return any;
+            }
+            any = true;
+        }
+    }
+
+    fn execute(&mut self, shard: usize, action: Action) {
+        match action {
+            Action::Reply {
+                conn,
+                channel,
+                msgno,
+                positive,
+                payload,
+            } => {
+                if let Some(c) = self.client_by_conn(shard, conn) {
+                    let _ = if positive {
+                        c.listener.send_rpy(channel, msgno, payload)
+                    } else {
+                        c.listener.send_err(channel, msgno, payload)
+                    };
+                }
+            }
+            Action::StartReply {
+                conn,
+                start_id,
+                content,
+            } => {
+                if let Some(c) = self.client_by_conn(shard, conn) {
+                    let _ = c
+                        .listener
+                        .accept_start(start_id, APEX_PROFILE, Some(content));
+                }
+            }
+            Action::Send {
+                conn,
+                channel,
+                payload,
+            } => {
+                let sent = self
+                    .client_by_conn(shard, conn)
+                    .map(|c| c.listener.send_msg(channel, payload).is_ok());
+                if sent != Some(true) {
+                    let refusal =
+                        apex_msg::error_payload(beep_code::ACTION_NOT_TAKEN, "endpoint went away");
+                    self.relays[shard].handle_reply(conn, channel, false, &refusal);
+                }
+            }
+            Action::ToShard {
+                shard: to,
+                envelope,
+            } => {
+                self.envelopes_sent += 1;
+                self.envelopes.push_back((to, envelope));
+            }
+            Action::Forward { domain, payload } => {
+                let owner = domain_shard(&domain, self.relays.len());
+                if owner == shard {
+                    self.forwards.push(Forwarded {
+                        shard,
+                        domain,
+                        payload,
+                    });
+                } else {
+                    self.envelopes_sent += 1;
+                    self.envelopes
+                        .push_back((owner, Envelope::Forward { domain, payload }));
+                }
+            }
+        }
     }
 }

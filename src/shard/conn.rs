@@ -4,14 +4,16 @@
 //! session polls, coalesced into one write per round. It never parses payloads itself.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use apex_proto::apex::msg::error_payload;
 use apex_proto::apex::relay::{domain_shard, Action, ConnId, ConnKind, Envelope};
 use apex_proto::beep::mgmt::{code, ErrorElement};
-use apex_proto::{Event, ReplyKind, Role, Session};
-use bytes::BytesMut;
+use apex_proto::{Event, Misuse, ReplyKind, Role, Session};
+use bytes::{Bytes, BytesMut};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tracing::{debug, info};
@@ -43,6 +45,10 @@ pub struct ConnShared {
     pub session: RefCell<Session>,
     /// Woken when output was queued by another task.
     pub wake: Notify,
+    /// Relay MSGs that did not fit the session's outstanding limit, in order. While any
+    /// connection of the shard has some, the shard stops reading new input elsewhere
+    /// (backpressure), so this stays bounded by what was already read.
+    pub overflow: RefCell<VecDeque<(u32, Bytes)>>,
 }
 
 enum Wake {
@@ -67,6 +73,7 @@ pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind)
     let shared = Rc::new(ConnShared {
         session: RefCell::new(session),
         wake: Notify::default(),
+        overflow: RefCell::new(VecDeque::new()),
     });
     ctx.conns.borrow_mut().insert(conn, shared.clone());
     ctx.relay.borrow_mut().conn_opened(conn, kind);
@@ -74,6 +81,10 @@ pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind)
     let ending = run(&mut stream, conn, &shared, &ctx).await;
 
     ctx.conns.borrow_mut().remove(&conn);
+    if !shared.overflow.borrow().is_empty() {
+        shared.overflow.borrow_mut().clear();
+        ctx.backlogged.set(ctx.backlogged.get() - 1);
+    }
     ctx.relay.borrow_mut().conn_closed(conn);
     execute_actions(&ctx).await;
     match ending {
@@ -118,6 +129,15 @@ async fn run(
             return Ending::Released;
         }
 
+        // Backpressure: while some connection of the shard cannot take more relay output,
+        // the others stop reading (their peers' windows close). A backlogged connection keeps
+        // reading: its replies are what drains it.
+        while ctx.backlogged.get() > 0
+            && shared.overflow.borrow().is_empty()
+            && closing_since.is_none()
+        {
+            glommio::timer::sleep(Duration::from_micros(500)).await;
+        }
         let len = read_buf.len();
         read_buf.resize(len + read_chunk, 0);
         let wake = match closing_since {
@@ -189,8 +209,34 @@ async fn run(
             return Ending::Aborted;
         }
         handle_events(conn, shared, ctx);
+        drain_overflow(conn, shared, ctx);
         execute_actions(ctx).await;
     }
+}
+
+/// Moves held relay MSGs into the session as replies free room.
+fn drain_overflow(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
+    let mut overflow = shared.overflow.borrow_mut();
+    if overflow.is_empty() {
+        return;
+    }
+    let mut session = shared.session.borrow_mut();
+    while let Some((channel, payload)) = overflow.pop_front() {
+        match session.send_msg(channel, payload.clone()) {
+            Ok(_) => {}
+            Err(Misuse::TooManyOutstanding(_)) => {
+                overflow.push_front((channel, payload));
+                return;
+            }
+            Err(_) => {
+                let refusal = error_payload(code::ACTION_NOT_TAKEN, "endpoint went away");
+                ctx.relay
+                    .borrow_mut()
+                    .handle_reply(conn, channel, false, &refusal);
+            }
+        }
+    }
+    ctx.backlogged.set(ctx.backlogged.get() - 1);
 }
 
 /// Hands the session's events to the relay. The session is borrowed only while draining.
@@ -290,16 +336,38 @@ pub async fn execute_actions(ctx: &Rc<ShardContext>) {
                 channel,
                 payload,
             } => {
-                let sent = ctx.with_session(conn, |s| s.send_msg(channel, payload).is_ok());
-                if sent != Some(true) {
-                    // The channel went away: count it as a refusal so reports still flow.
-                    let refusal = apex_proto::apex::msg::error_payload(
-                        code::ACTION_NOT_TAKEN,
-                        "endpoint went away",
-                    );
+                let Some(shared) = ctx.conns.borrow().get(&conn).cloned() else {
+                    let refusal = error_payload(code::ACTION_NOT_TAKEN, "endpoint went away");
                     ctx.relay
                         .borrow_mut()
                         .handle_reply(conn, channel, false, &refusal);
+                    continue;
+                };
+                let mut overflow = shared.overflow.borrow_mut();
+                let result = if overflow.is_empty() {
+                    shared
+                        .session
+                        .borrow_mut()
+                        .send_msg(channel, payload.clone())
+                } else {
+                    Err(Misuse::TooManyOutstanding(channel)) // keep the order
+                };
+                match result {
+                    Ok(_) => shared.wake.notify(),
+                    Err(Misuse::TooManyOutstanding(_)) => {
+                        if overflow.is_empty() {
+                            ctx.backlogged.set(ctx.backlogged.get() + 1);
+                        }
+                        overflow.push_back((channel, payload));
+                    }
+                    Err(_) => {
+                        // The channel went away: a refusal, so reports still flow.
+                        drop(overflow);
+                        let refusal = error_payload(code::ACTION_NOT_TAKEN, "endpoint went away");
+                        ctx.relay
+                            .borrow_mut()
+                            .handle_reply(conn, channel, false, &refusal);
+                    }
                 }
             }
             Action::ToShard { shard, envelope } => send_to_shard(ctx, shard, envelope).await,

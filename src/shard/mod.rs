@@ -55,6 +55,9 @@ pub struct ShardContext {
     pub started: std::time::Instant,
     /// Set when shutdown begins (with `shutdown` closed).
     pub stopping: Cell<bool>,
+    /// Connections whose relay output overflowed the session; while non-zero the shard
+    /// pauses reading elsewhere.
+    pub backlogged: Cell<usize>,
     next_conn: Cell<ConnId>,
 }
 
@@ -289,12 +292,18 @@ async fn shard_main(
         routes,
         started: std::time::Instant::now(),
         stopping: Cell::new(false),
+        backlogged: Cell::new(0),
         next_conn: Cell::new(0),
     });
     for (peer, receiver) in receivers {
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
             while let Some(ShardMsg::Relay(envelope)) = receiver.recv().await {
+                // Backpressure: leave envelopes in the queue while local output is backlogged,
+                // so the sending shard's connections wait in turn.
+                while ctx.backlogged.get() > 0 && !ctx.stopping() {
+                    glommio::timer::sleep(Duration::from_micros(500)).await;
+                }
                 tracing::trace!(peer, ?envelope, "envelope from shard");
                 ctx.relay.borrow_mut().handle_envelope(envelope);
                 conn::execute_actions(&ctx).await;

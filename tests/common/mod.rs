@@ -121,7 +121,17 @@ impl Client {
         stream.set_nodelay(true).unwrap();
         Client {
             stream,
-            session: Session::new(Role::Initiator, SessionConfig::default()),
+            // A test client may pipeline more than the relay's own bound.
+            session: Session::new(
+                Role::Initiator,
+                SessionConfig {
+                    limits: apex_proto::Limits {
+                        max_outstanding_msgs: 1 << 20,
+                        ..Default::default()
+                    },
+                    ..SessionConfig::default()
+                },
+            ),
             inbox: BytesMut::new(),
             events: Vec::new(),
             eof: false,

@@ -358,8 +358,8 @@ impl Relay {
             self.channel_closed(conn, channel);
         }
         self.connections.remove(&conn);
-        self.pending
-            .retain(|_, p| p.at.conn != conn || p.at.shard != self.config.shard);
+        // Attaches still waiting for their home shard's verdict stay pending: when the verdict
+        // arrives the channel is gone and the attachment is undone everywhere (APEX-16).
     }
 
     /// An APEX channel was created without a piggybacked operation.
@@ -375,6 +375,19 @@ impl Relay {
                 if let Association::Attached(endpoint) = association {
                     self.detach(endpoint, at);
                 }
+            }
+            // Deliveries the endpoint never answered failed; say so when a report was asked.
+            let unanswered = state.sent.into_iter().filter_map(|s| match s {
+                Sent::Delivery(report) => report,
+                Sent::Notice => None,
+            });
+            let unsent = state.waiting.into_iter().filter_map(|(_, report)| report);
+            for report in unanswered.chain(unsent).collect::<Vec<_>>() {
+                self.report(
+                    Some(report),
+                    code::ACTION_NOT_TAKEN,
+                    "the endpoint went away before answering",
+                );
             }
         }
     }
@@ -660,11 +673,7 @@ impl Relay {
             self.actions.push_back(Action::Send {
                 conn: at.conn,
                 channel: at.channel,
-                payload: msg::terminate_payload(
-                    trans_id,
-                    apex_code::OVERRIDDEN,
-                    "attached elsewhere with attachOverride",
-                ),
+                payload: options::override_terminate_payload(trans_id),
             });
         }
     }
@@ -868,7 +877,12 @@ impl Relay {
                     .push(i);
                 continue;
             }
-            if let Err(e) = options::check_must_understand(&recipient.options, Hop::Final) {
+            // This relay delivers: `final` options now apply, per-data and per-originator ones
+            // too (APEX-36); one it does not understand fails this recipient.
+            let understood = options::check_must_understand(&data.options, Hop::Final)
+                .and_then(|()| options::check_must_understand(&data.originator.options, Hop::Final))
+                .and_then(|()| options::check_must_understand(&recipient.options, Hop::Final));
+            if let Err(e) = understood {
                 self.report(report, e.code, &e.text);
                 continue;
             }

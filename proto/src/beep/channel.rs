@@ -400,8 +400,12 @@ impl Channel {
 
     /// Allocates a msgno for our next MSG, skipping numbers still awaiting replies (BEEP-04).
     pub(crate) fn queue_msg(&mut self, payload: Bytes) -> u32 {
+        // Numbers are handed out in increasing order (mod 2^31) and `outstanding` keeps that
+        // order, so all of them lie between its front and back: the next number is free unless
+        // it wrapped all the way round to the oldest one. `Limits::max_outstanding_msgs` stays
+        // far below 2^31, so one comparison replaces a scan of the whole list.
         let mut msgno = self.next_msgno;
-        while self.outstanding.iter().any(|o| o.msgno == msgno) {
+        while self.outstanding.front().is_some_and(|o| o.msgno == msgno) {
             msgno = (msgno + 1) % (MAX_31BIT + 1);
         }
         self.next_msgno = (msgno + 1) % (MAX_31BIT + 1);

@@ -181,6 +181,8 @@ pub struct Session {
     last_input: Option<Instant>,
     /// A listener that answered the session with an error: all input is ignored (BEEP-18).
     refusing: bool,
+    /// `close` requests (channel, code) waiting for their channel's output to drain.
+    deferred_closes: Vec<(u32, u16)>,
 }
 
 impl Session {
@@ -229,6 +231,7 @@ impl Session {
             peer_greeting: None,
             last_input: None,
             refusing: false,
+            deferred_closes: Vec::new(),
         }
     }
 
@@ -729,6 +732,9 @@ impl Session {
                 }
             }
         }
+        if !self.deferred_closes.is_empty() {
+            self.release_deferred_closes();
+        }
         let max_frame = self.config.limits.max_send_frame;
         let budget = self.config.limits.max_transmit;
         while out.len() - start < budget {
@@ -943,35 +949,52 @@ impl Session {
             return Err(Misuse::Unacknowledged(channel));
         }
         c.closing = true;
-        let payload = Mgmt::Close(Close {
-            number: channel,
-            code: reply_code,
-            text: String::new(),
-        })
-        .to_payload();
-        let msgno = self.queue_mgmt_msg(payload);
-        self.requests.insert(msgno, Request::Close { channel });
+        self.deferred_closes.push((channel, reply_code));
+        self.release_deferred_closes();
         Ok(())
+    }
+
+    /// Queues the `close` requests whose channels have no output left: a close must not
+    /// overtake replies already queued on the channel it closes (the peer would refuse it as
+    /// busy, BEEP-28); a session release waits for every channel.
+    fn release_deferred_closes(&mut self) {
+        let mut i = 0;
+        while i < self.deferred_closes.len() {
+            let (channel, reply_code) = self.deferred_closes[i];
+            let idle = |c: &Channel| c.queue.is_empty();
+            let ready = if channel == 0 {
+                self.channels.iter().all(|(n, c)| *n == 0 || idle(c))
+            } else {
+                self.channels.get(&channel).is_none_or(idle)
+            };
+            if !ready {
+                i += 1;
+                continue;
+            }
+            self.deferred_closes.remove(i);
+            let payload = Mgmt::Close(Close {
+                number: channel,
+                code: reply_code,
+                text: String::new(),
+            })
+            .to_payload();
+            let msgno = self.queue_mgmt_msg(payload);
+            self.requests.insert(msgno, Request::Close { channel });
+        }
     }
 
     /// Asks the peer to release the session (`close` with number 0, RFC 3080 §2.4).
     pub fn close_session(&mut self, reply_code: u16) -> Result<(), Misuse> {
         self.usable()?;
-        if self
+        let asked = self
             .requests
             .values()
             .any(|r| matches!(r, Request::Close { channel: 0 }))
-        {
-            return Ok(());
+            || self.deferred_closes.iter().any(|(c, _)| *c == 0);
+        if !asked {
+            self.deferred_closes.push((0, reply_code));
+            self.release_deferred_closes();
         }
-        let payload = Mgmt::Close(Close {
-            number: 0,
-            code: reply_code,
-            text: String::new(),
-        })
-        .to_payload();
-        let msgno = self.queue_mgmt_msg(payload);
-        self.requests.insert(msgno, Request::Close { channel: 0 });
         Ok(())
     }
 }

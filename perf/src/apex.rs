@@ -1,0 +1,938 @@
+//! APEX load: pairs of endpoints attached to a relay; in pair i, `snd{i}@DOMAIN` sends `data`
+//! to `rcv{i}@DOMAIN`.
+//!
+//! Each endpoint is a BEEP initiator on its own TCP connection, driven by the sans-IO
+//! [`Session`] of `apex-proto`. It attaches with an `attach` piggybacked on the channel `start`
+//! (RFC 3340 §4.2). A sender keeps at most `depth` `data` messages unacknowledged by the relay
+//! (its `ok` reply); a receiver answers each `data` with `ok`, checks the sequence numbers and
+//! records the one-way latency. Output is coalesced: every step drains `poll_transmit` into one
+//! buffer and writes it whole.
+//!
+//! ```text
+//!   main: connect all ──► spawn threads ──► wait until every endpoint attached ──► schedule
+//!   sender:   greeting ─► attach ─► (schedule) send ≤ depth ... measure_end ─► drain acks ─► release
+//!   receiver: greeting ─► attach ─► answer ok, check seq, latency ... all acked seen ─► release
+//! ```
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use apex_proto::apex::msg::{ok_payload, parse_message, ApexLimits, Operation};
+use apex_proto::beep::mgmt::ProfileOffer;
+use apex_proto::beep::mime::BEEP_XML_HEADERS;
+use apex_proto::xml::escape;
+use apex_proto::{Event, ReplyKind, Role, Session, SessionConfig};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use hdrhistogram::Histogram;
+
+use crate::driver::{self, Schedule, Task};
+use crate::payload::{self, Stamp};
+use crate::stats::{self, LatencySummary, Report};
+
+/// The APEX profile URI (RFC 3340 §8).
+const APEX_PROFILE: &str = "http://iana.org/beep/APEX";
+
+/// How long a blocking read waits before the task looks at the clock again.
+const READ_TIMEOUT: Duration = Duration::from_millis(10);
+
+/// How long every endpoint has to connect and attach.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a session release may take at the end.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bytes read per `read` call.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Keep at most this much output buffered on a non-blocking socket.
+const MAX_OUTBOX: usize = 1024 * 1024;
+
+/// Error messages kept per endpoint.
+const MAX_SAMPLES: usize = 5;
+
+/// The `data-content` name used in every message.
+const CONTENT_OPEN: &[u8] = b"<data-content Name='C'>";
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    /// The relay's apex-edge address (loopback, checked by the caller).
+    pub(crate) relay: SocketAddr,
+    /// Domain of the endpoint names.
+    pub(crate) domain: String,
+    /// Sender/receiver pairs.
+    pub(crate) pairs: usize,
+    /// Payload octets per message.
+    pub(crate) size: usize,
+    /// Most unacknowledged messages per sender.
+    pub(crate) depth: usize,
+    /// Warm-up, not measured.
+    pub(crate) warmup: Duration,
+    /// Measured window.
+    pub(crate) duration: Duration,
+    /// Load threads (at most one per connection).
+    pub(crate) threads: usize,
+    /// CPUs to pin the threads to, round-robin (empty: no pinning).
+    pub(crate) cpus: Vec<usize>,
+}
+
+/// State every thread sees.
+#[derive(Debug)]
+struct Shared {
+    /// Timestamps in payloads are nanoseconds since this instant.
+    epoch: Instant,
+    /// Set once every endpoint has attached.
+    schedule: OnceLock<Schedule>,
+    /// Set when any endpoint failed or the attach phase timed out: everyone stops.
+    abort: AtomicBool,
+    /// Endpoints attached so far.
+    attached: AtomicUsize,
+    /// Per pair: messages its sender had answered when it stopped (`u64::MAX` while running).
+    finished: Vec<AtomicU64>,
+}
+
+impl Shared {
+    fn now_ns(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Runs the load and returns the report.
+pub(crate) fn run(config: &Config) -> Result<Report> {
+    let shared = Arc::new(Shared {
+        epoch: Instant::now(),
+        schedule: OnceLock::new(),
+        abort: AtomicBool::new(false),
+        attached: AtomicUsize::new(0),
+        finished: (0..config.pairs)
+            .map(|_| AtomicU64::new(u64::MAX))
+            .collect(),
+    });
+    // Every endpoint attaches before any sender sends (the barrier below); a receiver and its
+    // sender land on different threads whenever there are two or more.
+    let mut endpoints = Vec::with_capacity(config.pairs * 2);
+    for pair in 0..config.pairs {
+        endpoints.push((pair, true));
+        endpoints.push((pair, false));
+    }
+    let groups = driver::deal(endpoints, config.threads);
+    let threads = groups.len();
+    let mut tasks = Vec::with_capacity(threads);
+    for group in groups {
+        let blocking = group.len() == 1;
+        let mut list = Vec::with_capacity(group.len());
+        for (pair, receiver) in group {
+            list.push(Endpoint::connect(
+                config, &shared, pair, receiver, blocking,
+            )?);
+        }
+        tasks.push(list);
+    }
+    let total = config.pairs * 2;
+    let handles = driver::spawn(tasks, &config.cpus)?;
+
+    let mut setup_error = None;
+    let deadline = Instant::now() + ATTACH_TIMEOUT;
+    loop {
+        if shared.abort.load(Ordering::Acquire) {
+            break;
+        }
+        let attached = shared.attached.load(Ordering::Acquire);
+        if attached == total {
+            let schedule = Schedule::new(Instant::now(), config.warmup, config.duration);
+            let _ = shared.schedule.set(schedule);
+            break;
+        }
+        if Instant::now() > deadline {
+            setup_error = Some(format!(
+                "only {attached} of {total} endpoints attached within {} s",
+                ATTACH_TIMEOUT.as_secs()
+            ));
+            shared.abort.store(true, Ordering::Release);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    let mut outcomes = Vec::with_capacity(total);
+    for handle in handles {
+        let tasks = handle
+            .join()
+            .map_err(|_| anyhow!("a load thread panicked"))?;
+        outcomes.extend(tasks.into_iter().map(Endpoint::into_outcome));
+    }
+    if shared.schedule.get().is_none() {
+        // No load was offered: a setup failure, not a measurement.
+        let mut reasons: Vec<String> = setup_error.into_iter().collect();
+        for o in &outcomes {
+            reasons.extend(o.error_samples.iter().map(|e| format!("{}: {e}", o.name)));
+        }
+        bail!("setup failed: {}", reasons.join("; "));
+    }
+    Ok(report(config, threads, &shared, outcomes, setup_error))
+}
+
+/// What an endpoint did, collected after the run.
+#[derive(Debug)]
+struct Outcome {
+    pair: usize,
+    name: String,
+    errors: u64,
+    error_samples: Vec<String>,
+    notes: Vec<String>,
+    role: PartOutcome,
+}
+
+#[derive(Debug)]
+enum PartOutcome {
+    Sender {
+        sent: u64,
+        answered: u64,
+        acked: u64,
+        acked_in_window: u64,
+    },
+    Receiver {
+        delivered: u64,
+        in_window: u64,
+        next_seq: u64,
+        lost: u64,
+        reordered: u64,
+        latency: Box<Histogram<u64>>,
+        /// Seconds from the end of the measured window until the last delivery it waited for.
+        drain_s: f64,
+    },
+}
+
+fn report(
+    config: &Config,
+    threads: usize,
+    shared: &Shared,
+    outcomes: Vec<Outcome>,
+    setup_error: Option<String>,
+) -> Report {
+    let aborted = shared.abort.load(Ordering::Acquire);
+    let mut latency = stats::latency_histogram();
+    let mut r = Report {
+        target: "apex".to_owned(),
+        address: config.relay.to_string(),
+        pairs: config.pairs,
+        size: config.size,
+        depth: config.depth,
+        threads,
+        warmup_s: config.warmup.as_secs_f64(),
+        duration_s: config.duration.as_secs_f64(),
+        sent: 0,
+        acknowledged: 0,
+        delivered: 0,
+        delivered_in_window: 0,
+        msgs_per_sec: 0.0,
+        acks_per_sec: 0.0,
+        payload_mb_per_sec: 0.0,
+        drain_s: 0.0,
+        latency_us: LatencySummary::of(&latency),
+        errors: 0,
+        lost: 0,
+        reordered: 0,
+        error_samples: Vec::new(),
+        notes: Vec::new(),
+    };
+    if let Some(e) = setup_error {
+        r.errors += 1;
+        r.error_samples.push(e);
+    }
+    let mut acked_in_window_total = 0u64;
+    let mut answered = vec![0u64; config.pairs];
+    for o in &outcomes {
+        if let PartOutcome::Sender { answered: a, .. } = o.role {
+            answered[o.pair] = a;
+        }
+    }
+    for o in outcomes {
+        r.errors += o.errors;
+        r.error_samples.extend(
+            o.error_samples
+                .into_iter()
+                .map(|e| format!("{}: {e}", o.name)),
+        );
+        r.notes
+            .extend(o.notes.into_iter().map(|n| format!("{}: {n}", o.name)));
+        match o.role {
+            PartOutcome::Sender {
+                sent,
+                acked,
+                acked_in_window,
+                ..
+            } => {
+                r.sent += sent;
+                r.acknowledged += acked;
+                acked_in_window_total += acked_in_window;
+            }
+            PartOutcome::Receiver {
+                delivered,
+                in_window,
+                next_seq,
+                lost,
+                reordered,
+                latency: h,
+                drain_s,
+            } => {
+                r.drain_s = r.drain_s.max(drain_s);
+                r.delivered += delivered;
+                r.delivered_in_window += in_window;
+                r.lost += lost;
+                r.reordered += reordered;
+                if latency.add(&*h).is_err() {
+                    r.notes
+                        .push(format!("{}: latency histogram not merged", o.name));
+                }
+                // Everything the relay answered must have arrived (a failed run proves nothing).
+                let missing = answered[o.pair].saturating_sub(next_seq);
+                if !aborted && missing > 0 {
+                    r.lost += missing;
+                    r.error_samples.push(format!(
+                        "{}: {missing} answered messages never arrived (last seq seen {})",
+                        o.name,
+                        next_seq.saturating_sub(1)
+                    ));
+                }
+            }
+        }
+    }
+    let secs = config.duration.as_secs_f64();
+    if secs > 0.0 {
+        r.msgs_per_sec = r.delivered_in_window as f64 / secs;
+        r.acks_per_sec = acked_in_window_total as f64 / secs;
+        r.payload_mb_per_sec = r.msgs_per_sec * config.size as f64 / 1e6;
+    }
+    r.latency_us = LatencySummary::of(&latency);
+    r
+}
+
+/// One BEEP connection: socket, session and buffers.
+#[derive(Debug)]
+struct Conn {
+    stream: TcpStream,
+    session: Session,
+    inbox: BytesMut,
+    outbox: BytesMut,
+    scratch: Box<[u8]>,
+    eof: bool,
+}
+
+impl Conn {
+    fn connect(addr: SocketAddr, blocking: bool) -> Result<Self> {
+        let stream = TcpStream::connect(addr)
+            .with_context(|| format!("connecting to the relay at {addr}"))?;
+        stream.set_nodelay(true).context("setting TCP_NODELAY")?;
+        if blocking {
+            stream
+                .set_read_timeout(Some(READ_TIMEOUT))
+                .context("setting the read timeout")?;
+        } else {
+            stream
+                .set_nonblocking(true)
+                .context("making the socket non-blocking")?;
+        }
+        Ok(Self {
+            stream,
+            session: Session::new(Role::Initiator, SessionConfig::default()),
+            inbox: BytesMut::with_capacity(READ_CHUNK),
+            outbox: BytesMut::with_capacity(64 * 1024),
+            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+            eof: false,
+        })
+    }
+
+    /// Drains the session's output into the outbox and writes as much as the socket takes (on a
+    /// blocking socket: all of it). Returns true when anything was written.
+    fn flush(&mut self) -> Result<bool> {
+        while self.outbox.len() < MAX_OUTBOX && self.session.poll_transmit(&mut self.outbox) > 0 {}
+        let mut wrote = false;
+        while !self.outbox.is_empty() {
+            match self.stream.write(&self.outbox) {
+                Ok(0) => bail!("the relay stopped accepting data (write returned 0)"),
+                Ok(n) => {
+                    self.outbox.advance(n);
+                    wrote = true;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("writing to the relay"),
+            }
+        }
+        Ok(wrote)
+    }
+
+    /// Reads once (waiting up to the read timeout on a blocking socket) and feeds the session.
+    /// Returns true when bytes arrived.
+    fn fill(&mut self, now: Instant) -> Result<bool> {
+        match self.stream.read(&mut self.scratch) {
+            Ok(0) => {
+                self.eof = true;
+                Ok(false)
+            }
+            Ok(n) => {
+                self.inbox.extend_from_slice(&self.scratch[..n]);
+                self.session
+                    .handle_input(&mut self.inbox, now)
+                    .map_err(|e| anyhow!("the relay broke the BEEP protocol: {e}"))?;
+                Ok(true)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e).context("reading from the relay"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the relay's greeting.
+    Greeting,
+    /// The `start` with the piggybacked `attach` is out.
+    Attaching {
+        channel: u32,
+    },
+    /// Attached; sending or receiving once the schedule is set.
+    Running,
+    /// Our `close` of the session is out.
+    Releasing {
+        deadline: Instant,
+    },
+    Done,
+}
+
+/// A sender's state.
+#[derive(Debug)]
+struct Sender {
+    /// Everything before the payload.
+    prefix: Bytes,
+    /// Everything after it.
+    suffix: &'static [u8],
+    /// Messages are built here and split off.
+    build: BytesMut,
+    next_seq: u64,
+    outstanding: usize,
+    /// Replies received (ok or not).
+    answered: u64,
+    /// `ok` replies.
+    acked: u64,
+    /// `ok` replies received in the measured window.
+    acked_in_window: u64,
+    /// Past the measured window: no new messages.
+    draining: bool,
+}
+
+/// A receiver's state.
+#[derive(Debug)]
+struct Receiver {
+    /// Octets of each delivered message (byte-identical to what was sent).
+    message_len: usize,
+    next_seq: u64,
+    delivered: u64,
+    in_window: u64,
+    lost: u64,
+    reordered: u64,
+    latency: Box<Histogram<u64>>,
+    /// When the last expected delivery arrived (or the run gave up).
+    finished_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+enum Part {
+    Sender(Sender),
+    Receiver(Receiver),
+}
+
+/// One APEX endpoint on its own connection.
+#[derive(Debug)]
+struct Endpoint {
+    name: String,
+    pair: usize,
+    conn: Conn,
+    phase: Phase,
+    channel: u32,
+    depth: usize,
+    size: usize,
+    part: Part,
+    shared: Arc<Shared>,
+    errors: u64,
+    error_samples: Vec<String>,
+    notes: Vec<String>,
+}
+
+/// The `data` message around a payload: (prefix, suffix).
+fn data_frame(originator: &str, recipient: &str) -> (Bytes, &'static [u8]) {
+    let mut prefix = BytesMut::new();
+    prefix.put_slice(BEEP_XML_HEADERS);
+    prefix.put_slice(b"<data content='#C'><originator identity='");
+    prefix.put_slice(escape(originator).as_bytes());
+    prefix.put_slice(b"' /><recipient identity='");
+    prefix.put_slice(escape(recipient).as_bytes());
+    prefix.put_slice(b"' />");
+    prefix.put_slice(CONTENT_OPEN);
+    (prefix.freeze(), b"</data-content></data>\r\n")
+}
+
+/// Finds the payload in a delivered `data` message and decodes its stamp.
+fn stamp_of(message: &[u8]) -> Option<Stamp> {
+    let at = message
+        .windows(CONTENT_OPEN.len())
+        .position(|w| w == CONTENT_OPEN)?;
+    payload::decode(&message[at + CONTENT_OPEN.len()..])
+}
+
+fn is_ok_reply(payload: &Bytes, ok: &[u8]) -> bool {
+    payload[..] == *ok
+        || matches!(
+            parse_message(payload, &ApexLimits::default()),
+            Ok(Operation::Ok)
+        )
+}
+
+impl Endpoint {
+    fn connect(
+        config: &Config,
+        shared: &Arc<Shared>,
+        pair: usize,
+        receiver: bool,
+        blocking: bool,
+    ) -> Result<Self> {
+        let rcv = format!("rcv{pair}@{}", config.domain);
+        let snd = format!("snd{pair}@{}", config.domain);
+        let (prefix, suffix) = data_frame(&snd, &rcv);
+        let part = if receiver {
+            Part::Receiver(Receiver {
+                message_len: prefix.len() + config.size.max(payload::MIN_SIZE) + suffix.len(),
+                next_seq: 0,
+                delivered: 0,
+                in_window: 0,
+                lost: 0,
+                reordered: 0,
+                latency: Box::new(stats::latency_histogram()),
+                finished_at: None,
+            })
+        } else {
+            Part::Sender(Sender {
+                prefix,
+                suffix,
+                build: BytesMut::new(),
+                next_seq: 0,
+                outstanding: 0,
+                answered: 0,
+                acked: 0,
+                acked_in_window: 0,
+                draining: false,
+            })
+        };
+        let name = if receiver { rcv } else { snd };
+        let conn =
+            Conn::connect(config.relay, blocking).with_context(|| format!("endpoint {name}"))?;
+        Ok(Self {
+            name,
+            pair,
+            conn,
+            phase: Phase::Greeting,
+            channel: 0,
+            depth: config.depth,
+            size: config.size,
+            part,
+            shared: Arc::clone(shared),
+            errors: 0,
+            error_samples: Vec::new(),
+            notes: Vec::new(),
+        })
+    }
+
+    fn error(&mut self, text: impl FnOnce() -> String) {
+        self.errors += 1;
+        if self.error_samples.len() < MAX_SAMPLES {
+            self.error_samples.push(text());
+        }
+    }
+
+    fn into_outcome(self) -> Outcome {
+        let measure_end = self.shared.schedule.get().map(|s| s.measure_end);
+        let role = match self.part {
+            Part::Sender(s) => PartOutcome::Sender {
+                sent: s.next_seq,
+                answered: s.answered,
+                acked: s.acked,
+                acked_in_window: s.acked_in_window,
+            },
+            Part::Receiver(r) => PartOutcome::Receiver {
+                delivered: r.delivered,
+                in_window: r.in_window,
+                next_seq: r.next_seq,
+                lost: r.lost,
+                reordered: r.reordered,
+                latency: r.latency,
+                drain_s: match (measure_end, r.finished_at) {
+                    (Some(end), Some(at)) => at.saturating_duration_since(end).as_secs_f64(),
+                    _ => 0.0,
+                },
+            },
+        };
+        Outcome {
+            pair: self.pair,
+            name: self.name,
+            errors: self.errors,
+            error_samples: self.error_samples,
+            notes: self.notes,
+            role,
+        }
+    }
+
+    fn try_step(&mut self) -> Result<bool> {
+        if self.shared.abort.load(Ordering::Acquire) {
+            self.phase = Phase::Done;
+            return Ok(true);
+        }
+        let now = Instant::now();
+        let schedule = self.shared.schedule.get().copied();
+        if let Some(s) = schedule {
+            if now >= s.hard_stop && self.phase == Phase::Running {
+                self.hard_stop();
+                self.phase = Phase::Done;
+                return Ok(true);
+            }
+        }
+        if let Phase::Releasing { deadline } = self.phase {
+            if now >= deadline {
+                self.notes.push(format!(
+                    "session release not completed within {} s",
+                    RELEASE_TIMEOUT.as_secs()
+                ));
+                self.phase = Phase::Done;
+                return Ok(true);
+            }
+        }
+        if let (Phase::Running, Some(s)) = (self.phase, schedule) {
+            self.produce(now, &s)?;
+        }
+        let mut progress = self.conn.flush()?;
+        if matches!(self.phase, Phase::Releasing { .. })
+            && self.conn.session.is_finished()
+            && self.conn.outbox.is_empty()
+        {
+            self.phase = Phase::Done;
+            return Ok(true);
+        }
+        progress |= self.conn.fill(now)?;
+        if self.conn.eof {
+            if matches!(self.phase, Phase::Releasing { .. }) {
+                self.phase = Phase::Done;
+                return Ok(true);
+            }
+            bail!("the relay closed the connection");
+        }
+        let now = Instant::now();
+        let now_ns = self.shared.now_ns(now);
+        let measuring = schedule.is_some_and(|s| s.measuring(now));
+        while let Some(event) = self.conn.session.poll_event() {
+            progress = true;
+            self.on_event(event, now_ns, measuring)?;
+        }
+        self.check_finished(now);
+        Ok(progress)
+    }
+
+    /// A sender tops up to `depth` outstanding messages until the window ends, then drains.
+    fn produce(&mut self, now: Instant, schedule: &Schedule) -> Result<()> {
+        let Part::Sender(s) = &mut self.part else {
+            return Ok(());
+        };
+        if now >= schedule.measure_end {
+            s.draining = true;
+        }
+        if s.draining || s.outstanding >= self.depth {
+            return Ok(());
+        }
+        let sent_ns = self.shared.now_ns(now);
+        let len = s.prefix.len() + self.size.max(payload::MIN_SIZE) + s.suffix.len();
+        while s.outstanding < self.depth {
+            s.build.reserve(len);
+            s.build.put_slice(&s.prefix);
+            let stamp = Stamp {
+                seq: s.next_seq,
+                sent_ns,
+            };
+            payload::encode(&mut s.build, stamp, self.size);
+            s.build.put_slice(s.suffix);
+            let message = s.build.split().freeze();
+            self.conn
+                .session
+                .send_msg(self.channel, message)
+                .map_err(|e| anyhow!("queueing data: {e}"))?;
+            s.outstanding += 1;
+            s.next_seq += 1;
+        }
+        Ok(())
+    }
+
+    /// Moves to the release once this endpoint's part of the run is over.
+    fn check_finished(&mut self, now: Instant) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        let finished = match &mut self.part {
+            Part::Sender(s) => {
+                let done = s.draining && s.outstanding == 0;
+                if done {
+                    self.shared.finished[self.pair].store(s.answered, Ordering::Release);
+                }
+                done
+            }
+            Part::Receiver(r) => {
+                // Close only once every `ok` is on the wire: the session interleaves channels
+                // frame by frame, and a relay declines a close that overtakes its replies.
+                let answered = self.shared.finished[self.pair].load(Ordering::Acquire);
+                let all_seen = answered != u64::MAX && r.next_seq >= answered;
+                if all_seen && r.finished_at.is_none() {
+                    r.finished_at = Some(now);
+                }
+                all_seen && !self.conn.session.has_output() && self.conn.outbox.is_empty()
+            }
+        };
+        if finished {
+            match self.conn.session.close_session(200) {
+                Ok(()) => {
+                    self.phase = Phase::Releasing {
+                        deadline: now + RELEASE_TIMEOUT,
+                    }
+                }
+                Err(e) => {
+                    self.notes.push(format!("no session release: {e}"));
+                    self.phase = Phase::Done;
+                }
+            }
+        }
+    }
+
+    /// The run's hard stop came before this endpoint finished.
+    fn hard_stop(&mut self) {
+        match &mut self.part {
+            Part::Sender(s) if s.outstanding > 0 => {
+                let outstanding = s.outstanding;
+                self.error(|| {
+                    format!(
+                        "hard stop: {outstanding} data messages still unacknowledged by the relay {} s after the end of the run",
+                        Schedule::GRACE.as_secs()
+                    )
+                });
+            }
+            Part::Receiver(r) => {
+                r.finished_at.get_or_insert_with(Instant::now);
+                let waiting = r.next_seq;
+                self.notes.push(format!(
+                    "hard stop: still waiting for deliveries after seq {}",
+                    waiting.saturating_sub(1)
+                ));
+            }
+            Part::Sender(_) => {}
+        }
+    }
+
+    fn on_event(&mut self, event: Event, now_ns: u64, measuring: bool) -> Result<()> {
+        match event {
+            Event::Greeting(_) if self.phase == Phase::Greeting => {
+                let doc = format!("<attach endpoint='{}' transID='1' />", escape(&self.name));
+                let offer = ProfileOffer {
+                    uri: APEX_PROFILE.to_owned(),
+                    content: Some(Bytes::from(doc)),
+                };
+                let channel = self
+                    .conn
+                    .session
+                    .start_channel(vec![offer], None)
+                    .map_err(|e| anyhow!("starting the APEX channel: {e}"))?;
+                self.phase = Phase::Attaching { channel };
+            }
+            Event::ChannelStarted {
+                channel, content, ..
+            } if self.phase == (Phase::Attaching { channel }) => {
+                let reply = content.unwrap_or_default();
+                let reply = String::from_utf8_lossy(&reply);
+                if reply.trim() != "<ok />" {
+                    bail!(
+                        "the relay did not accept the attach of {}: piggybacked reply {:?}",
+                        self.name,
+                        reply.trim()
+                    );
+                }
+                self.channel = channel;
+                self.phase = Phase::Running;
+                self.shared.attached.fetch_add(1, Ordering::AcqRel);
+            }
+            Event::StartRefused { channel, error } => bail!(
+                "the relay refused to start the APEX channel {channel}: {} {}",
+                error.code,
+                error.text
+            ),
+            Event::Message {
+                channel,
+                msgno,
+                payload,
+            } => {
+                self.on_message(&payload, now_ns, measuring);
+                self.conn
+                    .session
+                    .send_rpy(channel, msgno, ok_payload())
+                    .map_err(|e| anyhow!("answering MSG {msgno}: {e}"))?;
+            }
+            Event::Reply { kind, payload, .. } => self.on_reply(kind, &payload, measuring),
+            Event::ChannelClosed { channel, .. }
+                if channel == self.channel && !matches!(self.phase, Phase::Releasing { .. }) =>
+            {
+                bail!("the relay closed the APEX channel");
+            }
+            Event::CloseRefused { error, .. } => {
+                self.notes.push(format!(
+                    "the relay declined the session release: {} {}",
+                    error.code, error.text
+                ));
+                self.phase = Phase::Done;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A MSG from the relay: for a receiver, one delivered `data`.
+    fn on_message(&mut self, message: &Bytes, now_ns: u64, measuring: bool) {
+        let Part::Receiver(r) = &mut self.part else {
+            let text = String::from_utf8_lossy(&message[..message.len().min(200)]).into_owned();
+            self.error(|| format!("unexpected message from the relay: {text:?}"));
+            return;
+        };
+        let Some(stamp) = stamp_of(message) else {
+            let text = String::from_utf8_lossy(&message[..message.len().min(200)]).into_owned();
+            self.error(|| format!("undecodable delivery: {text:?}"));
+            return;
+        };
+        let (len, want) = (message.len(), r.message_len);
+        r.delivered += 1;
+        let gap = stamp.seq.saturating_sub(r.next_seq);
+        let expected = r.next_seq;
+        if stamp.seq >= r.next_seq {
+            r.lost += gap;
+            r.next_seq = stamp.seq + 1;
+        } else {
+            r.reordered += 1;
+            if self.notes.len() < MAX_SAMPLES {
+                self.notes.push(format!(
+                    "seq {} arrived after seq {}",
+                    stamp.seq,
+                    expected - 1
+                ));
+            }
+        }
+        if gap > 0 && self.notes.len() < MAX_SAMPLES {
+            self.notes.push(format!(
+                "gap: seq {} arrived when {expected} was due ({gap} missing)",
+                stamp.seq
+            ));
+        }
+        if measuring {
+            r.in_window += 1;
+            stats::record_ns(&mut r.latency, now_ns.saturating_sub(stamp.sent_ns));
+        }
+        if len != want {
+            self.error(|| {
+                format!(
+                    "delivery of seq {} has {len} octets, {want} were sent",
+                    stamp.seq
+                )
+            });
+        }
+    }
+
+    /// A reply to one of our MSGs: for a sender, the relay's answer to a `data`.
+    fn on_reply(&mut self, kind: ReplyKind, payload: &Bytes, measuring: bool) {
+        let Part::Sender(s) = &mut self.part else {
+            self.error(|| "reply to a MSG a receiver never sent".to_owned());
+            return;
+        };
+        s.outstanding = s.outstanding.saturating_sub(1);
+        s.answered += 1;
+        if kind == ReplyKind::Rpy && is_ok_reply(payload, &ok_payload()) {
+            s.acked += 1;
+            s.acked_in_window += u64::from(measuring);
+            return;
+        }
+        let text = String::from_utf8_lossy(payload).trim().to_owned();
+        self.error(|| format!("the relay answered data with {kind:?}: {text}"));
+    }
+}
+
+impl Task for Endpoint {
+    fn step(&mut self) -> bool {
+        if self.phase == Phase::Done {
+            return false;
+        }
+        match self.try_step() {
+            Ok(progress) => progress,
+            Err(e) => {
+                let text = format!("{e:#}");
+                self.error(|| text);
+                self.phase = Phase::Done;
+                self.shared.abort.store(true, Ordering::Release);
+                true
+            }
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_message_parses_and_carries_the_stamp() {
+        let (prefix, suffix) = data_frame("snd0@example.com", "rcv0@example.com");
+        let mut m = BytesMut::new();
+        m.put_slice(&prefix);
+        let stamp = Stamp {
+            seq: 42,
+            sent_ns: 1_234_567,
+        };
+        payload::encode(&mut m, stamp, 128);
+        m.put_slice(suffix);
+        let m = m.freeze();
+        let Ok(Operation::Data(data)) = parse_message(&m, &ApexLimits::default()) else {
+            panic!("not a data: {}", String::from_utf8_lossy(&m));
+        };
+        assert_eq!(data.originator.identity, "snd0@example.com");
+        assert_eq!(data.recipients[0].identity, "rcv0@example.com");
+        let content = data.data_content.unwrap();
+        assert_eq!(
+            content.len(),
+            CONTENT_OPEN.len() + 128 + "</data-content>".len()
+        );
+        assert_eq!(stamp_of(&m), Some(stamp));
+    }
+
+    #[test]
+    fn ok_replies_are_recognised() {
+        let ok = ok_payload();
+        assert!(is_ok_reply(&ok, &ok));
+        let spaced = Bytes::from_static(b"Content-Type: application/beep+xml\r\n\r\n<ok/>");
+        assert!(is_ok_reply(&spaced, &ok));
+        let error = apex_proto::apex::msg::error_payload(550, "no");
+        assert!(!is_ok_reply(&error, &ok));
+    }
+}

@@ -1,0 +1,1513 @@
+//! APEX relay conformance, in memory: one or more [`Relay`] shards driven through real BEEP
+//! sessions by [`RelayNet`] (the runtime's event/action mapping of `src/shard/conn.rs`, without
+//! sockets). Vectors cite the checklists of `/work/shared/spec/apex-core.md` (APEX-nn, worked
+//! examples §13), `apex-options.md` (OPT-nn) and `apex-access.md` (ACC-nn).
+//!
+//! Byte-exact vectors are compared frame by frame with what the relay's listener session wrote
+//! ([`RelayClient::relay_data_frames`]; SEQ frames, whose window values depend on the
+//! configured buffer, are left out). Raw clients ([`RelayNet::connect_raw`]) let a test write
+//! the digest's initiator octets verbatim.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use apex_proto::apex::access::{AccessTable, Action as Access, ActorPattern};
+use apex_proto::apex::addr::Endpoint;
+use apex_proto::apex::msg::{self, ApexLimits, Data, Operation};
+use apex_proto::apex::relay::{domain_shard, home_shard, ConnKind};
+use apex_proto::testing::{split_frames, ClientId, RelayNet};
+use apex_proto::ReplyKind;
+use bytes::Bytes;
+
+const HEADERS: &str = "Content-Type: application/beep+xml\r\n\r\n";
+
+/// §13.1: the application's greeting (52).
+const I_GREETING: &[u8] =
+    b"RPY 0 0 . 0 52\r\nContent-Type: application/beep+xml\r\n\r\n<greeting />\r\nEND\r\n";
+
+/// §13.1: the relay's greeting offering TLS, SASL/DIGEST-MD5 and APEX (217).
+const L_GREETING_217: &[u8] = b"RPY 0 0 . 0 217\r\nContent-Type: application/beep+xml\r\n\r\n<greeting>\r\n   <profile uri='http://iana.org/beep/TLS' />\r\n   <profile uri='http://iana.org/beep/SASL/DIGEST-MD5' />\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</greeting>\r\nEND\r\n";
+
+/// §13.1: channel 1 with a piggybacked attach of fred (199).
+const START_ATTACH_FRED: &[u8] = b"MSG 0 1 . 52 199\r\nContent-Type: application/beep+xml\r\n\r\n<start number='1'>\r\n   <profile uri='http://iana.org/beep/APEX'>\r\n      <![CDATA[<attach endpoint='fred@example.com' transID='1' />]]>\r\n   </profile>\r\n</start>\r\nEND\r\n";
+
+/// §13.1: channel created and attach accepted (109).
+const RPY_START_OK: &[u8] = b"RPY 0 1 . 217 109\r\nContent-Type: application/beep+xml\r\n\r\n<profile uri='http://iana.org/beep/APEX'><![CDATA[<ok />]]></profile>\r\nEND\r\n";
+
+/// §13.1: data from fred to barney with inline content (231).
+const DATA_231: &[u8] = b"MSG 1 0 . 0 231\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\nEND\r\n";
+
+/// §13.1 / §13.2: `ok` to msgno 0, seqno 0 (46).
+const RPY_1_0_OK: &[u8] =
+    b"RPY 1 0 . 0 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n";
+
+/// §13.1: a second attach reusing live transID 1 (98) and its refusal (97).
+const ATTACH_REUSE: &[u8] = b"MSG 1 1 . 231 98\r\nContent-Type: application/beep+xml\r\n\r\n<attach endpoint='fred/appl=wb@example.com' transID='1' />\r\nEND\r\n";
+const ERR_555: &[u8] = b"ERR 1 1 . 46 97\r\nContent-Type: application/beep+xml\r\n\r\n<error code='555'>transaction already in progress</error>\r\nEND\r\n";
+
+/// §13.1: detach everything (65) and its acceptance (46).
+const TERMINATE_0: &[u8] = b"MSG 1 2 . 329 65\r\nContent-Type: application/beep+xml\r\n\r\n<terminate transID='0' />\r\nEND\r\n";
+const RPY_1_2_OK: &[u8] =
+    b"RPY 1 2 . 143 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n";
+
+/// §13.3: data with a per-recipient statusRequest (302).
+const DATA_302: &[u8] = b"MSG 1 0 . 0 302\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com'>\r\n      <option internal='statusRequest' transID='86' />\r\n   </recipient>\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\nEND\r\n";
+
+/// §13.3: the relay's report to fred (416) and fred's acceptance.
+const REPORT_416: &[u8] = b"MSG 1 0 . 46 416\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='apex=report@example.com' />\r\n   <recipient identity='fred@example.com' />\r\n   <data-content Name='Content'>\r\n      <statusResponse transID='86'>\r\n         <destination identity='barney@example.com'>\r\n            <reply code='250' transID='86' />\r\n         </destination>\r\n      </statusResponse>\r\n   </data-content>\r\n</data>\r\nEND\r\n";
+const FRED_ACCEPTS_REPORT: &[u8] =
+    b"RPY 1 0 . 302 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n";
+
+/// §13.5: rubble.com's relay greeting (111), example.com's bind start (189), acceptance (109).
+const L_GREETING_111: &[u8] = b"RPY 0 0 . 0 111\r\nContent-Type: application/beep+xml\r\n\r\n<greeting>\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</greeting>\r\nEND\r\n";
+const START_BIND: &[u8] = b"MSG 0 1 . 52 189\r\nContent-Type: application/beep+xml\r\n\r\n<start number='1'>\r\n   <profile uri='http://iana.org/beep/APEX'>\r\n      <![CDATA[<bind relay='example.com' transID='1' />]]>\r\n   </profile>\r\n</start>\r\nEND\r\n";
+const RPY_BIND_OK: &[u8] = b"RPY 0 1 . 111 109\r\nContent-Type: application/beep+xml\r\n\r\n<profile uri='http://iana.org/beep/APEX'><![CDATA[<ok />]]></profile>\r\nEND\r\n";
+/// §13.5: forwarded data with a per-data statusRequest (283).
+const DATA_283: &[u8] = b"MSG 1 0 . 0 283\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@rubble.com' />\r\n   <option internal='statusRequest' transID='86' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\nEND\r\n";
+
+/// apex-options.md §3: app #2 attaches with attachOverride (152) on its channel 1.
+const ATTACH_OVERRIDE_152: &[u8] = b"MSG 1 0 . 0 152\r\nContent-Type: application/beep+xml\r\n\r\n<attach endpoint='fred@example.com' transID='2'>\r\n   <option internal='attachOverride' transID='3' />\r\n</attach>\r\nEND\r\n";
+/// apex-options.md §3: the relay terminates app #1's attachment (107).
+const TERMINATE_556_107: &[u8] = b"MSG 1 0 . 0 107\r\nContent-Type: application/beep+xml\r\n\r\n<terminate transID='1' code='556'>attachment overridden</terminate>\r\nEND\r\n";
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Checks a literal data frame's size field against its octets; returns the frame.
+#[track_caller]
+fn checked(frame: &[u8]) -> &[u8] {
+    let lf = frame.iter().position(|&b| b == b'\n').unwrap();
+    let line = std::str::from_utf8(&frame[..lf - 1]).unwrap();
+    let size: usize = line.split(' ').nth(5).unwrap().parse().unwrap();
+    assert!(frame.ends_with(b"END\r\n"), "{line:?} has no trailer");
+    assert_eq!(
+        frame.len() - (lf + 1) - 5,
+        size,
+        "vector bug: size of {line:?}"
+    );
+    frame
+}
+
+/// The payload of a literal data frame.
+fn payload_of(frame: &[u8]) -> Bytes {
+    let lf = frame.iter().position(|&b| b == b'\n').unwrap();
+    Bytes::copy_from_slice(&frame[lf + 1..frame.len() - 5])
+}
+
+fn show(frames: &[Bytes]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| String::from_utf8_lossy(f).into_owned())
+        .collect()
+}
+
+/// A data payload in the digest's layout; `options` are whole lines ("   <option .../>\r\n").
+fn data(originator: &str, recipients: &[&str], options: &str, content: &str) -> Bytes {
+    let mut s = format!(
+        "{HEADERS}<data content='#Content'>\r\n   <originator identity='{originator}' />\r\n"
+    );
+    for r in recipients {
+        s.push_str(&format!("   <recipient identity='{r}' />\r\n"));
+    }
+    s.push_str(options);
+    s.push_str(&format!(
+        "   <data-content Name='Content'>{content}</data-content>\r\n</data>\r\n"
+    ));
+    Bytes::from(s)
+}
+
+fn status_request(trans_id: u32) -> String {
+    format!("   <option internal='statusRequest' transID='{trans_id}' />\r\n")
+}
+
+fn xml(body: &str) -> Bytes {
+    Bytes::from(format!("{HEADERS}{body}"))
+}
+
+fn parse_data(payload: &Bytes) -> Data {
+    match msg::parse_message(payload, &ApexLimits::default()) {
+        Ok(Operation::Data(d)) => d,
+        other => panic!(
+            "not a data: {other:?}: {}",
+            String::from_utf8_lossy(payload)
+        ),
+    }
+}
+
+fn recipients_of(payload: &Bytes) -> Vec<String> {
+    parse_data(payload)
+        .recipients
+        .into_iter()
+        .map(|r| r.identity)
+        .collect()
+}
+
+fn text(b: &Bytes) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The error code of an `error` reply payload.
+fn error_code(payload: &Bytes) -> u16 {
+    match msg::parse_message(payload, &ApexLimits::default()) {
+        Ok(Operation::Error { code, .. }) => code,
+        other => panic!("not an error: {other:?}"),
+    }
+}
+
+/// Whether `payload` is a report from `apex=report@<domain>` with this transID, destination
+/// and reply code.
+fn is_report(payload: &Bytes, domain: &str, trans_id: u32, identity: &str, code: u16) -> bool {
+    let d = parse_data(payload);
+    let t = text(payload);
+    d.originator.identity == format!("apex=report@{domain}")
+        && t.contains(&format!("<statusResponse transID='{trans_id}'>"))
+        && t.contains(&format!("<destination identity='{identity}'>"))
+        && t.contains(&format!("<reply code='{code}' transID='{trans_id}'"))
+}
+
+/// Reports among the MSGs `id` received.
+fn reports(net: &RelayNet, id: ClientId) -> Vec<Bytes> {
+    net.clients[id]
+        .received
+        .iter()
+        .map(|(_, _, p)| p.clone())
+        .filter(|p| text(p).contains("<statusResponse"))
+        .collect()
+}
+
+/// Data (not reports) among the MSGs `id` received.
+fn deliveries(net: &RelayNet, id: ClientId) -> Vec<Bytes> {
+    net.clients[id]
+        .received
+        .iter()
+        .map(|(_, _, p)| p.clone())
+        .filter(|p| text(p).contains("<data ") && !text(p).contains("<statusResponse"))
+        .collect()
+}
+
+/// `*@example.com` may send `core:data` to every endpoint of example.com.
+fn domain_grant(domain: &str) -> AccessTable {
+    let mut access = AccessTable::new();
+    access
+        .grant_domain(
+            domain,
+            ActorPattern::parse(&format!("*@{domain}")).unwrap(),
+            vec![Access::CORE_DATA],
+        )
+        .unwrap();
+    access
+}
+
+fn granted(shards: usize) -> RelayNet {
+    RelayNet::with(
+        "example.com",
+        shards,
+        domain_grant("example.com"),
+        Vec::new(),
+    )
+}
+
+/// An endpoint of example.com whose home shard is `home`.
+fn endpoint_homed(stem: &str, shards: usize, home: usize) -> String {
+    (0..)
+        .map(|i| format!("{stem}{i}@example.com"))
+        .find(|e| home_shard(&Endpoint::parse(e).unwrap(), shards) == home)
+        .unwrap()
+}
+
+fn ep(s: &str) -> Endpoint {
+    Endpoint::parse(s).unwrap()
+}
+
+/// The client is attached as `endpoint` per every shard's directory replica.
+fn attached_everywhere(net: &RelayNet, endpoint: &str, id: ClientId, channel: u32) -> bool {
+    let c = &net.clients[id];
+    net.relays.iter().all(|r| {
+        r.lookup(&ep(endpoint))
+            .is_some_and(|at| at.shard == c.shard && at.conn == c.conn && at.channel == channel)
+    })
+}
+
+fn detached_everywhere(net: &RelayNet, endpoint: &str) -> bool {
+    net.relays.iter().all(|r| r.lookup(&ep(endpoint)).is_none())
+}
+
+/// An edge client attached as `endpoint` on a piggybacked channel.
+fn attached(net: &mut RelayNet, shard: usize, endpoint: &str) -> (ClientId, u32) {
+    let id = net.connect(shard, ConnKind::Edge);
+    let (channel, reply) = net.attach(id, endpoint);
+    assert_eq!(reply, "<ok />", "attach {endpoint}");
+    (id, channel)
+}
+
+// ---------------------------------------------------------------------------------------------
+// §13.1, §13.2: the endpoint session, byte for byte
+// ---------------------------------------------------------------------------------------------
+
+fn run_13_1(shards: usize, fred_shard: usize, barney_shard: usize) {
+    let mut net = granted(shards);
+    // Barney attached earlier through a piggybacked attach on his channel 1 (§13.2).
+    let (barney, barney_ch) = attached(&mut net, barney_shard, "barney@example.com");
+    assert_eq!(barney_ch, 1);
+
+    net.listener_config.profiles = vec![
+        "http://iana.org/beep/TLS".into(),
+        "http://iana.org/beep/SASL/DIGEST-MD5".into(),
+        "http://iana.org/beep/APEX".into(),
+    ];
+    let fred = net.connect_raw(fred_shard, ConnKind::Edge);
+    net.inject(fred, checked(I_GREETING));
+    net.inject(fred, checked(START_ATTACH_FRED));
+    net.inject(fred, checked(DATA_231));
+    net.inject(fred, checked(ATTACH_REUSE));
+    // The §13.1 seqno 329 counts a 98-octet MSG 1 1 after 231: 231 + 98 = 329.
+    net.inject(fred, checked(TERMINATE_0));
+
+    let expected: Vec<Bytes> = [
+        checked(L_GREETING_217),
+        checked(RPY_START_OK),
+        checked(RPY_1_0_OK),
+        checked(ERR_555),
+        checked(RPY_1_2_OK),
+    ]
+    .iter()
+    .map(|f| Bytes::copy_from_slice(f))
+    .collect();
+    assert_eq!(
+        show(&net.clients[fred].relay_data_frames()),
+        show(&expected),
+        "APEX-06/10/15/18, apex-core.md §13.1"
+    );
+
+    // §13.2: the relay's first MSG on barney's channel 1 is the data, byte-identical.
+    let barney_frames = net.clients[barney].relay_data_frames();
+    let delivery = barney_frames
+        .iter()
+        .find(|f| f.starts_with(b"MSG 1 "))
+        .expect("delivered to barney");
+    assert_eq!(text(delivery), text(&Bytes::from_static(DATA_231)), "§13.2");
+    // ...and barney's reply is §13.2's.
+    let from_barney = split_frames(&net.clients[barney].to_relay);
+    assert!(
+        from_barney.iter().any(|f| f[..] == *RPY_1_0_OK),
+        "§13.2 barney's RPY: {:?}",
+        show(&from_barney)
+    );
+    assert_eq!(deliveries(&net, barney).len(), 1, "delivered once");
+    // APEX-18: fred is detached everywhere.
+    assert!(detached_everywhere(&net, "fred@example.com"));
+}
+
+#[test]
+fn apex_13_1_endpoint_session_byte_exact() {
+    run_13_1(1, 0, 0);
+}
+
+#[test]
+fn apex_13_1_and_13_2_across_two_shards() {
+    run_13_1(2, 0, 1);
+    run_13_1(2, 1, 0);
+}
+
+#[test]
+fn apex_06_piggyback_reply_content() {
+    let mut net = granted(1);
+    let id = net.connect(0, ConnKind::Edge);
+    let (channel, reply) = net.attach(id, "fred@example.com");
+    assert_eq!((channel, reply.as_str()), (1, "<ok />"));
+    // A failed piggybacked attach still creates the channel (apex-core.md §5.2).
+    let (channel, reply) = net.attach(id, "fred@other.org");
+    assert_eq!(channel, 3);
+    assert!(reply.starts_with("<error code='553'"), "{reply}");
+    // ...and the application may retry with a MSG on it.
+    let (ok, payload) = net.send(
+        id,
+        channel,
+        xml("<attach endpoint='fred/appl=wb@example.com' transID='1' />\r\n"),
+    );
+    assert!(ok, "{}", text(&payload));
+    assert_eq!(payload, msg::ok_payload(), "RPY <ok /> (46 octets)");
+}
+
+// ---------------------------------------------------------------------------------------------
+// attach (APEX-10..15)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn apex_10_reused_live_trans_id_555() {
+    let mut net = granted(1);
+    let (id, ch) = attached(&mut net, 0, "fred@example.com");
+    let (ok, payload) = net.send(
+        id,
+        ch,
+        xml("<attach endpoint='fred/appl=wb@example.com' transID='1' />\r\n"),
+    );
+    assert!(!ok);
+    assert_eq!(payload, payload_of(ERR_555), "§13.1 ERR 555 payload");
+    // transIDs are channel-scoped (APEX-42): transID 1 on another channel is fine.
+    let (ch3, _) = net.start(id, None);
+    let (ok, _) = net.send(
+        id,
+        ch3,
+        xml("<attach endpoint='fred/appl=wb@example.com' transID='1' />\r\n"),
+    );
+    assert!(ok, "APEX-42");
+    // After terminate, the transID is free again.
+    let (ok, _) = net.send(id, ch, xml("<terminate transID='1' />\r\n"));
+    assert!(ok);
+    let (ok, payload) = net.send(
+        id,
+        ch,
+        xml("<attach endpoint='fred@example.com' transID='1' />\r\n"),
+    );
+    assert!(ok, "{}", text(&payload));
+}
+
+#[test]
+fn apex_11_foreign_domain_553() {
+    let mut net = granted(2);
+    let id = net.connect(1, ConnKind::Edge);
+    let (ch, reply) = net.attach(id, "fred@other.org");
+    assert!(reply.starts_with("<error code='553'"), "{reply}");
+    let (ok, payload) = net.send(
+        id,
+        ch,
+        xml("<attach endpoint='fred@Other.Org' transID='2' />\r\n"),
+    );
+    assert!(!ok);
+    assert_eq!(error_code(&payload), 553);
+    // The domain compares case-insensitively (apex-core.md §3.3 impl. note).
+    let (ok, _) = net.send(
+        id,
+        ch,
+        xml("<attach endpoint='fred@EXAMPLE.com' transID='3' />\r\n"),
+    );
+    assert!(ok);
+}
+
+#[test]
+fn apex_12_attach_on_mesh_or_as_service_537() {
+    let mut net = granted(1);
+    let mesh = net.connect(0, ConnKind::Mesh);
+    let (_, reply) = net.attach(mesh, "fred@example.com");
+    assert!(reply.starts_with("<error code='537'"), "mesh: {reply}");
+    let edge = net.connect(0, ConnKind::Edge);
+    let (ch, reply) = net.attach(edge, "apex=report@example.com");
+    assert!(reply.starts_with("<error code='537'"), "service: {reply}");
+    let (ok, payload) = net.send(
+        edge,
+        ch,
+        xml("<attach endpoint='apex=access@example.com' transID='2' />\r\n"),
+    );
+    assert!(!ok);
+    assert_eq!(error_code(&payload), 537);
+    assert!(detached_everywhere(&net, "fred@example.com"));
+}
+
+#[test]
+fn apex_13_options_before_duplicate_check_504() {
+    // An unknown mustUnderstand option in attach is refused (targetHop ignored, APEX-37)
+    // even when the endpoint is free.
+    let mut net = granted(1);
+    let id = net.connect(0, ConnKind::Edge);
+    let (ch, _) = net.start(id, None);
+    let (ok, payload) = net.send(
+        id,
+        ch,
+        xml("<attach endpoint='fred@example.com' transID='1'>\r\n   <option external='http://example.org/x' targetHop='final' mustUnderstand='true' transID='9' />\r\n</attach>\r\n"),
+    );
+    assert!(!ok);
+    assert_eq!(error_code(&payload), 504);
+    assert!(detached_everywhere(&net, "fred@example.com"));
+}
+
+fn run_554(shards: usize, first: usize, second: usize) {
+    let mut net = granted(shards);
+    let (a, a_ch) = attached(&mut net, first, "fred@example.com");
+    let b = net.connect(second, ConnKind::Edge);
+    let (b_ch, reply) = net.attach(b, "fred@example.com");
+    assert!(
+        reply.starts_with("<error code='554'"),
+        "APEX-14 shards {first}->{second}: {reply}"
+    );
+    let (ok, payload) = net.send(
+        b,
+        b_ch,
+        xml("<attach endpoint='fred@example.com' transID='7' />\r\n"),
+    );
+    assert!(!ok);
+    assert_eq!(error_code(&payload), 554);
+    assert!(attached_everywhere(&net, "fred@example.com", a, a_ch));
+    // Data still reaches the first application.
+    let (w, w_ch) = attached(&mut net, second, "wilma@example.com");
+    let (ok, _) = net.send(
+        w,
+        w_ch,
+        data("wilma@example.com", &["fred@example.com"], "", "hi"),
+    );
+    assert!(ok);
+    assert_eq!(deliveries(&net, a).len(), 1);
+    assert_eq!(deliveries(&net, b).len(), 0);
+    // Re-attaching on the same channel as the same endpoint with a new transID is not a
+    // conflict with another application (step 5 speaks of "another application").
+    let (ok, payload) = net.send(
+        a,
+        a_ch,
+        xml("<attach endpoint='fred@example.com' transID='2' />\r\n"),
+    );
+    assert!(ok, "{}", text(&payload));
+}
+
+#[test]
+fn apex_14_already_attached_554() {
+    run_554(1, 0, 0);
+}
+
+#[test]
+fn apex_14_554_across_shards_home_arbitrates() {
+    for home in 0..2 {
+        let fred = endpoint_homed("fred", 2, home);
+        for (first, second) in [(0, 1), (1, 0)] {
+            let mut net = granted(2);
+            let (a, a_ch) = attached(&mut net, first, &fred);
+            let b = net.connect(second, ConnKind::Edge);
+            let (_, reply) = net.attach(b, &fred);
+            assert!(
+                reply.starts_with("<error code='554'"),
+                "home {home}, {first}->{second}: {reply}"
+            );
+            assert!(attached_everywhere(&net, &fred, a, a_ch));
+        }
+    }
+    run_554(2, 0, 1);
+    run_554(2, 1, 0);
+}
+
+#[test]
+fn apex_14_simultaneous_attaches_on_two_shards_one_wins() {
+    for home in 0..2 {
+        let fred = endpoint_homed("fred", 2, home);
+        let mut net = granted(2);
+        let a = net.connect(0, ConnKind::Edge);
+        let b = net.connect(1, ConnKind::Edge);
+        let doc = format!("<attach endpoint='{fred}' transID='1' />");
+        // Both starts are on the wire before either relay answers.
+        for id in [a, b] {
+            let offer = apex_proto::beep::mgmt::ProfileOffer {
+                uri: "http://iana.org/beep/APEX".into(),
+                content: Some(Bytes::from(doc.clone())),
+            };
+            net.session(id).start_channel(vec![offer], None).unwrap();
+        }
+        net.drive();
+        let outcome = |id: ClientId| text(net.clients[id].started[0].1.as_ref().unwrap());
+        let (ra, rb) = (outcome(a), outcome(b));
+        let oks = [&ra, &rb].iter().filter(|r| r.as_str() == "<ok />").count();
+        assert_eq!(oks, 1, "home {home}: exactly one wins: {ra} / {rb}");
+        let winner = if ra == "<ok />" { a } else { b };
+        assert!(attached_everywhere(&net, &fred, winner, 1));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// attachOverride (OPT-05, RFC 3342 §1)
+// ---------------------------------------------------------------------------------------------
+
+const OVERRIDE_ATTACH: &str = "<attach endpoint='fred@example.com' transID='2'>\r\n   <option internal='attachOverride' transID='3' />\r\n</attach>\r\n";
+
+fn run_override(shards: usize, old_shard: usize, new_shard: usize, home: usize) {
+    let fred = endpoint_homed("fred", shards, home);
+    let mut net = granted(shards);
+    let (old, old_ch) = attached(&mut net, old_shard, &fred);
+    let new = net.connect(new_shard, ConnKind::Edge);
+    let (new_ch, _) = net.start(new, None);
+    let (ok, payload) = net.send(
+        new,
+        new_ch,
+        xml(&OVERRIDE_ATTACH.replace("fred@example.com", &fred)),
+    );
+    assert!(ok, "OPT-05: the override succeeds: {}", text(&payload));
+    // The old application got a terminate for its attach transID with code 556.
+    let got = net.clients[old].received_on(old_ch);
+    assert_eq!(got.len(), 1, "one terminate to the old application");
+    match msg::parse_message(&got[0], &ApexLimits::default()).unwrap() {
+        Operation::Terminate { trans_id, code, .. } => assert_eq!((trans_id, code), (1, 556)),
+        other => panic!("expected terminate, got {other:?}"),
+    }
+    assert!(attached_everywhere(&net, &fred, new, new_ch));
+    // Data for fred now reaches the new application only.
+    let (w, w_ch) = attached(&mut net, old_shard, "wilma@example.com");
+    let (ok, _) = net.send(
+        w,
+        w_ch,
+        data("wilma@example.com", &[&fred], "", "to the new one"),
+    );
+    assert!(ok);
+    assert_eq!(deliveries(&net, new).len(), 1);
+    assert_eq!(deliveries(&net, old).len(), 0);
+    // The old application's transID 1 is no longer live: terminating it is 550 (APEX-19).
+    let (ok, payload) = net.send(old, old_ch, xml("<terminate transID='1' />\r\n"));
+    assert!(!ok);
+    assert_eq!(error_code(&payload), 550);
+    // The old channel closing does not detach the new attachment (APEX-16 applies to the old
+    // one only, already ended).
+    net.close_channel(old, old_ch);
+    assert!(net.clients[old].closed.contains(&old_ch));
+    assert!(attached_everywhere(&net, &fred, new, new_ch));
+}
+
+#[test]
+fn opt_05_attach_override_terminates_old_with_556() {
+    run_override(1, 0, 0, 0);
+}
+
+#[test]
+fn opt_05_attach_override_across_shards() {
+    for home in 0..2 {
+        for (old, new) in [(0, 1), (1, 0), (0, 0), (1, 1)] {
+            run_override(2, old, new, home);
+        }
+    }
+}
+
+#[test]
+fn opt_05_override_terminate_bytes_match_digest() {
+    // apex-options.md §3 byte-exact example: app #2's attach (152) is answered RPY 1 0 . 0 46
+    // and app #1 receives MSG 1 0 . 0 107 `<terminate transID='1' code='556'>attachment
+    // overridden</terminate>` (options::override_terminate_payload builds exactly this).
+    let mut net = granted(1);
+    let (old, _) = attached(&mut net, 0, "fred@example.com");
+    let new = net.connect(0, ConnKind::Edge);
+    let (ch, _) = net.start(new, None);
+    assert_eq!(ch, 1);
+    let (ok, _) = net.send(new, 1, payload_of(checked(ATTACH_OVERRIDE_152)));
+    assert!(ok);
+    let sent = split_frames(&net.clients[new].to_relay);
+    assert!(
+        sent.iter().any(|f| f[..] == *ATTACH_OVERRIDE_152),
+        "{:?}",
+        show(&sent)
+    );
+    assert!(net.clients[new]
+        .relay_data_frames()
+        .iter()
+        .any(|f| f[..] == *RPY_1_0_OK));
+    let old_frames = net.clients[old].relay_data_frames();
+    let terminate = old_frames
+        .iter()
+        .find(|f| f.starts_with(b"MSG 1 0 "))
+        .expect("terminate sent to app #1");
+    assert_eq!(
+        text(terminate),
+        text(&Bytes::from_static(checked(TERMINATE_556_107))),
+        "apex-options.md §3 byte-exact terminate"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// terminate (APEX-18, APEX-19)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn apex_18_terminate_zero_ends_every_association_of_the_session() {
+    for shards in [1, 2] {
+        let mut net = granted(shards);
+        let (fred, ch1) = attached(&mut net, 0, "fred@example.com");
+        let (ch3, reply) = net.attach(fred, "fred/appl=wb@example.com");
+        assert_eq!(reply, "<ok />");
+        // Pitfall 9: `<terminate />` is transID 0.
+        let (ok, payload) = net.send(fred, ch1, xml("<terminate />\r\n"));
+        assert!(ok, "{}", text(&payload));
+        assert!(detached_everywhere(&net, "fred@example.com"));
+        assert!(detached_everywhere(&net, "fred/appl=wb@example.com"));
+        // No longer attached: data as fred is refused (APEX-22).
+        let (ok, payload) = net.send(
+            fred,
+            ch3,
+            data("fred@example.com", &["b@example.com"], "", "x"),
+        );
+        assert!(!ok);
+        assert_eq!(error_code(&payload), 537);
+        // Others may attach as them now.
+        let (_, _) = attached(&mut net, shards - 1, "fred@example.com");
+        let (_, _) = attached(&mut net, shards - 1, "fred/appl=wb@example.com");
+    }
+}
+
+#[test]
+fn apex_19_terminate_unknown_trans_id_550() {
+    let mut net = granted(2);
+    let (fred, ch1) = attached(&mut net, 1, "fred@example.com");
+    let (ok, payload) = net.send(fred, ch1, xml("<terminate transID='42' />\r\n"));
+    assert!(!ok);
+    assert_eq!(
+        payload,
+        msg::error_payload(550, "unknown transaction-identifier"),
+        "APEX-19"
+    );
+    // Channel scope: transID 1 lives on channel 1, not on channel 3.
+    let (ch3, _) = net.start(fred, None);
+    let (ok, payload) = net.send(fred, ch3, xml("<terminate transID='1' />\r\n"));
+    assert!(!ok);
+    assert_eq!(error_code(&payload), 550);
+    assert!(attached_everywhere(&net, "fred@example.com", fred, ch1));
+    // The known one ends the attachment; a second terminate of it is 550.
+    let (ok, _) = net.send(fred, ch1, xml("<terminate transID='1' code='250' />\r\n"));
+    assert!(ok);
+    assert!(detached_everywhere(&net, "fred@example.com"));
+    let (ok, payload) = net.send(fred, ch1, xml("<terminate transID='1' />\r\n"));
+    assert!(!ok);
+    assert_eq!(error_code(&payload), 550);
+}
+
+// ---------------------------------------------------------------------------------------------
+// data authorization (APEX-22, APEX-17, APEX-32)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn apex_22_data_for_a_foreign_originator_537() {
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (barney, _) = attached(&mut net, 0, "barney@example.com");
+    let (ok, payload) = net.send(
+        fred,
+        ch,
+        data("wilma@example.com", &["barney@example.com"], "", "x"),
+    );
+    assert!(!ok);
+    assert_eq!(
+        payload,
+        msg::error_payload(537, "not authorized to send as the originator")
+    );
+    // Attached as fred/appl=wb is not being fred (exact identity).
+    let (ok, _) = net.send(
+        fred,
+        ch,
+        data("fred/appl=wb@example.com", &["barney@example.com"], "", "x"),
+    );
+    assert!(!ok);
+    // A channel of another session where fred is not attached.
+    let other = net.connect(0, ConnKind::Edge);
+    let (och, _) = net.start(other, None);
+    let (ok, payload) = net.send(
+        other,
+        och,
+        data("fred@example.com", &["barney@example.com"], "", "x"),
+    );
+    assert!(!ok);
+    assert_eq!(error_code(&payload), 537);
+    assert_eq!(deliveries(&net, barney).len(), 0);
+    // Attached on another channel of the same session is enough (session-wide, §10.1).
+    let (ch3, _) = net.start(fred, None);
+    let (ok, _) = net.send(
+        fred,
+        ch3,
+        data("fred@example.com", &["barney@example.com"], "", "x"),
+    );
+    assert!(ok);
+    assert_eq!(deliveries(&net, barney).len(), 1);
+}
+
+#[test]
+fn apex_17_13_5_bind_on_mesh_byte_exact_and_report_forwarded() {
+    // §13.5: example.com's relay binds to rubble.com's relay and forwards data with a per-data
+    // statusRequest; rubble.com delivers to barney and reports to fred@example.com over the
+    // mesh (a Forward to example.com).
+    let mut access = AccessTable::new();
+    access
+        .grant_domain(
+            "rubble.com",
+            ActorPattern::parse("*@example.com").unwrap(),
+            vec![Access::CORE_DATA],
+        )
+        .unwrap();
+    let mut net = RelayNet::with("rubble.com", 1, access, Vec::new());
+    let (barney, _) = {
+        let id = net.connect(0, ConnKind::Edge);
+        let (ch, reply) = net.attach(id, "barney@rubble.com");
+        assert_eq!(reply, "<ok />");
+        (id, ch)
+    };
+    let peer = net.connect_raw(0, ConnKind::Mesh);
+    net.inject(peer, checked(I_GREETING));
+    net.inject(peer, checked(START_BIND));
+    net.inject(peer, checked(DATA_283));
+    let expected: Vec<String> = [L_GREETING_111, RPY_BIND_OK, RPY_1_0_OK]
+        .iter()
+        .map(|f| String::from_utf8_lossy(checked(f)).into_owned())
+        .collect();
+    assert_eq!(
+        show(&net.clients[peer].relay_data_frames()),
+        expected,
+        "§13.5"
+    );
+    // Delivered to barney with the final options kept (APEX-35).
+    let got = deliveries(&net, barney);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0], payload_of(DATA_283), "delivered unchanged");
+    // The report goes back towards fred's domain.
+    let back = net.forwards_to("example.com");
+    assert_eq!(back.len(), 1, "one report forwarded");
+    assert!(is_report(
+        &back[0],
+        "rubble.com",
+        86,
+        "barney@rubble.com",
+        250
+    ));
+    assert_eq!(recipients_of(&back[0]), vec!["fred@example.com".to_owned()]);
+}
+
+#[test]
+fn apex_17_32_bind_and_data_authorized_by_bound_domain() {
+    for shards in [1, 2] {
+        let mut access = AccessTable::new();
+        access
+            .grant_domain(
+                "example.com",
+                ActorPattern::parse("*@*").unwrap(),
+                vec![Access::CORE_DATA],
+            )
+            .unwrap();
+        let mut net = RelayNet::with("example.com", shards, access.clone(), Vec::new());
+        let (barney, _) = attached(&mut net, 0, "barney@example.com");
+        let peer = net.connect(shards - 1, ConnKind::Mesh);
+        let (ch, reply) = net.bind(peer, "rubble.com");
+        assert_eq!(reply, "<ok />", "APEX-17");
+        // Same domain as the bound relay: accepted and delivered.
+        let (ok, _) = net.send(
+            peer,
+            ch,
+            data("wilma@rubble.com", &["barney@example.com"], "", "hi"),
+        );
+        assert!(ok, "APEX-32");
+        assert_eq!(deliveries(&net, barney).len(), 1);
+        // Another domain's originator through this relay: 537.
+        let (ok, payload) = net.send(
+            peer,
+            ch,
+            data("fred@other.org", &["barney@example.com"], "", "x"),
+        );
+        assert!(!ok);
+        assert_eq!(error_code(&payload), 537, "APEX-32");
+        // A live transID on the channel: 555 (APEX-17 step 1).
+        let (ok, payload) = net.send(peer, ch, xml("<bind relay='other.org' transID='1' />\r\n"));
+        assert!(!ok);
+        assert_eq!(error_code(&payload), 555);
+        // A second bind as other.org (new transID) authorizes its originators too.
+        let (ok, _) = net.send(peer, ch, xml("<bind relay='other.org' transID='2' />\r\n"));
+        assert!(ok);
+        let (ok, _) = net.send(
+            peer,
+            ch,
+            data("fred@other.org", &["barney@example.com"], "", "y"),
+        );
+        assert!(ok);
+        assert_eq!(deliveries(&net, barney).len(), 2);
+        // Unbound after terminate: refused again.
+        let (ok, _) = net.send(peer, ch, xml("<terminate transID='2' />\r\n"));
+        assert!(ok);
+        let (ok, _) = net.send(
+            peer,
+            ch,
+            data("fred@other.org", &["barney@example.com"], "", "z"),
+        );
+        assert!(!ok);
+
+        // A trusted intermediary's data is accepted whatever the originator's domain.
+        let mut net = RelayNet::with(
+            "example.com",
+            shards,
+            access.clone(),
+            vec!["rubble.com".into()],
+        );
+        let (barney, _) = attached(&mut net, 0, "barney@example.com");
+        let peer = net.connect(0, ConnKind::Mesh);
+        let (ch, _) = net.bind(peer, "rubble.com");
+        let (ok, _) = net.send(
+            peer,
+            ch,
+            data("fred@other.org", &["barney@example.com"], "", "t"),
+        );
+        assert!(ok, "trusted intermediary (APEX-32)");
+        assert_eq!(deliveries(&net, barney).len(), 1);
+    }
+}
+
+#[test]
+fn apex_17_bind_on_edge_or_unbound_mesh_537() {
+    let mut net = granted(1);
+    let edge = net.connect(0, ConnKind::Edge);
+    let (_, reply) = net.bind(edge, "rubble.com");
+    assert!(reply.starts_with("<error code='537'"), "{reply}");
+    let mesh = net.connect(0, ConnKind::Mesh);
+    let (ch, _) = net.start(mesh, None);
+    let (ok, payload) = net.send(
+        mesh,
+        ch,
+        data("wilma@rubble.com", &["barney@example.com"], "", "x"),
+    );
+    assert!(!ok, "data on an unbound mesh channel");
+    assert_eq!(error_code(&payload), 537);
+}
+
+// ---------------------------------------------------------------------------------------------
+// access (ACC-19, pitfall 8)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn acc_19_defaults_deny_core_data_between_ordinary_endpoints() {
+    for shards in [1, 2] {
+        let mut net = RelayNet::new("example.com", shards);
+        let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+        let (barney, _) = attached(&mut net, shards - 1, "barney@example.com");
+        let options = status_request(5);
+        let (ok, _) = net.send(
+            fred,
+            ch,
+            data("fred@example.com", &["barney@example.com"], &options, "x"),
+        );
+        assert!(ok, "ok means accepted, not delivered (pitfall 7)");
+        assert!(
+            deliveries(&net, barney).is_empty(),
+            "pitfall 8: denied by the defaults"
+        );
+        let r = reports(&net, fred);
+        assert_eq!(r.len(), 1);
+        assert!(
+            is_report(&r[0], "example.com", 5, "barney@example.com", 537),
+            "{}",
+            text(&r[0])
+        );
+        // The owner itself is granted all:all by the defaults.
+        let (ok, _) = net.send(
+            fred,
+            ch,
+            data("fred@example.com", &["fred@example.com"], "", "me"),
+        );
+        assert!(ok);
+        assert_eq!(deliveries(&net, fred).len(), 1, "owner default entry");
+    }
+}
+
+#[test]
+fn acc_19_grant_allows_only_the_granted_actor() {
+    let mut access = AccessTable::new();
+    access.grant(
+        ep("barney@example.com"),
+        ActorPattern::parse("fred@example.com").unwrap(),
+        vec![Access::CORE_DATA],
+    );
+    for shards in [1, 2] {
+        let mut net = RelayNet::with("example.com", shards, access.clone(), Vec::new());
+        let (fred, fch) = attached(&mut net, 0, "fred@example.com");
+        let (wilma, wch) = attached(&mut net, 0, "wilma@example.com");
+        let (barney, _) = attached(&mut net, shards - 1, "barney@example.com");
+        let (ok, _) = net.send(
+            fred,
+            fch,
+            data("fred@example.com", &["barney@example.com"], "", "from fred"),
+        );
+        assert!(ok);
+        let (ok, _) = net.send(
+            wilma,
+            wch,
+            data(
+                "wilma@example.com",
+                &["barney@example.com"],
+                &status_request(3),
+                "from wilma",
+            ),
+        );
+        assert!(ok);
+        let got = deliveries(&net, barney);
+        assert_eq!(got.len(), 1);
+        assert!(text(&got[0]).contains("from fred"));
+        let r = reports(&net, wilma);
+        assert_eq!(r.len(), 1);
+        assert!(is_report(
+            &r[0],
+            "example.com",
+            3,
+            "barney@example.com",
+            537
+        ));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// statusRequest (APEX-38, APEX-39, OPT-02/03)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn apex_38_13_3_status_report_byte_exact() {
+    for (shards, fred_shard, barney_shard) in [(1, 0, 0), (2, 0, 1), (2, 1, 0)] {
+        let mut net = granted(shards);
+        let (barney, _) = attached(&mut net, barney_shard, "barney@example.com");
+        net.listener_config.profiles = vec![
+            "http://iana.org/beep/TLS".into(),
+            "http://iana.org/beep/SASL/DIGEST-MD5".into(),
+            "http://iana.org/beep/APEX".into(),
+        ];
+        let fred = net.connect_raw(fred_shard, ConnKind::Edge);
+        net.inject(fred, checked(I_GREETING));
+        net.inject(fred, checked(START_ATTACH_FRED));
+        net.inject(fred, checked(DATA_302));
+        let expected: Vec<String> = [L_GREETING_217, RPY_START_OK, RPY_1_0_OK, REPORT_416]
+            .iter()
+            .map(|f| String::from_utf8_lossy(checked(f)).into_owned())
+            .collect();
+        assert_eq!(
+            show(&net.clients[fred].relay_data_frames()),
+            expected,
+            "§13.3 with {shards} shard(s)"
+        );
+        net.inject(fred, checked(FRED_ACCEPTS_REPORT));
+        // Barney received the data with its per-recipient option (final relays strip nothing).
+        let got = deliveries(&net, barney);
+        assert_eq!(got, vec![payload_of(DATA_302)]);
+        // The report carries no statusRequest (APEX-39).
+        assert!(!text(&payload_of(REPORT_416)).contains("statusRequest"));
+    }
+}
+
+#[test]
+fn apex_38_report_codes() {
+    let mut net = granted(2);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (barney, _) = attached(&mut net, 1, "barney@example.com");
+    net.clients[barney].auto_reply = false;
+    // Per-data statusRequest, three recipients: barney (refuses), wilma (not attached),
+    // betty (accepts).
+    let (betty, _) = attached(&mut net, 1, "betty@example.com");
+    let (ok, _) = net.send(
+        fred,
+        ch,
+        data(
+            "fred@example.com",
+            &[
+                "barney@example.com",
+                "wilma@example.com",
+                "betty@example.com",
+            ],
+            &status_request(77),
+            "hello",
+        ),
+    );
+    assert!(ok);
+    // Each local recipient got data holding only itself (APEX-25).
+    assert_eq!(
+        recipients_of(&deliveries(&net, betty)[0]),
+        vec!["betty@example.com".to_owned()]
+    );
+    let (bch, bmsgno, bpayload) = net.clients[barney].received[0].clone();
+    assert_eq!(
+        recipients_of(&bpayload),
+        vec!["barney@example.com".to_owned()]
+    );
+    net.reply(
+        barney,
+        bch,
+        bmsgno,
+        false,
+        msg::error_payload(550, "unknown endpoint identity"),
+    );
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 3, "{:?}", r.iter().map(text).collect::<Vec<_>>());
+    assert!(r
+        .iter()
+        .any(|p| is_report(p, "example.com", 77, "wilma@example.com", 550)));
+    assert!(r
+        .iter()
+        .any(|p| is_report(p, "example.com", 77, "betty@example.com", 250)));
+    assert!(r
+        .iter()
+        .any(|p| is_report(p, "example.com", 77, "barney@example.com", 550)));
+    for p in &r {
+        assert_eq!(recipients_of(p), vec!["fred@example.com".to_owned()]);
+        assert!(!text(p).contains("statusRequest"), "APEX-39");
+    }
+}
+
+#[test]
+fn apex_39_no_report_on_a_report() {
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (barney, _) = attached(&mut net, 0, "barney@example.com");
+    // Data carrying a statusResponse must not carry a statusRequest; one that does is not
+    // honoured (OPT-03).
+    let content = "<statusResponse transID='5'><destination identity='x@example.com'><reply code='250' transID='5' /></destination></statusResponse>";
+    let (ok, _) = net.send(
+        fred,
+        ch,
+        data(
+            "fred@example.com",
+            &["barney@example.com", "nobody@example.com"],
+            &status_request(9),
+            content,
+        ),
+    );
+    assert!(ok);
+    assert_eq!(net.clients[barney].received.len(), 1, "delivered");
+    assert!(
+        net.clients[fred].received.is_empty(),
+        "no report on a report"
+    );
+    // Control: the same data without the statusResponse content is reported twice.
+    let (ok, _) = net.send(
+        fred,
+        ch,
+        data(
+            "fred@example.com",
+            &["barney@example.com", "nobody@example.com"],
+            &status_request(9),
+            "plain",
+        ),
+    );
+    assert!(ok);
+    assert_eq!(reports(&net, fred).len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// options: mustUnderstand (APEX-36, OPT-01), dataHopping (OPT-17)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn apex_36_unknown_must_understand_per_data_option_504() {
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (barney, _) = attached(&mut net, 0, "barney@example.com");
+    for hop in ["all", "this"] {
+        let option = format!(
+            "   <option external='http://example.org/unknown' targetHop='{hop}' mustUnderstand='true' transID='4' />\r\n"
+        );
+        let (ok, payload) = net.send(
+            fred,
+            ch,
+            data("fred@example.com", &["barney@example.com"], &option, "x"),
+        );
+        assert!(!ok, "targetHop={hop}");
+        assert_eq!(error_code(&payload), 504, "APEX-36 targetHop={hop}");
+    }
+    let option = "   <option internal='noSuchOption' targetHop='all' mustUnderstand='true' transID='4' />\r\n";
+    let (ok, payload) = net.send(
+        fred,
+        ch,
+        data("fred@example.com", &["barney@example.com"], option, "x"),
+    );
+    assert!(!ok);
+    assert_eq!(error_code(&payload), 504);
+    assert!(deliveries(&net, barney).is_empty());
+    // Not mustUnderstand: ignored, delivered with the option kept (OPT-01).
+    let option =
+        "   <option external='http://example.org/unknown' targetHop='all' transID='4' />\r\n";
+    let (ok, _) = net.send(
+        fred,
+        ch,
+        data("fred@example.com", &["barney@example.com"], option, "y"),
+    );
+    assert!(ok);
+    let got = deliveries(&net, barney);
+    assert_eq!(got.len(), 1);
+    assert!(text(&got[0]).contains("http://example.org/unknown"));
+}
+
+#[test]
+fn apex_36_unknown_must_understand_final_option_fails_at_the_final_relay() {
+    // targetHop='final' (explicit or default): the option cannot be known to apply when the
+    // data arrives, so the data is accepted; but this relay *is* the final relay for a local
+    // recipient, so the option applies there, is not understood, and the recipient must fail
+    // (apex-core.md §11.1: "an error in processing has occurred"; §8.3 step 3 / §11.1 impl.
+    // note: after the ok, the affected recipients fail and are reported).
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (barney, _) = attached(&mut net, 0, "barney@example.com");
+    let options = format!(
+        "   <option external='http://example.org/unknown' mustUnderstand='true' transID='4' />\r\n{}",
+        status_request(8)
+    );
+    let (ok, _) = net.send(
+        fred,
+        ch,
+        data("fred@example.com", &["barney@example.com"], &options, "x"),
+    );
+    assert!(
+        ok,
+        "accepted: the final-hop option cannot be judged at step 2"
+    );
+    assert!(
+        deliveries(&net, barney).is_empty(),
+        "APEX-36: an applicable unknown mustUnderstand option at the final relay must not be delivered"
+    );
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 1, "the failure is reported (statusRequest)");
+}
+
+#[test]
+fn apex_36_unknown_must_understand_per_recipient_option_fails_that_recipient() {
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (barney, _) = attached(&mut net, 0, "barney@example.com");
+    let (betty, _) = attached(&mut net, 0, "betty@example.com");
+    let payload = Bytes::from(format!(
+        "{HEADERS}<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com'>\r\n      <option external='http://example.org/unknown' mustUnderstand='true' transID='4' />\r\n      <option internal='statusRequest' transID='12' />\r\n   </recipient>\r\n   <recipient identity='betty@example.com' />\r\n   <data-content Name='Content'>x</data-content>\r\n</data>\r\n"
+    ));
+    let (ok, _) = net.send(fred, ch, payload);
+    assert!(ok);
+    assert!(deliveries(&net, barney).is_empty());
+    assert_eq!(deliveries(&net, betty).len(), 1);
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 1);
+    assert!(
+        is_report(&r[0], "example.com", 12, "barney@example.com", 504),
+        "{}",
+        text(&r[0])
+    );
+}
+
+const HOPPING_1: &str = "   <option internal='dataHopping' targetHop='all' mustUnderstand='true' transID='90'>\r\n      <dataHopping noMoreThan='1' reportErrors='true' />\r\n   </option>\r\n";
+
+#[test]
+fn opt_17_data_hopping_exhausted_is_dropped_and_reported() {
+    for shards in [1, 2] {
+        let mut net = granted(shards);
+        let (fred, ch) = attached(&mut net, shards - 1, "fred@example.com");
+        let (ok, _) = net.send(
+            fred,
+            ch,
+            data(
+                "fred@example.com",
+                &["barney@rubble.com"],
+                HOPPING_1,
+                "loop?",
+            ),
+        );
+        assert!(ok);
+        assert!(net.forwards_to("rubble.com").is_empty(), "OPT-17: not sent");
+        let r = reports(&net, fred);
+        assert_eq!(r.len(), 1, "OPT-17: error report");
+        assert!(
+            is_report(&r[0], "example.com", 90, "barney@rubble.com", 550),
+            "{}",
+            text(&r[0])
+        );
+        assert!(!text(&r[0]).contains("statusRequest"));
+
+        // From a bound relay, originator remote: the report itself goes over the mesh.
+        let peer = net.connect(0, ConnKind::Mesh);
+        let (pch, _) = net.bind(peer, "rubble.com");
+        let (ok, _) = net.send(
+            peer,
+            pch,
+            data("wilma@rubble.com", &["x@other.org"], HOPPING_1, "loop?"),
+        );
+        assert!(ok);
+        assert!(net.forwards_to("other.org").is_empty());
+        let back = net.forwards_to("rubble.com");
+        assert_eq!(back.len(), 1);
+        assert!(is_report(&back[0], "example.com", 90, "x@other.org", 550));
+        assert_eq!(recipients_of(&back[0]), vec!["wilma@rubble.com".to_owned()]);
+        for f in &net.forwards {
+            assert_eq!(
+                f.shard,
+                domain_shard(&f.domain, shards),
+                "owner shard sends"
+            );
+        }
+    }
+}
+
+#[test]
+fn opt_17_data_hopping_decremented_when_forwarded() {
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let options = HOPPING_1.replace("noMoreThan='1'", "noMoreThan='2'");
+    let sent = data("fred@example.com", &["barney@rubble.com"], &options, "hop");
+    let (ok, _) = net.send(fred, ch, sent.clone());
+    assert!(ok);
+    let out = net.forwards_to("rubble.com");
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        text(&out[0]),
+        text(&sent).replace("noMoreThan='2'", "noMoreThan='1'"),
+        "only the dataHopping element changes"
+    );
+    // Local delivery does not decrement (RFC 3342 §4).
+    let (barney, _) = attached(&mut net, 0, "barney@example.com");
+    let sent = data(
+        "fred@example.com",
+        &["barney@example.com"],
+        HOPPING_1,
+        "local",
+    );
+    let (ok, _) = net.send(fred, ch, sent.clone());
+    assert!(ok);
+    assert_eq!(deliveries(&net, barney), vec![sent]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forwarding (APEX-24, APEX-26, APEX-28)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn apex_24_26_one_forward_per_domain_with_only_its_recipients() {
+    for shards in [1, 2, 3] {
+        let mut net = granted(shards);
+        let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+        let (barney, _) = attached(&mut net, shards - 1, "barney@example.com");
+        let content = "<p a='1'>&amp; <![CDATA[<raw>]]></p>";
+        let sent = data(
+            "fred@example.com",
+            &[
+                "a@rubble.com",
+                "barney@example.com",
+                "c@other.org",
+                "b@Rubble.com",
+            ],
+            "",
+            content,
+        );
+        let (ok, _) = net.send(fred, ch, sent.clone());
+        assert!(ok);
+        assert_eq!(
+            net.forwards.len(),
+            2,
+            "one Forward per domain ({shards} shards)"
+        );
+        let rubble = net.forwards_to("rubble.com");
+        assert_eq!(rubble.len(), 1);
+        assert_eq!(
+            recipients_of(&rubble[0]),
+            vec!["a@rubble.com".to_owned(), "b@Rubble.com".to_owned()]
+        );
+        let other = net.forwards_to("other.org");
+        assert_eq!(other.len(), 1);
+        assert_eq!(recipients_of(&other[0]), vec!["c@other.org".to_owned()]);
+        let orig = parse_data(&sent);
+        for f in rubble.iter().chain(&other) {
+            let d = parse_data(f);
+            assert_eq!(
+                d.data_content, orig.data_content,
+                "APEX-28: content bytes kept"
+            );
+            assert_eq!(d.originator.raw, orig.originator.raw);
+        }
+        for f in &net.forwards {
+            assert_eq!(f.shard, domain_shard(&f.domain, shards));
+        }
+        let got = deliveries(&net, barney);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            recipients_of(&got[0]),
+            vec!["barney@example.com".to_owned()]
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lifetime of attachments (APEX-16)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn apex_16_channel_close_detaches() {
+    for shards in [1, 2] {
+        for home in 0..shards {
+            let barney_ep = endpoint_homed("barney", shards, home);
+            let mut net = granted(shards);
+            let (fred, fch) = attached(&mut net, 0, "fred@example.com");
+            let (barney, bch) = attached(&mut net, shards - 1, &barney_ep);
+            assert!(attached_everywhere(&net, &barney_ep, barney, bch));
+            net.close_channel(barney, bch);
+            assert!(net.clients[barney].closed.contains(&bch));
+            assert!(
+                detached_everywhere(&net, &barney_ep),
+                "APEX-16 channel close"
+            );
+            let (ok, _) = net.send(
+                fred,
+                fch,
+                data("fred@example.com", &[&barney_ep], &status_request(1), "x"),
+            );
+            assert!(ok);
+            let r = reports(&net, fred);
+            assert!(is_report(&r[0], "example.com", 1, &barney_ep, 550));
+            // Attachable again elsewhere.
+            let (_, _) = attached(&mut net, 0, &barney_ep);
+        }
+    }
+}
+
+#[test]
+fn apex_16_conn_close_detaches() {
+    for shards in [1, 2] {
+        for home in 0..shards {
+            let barney_ep = endpoint_homed("barney", shards, home);
+            let mut net = granted(shards);
+            let (barney, _) = attached(&mut net, shards - 1, &barney_ep);
+            let (_, _) = net.attach(barney, "barney/appl=wb@example.com");
+            net.disconnect(barney);
+            assert!(detached_everywhere(&net, &barney_ep), "APEX-16 session end");
+            assert!(detached_everywhere(&net, "barney/appl=wb@example.com"));
+            let (_, _) = attached(&mut net, 0, &barney_ep);
+        }
+    }
+}
+
+#[test]
+fn apex_16_conn_closed_while_a_remote_attach_is_pending() {
+    // The endpoint's home is another shard; the connection ends after the AttachRequest left
+    // but before the verdict came back. The attachment must not outlive the session: another
+    // application must be able to attach afterwards.
+    let fred = endpoint_homed("fred", 2, 1);
+    let mut net = granted(2);
+    let a = net.connect(0, ConnKind::Edge);
+    let offer = apex_proto::beep::mgmt::ProfileOffer {
+        uri: "http://iana.org/beep/APEX".into(),
+        content: Some(Bytes::from(format!(
+            "<attach endpoint='{fred}' transID='1' />"
+        ))),
+    };
+    net.session(a).start_channel(vec![offer], None).unwrap();
+    net.pause_mesh = true;
+    net.drive();
+    net.disconnect(a);
+    net.pause_mesh = false;
+    net.drive();
+    assert!(
+        detached_everywhere(&net, &fred),
+        "APEX-16: stale attachment left in the directory"
+    );
+    let b = net.connect(1, ConnKind::Edge);
+    let (_, reply) = net.attach(b, &fred);
+    assert_eq!(
+        reply, "<ok />",
+        "APEX-16: a dead session still holds the endpoint"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipelining
+// ---------------------------------------------------------------------------------------------
+
+fn pipelined(shards: usize, fred_shard: usize, barney_shard: usize) {
+    const N: usize = 5_000;
+    let mut net = granted(shards);
+    let (fred, ch) = attached(&mut net, fred_shard, "fred@example.com");
+    let (barney, bch) = attached(&mut net, barney_shard, "barney@example.com");
+    let mut msgnos = Vec::with_capacity(N);
+    for i in 0..N {
+        let payload = data(
+            "fred@example.com",
+            &["barney@example.com"],
+            "",
+            &format!("m{i}"),
+        );
+        msgnos.push(net.send_nowait(fred, ch, payload));
+    }
+    net.drive();
+    for (i, msgno) in msgnos.iter().enumerate() {
+        let (kind, _) = net.clients[fred]
+            .reply_to(ch, *msgno)
+            .unwrap_or_else(|| panic!("no reply to message {i}"));
+        assert_eq!(kind, ReplyKind::Rpy);
+    }
+    let got = net.clients[barney].received_on(bch);
+    assert_eq!(got.len(), N, "each delivered once");
+    for (i, p) in got.iter().enumerate() {
+        assert!(
+            text(p).contains(&format!("<data-content Name='Content'>m{i}</data-content>")),
+            "message {i} out of order"
+        );
+    }
+    assert!(net.clients[fred].error.is_none() && net.clients[barney].error.is_none());
+}
+
+#[test]
+fn pipelined_5000_in_order_one_shard() {
+    pipelined(1, 0, 0);
+}
+
+#[test]
+fn pipelined_5000_in_order_two_shards() {
+    pipelined(2, 0, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reports when a delivery is abandoned (APEX-25, APEX-38, OPT-02)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn apex_38_report_when_recipient_leaves_while_delivery_crosses_shards() {
+    // fred on shard 0, barney on shard 1; barney's session ends while the Deliver envelope is
+    // in the shard queue. The recipient was not processed: fred asked for a status and must get
+    // a failure report.
+    let mut net = granted(2);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (barney, _) = attached(&mut net, 1, "barney@example.com");
+    net.pause_mesh = true;
+    let msgno = net.send_nowait(
+        fred,
+        ch,
+        data(
+            "fred@example.com",
+            &["barney@example.com"],
+            &status_request(31),
+            "x",
+        ),
+    );
+    net.drive();
+    assert!(net.clients[fred].reply_to(ch, msgno).is_some());
+    net.disconnect(barney);
+    net.pause_mesh = false;
+    net.drive();
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 1, "one report");
+    assert!(
+        is_report(&r[0], "example.com", 31, "barney@example.com", 550),
+        "{}",
+        text(&r[0])
+    );
+}
+
+#[test]
+fn apex_38_report_when_recipient_leaves_before_answering() {
+    // The data reached barney's application, which never answered before its session ended.
+    // Success needs the application's ok (APEX-25), so the recipient failed; the statusRequest
+    // asks the delivering relay for a statusResponse (APEX-38, OPT-02: "when delivery is
+    // abandoned").
+    for shards in [1, 2] {
+        let mut net = granted(shards);
+        let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+        let (barney, _) = attached(&mut net, shards - 1, "barney@example.com");
+        net.clients[barney].auto_reply = false;
+        let (ok, _) = net.send(
+            fred,
+            ch,
+            data(
+                "fred@example.com",
+                &["barney@example.com"],
+                &status_request(32),
+                "x",
+            ),
+        );
+        assert!(ok);
+        assert_eq!(
+            net.clients[barney].received.len(),
+            1,
+            "delivered, not answered"
+        );
+        net.disconnect(barney);
+        let r = reports(&net, fred);
+        assert_eq!(
+            r.len(),
+            1,
+            "{shards} shard(s): the abandoned delivery must be reported"
+        );
+        let t = text(&r[0]);
+        assert!(
+            t.contains("<statusResponse transID='32'>")
+                && t.contains("<destination identity='barney@example.com'>")
+                && !t.contains("<reply code='250'"),
+            "a failure status for barney: {t}"
+        );
+    }
+}
