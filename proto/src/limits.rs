@@ -55,7 +55,7 @@ impl Default for Limits {
             max_send_frame: 32 * 1024,
             max_channels: 1024,
             max_pending_replies: 65_536,
-            max_outstanding_msgs: 4096,
+            max_outstanding_msgs: 256,
             max_piggyback: 4096,
             max_transmit: 256 * 1024,
             max_xml_depth: 16,
