@@ -17,6 +17,39 @@ const DATA_13_1: &[u8] = b"Content-Type: application/beep+xml\r\n\r\n<data conte
 /// apex-core.md §13.4: the content as a separate MIME part.
 const DATA_13_4: &[u8] = b"Content-Type: multipart/related; boundary=\"XX\"; start=\"<1@fred.example.com>\"; type=\"application/beep+xml\"\r\n\r\n--XX\r\nContent-Type: application/beep+xml\r\nContent-ID: <1@fred.example.com>\r\n\r\n<data content='cid:2@fred.example.com'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n</data>\r\n--XX\r\nContent-Type: text/plain\r\nContent-ID: <2@fred.example.com>\r\n\r\nhello, barney\r\n--XX--\r\n";
 
+/// A data from fred to barney whose content is the number `i`.
+fn numbered(i: usize) -> Bytes {
+    Bytes::from(format!(
+        "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='fred@example.com' /><recipient identity='barney@example.com' /><data-content Name='C'>{i}</data-content></data>"
+    ))
+}
+
+/// The number carried by a [`numbered`] data (or an `a:b` pair's text).
+fn content_of(payload: &Bytes) -> String {
+    let text = String::from_utf8_lossy(payload);
+    let start = text.find("<data-content Name='C'>").unwrap() + "<data-content Name='C'>".len();
+    let end = text.find("</data-content>").unwrap();
+    text[start..end].to_owned()
+}
+
+/// Pumps fred and barney until barney has received `n` numbered data; returns their numbers.
+fn receive_numbered(fred: &mut Client, barney: &mut Client, n: usize) -> Vec<usize> {
+    let mut seen = Vec::with_capacity(n);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while seen.len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {n} delivered",
+            seen.len()
+        );
+        fred.pump();
+        for payload in barney.drain_messages() {
+            seen.push(content_of(&payload).parse::<usize>().unwrap());
+        }
+    }
+    seen
+}
+
 fn relay(shards: usize) -> Relay {
     Relay::start_with(&["--shards", &shards.to_string(), "--domain", "example.com"])
 }
@@ -163,28 +196,9 @@ fn five_thousand_pipelined_messages_arrive_once_and_in_order() {
     let (mut fred, channel) = attached(&relay, "fred@example.com");
     const N: usize = 5000;
     for i in 0..N {
-        let data = format!(
-            "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='fred@example.com' /><recipient identity='barney@example.com' /><data-content Name='C'>{i}</data-content></data>"
-        );
-        fred.session.send_msg(channel, Bytes::from(data)).unwrap();
+        fred.session.send_msg(channel, numbered(i)).unwrap();
     }
-    let mut seen = Vec::with_capacity(N);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while seen.len() < N {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "only {} of {N} delivered",
-            seen.len()
-        );
-        fred.pump();
-        for payload in barney.drain_messages() {
-            let text = String::from_utf8_lossy(&payload);
-            let start =
-                text.find("<data-content Name='C'>").unwrap() + "<data-content Name='C'>".len();
-            let end = text.find("</data-content>").unwrap();
-            seen.push(text[start..end].parse::<usize>().unwrap());
-        }
-    }
+    let seen = receive_numbered(&mut fred, &mut barney, N);
     assert_eq!(seen, (0..N).collect::<Vec<_>>());
 }
 
@@ -234,11 +248,8 @@ fn sixteen_endpoints_on_two_shards_exchange_3200_messages() {
         );
         for (j, (client, _)) in clients.iter_mut().enumerate() {
             for payload in client.drain_messages() {
-                let text = String::from_utf8_lossy(&payload).into_owned();
-                let start =
-                    text.find("<data-content Name='C'>").unwrap() + "<data-content Name='C'>".len();
-                let end = text.find("</data-content>").unwrap();
-                let (from, n) = text[start..end].split_once(':').unwrap();
+                let content = content_of(&payload);
+                let (from, n) = content.split_once(':').unwrap();
                 received[j].push((from.parse().unwrap(), n.parse().unwrap()));
             }
         }
@@ -280,33 +291,14 @@ fn slow_receiver_backpressure_loses_nothing() {
     let (mut fred, channel) = attached(&relay, "fred@example.com");
     const N: usize = 3_000;
     for i in 0..N {
-        let data = format!(
-            "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='fred@example.com' /><recipient identity='barney@example.com' /><data-content Name='C'>{i}</data-content></data>"
-        );
-        fred.session.send_msg(channel, Bytes::from(data)).unwrap();
+        fred.session.send_msg(channel, numbered(i)).unwrap();
     }
     // barney reads nothing for a while; fred keeps writing what his windows allow.
     let pause = std::time::Instant::now() + std::time::Duration::from_millis(500);
     while std::time::Instant::now() < pause {
         fred.pump();
     }
-    let mut seen = Vec::with_capacity(N);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while seen.len() < N {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "only {} of {N} delivered",
-            seen.len()
-        );
-        fred.pump();
-        for payload in barney.drain_messages() {
-            let text = String::from_utf8_lossy(&payload);
-            let start =
-                text.find("<data-content Name='C'>").unwrap() + "<data-content Name='C'>".len();
-            let end = text.find("</data-content>").unwrap();
-            seen.push(text[start..end].parse::<usize>().unwrap());
-        }
-    }
+    let seen = receive_numbered(&mut fred, &mut barney, N);
     assert_eq!(seen, (0..N).collect::<Vec<_>>());
     // Every data was accepted (ok), none refused.
     let refused = fred.events.iter().filter(|e| matches!(e, apex_proto::Event::Reply { kind, .. } if *kind != apex_proto::ReplyKind::Rpy)).count();

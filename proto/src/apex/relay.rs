@@ -393,60 +393,63 @@ impl Relay {
     }
 
     /// A `start` for APEX carrying `piggyback` (RFC 3340 §4.2, APEX-06): the runtime defers
-    /// its answer until [`Action::StartReply`].
+    /// its answer until [`Action::StartReply`]. Only attach and bind may ride in a start.
     pub fn handle_start(&mut self, conn: ConnId, start_id: u32, channel: u32, piggyback: &Bytes) {
         self.channels.entry((conn, channel)).or_default();
-        let answer = Answer::Start(start_id);
-        match msg::parse_document(piggyback, &self.config.limits) {
-            Ok(Operation::Attach {
-                endpoint,
-                trans_id,
-                options,
-            }) => self.attach(conn, channel, answer, &endpoint, trans_id, &options),
-            Ok(Operation::Bind {
-                relay, trans_id, ..
-            }) => self.bind(conn, channel, answer, &relay, trans_id),
-            Ok(_) => self.answer(
-                conn,
-                channel,
-                answer,
-                Err((
-                    code::PARAMETER_ERROR,
-                    "only attach or bind may be piggybacked",
-                )),
-            ),
-            Err(e) => self.answer_owned(conn, channel, answer, Err((e.code, e.text))),
-        }
+        let operation = msg::parse_document(piggyback, &self.config.limits);
+        self.operation(conn, channel, Answer::Start(start_id), operation);
     }
 
     /// A MSG on an APEX channel.
     pub fn handle_message(&mut self, conn: ConnId, channel: u32, msgno: u32, payload: &Bytes) {
         // A MSG on the channel proves the peer knows it.
         self.channels.entry((conn, channel)).or_default().ready = true;
-        let answer = Answer::Msg(msgno);
-        match msg::parse_message(payload, &self.config.limits) {
-            Ok(Operation::Attach {
-                endpoint,
-                trans_id,
-                options,
-            }) => self.attach(conn, channel, answer, &endpoint, trans_id, &options),
-            Ok(Operation::Bind {
-                relay, trans_id, ..
-            }) => self.bind(conn, channel, answer, &relay, trans_id),
-            Ok(Operation::Terminate { trans_id, .. }) => {
+        let operation = msg::parse_message(payload, &self.config.limits);
+        self.operation(conn, channel, Answer::Msg(msgno), operation);
+    }
+
+    fn operation(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        answer: Answer,
+        operation: Result<Operation, msg::OpError>,
+    ) {
+        let refuse = |text: &'static str| Err((code::PARAMETER_ERROR, text));
+        match (operation, answer) {
+            (
+                Ok(Operation::Attach {
+                    endpoint,
+                    trans_id,
+                    options,
+                }),
+                _,
+            ) => self.attach(conn, channel, answer, &endpoint, trans_id, &options),
+            (
+                Ok(Operation::Bind {
+                    relay, trans_id, ..
+                }),
+                _,
+            ) => self.bind(conn, channel, answer, &relay, trans_id),
+            (Ok(Operation::Terminate { trans_id, .. }), Answer::Msg(msgno)) => {
                 self.terminate(conn, channel, msgno, trans_id)
             }
-            Ok(Operation::Data(data)) => self.data(conn, channel, msgno, &data),
-            Ok(Operation::Ok | Operation::Error { .. }) => self.answer(
+            (Ok(Operation::Data(data)), Answer::Msg(msgno)) => {
+                self.data(conn, channel, msgno, &data)
+            }
+            (Ok(Operation::Ok | Operation::Error { .. }), _) => self.answer(
                 conn,
                 channel,
                 answer,
-                Err((
-                    code::PARAMETER_ERROR,
-                    "ok and error are replies, not requests",
-                )),
+                refuse("ok and error are replies, not requests"),
             ),
-            Err(e) => self.answer_owned(conn, channel, answer, Err((e.code, e.text))),
+            (Ok(_), Answer::Start(_)) => self.answer(
+                conn,
+                channel,
+                answer,
+                refuse("only attach or bind may be piggybacked"),
+            ),
+            (Err(e), _) => self.answer_owned(conn, channel, answer, Err((e.code, e.text))),
         }
     }
 
