@@ -16,7 +16,7 @@ use apex_proto::{Event, Misuse, ReplyKind, Role, Session};
 use bytes::{Bytes, BytesMut};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::{debug, warn};
 
 use crate::apex_profile::APEX_PROFILE;
 use crate::shard::mesh::{Refused, ShardMsg};
@@ -205,7 +205,7 @@ async fn run(
             .borrow_mut()
             .handle_input(&mut read_buf, Instant::now());
         if let Err(error) = input {
-            info!(shard = ctx.id, conn, %error, "terminating session");
+            warn!(shard = ctx.id, conn, %error, "terminating session");
             return Ending::Aborted;
         }
         handle_events(conn, shared, ctx);

@@ -126,11 +126,22 @@ pub fn check_environment(config: &Config, shards: usize) -> Result<()> {
 
 /// Binds a placeholder socket with SO_REUSEPORT to check the address early (privileges, address
 /// in use) and to fix an ephemeral port for all shards. Kept open until the shards have bound.
+///
+/// SO_REUSEPORT would also let a second apexd (or any process of the same user) share the port
+/// and silently take half the connections, so an explicit port is first bound without it: if
+/// anything else holds the port, that fails and apexd refuses to start.
 fn reserve(addr: SocketAddr, what: &str, flag: &str) -> Result<(socket2::Socket, SocketAddr)> {
     use socket2::{Domain, Socket, Type};
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        if let Err(e) = probe.bind(&addr.into()) {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                bail!("the {what} address {addr} is already in use by another process (choose another with {flag})");
+            }
+        }
+    }
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_port(true)?;
-    socket.set_reuse_address(true)?;
     if let Err(e) = socket.bind(&addr.into()) {
         if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 {
             bail!(
