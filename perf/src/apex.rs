@@ -219,6 +219,11 @@ fn report(
     let mut r = Report {
         target: "apex".to_owned(),
         address: config.relay.to_string(),
+        pattern: "pairs".to_owned(),
+        rate: None,
+        wire_mb_per_sec: 0.0,
+        wire_bytes_per_msg: 0.0,
+        curve: Vec::new(),
         pairs: config.pairs,
         size: config.size,
         depth: config.depth,
@@ -308,7 +313,7 @@ fn report(
         r.acks_per_sec = acked_in_window_total as f64 / secs;
         r.payload_mb_per_sec = r.msgs_per_sec * config.size as f64 / 1e6;
     }
-    r.latency_us = LatencySummary::of(&latency);
+    r.set_latency(&latency);
     r
 }
 

@@ -3,8 +3,16 @@
 //! ```text
 //! apex-load apex --relay 127.0.0.1:PORT [--domain example.com] [--pairs 1] [--size 128]
 //!                [--duration 5] [--warmup 1] [--depth 64] [--threads N] [--cpus LIST]
-//!                [--json FILE]
+//!                [--json FILE] [--svg FILE]
+//! apex-load raw|nats|mqtt --relay 127.0.0.1:PORT [--pairs 1] [--size 128] [--duration 5]
+//!                [--warmup 1] [--rate MSGS_PER_S] [--pattern pairs|fan-in|fan-out]
+//!                [--window 1000] [--cpus LIST] [--quiet] [--json FILE] [--svg FILE]
+//! apex-load null-relay --listen 127.0.0.1:PORT
 //! ```
+//!
+//! `raw` speaks to the null relay (a 16-octet hello, then u32 BE length-prefixed frames),
+//! `nats` to nats-server (text protocol, subject `load.I`), `mqtt` to an MQTT 3.1.1 broker
+//! (QoS 0, topic `load/I`). The null relay forwards sender I's bytes to receiver I unparsed.
 //!
 //! Load goes to loopback addresses only (127.0.0.0/8 and ::1). The run lasts warm-up plus
 //! duration, and never longer than that plus a 10 s grace to drain. The report gives the
@@ -14,8 +22,12 @@
 
 mod apex;
 mod driver;
+mod nullrelay;
 mod payload;
 mod stats;
+mod stream;
+mod svg;
+mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -37,6 +49,30 @@ struct Cli {
 enum Target {
     /// APEX endpoints through a relay: in pair i, sndI@DOMAIN sends data to rcvI@DOMAIN.
     Apex(ApexArgs),
+    /// Length-prefixed frames through the null relay (`apex-load null-relay`).
+    Raw(StreamArgs),
+    /// NATS text protocol against nats-server: pair i publishes and subscribes on `load.i`.
+    Nats(StreamArgs),
+    /// MQTT 3.1.1 QoS 0 against a broker (mosquitto): pair i uses topic `load/i`.
+    Mqtt(StreamArgs),
+    /// The ceiling baseline: forwards sender i's bytes to receiver i, no parsing.
+    NullRelay(NullRelayArgs),
+}
+
+#[derive(Debug, Args)]
+struct StreamArgs {
+    /// The target's address; loopback only (127.0.0.0/8, ::1).
+    #[arg(long, alias = "server", value_name = "HOST:PORT")]
+    relay: String,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+struct NullRelayArgs {
+    /// Address to listen on; loopback only.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: String,
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +114,23 @@ struct LoadArgs {
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Also write an SVG latency percentile plot to FILE.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+    /// Open loop: this many messages per second in total, latency from the scheduled send
+    /// time (raw, nats, mqtt).
+    #[arg(long, value_name = "MSGS_PER_S")]
+    rate: Option<f64>,
+    /// How senders map to receivers (raw: pairs only; apex: pairs only for now).
+    #[arg(long, value_enum, default_value_t = stream::Pattern::Pairs)]
+    pattern: stream::Pattern,
+    /// Throughput mode, nats and mqtt: most messages per sender not yet delivered (and at
+    /// most 256 KiB).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    window: u32,
+    /// No progress line each second (raw, nats, mqtt).
+    #[arg(long)]
+    quiet: bool,
 }
 
 /// Largest payload accepted (the relay's default message limit is 4 MiB).
@@ -98,8 +151,19 @@ fn main() -> ExitCode {
 /// Runs the chosen target; returns whether the run passed.
 fn run(cli: Cli) -> Result<bool> {
     match cli.target {
+        Target::NullRelay(args) => {
+            let listen = loopback_listen(&args.listen)?;
+            nullrelay::run(listen)?;
+            Ok(true)
+        }
+        Target::Raw(args) => run_stream(wire::Proto::Raw, &args),
+        Target::Nats(args) => run_stream(wire::Proto::Nats, &args),
+        Target::Mqtt(args) => run_stream(wire::Proto::Mqtt, &args),
         Target::Apex(args) => {
             let load = &args.load;
+            if load.rate.is_some() || load.pattern != stream::Pattern::Pairs {
+                bail!("apex: --rate and fan patterns are not implemented yet (raw, nats, mqtt have them)");
+            }
             let relay = loopback_addr(&args.relay)?;
             check_domain(&args.domain)?;
             let cpus = match &load.cpus {
@@ -120,13 +184,63 @@ fn run(cli: Cli) -> Result<bool> {
                 cpus,
             };
             let report = apex::run(&config)?;
-            println!("{report}");
-            if let Some(path) = &load.json {
-                report.write_json(path)?;
-            }
-            Ok(report.passed())
+            finish(&report, load)
         }
     }
+}
+
+/// Prints the report and writes the files asked for; returns whether the run passed.
+fn finish(report: &stats::Report, load: &LoadArgs) -> Result<bool> {
+    println!("{report}");
+    if let Some(path) = &load.json {
+        report.write_json(path)?;
+    }
+    if let Some(path) = &load.svg {
+        std::fs::write(path, svg::render(report))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report.passed())
+}
+
+fn run_stream(proto: wire::Proto, args: &StreamArgs) -> Result<bool> {
+    let load = &args.load;
+    let cpus = match &load.cpus {
+        Some(list) => driver::parse_cpus(list)?,
+        None => Vec::new(),
+    };
+    driver::check_cpus(&cpus)?;
+    let rate = match load.rate {
+        Some(r) if !(r.is_finite() && r > 0.0 && r <= 1e8) => {
+            bail!("--rate {r}: want messages per second, > 0")
+        }
+        r => r,
+    };
+    let config = stream::Config {
+        proto,
+        addr: loopback_addr(&args.relay)?,
+        pairs: load.pairs as usize,
+        size: check_size(load.size)?,
+        warmup: seconds("--warmup", load.warmup, true)?,
+        duration: seconds("--duration", load.duration, false)?,
+        rate,
+        pattern: load.pattern,
+        window: load.window as usize,
+        cpus,
+        progress: !load.quiet,
+    };
+    let report = stream::run(&config)?;
+    finish(&report, load)
+}
+
+/// A loopback address to listen on (port 0 picks one).
+fn loopback_listen(text: &str) -> Result<SocketAddr> {
+    let addr: SocketAddr = text
+        .parse()
+        .with_context(|| format!("bad address '{text}' (want IP:PORT)"))?;
+    if !addr.ip().is_loopback() {
+        bail!("refusing to listen on {addr}: loopback only (127.0.0.0/8, ::1)");
+    }
+    Ok(addr)
 }
 
 /// Resolves `text` and insists that every address it names is a loopback one.
@@ -235,10 +349,35 @@ mod tests {
             "1",
         ])
         .unwrap();
-        let Target::Apex(a) = cli.target;
+        let Target::Apex(a) = cli.target else {
+            panic!("not apex");
+        };
         assert_eq!((a.load.pairs, a.load.size, a.load.depth), (2, 4096, 64));
         assert!(
             Cli::try_parse_from(["apex-load", "apex", "--relay", "x", "--depth", "0"]).is_err()
         );
+        let cli = Cli::try_parse_from([
+            "apex-load",
+            "nats",
+            "--server",
+            "127.0.0.1:4222",
+            "--rate",
+            "50000",
+            "--pattern",
+            "fan-out",
+            "--svg",
+            "/tmp/x.svg",
+        ])
+        .unwrap();
+        let Target::Nats(a) = cli.target else {
+            panic!("not nats");
+        };
+        assert_eq!(a.load.pattern, stream::Pattern::FanOut);
+        assert_eq!(a.load.rate, Some(50_000.0));
+        assert!(
+            Cli::try_parse_from(["apex-load", "null-relay", "--listen", "127.0.0.1:0"]).is_ok()
+        );
+        assert!(loopback_listen("127.0.0.1:0").is_ok());
+        assert!(loopback_listen("0.0.0.0:1").is_err());
     }
 }

@@ -23,6 +23,26 @@ pub(crate) fn record_ns(histogram: &mut Histogram<u64>, latency_ns: u64) {
     histogram.saturating_record(latency_ns / 1_000);
 }
 
+/// Highest percentile plotted: 99.999.
+const CURVE_MAX_NINES: f64 = 5.0;
+
+/// Points of the percentile curve, evenly spaced in `-log10(1 - p)` from the 50th to the
+/// 99.999th percentile.
+pub(crate) fn percentile_curve(histogram: &Histogram<u64>) -> Vec<(f64, u64)> {
+    if histogram.is_empty() {
+        return Vec::new();
+    }
+    let first = 2f64.log10();
+    let steps = 100;
+    (0..=steps)
+        .map(|i| {
+            let nines = first + (CURVE_MAX_NINES - first) * f64::from(i) / f64::from(steps);
+            let q = 1.0 - 10f64.powf(-nines);
+            (q * 100.0, histogram.value_at_quantile(q))
+        })
+        .collect()
+}
+
 /// Percentiles of a latency histogram, in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub(crate) struct LatencySummary {
@@ -79,6 +99,10 @@ pub(crate) struct Report {
     pub(crate) target: String,
     /// Where it was reached.
     pub(crate) address: String,
+    /// How senders map to receivers (`pairs`, `fan-in`, `fan-out`).
+    pub(crate) pattern: String,
+    /// Offered rate, messages per second in total (open loop); `None` in throughput mode.
+    pub(crate) rate: Option<f64>,
     /// Sender/receiver pairs.
     pub(crate) pairs: usize,
     /// Payload octets per message.
@@ -106,6 +130,11 @@ pub(crate) struct Report {
     pub(crate) acks_per_sec: f64,
     /// Delivered payload, 10^6 octets per second, in the measured window.
     pub(crate) payload_mb_per_sec: f64,
+    /// Octets the load generator wrote and read on its sockets, 10^6 per second, in the
+    /// measured window (0 when not counted).
+    pub(crate) wire_mb_per_sec: f64,
+    /// Those wire octets per delivered message.
+    pub(crate) wire_bytes_per_msg: f64,
     /// Seconds from the end of the measured window until the last acknowledged message was
     /// delivered (the backlog left in the target; at most the 10 s grace).
     pub(crate) drain_s: f64,
@@ -121,9 +150,61 @@ pub(crate) struct Report {
     pub(crate) error_samples: Vec<String>,
     /// Remarks that do not fail the run.
     pub(crate) notes: Vec<String>,
+    /// Latency percentile curve: (percentile, microseconds), for plots.
+    #[serde(skip)]
+    pub(crate) curve: Vec<(f64, u64)>,
 }
 
 impl Report {
+    /// A report with every figure at zero.
+    pub(crate) fn empty(target: &str, address: &str) -> Self {
+        Self {
+            target: target.to_owned(),
+            address: address.to_owned(),
+            pattern: "pairs".to_owned(),
+            rate: None,
+            pairs: 0,
+            size: 0,
+            depth: 0,
+            threads: 0,
+            warmup_s: 0.0,
+            duration_s: 0.0,
+            sent: 0,
+            acknowledged: 0,
+            delivered: 0,
+            delivered_in_window: 0,
+            msgs_per_sec: 0.0,
+            acks_per_sec: 0.0,
+            payload_mb_per_sec: 0.0,
+            wire_mb_per_sec: 0.0,
+            wire_bytes_per_msg: 0.0,
+            drain_s: 0.0,
+            latency_us: LatencySummary::of(&latency_histogram()),
+            errors: 0,
+            lost: 0,
+            reordered: 0,
+            error_samples: Vec::new(),
+            notes: Vec::new(),
+            curve: Vec::new(),
+        }
+    }
+
+    /// Sets the wire figures from `octets` moved in `secs` (call after `msgs_per_sec`).
+    pub(crate) fn set_wire(&mut self, octets: u64, secs: f64) {
+        if secs > 0.0 {
+            self.wire_mb_per_sec = octets as f64 / secs / 1e6;
+        }
+        if self.delivered_in_window > 0 {
+            self.wire_bytes_per_msg = octets as f64 / self.delivered_in_window as f64;
+        }
+    }
+
+    /// Sets the latency summary and percentile curve from `histogram`.
+    pub(crate) fn set_latency(&mut self, histogram: &Histogram<u64>) {
+        self.latency_us = LatencySummary::of(histogram);
+        self.curve = percentile_curve(histogram);
+    }
+
     /// True when nothing was lost, reordered or failed.
     pub(crate) fn passed(&self) -> bool {
         self.errors == 0 && self.lost == 0 && self.reordered == 0
@@ -143,10 +224,12 @@ impl fmt::Display for Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} @ {}: {} pair(s), {} B payload, depth {}, {} thread(s), {:.1} s measured after {:.1} s warm-up",
+            "{} @ {}: {} x{}{}, {} B payload, depth {}, {} thread(s), {:.1} s measured after {:.1} s warm-up",
             self.target,
             self.address,
+            self.pattern,
             self.pairs,
+            self.rate.map_or_else(|| " (throughput)".to_owned(), |r| format!(" at {r:.0} msg/s")),
             self.size,
             self.depth,
             self.threads,
@@ -161,6 +244,11 @@ impl fmt::Display for Report {
             self.delivered_in_window,
             self.acks_per_sec,
             self.drain_s
+        );
+        let _ = writeln!(
+            out,
+            "  wire        {:.2} MB/s  {:.1} B/msg  (octets the load generator wrote and read)",
+            self.wire_mb_per_sec, self.wire_bytes_per_msg
         );
         let _ = writeln!(
             out,
@@ -198,6 +286,11 @@ mod tests {
         Report {
             target: "apex".into(),
             address: "127.0.0.1:1".into(),
+            pattern: "pairs".into(),
+            rate: None,
+            wire_mb_per_sec: 0.0,
+            wire_bytes_per_msg: 0.0,
+            curve: Vec::new(),
             pairs: 1,
             size: 128,
             depth: 64,
