@@ -107,6 +107,10 @@ async fn run(
 ) -> Ending {
     let read_chunk = ctx.config.runtime.read_chunk;
     let mut read_buf = BytesMut::with_capacity(read_chunk);
+    // The socket is read into this zeroed scratch buffer and only the octets received are
+    // appended to `read_buf` (whose frames are then split off as `Bytes`): zeroing a fresh
+    // read window on every read cost more than copying what actually arrived.
+    let mut scratch = vec![0u8; read_chunk];
     let mut write_buf = BytesMut::with_capacity(read_chunk);
     let stop = ctx.shutdown.acquire(1);
     futures_lite::pin!(stop);
@@ -138,13 +142,11 @@ async fn run(
         {
             glommio::timer::sleep(Duration::from_micros(500)).await;
         }
-        let len = read_buf.len();
-        read_buf.resize(len + read_chunk, 0);
         let wake = match closing_since {
             None => {
                 future::or(
                     future::or(
-                        async { Wake::Read(stream.read(&mut read_buf[len..]).await) },
+                        async { Wake::Read(stream.read(&mut scratch).await) },
                         async {
                             shared.wake.notified().await;
                             Wake::Output
@@ -161,7 +163,7 @@ async fn run(
                 let left = grace.saturating_sub(since.elapsed());
                 future::or(
                     future::or(
-                        async { Wake::Read(stream.read(&mut read_buf[len..]).await) },
+                        async { Wake::Read(stream.read(&mut scratch).await) },
                         async {
                             shared.wake.notified().await;
                             Wake::Output
@@ -176,17 +178,10 @@ async fn run(
             }
         };
         let n = match wake {
-            Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
-                read_buf.truncate(len);
-                return Ending::PeerClosed;
-            }
+            Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return Ending::PeerClosed,
             Wake::Read(Ok(n)) => n,
-            Wake::Output => {
-                read_buf.truncate(len);
-                continue;
-            }
+            Wake::Output => continue,
             Wake::Stop => {
-                read_buf.truncate(len);
                 if closing_since.is_some() {
                     return Ending::GraceExpired;
                 }
@@ -199,7 +194,7 @@ async fn run(
                 continue;
             }
         };
-        read_buf.truncate(len + n);
+        read_buf.extend_from_slice(&scratch[..n]);
         let input = shared
             .session
             .borrow_mut()

@@ -138,6 +138,8 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
     );
     let read_chunk = ctx.config.runtime.read_chunk;
     let mut read_buf = BytesMut::with_capacity(read_chunk);
+    // Read into zeroed scratch and append what arrived (see the connection driver).
+    let mut scratch = vec![0u8; read_chunk];
     let mut write_buf = BytesMut::new();
     let mut channel: Option<u32> = None;
     let mut in_flight: VecDeque<Bytes> = VecDeque::new();
@@ -169,11 +171,9 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
         if session.is_finished() {
             break Ok(());
         }
-        let len = read_buf.len();
-        read_buf.resize(len + read_chunk, 0);
         let wake = future::or(
             future::or(
-                async { Wake::Read(stream.read(&mut read_buf[len..]).await) },
+                async { Wake::Read(stream.read(&mut scratch).await) },
                 async {
                     link.wake.notified().await;
                     Wake::Work
@@ -187,23 +187,18 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
         .await;
         let n = match wake {
             Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
-                read_buf.truncate(len);
                 break Err("connection to the next relay lost".into());
             }
             Wake::Read(Ok(n)) => n,
-            Wake::Work => {
-                read_buf.truncate(len);
-                continue;
-            }
+            Wake::Work => continue,
             Wake::Stop => {
-                read_buf.truncate(len);
                 let _ = session.close_session(code::SERVICE_NOT_AVAILABLE);
                 while session.poll_transmit(&mut write_buf) > 0 {}
                 let _ = stream.write_all(&write_buf).await;
                 break Err("relay shutting down".into());
             }
         };
-        read_buf.truncate(len + n);
+        read_buf.extend_from_slice(&scratch[..n]);
         if let Err(e) = session.handle_input(&mut read_buf, Instant::now()) {
             break Err(format!("next relay broke the protocol: {e}"));
         }

@@ -198,6 +198,15 @@ pub enum Operation {
 
 /// Parses a whole APEX BEEP message (MIME entity).
 pub fn parse_message(payload: &Bytes, limits: &ApexLimits) -> Result<Operation, OpError> {
+    // Fast path: the header block every APEX implementation writes for a control document
+    // alone; anything else goes through the general MIME reader.
+    if payload.starts_with(BEEP_XML_HEADERS) {
+        let op = parse_control(payload, BEEP_XML_HEADERS.len()..payload.len(), limits)?;
+        if let Operation::Data(data) = &op {
+            check_content_reference(data, &[])?;
+        }
+        return Ok(op);
+    }
     let entity = Entity::parse(payload).map_err(|e| OpError::syntax(e.to_string()))?;
     let media = entity.media_type();
     let (control, parts) = match media.as_str() {

@@ -19,6 +19,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use rustc_hash::FxHashMap;
+
 use bytes::Bytes;
 
 use crate::apex::access::AccessTable;
@@ -239,8 +241,10 @@ struct PendingAttach {
 pub struct Relay {
     config: RelayConfig,
     directory: HashMap<Endpoint, ChannelRef>,
-    connections: HashMap<ConnId, ConnKind>,
-    channels: HashMap<(ConnId, u32), ChannelState>,
+    connections: FxHashMap<ConnId, ConnKind>,
+    /// Keyed by our connection ids and channel numbers bounded per connection: a fast hash is
+    /// safe here (the directory, keyed by names peers choose, keeps the default hasher).
+    channels: FxHashMap<(ConnId, u32), ChannelState>,
     pending: HashMap<u64, PendingAttach>,
     next_request: u64,
     actions: VecDeque<Action>,
@@ -252,7 +256,14 @@ pub struct Relay {
     held: HashMap<Endpoint, VecDeque<Held>>,
     held_messages: usize,
     held_bytes: usize,
+    /// `core:data` decisions by recipient then originator: the access table is fixed for the
+    /// relay's life, so a decision once made stands. Bounded by [`ACCESS_CACHE_ENTRIES`].
+    access_cache: HashMap<Endpoint, HashMap<Endpoint, bool>>,
+    access_cached: usize,
 }
+
+/// Most cached access decisions before the cache starts over.
+const ACCESS_CACHE_ENTRIES: usize = 65_536;
 
 /// A data message waiting for its recipient to attach.
 #[derive(Debug)]
@@ -296,8 +307,8 @@ impl Relay {
         Self {
             config,
             directory: HashMap::new(),
-            connections: HashMap::new(),
-            channels: HashMap::new(),
+            connections: FxHashMap::default(),
+            channels: FxHashMap::default(),
             pending: HashMap::new(),
             next_request: 0,
             actions: VecDeque::new(),
@@ -306,6 +317,8 @@ impl Relay {
             held: HashMap::new(),
             held_messages: 0,
             held_bytes: 0,
+            access_cache: HashMap::new(),
+            access_cached: 0,
         }
     }
 
@@ -816,23 +829,26 @@ impl Relay {
             }
         };
         // Step 1: may this peer send in the originator's name?
-        let authorized = match self.connections.get(&conn) {
-            Some(ConnKind::Edge) => self
-                .associations_of(conn)
-                .any(|a| matches!(a, Association::Attached(e) if *e == originator)),
-            Some(ConnKind::Mesh) => self.associations_of(conn).any(|a| match a {
-                Association::Bound(d) => {
-                    originator.same_domain(d)
-                        || self
-                            .config
-                            .trusted
-                            .iter()
-                            .any(|t| t == "*" || t.eq_ignore_ascii_case(d))
-                }
-                Association::Attached(_) => false,
-            }),
-            None => false,
+        let kind = self.connections.get(&conn).copied();
+        let may_send_as = |a: &Association| match (kind, a) {
+            (Some(ConnKind::Edge), Association::Attached(e)) => *e == originator,
+            (Some(ConnKind::Mesh), Association::Bound(d)) => {
+                originator.same_domain(d)
+                    || self
+                        .config
+                        .trusted
+                        .iter()
+                        .any(|t| t == "*" || t.eq_ignore_ascii_case(d))
+            }
+            _ => false,
         };
+        // Usually the originator attached (or the relay bound) on this very channel; only
+        // otherwise look at the rest of the session.
+        let authorized = self
+            .channels
+            .get(&(conn, channel))
+            .is_some_and(|c| c.associations.values().any(may_send_as))
+            || self.associations_of(conn).any(may_send_as);
         if !authorized {
             return self.answer(
                 conn,
@@ -970,11 +986,7 @@ impl Relay {
     ) {
         // Services inside the relay (the report service) reach endpoints without access entries
         // (apex-core.md §16 item 9: the RFCs leave this open).
-        let allowed = originator.is_service()
-            || self
-                .config
-                .access
-                .allows(recipient, originator, "core:data");
+        let allowed = originator.is_service() || self.may_send(recipient, originator);
         if !allowed {
             return self.report(report, apex_code::NOT_AUTHORIZED, "access denied");
         }
@@ -1002,6 +1014,31 @@ impl Relay {
             return self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached");
         };
         self.deliver_at(at, payload, report);
+    }
+
+    /// Whether the recipient's access entries grant the originator `core:data` (APEX-25).
+    fn may_send(&mut self, recipient: &Endpoint, originator: &Endpoint) -> bool {
+        if let Some(&known) = self
+            .access_cache
+            .get(recipient)
+            .and_then(|m| m.get(originator))
+        {
+            return known;
+        }
+        let allowed = self
+            .config
+            .access
+            .allows(recipient, originator, "core:data");
+        if self.access_cached >= ACCESS_CACHE_ENTRIES {
+            self.access_cache.clear();
+            self.access_cached = 0;
+        }
+        self.access_cache
+            .entry(recipient.clone())
+            .or_default()
+            .insert(originator.clone(), allowed);
+        self.access_cached += 1;
+        allowed
     }
 
     /// `endpoint` is attached at `at` now: record it and release what was held for it.

@@ -16,6 +16,8 @@
 //! When [`Session::is_finished`] turns true after a flush, close the connection (RFC 3081 §2).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+
+use rustc_hash::FxHashMap;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -163,7 +165,8 @@ pub struct Session {
     role: Role,
     config: SessionConfig,
     state: State,
-    channels: HashMap<u32, Channel>,
+    /// Keyed by channel number (at most `max_channels`, so a fast hash is safe here).
+    channels: FxHashMap<u32, Channel>,
     /// Channel numbers promised to a start in progress (ours or the peer's).
     reserved: HashSet<u32>,
     /// Channels closed during this session: a SEQ racing the close is ignored for them.
@@ -211,7 +214,7 @@ impl Session {
     fn bare(role: Role, config: SessionConfig) -> Self {
         let mut ch0 = Channel::new(String::new(), &config.limits, 1);
         ch0.expect_reply(0); // the peer's greeting answers no MSG (P6 exception)
-        let mut channels = HashMap::new();
+        let mut channels = FxHashMap::default();
         channels.insert(0, ch0);
         Self {
             role,
