@@ -304,3 +304,60 @@ fn slow_receiver_backpressure_loses_nothing() {
     let refused = fred.events.iter().filter(|e| matches!(e, apex_proto::Event::Reply { kind, .. } if *kind != apex_proto::ReplyKind::Rpy)).count();
     assert_eq!(refused, 0);
 }
+
+#[test]
+fn tiny_shard_queues_keep_order_and_lose_nothing() {
+    // Shard-to-shard queues of 2 envelopes: almost every cross-shard delivery meets a full
+    // queue. Envelopes to a shard must still arrive in order and none may be lost.
+    let config =
+        std::env::temp_dir().join(format!("apexd-tiny-queues-{}.toml", std::process::id()));
+    std::fs::write(&config, "[runtime]\nmesh_queue = 2\n").unwrap();
+    let relay = Relay::start_with(&[
+        "--shards",
+        "2",
+        "--domain",
+        "example.com",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&config).unwrap();
+    const PAIRS: usize = 6;
+    const N: usize = 400;
+    let mut receivers: Vec<Client> = (0..PAIRS)
+        .map(|i| attached(&relay, &format!("r{i}@example.com")).0)
+        .collect();
+    let mut senders: Vec<(Client, u32)> = (0..PAIRS)
+        .map(|i| attached(&relay, &format!("s{i}@example.com")))
+        .collect();
+    for (i, (sender, channel)) in senders.iter_mut().enumerate() {
+        for n in 0..N {
+            let data = format!(
+                "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='s{i}@example.com' /><recipient identity='r{i}@example.com' /><data-content Name='C'>{n}</data-content></data>"
+            );
+            sender
+                .session
+                .send_msg(*channel, Bytes::from(data))
+                .unwrap();
+        }
+    }
+    let mut seen: Vec<Vec<usize>> = vec![Vec::new(); PAIRS];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while seen.iter().map(Vec::len).sum::<usize>() < PAIRS * N {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "delivered {:?}",
+            seen.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        for (sender, _) in &mut senders {
+            sender.pump();
+        }
+        for (i, receiver) in receivers.iter_mut().enumerate() {
+            for payload in receiver.drain_messages() {
+                seen[i].push(content_of(&payload).parse().unwrap());
+            }
+        }
+    }
+    for (i, got) in seen.iter().enumerate() {
+        assert_eq!(got, &(0..N).collect::<Vec<_>>(), "pair {i}");
+    }
+}

@@ -19,7 +19,6 @@ use glommio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::apex_profile::APEX_PROFILE;
-use crate::shard::mesh::{Refused, ShardMsg};
 use crate::shard::notify::Notify;
 use crate::shard::{peer, ShardContext};
 use crate::sys;
@@ -86,7 +85,7 @@ pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind)
         ctx.backlogged.set(ctx.backlogged.get() - 1);
     }
     ctx.relay.borrow_mut().conn_closed(conn);
-    execute_actions(&ctx).await;
+    execute_actions(&ctx);
     match ending {
         Ending::Aborted => {
             let _ = sys::reset_on_close(stream.as_raw_fd());
@@ -205,7 +204,7 @@ async fn run(
         }
         handle_events(conn, shared, ctx);
         drain_overflow(conn, shared, ctx);
-        execute_actions(ctx).await;
+        execute_actions(ctx);
     }
 }
 
@@ -292,8 +291,9 @@ fn handle_events(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
 }
 
 /// Executes the relay's actions until none is left. Output for other connections wakes them;
-/// a full shard queue makes this task wait (backpressure on the connection it serves).
-pub async fn execute_actions(ctx: &Rc<ShardContext>) {
+/// envelopes for other shards go to that shard's outbox, sent in order by its flusher task.
+/// Nothing here waits, so no task holds up another while actions are pending.
+pub fn execute_actions(ctx: &Rc<ShardContext>) {
     loop {
         let Some(action) = ctx.relay.borrow_mut().poll_action() else {
             return;
@@ -365,30 +365,16 @@ pub async fn execute_actions(ctx: &Rc<ShardContext>) {
                     }
                 }
             }
-            Action::ToShard { shard, envelope } => send_to_shard(ctx, shard, envelope).await,
+            Action::ToShard { shard, envelope } => ctx.post(shard, envelope),
             Action::Forward { domain, payload } => {
                 let owner = domain_shard(&domain, ctx.config.shard_count());
                 if owner == ctx.id || ctx.mesh.is_none() {
                     peer::enqueue(ctx, domain, payload);
                 } else {
-                    let envelope = apex_proto::apex::relay::Envelope::Forward { domain, payload };
-                    send_to_shard(ctx, owner, envelope).await;
+                    let envelope = Envelope::Forward { domain, payload };
+                    ctx.post(owner, envelope);
                 }
             }
         }
-    }
-}
-
-/// Hands an envelope to another shard, waiting while its queue is full.
-async fn send_to_shard(ctx: &ShardContext, shard: usize, envelope: Envelope) {
-    let Some(mesh) = &ctx.mesh else { return };
-    match mesh.try_send(shard, ShardMsg::Relay(envelope)) {
-        Ok(()) => {}
-        Err(Refused::Full(msg)) => {
-            if let Err(refused) = mesh.send(shard, msg).await {
-                tracing::error!(shard, ?refused, "shard queue refused an envelope");
-            }
-        }
-        Err(refused) => tracing::error!(shard, ?refused, "shard queue refused an envelope"),
     }
 }

@@ -58,6 +58,11 @@ pub struct ShardContext {
     /// Connections whose relay output overflowed the session; while non-zero the shard
     /// pauses reading elsewhere.
     pub backlogged: Cell<usize>,
+    /// Envelopes waiting for each peer shard's queue, in order; one flusher task per peer
+    /// sends them, so envelopes to a shard never overtake each other.
+    pub outboxes: Vec<RefCell<std::collections::VecDeque<ShardMsg>>>,
+    /// Wakes the flusher of each peer shard.
+    pub outbox_wake: Vec<notify::Notify>,
     next_conn: Cell<ConnId>,
 }
 
@@ -86,6 +91,21 @@ impl ShardContext {
     /// True once shutdown began.
     pub fn stopping(&self) -> bool {
         self.stopping.get()
+    }
+
+    /// Queues `envelope` for shard `to` and wakes its flusher.
+    pub fn post(&self, to: usize, envelope: apex_proto::apex::relay::Envelope) {
+        if let (Some(outbox), Some(wake)) = (self.outboxes.get(to), self.outbox_wake.get(to)) {
+            outbox.borrow_mut().push_back(ShardMsg::Relay(envelope));
+            wake.notify();
+        }
+    }
+
+    /// True when envelopes pile up for some peer shard faster than its queue drains: the
+    /// shard's connections then stop reading (backpressure) until the flushers catch up.
+    pub fn outbox_pressure(&self) -> bool {
+        let limit = self.config.runtime.mesh_queue;
+        self.outboxes.iter().any(|o| o.borrow().len() > limit)
     }
 }
 
@@ -277,6 +297,7 @@ async fn shard_main(
     // executors joined), so envelopes address the right peer.
     let id = mesh.as_ref().map_or(id, |m| m.shard_id());
     let routes = config.static_routes()?;
+    let shard_count = config.shard_count();
     let relay = Relay::new(RelayConfig {
         domain: config.domain.clone(),
         shard: id,
@@ -304,8 +325,19 @@ async fn shard_main(
         started: std::time::Instant::now(),
         stopping: Cell::new(false),
         backlogged: Cell::new(0),
+        outboxes: (0..shard_count)
+            .map(|_| RefCell::new(std::collections::VecDeque::new()))
+            .collect(),
+        outbox_wake: (0..shard_count)
+            .map(|_| notify::Notify::default())
+            .collect(),
         next_conn: Cell::new(0),
     });
+    if ctx.mesh.is_some() {
+        for peer in (0..shard_count).filter(|p| *p != id) {
+            glommio::spawn_local(flush_outbox(ctx.clone(), peer)).detach();
+        }
+    }
     for (peer, receiver) in receivers {
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
@@ -317,7 +349,7 @@ async fn shard_main(
                 }
                 tracing::trace!(peer, ?envelope, "envelope from shard");
                 ctx.relay.borrow_mut().handle_envelope(envelope);
-                conn::execute_actions(&ctx).await;
+                conn::execute_actions(&ctx);
             }
         })
         .detach();
@@ -329,7 +361,7 @@ async fn shard_main(
         while !ticker.stopping() {
             glommio::timer::sleep(Duration::from_millis(100)).await;
             ticker.relay.borrow_mut().handle_timeout(ticker.now_ms());
-            conn::execute_actions(&ticker).await;
+            conn::execute_actions(&ticker);
         }
     })
     .detach();
@@ -363,6 +395,39 @@ async fn shard_main(
         );
     }
     Ok(())
+}
+
+/// Sends the envelopes queued for `peer`, in order, waiting while its queue is full. The only
+/// task that sends to `peer`, so order is kept and no other task ever waits on a full queue.
+async fn flush_outbox(ctx: Rc<ShardContext>, peer: usize) {
+    let Some(mesh) = ctx.mesh.as_ref() else {
+        return;
+    };
+    loop {
+        let next = ctx.outboxes[peer].borrow_mut().pop_front();
+        let Some(msg) = next else {
+            if ctx.stopping() {
+                return;
+            }
+            futures_lite::future::or(ctx.outbox_wake[peer].notified(), async {
+                let _ = ctx.shutdown.acquire(1).await;
+            })
+            .await;
+            continue;
+        };
+        let sent = match mesh.try_send(peer, msg) {
+            Err(mesh::Refused::Full(msg)) => mesh.send(peer, msg).await,
+            other => other,
+        };
+        if let Err(refused) = sent {
+            tracing::error!(
+                shard = ctx.id,
+                peer,
+                ?refused,
+                "shard queue refused an envelope"
+            );
+        }
+    }
 }
 
 async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>, kind: ConnKind) {

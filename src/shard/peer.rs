@@ -75,7 +75,7 @@ async fn run_link(ctx: Rc<ShardContext>, link: Rc<Link>) {
     loop {
         if ctx.stopping() {
             fail_queued(&ctx, &link, "relay shutting down");
-            execute_actions(&ctx).await;
+            execute_actions(&ctx);
             return;
         }
         if link.queue.borrow().is_empty() {
@@ -92,7 +92,7 @@ async fn run_link(ctx: Rc<ShardContext>, link: Rc<Link>) {
                 Err(e) => {
                     warn!(shard = ctx.id, domain = %link.domain, error = %e, "no route");
                     fail_queued(&ctx, &link, "no route to the recipient's domain");
-                    execute_actions(&ctx).await;
+                    execute_actions(&ctx);
                     continue;
                 }
             },
@@ -103,14 +103,14 @@ async fn run_link(ctx: Rc<ShardContext>, link: Rc<Link>) {
                 backoff = Duration::from_millis(100);
                 info!(shard = ctx.id, domain = %link.domain, %addr, "relay link connected");
                 drive(stream, &ctx, &link).await;
-                execute_actions(&ctx).await;
+                execute_actions(&ctx);
             }
             Err(e) => {
                 attempts += 1;
                 warn!(shard = ctx.id, domain = %link.domain, %addr, error = %e, attempts, "relay link failed");
                 if attempts >= ctx.config.mesh.connect_attempts {
                     fail_queued(&ctx, &link, "the recipient's relay is unreachable");
-                    execute_actions(&ctx).await;
+                    execute_actions(&ctx);
                     attempts = 0;
                 }
                 glommio::timer::sleep(backoff).await;
@@ -268,7 +268,7 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
         if let Some(reason) = failure {
             break Err(reason);
         }
-        execute_actions(ctx).await;
+        execute_actions(ctx);
     };
     if let Err(reason) = outcome {
         warn!(shard = ctx.id, domain = %link.domain, %reason, "relay link ended");
