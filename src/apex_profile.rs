@@ -2,5 +2,4 @@
 //! lives in the protocol core's relay (`apex_proto::apex::relay`), driven by the connection
 //! driver.
 
-/// The APEX profile URI (RFC 3340 §4.2, APEX-06).
-pub const APEX_PROFILE: &str = "http://iana.org/beep/APEX";
+pub use apex_proto::apex::relay::APEX_PROFILE;

@@ -227,7 +227,7 @@ impl Pair {
 // ---------------------------------------------------------------------------------------------
 
 /// The APEX profile URI (RFC 3340 §8.1).
-pub const APEX_PROFILE: &str = "http://iana.org/beep/APEX";
+pub use crate::apex::relay::APEX_PROFILE;
 
 /// Index of a client in [`RelayNet::clients`].
 pub type ClientId = usize;
@@ -673,50 +673,7 @@ impl RelayNet {
         let mut any = false;
         while let Some(event) = client.listener.poll_event() {
             any = true;
-            match event {
-                Event::StartRequested(request) => {
-                    let offer = request.profiles.iter().find(|p| p.uri == APEX_PROFILE);
-                    match offer {
-                        Some(offer) => match &offer.content {
-                            Some(content) => {
-                                relay.handle_start(conn, request.id, request.channel, content)
-                            }
-                            None => {
-                                if let Some(name) = &request.server_name {
-                                    client.listener.set_server_name(name);
-                                }
-                                if client
-                                    .listener
-                                    .accept_start(request.id, APEX_PROFILE, None)
-                                    .is_ok()
-                                {
-                                    relay.channel_started(conn, request.channel);
-                                }
-                            }
-                        },
-                        None => {
-                            let error = ErrorElement::new(
-                                beep_code::ACTION_NOT_TAKEN,
-                                "no requested profile is acceptable",
-                            );
-                            let _ = client.listener.refuse_start(request.id, error);
-                        }
-                    }
-                }
-                Event::Message {
-                    channel,
-                    msgno,
-                    payload,
-                } => relay.handle_message(conn, channel, msgno, &payload),
-                Event::Reply {
-                    channel,
-                    kind,
-                    payload,
-                    ..
-                } => relay.handle_reply(conn, channel, kind == ReplyKind::Rpy, &payload),
-                Event::ChannelClosed { channel, .. } => relay.channel_closed(conn, channel),
-                _ => {}
-            }
+            let _ = relay.handle_session_event(conn, &mut client.listener, event);
         }
         any
     }

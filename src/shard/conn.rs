@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use apex_proto::apex::msg::error_payload;
 use apex_proto::apex::relay::{domain_shard, Action, ConnId, ConnKind, Envelope};
 use apex_proto::beep::mgmt::{code, ErrorElement};
-use apex_proto::{Event, Misuse, ReplyKind, Role, Session};
+use apex_proto::{Event, Misuse, Role, Session};
 use bytes::{Bytes, BytesMut};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -241,51 +241,12 @@ fn handle_events(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
     };
     let mut relay = ctx.relay.borrow_mut();
     relay.set_now(ctx.now_ms());
+    let mut session = shared.session.borrow_mut();
     for event in events {
-        match event {
-            Event::StartRequested(request) => {
-                let offer = request.profiles.iter().find(|p| p.uri == APEX_PROFILE);
-                match offer {
-                    Some(offer) => match &offer.content {
-                        // A piggybacked attach/bind: the relay answers through StartReply.
-                        Some(content) => {
-                            relay.handle_start(conn, request.id, request.channel, content)
-                        }
-                        None => {
-                            let mut session = shared.session.borrow_mut();
-                            if let Some(name) = &request.server_name {
-                                session.set_server_name(name);
-                            }
-                            if session.accept_start(request.id, APEX_PROFILE, None).is_ok() {
-                                relay.channel_started(conn, request.channel);
-                            }
-                        }
-                    },
-                    None => {
-                        let error = ErrorElement::new(
-                            code::ACTION_NOT_TAKEN,
-                            "no requested profile is acceptable",
-                        );
-                        let _ = shared.session.borrow_mut().refuse_start(request.id, error);
-                    }
-                }
-            }
-            Event::Message {
-                channel,
-                msgno,
-                payload,
-            } => relay.handle_message(conn, channel, msgno, &payload),
-            Event::Reply {
-                channel,
-                kind,
-                payload,
-                ..
-            } => {
-                relay.handle_reply(conn, channel, kind == ReplyKind::Rpy, &payload);
-            }
-            Event::ChannelClosed { channel, .. } => relay.channel_closed(conn, channel),
-            Event::CloseRefused { channel: 0, .. } => debug!(conn, "peer declined session release"),
-            _ => {}
+        if let Some(Event::CloseRefused { channel: 0, .. }) =
+            relay.handle_session_event(conn, &mut session, event)
+        {
+            debug!(conn, "peer declined session release");
         }
     }
 }

@@ -27,10 +27,14 @@ use crate::apex::access::AccessTable;
 use crate::apex::addr::Endpoint;
 use crate::apex::msg::{self, apex_code, ApexLimits, ApexOption, Data, Operation};
 use crate::apex::options::{self, Edit, Hop};
-use crate::beep::mgmt::code;
+use crate::beep::mgmt::{code, ErrorElement};
+use crate::beep::session::{Event, ReplyKind, Session};
 
 /// A connection of this shard, as numbered by the runtime.
 pub type ConnId = u32;
+
+/// The APEX profile URI (RFC 3340 §4.2, APEX-06).
+pub const APEX_PROFILE: &str = "http://iana.org/beep/APEX";
 
 /// Where an attachment lives: shard, connection and APEX channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -402,6 +406,67 @@ impl Relay {
                     "the endpoint went away before answering",
                 );
             }
+        }
+    }
+
+    /// Hands one event of connection `conn`'s BEEP session to the relay: what a runtime does
+    /// with every event it polls from an APEX session. A `start` for APEX without a piggyback
+    /// is accepted here; with one, the relay answers later through [`Action::StartReply`];
+    /// other profiles are refused (550). Events that are not the relay's business come back.
+    pub fn handle_session_event(
+        &mut self,
+        conn: ConnId,
+        session: &mut Session,
+        event: Event,
+    ) -> Option<Event> {
+        match event {
+            Event::StartRequested(request) => {
+                match request.profiles.iter().find(|p| p.uri == APEX_PROFILE) {
+                    Some(offer) => match &offer.content {
+                        Some(content) => {
+                            self.handle_start(conn, request.id, request.channel, content)
+                        }
+                        None => {
+                            if let Some(name) = &request.server_name {
+                                session.set_server_name(name);
+                            }
+                            if session.accept_start(request.id, APEX_PROFILE, None).is_ok() {
+                                self.channel_started(conn, request.channel);
+                            }
+                        }
+                    },
+                    None => {
+                        let error = ErrorElement::new(
+                            code::ACTION_NOT_TAKEN,
+                            "no requested profile is acceptable",
+                        );
+                        let _ = session.refuse_start(request.id, error);
+                    }
+                }
+                None
+            }
+            Event::Message {
+                channel,
+                msgno,
+                payload,
+            } => {
+                self.handle_message(conn, channel, msgno, &payload);
+                None
+            }
+            Event::Reply {
+                channel,
+                kind,
+                payload,
+                ..
+            } => {
+                self.handle_reply(conn, channel, kind == ReplyKind::Rpy, &payload);
+                None
+            }
+            Event::ChannelClosed { channel, .. } => {
+                self.channel_closed(conn, channel);
+                None
+            }
+            other => Some(other),
         }
     }
 
