@@ -494,6 +494,16 @@ impl Relay {
         operation: Result<Operation, msg::OpError>,
     ) {
         let refuse = |text: &'static str| Err((code::PARAMETER_ERROR, text));
+        // Step 1 of attach and of bind (APEX-10, APEX-17): the transID must not be live on
+        // this channel.
+        if let Ok(Operation::Attach { trans_id, .. } | Operation::Bind { trans_id, .. }) =
+            &operation
+        {
+            if self.trans_live(conn, channel, *trans_id) {
+                let busy = Err((apex_code::IN_PROGRESS, "transaction already in progress"));
+                return self.answer(conn, channel, answer, busy);
+            }
+        }
         match (operation, answer) {
             (
                 Ok(Operation::Attach {
@@ -612,14 +622,6 @@ impl Relay {
         trans_id: u32,
         options: &[ApexOption],
     ) {
-        if self.trans_live(conn, channel, trans_id) {
-            return self.answer(
-                conn,
-                channel,
-                answer,
-                Err((apex_code::IN_PROGRESS, "transaction already in progress")),
-            );
-        }
         let endpoint = match Endpoint::parse(endpoint) {
             Ok(e) => e,
             Err(e) => {
@@ -798,14 +800,6 @@ impl Relay {
 
     /// RFC 3340 §4.4.2 (APEX-17): binds are accepted on apex-mesh sessions.
     fn bind(&mut self, conn: ConnId, channel: u32, answer: Answer, relay: &str, trans_id: u32) {
-        if self.trans_live(conn, channel, trans_id) {
-            return self.answer(
-                conn,
-                channel,
-                answer,
-                Err((apex_code::IN_PROGRESS, "transaction already in progress")),
-            );
-        }
         if self.connections.get(&conn) != Some(&ConnKind::Mesh)
             || crate::apex::addr::validate_domain(relay).is_err()
         {
