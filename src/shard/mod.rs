@@ -203,7 +203,7 @@ pub fn run(config: Config, stop: Arc<AtomicBool>, on_ready: impl FnOnce(Bound)) 
     } else {
         PoolPlacement::Unbound(shards)
     };
-    let mesh_builder = (shards > 1).then(|| mesh::builder(shards, config.runtime.mesh_queue));
+    let mesh_plan = (shards > 1).then(|| mesh::plan(shards, config.runtime.mesh_queue));
     let (bound_tx, bound_rx) = mpsc::channel::<Result<()>>();
     let next_index = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let pool = LocalExecutorPoolBuilder::new(placement)
@@ -216,9 +216,9 @@ pub fn run(config: Config, stop: Arc<AtomicBool>, on_ready: impl FnOnce(Bound)) 
                 let config = config.clone();
                 let stop = stop.clone();
                 let bound_tx = bound_tx.clone();
-                let mesh_builder = mesh_builder.clone();
                 let index = next_index.fetch_add(1, Ordering::Relaxed);
-                async move { shard_main(index, config, stop, bound_tx, mesh_builder).await }
+                let mesh_ends = mesh_plan.as_ref().and_then(|plan| plan.take(index));
+                async move { shard_main(index, config, stop, bound_tx, mesh_ends).await }
             }
         })
         .map_err(|e| anyhow!("cannot start the shard executors: {e}. {}", glommio_hint()))?;
@@ -260,12 +260,7 @@ async fn shard_main(
     config: Config,
     stop: Arc<AtomicBool>,
     bound_tx: mpsc::Sender<Result<()>>,
-    mesh_builder: Option<
-        glommio::channels::channel_mesh::MeshBuilder<
-            ShardMsg,
-            glommio::channels::channel_mesh::Full,
-        >,
-    >,
+    mesh_ends: Option<mesh::ShardEnds>,
 ) -> Result<()> {
     let listeners = TcpListener::bind(config.edge_listen)
         .map_err(|e| anyhow!("binding edge {}: {e}", config.edge_listen))
@@ -285,17 +280,15 @@ async fn shard_main(
         }
     };
     let limits = Limits::from(&config.limits);
-    let mut mesh = match mesh_builder {
-        Some(builder) => Some(ShardMesh::join(builder).await?),
+    let mut mesh = match mesh_ends {
+        Some(ends) => Some(ShardMesh::join(ends).await),
+        None if config.shard_count() > 1 => bail!("shard {id} has no place in the shard mesh"),
         None => None,
     };
     let receivers = mesh
         .as_mut()
-        .map(|m| m.receivers.streams())
+        .map(ShardMesh::take_receivers)
         .unwrap_or_default();
-    // With several shards, a shard's index is its place in the mesh (the order in which the
-    // executors joined), so envelopes address the right peer.
-    let id = mesh.as_ref().map_or(id, |m| m.shard_id());
     let routes = config.static_routes()?;
     let shard_count = config.shard_count();
     let relay = Relay::new(RelayConfig {

@@ -27,19 +27,25 @@ impl Relay {
     }
 
     pub fn start_with(extra: &[&str]) -> Relay {
-        let mut defaults = vec!["--no-pin", "--log", "warn"];
+        // APEXD_TEST_BIN runs another build (e.g. one with a sanitizer) under the same tests;
+        // APEXD_TEST_LOG raises the relay's log level when a test needs investigating.
+        let log = std::env::var("APEXD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
+        let mut defaults = vec!["--no-pin", "--log", log.as_str()];
         for flag in ["--edge-listen", "--mesh-listen"] {
             if !extra.contains(&flag) {
                 defaults.extend([flag, "127.0.0.1:0"]);
             }
         }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_apexd"))
-            .args(defaults)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn apexd");
+        let mut child = Command::new(
+            std::env::var_os("APEXD_TEST_BIN")
+                .unwrap_or_else(|| env!("CARGO_BIN_EXE_apexd").into()),
+        )
+        .args(defaults)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn apexd");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
