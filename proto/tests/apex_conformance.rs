@@ -1511,3 +1511,64 @@ fn apex_38_report_when_recipient_leaves_before_answering() {
         );
     }
 }
+
+#[test]
+fn apex_25_data_overtaking_the_attached_broadcast_reaches_the_recipient() {
+    // barney attaches on its home shard 0 and is answered ok at once; the broadcast that tells
+    // shard 1 is still in the shard queue when fred's data arrives on shard 1. barney is
+    // attached (its application was told so), so the data must reach it (APEX-25): shard 1
+    // asks the recipient's home shard instead of trusting its stale replica.
+    let barney_ep = endpoint_homed("barney", 2, 0);
+    let fred_ep = endpoint_homed("fred", 2, 1);
+    let mut net = granted(2);
+    let (fred, ch) = attached(&mut net, 1, &fred_ep);
+    net.pause_mesh = true;
+    let (barney, bch) = attached(&mut net, 0, &barney_ep);
+    let msgno = net.send_nowait(
+        fred,
+        ch,
+        data(&fred_ep, &[&barney_ep], &status_request(41), "overtaking"),
+    );
+    net.drive();
+    assert_eq!(
+        net.clients[fred].reply_to(ch, msgno).map(|(k, _)| k),
+        Some(ReplyKind::Rpy),
+        "accepted"
+    );
+    net.pause_mesh = false;
+    net.drive();
+    let got = net.clients[barney].received_on(bch);
+    assert_eq!(got.len(), 1, "delivered once");
+    assert!(text(&got[0]).contains(">overtaking<"), "{}", text(&got[0]));
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 1, "one report");
+    assert!(
+        is_report(&r[0], "example.com", 41, &barney_ep, 250),
+        "{}",
+        text(&r[0])
+    );
+}
+
+#[test]
+fn opt_13_held_data_from_a_non_home_shard_is_released_once() {
+    // hold4Endpoint data arrives on shard 1 for an endpoint whose home is shard 0 and which is
+    // not attached: it is held (at the home shard) and delivered exactly once when it attaches
+    // on either shard.
+    for attach_on in [0, 1] {
+        let barney_ep = endpoint_homed("barney", 2, 0);
+        let fred_ep = endpoint_homed("fred", 2, 1);
+        let mut net = granted(2);
+        let (fred, ch) = attached(&mut net, 1, &fred_ep);
+        let hold = "   <option internal='hold4Endpoint' transID='7' />\r\n";
+        let (positive, _) = net.send(fred, ch, data(&fred_ep, &[&barney_ep], hold, "held"));
+        assert!(positive);
+        let (barney, bch) = attached(&mut net, attach_on, &barney_ep);
+        let got = net.clients[barney].received_on(bch);
+        assert_eq!(
+            got.len(),
+            1,
+            "released once (attached on shard {attach_on})"
+        );
+        assert!(text(&got[0]).contains(">held<"));
+    }
+}

@@ -16,6 +16,9 @@
 //!
 //! Every endpoint has a home shard (`home_shard`) that settles attach conflicts; attachments are
 //! broadcast so every shard holds a replica of the directory and data needs at most one hop.
+//! A replica can lag its home shard (an endpoint is answered before the broadcast reaches every
+//! shard), so a shard that does not know a local recipient hands the data to the recipient's
+//! home shard, which is never behind: it delivers, holds (hold4Endpoint) or reports.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -177,6 +180,19 @@ pub enum Envelope {
         domain: String,
         /// The data message.
         payload: Bytes,
+    },
+    /// To `recipient`'s home shard: this shard's replica did not know it. The home shard
+    /// settles every attach before the endpoint is answered, so it is never behind; it
+    /// delivers, holds or reports (access was already checked).
+    DeliverHome {
+        /// The recipient.
+        recipient: Endpoint,
+        /// The data message.
+        payload: Bytes,
+        /// Report the outcome to the originator when set.
+        report: Option<ReportRequest>,
+        /// hold4Endpoint: hold until this deadline (`Some(None)`: no deadline).
+        hold: Option<Option<u64>>,
     },
     /// To the shard owning `at`: deliver `payload` there.
     Deliver {
@@ -1049,7 +1065,33 @@ impl Relay {
         if !allowed {
             return self.report(report, apex_code::NOT_AUTHORIZED, "access denied");
         }
+        self.deliver_to(recipient, payload, report, hold);
+    }
+
+    /// Delivers to the recipient's channel. A replica that does not know the recipient may be
+    /// behind the home shard (the `Attached` broadcast can still be in a shard queue after the
+    /// endpoint was answered), so such data goes to the home shard, which holds or reports.
+    fn deliver_to(
+        &mut self,
+        recipient: &Endpoint,
+        payload: Bytes,
+        report: Option<ReportRequest>,
+        hold: Option<Option<u64>>,
+    ) {
         let Some(at) = self.directory.get(recipient).copied() else {
+            let home = home_shard(recipient, self.config.shards);
+            if home != self.config.shard {
+                self.actions.push_back(Action::ToShard {
+                    shard: home,
+                    envelope: Envelope::DeliverHome {
+                        recipient: recipient.clone(),
+                        payload,
+                        report,
+                        hold,
+                    },
+                });
+                return;
+            }
             if let Some(deadline) = hold {
                 if self
                     .config
@@ -1273,6 +1315,12 @@ impl Relay {
             Envelope::Forward { domain, payload } => {
                 self.actions.push_back(Action::Forward { domain, payload })
             }
+            Envelope::DeliverHome {
+                recipient,
+                payload,
+                report,
+                hold,
+            } => self.deliver_to(&recipient, payload, report, hold),
             Envelope::Deliver {
                 at,
                 payload,
