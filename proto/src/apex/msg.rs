@@ -151,6 +151,8 @@ pub struct Data {
     payload: Bytes,
     /// Where the control document sits in `payload`.
     control: Range<usize>,
+    /// Where the `data` start tag (`<data content='...'>`) sits in `payload`.
+    start_tag: Range<usize>,
 }
 
 /// Any APEX element that can arrive on an APEX channel.
@@ -412,6 +414,10 @@ impl<'a> Doc<'a> {
             if a.value.len() > self.limits.max_attribute_len {
                 return Err(OpError::invalid("attribute value too long"));
             }
+            // XML 1.0 §3.1 (AttValue): a literal '<' is not allowed in an attribute value.
+            if memchr::memchr(b'<', &a.value).is_some() {
+                return Err(OpError::syntax("'<' in an attribute value"));
+            }
         }
         Ok(())
     }
@@ -589,7 +595,8 @@ fn parse_control(
             _ => return Err(OpError::syntax("control document has no root element")),
         }
     };
-    let ((start, _), open) = (root, open);
+    let ((start, root_at), open) = (root, open);
+    let root_tag = root_at..doc.pos();
     let op = match start.name().as_ref() {
         b"attach" => Operation::Attach {
             endpoint: required(&start, "endpoint")?,
@@ -642,6 +649,7 @@ fn parse_control(
             open,
             payload.clone(),
             control.clone(),
+            root_tag,
         )?),
         other => {
             return Err(OpError::invalid(format!(
@@ -686,6 +694,7 @@ fn data(
     open: bool,
     payload: Bytes,
     control: Range<usize>,
+    start_tag: Range<usize>,
 ) -> Result<Data, OpError> {
     let content = required(start, "content")?;
     if !open {
@@ -746,6 +755,7 @@ fn data(
         data_content,
         payload,
         control,
+        start_tag,
     })
 }
 
@@ -772,9 +782,9 @@ impl Data {
         }
         let mut out = BytesMut::with_capacity(self.payload.len());
         out.put_slice(&self.payload[..self.control.start]);
-        out.put_slice(b"<data content='");
-        out.put_slice(xml::escape(&self.content).as_bytes());
-        out.put_slice(b"'>\r\n   ");
+        // The start tag as received: re-escaping its attributes could change their length.
+        out.put_slice(&self.payload[self.start_tag.clone()]);
+        out.put_slice(b"\r\n   ");
         out.put_slice(&self.originator.raw);
         for &r in recipients {
             if let Some(party) = self.recipients.get(r) {
@@ -927,6 +937,33 @@ mod tests {
     }
 
     #[test]
+    fn apex_28_start_tag_copied_as_received_when_recipients_split() {
+        // A content attribute full of characters an encoder would escape ('>' and '"' are
+        // legal in a single-quoted value): dropping a recipient must not re-encode it, or the
+        // onward message could grow past max_attribute_len and be refused by the next relay.
+        let name = ">\"".repeat(LIMITS.max_attribute_len / 2 - 4);
+        let content = format!("#{name}");
+        let payload = format!(
+            "Content-Type: application/beep+xml\r\n\r\n<data  content='{content}' >\r\n<originator identity='a@x' /><recipient identity='b@x' /><recipient identity='c@x' /><data-content Name='{name}'>hi</data-content></data>"
+        );
+        let Operation::Data(d) = msg(&payload).unwrap() else {
+            panic!()
+        };
+        let out = d.payload_for(&[1], |_| true);
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(
+            text.contains(&format!("<data  content='{content}' >")),
+            "{text}"
+        );
+        let Operation::Data(again) = msg(&text).unwrap() else {
+            panic!()
+        };
+        assert_eq!(again.content, d.content);
+        assert_eq!(again.recipients.len(), 1);
+        assert_eq!(again.recipients[0].identity, "c@x");
+    }
+
+    #[test]
     fn apex_07_multipart_related_of_13_4() {
         let payload = "Content-Type: multipart/related; boundary=\"XX\"; start=\"<1@fred.example.com>\"; type=\"application/beep+xml\"\r\n\r\n--XX\r\nContent-Type: application/beep+xml\r\nContent-ID: <1@fred.example.com>\r\n\r\n<data content='cid:2@fred.example.com'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n</data>\r\n--XX\r\nContent-Type: text/plain\r\nContent-ID: <2@fred.example.com>\r\n\r\nhello, barney\r\n--XX--\r\n";
         assert_eq!(payload.len(), 423, "apex-core.md §13.4");
@@ -1015,6 +1052,8 @@ mod tests {
             "<?pi x?><ok />",
             "<error code='500'>&custom;</error>",
             "<data content='#C'><originator identity='a@x'>",
+            // XML 1.0 AttValue: no literal '<' (quick-xml alone would accept it).
+            "<attach endpoint='a<b@x' transID='1' />",
         ] {
             let r = msg(&format!("Content-Type: application/beep+xml\r\n\r\n{doc}"));
             assert_eq!(r.unwrap_err().code, 500, "{doc}");
