@@ -233,8 +233,13 @@ impl Hash for Endpoint {
         // Hash exactly what `eq` compares: lower-cased names, addresses of IP literals.
         self.kind.hash(state);
         if matches!(self.kind, DomainKind::Name | DomainKind::General) {
-            for byte in self.domain().bytes() {
-                state.write_u8(byte.to_ascii_lowercase());
+            // Lower-cased a chunk at a time: one hasher write per chunk, not per octet.
+            let mut chunk = [0u8; 64];
+            for part in self.domain().as_bytes().chunks(chunk.len()) {
+                let lower = &mut chunk[..part.len()];
+                lower.copy_from_slice(part);
+                lower.make_ascii_lowercase();
+                state.write(lower);
             }
         }
     }
@@ -564,6 +569,16 @@ mod tests {
             .map(ep)
             .collect();
         assert_eq!(v6.len(), 1);
+        // Domains longer than one hashing chunk (64 octets) hash case-insensitively too.
+        let long = format!("{}.example.com", ["abcdefghij"; 10].join("."));
+        let long_set: HashSet<Endpoint> = [
+            format!("fred@{long}"),
+            format!("fred@{}", long.to_ascii_uppercase()),
+        ]
+        .iter()
+        .map(|s| ep(s))
+        .collect();
+        assert_eq!(long_set.len(), 1);
     }
 
     #[test]
