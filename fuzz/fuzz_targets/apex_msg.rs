@@ -9,12 +9,16 @@
 //!   the same parser, as a `data` carrying exactly the chosen recipients (same identities, in
 //!   order), exactly the kept per-data options, the same `content`, originator and
 //!   `data-content` bytes (APEX-28);
-//! * with every recipient and option kept, the received payload itself is returned.
+//! * with every recipient and option kept, the received payload itself is returned;
+//! * the fast scanner of common `data` documents agrees with the full parser: whatever the
+//!   default parsers return, `parse_message_full` / `parse_document_full` (quick-xml only)
+//!   return the same for the same input (APEX-21).
 #![no_main]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use apex_proto::apex::msg::{
-    parse_document, parse_message, ApexLimits, ApexOption, Data, OpError, Operation, TargetHop,
+    parse_document, parse_document_full, parse_message, parse_message_full, ApexLimits,
+    ApexOption, Data, OpError, Operation, TargetHop,
 };
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
@@ -24,12 +28,19 @@ type Parser = fn(&Bytes, &ApexLimits) -> Result<Operation, OpError>;
 fuzz_target!(|input: &[u8]| {
     let limits = ApexLimits::default();
     let payload = Bytes::copy_from_slice(input);
-    let parsers: [(&str, Parser); 2] = [
-        ("parse_message", parse_message),
-        ("parse_document", parse_document),
+    let parsers: [(&str, Parser, Parser); 2] = [
+        ("parse_message", parse_message, parse_message_full),
+        ("parse_document", parse_document, parse_document_full),
     ];
-    for (name, parse) in parsers {
-        if let Ok(Operation::Data(data)) = parse(&payload, &limits) {
+    for (name, parse, full) in parsers {
+        let fast = parse(&payload, &limits);
+        let reference = full(&payload, &limits);
+        match (&fast, &reference) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{name}: scanner and full parser differ"),
+            (Err(a), Err(b)) => assert_eq!(a.code, b.code, "{name}: error codes differ"),
+            _ => panic!("{name}: scanner {fast:?} but full parser {reference:?}"),
+        }
+        if let Ok(Operation::Data(data)) = fast {
             check_data(name, parse, &data, &limits, input);
         }
     }

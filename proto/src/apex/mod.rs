@@ -5,3 +5,4 @@ pub mod addr;
 pub mod msg;
 pub mod options;
 pub mod relay;
+mod scan;

@@ -200,10 +200,38 @@ pub enum Operation {
 
 /// Parses a whole APEX BEEP message (MIME entity).
 pub fn parse_message(payload: &Bytes, limits: &ApexLimits) -> Result<Operation, OpError> {
+    parse_message_with(payload, limits, Scanner::Fast)
+}
+
+/// [`parse_message`] without the fast scanner of common `data` documents: the reference the
+/// fuzz target compares the scanner with.
+#[doc(hidden)]
+pub fn parse_message_full(payload: &Bytes, limits: &ApexLimits) -> Result<Operation, OpError> {
+    parse_message_with(payload, limits, Scanner::Full)
+}
+
+/// Whether the hand-written scanner may answer for common `data` documents (`Fast`), or only
+/// the general parser is used (`Full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scanner {
+    Fast,
+    Full,
+}
+
+fn parse_message_with(
+    payload: &Bytes,
+    limits: &ApexLimits,
+    scanner: Scanner,
+) -> Result<Operation, OpError> {
     // Fast path: the header block every APEX implementation writes for a control document
     // alone; anything else goes through the general MIME reader.
     if payload.starts_with(BEEP_XML_HEADERS) {
-        let op = parse_control(payload, BEEP_XML_HEADERS.len()..payload.len(), limits)?;
+        let op = parse_control(
+            payload,
+            BEEP_XML_HEADERS.len()..payload.len(),
+            limits,
+            scanner,
+        )?;
         if let Operation::Data(data) = &op {
             check_content_reference(data, &[])?;
         }
@@ -228,7 +256,7 @@ pub fn parse_message(payload: &Bytes, limits: &ApexLimits) -> Result<Operation, 
             )))
         }
     };
-    let op = parse_control(payload, control, limits)?;
+    let op = parse_control(payload, control, limits, scanner)?;
     if let Operation::Data(data) = &op {
         check_content_reference(data, &parts)?;
     }
@@ -237,7 +265,21 @@ pub fn parse_message(payload: &Bytes, limits: &ApexLimits) -> Result<Operation, 
 
 /// Parses a control document alone, as piggybacked in a `start` (RFC 3340 §4.2).
 pub fn parse_document(doc: &Bytes, limits: &ApexLimits) -> Result<Operation, OpError> {
-    let op = parse_control(doc, 0..doc.len(), limits)?;
+    parse_document_with(doc, limits, Scanner::Fast)
+}
+
+/// [`parse_document`] without the fast scanner (see [`parse_message_full`]).
+#[doc(hidden)]
+pub fn parse_document_full(doc: &Bytes, limits: &ApexLimits) -> Result<Operation, OpError> {
+    parse_document_with(doc, limits, Scanner::Full)
+}
+
+fn parse_document_with(
+    doc: &Bytes,
+    limits: &ApexLimits,
+    scanner: Scanner,
+) -> Result<Operation, OpError> {
+    let op = parse_control(doc, 0..doc.len(), limits, scanner)?;
     if let Operation::Data(data) = &op {
         check_content_reference(data, &[])?;
     }
@@ -268,6 +310,19 @@ fn check_content_reference(data: &Data, content_ids: &[String]) -> Result<(), Op
 }
 
 fn data_content_name(raw: &Bytes) -> Option<String> {
+    // The scanner's shape first: `<data-content Name='...'` with no entity in the value.
+    if let Some(rest) = raw.strip_prefix(b"<data-content Name=") {
+        if let Some((&quote, rest)) = rest.split_first() {
+            if quote == b'\'' || quote == b'"' {
+                if let Some(len) = memchr::memchr(quote, rest) {
+                    let value = &rest[..len];
+                    if memchr::memchr(b'&', value).is_none() {
+                        return std::str::from_utf8(value).ok().map(str::to_owned);
+                    }
+                }
+            }
+        }
+    }
     let mut reader = Reader::from_reader(&raw[..]);
     match reader.read_event() {
         Ok(Event::Start(s) | Event::Empty(s)) => attr(&s, "Name").ok().flatten(),
@@ -577,9 +632,24 @@ fn parse_control(
     payload: &Bytes,
     control: Range<usize>,
     limits: &ApexLimits,
+    scanner: Scanner,
 ) -> Result<Operation, OpError> {
     let text = &payload[control.clone()];
     std::str::from_utf8(text).map_err(|_| OpError::syntax("control document is not UTF-8"))?;
+    if scanner == Scanner::Fast {
+        if let Some(found) = super::scan::data(payload, control.clone(), limits) {
+            return Ok(Operation::Data(Data {
+                content: found.content,
+                originator: found.originator,
+                recipients: found.recipients,
+                options: Vec::new(),
+                data_content: found.data_content,
+                payload: payload.clone(),
+                control,
+                start_tag: found.start_tag,
+            }));
+        }
+    }
     let mut doc = Doc {
         reader: Reader::from_reader(text),
         base: control.start,

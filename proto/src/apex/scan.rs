@@ -1,0 +1,295 @@
+//! A hand-written scanner for the common shape of a `data` control document: one `content`
+//! attribute, an `originator` and `recipient`s with one `identity` attribute each and no
+//! options, an optional `data-content` holding text only, ASCII whitespace between elements:
+//!
+//! ```text
+//! <data content='#Content'>
+//!    <originator identity='fred@example.com' />
+//!    <recipient identity='barney@example.com' />
+//!    <data-content Name='Content'>hello, barney</data-content>
+//! </data>
+//! ```
+//!
+//! It answers `None` as soon as the input strays from that shape (a comment, an option, an
+//! entity reference, another attribute, any markup inside `data-content`...), and the full
+//! parser (quick-xml) then decides, errors included. So the scanner only ever has to be right
+//! about documents it accepts: the `apex_msg` fuzz target checks that for each of them the full
+//! parser returns the same [`Data`](super::msg::Data). It exists because relaying data is the
+//! hot path, and the general parser spent most of a relayed message's instructions.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+
+use super::msg::{ApexLimits, Party};
+
+/// What the scanner found; the caller assembles the `Data`.
+pub(super) struct Scanned {
+    pub content: String,
+    pub originator: Party,
+    pub recipients: Vec<Party>,
+    pub data_content: Option<Bytes>,
+    pub start_tag: Range<usize>,
+}
+
+struct Cursor<'a> {
+    payload: &'a Bytes,
+    pos: usize,
+    end: usize,
+    limits: &'a ApexLimits,
+}
+
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+impl Cursor<'_> {
+    fn rest(&self) -> &[u8] {
+        &self.payload[self.pos..self.end]
+    }
+
+    fn skip_space(&mut self) {
+        while self.pos < self.end && is_space(self.payload[self.pos]) {
+            self.pos += 1;
+        }
+    }
+
+    fn eat(&mut self, literal: &[u8]) -> bool {
+        if self.rest().starts_with(literal) {
+            self.pos += literal.len();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// At `<name` followed by whitespace?
+    fn at_tag(&self, name: &[u8]) -> bool {
+        let rest = self.rest();
+        rest.len() > name.len() + 1
+            && rest[0] == b'<'
+            && &rest[1..=name.len()] == name
+            && is_space(rest[name.len() + 1])
+    }
+
+    /// `<name attr='value'` then `/>` or `>`: the value and whether the element was empty.
+    /// The value must hold neither `<` nor `&` (so it needs no unescaping) and fit the limits.
+    fn start_tag(&mut self, name: &[u8], attr: &[u8]) -> Option<(String, bool)> {
+        if !self.at_tag(name) || self.limits.max_attributes < 1 {
+            return None;
+        }
+        self.pos += 1 + name.len();
+        self.skip_space();
+        if !self.eat(attr) || !self.eat(b"=") {
+            return None;
+        }
+        let quote = *self.rest().first()?;
+        if quote != b'\'' && quote != b'"' {
+            return None;
+        }
+        self.pos += 1;
+        let len = memchr::memchr(quote, self.rest())?;
+        let value = &self.rest()[..len];
+        if len > self.limits.max_attribute_len || memchr::memchr2(b'<', b'&', value).is_some() {
+            return None;
+        }
+        let value = std::str::from_utf8(value).ok()?.to_owned();
+        self.pos += len + 1;
+        self.skip_space();
+        if self.eat(b"/>") {
+            Some((value, true))
+        } else if self.eat(b">") {
+            Some((value, false))
+        } else {
+            None
+        }
+    }
+
+    /// An `originator` or `recipient` without options: `<name identity='...' />`.
+    fn party(&mut self, name: &[u8]) -> Option<Party> {
+        let at = self.pos;
+        let (identity, empty) = self.start_tag(name, b"identity")?;
+        empty.then(|| Party {
+            identity,
+            options: Vec::new(),
+            raw: self.payload.slice(at..self.pos),
+        })
+    }
+
+    /// `<data-content Name='...'>text</data-content>` (or empty), text without markup or
+    /// entity references.
+    fn data_content(&mut self) -> Option<Bytes> {
+        let at = self.pos;
+        let (_, empty) = self.start_tag(b"data-content", b"Name")?;
+        if !empty {
+            let text = memchr::memchr(b'<', self.rest())?;
+            if memchr::memchr(b'&', &self.rest()[..text]).is_some() {
+                return None;
+            }
+            self.pos += text;
+            if !self.eat(b"</data-content>") {
+                return None;
+            }
+        }
+        Some(self.payload.slice(at..self.pos))
+    }
+}
+
+/// Scans the control document at `control` in `payload` (already known to be UTF-8).
+pub(super) fn data(payload: &Bytes, control: Range<usize>, limits: &ApexLimits) -> Option<Scanned> {
+    let mut c = Cursor {
+        payload,
+        pos: control.start,
+        end: control.end,
+        limits,
+    };
+    c.skip_space();
+    let root = c.pos;
+    let (content, empty) = c.start_tag(b"data", b"content")?;
+    if empty {
+        return None;
+    }
+    let start_tag = root..c.pos;
+    c.skip_space();
+    let originator = c.party(b"originator")?;
+    let mut recipients = Vec::new();
+    loop {
+        c.skip_space();
+        if !c.at_tag(b"recipient") {
+            break;
+        }
+        if recipients.len() == limits.max_recipients {
+            return None;
+        }
+        recipients.push(c.party(b"recipient")?);
+    }
+    if recipients.is_empty() {
+        return None;
+    }
+    let data_content = if c.at_tag(b"data-content") {
+        let raw = c.data_content()?;
+        c.skip_space();
+        Some(raw)
+    } else {
+        None
+    };
+    if !c.eat(b"</data>") {
+        return None;
+    }
+    c.skip_space();
+    (c.pos == c.end).then_some(Scanned {
+        content,
+        originator,
+        recipients,
+        data_content,
+        start_tag,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apex::msg::{parse_message, parse_message_full, Operation};
+
+    const HEAD: &str = "Content-Type: application/beep+xml\r\n\r\n";
+    const DIGEST_13_1: &str = "<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\n";
+
+    fn scan(doc: &str) -> Option<Scanned> {
+        let payload = Bytes::from(format!("{HEAD}{doc}"));
+        data(&payload, HEAD.len()..payload.len(), &ApexLimits::default())
+    }
+
+    /// Both parsers give the same answer for `doc`.
+    fn agree(doc: &str) {
+        let payload = Bytes::from(format!("{HEAD}{doc}"));
+        let limits = ApexLimits::default();
+        assert_eq!(
+            parse_message(&payload, &limits),
+            parse_message_full(&payload, &limits),
+            "{doc}"
+        );
+    }
+
+    #[test]
+    fn apex_21_digest_example_is_scanned_like_the_full_parser() {
+        let found = scan(DIGEST_13_1).expect("the common shape is scanned");
+        assert_eq!(found.content, "#Content");
+        assert_eq!(found.originator.identity, "fred@example.com");
+        assert_eq!(
+            &found.originator.raw[..],
+            b"<originator identity='fred@example.com' />"
+        );
+        assert_eq!(found.recipients.len(), 1);
+        assert_eq!(
+            found.data_content.as_deref(),
+            Some(&b"<data-content Name='Content'>hello, barney</data-content>"[..])
+        );
+        agree(DIGEST_13_1);
+        let Ok(Operation::Data(d)) = parse_message(
+            &Bytes::from(format!("{HEAD}{DIGEST_13_1}")),
+            &ApexLimits::default(),
+        ) else {
+            panic!("data expected")
+        };
+        assert_eq!(d.recipients[0].identity, "barney@example.com");
+    }
+
+    #[test]
+    fn common_variants_are_scanned() {
+        for doc in [
+            "<data content=\"#C\"><originator identity=\"a@x\"/><recipient identity=\"b@x\"/><recipient identity='c@y'/><data-content Name='C'/></data>",
+            "<data content='cid:1@x'><originator identity='a@x' /><recipient identity='b@x' /></data>",
+            "  \r\n<data\tcontent='#C' >\n<originator  identity='a@x'\t/>\n<recipient identity='b@x' />\n<data-content Name='C'>x > y \"q\"</data-content>\n</data>\n\n",
+        ] {
+            assert!(scan(doc).is_some(), "{doc}");
+            agree(doc);
+        }
+    }
+
+    #[test]
+    fn anything_else_is_left_to_the_full_parser() {
+        for doc in [
+            // Options, comments, entity and character references, markup in the content.
+            "<data content='#C'><originator identity='a@x' /><recipient identity='b@x' /><option internal='statusRequest' transID='1' /><data-content Name='C'>x</data-content></data>",
+            "<data content='#C'><originator identity='a@x'><option internal='x' transID='1'/></originator><recipient identity='b@x' /></data>",
+            "<data content='#C'><!-- hi --><originator identity='a@x' /><recipient identity='b@x' /></data>",
+            "<data content='#C'><originator identity='a&amp;b@x' /><recipient identity='b@x' /></data>",
+            "<data content='#C'><originator identity='a@x' /><recipient identity='b@x' /><data-content Name='C'>&lt;</data-content></data>",
+            "<data content='#C'><originator identity='a@x' /><recipient identity='b@x' /><data-content Name='C'><b>x</b></data-content></data>",
+            "<data content='#C'><originator identity='a@x' /><recipient identity='b@x' /><data-content Name='C'><![CDATA[x]]></data-content></data>",
+            // Other attributes, other spellings, errors of every kind.
+            "<data content='#C' x='1'><originator identity='a@x' /><recipient identity='b@x' /></data>",
+            "<data content = '#C'><originator identity='a@x' /><recipient identity='b@x' /></data>",
+            "<data content='#C'><originator identity='a@x'></originator><recipient identity='b@x' /></data>",
+            "<data content='#C'><originator identity='a@x' /></data>",
+            "<data content='#C'><recipient identity='b@x' /></data>",
+            "<data content='#C'><originator identity='a@x' /><recipient identity='b@x' /></data >",
+            "<data content='#C'><originator identity='a@x' /><recipient identity='b@x' /></data><ok />",
+            "<data content='#C'><originator identity='a@x' /><recipient identity='b<@x' /></data>",
+            "<data content='#C'/>",
+            "\u{a0}<data content='#C'><originator identity='a@x' /><recipient identity='b@x' /></data>",
+        ] {
+            assert!(scan(doc).is_none(), "{doc}");
+            agree(doc);
+        }
+    }
+
+    #[test]
+    fn limits_send_the_document_to_the_full_parser() {
+        let limits = ApexLimits {
+            max_recipients: 1,
+            max_attribute_len: 8,
+            ..ApexLimits::default()
+        };
+        for doc in [
+            "<data content='#C'><originator identity='a@x' /><recipient identity='b@x' /><recipient identity='c@x' /></data>",
+            "<data content='#C'><originator identity='a@example.com' /><recipient identity='b@x' /></data>",
+        ] {
+            let payload = Bytes::from(format!("{HEAD}{doc}"));
+            assert!(data(&payload, HEAD.len()..payload.len(), &limits).is_none());
+            let fast = parse_message(&payload, &limits);
+            assert_eq!(fast.clone().unwrap_err().code, 501, "{doc}");
+            assert_eq!(fast, parse_message_full(&payload, &limits));
+        }
+    }
+}
