@@ -261,6 +261,11 @@ pub fn carries_status_response(data: &Data) -> bool {
     let Some(dc) = &data.data_content else {
         return false;
     };
+    // A child element needs a third '<' besides the element's own start and end tags ('<' is
+    // refused in attribute values): plain text content, the common case, stops here.
+    if memchr::memchr_iter(b'<', dc).nth(2).is_none() {
+        return false;
+    }
     let mut reader = Reader::from_reader(&dc[..]);
     if !matches!(reader.read_event(), Ok(Event::Start(_))) {
         return false;
