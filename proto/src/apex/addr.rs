@@ -114,9 +114,8 @@ impl Endpoint {
     /// Non-ASCII characters are accepted anywhere in the local part, as the ABNF's `UTF-8`
     /// alternative allows; the input being a `&str` already guarantees well-formed UTF-8.
     pub fn parse(text: &str) -> Result<Self, AddrError> {
-        let mut ats = text.match_indices('@').map(|(i, _)| i);
-        let at = ats.next().ok_or(AddrError::MissingAt)?;
-        if ats.next().is_some() {
+        let at = memchr::memchr(b'@', text.as_bytes()).ok_or(AddrError::MissingAt)?;
+        if memchr::memchr(b'@', &text.as_bytes()[at + 1..]).is_some() {
             return Err(AddrError::ExtraAt);
         }
         let slash = validate_local(&text[..at])?;
@@ -273,15 +272,15 @@ pub fn validate_domain(domain: &str) -> Result<(), AddrError> {
 
 /// Checks a local part (`address[/subaddress]`) and returns the offset of its `/`, if any.
 pub(crate) fn validate_local(local: &str) -> Result<Option<usize>, AddrError> {
-    let mut slashes = local.match_indices('/').map(|(i, _)| i);
-    let slash = slashes.next();
-    if slashes.next().is_some() {
+    let bytes = local.as_bytes();
+    let slash = memchr::memchr(b'/', bytes);
+    if slash.is_some_and(|i| memchr::memchr(b'/', &bytes[i + 1..]).is_some()) {
         return Err(AddrError::ExtraSlash);
     }
-    if let Some(i) = local.find(|c: char| c.is_ascii_control()) {
+    if let Some(i) = bytes.iter().position(u8::is_ascii_control) {
         return Err(AddrError::ControlCharacter(i));
     }
-    if local.contains('@') {
+    if memchr::memchr(b'@', bytes).is_some() {
         return Err(AddrError::ExtraAt);
     }
     match slash {

@@ -234,14 +234,14 @@ pub fn override_terminate_payload(old_trans_id: u32) -> Bytes {
 /// OPT-03: such data must not contain a statusRequest, so one that does is not honoured, which
 /// also prevents report loops). Administrative disabling (OPT-04) is the caller's policy.
 pub fn status_requests_for(data: &Data, recipient: usize, hop: Hop) -> Vec<u32> {
-    if carries_status_response(data) {
-        return Vec::new();
-    }
     let own = data
         .recipients
         .get(recipient)
         .map(|r| &r.options[..])
         .unwrap_or_default();
+    if (data.options.is_empty() && own.is_empty()) || carries_status_response(data) {
+        return Vec::new();
+    }
     let mut ids: Vec<u32> = Vec::new();
     for o in data.options.iter().chain(own) {
         if KnownOption::of(o) == Some(KnownOption::StatusRequest)
