@@ -4,7 +4,8 @@
 //! Each endpoint is a BEEP initiator on its own TCP connection, driven by the sans-IO
 //! [`Session`] of `apex-proto`. It attaches with an `attach` piggybacked on the channel `start`
 //! (RFC 3340 §4.2). A sender keeps at most `depth` `data` messages unacknowledged by the relay
-//! (its `ok` reply); a receiver answers each `data` with `ok`, checks the sequence numbers and
+//! (its `ok` reply); with `--rate` it sends each message at its scheduled time instead (open
+//! loop, latency from that time), `depth` remaining the cap; a receiver answers each `data` with `ok`, checks the sequence numbers and
 //! records the one-way latency. Output is coalesced: every step drains `poll_transmit` into one
 //! buffer and writes it whole.
 //!
@@ -45,6 +46,9 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a session release may take at the end.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The shortest read wait of an open-loop sender (a zero timeout would mean "block forever").
+const MIN_READ_WAIT: Duration = Duration::from_micros(20);
+
 /// Bytes read per `read` call.
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -70,6 +74,10 @@ pub(crate) struct Config {
     pub(crate) size: usize,
     /// Most unacknowledged messages per sender.
     pub(crate) depth: usize,
+    /// Open loop: messages per second offered in total, spread evenly over the senders; each
+    /// message's latency runs from its scheduled send time (no coordinated omission). `None`:
+    /// closed loop, `depth` messages in flight per sender.
+    pub(crate) rate: Option<f64>,
     /// Warm-up, not measured.
     pub(crate) warmup: Duration,
     /// Measured window.
@@ -181,6 +189,8 @@ pub(crate) fn run(config: &Config) -> Result<Report> {
 struct Outcome {
     pair: usize,
     name: String,
+    /// Octets this endpoint wrote and read in the measured window.
+    wire_in_window: u64,
     errors: u64,
     error_samples: Vec<String>,
     notes: Vec<String>,
@@ -220,7 +230,7 @@ fn report(
         target: "apex".to_owned(),
         address: config.relay.to_string(),
         pattern: "pairs".to_owned(),
-        rate: None,
+        rate: config.rate,
         wire_mb_per_sec: 0.0,
         wire_bytes_per_msg: 0.0,
         curve: Vec::new(),
@@ -250,6 +260,7 @@ fn report(
         r.error_samples.push(e);
     }
     let mut acked_in_window_total = 0u64;
+    let wire_in_window: u64 = outcomes.iter().map(|o| o.wire_in_window).sum();
     let mut answered = vec![0u64; config.pairs];
     for o in &outcomes {
         if let PartOutcome::Sender { answered: a, .. } = o.role {
@@ -312,6 +323,7 @@ fn report(
         r.msgs_per_sec = r.delivered_in_window as f64 / secs;
         r.acks_per_sec = acked_in_window_total as f64 / secs;
         r.payload_mb_per_sec = r.msgs_per_sec * config.size as f64 / 1e6;
+        r.set_wire(wire_in_window, secs);
     }
     r.set_latency(&latency);
     r
@@ -326,6 +338,12 @@ struct Conn {
     outbox: BytesMut,
     scratch: Box<[u8]>,
     eof: bool,
+    /// Octets written and read so far.
+    moved: u64,
+    /// A blocking socket (the thread drives this connection alone).
+    blocking: bool,
+    /// The read timeout currently set on a blocking socket.
+    read_wait: Duration,
 }
 
 impl Conn {
@@ -349,7 +367,21 @@ impl Conn {
             outbox: BytesMut::with_capacity(64 * 1024),
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             eof: false,
+            moved: 0,
+            blocking,
+            read_wait: READ_TIMEOUT,
         })
+    }
+
+    /// Sets how long the next blocking read may wait (one system call when it changes).
+    fn set_read_wait(&mut self, wait: Duration) -> Result<()> {
+        if wait != self.read_wait {
+            self.stream
+                .set_read_timeout(Some(wait))
+                .context("setting the read timeout")?;
+            self.read_wait = wait;
+        }
+        Ok(())
     }
 
     /// Drains the session's output into the outbox and writes as much as the socket takes (on a
@@ -362,6 +394,7 @@ impl Conn {
                 Ok(0) => bail!("the relay stopped accepting data (write returned 0)"),
                 Ok(n) => {
                     self.outbox.advance(n);
+                    self.moved += n as u64;
                     wrote = true;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -381,6 +414,7 @@ impl Conn {
                 Ok(false)
             }
             Ok(n) => {
+                self.moved += n as u64;
                 self.inbox.extend_from_slice(&self.scratch[..n]);
                 self.session
                     .handle_input(&mut self.inbox, now)
@@ -468,12 +502,22 @@ struct Endpoint {
     phase: Phase,
     channel: u32,
     depth: usize,
+    /// Messages per second this sender offers (open loop), if any.
+    rate: Option<f64>,
     size: usize,
     part: Part,
     shared: Arc<Shared>,
     errors: u64,
     error_samples: Vec<String>,
     notes: Vec<String>,
+    /// Octets moved while measuring, and the connection's count when last looked at.
+    wire_in_window: u64,
+    wire_seen: u64,
+}
+
+/// When message `seq` of an open-loop sender offering `rate` messages per second is due.
+fn due_at(schedule: &Schedule, seq: u64, rate: f64) -> Instant {
+    schedule.start + Duration::from_secs_f64(seq as f64 / rate)
 }
 
 /// The `data` message around a payload: (prefix, suffix).
@@ -550,12 +594,15 @@ impl Endpoint {
             phase: Phase::Greeting,
             channel: 0,
             depth: config.depth,
+            rate: config.rate.map(|r| r / config.pairs.max(1) as f64),
             size: config.size,
             part,
             shared: Arc::clone(shared),
             errors: 0,
             error_samples: Vec::new(),
             notes: Vec::new(),
+            wire_in_window: 0,
+            wire_seen: 0,
         })
     }
 
@@ -590,6 +637,7 @@ impl Endpoint {
         };
         Outcome {
             pair: self.pair,
+            wire_in_window: self.wire_in_window,
             name: self.name,
             errors: self.errors,
             error_samples: self.error_samples,
@@ -633,6 +681,9 @@ impl Endpoint {
             self.phase = Phase::Done;
             return Ok(true);
         }
+        if self.rate.is_some() && self.conn.blocking {
+            self.conn.set_read_wait(self.read_wait(Instant::now()))?;
+        }
         progress |= self.conn.fill(now)?;
         if self.conn.eof {
             if matches!(self.phase, Phase::Releasing { .. }) {
@@ -644,6 +695,10 @@ impl Endpoint {
         let now = Instant::now();
         let now_ns = self.shared.now_ns(now);
         let measuring = schedule.is_some_and(|s| s.measuring(now));
+        if measuring {
+            self.wire_in_window += self.conn.moved - self.wire_seen;
+        }
+        self.wire_seen = self.conn.moved;
         while let Some(event) = self.conn.session.poll_event() {
             progress = true;
             self.on_event(event, now_ns, measuring)?;
@@ -663,9 +718,21 @@ impl Endpoint {
         if s.draining || s.outstanding >= self.depth {
             return Ok(());
         }
-        let sent_ns = self.shared.now_ns(now);
+        let now_ns = self.shared.now_ns(now);
         let len = s.prefix.len() + self.size.max(payload::MIN_SIZE) + s.suffix.len();
         while s.outstanding < self.depth {
+            // Open loop: message k is due at start + k / rate and is stamped with that time,
+            // so a late send (a full depth, a slow relay) shows as latency.
+            let sent_ns = match self.rate {
+                Some(rate) => {
+                    let due = due_at(schedule, s.next_seq, rate);
+                    if due > now {
+                        break;
+                    }
+                    self.shared.now_ns(due)
+                }
+                None => now_ns,
+            };
             s.build.reserve(len);
             s.build.put_slice(&s.prefix);
             let stamp = Stamp {
@@ -683,6 +750,18 @@ impl Endpoint {
             s.next_seq += 1;
         }
         Ok(())
+    }
+
+    /// How long a blocking read may wait: until the next message is due in open-loop mode.
+    fn read_wait(&self, now: Instant) -> Duration {
+        match (&self.part, self.rate, self.shared.schedule.get()) {
+            (Part::Sender(s), Some(rate), Some(schedule)) if !s.draining => {
+                due_at(schedule, s.next_seq, rate)
+                    .saturating_duration_since(now)
+                    .clamp(MIN_READ_WAIT, READ_TIMEOUT)
+            }
+            _ => READ_TIMEOUT,
+        }
     }
 
     /// Moves to the release once this endpoint's part of the run is over.

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! apex-load apex --relay 127.0.0.1:PORT [--domain example.com] [--pairs 1] [--size 128]
-//!                [--duration 5] [--warmup 1] [--depth 64] [--threads N] [--cpus LIST]
-//!                [--json FILE] [--svg FILE]
+//!                [--duration 5] [--warmup 1] [--depth 64] [--rate MSGS_PER_S] [--threads N]
+//!                [--cpus LIST] [--json FILE] [--svg FILE]
 //! apex-load raw|nats|mqtt --relay 127.0.0.1:PORT [--pairs 1] [--size 128] [--duration 5]
 //!                [--warmup 1] [--rate MSGS_PER_S] [--pattern pairs|fan-in|fan-out]
 //!                [--window 1000] [--cpus LIST] [--quiet] [--json FILE] [--svg FILE]
@@ -118,7 +118,7 @@ struct LoadArgs {
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
     /// Open loop: this many messages per second in total, latency from the scheduled send
-    /// time (raw, nats, mqtt).
+    /// time (apex: still at most --depth unanswered per sender).
     #[arg(long, value_name = "MSGS_PER_S")]
     rate: Option<f64>,
     /// How senders map to receivers (raw: pairs only; apex: pairs only for now).
@@ -161,9 +161,10 @@ fn run(cli: Cli) -> Result<bool> {
         Target::Mqtt(args) => run_stream(wire::Proto::Mqtt, &args),
         Target::Apex(args) => {
             let load = &args.load;
-            if load.rate.is_some() || load.pattern != stream::Pattern::Pairs {
-                bail!("apex: --rate and fan patterns are not implemented yet (raw, nats, mqtt have them)");
+            if load.pattern != stream::Pattern::Pairs {
+                bail!("apex: fan patterns are not implemented yet (raw, nats, mqtt have them)");
             }
+            let rate = check_rate(load.rate)?;
             let relay = loopback_addr(&args.relay)?;
             check_domain(&args.domain)?;
             let cpus = match &load.cpus {
@@ -178,6 +179,7 @@ fn run(cli: Cli) -> Result<bool> {
                 pairs,
                 size: check_size(load.size)?,
                 depth: load.depth as usize,
+                rate,
                 warmup: seconds("--warmup", load.warmup, true)?,
                 duration: seconds("--duration", load.duration, false)?,
                 threads: load.threads.map_or(pairs * 2, |t| t as usize),
@@ -209,12 +211,7 @@ fn run_stream(proto: wire::Proto, args: &StreamArgs) -> Result<bool> {
         None => Vec::new(),
     };
     driver::check_cpus(&cpus)?;
-    let rate = match load.rate {
-        Some(r) if !(r.is_finite() && r > 0.0 && r <= 1e8) => {
-            bail!("--rate {r}: want messages per second, > 0")
-        }
-        r => r,
-    };
+    let rate = check_rate(load.rate)?;
     let config = stream::Config {
         proto,
         addr: loopback_addr(&args.relay)?,
@@ -230,6 +227,16 @@ fn run_stream(proto: wire::Proto, args: &StreamArgs) -> Result<bool> {
     };
     let report = stream::run(&config)?;
     finish(&report, load)
+}
+
+/// `--rate`: messages per second in total, finite and positive.
+fn check_rate(rate: Option<f64>) -> Result<Option<f64>> {
+    match rate {
+        Some(r) if !(r.is_finite() && r > 0.0 && r <= 1e8) => {
+            bail!("--rate {r}: want messages per second, > 0")
+        }
+        r => Ok(r),
+    }
 }
 
 /// A loopback address to listen on (port 0 picks one).

@@ -893,10 +893,10 @@ pub fn data_payload(originator: &str, recipient: &str, content_xml: &str) -> Byt
 
 /// The `ok` reply payload (RFC 3340 §9.1).
 pub fn ok_payload() -> Bytes {
-    let mut out = BytesMut::with_capacity(BEEP_XML_HEADERS.len() + 8);
-    out.put_slice(BEEP_XML_HEADERS);
-    out.put_slice(b"<ok />\r\n");
-    out.freeze()
+    // Every accepted data is answered with it: a static, so answering allocates nothing.
+    const OK: &[u8] = b"Content-Type: application/beep+xml\r\n\r\n<ok />\r\n";
+    debug_assert!(OK.starts_with(BEEP_XML_HEADERS));
+    Bytes::from_static(OK)
 }
 
 /// The `error` reply payload.
