@@ -33,6 +33,7 @@ use hdrhistogram::Histogram;
 use crate::driver::{self, Schedule, Task};
 use crate::payload::{self, Stamp};
 use crate::stats::{self, LatencySummary, Report};
+use crate::stream::Pattern;
 
 /// The APEX profile URI (RFC 3340 §8).
 const APEX_PROFILE: &str = "http://iana.org/beep/APEX";
@@ -68,8 +69,10 @@ pub(crate) struct Config {
     pub(crate) relay: SocketAddr,
     /// Domain of the endpoint names.
     pub(crate) domain: String,
-    /// Sender/receiver pairs.
+    /// Sender/receiver pairs (for fan-in: senders; for fan-out: receivers).
     pub(crate) pairs: usize,
+    /// How senders map to receivers.
+    pub(crate) pattern: Pattern,
     /// Payload octets per message.
     pub(crate) size: usize,
     /// Most unacknowledged messages per sender.
@@ -86,6 +89,54 @@ pub(crate) struct Config {
     pub(crate) threads: usize,
     /// CPUs to pin the threads to, round-robin (empty: no pinning).
     pub(crate) cpus: Vec<usize>,
+    /// Print a progress line on stderr each second.
+    pub(crate) progress: bool,
+}
+
+impl Config {
+    /// Number of sending endpoints.
+    fn senders(&self) -> usize {
+        match self.pattern {
+            Pattern::FanOut => 1,
+            Pattern::Pairs | Pattern::FanIn => self.pairs,
+        }
+    }
+
+    /// Number of receiving endpoints.
+    fn receivers(&self) -> usize {
+        match self.pattern {
+            Pattern::FanIn => 1,
+            Pattern::Pairs | Pattern::FanOut => self.pairs,
+        }
+    }
+
+    /// The receivers of sender `s`'s data: one per data, except fan-out (every receiver named
+    /// in each data, which the relay delivers to each of them).
+    fn recipients_of(&self, s: usize) -> Vec<usize> {
+        match self.pattern {
+            Pattern::Pairs => vec![s],
+            Pattern::FanIn => vec![0],
+            Pattern::FanOut => (0..self.pairs).collect(),
+        }
+    }
+
+    /// The senders receiver `r` hears from.
+    fn senders_of(&self, r: usize) -> Vec<usize> {
+        match self.pattern {
+            Pattern::Pairs => vec![r],
+            Pattern::FanIn => (0..self.pairs).collect(),
+            Pattern::FanOut => vec![0],
+        }
+    }
+
+    /// Sequence numbers: sender `s` numbers its k-th message `k * stride + s % stride`, so a
+    /// fan-in receiver tells its senders apart; elsewhere the stride is 1.
+    fn stride(&self) -> u64 {
+        match self.pattern {
+            Pattern::FanIn => self.pairs as u64,
+            Pattern::Pairs | Pattern::FanOut => 1,
+        }
+    }
 }
 
 /// State every thread sees.
@@ -99,8 +150,10 @@ struct Shared {
     abort: AtomicBool,
     /// Endpoints attached so far.
     attached: AtomicUsize,
-    /// Per pair: messages its sender had answered when it stopped (`u64::MAX` while running).
+    /// Per sender: messages the relay had answered when it stopped (`u64::MAX` while running).
     finished: Vec<AtomicU64>,
+    /// The progress line's live figures.
+    progress: stats::Progress,
 }
 
 impl Shared {
@@ -116,16 +169,21 @@ pub(crate) fn run(config: &Config) -> Result<Report> {
         schedule: OnceLock::new(),
         abort: AtomicBool::new(false),
         attached: AtomicUsize::new(0),
-        finished: (0..config.pairs)
+        finished: (0..config.senders())
             .map(|_| AtomicU64::new(u64::MAX))
             .collect(),
+        progress: stats::Progress::default(),
     });
     // Every endpoint attaches before any sender sends (the barrier below); a receiver and its
     // sender land on different threads whenever there are two or more.
-    let mut endpoints = Vec::with_capacity(config.pairs * 2);
-    for pair in 0..config.pairs {
-        endpoints.push((pair, true));
-        endpoints.push((pair, false));
+    let mut endpoints = Vec::with_capacity(config.senders() + config.receivers());
+    for i in 0..config.senders().max(config.receivers()) {
+        if i < config.receivers() {
+            endpoints.push((i, true));
+        }
+        if i < config.senders() {
+            endpoints.push((i, false));
+        }
     }
     let groups = driver::deal(endpoints, config.threads);
     let threads = groups.len();
@@ -140,7 +198,7 @@ pub(crate) fn run(config: &Config) -> Result<Report> {
         }
         tasks.push(list);
     }
-    let total = config.pairs * 2;
+    let total = config.senders() + config.receivers();
     let handles = driver::spawn(tasks, &config.cpus)?;
 
     let mut setup_error = None;
@@ -166,6 +224,11 @@ pub(crate) fn run(config: &Config) -> Result<Report> {
         std::thread::sleep(Duration::from_millis(1));
     }
 
+    if let (true, Some(schedule)) = (config.progress, shared.schedule.get()) {
+        shared
+            .progress
+            .print_until(schedule, || handles.iter().all(|h| h.is_finished()));
+    }
     let mut outcomes = Vec::with_capacity(total);
     for handle in handles {
         let tasks = handle
@@ -187,7 +250,8 @@ pub(crate) fn run(config: &Config) -> Result<Report> {
 /// What an endpoint did, collected after the run.
 #[derive(Debug)]
 struct Outcome {
-    pair: usize,
+    /// Sender or receiver index.
+    index: usize,
     name: String,
     /// Octets this endpoint wrote and read in the measured window.
     wire_in_window: u64,
@@ -208,7 +272,8 @@ enum PartOutcome {
     Receiver {
         delivered: u64,
         in_window: u64,
-        next_seq: u64,
+        /// Per sender heard from: (sender, messages seen so far).
+        seen: Vec<(usize, u64)>,
         lost: u64,
         reordered: u64,
         latency: Box<Histogram<u64>>,
@@ -229,7 +294,7 @@ fn report(
     let mut r = Report {
         target: "apex".to_owned(),
         address: config.relay.to_string(),
-        pattern: "pairs".to_owned(),
+        pattern: config.pattern.name().to_owned(),
         rate: config.rate,
         wire_mb_per_sec: 0.0,
         wire_bytes_per_msg: 0.0,
@@ -261,10 +326,10 @@ fn report(
     }
     let mut acked_in_window_total = 0u64;
     let wire_in_window: u64 = outcomes.iter().map(|o| o.wire_in_window).sum();
-    let mut answered = vec![0u64; config.pairs];
+    let mut answered = vec![0u64; config.senders()];
     for o in &outcomes {
         if let PartOutcome::Sender { answered: a, .. } = o.role {
-            answered[o.pair] = a;
+            answered[o.index] = a;
         }
     }
     for o in outcomes {
@@ -290,7 +355,7 @@ fn report(
             PartOutcome::Receiver {
                 delivered,
                 in_window,
-                next_seq,
+                seen,
                 lost,
                 reordered,
                 latency: h,
@@ -306,14 +371,15 @@ fn report(
                         .push(format!("{}: latency histogram not merged", o.name));
                 }
                 // Everything the relay answered must have arrived (a failed run proves nothing).
-                let missing = answered[o.pair].saturating_sub(next_seq);
-                if !aborted && missing > 0 {
-                    r.lost += missing;
-                    r.error_samples.push(format!(
-                        "{}: {missing} answered messages never arrived (last seq seen {})",
-                        o.name,
-                        next_seq.saturating_sub(1)
-                    ));
+                for (sender, count) in seen {
+                    let missing = answered[sender].saturating_sub(count);
+                    if !aborted && missing > 0 {
+                        r.lost += missing;
+                        r.error_samples.push(format!(
+                            "{}: {missing} answered messages of snd{sender} never arrived ({count} seen)",
+                            o.name
+                        ));
+                    }
                 }
             }
         }
@@ -460,6 +526,9 @@ struct Sender {
     suffix: &'static [u8],
     /// Messages are built here and split off.
     build: BytesMut,
+    /// Message k carries sequence number `k * stride + offset` (`Config::stride`).
+    stride: u64,
+    offset: u64,
     next_seq: u64,
     outstanding: usize,
     /// Replies received (ok or not).
@@ -475,14 +544,20 @@ struct Sender {
 /// A receiver's state.
 #[derive(Debug)]
 struct Receiver {
-    /// Octets of each delivered message (byte-identical to what was sent).
-    message_len: usize,
-    next_seq: u64,
+    /// Octets of each delivered message per sender (what it sent, with only this recipient
+    /// left), in `tracks` order.
+    message_lens: Vec<usize>,
+    /// Per sender heard from, in `Config::senders_of` order: (sender, next message number).
+    tracks: Vec<(usize, u64)>,
+    /// The senders' sequence stride (`Config::stride`).
+    stride: u64,
     delivered: u64,
     in_window: u64,
     lost: u64,
     reordered: u64,
     latency: Box<Histogram<u64>>,
+    /// Deliveries not yet handed to the progress line (`None`: no progress line).
+    tally: Option<Box<stats::ProgressTally>>,
     /// When the last expected delivery arrived (or the run gave up).
     finished_at: Option<Instant>,
 }
@@ -497,7 +572,8 @@ enum Part {
 #[derive(Debug)]
 struct Endpoint {
     name: String,
-    pair: usize,
+    /// Sender or receiver index.
+    index: usize,
     conn: Conn,
     phase: Phase,
     channel: u32,
@@ -521,14 +597,17 @@ fn due_at(schedule: &Schedule, seq: u64, rate: f64) -> Instant {
 }
 
 /// The `data` message around a payload: (prefix, suffix).
-fn data_frame(originator: &str, recipient: &str) -> (Bytes, &'static [u8]) {
+fn data_frame(originator: &str, recipients: &[String]) -> (Bytes, &'static [u8]) {
     let mut prefix = BytesMut::new();
     prefix.put_slice(BEEP_XML_HEADERS);
     prefix.put_slice(b"<data content='#C'><originator identity='");
     prefix.put_slice(escape(originator).as_bytes());
-    prefix.put_slice(b"' /><recipient identity='");
-    prefix.put_slice(escape(recipient).as_bytes());
     prefix.put_slice(b"' />");
+    for recipient in recipients {
+        prefix.put_slice(b"<recipient identity='");
+        prefix.put_slice(escape(recipient).as_bytes());
+        prefix.put_slice(b"' />");
+    }
     prefix.put_slice(CONTENT_OPEN);
     (prefix.freeze(), b"</data-content></data>\r\n")
 }
@@ -553,28 +632,45 @@ impl Endpoint {
     fn connect(
         config: &Config,
         shared: &Arc<Shared>,
-        pair: usize,
+        index: usize,
         receiver: bool,
         blocking: bool,
     ) -> Result<Self> {
-        let rcv = format!("rcv{pair}@{}", config.domain);
-        let snd = format!("snd{pair}@{}", config.domain);
-        let (prefix, suffix) = data_frame(&snd, &rcv);
-        let part = if receiver {
-            Part::Receiver(Receiver {
-                message_len: prefix.len() + config.size.max(payload::MIN_SIZE) + suffix.len(),
-                next_seq: 0,
+        let rcv = |r: usize| format!("rcv{r}@{}", config.domain);
+        let snd = |s: usize| format!("snd{s}@{}", config.domain);
+        let body = config.size.max(payload::MIN_SIZE);
+        let (name, part) = if receiver {
+            // What the relay delivers: the data with this recipient only.
+            let senders = config.senders_of(index);
+            let message_lens = senders
+                .iter()
+                .map(|&s| {
+                    let (prefix, suffix) = data_frame(&snd(s), &[rcv(index)]);
+                    prefix.len() + body + suffix.len()
+                })
+                .collect();
+            let part = Part::Receiver(Receiver {
+                message_lens,
+                tracks: senders.into_iter().map(|s| (s, 0)).collect(),
+                stride: config.stride(),
                 delivered: 0,
                 in_window: 0,
                 lost: 0,
                 reordered: 0,
                 latency: Box::new(stats::latency_histogram()),
+                tally: config.progress.then(Box::default),
                 finished_at: None,
-            })
+            });
+            (rcv(index), part)
         } else {
-            Part::Sender(Sender {
+            let recipients: Vec<String> =
+                config.recipients_of(index).into_iter().map(rcv).collect();
+            let (prefix, suffix) = data_frame(&snd(index), &recipients);
+            let part = Part::Sender(Sender {
                 prefix,
                 suffix,
+                stride: config.stride(),
+                offset: index as u64 % config.stride(),
                 build: BytesMut::new(),
                 next_seq: 0,
                 outstanding: 0,
@@ -582,14 +678,14 @@ impl Endpoint {
                 acked: 0,
                 acked_in_window: 0,
                 draining: false,
-            })
+            });
+            (snd(index), part)
         };
-        let name = if receiver { rcv } else { snd };
         let conn =
             Conn::connect(config.relay, blocking).with_context(|| format!("endpoint {name}"))?;
         Ok(Self {
             name,
-            pair,
+            index,
             conn,
             phase: Phase::Greeting,
             channel: 0,
@@ -625,7 +721,7 @@ impl Endpoint {
             Part::Receiver(r) => PartOutcome::Receiver {
                 delivered: r.delivered,
                 in_window: r.in_window,
-                next_seq: r.next_seq,
+                seen: r.tracks,
                 lost: r.lost,
                 reordered: r.reordered,
                 latency: r.latency,
@@ -636,7 +732,7 @@ impl Endpoint {
             },
         };
         Outcome {
-            pair: self.pair,
+            index: self.index,
             wire_in_window: self.wire_in_window,
             name: self.name,
             errors: self.errors,
@@ -703,6 +799,12 @@ impl Endpoint {
             progress = true;
             self.on_event(event, now_ns, measuring)?;
         }
+        if let Part::Receiver(Receiver {
+            tally: Some(tally), ..
+        }) = &mut self.part
+        {
+            tally.merge_into(&self.shared.progress, now);
+        }
         self.check_finished(now);
         Ok(progress)
     }
@@ -736,7 +838,7 @@ impl Endpoint {
             s.build.reserve(len);
             s.build.put_slice(&s.prefix);
             let stamp = Stamp {
-                seq: s.next_seq,
+                seq: s.next_seq * s.stride + s.offset,
                 sent_ns,
             };
             payload::encode(&mut s.build, stamp, self.size);
@@ -773,15 +875,17 @@ impl Endpoint {
             Part::Sender(s) => {
                 let done = s.draining && s.outstanding == 0;
                 if done {
-                    self.shared.finished[self.pair].store(s.answered, Ordering::Release);
+                    self.shared.finished[self.index].store(s.answered, Ordering::Release);
                 }
                 done
             }
             Part::Receiver(r) => {
                 // Close only once every `ok` is on the wire: the session interleaves channels
                 // frame by frame, and a relay declines a close that overtakes its replies.
-                let answered = self.shared.finished[self.pair].load(Ordering::Acquire);
-                let all_seen = answered != u64::MAX && r.next_seq >= answered;
+                let all_seen = r.tracks.iter().all(|&(sender, seen)| {
+                    let answered = self.shared.finished[sender].load(Ordering::Acquire);
+                    answered != u64::MAX && seen >= answered
+                });
                 if all_seen && r.finished_at.is_none() {
                     r.finished_at = Some(now);
                 }
@@ -817,10 +921,14 @@ impl Endpoint {
             }
             Part::Receiver(r) => {
                 r.finished_at.get_or_insert_with(Instant::now);
-                let waiting = r.next_seq;
+                let seen: Vec<String> = r
+                    .tracks
+                    .iter()
+                    .map(|(sender, seen)| format!("{seen} from snd{sender}"))
+                    .collect();
                 self.notes.push(format!(
-                    "hard stop: still waiting for deliveries after seq {}",
-                    waiting.saturating_sub(1)
+                    "hard stop: still waiting for deliveries ({} seen)",
+                    seen.join(", ")
                 ));
             }
             Part::Sender(_) => {}
@@ -904,32 +1012,44 @@ impl Endpoint {
             self.error(|| format!("undecodable delivery: {text:?}"));
             return;
         };
-        let (len, want) = (message.len(), r.message_len);
         r.delivered += 1;
-        let gap = stamp.seq.saturating_sub(r.next_seq);
-        let expected = r.next_seq;
-        if stamp.seq >= r.next_seq {
+        // Which sender (fan-in: the residue), and that sender's message number.
+        let slot = (stamp.seq % r.stride) as usize;
+        let k = stamp.seq / r.stride;
+        let slot = if r.tracks.len() == 1 { 0 } else { slot };
+        let (Some((sender, next)), Some(&want)) =
+            (r.tracks.get_mut(slot), r.message_lens.get(slot))
+        else {
+            self.error(|| format!("delivery with seq {} from no known sender", stamp.seq));
+            return;
+        };
+        let sender = *sender;
+        let len = message.len();
+        let gap = k.saturating_sub(*next);
+        let expected = *next;
+        if k >= *next {
             r.lost += gap;
-            r.next_seq = stamp.seq + 1;
+            *next = k + 1;
         } else {
             r.reordered += 1;
             if self.notes.len() < MAX_SAMPLES {
                 self.notes.push(format!(
-                    "seq {} arrived after seq {}",
-                    stamp.seq,
+                    "message {k} of snd{sender} arrived after message {}",
                     expected - 1
                 ));
             }
         }
         if gap > 0 && self.notes.len() < MAX_SAMPLES {
             self.notes.push(format!(
-                "gap: seq {} arrived when {expected} was due ({gap} missing)",
-                stamp.seq
+                "gap: message {k} of snd{sender} arrived when {expected} was due ({gap} missing)"
             ));
         }
         if measuring {
             r.in_window += 1;
             stats::record_ns(&mut r.latency, now_ns.saturating_sub(stamp.sent_ns));
+        }
+        if let Some(tally) = &mut r.tally {
+            tally.record(now_ns.saturating_sub(stamp.sent_ns));
         }
         if len != want {
             self.error(|| {
@@ -985,9 +1105,56 @@ impl Task for Endpoint {
 mod tests {
     use super::*;
 
+    fn config(pattern: Pattern, pairs: usize) -> Config {
+        Config {
+            relay: "127.0.0.1:913".parse().unwrap(),
+            domain: "example.com".into(),
+            pairs,
+            pattern,
+            size: 128,
+            depth: 64,
+            rate: None,
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(1),
+            threads: 1,
+            cpus: Vec::new(),
+            progress: false,
+        }
+    }
+
+    #[test]
+    fn patterns_map_senders_to_receivers() {
+        let pairs = config(Pattern::Pairs, 3);
+        assert_eq!(
+            (pairs.senders(), pairs.receivers(), pairs.stride()),
+            (3, 3, 1)
+        );
+        assert_eq!(pairs.recipients_of(2), vec![2]);
+        assert_eq!(pairs.senders_of(1), vec![1]);
+
+        let fan_in = config(Pattern::FanIn, 3);
+        assert_eq!(
+            (fan_in.senders(), fan_in.receivers(), fan_in.stride()),
+            (3, 1, 3)
+        );
+        assert_eq!(fan_in.recipients_of(2), vec![0]);
+        assert_eq!(fan_in.senders_of(0), vec![0, 1, 2]);
+
+        let fan_out = config(Pattern::FanOut, 3);
+        assert_eq!(
+            (fan_out.senders(), fan_out.receivers(), fan_out.stride()),
+            (1, 3, 1)
+        );
+        assert_eq!(fan_out.recipients_of(0), vec![0, 1, 2]);
+        assert_eq!(fan_out.senders_of(2), vec![0]);
+    }
+
     #[test]
     fn data_message_parses_and_carries_the_stamp() {
-        let (prefix, suffix) = data_frame("snd0@example.com", "rcv0@example.com");
+        let (prefix, suffix) = data_frame(
+            "snd0@example.com",
+            &["rcv0@example.com".to_owned(), "rcv1@example.com".to_owned()],
+        );
         let mut m = BytesMut::new();
         m.put_slice(&prefix);
         let stamp = Stamp {
@@ -1002,6 +1169,7 @@ mod tests {
         };
         assert_eq!(data.originator.identity, "snd0@example.com");
         assert_eq!(data.recipients[0].identity, "rcv0@example.com");
+        assert_eq!(data.recipients[1].identity, "rcv1@example.com");
         let content = data.data_content.unwrap();
         assert_eq!(
             content.len(),

@@ -3,7 +3,8 @@
 //! ```text
 //! apex-load apex --relay 127.0.0.1:PORT [--domain example.com] [--pairs 1] [--size 128]
 //!                [--duration 5] [--warmup 1] [--depth 64] [--rate MSGS_PER_S] [--threads N]
-//!                [--cpus LIST] [--json FILE] [--svg FILE]
+//!                [--pattern pairs|fan-in|fan-out] [--cpus LIST] [--quiet] [--json FILE]
+//!                [--svg FILE]
 //! apex-load raw|nats|mqtt --relay 127.0.0.1:PORT [--pairs 1] [--size 128] [--duration 5]
 //!                [--warmup 1] [--rate MSGS_PER_S] [--pattern pairs|fan-in|fan-out]
 //!                [--window 1000] [--cpus LIST] [--quiet] [--json FILE] [--svg FILE]
@@ -161,9 +162,6 @@ fn run(cli: Cli) -> Result<bool> {
         Target::Mqtt(args) => run_stream(wire::Proto::Mqtt, &args),
         Target::Apex(args) => {
             let load = &args.load;
-            if load.pattern != stream::Pattern::Pairs {
-                bail!("apex: fan patterns are not implemented yet (raw, nats, mqtt have them)");
-            }
             let rate = check_rate(load.rate)?;
             let relay = loopback_addr(&args.relay)?;
             check_domain(&args.domain)?;
@@ -177,6 +175,7 @@ fn run(cli: Cli) -> Result<bool> {
                 relay,
                 domain: args.domain.clone(),
                 pairs,
+                pattern: load.pattern,
                 size: check_size(load.size)?,
                 depth: load.depth as usize,
                 rate,
@@ -184,6 +183,7 @@ fn run(cli: Cli) -> Result<bool> {
                 duration: seconds("--duration", load.duration, false)?,
                 threads: load.threads.map_or(pairs * 2, |t| t as usize),
                 cpus,
+                progress: !load.quiet,
             };
             let report = apex::run(&config)?;
             finish(&report, load)

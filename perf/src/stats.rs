@@ -2,10 +2,112 @@
 
 use std::fmt::{self, Write as _};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use serde::Serialize;
+
+/// How often a receiver hands its latest latencies to the progress line.
+const PROGRESS_MERGE: Duration = Duration::from_millis(100);
+
+/// The live progress line: deliveries and latencies that receivers hand over as they go, and
+/// the loop that prints one line per second (rate, p50, p99 of that second).
+#[derive(Debug)]
+pub(crate) struct Progress {
+    delivered: AtomicU64,
+    interval: Mutex<Histogram<u64>>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            delivered: AtomicU64::new(0),
+            interval: Mutex::new(latency_histogram()),
+        }
+    }
+}
+
+/// A receiver's side of the progress line: what it saw since it last handed over.
+#[derive(Debug)]
+pub(crate) struct ProgressTally {
+    delivered: u64,
+    latency: Histogram<u64>,
+    last_merge: Instant,
+}
+
+impl Default for ProgressTally {
+    fn default() -> Self {
+        Self {
+            delivered: 0,
+            latency: latency_histogram(),
+            last_merge: Instant::now(),
+        }
+    }
+}
+
+impl ProgressTally {
+    /// Counts one delivery and its latency.
+    pub(crate) fn record(&mut self, latency_ns: u64) {
+        self.delivered += 1;
+        record_ns(&mut self.latency, latency_ns);
+    }
+
+    /// Hands the tally to `progress` when the last hand-over is old enough.
+    pub(crate) fn merge_into(&mut self, progress: &Progress, now: Instant) {
+        if now.saturating_duration_since(self.last_merge) < PROGRESS_MERGE {
+            return;
+        }
+        self.last_merge = now;
+        progress
+            .delivered
+            .fetch_add(std::mem::take(&mut self.delivered), Ordering::Relaxed);
+        if let Ok(mut h) = progress.interval.lock() {
+            let _ = h.add(&self.latency);
+        }
+        self.latency.reset();
+    }
+}
+
+impl Progress {
+    /// Prints a line per second on stderr, labelled by the phase of `schedule`, until `done`.
+    pub(crate) fn print_until(&self, schedule: &crate::driver::Schedule, done: impl Fn() -> bool) {
+        let mut tick = schedule.start;
+        let mut last = 0u64;
+        let mut second = 0u32;
+        while !done() {
+            if Instant::now() < tick + Duration::from_secs(1) {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            tick += Duration::from_secs(1);
+            second += 1;
+            let delivered = self.delivered.load(Ordering::Relaxed);
+            let (p50, p99) = match self.interval.lock() {
+                Ok(mut h) => {
+                    let v = (h.value_at_quantile(0.5), h.value_at_quantile(0.99));
+                    h.reset();
+                    v
+                }
+                Err(_) => (0, 0),
+            };
+            let phase = if tick <= schedule.warm_end {
+                "warm-up"
+            } else if tick <= schedule.measure_end {
+                "measure"
+            } else {
+                "drain"
+            };
+            eprintln!(
+                "[{second:>3} s {phase}] {:>10} msg/s  p50 {p50} us  p99 {p99} us",
+                delivered - last
+            );
+            last = delivered;
+        }
+    }
+}
 
 /// Highest latency the histograms track, in microseconds (60 s); longer ones are clamped.
 const MAX_LATENCY_US: u64 = 60_000_000;

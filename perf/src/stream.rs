@@ -20,7 +20,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -185,10 +185,8 @@ struct Shared {
     received: Vec<Vec<AtomicU64>>,
     /// Per sender: messages sent, once it stopped (`u64::MAX` while running).
     finished: Vec<AtomicU64>,
-    /// Deliveries so far (progress line).
-    delivered: AtomicU64,
-    /// Latencies since the last progress line.
-    interval: Mutex<Histogram<u64>>,
+    /// The progress line's live figures.
+    progress: stats::Progress,
 }
 
 impl Shared {
@@ -619,8 +617,7 @@ fn receiver(
     };
     let stride = spec.from.len() as u64;
     let want_len = config.size.max(payload::MIN_SIZE);
-    let mut interval = stats::latency_histogram();
-    let mut last_merge = Instant::now();
+    let mut tally = stats::ProgressTally::default();
     let mut last_data = Instant::now();
     loop {
         if shared.abort.load(Ordering::Acquire) {
@@ -671,12 +668,10 @@ fn receiver(
         if measuring {
             out.wire_in_window += n;
         }
-        let mut batch_count = 0u64;
         while let Some((item, used)) = wire::parse(proto, input.data())? {
             match item {
                 Item::Msg { start, end } => {
                     let payload = &input.data()[start..end];
-                    batch_count += 1;
                     let Some(stamp) = payload::decode(payload) else {
                         out.errors
                             .add(name, || "a message without a stamp".to_owned());
@@ -714,7 +709,7 @@ fn receiver(
                         stats::record_ns(&mut out.latency, now_ns.saturating_sub(stamp.sent_ns));
                     }
                     if config.progress {
-                        stats::record_ns(&mut interval, now_ns.saturating_sub(stamp.sent_ns));
+                        tally.record(now_ns.saturating_sub(stamp.sent_ns));
                     }
                 }
                 Item::Ping => {
@@ -728,14 +723,7 @@ fn receiver(
             shared.received[s][spec.slot].store(t.count, Ordering::Release);
         }
         if config.progress {
-            shared.delivered.fetch_add(batch_count, Ordering::Relaxed);
-            if now.saturating_duration_since(last_merge) > Duration::from_millis(100) {
-                last_merge = now;
-                if let Ok(mut h) = shared.interval.lock() {
-                    let _ = h.add(&interval);
-                }
-                interval.reset();
-            }
+            tally.merge_into(&shared.progress, now);
         }
     }
     Ok(())
@@ -785,8 +773,7 @@ pub(crate) fn run(config: &Config) -> Result<Report> {
         finished: (0..senders.len())
             .map(|_| AtomicU64::new(u64::MAX))
             .collect(),
-        delivered: AtomicU64::new(0),
-        interval: Mutex::new(stats::latency_histogram()),
+        progress: stats::Progress::default(),
     });
     let cpu = |i: usize| (!config.cpus.is_empty()).then(|| config.cpus[i % config.cpus.len()]);
     let mut rx_handles = Vec::new();
@@ -831,7 +818,10 @@ pub(crate) fn run(config: &Config) -> Result<Report> {
     }
     if config.progress {
         if let Some(s) = shared.schedule.get() {
-            progress(&shared, s, &rx_handles, &tx_handles);
+            shared.progress.print_until(s, || {
+                rx_handles.iter().all(JoinHandle::is_finished)
+                    && tx_handles.iter().all(JoinHandle::is_finished)
+            });
         }
     }
     let mut sent_out = Vec::new();
@@ -856,48 +846,6 @@ pub(crate) fn run(config: &Config) -> Result<Report> {
         bail!("setup failed: {}", reasons.join("; "));
     }
     Ok(report(config, total, sent_out, rcv_out))
-}
-
-/// Prints a line per second (rate, p50, p99 of that second) until every thread is done.
-fn progress<A, B>(
-    shared: &Shared,
-    schedule: &Schedule,
-    rx: &[JoinHandle<A>],
-    tx: &[JoinHandle<B>],
-) {
-    let mut tick = schedule.start;
-    let mut last = 0u64;
-    let mut second = 0u32;
-    while !(rx.iter().all(JoinHandle::is_finished) && tx.iter().all(JoinHandle::is_finished)) {
-        let now = Instant::now();
-        if now < tick + Duration::from_secs(1) {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
-        tick += Duration::from_secs(1);
-        second += 1;
-        let delivered = shared.delivered.load(Ordering::Relaxed);
-        let (p50, p99) = match shared.interval.lock() {
-            Ok(mut h) => {
-                let v = (h.value_at_quantile(0.5), h.value_at_quantile(0.99));
-                h.reset();
-                v
-            }
-            Err(_) => (0, 0),
-        };
-        let phase = if tick <= schedule.warm_end {
-            "warm-up"
-        } else if tick <= schedule.measure_end {
-            "measure"
-        } else {
-            "drain"
-        };
-        eprintln!(
-            "[{second:>3} s {phase}] {:>10} msg/s  p50 {p50} us  p99 {p99} us",
-            delivered - last
-        );
-        last = delivered;
-    }
 }
 
 fn report(
