@@ -24,6 +24,10 @@ use std::collections::{HashMap, VecDeque};
 
 use rustc_hash::FxHashMap;
 
+/// Maps keyed by endpoints, which peers choose: foldhash is seeded per map (resisting
+/// collision floods like SipHash) and costs a fraction of SipHash on short keys.
+type EndpointMap<V> = HashMap<Endpoint, V, foldhash::fast::RandomState>;
+
 use bytes::Bytes;
 
 use crate::apex::access::AccessTable;
@@ -260,7 +264,7 @@ struct PendingAttach {
 #[derive(Debug)]
 pub struct Relay {
     config: RelayConfig,
-    directory: HashMap<Endpoint, ChannelRef>,
+    directory: EndpointMap<ChannelRef>,
     connections: FxHashMap<ConnId, ConnKind>,
     /// Keyed by our connection ids and channel numbers bounded per connection: a fast hash is
     /// safe here (the directory, keyed by names peers choose, keeps the default hasher).
@@ -273,12 +277,12 @@ pub struct Relay {
     /// transIDs for the relay's own reports.
     next_report_trans: u32,
     /// Data held for endpoints not attached yet (hold4Endpoint), in arrival order.
-    held: HashMap<Endpoint, VecDeque<Held>>,
+    held: EndpointMap<VecDeque<Held>>,
     held_messages: usize,
     held_bytes: usize,
     /// `core:data` decisions by recipient then originator: the access table is fixed for the
     /// relay's life, so a decision once made stands. Bounded by [`ACCESS_CACHE_ENTRIES`].
-    access_cache: HashMap<Endpoint, HashMap<Endpoint, bool>>,
+    access_cache: EndpointMap<EndpointMap<bool>>,
     access_cached: usize,
 }
 
@@ -326,7 +330,7 @@ impl Relay {
     pub fn new(config: RelayConfig) -> Self {
         Self {
             config,
-            directory: HashMap::new(),
+            directory: EndpointMap::default(),
             connections: FxHashMap::default(),
             channels: FxHashMap::default(),
             pending: HashMap::new(),
@@ -334,10 +338,10 @@ impl Relay {
             actions: VecDeque::new(),
             now_ms: 0,
             next_report_trans: 1,
-            held: HashMap::new(),
+            held: EndpointMap::default(),
             held_messages: 0,
             held_bytes: 0,
-            access_cache: HashMap::new(),
+            access_cache: EndpointMap::default(),
             access_cached: 0,
         }
     }
