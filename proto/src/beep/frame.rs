@@ -337,38 +337,98 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// Appends `n` in plain decimal (no sign, no leading zeros).
-pub fn put_decimal(out: &mut BytesMut, mut n: u32) {
-    let mut digits = [0u8; 10];
+/// "00" to "99": two decimal digits per table lookup.
+const DIGIT_PAIRS: [u8; 200] = {
+    let mut table = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        table[2 * i] = b'0' + (i / 10) as u8;
+        table[2 * i + 1] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    table
+};
+
+/// Writes `n` in plain decimal (no sign, no leading zeros) at the end of `digits`; returns
+/// where the number starts.
+fn decimal(digits: &mut [u8; 10], mut n: u32) -> usize {
     let mut i = digits.len();
-    loop {
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    } else {
         i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
+        digits[i] = b'0' + n as u8;
+    }
+    i
+}
+
+/// Appends `n` in plain decimal (no sign, no leading zeros).
+pub fn put_decimal(out: &mut BytesMut, n: u32) {
+    let mut digits = [0u8; 10];
+    let start = decimal(&mut digits, n);
+    out.put_slice(&digits[start..]);
+}
+
+/// A header line built on the stack and appended with one copy: frames are encoded for every
+/// message, and a dozen small appends to the output buffer cost more than the line itself.
+struct Line {
+    buf: [u8; Line::MAX],
+    len: usize,
+}
+
+impl Line {
+    /// The longest line: "ANS " and five 10-digit numbers with their separators, CRLF.
+    const MAX: usize = 64;
+
+    fn new() -> Self {
+        Self {
+            buf: [0; Self::MAX],
+            len: 0,
         }
     }
-    out.put_slice(&digits[i..]);
+
+    fn text(&mut self, text: &[u8]) -> &mut Self {
+        self.buf[self.len..self.len + text.len()].copy_from_slice(text);
+        self.len += text.len();
+        self
+    }
+
+    fn number(&mut self, n: u32) -> &mut Self {
+        let mut digits = [0u8; 10];
+        let start = decimal(&mut digits, n);
+        self.text(&digits[start..])
+    }
+
+    fn append_to(&self, out: &mut BytesMut) {
+        out.put_slice(&self.buf[..self.len]);
+    }
 }
 
 impl Header {
     /// Appends the header line, CRLF included.
     pub fn encode(&self, out: &mut BytesMut) {
-        out.put_slice(self.keyword.as_bytes());
-        out.put_u8(b' ');
-        put_decimal(out, self.channel);
-        out.put_u8(b' ');
-        put_decimal(out, self.msgno);
-        out.put_slice(if self.more { b" * " } else { b" . " });
-        put_decimal(out, self.seqno);
-        out.put_u8(b' ');
-        put_decimal(out, self.size);
+        let mut line = Line::new();
+        line.text(self.keyword.as_bytes())
+            .text(b" ")
+            .number(self.channel)
+            .text(b" ")
+            .number(self.msgno)
+            .text(if self.more { b" * " } else { b" . " })
+            .number(self.seqno)
+            .text(b" ")
+            .number(self.size);
         if let Some(ansno) = self.ansno {
-            out.put_u8(b' ');
-            put_decimal(out, ansno);
+            line.text(b" ").number(ansno);
         }
-        out.put_slice(b"\r\n");
+        line.text(b"\r\n").append_to(out);
     }
 }
 
@@ -394,13 +454,15 @@ pub fn encode_data_frame(out: &mut BytesMut, header: &Header, payload: &[u8]) {
 impl Seq {
     /// Appends the SEQ line, CRLF included.
     pub fn encode(&self, out: &mut BytesMut) {
-        out.put_slice(b"SEQ ");
-        put_decimal(out, self.channel);
-        out.put_u8(b' ');
-        put_decimal(out, self.ackno);
-        out.put_u8(b' ');
-        put_decimal(out, self.window);
-        out.put_slice(b"\r\n");
+        Line::new()
+            .text(b"SEQ ")
+            .number(self.channel)
+            .text(b" ")
+            .number(self.ackno)
+            .text(b" ")
+            .number(self.window)
+            .text(b"\r\n")
+            .append_to(out);
     }
 }
 
@@ -452,10 +514,33 @@ mod tests {
     #[test]
     fn decimal_encoding_has_no_leading_zeros() {
         let mut out = BytesMut::new();
-        for n in [0, 7, 10, 4_294_967_295] {
+        for n in [
+            0,
+            7,
+            9,
+            10,
+            42,
+            99,
+            100,
+            101,
+            999,
+            1000,
+            65_535,
+            2_147_483_647,
+            4_294_967_295,
+        ] {
             out.clear();
             put_decimal(&mut out, n);
             assert_eq!(&out[..], n.to_string().as_bytes());
+        }
+        // A spread of values of every length (a fixed linear congruential sweep).
+        let mut n: u32 = 12_345;
+        for _ in 0..20_000 {
+            n = n.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let v = n >> (n % 29);
+            out.clear();
+            put_decimal(&mut out, v);
+            assert_eq!(&out[..], v.to_string().as_bytes());
         }
     }
 }
