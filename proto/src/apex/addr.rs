@@ -18,6 +18,7 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -96,8 +97,9 @@ enum DomainKind {
 /// compared as DNS does, case-insensitively, and IP address literals by address.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    /// The identity exactly as parsed.
-    text: String,
+    /// The identity exactly as parsed; shared, so the copies the relay keeps of an endpoint
+    /// (directory, replicas on other shards, reports) cost a reference count, not a string.
+    text: Arc<str>,
     /// Byte offset of the `/` introducing the subaddress, if any.
     slash: Option<usize>,
     /// Byte offset of the `@`.
@@ -121,7 +123,7 @@ impl Endpoint {
         let slash = validate_local(&text[..at])?;
         let kind = classify_domain(&text[at + 1..])?;
         Ok(Self {
-            text: text.to_owned(),
+            text: Arc::from(text),
             slash,
             at,
             kind,
@@ -178,7 +180,7 @@ impl Endpoint {
             Some(slash) => {
                 let removed = self.at - slash;
                 Cow::Owned(Self {
-                    text: format!("{}{}", &self.text[..slash], &self.text[self.at..]),
+                    text: Arc::from(format!("{}{}", &self.text[..slash], &self.text[self.at..])),
                     slash: None,
                     at: self.at - removed,
                     kind: self.kind,

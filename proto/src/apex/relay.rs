@@ -284,10 +284,16 @@ pub struct Relay {
     /// relay's life, so a decision once made stands. Bounded by [`ACCESS_CACHE_ENTRIES`].
     access_cache: EndpointMap<EndpointMap<bool>>,
     access_cached: usize,
+    /// Identities of data originators and recipients already parsed: the same few names come
+    /// with every message. Bounded by [`PARSED_CACHE_ENTRIES`].
+    parsed: HashMap<Box<str>, Endpoint, foldhash::fast::RandomState>,
 }
 
 /// Most cached access decisions before the cache starts over.
 const ACCESS_CACHE_ENTRIES: usize = 65_536;
+
+/// Most cached parsed identities before the cache starts over.
+const PARSED_CACHE_ENTRIES: usize = 16_384;
 
 /// A data message waiting for its recipient to attach.
 #[derive(Debug)]
@@ -342,6 +348,7 @@ impl Relay {
             held_messages: 0,
             held_bytes: 0,
             access_cache: EndpointMap::default(),
+            parsed: HashMap::default(),
             access_cached: 0,
         }
     }
@@ -896,7 +903,7 @@ impl Relay {
     /// RFC 3340 §4.4.4.1 (APEX-22..25).
     fn data(&mut self, conn: ConnId, channel: u32, msgno: u32, data: &Data) {
         let answer = Answer::Msg(msgno);
-        let originator = match Endpoint::parse(&data.originator.identity) {
+        let originator = match self.parse_endpoint(&data.originator.identity) {
             Ok(o) => o,
             Err(e) => {
                 return self.answer_owned(
@@ -957,7 +964,7 @@ impl Relay {
                     originator: originator.clone(),
                     recipient: recipient.identity.clone(),
                 });
-            let target = match Endpoint::parse(&recipient.identity) {
+            let target = match self.parse_endpoint(&recipient.identity) {
                 Ok(t) => t,
                 Err(_) => {
                     self.report(
@@ -1119,6 +1126,20 @@ impl Relay {
             return self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached");
         };
         self.deliver_at(at, payload, report);
+    }
+
+    /// [`Endpoint::parse`], remembered: parsing is a pure function of the text, and a relay sees
+    /// the same identities over and over. Failures are not cached.
+    fn parse_endpoint(&mut self, text: &str) -> Result<Endpoint, crate::apex::addr::AddrError> {
+        if let Some(known) = self.parsed.get(text) {
+            return Ok(known.clone());
+        }
+        let endpoint = Endpoint::parse(text)?;
+        if self.parsed.len() >= PARSED_CACHE_ENTRIES {
+            self.parsed.clear();
+        }
+        self.parsed.insert(text.into(), endpoint.clone());
+        Ok(endpoint)
     }
 
     /// Whether the recipient's access entries grant the originator `core:data` (APEX-25).
@@ -1355,4 +1376,40 @@ fn rebuild(data: &Data, recipients: &[usize], options: &[ApexOption]) -> Bytes {
     }
     options::edit_payload(data.payload(), &edits)
         .unwrap_or_else(|| data.payload_for(recipients, |o| options.iter().any(|n| n.raw == o.raw)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay() -> Relay {
+        Relay::new(RelayConfig {
+            domain: "example.com".into(),
+            shard: 0,
+            shards: 1,
+            limits: ApexLimits::default(),
+            access: AccessTable::new(),
+            trusted: Vec::new(),
+            hold: options::HoldLimits::default(),
+        })
+    }
+
+    #[test]
+    fn parsed_identities_are_remembered_within_a_bound() {
+        let mut r = relay();
+        let fred = r.parse_endpoint("fred@Example.com").unwrap();
+        assert_eq!(fred, Endpoint::parse("fred@example.com").unwrap());
+        assert_eq!(
+            r.parse_endpoint("fred@Example.com").unwrap().as_str(),
+            "fred@Example.com"
+        );
+        // Failures are answered every time and never remembered (APEX-01).
+        assert!(r.parse_endpoint("fred").is_err());
+        assert!(r.parse_endpoint("fred").is_err());
+        assert_eq!(r.parsed.len(), 1);
+        for i in 0..PARSED_CACHE_ENTRIES + 10 {
+            r.parse_endpoint(&format!("e{i}@example.com")).unwrap();
+            assert!(r.parsed.len() <= PARSED_CACHE_ENTRIES);
+        }
+    }
 }
