@@ -635,9 +635,10 @@ fn parse_control(
     scanner: Scanner,
 ) -> Result<Operation, OpError> {
     let text = &payload[control.clone()];
-    std::str::from_utf8(text).map_err(|_| OpError::syntax("control document is not UTF-8"))?;
+    let doc =
+        std::str::from_utf8(text).map_err(|_| OpError::syntax("control document is not UTF-8"))?;
     if scanner == Scanner::Fast {
-        if let Some(found) = super::scan::data(payload, control.clone(), limits) {
+        if let Some(found) = super::scan::data(payload, doc, control.clone(), limits) {
             return Ok(Operation::Data(Data {
                 content: found.content,
                 originator: found.originator,

@@ -34,6 +34,10 @@ pub(super) struct Scanned {
 
 struct Cursor<'a> {
     payload: &'a Bytes,
+    /// The control document, already checked to be UTF-8: values are sliced from it.
+    doc: &'a str,
+    /// Where `doc` starts in `payload`.
+    base: usize,
     pos: usize,
     end: usize,
     limits: &'a ApexLimits,
@@ -93,7 +97,11 @@ impl Cursor<'_> {
         if len > self.limits.max_attribute_len || memchr::memchr2(b'<', b'&', value).is_some() {
             return None;
         }
-        let value = std::str::from_utf8(value).ok()?.to_owned();
+        // Between two ASCII quotes of a UTF-8 document: a whole string, no check needed.
+        let value = self
+            .doc
+            .get(self.pos - self.base..self.pos - self.base + len)?
+            .to_owned();
         self.pos += len + 1;
         self.skip_space();
         if self.eat(b"/>") {
@@ -135,10 +143,17 @@ impl Cursor<'_> {
     }
 }
 
-/// Scans the control document at `control` in `payload` (already known to be UTF-8).
-pub(super) fn data(payload: &Bytes, control: Range<usize>, limits: &ApexLimits) -> Option<Scanned> {
+/// Scans the control document `doc`, found at `control` in `payload`.
+pub(super) fn data(
+    payload: &Bytes,
+    doc: &str,
+    control: Range<usize>,
+    limits: &ApexLimits,
+) -> Option<Scanned> {
     let mut c = Cursor {
         payload,
+        doc,
+        base: control.start,
         pos: control.start,
         end: control.end,
         limits,
@@ -196,7 +211,12 @@ mod tests {
 
     fn scan(doc: &str) -> Option<Scanned> {
         let payload = Bytes::from(format!("{HEAD}{doc}"));
-        data(&payload, HEAD.len()..payload.len(), &ApexLimits::default())
+        data(
+            &payload,
+            doc,
+            HEAD.len()..payload.len(),
+            &ApexLimits::default(),
+        )
     }
 
     /// Both parsers give the same answer for `doc`.
@@ -286,7 +306,7 @@ mod tests {
             "<data content='#C'><originator identity='a@example.com' /><recipient identity='b@x' /></data>",
         ] {
             let payload = Bytes::from(format!("{HEAD}{doc}"));
-            assert!(data(&payload, HEAD.len()..payload.len(), &limits).is_none());
+            assert!(data(&payload, doc, HEAD.len()..payload.len(), &limits).is_none());
             let fast = parse_message(&payload, &limits);
             assert_eq!(fast.clone().unwrap_err().code, 501, "{doc}");
             assert_eq!(fast, parse_message_full(&payload, &limits));
