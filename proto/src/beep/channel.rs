@@ -9,7 +9,12 @@
 //!   our MSGs     --> send queue --> outstanding (in order)     <-- peer's replies
 //! ```
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+// Keyed by msgno/ansno values a peer chooses, but bounded by `max_pending_replies` and
+// `max_outstanding_msgs`: a crafted collision costs at most a probe per pending entry, while
+// SipHash cost every message a noticeable share of its instructions.
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use bytes::{Bytes, BytesMut};
 
@@ -131,8 +136,8 @@ impl Channel {
             msg_assembly: None,
             discarding: None,
             pending_replies: VecDeque::new(),
-            pending_set: HashSet::new(),
-            reply_assembly: HashMap::new(),
+            pending_set: HashSet::default(),
+            reply_assembly: HashMap::default(),
             send_next: 0,
             send_edge: INITIAL_WINDOW,
             send_acked: 0,
@@ -252,7 +257,7 @@ impl Channel {
         match &mut self.outstanding[idx].state {
             state @ ReplyState::Awaiting => {
                 *state = if h.keyword == Keyword::Ans {
-                    ReplyState::Answers(HashSet::new())
+                    ReplyState::Answers(HashSet::default())
                 } else {
                     ReplyState::OneToOne(h.keyword)
                 };
