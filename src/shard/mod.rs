@@ -9,6 +9,8 @@ pub mod peer;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,8 +45,9 @@ pub struct ShardContext {
     pub connections: Cell<usize>,
     /// The shard's APEX relay (sans-IO core).
     pub relay: RefCell<Relay>,
-    /// Connections of this shard by id, for delivering output to them.
-    pub conns: RefCell<HashMap<ConnId, Rc<ConnShared>>>,
+    /// Connections of this shard by id, for delivering output to them (FxHash: the keys are
+    /// the shard's own numbers, and every action looks one up).
+    pub conns: RefCell<FxHashMap<ConnId, Rc<ConnShared>>>,
     /// Queues to the other shards (none with one shard).
     pub mesh: Option<ShardMesh>,
     /// Outbound relay links owned by this shard, by domain.
@@ -311,7 +314,7 @@ async fn shard_main(
         shutdown: Semaphore::new(0),
         connections: Cell::new(0),
         relay: RefCell::new(relay),
-        conns: RefCell::new(HashMap::new()),
+        conns: RefCell::new(FxHashMap::default()),
         mesh,
         links: RefCell::new(HashMap::new()),
         routes,
