@@ -92,9 +92,13 @@ impl Cursor<'_> {
             return None;
         }
         self.pos += 1;
-        let len = memchr::memchr(quote, self.rest())?;
-        let value = &self.rest()[..len];
-        if len > self.limits.max_attribute_len || memchr::memchr2(b'<', b'&', value).is_some() {
+        // One pass to the closing quote, refusing what would need unescaping or is not XML.
+        // Values are short: a plain loop beats setting up vector searches.
+        let len = self
+            .rest()
+            .iter()
+            .position(|&b| b == quote || b == b'<' || b == b'&')?;
+        if self.rest()[len] != quote || len > self.limits.max_attribute_len {
             return None;
         }
         // Between two ASCII quotes of a UTF-8 document: a whole string, no check needed.
@@ -130,8 +134,8 @@ impl Cursor<'_> {
         let at = self.pos;
         let (_, empty) = self.start_tag(b"data-content", b"Name")?;
         if !empty {
-            let text = memchr::memchr(b'<', self.rest())?;
-            if memchr::memchr(b'&', &self.rest()[..text]).is_some() {
+            let text = memchr::memchr2(b'<', b'&', self.rest())?;
+            if self.rest()[text] != b'<' {
                 return None;
             }
             self.pos += text;
