@@ -11,10 +11,11 @@
 
 use std::collections::VecDeque;
 
-// Keyed by msgno/ansno values a peer chooses, but bounded by `max_pending_replies` and
-// `max_outstanding_msgs`: a crafted collision costs at most a probe per pending entry, while
-// SipHash cost every message a noticeable share of its instructions.
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+// Keyed by msgno/ansno values a peer chooses (up to `max_pending_replies` of them), so the hash
+// is seeded per map against crafted collisions; foldhash does that for a fraction of SipHash's
+// cost, which every message paid.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 use bytes::{Bytes, BytesMut};
 
