@@ -90,6 +90,7 @@ max_message_size = 4194304
 max_send_frame = 32768
 max_channels = 1024
 max_pending_replies = 65536
+max_answers_in_progress = 64
 max_outstanding_msgs = 256
 max_piggyback = 4096
 max_transmit = 262144
@@ -228,6 +229,7 @@ pub struct LimitsConfig {
     pub max_send_frame: u32,
     pub max_channels: usize,
     pub max_pending_replies: usize,
+    pub max_answers_in_progress: usize,
     pub max_outstanding_msgs: usize,
     pub max_piggyback: usize,
     pub max_transmit: usize,
@@ -244,6 +246,7 @@ impl From<&LimitsConfig> for Limits {
             max_send_frame: c.max_send_frame,
             max_channels: c.max_channels,
             max_pending_replies: c.max_pending_replies,
+            max_answers_in_progress: c.max_answers_in_progress,
             max_outstanding_msgs: c.max_outstanding_msgs,
             max_piggyback: c.max_piggyback,
             max_transmit: c.max_transmit,

@@ -64,6 +64,7 @@ fn tight_limits() -> Limits {
         max_send_frame: 16,
         max_channels: 2,
         max_pending_replies: 2,
+        max_answers_in_progress: 2,
         max_outstanding_msgs: 2,
         max_piggyback: 64,
         max_transmit: 1024,

@@ -134,6 +134,10 @@ pub enum ProtocolError {
     /// The peer pipelined more MSGs than [`crate::Limits::max_pending_replies`].
     #[error("too many MSGs awaiting reply on channel {0}")]
     TooManyPendingReplies(u32),
+    /// The peer had more answers in progress for one MSG than
+    /// [`crate::Limits::max_answers_in_progress`].
+    #[error("too many answers in progress on channel {0}")]
+    TooManyAnswers(u32),
     /// A channel-0 message or a reply grew past [`crate::Limits::max_message_size`].
     #[error("message on channel {0} exceeds the size limit")]
     MessageTooLarge(u32),

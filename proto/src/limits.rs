@@ -33,6 +33,10 @@ pub struct Limits {
     /// Most MSGs received on one channel still waiting for our reply. A peer that pipelines
     /// further is terminated: it would otherwise make us hold unbounded state.
     pub max_pending_replies: usize,
+    /// Most one-to-many answers (ANS with distinct ansnos) a peer may have in progress at once
+    /// for one of our MSGs. Answers interleave (BEEP-36), and each partial answer is buffered
+    /// up to `max_message_size`; a peer that opens more is terminated.
+    pub max_answers_in_progress: usize,
     /// Most of our own MSGs on one channel awaiting a reply before `send_msg` refuses (the
     /// relay then holds further deliveries and pauses its other connections: backpressure).
     pub max_outstanding_msgs: usize,
@@ -55,6 +59,7 @@ impl Default for Limits {
             max_send_frame: 32 * 1024,
             max_channels: 1024,
             max_pending_replies: 65_536,
+            max_answers_in_progress: 64,
             max_outstanding_msgs: 256,
             max_piggyback: 4096,
             max_transmit: 256 * 1024,
@@ -78,6 +83,9 @@ impl Limits {
         }
         if self.max_channels == 0 {
             return Err("max_channels (must be >= 1)");
+        }
+        if self.max_answers_in_progress == 0 {
+            return Err("max_answers_in_progress (must be >= 1)");
         }
         if self.max_pending_replies == 0 || self.max_outstanding_msgs == 0 {
             return Err("max_pending_replies/max_outstanding_msgs (must be >= 1)");

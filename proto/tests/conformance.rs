@@ -2158,3 +2158,38 @@ fn beep_65_round_robin_between_channels() {
 
 /// beep.md §13.1: the greeting of an edge relay offering TLS, DIGEST-MD5 and APEX (217).
 const L_GREETING_217: &[u8] = b"RPY 0 0 . 0 217\r\nContent-Type: application/beep+xml\r\n\r\n<greeting>\r\n   <profile uri='http://iana.org/beep/TLS' />\r\n   <profile uri='http://iana.org/beep/SASL/DIGEST-MD5' />\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</greeting>\r\nEND\r\n";
+
+/// BEEP-36 with a bound: answers interleave, so a peer could keep any number of partial answers
+/// buffered; past `max_answers_in_progress` for one MSG it is terminated without a reply.
+/// Finishing an answer frees its place, and continuing one does not take another.
+#[test]
+fn beep_36_answers_in_progress_are_bounded() {
+    let limits = Limits {
+        max_answers_in_progress: 2,
+        ..Limits::default()
+    };
+    let mut l = listener_limits(limits, SEQ_0_AFTER_GREETING);
+    l.feed(checked(b"MSG 0 1 . 52 116\r\nContent-Type: application/beep+xml\r\n\r\n<start number='3'>\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</start>\r\nEND\r\n"))
+        .unwrap();
+    l.expect(
+        &cat(&[RPY_START_1, b"SEQ 3 0 262144\r\n"]),
+        "start of channel 3",
+    );
+    l.session
+        .send_msg(3, Bytes::from_static(b"\r\nquery"))
+        .unwrap();
+    l.expect(checked(b"MSG 3 0 . 0 7\r\n\r\nqueryEND\r\n"), "our MSG");
+    l.feed(&cat(&[
+        b"ANS 3 0 * 0 2 0\r\na0END\r\n",
+        b"ANS 3 0 * 2 2 1\r\na1END\r\n",
+        b"ANS 3 0 * 4 2 0\r\nb0END\r\n",
+        b"ANS 3 0 . 6 2 1\r\nb1END\r\n",
+        b"ANS 3 0 * 8 2 2\r\na2END\r\n",
+    ]))
+    .unwrap();
+    assert_aborts(
+        &mut l,
+        b"ANS 3 0 * 10 2 3\r\na3END\r\n",
+        ProtocolError::TooManyAnswers(3),
+    );
+}

@@ -274,6 +274,9 @@ impl Channel {
                 return Err(ProtocolError::AnsnoInUse { channel: ch, ansno });
             }
             if h.more {
+                if !continuing && in_progress.len() >= limits.max_answers_in_progress {
+                    return Err(ProtocolError::TooManyAnswers(ch));
+                }
                 in_progress.insert(ansno);
             } else {
                 in_progress.remove(&ansno);
