@@ -1305,11 +1305,10 @@ fn beep_11_36_sending_ans_then_nul() {
     );
 }
 
-/// BEEP-36 / BEEP-03 (beep.md §13.4): the peer's answers 0 and 1 interleave, then NUL; each
-/// answer is reassembled by ansno and delivered when complete.
-#[test]
-fn beep_36_interleaved_answers_of_13_4() {
-    let mut l = listener();
+/// A listener whose peer started channel 3 (beep.md §13.4), and which sent MSG 0 there, so the
+/// next frames the peer sends on channel 3 are its replies.
+fn awaiting_reply_on_channel_3(limits: Limits) -> Peer {
+    let mut l = listener_limits(limits, SEQ_0_AFTER_GREETING);
     l.feed(checked(b"MSG 0 1 . 52 116\r\nContent-Type: application/beep+xml\r\n\r\n<start number='3'>\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</start>\r\nEND\r\n"))
         .unwrap();
     l.expect(
@@ -1320,6 +1319,14 @@ fn beep_36_interleaved_answers_of_13_4() {
         .send_msg(3, Bytes::from_static(b"\r\nquery"))
         .unwrap();
     l.expect(checked(b"MSG 3 0 . 0 7\r\n\r\nqueryEND\r\n"), "our MSG");
+    l
+}
+
+/// BEEP-36 / BEEP-03 (beep.md §13.4): the peer's answers 0 and 1 interleave, then NUL; each
+/// answer is reassembled by ansno and delivered when complete.
+#[test]
+fn beep_36_interleaved_answers_of_13_4() {
+    let mut l = awaiting_reply_on_channel_3(Limits::default());
     l.feed(&cat(&[
         b"ANS 3 0 * 0 8 0\r\n\r\nans-0 END\r\n",
         b"ANS 3 0 . 8 9 1\r\n\r\nans-1\r\nEND\r\n",
@@ -2168,17 +2175,7 @@ fn beep_36_answers_in_progress_are_bounded() {
         max_answers_in_progress: 2,
         ..Limits::default()
     };
-    let mut l = listener_limits(limits, SEQ_0_AFTER_GREETING);
-    l.feed(checked(b"MSG 0 1 . 52 116\r\nContent-Type: application/beep+xml\r\n\r\n<start number='3'>\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</start>\r\nEND\r\n"))
-        .unwrap();
-    l.expect(
-        &cat(&[RPY_START_1, b"SEQ 3 0 262144\r\n"]),
-        "start of channel 3",
-    );
-    l.session
-        .send_msg(3, Bytes::from_static(b"\r\nquery"))
-        .unwrap();
-    l.expect(checked(b"MSG 3 0 . 0 7\r\n\r\nqueryEND\r\n"), "our MSG");
+    let mut l = awaiting_reply_on_channel_3(limits);
     l.feed(&cat(&[
         b"ANS 3 0 * 0 2 0\r\na0END\r\n",
         b"ANS 3 0 * 2 2 1\r\na1END\r\n",
