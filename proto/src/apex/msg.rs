@@ -153,9 +153,14 @@ pub struct Data {
     control: Range<usize>,
     /// Where the `data` start tag (`<data content='...'>`) sits in `payload`.
     start_tag: Range<usize>,
+    /// The `data-content` element's `Name`, unescaped (what `#Name` in `content` must match).
+    data_content_name: Option<String>,
 }
 
 /// Any APEX element that can arrive on an APEX channel.
+// `Data` is the variant every relayed message parses into; boxing it to shrink the others would
+// add an allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operation {
     /// `attach` (initiator only).
@@ -289,12 +294,7 @@ fn parse_document_with(
 /// APEX-07: `#Name` must name the `data-content`; `cid:` must name a part.
 fn check_content_reference(data: &Data, content_ids: &[String]) -> Result<(), OpError> {
     if let Some(fragment) = data.content.strip_prefix('#') {
-        let named = data
-            .data_content
-            .as_ref()
-            .and_then(data_content_name)
-            .is_some_and(|name| name == fragment);
-        if !named {
+        if data.data_content_name.as_deref() != Some(fragment) {
             return Err(OpError::invalid("content names no data-content element"));
         }
     } else if let Some(cid) = data.content.strip_prefix("cid:") {
@@ -307,27 +307,6 @@ fn check_content_reference(data: &Data, content_ids: &[String]) -> Result<(), Op
         ));
     }
     Ok(())
-}
-
-fn data_content_name(raw: &Bytes) -> Option<String> {
-    // The scanner's shape first: `<data-content Name='...'` with no entity in the value.
-    if let Some(rest) = raw.strip_prefix(b"<data-content Name=") {
-        if let Some((&quote, rest)) = rest.split_first() {
-            if quote == b'\'' || quote == b'"' {
-                if let Some(len) = memchr::memchr(quote, rest) {
-                    let value = &rest[..len];
-                    if memchr::memchr(b'&', value).is_none() {
-                        return std::str::from_utf8(value).ok().map(str::to_owned);
-                    }
-                }
-            }
-        }
-    }
-    let mut reader = Reader::from_reader(&raw[..]);
-    match reader.read_event() {
-        Ok(Event::Start(s) | Event::Empty(s)) => attr(&s, "Name").ok().flatten(),
-        _ => None,
-    }
 }
 
 /// Finds the control part of a `multipart/related` entity (RFC 2387): the part named by the
@@ -639,12 +618,14 @@ fn parse_control(
         std::str::from_utf8(text).map_err(|_| OpError::syntax("control document is not UTF-8"))?;
     if scanner == Scanner::Fast {
         if let Some(found) = super::scan::data(payload, doc, control.clone(), limits) {
+            let (data_content, data_content_name) = found.data_content.unzip();
             return Ok(Operation::Data(Data {
                 content: found.content,
                 originator: found.originator,
                 recipients: found.recipients,
                 options: Vec::new(),
-                data_content: found.data_content,
+                data_content,
+                data_content_name,
                 payload: payload.clone(),
                 control,
                 start_tag: found.start_tag,
@@ -775,6 +756,7 @@ fn data(
     let mut recipients = Vec::new();
     let mut options = Vec::new();
     let mut data_content = None;
+    let mut data_content_name = None;
     loop {
         let node = doc.next()?;
         let (s, at, has_children) = match node {
@@ -801,7 +783,7 @@ fn data(
                 options.push(doc.option(&s, at, has_children, 1)?);
             }
             b"data-content" if !recipients.is_empty() && data_content.is_none() => {
-                required(&s, "Name")?;
+                data_content_name = Some(required(&s, "Name")?);
                 if has_children {
                     doc.skip_element(2)?;
                 }
@@ -824,6 +806,7 @@ fn data(
         recipients,
         options,
         data_content,
+        data_content_name,
         payload,
         control,
         start_tag,

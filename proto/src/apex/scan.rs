@@ -28,7 +28,8 @@ pub(super) struct Scanned {
     pub content: String,
     pub originator: Party,
     pub recipients: Vec<Party>,
-    pub data_content: Option<Bytes>,
+    /// The `data-content` element as received, and its `Name`.
+    pub data_content: Option<(Bytes, String)>,
     pub start_tag: Range<usize>,
 }
 
@@ -129,10 +130,10 @@ impl Cursor<'_> {
     }
 
     /// `<data-content Name='...'>text</data-content>` (or empty), text without markup or
-    /// entity references.
-    fn data_content(&mut self) -> Option<Bytes> {
+    /// entity references: the element and its name.
+    fn data_content(&mut self) -> Option<(Bytes, String)> {
         let at = self.pos;
-        let (_, empty) = self.start_tag(b"data-content", b"Name")?;
+        let (name, empty) = self.start_tag(b"data-content", b"Name")?;
         if !empty {
             let text = memchr::memchr2(b'<', b'&', self.rest())?;
             if self.rest()[text] != b'<' {
@@ -143,7 +144,7 @@ impl Cursor<'_> {
                 return None;
             }
         }
-        Some(self.payload.slice(at..self.pos))
+        Some((self.payload.slice(at..self.pos), name))
     }
 }
 
@@ -244,10 +245,12 @@ mod tests {
             b"<originator identity='fred@example.com' />"
         );
         assert_eq!(found.recipients.len(), 1);
+        let (raw, name) = found.data_content.expect("data-content scanned");
         assert_eq!(
-            found.data_content.as_deref(),
-            Some(&b"<data-content Name='Content'>hello, barney</data-content>"[..])
+            &raw[..],
+            b"<data-content Name='Content'>hello, barney</data-content>"
         );
+        assert_eq!(name, "Content");
         agree(DIGEST_13_1);
         let Ok(Operation::Data(d)) = parse_message(
             &Bytes::from(format!("{HEAD}{DIGEST_13_1}")),
