@@ -32,7 +32,7 @@ use hdrhistogram::Histogram;
 
 use crate::driver::{self, Schedule, Task};
 use crate::payload::{self, Stamp};
-use crate::stats::{self, LatencySummary, Report};
+use crate::stats::{self, Report};
 use crate::stream::Pattern;
 
 /// The APEX profile URI (RFC 3340 §8).
@@ -291,35 +291,15 @@ fn report(
 ) -> Report {
     let aborted = shared.abort.load(Ordering::Acquire);
     let mut latency = stats::latency_histogram();
-    let mut r = Report {
-        target: "apex".to_owned(),
-        address: config.relay.to_string(),
-        pattern: config.pattern.name().to_owned(),
-        rate: config.rate,
-        wire_mb_per_sec: 0.0,
-        wire_bytes_per_msg: 0.0,
-        curve: Vec::new(),
-        pairs: config.pairs,
-        size: config.size,
-        depth: config.depth,
-        threads,
-        warmup_s: config.warmup.as_secs_f64(),
-        duration_s: config.duration.as_secs_f64(),
-        sent: 0,
-        acknowledged: 0,
-        delivered: 0,
-        delivered_in_window: 0,
-        msgs_per_sec: 0.0,
-        acks_per_sec: 0.0,
-        payload_mb_per_sec: 0.0,
-        drain_s: 0.0,
-        latency_us: LatencySummary::of(&latency),
-        errors: 0,
-        lost: 0,
-        reordered: 0,
-        error_samples: Vec::new(),
-        notes: Vec::new(),
-    };
+    let mut r = Report::empty("apex", &config.relay.to_string());
+    r.pattern = config.pattern.name().to_owned();
+    r.rate = config.rate;
+    r.pairs = config.pairs;
+    r.size = config.size;
+    r.depth = config.depth;
+    r.threads = threads;
+    r.warmup_s = config.warmup.as_secs_f64();
+    r.duration_s = config.duration.as_secs_f64();
     if let Some(e) = setup_error {
         r.errors += 1;
         r.error_samples.push(e);

@@ -165,11 +165,7 @@ fn run(cli: Cli) -> Result<bool> {
             let rate = check_rate(load.rate)?;
             let relay = loopback_addr(&args.relay)?;
             check_domain(&args.domain)?;
-            let cpus = match &load.cpus {
-                Some(list) => driver::parse_cpus(list)?,
-                None => Vec::new(),
-            };
-            driver::check_cpus(&cpus)?;
+            let cpus = load_cpus(load)?;
             let pairs = load.pairs as usize;
             let config = apex::Config {
                 relay,
@@ -206,11 +202,7 @@ fn finish(report: &stats::Report, load: &LoadArgs) -> Result<bool> {
 
 fn run_stream(proto: wire::Proto, args: &StreamArgs) -> Result<bool> {
     let load = &args.load;
-    let cpus = match &load.cpus {
-        Some(list) => driver::parse_cpus(list)?,
-        None => Vec::new(),
-    };
-    driver::check_cpus(&cpus)?;
+    let cpus = load_cpus(load)?;
     let rate = check_rate(load.rate)?;
     let config = stream::Config {
         proto,
@@ -227,6 +219,16 @@ fn run_stream(proto: wire::Proto, args: &StreamArgs) -> Result<bool> {
     };
     let report = stream::run(&config)?;
     finish(&report, load)
+}
+
+/// `--cpus`: the CPUs to pin load threads to, each checked to exist (empty: no pinning).
+fn load_cpus(load: &LoadArgs) -> Result<Vec<usize>> {
+    let cpus = match &load.cpus {
+        Some(list) => driver::parse_cpus(list)?,
+        None => Vec::new(),
+    };
+    driver::check_cpus(&cpus)?;
+    Ok(cpus)
 }
 
 /// `--rate`: messages per second in total, finite and positive.
