@@ -59,9 +59,11 @@ impl Cursor<'_> {
         }
     }
 
-    fn eat(&mut self, literal: &[u8]) -> bool {
-        if self.rest().starts_with(literal) {
-            self.pos += literal.len();
+    // Literals are fixed-size arrays: compared inline, where a slice comparison is a call to
+    // memcmp for a handful of octets.
+    fn eat<const N: usize>(&mut self, literal: &[u8; N]) -> bool {
+        if self.rest().first_chunk::<N>() == Some(literal) {
+            self.pos += N;
             true
         } else {
             false
@@ -69,21 +71,25 @@ impl Cursor<'_> {
     }
 
     /// At `<name` followed by whitespace?
-    fn at_tag(&self, name: &[u8]) -> bool {
+    fn at_tag<const N: usize>(&self, name: &[u8; N]) -> bool {
         let rest = self.rest();
-        rest.len() > name.len() + 1
+        rest.len() > N + 1
             && rest[0] == b'<'
-            && &rest[1..=name.len()] == name
-            && is_space(rest[name.len() + 1])
+            && rest[1..].first_chunk::<N>() == Some(name)
+            && is_space(rest[N + 1])
     }
 
     /// `<name attr='value'` then `/>` or `>`: the value and whether the element was empty.
     /// The value must hold neither `<` nor `&` (so it needs no unescaping) and fit the limits.
-    fn start_tag(&mut self, name: &[u8], attr: &[u8]) -> Option<(String, bool)> {
+    fn start_tag<const N: usize, const A: usize>(
+        &mut self,
+        name: &[u8; N],
+        attr: &[u8; A],
+    ) -> Option<(String, bool)> {
         if !self.at_tag(name) || self.limits.max_attributes < 1 {
             return None;
         }
-        self.pos += 1 + name.len();
+        self.pos += 1 + N;
         self.skip_space();
         if !self.eat(attr) || !self.eat(b"=") {
             return None;
@@ -119,7 +125,7 @@ impl Cursor<'_> {
     }
 
     /// An `originator` or `recipient` without options: `<name identity='...' />`.
-    fn party(&mut self, name: &[u8]) -> Option<Party> {
+    fn party<const N: usize>(&mut self, name: &[u8; N]) -> Option<Party> {
         let at = self.pos;
         let (identity, empty) = self.start_tag(name, b"identity")?;
         empty.then(|| Party {

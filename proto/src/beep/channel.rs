@@ -372,25 +372,33 @@ impl Channel {
         payload: Bytes,
         announces: Option<u32>,
     ) -> Result<Option<u32>, ()> {
-        let pending = self
+        let index = self
             .pending_replies
-            .iter_mut()
-            .find(|p| p.msgno == msgno && !p.complete)
+            .iter()
+            .position(|p| p.msgno == msgno && !p.complete)
             .ok_or(())?;
+        let pending = &mut self.pending_replies[index];
         let ansno = (keyword == Keyword::Ans).then(|| {
             let n = pending.next_ansno;
             pending.next_ansno = (n + 1) % (MAX_31BIT + 1);
             n
         });
-        pending.parts.push(OutMsg {
+        pending.complete = keyword != Keyword::Ans;
+        let part = OutMsg {
             keyword,
             msgno,
             ansno,
             payload,
             sent: 0,
             announces,
-        });
-        pending.complete = keyword != Keyword::Ans;
+        };
+        if index == 0 {
+            // The oldest MSG's reply goes out at once: its earlier parts already did, so
+            // nothing is held for it (and a plain reply costs no allocation).
+            self.queue.push_back(part);
+        } else {
+            pending.parts.push(part);
+        }
         self.release_ready_replies();
         Ok(ansno)
     }
