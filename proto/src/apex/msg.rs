@@ -141,8 +141,8 @@ pub struct Data {
     pub content: String,
     /// The sending endpoint.
     pub originator: Party,
-    /// One or more recipients.
-    pub recipients: Vec<Party>,
+    /// One or more recipients; nearly always one, which then needs no allocation.
+    pub recipients: Recipients,
     /// Per-data options.
     pub options: Vec<ApexOption>,
     /// The `data-content` element exactly as received, when present.
@@ -153,8 +153,17 @@ pub struct Data {
     control: Range<usize>,
     /// Where the `data` start tag (`<data content='...'>`) sits in `payload`.
     start_tag: Range<usize>,
-    /// The `data-content` element's `Name`, unescaped (what `#Name` in `content` must match).
-    data_content_name: Option<String>,
+    /// Whether `content` is `#Name` for the `data-content` element's (unescaped) `Name`:
+    /// all APEX-07 asks of that name, decided while parsing so it is never kept.
+    content_names_data_content: bool,
+}
+
+/// The recipients of a [`Data`].
+pub type Recipients = smallvec::SmallVec<[Party; 1]>;
+
+/// Whether `content` (`#Name`) refers to the `data-content` element named `name`.
+pub(super) fn names_data_content(content: &str, name: Option<&str>) -> bool {
+    name.is_some_and(|name| content.strip_prefix('#') == Some(name))
 }
 
 /// Any APEX element that can arrive on an APEX channel.
@@ -293,8 +302,8 @@ fn parse_document_with(
 
 /// APEX-07: `#Name` must name the `data-content`; `cid:` must name a part.
 fn check_content_reference(data: &Data, content_ids: &[String]) -> Result<(), OpError> {
-    if let Some(fragment) = data.content.strip_prefix('#') {
-        if data.data_content_name.as_deref() != Some(fragment) {
+    if data.content.starts_with('#') {
+        if !data.content_names_data_content {
             return Err(OpError::invalid("content names no data-content element"));
         }
     } else if let Some(cid) = data.content.strip_prefix("cid:") {
@@ -618,14 +627,13 @@ fn parse_control(
         std::str::from_utf8(text).map_err(|_| OpError::syntax("control document is not UTF-8"))?;
     if scanner == Scanner::Fast {
         if let Some(found) = super::scan::data(payload, doc, control.clone(), limits) {
-            let (data_content, data_content_name) = found.data_content.unzip();
             return Ok(Operation::Data(Data {
                 content: found.content,
                 originator: found.originator,
                 recipients: found.recipients,
                 options: Vec::new(),
-                data_content,
-                data_content_name,
+                data_content: found.data_content,
+                content_names_data_content: found.content_names_data_content,
                 payload: payload.clone(),
                 control,
                 start_tag: found.start_tag,
@@ -753,7 +761,7 @@ fn data(
         return Err(OpError::invalid("data needs an originator and recipients"));
     }
     let mut originator = None;
-    let mut recipients = Vec::new();
+    let mut recipients = Recipients::new();
     let mut options = Vec::new();
     let mut data_content = None;
     let mut data_content_name = None;
@@ -800,13 +808,14 @@ fn data(
     if recipients.is_empty() {
         return Err(OpError::invalid("data without recipient"));
     }
+    let content_names_data_content = names_data_content(&content, data_content_name.as_deref());
     Ok(Data {
         content,
         originator,
         recipients,
         options,
         data_content,
-        data_content_name,
+        content_names_data_content,
         payload,
         control,
         start_tag,
@@ -1049,6 +1058,23 @@ mod tests {
         assert_eq!(msg(&bad).unwrap_err().code, 501);
         let bad = DATA_13_1.replace("#Content", "relative/path");
         assert_eq!(msg(&bad).unwrap_err().code, 501);
+        // Both parsers: `#Name` without a data-content names nothing; names compare unescaped.
+        let head = "Content-Type: application/beep+xml\r\n\r\n";
+        let parties = "<originator identity='a@x' /><recipient identity='b@x' />";
+        let none = format!("{head}<data content='#C'>{parties}</data>");
+        let escaped = format!(
+            "{head}<data content='#C&amp;D'>{parties}<data-content Name='C&amp;D'>x</data-content></data>"
+        );
+        for parse in [parse_message, parse_message_full] {
+            assert_eq!(
+                parse(&Bytes::from(none.clone()), &LIMITS).unwrap_err().code,
+                501
+            );
+            assert!(matches!(
+                parse(&Bytes::from(escaped.clone()), &LIMITS),
+                Ok(Operation::Data(_))
+            ));
+        }
     }
 
     #[test]

@@ -21,15 +21,17 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
-use super::msg::{ApexLimits, Party};
+use super::msg::{names_data_content, ApexLimits, Party, Recipients};
 
 /// What the scanner found; the caller assembles the `Data`.
 pub(super) struct Scanned {
     pub content: String,
     pub originator: Party,
-    pub recipients: Vec<Party>,
-    /// The `data-content` element as received, and its `Name`.
-    pub data_content: Option<(Bytes, String)>,
+    pub recipients: Recipients,
+    /// The `data-content` element as received.
+    pub data_content: Option<Bytes>,
+    /// Whether `content` is `#Name` for that element's `Name`.
+    pub content_names_data_content: bool,
     pub start_tag: Range<usize>,
 }
 
@@ -48,7 +50,7 @@ fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n')
 }
 
-impl Cursor<'_> {
+impl<'a> Cursor<'a> {
     fn rest(&self) -> &[u8] {
         &self.payload[self.pos..self.end]
     }
@@ -85,7 +87,7 @@ impl Cursor<'_> {
         &mut self,
         name: &[u8; N],
         attr: &[u8; A],
-    ) -> Option<(String, bool)> {
+    ) -> Option<(&'a str, bool)> {
         if !self.at_tag(name) || self.limits.max_attributes < 1 {
             return None;
         }
@@ -109,10 +111,8 @@ impl Cursor<'_> {
             return None;
         }
         // Between two ASCII quotes of a UTF-8 document: a whole string, no check needed.
-        let value = self
-            .doc
-            .get(self.pos - self.base..self.pos - self.base + len)?
-            .to_owned();
+        let doc = self.doc;
+        let value = doc.get(self.pos - self.base..self.pos - self.base + len)?;
         self.pos += len + 1;
         self.skip_space();
         if self.eat(b"/>") {
@@ -129,7 +129,7 @@ impl Cursor<'_> {
         let at = self.pos;
         let (identity, empty) = self.start_tag(name, b"identity")?;
         empty.then(|| Party {
-            identity,
+            identity: identity.to_owned(),
             options: Vec::new(),
             raw: self.payload.slice(at..self.pos),
         })
@@ -137,7 +137,7 @@ impl Cursor<'_> {
 
     /// `<data-content Name='...'>text</data-content>` (or empty), text without markup or
     /// entity references: the element and its name.
-    fn data_content(&mut self) -> Option<(Bytes, String)> {
+    fn data_content(&mut self) -> Option<(Bytes, &'a str)> {
         let at = self.pos;
         let (name, empty) = self.start_tag(b"data-content", b"Name")?;
         if !empty {
@@ -172,13 +172,14 @@ pub(super) fn data(
     c.skip_space();
     let root = c.pos;
     let (content, empty) = c.start_tag(b"data", b"content")?;
+    let content = content.to_owned();
     if empty {
         return None;
     }
     let start_tag = root..c.pos;
     c.skip_space();
     let originator = c.party(b"originator")?;
-    let mut recipients = Vec::new();
+    let mut recipients = Recipients::new();
     loop {
         c.skip_space();
         if !c.at_tag(b"recipient") {
@@ -192,18 +193,19 @@ pub(super) fn data(
     if recipients.is_empty() {
         return None;
     }
-    let data_content = if c.at_tag(b"data-content") {
-        let raw = c.data_content()?;
+    let (data_content, name) = if c.at_tag(b"data-content") {
+        let (raw, name) = c.data_content()?;
         c.skip_space();
-        Some(raw)
+        (Some(raw), Some(name))
     } else {
-        None
+        (None, None)
     };
     if !c.eat(b"</data>") {
         return None;
     }
     c.skip_space();
-    (c.pos == c.end).then_some(Scanned {
+    (c.pos == c.end).then(|| Scanned {
+        content_names_data_content: names_data_content(&content, name),
         content,
         originator,
         recipients,
@@ -251,12 +253,12 @@ mod tests {
             b"<originator identity='fred@example.com' />"
         );
         assert_eq!(found.recipients.len(), 1);
-        let (raw, name) = found.data_content.expect("data-content scanned");
+        let raw = found.data_content.expect("data-content scanned");
         assert_eq!(
             &raw[..],
             b"<data-content Name='Content'>hello, barney</data-content>"
         );
-        assert_eq!(name, "Content");
+        assert!(found.content_names_data_content);
         agree(DIGEST_13_1);
         let Ok(Operation::Data(d)) = parse_message(
             &Bytes::from(format!("{HEAD}{DIGEST_13_1}")),
