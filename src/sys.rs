@@ -1,9 +1,10 @@
 //! The few operating-system facts and knobs apexd needs beyond glommio: the memlock limit, whether
-//! io_uring is enabled, and aborting a TCP connection with a reset (RFC 3081 §2, BEEP-59).
+//! io_uring is enabled, aborting a TCP connection with a reset (RFC 3081 §2, BEEP-59), and the
+//! vectored send that writes large payloads from where they are.
 //!
 //! The only `unsafe` in apexd lives here.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 
 /// The soft RLIMIT_MEMLOCK in bytes (`None`: unlimited), read from /proc/self/limits.
@@ -66,6 +67,33 @@ pub fn reset_on_close(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// Sends `slices` in order with one `sendmsg`, without waiting: `Ok(None)` when the socket has
+/// no room now. glommio offers no vectored write; its `write` is used to wait for room.
+pub fn send_vectored(fd: RawFd, slices: &[IoSlice<'_>]) -> io::Result<Option<usize>> {
+    // SAFETY: an all-zero `msghdr` is valid (no address, no control data, no flags).
+    #[allow(unsafe_code)]
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    // `IoSlice` is guaranteed ABI-compatible with `iovec` on Unix; the kernel only reads them.
+    header.msg_iov = slices.as_ptr() as *mut libc::iovec;
+    header.msg_iovlen = slices.len() as _;
+    loop {
+        // SAFETY: `header` points at `slices`, which outlive the call, and at nothing else;
+        // sendmsg reads the slices' memory and writes none of ours. An invalid `fd` fails the
+        // call (EBADF); MSG_NOSIGNAL turns a closed peer into EPIPE rather than a signal.
+        #[allow(unsafe_code)]
+        let sent = unsafe { libc::sendmsg(fd, &header, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if sent >= 0 {
+            return Ok(Some(sent as usize));
+        }
+        let error = io::Error::last_os_error();
+        match error.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(error),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +122,36 @@ mod tests {
         let err = client.read(&mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
         assert!(reset_on_close(-1).is_err());
+    }
+
+    #[test]
+    fn send_vectored_sends_the_slices_in_order() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client.set_nonblocking(true).unwrap();
+        let big = vec![b'z'; 3000];
+        let slices = [
+            IoSlice::new(b"MSG "),
+            IoSlice::new(&big),
+            IoSlice::new(b"END\r\n"),
+        ];
+        let sent = send_vectored(client.as_raw_fd(), &slices).unwrap();
+        assert_eq!(sent, Some(4 + 3000 + 5));
+        let mut got = vec![0u8; 4 + 3000 + 5];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..4], b"MSG ");
+        assert!(got[4..3004].iter().all(|&b| b == b'z'));
+        assert_eq!(&got[3004..], b"END\r\n");
+        // A full socket answers None instead of blocking.
+        let chunk = vec![0u8; 1 << 20];
+        let full = (0..1000).find_map(|_| {
+            match send_vectored(client.as_raw_fd(), &[IoSlice::new(&chunk)]).unwrap() {
+                None => Some(()),
+                Some(_) => None,
+            }
+        });
+        assert_eq!(full, Some(()), "the socket never filled");
+        assert!(send_vectored(-1, &slices).is_err());
     }
 }

@@ -11,6 +11,7 @@ use crate::apex::msg::{self as apex_msg, ApexLimits};
 use crate::apex::relay::{domain_shard, Action, ConnId, ConnKind, Envelope, Relay, RelayConfig};
 use crate::beep::frame::{self as beep_frame, encode_data_frame, Header, Inbound, Keyword};
 use crate::beep::mgmt::{code as beep_code, ErrorElement, ProfileOffer};
+use crate::beep::output::Vectored;
 use crate::beep::profile::{Dispatcher, ProfileHandler, StartDecision};
 use crate::beep::session::{Event, ReplyKind, Role, Session, SessionConfig, StartRequest};
 use crate::error::ProtocolError;
@@ -156,6 +157,9 @@ pub struct Pair {
     pub now: Instant,
     /// Deliver at most this many octets per step (1 = byte at a time).
     pub chunk: usize,
+    /// Transmit through [`Vectored`] output with this `shared_min`, as the runtime does,
+    /// instead of into one buffer.
+    pub vectored: Option<usize>,
 }
 
 impl Pair {
@@ -178,6 +182,7 @@ impl Pair {
             server: Side::new(Role::Listener, server, uri),
             now: Instant::now(),
             chunk: usize::MAX,
+            vectored: None,
         }
     }
 
@@ -187,8 +192,9 @@ impl Pair {
         let max_rounds = 1_000_000;
         for round in 0..max_rounds {
             self.now += Duration::from_millis(1);
-            let moved_a = Self::step(&mut self.client, &mut self.server, self.chunk, self.now);
-            let moved_b = Self::step(&mut self.server, &mut self.client, self.chunk, self.now);
+            let (chunk, vectored, now) = (self.chunk, self.vectored, self.now);
+            let moved_a = Self::step(&mut self.client, &mut self.server, chunk, vectored, now);
+            let moved_b = Self::step(&mut self.server, &mut self.client, chunk, vectored, now);
             if !moved_a && !moved_b {
                 return round;
             }
@@ -197,10 +203,27 @@ impl Pair {
     }
 
     /// One direction: `from` transmits, `to` receives and dispatches.
-    fn step(from: &mut Side, to: &mut Side, chunk: usize, now: Instant) -> bool {
+    fn step(
+        from: &mut Side,
+        to: &mut Side,
+        chunk: usize,
+        vectored: Option<usize>,
+        now: Instant,
+    ) -> bool {
         from.pump_events();
         let mut out = BytesMut::new();
-        while from.session.poll_transmit(&mut out) > 0 {}
+        match vectored {
+            None => while from.session.poll_transmit(&mut out) > 0 {},
+            Some(shared_min) => {
+                let mut parts_out = Vectored::new(shared_min);
+                while from.session.poll_transmit(&mut parts_out) > 0 {}
+                let mut parts = Vec::new();
+                parts_out.take(&mut parts);
+                for part in parts {
+                    out.extend_from_slice(&part);
+                }
+            }
+        }
         from.bytes_sent += out.len();
         let mut moved = !out.is_empty();
         to.inbox.extend_from_slice(&out);

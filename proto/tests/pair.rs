@@ -97,3 +97,34 @@ fn large_message_is_segmented_and_reassembled() {
     assert_eq!(pair.server.profile.messages[0].2, payload);
     assert_eq!(pair.client.profile.replies[0].3, payload);
 }
+
+#[test]
+fn vectored_output_puts_the_same_octets_on_the_wire() {
+    // BEEP-61/65: large payloads written from their own memory (as apexd's runtime does) must
+    // leave the wire exactly as a single copied buffer would: segmentation, SEQ and replies.
+    let payload = Bytes::from((0..300_000u32).map(|i| (i * 7) as u8).collect::<Vec<_>>());
+    let run = |vectored: Option<usize>| {
+        let (mut pair, channel) = started_pair(usize::MAX);
+        pair.vectored = vectored;
+        for size in [10, 5000, 300_000, 1024, 1023] {
+            pair.client
+                .session
+                .send_msg(channel, payload.slice(..size))
+                .unwrap();
+        }
+        pair.drive();
+        assert!(pair.client.error.is_none() && pair.server.error.is_none());
+        (
+            pair.client.bytes_sent,
+            pair.server.bytes_sent,
+            pair.server.profile.messages.clone(),
+            pair.client.profile.replies.clone(),
+        )
+    };
+    let copied = run(None);
+    assert_eq!(copied.2.len(), 5);
+    assert_eq!(copied.2[2].2, payload);
+    for shared_min in [1, 1024, 4096] {
+        assert_eq!(run(Some(shared_min)), copied, "shared_min {shared_min}");
+    }
+}

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use apex_proto::apex::msg::error_payload;
 use apex_proto::apex::relay::{domain_shard, Action, ConnId, ConnKind, Envelope};
 use apex_proto::beep::mgmt::{code, ErrorElement};
+use apex_proto::beep::output::{self, Vectored};
 use apex_proto::{Event, Misuse, Role, Session};
 use bytes::{Bytes, BytesMut};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
@@ -110,7 +111,8 @@ async fn run(
     // appended to `read_buf` (whose frames are then split off as `Bytes`): zeroing a fresh
     // read window on every read cost more than copying what actually arrived.
     let mut scratch = vec![0u8; read_chunk];
-    let mut write_buf = BytesMut::with_capacity(read_chunk);
+    let mut out = Vectored::new(SHARED_PAYLOAD_MIN);
+    let mut parts = Vec::new();
     let stop = ctx.shutdown.acquire(1);
     futures_lite::pin!(stop);
     let mut closing_since: Option<Instant> = None;
@@ -119,14 +121,11 @@ async fn run(
     loop {
         let finished = {
             let mut session = shared.session.borrow_mut();
-            while session.poll_transmit(&mut write_buf) > 0 {}
+            while session.poll_transmit(&mut out) > 0 {}
             session.is_finished()
         };
-        if !write_buf.is_empty() {
-            if stream.write_all(&write_buf).await.is_err() {
-                return Ending::PeerClosed;
-            }
-            write_buf.clear();
+        if !out.is_empty() && write_out(stream, &mut out, &mut parts).await.is_err() {
+            return Ending::PeerClosed;
         }
         if finished {
             return Ending::Released;
@@ -206,6 +205,41 @@ async fn run(
         drain_overflow(conn, shared, ctx);
         execute_actions(ctx);
     }
+}
+
+/// Payloads from this size on are written from where they were received rather than copied
+/// into the write buffer; below it, the copy is cheaper than another slice for the kernel.
+pub(crate) const SHARED_PAYLOAD_MIN: usize = 1024;
+
+/// Writes everything `out` holds: headers and small frames coalesced, large payloads from
+/// their own memory, in one vectored send when the socket takes it all. `parts` is scratch
+/// space kept between calls.
+pub(crate) async fn write_out(
+    stream: &mut TcpStream,
+    out: &mut Vectored,
+    parts: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
+    out.take(parts);
+    let mut offset = 0;
+    let result = loop {
+        let sent = match parts.len() {
+            0 => break Ok(()),
+            1 => stream.write(&parts[0][offset..]).await,
+            _ => match sys::send_vectored(stream.as_raw_fd(), &output::io_slices(parts, offset)) {
+                Ok(Some(n)) => Ok(n),
+                // No room: glommio's write waits for some, then sends part of the first part.
+                Ok(None) => stream.write(&parts[0][offset..]).await,
+                Err(e) => Err(e),
+            },
+        };
+        match sent {
+            Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => output::advance(parts, &mut offset, n),
+            Err(e) => break Err(e),
+        }
+    };
+    parts.clear();
+    result
 }
 
 /// Moves held relay MSGs into the session as replies free room.

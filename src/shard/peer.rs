@@ -14,14 +14,15 @@ use std::time::{Duration, Instant};
 
 use apex_proto::apex::msg::{self, Operation};
 use apex_proto::beep::mgmt::{code, ProfileOffer};
+use apex_proto::beep::output::Vectored;
 use apex_proto::{Event, ReplyKind, Role, Session, SessionConfig};
 use bytes::{Bytes, BytesMut};
-use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use futures_lite::{future, AsyncReadExt};
 use glommio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::apex_profile::APEX_PROFILE;
-use crate::shard::conn::execute_actions;
+use crate::shard::conn::{execute_actions, write_out, SHARED_PAYLOAD_MIN};
 use crate::shard::notify::Notify;
 use crate::shard::ShardContext;
 
@@ -140,7 +141,8 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
     let mut read_buf = BytesMut::with_capacity(read_chunk);
     // Read into zeroed scratch and append what arrived (see the connection driver).
     let mut scratch = vec![0u8; read_chunk];
-    let mut write_buf = BytesMut::new();
+    let mut out = Vectored::new(SHARED_PAYLOAD_MIN);
+    let mut parts = Vec::new();
     let mut channel: Option<u32> = None;
     let mut in_flight: VecDeque<Bytes> = VecDeque::new();
     let apex_limits: msg::ApexLimits = (&ctx.config.apex).into();
@@ -161,12 +163,9 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
                 in_flight.push_back(payload);
             }
         }
-        while session.poll_transmit(&mut write_buf) > 0 {}
-        if !write_buf.is_empty() {
-            if stream.write_all(&write_buf).await.is_err() {
-                break Err("connection to the next relay lost".into());
-            }
-            write_buf.clear();
+        while session.poll_transmit(&mut out) > 0 {}
+        if !out.is_empty() && write_out(&mut stream, &mut out, &mut parts).await.is_err() {
+            break Err("connection to the next relay lost".into());
         }
         if session.is_finished() {
             break Ok(());
@@ -193,8 +192,8 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
             Wake::Work => continue,
             Wake::Stop => {
                 let _ = session.close_session(code::SERVICE_NOT_AVAILABLE);
-                while session.poll_transmit(&mut write_buf) > 0 {}
-                let _ = stream.write_all(&write_buf).await;
+                while session.poll_transmit(&mut out) > 0 {}
+                let _ = write_out(&mut stream, &mut out, &mut parts).await;
                 break Err("relay shutting down".into());
             }
         };

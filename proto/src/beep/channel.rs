@@ -17,9 +17,10 @@ use std::collections::VecDeque;
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::beep::frame::{self, Header, Keyword};
+use crate::beep::output::FrameSink;
 use crate::error::ProtocolError;
 use crate::limits::{Limits, INITIAL_WINDOW, MAX_31BIT};
 
@@ -507,7 +508,7 @@ impl Channel {
         &mut self,
         number: u32,
         max_frame: u32,
-        out: &mut BytesMut,
+        out: &mut impl FrameSink,
     ) -> Option<Option<u32>> {
         let window = self.send_window();
         if !self.announced {
@@ -529,7 +530,11 @@ impl Channel {
             size: chunk as u32,
             ansno: msg.ansno,
         };
-        frame::encode_data_frame(out, &header, &msg.payload[msg.sent..msg.sent + chunk]);
+        let buf = out.buffer();
+        buf.reserve(64);
+        header.encode(buf);
+        out.put_payload(&msg.payload, msg.sent..msg.sent + chunk);
+        out.buffer().put_slice(frame::TRAILER);
         msg.sent += chunk;
         self.send_next = self.send_next.wrapping_add(chunk as u32);
         if more {

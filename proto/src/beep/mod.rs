@@ -5,5 +5,6 @@ pub mod channel;
 pub mod frame;
 pub mod mgmt;
 pub mod mime;
+pub mod output;
 pub mod profile;
 pub mod session;

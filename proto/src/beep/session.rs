@@ -28,6 +28,7 @@ use crate::beep::mgmt::{
     self, code, Close, ErrorElement, Greeting, Mgmt, MgmtLimits, ProfileOffer, Start,
 };
 use crate::beep::mime::Entity;
+use crate::beep::output::FrameSink;
 use crate::error::{Misuse, ProtocolError};
 use crate::limits::{Limits, MAX_31BIT};
 
@@ -713,8 +714,8 @@ impl Session {
     /// Appends pending output to `out`: first the SEQ frames that reopen windows (BEEP-67),
     /// then data frames round-robin across channels (BEEP-65), each within the peer's window
     /// (BEEP-61) and the frame limit, up to `max_transmit` octets. Returns the octets appended.
-    pub fn poll_transmit(&mut self, out: &mut BytesMut) -> usize {
-        let start = out.len();
+    pub fn poll_transmit(&mut self, out: &mut impl FrameSink) -> usize {
+        let start = out.written();
         if self.state == State::Dead {
             return 0;
         }
@@ -731,7 +732,7 @@ impl Session {
                         ackno,
                         window,
                     }
-                    .encode(out);
+                    .encode(out.buffer());
                 }
             }
         }
@@ -740,7 +741,7 @@ impl Session {
         }
         let max_frame = self.config.limits.max_send_frame;
         let budget = self.config.limits.max_transmit;
-        while out.len() - start < budget {
+        while out.written() - start < budget {
             let Some(number) = self.ready.pop_front() else {
                 break;
             };
@@ -765,7 +766,7 @@ impl Session {
             }
         }
         self.seq_dirty.extend(deferred);
-        out.len() - start
+        out.written() - start
     }
 
     /// True when `poll_transmit` has frames it could write now.

@@ -1,0 +1,201 @@
+//! Where a session's outgoing frames are written ([`FrameSink`]): one contiguous `BytesMut`, or
+//! [`Vectored`] output that references large payloads instead of copying them.
+//!
+//! A relay's payloads already sit in memory as `Bytes` (slices of the buffer they were read
+//! into). Copying each one into a write buffer doubles the memory traffic of relaying large
+//! messages; with [`Vectored`] output the frame headers and trailers are still coalesced, but
+//! a payload of at least [`Vectored::shared_min`] octets goes to the socket from where it is,
+//! in one vectored write with the rest.
+
+use std::io::IoSlice;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// The destination of [`Session::poll_transmit`](super::session::Session::poll_transmit).
+pub trait FrameSink {
+    /// The buffer headers, trailers and small payloads are appended to.
+    fn buffer(&mut self) -> &mut BytesMut;
+    /// Appends `payload[range]` as a frame payload: copied, or referenced.
+    fn put_payload(&mut self, payload: &Bytes, range: std::ops::Range<usize>);
+    /// Octets appended so far.
+    fn written(&self) -> usize;
+}
+
+impl FrameSink for BytesMut {
+    fn buffer(&mut self) -> &mut BytesMut {
+        self
+    }
+
+    fn put_payload(&mut self, payload: &Bytes, range: std::ops::Range<usize>) {
+        self.put_slice(&payload[range]);
+    }
+
+    fn written(&self) -> usize {
+        self.len()
+    }
+}
+
+/// Output as a list of parts written with one vectored write: coalesced small frames, and the
+/// large payloads themselves.
+#[derive(Debug)]
+pub struct Vectored {
+    /// Finished parts, in wire order.
+    parts: Vec<Bytes>,
+    /// Octets in `parts`.
+    parts_len: usize,
+    /// The part being coalesced.
+    buf: BytesMut,
+    shared_min: usize,
+}
+
+impl Vectored {
+    /// Payloads of at least `shared_min` octets are referenced, smaller ones copied. Below a
+    /// few hundred octets an extra part costs the kernel more than the copy it saves.
+    pub fn new(shared_min: usize) -> Self {
+        Self {
+            parts: Vec::new(),
+            parts_len: 0,
+            buf: BytesMut::new(),
+            shared_min: shared_min.max(1),
+        }
+    }
+
+    /// The smallest payload referenced rather than copied.
+    pub fn shared_min(&self) -> usize {
+        self.shared_min
+    }
+
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty() && self.buf.is_empty()
+    }
+
+    /// Octets to write.
+    pub fn len(&self) -> usize {
+        self.parts_len + self.buf.len()
+    }
+
+    /// Takes everything to write, in order, leaving this empty (its buffer keeps its memory
+    /// once the parts are dropped).
+    pub fn take(&mut self, into: &mut Vec<Bytes>) {
+        self.seal();
+        into.append(&mut self.parts);
+        self.parts_len = 0;
+    }
+
+    fn seal(&mut self) {
+        if !self.buf.is_empty() {
+            let part = self.buf.split().freeze();
+            self.parts_len += part.len();
+            self.parts.push(part);
+        }
+    }
+}
+
+impl FrameSink for Vectored {
+    fn buffer(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    fn put_payload(&mut self, payload: &Bytes, range: std::ops::Range<usize>) {
+        if range.len() < self.shared_min {
+            self.buf.put_slice(&payload[range]);
+            return;
+        }
+        self.seal();
+        self.parts_len += range.len();
+        self.parts.push(payload.slice(range));
+    }
+
+    fn written(&self) -> usize {
+        self.len()
+    }
+}
+
+/// The slices one vectored write is given: up to [`MAX_SLICES`] of `parts`, skipping the first
+/// `offset` octets of `parts[0]`.
+pub fn io_slices(parts: &[Bytes], offset: usize) -> smallvec::SmallVec<[IoSlice<'_>; MAX_SLICES]> {
+    let mut into = smallvec::SmallVec::new();
+    for (i, part) in parts.iter().take(MAX_SLICES).enumerate() {
+        let part = if i == 0 {
+            part.get(offset..).unwrap_or_default()
+        } else {
+            &part[..]
+        };
+        into.push(IoSlice::new(part));
+    }
+    into
+}
+
+/// Most slices per vectored write (far below the kernel's IOV_MAX of 1024).
+pub const MAX_SLICES: usize = 64;
+
+/// Drops the first `n` written octets from `parts`/`offset` (as advanced by a vectored write).
+pub fn advance(parts: &mut Vec<Bytes>, offset: &mut usize, mut n: usize) {
+    let mut done = 0;
+    for part in parts.iter() {
+        let left = part.len() - *offset;
+        if n < left {
+            *offset += n;
+            break;
+        }
+        n -= left;
+        *offset = 0;
+        done += 1;
+    }
+    parts.drain(..done);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_payloads_are_copied_large_ones_referenced() {
+        let large = Bytes::from(vec![b'x'; 2000]);
+        let mut out = Vectored::new(1024);
+        out.buffer().put_slice(b"HDR1\r\n");
+        out.put_payload(&Bytes::from_static(b"small"), 0..5);
+        out.buffer().put_slice(b"END\r\nHDR2\r\n");
+        out.put_payload(&large, 500..2000);
+        out.buffer().put_slice(b"END\r\n");
+        assert_eq!(out.len(), 6 + 5 + 11 + 1500 + 5);
+        let mut parts = Vec::new();
+        out.take(&mut parts);
+        assert!(out.is_empty());
+        assert_eq!(parts.len(), 3);
+        assert_eq!(&parts[0][..], b"HDR1\r\nsmallEND\r\nHDR2\r\n");
+        // The large payload is the very memory it was given, not a copy.
+        assert_eq!(parts[1].as_ptr(), large[500..].as_ptr());
+        assert_eq!(parts[1].len(), 1500);
+        assert_eq!(&parts[2][..], b"END\r\n");
+    }
+
+    #[test]
+    fn advance_walks_partial_writes() {
+        let mut parts = vec![
+            Bytes::from_static(b"abc"),
+            Bytes::from_static(b"defg"),
+            Bytes::from_static(b"h"),
+        ];
+        let mut offset = 0;
+        advance(&mut parts, &mut offset, 2);
+        let seen: Vec<Vec<u8>> = io_slices(&parts, offset)
+            .iter()
+            .map(|s| s.to_vec())
+            .collect();
+        assert_eq!(seen, [&b"c"[..], b"defg", b"h"]);
+        advance(&mut parts, &mut offset, 3);
+        assert_eq!((parts.len(), offset), (2, 2));
+        let seen: Vec<Vec<u8>> = io_slices(&parts, offset)
+            .iter()
+            .map(|s| s.to_vec())
+            .collect();
+        assert_eq!(seen, [&b"fg"[..], b"h"]);
+        let many = vec![Bytes::from_static(b"x"); MAX_SLICES + 3];
+        assert_eq!(io_slices(&many, 0).len(), MAX_SLICES);
+        advance(&mut parts, &mut offset, 3);
+        assert!(parts.is_empty());
+        assert_eq!(offset, 0);
+    }
+}
