@@ -623,8 +623,8 @@ fn parse_control(
     scanner: Scanner,
 ) -> Result<Operation, OpError> {
     let text = &payload[control.clone()];
-    let doc =
-        std::str::from_utf8(text).map_err(|_| OpError::syntax("control document is not UTF-8"))?;
+    let doc = simdutf8::basic::from_utf8(text)
+        .map_err(|_| OpError::syntax("control document is not UTF-8"))?;
     if scanner == Scanner::Fast {
         if let Some(found) = super::scan::data(payload, doc, control.clone(), limits) {
             return Ok(Operation::Data(Data {
