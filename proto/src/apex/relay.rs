@@ -194,7 +194,7 @@ pub enum Envelope {
         /// The data message.
         payload: Bytes,
         /// Report the outcome to the originator when set.
-        report: Option<ReportRequest>,
+        report: Option<Report>,
         /// hold4Endpoint: hold until this deadline (`Some(None)`: no deadline).
         hold: Option<Option<u64>>,
     },
@@ -205,9 +205,14 @@ pub enum Envelope {
         /// The data message.
         payload: Bytes,
         /// Report the outcome to the originator when set.
-        report: Option<ReportRequest>,
+        report: Option<Report>,
     },
 }
+
+/// A [`ReportRequest`] travelling with a data message. Boxed: reports are rarely asked for,
+/// and every message's actions, envelopes and sent-queue entries would otherwise carry room
+/// for one.
+pub type Report = Box<ReportRequest>;
 
 /// A statusRequest to honour once a recipient's outcome is known (RFC 3340 §5.1).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,7 +241,7 @@ enum Association {
 /// What the relay's own MSGs on a channel were, in order, to match the replies.
 #[derive(Debug)]
 enum Sent {
-    Delivery(Option<ReportRequest>),
+    Delivery(Option<Report>),
     Notice,
 }
 
@@ -249,7 +254,7 @@ struct ChannelState {
     /// The session knows the channel: false while the reply to its `start` (carrying a
     /// piggybacked attach) is still to be sent. MSGs for it wait in `waiting` until then.
     ready: bool,
-    waiting: Vec<(Bytes, Option<ReportRequest>)>,
+    waiting: Vec<(Bytes, Option<Report>)>,
 }
 
 #[derive(Debug)]
@@ -299,7 +304,7 @@ const PARSED_CACHE_ENTRIES: usize = 16_384;
 #[derive(Debug)]
 struct Held {
     payload: Bytes,
-    report: Option<ReportRequest>,
+    report: Option<Report>,
     /// Relay-clock millisecond after which it is dropped; `None`: no bound.
     deadline: Option<u64>,
 }
@@ -959,10 +964,12 @@ impl Relay {
         for (i, recipient) in data.recipients.iter().enumerate() {
             let report = options::status_requests_for(data, i, Hop::Final)
                 .first()
-                .map(|&trans_id| ReportRequest {
-                    trans_id,
-                    originator: originator.clone(),
-                    recipient: recipient.identity.clone(),
+                .map(|&trans_id| {
+                    Box::new(ReportRequest {
+                        trans_id,
+                        originator: originator.clone(),
+                        recipient: recipient.identity.clone(),
+                    })
                 });
             let target = match self.parse_endpoint(&recipient.identity) {
                 Ok(t) => t,
@@ -1028,10 +1035,12 @@ impl Relay {
                     for &i in &recipients {
                         let report = options::status_requests_for(data, i, Hop::Intermediate)
                             .first()
-                            .map(|&trans_id| ReportRequest {
-                                trans_id,
-                                originator: originator.clone(),
-                                recipient: data.recipients[i].identity.clone(),
+                            .map(|&trans_id| {
+                                Box::new(ReportRequest {
+                                    trans_id,
+                                    originator: originator.clone(),
+                                    recipient: data.recipients[i].identity.clone(),
+                                })
                             });
                         self.report(report, e.code, &e.text);
                     }
@@ -1067,7 +1076,7 @@ impl Relay {
         originator: &Endpoint,
         recipient: &Endpoint,
         payload: Bytes,
-        report: Option<ReportRequest>,
+        report: Option<Report>,
         hold: Option<Option<u64>>,
     ) {
         // Services inside the relay (the report service) reach endpoints without access entries
@@ -1086,7 +1095,7 @@ impl Relay {
         &mut self,
         recipient: &Endpoint,
         payload: Bytes,
-        report: Option<ReportRequest>,
+        report: Option<Report>,
         hold: Option<Option<u64>>,
     ) {
         let Some(at) = self.directory.get(recipient).copied() else {
@@ -1204,7 +1213,7 @@ impl Relay {
         }
     }
 
-    fn deliver_at(&mut self, at: ChannelRef, payload: Bytes, report: Option<ReportRequest>) {
+    fn deliver_at(&mut self, at: ChannelRef, payload: Bytes, report: Option<Report>) {
         if at.shard != self.config.shard {
             self.actions.push_back(Action::ToShard {
                 shard: at.shard,
@@ -1231,7 +1240,7 @@ impl Relay {
     }
 
     /// Sends a statusResponse from `apex=report@<domain>` to the originator (APEX-38).
-    fn report(&mut self, request: Option<ReportRequest>, reply_code: u16, text: &str) {
+    fn report(&mut self, request: Option<Report>, reply_code: u16, text: &str) {
         let Some(request) = request else { return };
         let reporter = format!("apex=report@{}", self.config.domain);
         let Ok(reporter) = Endpoint::parse(&reporter) else {
@@ -1294,11 +1303,11 @@ impl Relay {
             for (i, recipient) in data.recipients.iter().enumerate() {
                 if let Some(&trans_id) = options::status_requests_for(&data, i, Hop::Final).first()
                 {
-                    let request = ReportRequest {
+                    let request = Box::new(ReportRequest {
                         trans_id,
                         originator: originator.clone(),
                         recipient: recipient.identity.clone(),
-                    };
+                    });
                     self.report(Some(request), code::ACTION_NOT_TAKEN, reason);
                 }
             }
