@@ -349,32 +349,9 @@ const DIGIT_PAIRS: [u8; 200] = {
     table
 };
 
-/// Writes `n` in plain decimal (no sign, no leading zeros) at the end of `digits`; returns
-/// where the number starts.
-fn decimal(digits: &mut [u8; 10], mut n: u32) -> usize {
-    let mut i = digits.len();
-    while n >= 100 {
-        let pair = (n % 100) as usize * 2;
-        n /= 100;
-        i -= 2;
-        digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
-    }
-    if n >= 10 {
-        let pair = n as usize * 2;
-        i -= 2;
-        digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
-    } else {
-        i -= 1;
-        digits[i] = b'0' + n as u8;
-    }
-    i
-}
-
 /// Appends `n` in plain decimal (no sign, no leading zeros).
 pub fn put_decimal(out: &mut BytesMut, n: u32) {
-    let mut digits = [0u8; 10];
-    let start = decimal(&mut digits, n);
-    out.put_slice(&digits[start..]);
+    Line::new().number(n).append_to(out);
 }
 
 /// A header line built on the stack and appended with one copy: frames are encoded for every
@@ -395,20 +372,38 @@ impl Line {
         }
     }
 
-    fn text(&mut self, text: &[u8]) -> &mut Self {
-        self.buf[self.len..self.len + text.len()].copy_from_slice(text);
-        self.len += text.len();
+    // Pieces are fixed-size arrays, numbers are written in place and the line is appended as
+    // one fixed-size block: building a header makes no calls to memcpy, whose set-up costs
+    // more than these few octets (a header is encoded for every frame).
+    fn text<const N: usize>(&mut self, text: &[u8; N]) -> &mut Self {
+        self.buf[self.len..self.len + N].copy_from_slice(text);
+        self.len += N;
         self
     }
 
-    fn number(&mut self, n: u32) -> &mut Self {
-        let mut digits = [0u8; 10];
-        let start = decimal(&mut digits, n);
-        self.text(&digits[start..])
+    fn number(&mut self, mut n: u32) -> &mut Self {
+        let end = self.len + n.checked_ilog10().map_or(1, |log| log as usize + 1);
+        let mut i = end;
+        while n >= 100 {
+            let pair = (n % 100) as usize * 2;
+            n /= 100;
+            i -= 2;
+            self.buf[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        }
+        if n >= 10 {
+            let pair = n as usize * 2;
+            self.buf[i - 2..i].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        } else {
+            self.buf[i - 1] = b'0' + n as u8;
+        }
+        self.len = end;
+        self
     }
 
     fn append_to(&self, out: &mut BytesMut) {
-        out.put_slice(&self.buf[..self.len]);
+        let start = out.len();
+        out.extend_from_slice(&self.buf);
+        out.truncate(start + self.len);
     }
 }
 
