@@ -83,7 +83,7 @@ pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind)
     ctx.conns.borrow_mut().remove(&conn);
     if !shared.overflow.borrow().is_empty() {
         shared.overflow.borrow_mut().clear();
-        ctx.backlogged.set(ctx.backlogged.get() - 1);
+        ctx.backlogged.remove();
     }
     ctx.relay.borrow_mut().conn_closed(conn);
     execute_actions(&ctx);
@@ -133,13 +133,12 @@ async fn run(
 
         // Backpressure: while some connection of the shard cannot take more relay output,
         // the others stop reading (their peers' windows close). A backlogged connection keeps
-        // reading: its replies are what drains it.
-        while ctx.backlogged.get() > 0
-            && shared.overflow.borrow().is_empty()
-            && closing_since.is_none()
-        {
-            glommio::timer::sleep(Duration::from_micros(500)).await;
-        }
+        // reading: its replies are what drains it. Shutdown is not held up.
+        ctx.backlogged
+            .wait(|| {
+                !shared.overflow.borrow().is_empty() || closing_since.is_some() || ctx.stopping()
+            })
+            .await;
         let wake = match closing_since {
             None => {
                 future::or(
@@ -264,7 +263,7 @@ fn drain_overflow(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
             }
         }
     }
-    ctx.backlogged.set(ctx.backlogged.get() - 1);
+    ctx.backlogged.remove();
 }
 
 /// Hands the session's events to the relay. The session is borrowed only while draining.
@@ -346,7 +345,7 @@ pub fn execute_actions(ctx: &Rc<ShardContext>) {
                     Ok(_) => shared.wake.notify(),
                     Err(Misuse::TooManyOutstanding(_)) => {
                         if overflow.is_empty() {
-                            ctx.backlogged.set(ctx.backlogged.get() + 1);
+                            ctx.backlogged.add();
                         }
                         overflow.push_back((channel, payload));
                     }

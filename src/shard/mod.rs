@@ -58,9 +58,9 @@ pub struct ShardContext {
     pub started: std::time::Instant,
     /// Set when shutdown begins (with `shutdown` closed).
     pub stopping: Cell<bool>,
-    /// Connections whose relay output overflowed the session; while non-zero the shard
+    /// Connections whose relay output overflowed the session; while there are any the shard
     /// pauses reading elsewhere.
-    pub backlogged: Cell<usize>,
+    pub backlogged: notify::Backlog,
     /// Envelopes waiting for each peer shard's queue, in order; one flusher task per peer
     /// sends them, so envelopes to a shard never overtake each other.
     pub outboxes: Vec<RefCell<std::collections::VecDeque<ShardMsg>>>,
@@ -320,7 +320,7 @@ async fn shard_main(
         routes,
         started: std::time::Instant::now(),
         stopping: Cell::new(false),
-        backlogged: Cell::new(0),
+        backlogged: notify::Backlog::default(),
         outboxes: (0..shard_count)
             .map(|_| RefCell::new(std::collections::VecDeque::new()))
             .collect(),
@@ -340,9 +340,7 @@ async fn shard_main(
             while let Some(ShardMsg::Relay(envelope)) = receiver.recv().await {
                 // Backpressure: leave envelopes in the queue while local output is backlogged,
                 // so the sending shard's connections wait in turn.
-                while ctx.backlogged.get() > 0 && !ctx.stopping() {
-                    glommio::timer::sleep(Duration::from_micros(500)).await;
-                }
+                ctx.backlogged.wait(|| ctx.stopping()).await;
                 tracing::trace!(peer, ?envelope, "envelope from shard");
                 ctx.relay.borrow_mut().handle_envelope(envelope);
                 conn::execute_actions(&ctx);
@@ -374,6 +372,7 @@ async fn shard_main(
         "shutting down"
     );
     ctx.stopping.set(true);
+    ctx.backlogged.wake_all();
     ctx.shutdown.close();
     edge_task.await;
     mesh_task.await;
