@@ -60,15 +60,13 @@ pub struct Backlog {
     count: Cell<usize>,
     /// How many times the count dropped to zero.
     releases: Cell<u64>,
+    /// How many times the waiters were woken: a waiter registers once per wake-up, so the
+    /// list holds each task at most once without being searched.
+    wakes: Cell<u64>,
     waiters: RefCell<Vec<Waker>>,
 }
 
 impl Backlog {
-    /// Backlogged connections now.
-    pub fn get(&self) -> usize {
-        self.count.get()
-    }
-
     /// One more connection is backlogged.
     pub fn add(&self) {
         self.count.set(self.count.get() + 1);
@@ -86,6 +84,7 @@ impl Backlog {
 
     /// Wakes every waiter (also for other reasons to look again, such as shutdown).
     pub fn wake_all(&self) {
+        self.wakes.set(self.wakes.get().wrapping_add(1));
         for waker in self.waiters.borrow_mut().drain(..) {
             waker.wake();
         }
@@ -95,13 +94,14 @@ impl Backlog {
     /// change), or the backlog emptied at least once since the wait began.
     pub async fn wait(&self, proceed: impl Fn() -> bool) {
         let began = self.releases.get();
+        let mut registered: Option<u64> = None;
         futures_lite::future::poll_fn(|cx| {
             if self.count.get() == 0 || proceed() || self.releases.get() != began {
                 return Poll::Ready(());
             }
-            let mut waiters = self.waiters.borrow_mut();
-            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                waiters.push(cx.waker().clone());
+            if registered != Some(self.wakes.get()) {
+                registered = Some(self.wakes.get());
+                self.waiters.borrow_mut().push(cx.waker().clone());
             }
             Poll::Pending
         })
@@ -160,7 +160,7 @@ mod tests {
         assert!(own.as_mut().poll(&mut cx).is_ready());
         backlog.remove();
         backlog.remove();
-        assert_eq!(backlog.get(), 0, "never below zero");
+        assert_eq!(backlog.count.get(), 0, "never below zero");
         let free = backlog.wait(|| false);
         futures_lite::pin!(free);
         assert!(free.as_mut().poll(&mut cx).is_ready(), "nothing backlogged");

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 use crate::beep::frame::{self, Header, Keyword};
 use crate::beep::output::FrameSink;
@@ -530,11 +530,7 @@ impl Channel {
             size: chunk as u32,
             ansno: msg.ansno,
         };
-        let buf = out.buffer();
-        buf.reserve(64);
-        header.encode(buf);
-        out.put_payload(&msg.payload, msg.sent..msg.sent + chunk);
-        out.buffer().put_slice(frame::TRAILER);
+        frame::put_data_frame(out, &header, &msg.payload, msg.sent..msg.sent + chunk);
         msg.sent += chunk;
         self.send_next = self.send_next.wrapping_add(chunk as u32);
         if more {

@@ -13,6 +13,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::beep::output::FrameSink;
 use crate::error::{Field, FrameError};
 use crate::limits::MAX_31BIT;
 
@@ -437,13 +438,32 @@ impl Frame {
 /// Appends one data frame; `header.size` is taken from `payload`.
 pub fn encode_data_frame(out: &mut BytesMut, header: &Header, payload: &[u8]) {
     out.reserve(64 + payload.len());
-    let header = Header {
-        size: payload.len() as u32,
+    frame_around(out, header, payload.len(), |out| out.put_slice(payload));
+}
+
+/// Appends one data frame carrying `payload[range]`, which `out` copies or references (the
+/// session's output path); `header.size` is taken from the range.
+pub fn put_data_frame(
+    out: &mut impl FrameSink,
+    header: &Header,
+    payload: &Bytes,
+    range: std::ops::Range<usize>,
+) {
+    frame_around(out, header, range.len(), |out| {
+        out.put_payload(payload, range)
+    });
+}
+
+/// Header line, the payload `put` appends (`size` octets), trailer: the one place that knows
+/// how a data frame is laid out.
+fn frame_around<S: FrameSink>(out: &mut S, header: &Header, size: usize, put: impl FnOnce(&mut S)) {
+    Header {
+        size: size as u32,
         ..*header
-    };
-    header.encode(out);
-    out.put_slice(payload);
-    out.put_slice(TRAILER);
+    }
+    .encode(out.buffer());
+    put(out);
+    out.buffer().put_slice(TRAILER);
 }
 
 impl Seq {

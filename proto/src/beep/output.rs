@@ -4,7 +4,7 @@
 //! A relay's payloads already sit in memory as `Bytes` (slices of the buffer they were read
 //! into). Copying each one into a write buffer doubles the memory traffic of relaying large
 //! messages; with [`Vectored`] output the frame headers and trailers are still coalesced, but
-//! a payload of at least [`Vectored::shared_min`] octets goes to the socket from where it is,
+//! a payload of at least `shared_min` octets ([`Vectored::new`]) goes to the socket from where it is,
 //! in one vectored write with the rest.
 
 use std::io::IoSlice;
@@ -58,11 +58,6 @@ impl Vectored {
             buf: BytesMut::new(),
             shared_min: shared_min.max(1),
         }
-    }
-
-    /// The smallest payload referenced rather than copied.
-    pub fn shared_min(&self) -> usize {
-        self.shared_min
     }
 
     /// Nothing to write.
