@@ -1053,6 +1053,32 @@ mod tests {
     }
 
     #[test]
+    fn control_document_must_be_utf8() {
+        // XML 1.0 §2.2 (the control document is application/beep+xml, UTF-8): a malformed
+        // sequence anywhere, data-content text included, is a syntax error for both parsers;
+        // well-formed multi-octet text is relayed.
+        let good = DATA_13_1.replace("hello, barney", "h\u{e9}llo, \u{1F600}");
+        for parse in [parse_message, parse_message_full] {
+            assert!(matches!(
+                parse(&Bytes::from(good.clone()), &LIMITS),
+                Ok(Operation::Data(_))
+            ));
+            for (find, bad) in [
+                ("hello", &b"h\xe9llo"[..]),         // a lone Latin-1 octet
+                ("barney@", &b"barn\xc3y@"[..]),     // a truncated sequence in an identity
+                ("hello", &b"h\xed\xa0\x80llo"[..]), // an encoded surrogate
+            ] {
+                let at = DATA_13_1.find(find).unwrap();
+                let mut wire = DATA_13_1.as_bytes()[..at].to_vec();
+                wire.extend_from_slice(bad);
+                wire.extend_from_slice(&DATA_13_1.as_bytes()[at + find.len()..]);
+                let error = parse(&Bytes::from(wire), &LIMITS).unwrap_err();
+                assert_eq!(error.code, code::SYNTAX_ERROR, "{find}");
+            }
+        }
+    }
+
+    #[test]
     fn apex_07_content_must_resolve() {
         let bad = DATA_13_1.replace("#Content", "#Other");
         assert_eq!(msg(&bad).unwrap_err().code, 501);
