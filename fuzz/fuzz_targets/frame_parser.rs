@@ -7,6 +7,7 @@
 //! * `Ok(None)` consumes nothing;
 //! * a data frame's payload has exactly `header.size` octets, a NUL carries neither `*` nor a
 //!   payload, and an `ansno` is present exactly on ANS frames;
+//! * the one-pass header path (`parse_data_head_fast`) never disagrees with the general one;
 //! * every frame round-trips: re-encoding it and parsing the result gives the same value and
 //!   consumes the whole encoding (the encoding is canonical, so it is never longer than the
 //!   header line that was accepted).
@@ -22,6 +23,13 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = BytesMut::from(data);
     loop {
         let before = buf.len();
+        if let Some((header, len)) = frame::parse_data_head_fast(&buf, DEFAULT_MAX_HEADER_LINE) {
+            assert_eq!(
+                frame::parse_head_general(&buf, DEFAULT_MAX_HEADER_LINE),
+                Ok(Some((frame::Head::Data(header), len))),
+                "the fast header path disagrees with the general one"
+            );
+        }
         match frame::parse(&mut buf, DEFAULT_MAX_HEADER_LINE) {
             Ok(Some(inbound)) => {
                 assert!(buf.len() < before, "a parsed frame must consume input");

@@ -121,6 +121,20 @@ pub enum Inbound {
 /// reported as soon as its first octets arrive, so a peer cannot make us buffer garbage.
 #[inline]
 pub fn parse_head(buf: &[u8], max_header_line: usize) -> Result<Option<(Head, usize)>, FrameError> {
+    if let Some((header, header_len)) = parse_data_head_fast(buf, max_header_line) {
+        return Ok(Some((Head::Data(header), header_len)));
+    }
+    parse_head_general(buf, max_header_line)
+}
+
+/// [`parse_head`] without the fast path: every outcome, every poorly-formed condition.
+///
+/// Public so the fuzz target can check that the fast path agrees with it.
+#[doc(hidden)]
+pub fn parse_head_general(
+    buf: &[u8],
+    max_header_line: usize,
+) -> Result<Option<(Head, usize)>, FrameError> {
     let window = &buf[..buf.len().min(max_header_line)];
     let Some(lf) = memchr::memchr(b'\n', window) else {
         check_keyword_prefix(window)?;
@@ -136,6 +150,82 @@ pub fn parse_head(buf: &[u8], max_header_line: usize) -> Result<Option<(Head, us
     }
     let head = parse_line(&window[..lf - 1])?;
     Ok(Some((head, lf + 1)))
+}
+
+/// Recognises a complete, well-formed data-frame header line in one pass over its octets, the
+/// shape of nearly every frame a busy session reads.
+///
+/// `None` means "not this shape" (incomplete, SEQ, too long or poorly formed) and leaves the
+/// verdict to [`parse_head_general`]. On `Some` the result is exactly what the general path
+/// returns: the line consists only of the keyword, single spaces, digits and `.`/`*`, so its
+/// CRLF is the first LF in the window and every field has been range-checked the same way.
+#[inline(always)]
+pub fn parse_data_head_fast(buf: &[u8], max_header_line: usize) -> Option<(Header, usize)> {
+    let line = &buf[..buf.len().min(max_header_line)];
+    let keyword = match line.get(..4)? {
+        b"MSG " => Keyword::Msg,
+        b"RPY " => Keyword::Rpy,
+        b"ERR " => Keyword::Err,
+        b"ANS " => Keyword::Ans,
+        b"NUL " => Keyword::Nul,
+        _ => return None,
+    };
+    let mut at = 4;
+    let channel = fast_number(line, &mut at, MAX_31BIT.into(), b' ')?;
+    let msgno = fast_number(line, &mut at, MAX_31BIT.into(), b' ')?;
+    let more = match line.get(at..at + 2)? {
+        b". " => false,
+        b"* " => true,
+        _ => return None,
+    };
+    at += 2;
+    let seqno = fast_number(line, &mut at, MAX_32BIT, b' ')?;
+    let (size, ansno) = if keyword == Keyword::Ans {
+        let size = fast_number(line, &mut at, MAX_31BIT.into(), b' ')?;
+        (size, Some(fast_number(line, &mut at, MAX_32BIT, b'\r')?))
+    } else {
+        (fast_number(line, &mut at, MAX_31BIT.into(), b'\r')?, None)
+    };
+    if *line.get(at)? != b'\n' || (keyword == Keyword::Nul && (more || size != 0)) {
+        return None;
+    }
+    let header = Header {
+        keyword,
+        channel,
+        msgno,
+        more,
+        seqno,
+        size,
+        ansno,
+    };
+    Some((header, at + 1))
+}
+
+/// One decimal field of [`parse_data_head_fast`]: digits from `*at`, at most `max`, then
+/// `terminator`, which is consumed too.
+#[inline(always)]
+fn fast_number(line: &[u8], at: &mut usize, max: u64, terminator: u8) -> Option<u32> {
+    let start = *at;
+    let mut end = start;
+    let mut value: u64 = 0;
+    loop {
+        let octet = *line.get(end)?;
+        let digit = octet.wrapping_sub(b'0');
+        if digit > 9 {
+            if end == start || octet != terminator {
+                return None;
+            }
+            break;
+        }
+        value = value * 10 + u64::from(digit);
+        if value > max {
+            return None;
+        }
+        end += 1;
+    }
+    *at = end + 1;
+    // `max` never exceeds u32::MAX, so this always succeeds.
+    u32::try_from(value).ok()
 }
 
 /// Parses one complete frame from the front of `buf`, splitting it off without copying.
@@ -524,6 +614,84 @@ mod tests {
             parse_all(b"MSG 1 2 . 3 0 \r\nEND\r\n"),
             Err(FrameError::BadField(Field::Layout))
         );
+    }
+
+    /// The fast path agrees with the general path on every data header the general path
+    /// accepts, and declines everything else (BEEP-01..BEEP-12: it must not accept what the
+    /// general path rejects, nor read it differently).
+    fn assert_fast_agrees(line: &[u8], max: usize) {
+        let general = parse_head_general(line, max);
+        match parse_data_head_fast(line, max) {
+            Some((header, len)) => assert_eq!(
+                general,
+                Ok(Some((Head::Data(header), len))),
+                "fast path disagrees on {:?}",
+                String::from_utf8_lossy(line)
+            ),
+            None => assert!(
+                !matches!(general, Ok(Some((Head::Data(_), _)))),
+                "fast path declined a well-formed header {:?}",
+                String::from_utf8_lossy(line)
+            ),
+        }
+    }
+
+    #[test]
+    fn fast_header_path_matches_the_general_parser() {
+        // BEEP-01 (header layout), BEEP-04..BEEP-08 (ranges) through both paths.
+        for line in [
+            &b"MSG 1 2 . 3 4\r\n"[..],
+            b"RPY 0 0 . 0 52\r\nContent",
+            b"ERR 2147483647 2147483647 * 4294967295 2147483647\r\n",
+            b"ANS 1 7 . 100 5 4294967295\r\n",
+            b"NUL 1 7 . 100 0\r\n",
+            b"MSG 0001 02 . 0003 04\r\n",
+            // Rejected by both: out of range, malformed, NUL with a payload or `*`.
+            b"MSG 2147483648 0 . 0 0\r\n",
+            b"MSG 1 2 . 4294967296 0\r\n",
+            b"MSG 1 2 . 3 2147483648\r\n",
+            b"ANS 1 7 . 100 5 4294967296\r\n",
+            b"MSG 1 2 . 3 4 5\r\n",
+            b"ANS 1 7 . 100 5\r\n",
+            b"NUL 1 7 . 100 3\r\n",
+            b"NUL 1 7 * 100 0\r\n",
+            b"MSG 1 2 + 3 4\r\n",
+            b"MSG 1  2 . 3 4\r\n",
+            b"MSG 1 2 . 3 4\n",
+            b"MSG 1 2 . 3 4\r\r\n",
+            b"MSG 1 2 . 3 4 \r\n",
+            b"MSG -1 2 . 3 4\r\n",
+            b"msg 1 2 . 3 4\r\n",
+            b"SEQ 1 2 3\r\n",
+            // Incomplete.
+            b"MSG 1 2 . 3 4\r",
+            b"MSG 1 2 . 3",
+            b"MS",
+        ] {
+            assert_fast_agrees(line, 128);
+        }
+        // A header longer than the window is the general path's to refuse.
+        let long = b"MSG 1 2 . 3 000000000000000000000000000004\r\n";
+        assert_eq!(parse_data_head_fast(long, 32), None);
+        assert_eq!(parse_head_general(long, 32), Err(FrameError::HeaderTooLong));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fast_header_path_agrees_on_any_token_line(
+            tokens in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "MSG", "RPY", "ERR", "ANS", "NUL", "SEQ", " ", "  ", ".", "*", "0", "7",
+                    "42", "2147483647", "2147483648", "4294967295", "4294967296", "0000000001",
+                    "\r\n", "\r", "\n", "x", "END",
+                ]),
+                0..14,
+            ),
+            max in 4usize..64,
+        ) {
+            let line = tokens.concat();
+            assert_fast_agrees(line.as_bytes(), max);
+        }
     }
 
     #[test]
