@@ -137,7 +137,7 @@ fn recipients_of(payload: &Bytes) -> Vec<String> {
     parse_data(payload)
         .recipients
         .into_iter()
-        .map(|r| r.identity)
+        .map(|r| r.identity.to_string())
         .collect()
 }
 

@@ -902,10 +902,10 @@ fn content_text(data: &Data) -> String {
     } else if let Some(cid) = data.content.strip_prefix("cid:") {
         match mime_part(data.payload(), cid) {
             Some(body) => one_line(&String::from_utf8_lossy(&body)),
-            None => data.content.clone(),
+            None => data.content.to_string(),
         }
     } else {
-        data.content.clone()
+        data.content.to_string()
     }
 }
 

@@ -14,6 +14,7 @@
 use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use compact_str::CompactString;
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 
@@ -126,8 +127,9 @@ impl ApexOption {
 /// The `originator` or a `recipient` of a `data`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Party {
-    /// The endpoint identity, unescaped.
-    pub identity: String,
+    /// The endpoint identity, unescaped. Identities of up to 24 octets are stored inline, so
+    /// parsing a data operation allocates nothing for them.
+    pub identity: CompactString,
     /// Per-originator or per-recipient options.
     pub options: Vec<ApexOption>,
     /// The element exactly as received (options included).
@@ -137,8 +139,9 @@ pub struct Party {
 /// A `data` operation (RFC 3340 §4.4.4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Data {
-    /// The `content` URI-reference (`#Name` or an absolute URI such as `cid:...`).
-    pub content: String,
+    /// The `content` URI-reference (`#Name` or an absolute URI such as `cid:...`); inline up
+    /// to 24 octets, like identities.
+    pub content: CompactString,
     /// The sending endpoint.
     pub originator: Party,
     /// One or more recipients; nearly always one, which then needs no allocation.
@@ -567,7 +570,7 @@ impl<'a> Doc<'a> {
         let identity = required(s, "identity")?;
         let options = self.options(open, 2)?;
         Ok(Party {
-            identity,
+            identity: identity.into(),
             options,
             raw: self.payload.slice(at..self.pos()),
         })
@@ -810,7 +813,7 @@ fn data(
     }
     let content_names_data_content = names_data_content(&content, data_content_name.as_deref());
     Ok(Data {
-        content,
+        content: content.into(),
         originator,
         recipients,
         options,

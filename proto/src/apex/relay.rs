@@ -969,7 +969,7 @@ impl Relay {
                     Box::new(ReportRequest {
                         trans_id,
                         originator: originator.clone(),
-                        recipient: recipient.identity.clone(),
+                        recipient: recipient.identity.to_string(),
                     })
                 });
             let target = match self.parse_endpoint(&recipient.identity) {
@@ -1040,7 +1040,7 @@ impl Relay {
                                 Box::new(ReportRequest {
                                     trans_id,
                                     originator: originator.clone(),
-                                    recipient: data.recipients[i].identity.clone(),
+                                    recipient: data.recipients[i].identity.to_string(),
                                 })
                             });
                         self.report(report, e.code, &e.text);
@@ -1307,7 +1307,7 @@ impl Relay {
                     let request = Box::new(ReportRequest {
                         trans_id,
                         originator: originator.clone(),
-                        recipient: recipient.identity.clone(),
+                        recipient: recipient.identity.to_string(),
                     });
                     self.report(Some(request), code::ACTION_NOT_TAKEN, reason);
                 }

@@ -21,11 +21,13 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
+use compact_str::CompactString;
+
 use super::msg::{names_data_content, ApexLimits, Party, Recipients};
 
 /// What the scanner found; the caller assembles the `Data`.
 pub(super) struct Scanned {
-    pub content: String,
+    pub content: CompactString,
     pub originator: Party,
     pub recipients: Recipients,
     /// The `data-content` element as received.
@@ -129,7 +131,7 @@ impl<'a> Cursor<'a> {
         let at = self.pos;
         let (identity, empty) = self.start_tag(name, b"identity")?;
         empty.then(|| Party {
-            identity: identity.to_owned(),
+            identity: CompactString::new(identity),
             options: Vec::new(),
             raw: self.payload.slice(at..self.pos),
         })
@@ -172,7 +174,7 @@ pub(super) fn data(
     c.skip_space();
     let root = c.pos;
     let (content, empty) = c.start_tag(b"data", b"content")?;
-    let content = content.to_owned();
+    let content = CompactString::new(content);
     if empty {
         return None;
     }
@@ -274,6 +276,8 @@ mod tests {
         for doc in [
             "<data content=\"#C\"><originator identity=\"a@x\"/><recipient identity=\"b@x\"/><recipient identity='c@y'/><data-content Name='C'/></data>",
             "<data content='cid:1@x'><originator identity='a@x' /><recipient identity='b@x' /></data>",
+            // Longer than the 24 octets a CompactString keeps inline.
+            "<data content='cid:0123456789abcdef0123456789@mail.example.com'><originator identity='a-rather-long-originator-name@example.com' /><recipient identity='and-an-even-longer-recipient-name@subdomain.example.com' /></data>",
             "  \r\n<data\tcontent='#C' >\n<originator  identity='a@x'\t/>\n<recipient identity='b@x' />\n<data-content Name='C'>x > y \"q\"</data-content>\n</data>\n\n",
         ] {
             assert!(scan(doc).is_some(), "{doc}");
