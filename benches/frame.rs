@@ -7,6 +7,9 @@
 //! * `parse`: split every frame off a fresh `BytesMut` (zero-copy payloads). Building the buffer
 //!   is setup, not measured; dropping it happens after the measurement too.
 //! * `encode`: append the frames to a reused, cleared `BytesMut`.
+//! * `encode_vectored`: the connection driver's output path, `put_data_frame` into a
+//!   `Vectored` sink that copies payloads under 1 KiB and references larger ones, then the
+//!   parts handed over for the `sendmsg` and dropped.
 //! * `memchr_scan`: count every LF of the same bytes with `memchr_iter`, the cost of looking at
 //!   each octet once with SIMD.
 //! * `memchr_headers`: the least any parser must do: find each header line's LF with `memchr`,
@@ -22,7 +25,8 @@
 
 use std::hint::black_box;
 
-use apex_proto::beep::frame::{self, encode_data_frame, Header, Inbound, Keyword};
+use apex_proto::beep::frame::{self, encode_data_frame, put_data_frame, Header, Inbound, Keyword};
+use apex_proto::beep::output::Vectored;
 use apex_proto::limits::DEFAULT_MAX_HEADER_LINE;
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -91,6 +95,18 @@ fn encode_all(out: &mut BytesMut, payload: &[u8]) {
     }
 }
 
+/// Payloads from this size on are referenced, not copied: the connection driver's setting.
+const SHARED_PAYLOAD_MIN: usize = 1024;
+
+/// Puts the `FRAMES` frames into `sink` and moves its parts to `parts`, which is cleared first.
+fn encode_vectored(sink: &mut Vectored, parts: &mut Vec<Bytes>, payload: &Bytes) {
+    parts.clear();
+    for i in 0..FRAMES {
+        put_data_frame(sink, &header(i, payload.len()), payload, 0..payload.len());
+    }
+    sink.take(parts);
+}
+
 /// The header-line LFs found by `memchr`, jumping over each frame by its known length.
 fn memchr_headers(wire: &[u8], lengths: &[usize]) -> usize {
     let mut at = 0;
@@ -117,6 +133,12 @@ fn bench_frames(c: &mut Criterion) {
         encode_all(&mut check, &payload);
         assert_eq!(&check[..], &wire[..]);
 
+        let shared_payload = Bytes::from(payload.clone());
+        let mut sink = Vectored::new(SHARED_PAYLOAD_MIN);
+        let mut parts = Vec::new();
+        encode_vectored(&mut sink, &mut parts, &shared_payload);
+        assert_eq!(parts.concat(), &wire[..]);
+
         let mut group = c.benchmark_group(format!("frame/{label}"));
         group.throughput(Throughput::Elements(u64::from(FRAMES)));
         // LargeInput keeps few megabyte-sized input buffers alive at once; one iteration is
@@ -140,6 +162,12 @@ fn bench_frames(c: &mut Criterion) {
         });
         // A second handle keeps the count above one, as the read buffer does while parsing.
         let shared = wire.clone();
+        group.bench_function("encode_vectored", |b| {
+            b.iter(|| {
+                encode_vectored(&mut sink, &mut parts, black_box(&shared_payload));
+                parts.len()
+            });
+        });
         group.bench_function("payload_refcount", |b| {
             b.iter(|| {
                 let mut octets = 0;
