@@ -203,30 +203,35 @@ pub fn parse_data_head_fast(buf: &[u8], max_header_line: usize) -> Option<(Heade
 
 /// One decimal field of [`parse_data_head_fast`]: digits from `*at`, at most `max`, then
 /// `terminator`, which is consumed too.
+///
+/// The range is checked once, after the digits: a field of more than
+/// [`FAST_MAX_DIGITS`] digits (only possible with leading zeros) is left to the general path,
+/// so the wrapping arithmetic below never wraps for a field this function accepts.
 #[inline(always)]
 fn fast_number(line: &[u8], at: &mut usize, max: u64, terminator: u8) -> Option<u32> {
     let start = *at;
     let mut end = start;
     let mut value: u64 = 0;
-    loop {
+    let octet = loop {
         let octet = *line.get(end)?;
         let digit = octet.wrapping_sub(b'0');
         if digit > 9 {
-            if end == start || octet != terminator {
-                return None;
-            }
-            break;
+            break octet;
         }
-        value = value * 10 + u64::from(digit);
-        if value > max {
-            return None;
-        }
+        value = value.wrapping_mul(10).wrapping_add(u64::from(digit));
         end += 1;
+    };
+    let digits = end - start;
+    if digits == 0 || digits > FAST_MAX_DIGITS || octet != terminator || value > max {
+        return None;
     }
     *at = end + 1;
     // `max` never exceeds u32::MAX, so this always succeeds.
     u32::try_from(value).ok()
 }
+
+/// The most digits [`fast_number`] reads: every value up to 2^32 - 1 without leading zeros.
+const FAST_MAX_DIGITS: usize = 10;
 
 /// Parses one complete frame from the front of `buf`, splitting it off without copying.
 ///
@@ -628,8 +633,13 @@ mod tests {
                 "fast path disagrees on {:?}",
                 String::from_utf8_lossy(line)
             ),
+            // Declining a well-formed header is allowed only for a field padded with leading
+            // zeros to more than ten digits.
             None => assert!(
-                !matches!(general, Ok(Some((Head::Data(_), _)))),
+                !matches!(general, Ok(Some((Head::Data(_), _))))
+                    || line
+                        .split(|&b| !b.is_ascii_digit())
+                        .any(|run| run.len() > 10),
                 "fast path declined a well-formed header {:?}",
                 String::from_utf8_lossy(line)
             ),
@@ -646,6 +656,9 @@ mod tests {
             b"ANS 1 7 . 100 5 4294967295\r\n",
             b"NUL 1 7 . 100 0\r\n",
             b"MSG 0001 02 . 0003 04\r\n",
+            b"MSG 1 2 . 00000000004294967295 4\r\n",
+            b"MSG 1 2 . 99999999999999999999999 4\r\n",
+            b"MSG 1 2 . 18446744073709551616 4\r\n", // 2^64: wraps to 0 if unchecked
             // Rejected by both: out of range, malformed, NUL with a payload or `*`.
             b"MSG 2147483648 0 . 0 0\r\n",
             b"MSG 1 2 . 4294967296 0\r\n",
@@ -670,6 +683,13 @@ mod tests {
         ] {
             assert_fast_agrees(line, 128);
         }
+        // A field padded past ten digits is the general path's to read.
+        let padded = b"MSG 1 2 . 00000000004294967295 4\r\n";
+        assert_eq!(parse_data_head_fast(padded, 128), None);
+        let Ok(Some((Head::Data(header), _))) = parse_head(padded, 128) else {
+            panic!("a padded seqno is well formed")
+        };
+        assert_eq!(header.seqno, u32::MAX);
         // A header longer than the window is the general path's to refuse.
         let long = b"MSG 1 2 . 3 000000000000000000000000000004\r\n";
         assert_eq!(parse_data_head_fast(long, 32), None);
@@ -682,7 +702,7 @@ mod tests {
             tokens in proptest::collection::vec(
                 proptest::sample::select(vec![
                     "MSG", "RPY", "ERR", "ANS", "NUL", "SEQ", " ", "  ", ".", "*", "0", "7",
-                    "42", "2147483647", "2147483648", "4294967295", "4294967296", "0000000001",
+                    "42", "2147483647", "2147483648", "4294967295", "4294967296", "0000000001", "18446744073709551616",
                     "\r\n", "\r", "\n", "x", "END",
                 ]),
                 0..14,
