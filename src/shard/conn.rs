@@ -134,11 +134,25 @@ async fn run(
         // Backpressure: while some connection of the shard cannot take more relay output,
         // the others stop reading (their peers' windows close). A backlogged connection keeps
         // reading: its replies are what drains it. Shutdown is not held up.
-        ctx.backlogged
-            .wait(|| {
-                !shared.overflow.borrow().is_empty() || closing_since.is_some() || ctx.stopping()
-            })
-            .await;
+        // Likewise while envelopes for another shard pile up faster than it takes them. Output
+        // queued for this connection meanwhile is still written: a connection held here may be
+        // the one whose peer's replies clear the backlog.
+        let keep_reading =
+            || !shared.overflow.borrow().is_empty() || closing_since.is_some() || ctx.stopping();
+        let gate = future::or(
+            async {
+                ctx.backlogged.wait(keep_reading).await;
+                ctx.outbox_backlog.wait(keep_reading).await;
+                true
+            },
+            async {
+                shared.wake.notified().await;
+                false
+            },
+        );
+        if !gate.await {
+            continue;
+        }
         let wake = match closing_since {
             None => {
                 future::or(
@@ -346,6 +360,9 @@ pub fn execute_actions(ctx: &Rc<ShardContext>) {
                     Err(Misuse::TooManyOutstanding(_)) => {
                         if overflow.is_empty() {
                             ctx.backlogged.add();
+                            // Its driver may be held back by the other shards' envelopes:
+                            // with overflow of its own it must read its peer's replies.
+                            shared.wake.notify();
                         }
                         overflow.push_back((channel, payload));
                     }

@@ -5,6 +5,7 @@
 pub mod conn;
 pub mod mesh;
 pub mod notify;
+pub mod outbox;
 pub mod peer;
 
 use std::cell::{Cell, RefCell};
@@ -63,9 +64,10 @@ pub struct ShardContext {
     pub backlogged: notify::Backlog,
     /// Envelopes waiting for each peer shard's queue, in order; one flusher task per peer
     /// sends them, so envelopes to a shard never overtake each other.
-    pub outboxes: Vec<RefCell<std::collections::VecDeque<ShardMsg>>>,
-    /// Wakes the flusher of each peer shard.
-    pub outbox_wake: Vec<notify::Notify>,
+    pub outboxes: Vec<outbox::Outbox<ShardMsg>>,
+    /// Outboxes over their limit (`runtime.mesh_queue` envelopes); while there are any the
+    /// shard's connections pause reading, as for `backlogged`.
+    pub outbox_backlog: notify::Backlog,
     next_conn: Cell<ConnId>,
 }
 
@@ -98,17 +100,11 @@ impl ShardContext {
 
     /// Queues `envelope` for shard `to` and wakes its flusher.
     pub fn post(&self, to: usize, envelope: apex_proto::apex::relay::Envelope) {
-        if let (Some(outbox), Some(wake)) = (self.outboxes.get(to), self.outbox_wake.get(to)) {
-            outbox.borrow_mut().push_back(ShardMsg::Relay(envelope));
-            wake.notify();
+        if let Some(outbox) = self.outboxes.get(to) {
+            if outbox.push(ShardMsg::Relay(envelope)) {
+                self.outbox_backlog.add();
+            }
         }
-    }
-
-    /// True when envelopes pile up for some peer shard faster than its queue drains: the
-    /// shard's connections then stop reading (backpressure) until the flushers catch up.
-    pub fn outbox_pressure(&self) -> bool {
-        let limit = self.config.runtime.mesh_queue;
-        self.outboxes.iter().any(|o| o.borrow().len() > limit)
     }
 }
 
@@ -303,6 +299,7 @@ async fn shard_main(
         trusted: config.mesh.trusted.clone(),
         hold: (&config.hold).into(),
     });
+    let outbox_limit = config.runtime.mesh_queue;
     let ctx = Rc::new(ShardContext {
         id,
         session_config: SessionConfig {
@@ -322,11 +319,9 @@ async fn shard_main(
         stopping: Cell::new(false),
         backlogged: notify::Backlog::default(),
         outboxes: (0..shard_count)
-            .map(|_| RefCell::new(std::collections::VecDeque::new()))
+            .map(|_| outbox::Outbox::new(outbox_limit))
             .collect(),
-        outbox_wake: (0..shard_count)
-            .map(|_| notify::Notify::default())
-            .collect(),
+        outbox_backlog: notify::Backlog::default(),
         next_conn: Cell::new(0),
     });
     if ctx.mesh.is_some() {
@@ -373,6 +368,7 @@ async fn shard_main(
     );
     ctx.stopping.set(true);
     ctx.backlogged.wake_all();
+    ctx.outbox_backlog.wake_all();
     ctx.shutdown.close();
     edge_task.await;
     mesh_task.await;
@@ -399,12 +395,15 @@ async fn flush_outbox(ctx: Rc<ShardContext>, peer: usize) {
         return;
     };
     loop {
-        let next = ctx.outboxes[peer].borrow_mut().pop_front();
+        let (next, relieved) = ctx.outboxes[peer].pop();
+        if relieved {
+            ctx.outbox_backlog.remove();
+        }
         let Some(msg) = next else {
             if ctx.stopping() {
                 return;
             }
-            futures_lite::future::or(ctx.outbox_wake[peer].notified(), async {
+            futures_lite::future::or(ctx.outboxes[peer].pushed(), async {
                 let _ = ctx.shutdown.acquire(1).await;
             })
             .await;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use apex_proto::beep::mgmt::ProfileOffer;
 use apex_proto::{Event, Role, Session, SessionConfig};
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 
 pub const APEX: &str = "http://iana.org/beep/APEX";
 
@@ -109,11 +109,15 @@ impl Drop for Relay {
     }
 }
 
-/// A blocking BEEP initiator over loopback, driven by the protocol core.
+/// A BEEP initiator over loopback, driven by the protocol core. Reads and writes wait at most
+/// 50 ms: a test drives many clients from one thread, and a relay applying backpressure to one
+/// of them (not reading it) must not stop the others, whose replies may be what it waits for.
 pub struct Client {
     pub stream: TcpStream,
     pub session: Session,
     pub inbox: BytesMut,
+    /// Output polled from the session and not yet taken by the socket.
+    pub outbox: BytesMut,
     pub events: Vec<Event>,
     pub eof: bool,
 }
@@ -123,6 +127,9 @@ impl Client {
         let stream = TcpStream::connect(addr).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         stream.set_nodelay(true).unwrap();
         Client {
@@ -139,6 +146,7 @@ impl Client {
                 },
             ),
             inbox: BytesMut::new(),
+            outbox: BytesMut::new(),
             events: Vec::new(),
             eof: false,
         }
@@ -146,10 +154,20 @@ impl Client {
 
     /// Writes pending output, reads what arrived, collects events.
     pub fn pump(&mut self) {
-        let mut out = BytesMut::new();
-        while self.session.poll_transmit(&mut out) > 0 {}
-        if !out.is_empty() {
-            self.stream.write_all(&out).unwrap();
+        while self.session.poll_transmit(&mut self.outbox) > 0 {}
+        while !self.outbox.is_empty() {
+            match self.stream.write(&self.outbox) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Ok(n) => self.outbox.advance(n),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+                Err(_) => {
+                    self.eof = true;
+                    break;
+                }
+            }
         }
         let mut buf = [0u8; 65536];
         match self.stream.read(&mut buf) {
