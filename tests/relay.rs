@@ -361,3 +361,55 @@ fn tiny_shard_queues_keep_order_and_lose_nothing() {
         assert_eq!(got, &(0..N).collect::<Vec<_>>(), "pair {i}");
     }
 }
+
+#[test]
+fn a_stalled_recipient_bounds_what_a_two_shard_relay_accepts() {
+    // One recipient that never reads and senders on both shards: the relay may accept only
+    // what its bounded queues hold (the recipient's outstanding deliveries and overflow, one
+    // outbox and one shard queue per peer shard, a read per connection), then it must hold
+    // every sender back. Senders on the shard without the recipient used to be read on while
+    // their envelopes piled up in an outbox without bound.
+    let relay = relay(2);
+    const SENDERS: usize = 8;
+    const QUEUED: usize = 10_000;
+    // The bounded queues of this relay admit a few thousand messages; an unbounded outbox
+    // admits every message of every sender on the other shard.
+    const BOUND: usize = 20_000;
+    let (_stalled, _) = attached(&relay, "stall@example.com");
+    let mut senders: Vec<(Client, u32)> = (0..SENDERS)
+        .map(|i| attached(&relay, &format!("flood{i}@example.com")))
+        .collect();
+    for (i, (sender, channel)) in senders.iter_mut().enumerate() {
+        sender.events.clear();
+        for n in 0..QUEUED {
+            let data = format!(
+                "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='flood{i}@example.com' /><recipient identity='stall@example.com' /><data-content Name='C'>{n}</data-content></data>"
+            );
+            sender
+                .session
+                .send_msg(*channel, Bytes::from(data))
+                .unwrap();
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
+    while std::time::Instant::now() < deadline {
+        for (sender, _) in &mut senders {
+            sender.pump();
+        }
+    }
+    let accepted: usize = senders
+        .iter()
+        .map(|(sender, _)| {
+            sender
+                .events
+                .iter()
+                .filter(|e| matches!(e, apex_proto::Event::Reply { .. }))
+                .count()
+        })
+        .sum();
+    assert!(
+        accepted < BOUND,
+        "the relay accepted {accepted} of {} messages for a recipient that never reads",
+        SENDERS * QUEUED
+    );
+}
