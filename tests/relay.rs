@@ -17,11 +17,16 @@ const DATA_13_1: &[u8] = b"Content-Type: application/beep+xml\r\n\r\n<data conte
 /// apex-core.md §13.4: the content as a separate MIME part.
 const DATA_13_4: &[u8] = b"Content-Type: multipart/related; boundary=\"XX\"; start=\"<1@fred.example.com>\"; type=\"application/beep+xml\"\r\n\r\n--XX\r\nContent-Type: application/beep+xml\r\nContent-ID: <1@fred.example.com>\r\n\r\n<data content='cid:2@fred.example.com'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n</data>\r\n--XX\r\nContent-Type: text/plain\r\nContent-ID: <2@fred.example.com>\r\n\r\nhello, barney\r\n--XX--\r\n";
 
+/// A data from `from` to `to` whose `data-content` (Name `C`) is `text`.
+fn data_from_to(from: &str, to: &str, text: impl std::fmt::Display) -> Bytes {
+    Bytes::from(format!(
+        "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='{from}' /><recipient identity='{to}' /><data-content Name='C'>{text}</data-content></data>"
+    ))
+}
+
 /// A data from fred to barney whose content is the number `i`.
 fn numbered(i: usize) -> Bytes {
-    Bytes::from(format!(
-        "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='fred@example.com' /><recipient identity='barney@example.com' /><data-content Name='C'>{i}</data-content></data>"
-    ))
+    data_from_to("fred@example.com", "barney@example.com", i)
 }
 
 /// The number carried by a [`numbered`] data (or an `a:b` pair's text).
@@ -228,13 +233,12 @@ fn sixteen_endpoints_on_two_shards_exchange_3200_messages() {
     for (i, (client, channel)) in clients.iter_mut().enumerate() {
         for n in 0..PER_SENDER {
             let to = (i + 1 + n % (ENDPOINTS - 1)) % ENDPOINTS;
-            let data = format!(
-                "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='e{i}@example.com' /><recipient identity='e{to}@example.com' /><data-content Name='C'>{i}:{n}</data-content></data>"
+            let data = data_from_to(
+                &format!("e{i}@example.com"),
+                &format!("e{to}@example.com"),
+                format_args!("{i}:{n}"),
             );
-            client
-                .session
-                .send_msg(*channel, Bytes::from(data))
-                .unwrap();
+            client.session.send_msg(*channel, data).unwrap();
         }
     }
     let mut received: Vec<Vec<(usize, usize)>> = vec![Vec::new(); ENDPOINTS];
@@ -331,13 +335,12 @@ fn tiny_shard_queues_keep_order_and_lose_nothing() {
         .collect();
     for (i, (sender, channel)) in senders.iter_mut().enumerate() {
         for n in 0..N {
-            let data = format!(
-                "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='s{i}@example.com' /><recipient identity='r{i}@example.com' /><data-content Name='C'>{n}</data-content></data>"
+            let data = data_from_to(
+                &format!("s{i}@example.com"),
+                &format!("r{i}@example.com"),
+                n,
             );
-            sender
-                .session
-                .send_msg(*channel, Bytes::from(data))
-                .unwrap();
+            sender.session.send_msg(*channel, data).unwrap();
         }
     }
     let mut seen: Vec<Vec<usize>> = vec![Vec::new(); PAIRS];
@@ -382,13 +385,8 @@ fn a_stalled_recipient_bounds_what_a_two_shard_relay_accepts() {
     for (i, (sender, channel)) in senders.iter_mut().enumerate() {
         sender.events.clear();
         for n in 0..QUEUED {
-            let data = format!(
-                "Content-Type: application/beep+xml\r\n\r\n<data content='#C'><originator identity='flood{i}@example.com' /><recipient identity='stall@example.com' /><data-content Name='C'>{n}</data-content></data>"
-            );
-            sender
-                .session
-                .send_msg(*channel, Bytes::from(data))
-                .unwrap();
+            let data = data_from_to(&format!("flood{i}@example.com"), "stall@example.com", n);
+            sender.session.send_msg(*channel, data).unwrap();
         }
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
