@@ -131,12 +131,12 @@ async fn run(
             return Ending::Released;
         }
 
-        // Backpressure: while some connection of the shard cannot take more relay output,
-        // the others stop reading (their peers' windows close). A backlogged connection keeps
-        // reading: its replies are what drains it. Shutdown is not held up.
-        // Likewise while envelopes for another shard pile up faster than it takes them. Output
-        // queued for this connection meanwhile is still written: a connection held here may be
-        // the one whose peer's replies clear the backlog.
+        // Backpressure: while some connection of the shard cannot take more relay output, or
+        // envelopes for another shard pile up faster than it takes them, the others stop
+        // reading (their peers' windows close). A backlogged connection keeps reading: its
+        // replies are what drains it. Output queued for a connection held here is still
+        // written, since its peer's replies may be what clears the backlog. Shutdown is not
+        // held up.
         let keep_reading =
             || !shared.overflow.borrow().is_empty() || closing_since.is_some() || ctx.stopping();
         let gate = future::or(
