@@ -29,6 +29,7 @@ use rustc_hash::FxHashMap;
 type EndpointMap<V> = HashMap<Endpoint, V, foldhash::fast::RandomState>;
 
 use bytes::Bytes;
+use compact_str::CompactString;
 
 use crate::apex::access::AccessTable;
 use crate::apex::addr::Endpoint;
@@ -221,8 +222,8 @@ pub struct ReportRequest {
     pub trans_id: u32,
     /// Who asked (the data's originator).
     pub originator: Endpoint,
-    /// The recipient reported on.
-    pub recipient: String,
+    /// The recipient reported on, as the data named it.
+    pub recipient: CompactString,
 }
 
 /// How to answer an attach or bind once it is settled.
@@ -969,7 +970,7 @@ impl Relay {
                     Box::new(ReportRequest {
                         trans_id,
                         originator: originator.clone(),
-                        recipient: recipient.identity.to_string(),
+                        recipient: recipient.identity.clone(),
                     })
                 });
             let target = match self.parse_endpoint(&recipient.identity) {
@@ -1040,7 +1041,7 @@ impl Relay {
                                 Box::new(ReportRequest {
                                     trans_id,
                                     originator: originator.clone(),
-                                    recipient: data.recipients[i].identity.to_string(),
+                                    recipient: data.recipients[i].identity.clone(),
                                 })
                             });
                         self.report(report, e.code, &e.text);
@@ -1307,7 +1308,7 @@ impl Relay {
                     let request = Box::new(ReportRequest {
                         trans_id,
                         originator: originator.clone(),
-                        recipient: recipient.identity.to_string(),
+                        recipient: recipient.identity.clone(),
                     });
                     self.report(Some(request), code::ACTION_NOT_TAKEN, reason);
                 }
