@@ -28,6 +28,7 @@ use std::hint::black_box;
 use apex_proto::beep::frame::{self, encode_data_frame, put_data_frame, Header, Inbound, Keyword};
 use apex_proto::beep::output::Vectored;
 use apex_proto::limits::DEFAULT_MAX_HEADER_LINE;
+use apexd::shard::conn::SHARED_PAYLOAD_MIN;
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
@@ -94,9 +95,6 @@ fn encode_all(out: &mut BytesMut, payload: &[u8]) {
         encode_data_frame(out, &header(i, payload.len()), black_box(payload));
     }
 }
-
-/// Payloads from this size on are referenced, not copied: the connection driver's setting.
-const SHARED_PAYLOAD_MIN: usize = 1024;
 
 /// Puts the `FRAMES` frames into `sink` and moves its parts to `parts`, which is cleared first.
 fn encode_vectored(sink: &mut Vectored, parts: &mut Vec<Bytes>, payload: &Bytes) {

@@ -222,7 +222,7 @@ async fn run(
 
 /// Payloads from this size on are written from where they were received rather than copied
 /// into the write buffer; below it, the copy is cheaper than another slice for the kernel.
-pub(crate) const SHARED_PAYLOAD_MIN: usize = 1024;
+pub const SHARED_PAYLOAD_MIN: usize = 1024;
 
 /// Writes everything `out` holds: headers and small frames coalesced, large payloads from
 /// their own memory, in one vectored send when the socket takes it all. `parts` is scratch
