@@ -573,6 +573,10 @@ fn assemble(
     payload: Bytes,
     limits: &Limits,
 ) -> Result<Option<Bytes>, ()> {
+    if !more && partial.is_empty() {
+        // The usual reply: one frame, nothing assembled on the channel (no key to hash).
+        return Ok(Some(payload));
+    }
     match partial.remove(&key) {
         None if !more => Ok(Some(payload)),
         None => {

@@ -315,6 +315,10 @@ impl Session {
 
     fn consume(&mut self, buf: &mut BytesMut) -> Result<(), ProtocolError> {
         loop {
+            if buf.is_empty() {
+                // Most reads end on a frame boundary: no header to look for.
+                return Ok(());
+            }
             let (header, header_len) = match self.pending_head {
                 Some(pending) => pending,
                 None => match frame::parse_head(buf, self.config.limits.max_header_line)? {
