@@ -107,15 +107,18 @@ async fn run(
 ) -> Ending {
     let read_chunk = ctx.config.runtime.read_chunk;
     let mut read_buf = BytesMut::with_capacity(read_chunk);
-    // The socket is read into this zeroed scratch buffer and only the octets received are
-    // appended to `read_buf` (whose frames are then split off as `Bytes`): zeroing a fresh
-    // read window on every read cost more than copying what actually arrived.
+    // A read after a wait goes through glommio's `read`, which wants an initialised slice: it
+    // lands in this scratch buffer and what arrived is copied to `read_buf` (whose frames are
+    // then split off as `Bytes`). When a read filled all the room it had, more is probably
+    // waiting: that is received straight into `read_buf`, with no copy.
     let mut scratch = vec![0u8; read_chunk];
+    let mut drained = true;
     let mut out = Vectored::new(SHARED_PAYLOAD_MIN);
     let mut parts = Vec::new();
     let stop = ctx.shutdown.acquire(1);
     futures_lite::pin!(stop);
     let mut closing_since: Option<Instant> = None;
+    let mut reads_without_waiting = 0u32;
     let grace = Duration::from_millis(ctx.config.shutdown_grace_ms);
 
     loop {
@@ -153,6 +156,35 @@ async fn run(
         if !gate.await {
             continue;
         }
+        if !drained && closing_since.is_none() && !ctx.stopping() {
+            // Room is made a chunk at a time, not on every read: while payloads split off
+            // earlier are alive the buffer cannot be reused, and growing it means a new one.
+            if read_buf.capacity() - read_buf.len() < MIN_DIRECT_ROOM {
+                read_buf.reserve(read_chunk);
+            }
+            let room = (read_buf.capacity() - read_buf.len()).min(read_chunk);
+            match sys::recv_into(stream.as_raw_fd(), &mut read_buf, room) {
+                Ok(Some(0)) | Err(_) => return Ending::PeerClosed,
+                Ok(Some(n)) => {
+                    // Less than there was room for: the socket is most likely empty now, so
+                    // the next read waits (glommio then polls) rather than asking for nothing.
+                    drained = n < room;
+                    if handle_input(conn, shared, ctx, &mut read_buf).is_err() {
+                        return Ending::Aborted;
+                    }
+                    // A peer that always has more waiting would never let this task wait:
+                    // every so often it lets the shard's other tasks run first.
+                    reads_without_waiting += 1;
+                    if reads_without_waiting == READS_BEFORE_YIELDING {
+                        reads_without_waiting = 0;
+                        future::yield_now().await;
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+            }
+        }
+        reads_without_waiting = 0;
         let wake = match closing_since {
             None => {
                 future::or(
@@ -205,19 +237,40 @@ async fn run(
                 continue;
             }
         };
+        drained = n < scratch.len();
         read_buf.extend_from_slice(&scratch[..n]);
-        let input = shared
-            .session
-            .borrow_mut()
-            .handle_input(&mut read_buf, Instant::now());
-        if let Err(error) = input {
-            warn!(shard = ctx.id, conn, %error, "terminating session");
+        if handle_input(conn, shared, ctx, &mut read_buf).is_err() {
             return Ending::Aborted;
         }
-        handle_events(conn, shared, ctx);
-        drain_overflow(conn, shared, ctx);
-        execute_actions(ctx);
     }
+}
+
+/// Reads straight from the socket a connection's task makes before it yields to the others.
+const READS_BEFORE_YIELDING: u32 = 16;
+
+/// Below this much room in the read buffer, a direct read first makes a chunk's worth.
+const MIN_DIRECT_ROOM: usize = 4096;
+
+/// Feeds what was read to the session and runs what it leads to. `Err` when the session must
+/// be terminated.
+fn handle_input(
+    conn: ConnId,
+    shared: &ConnShared,
+    ctx: &Rc<ShardContext>,
+    read_buf: &mut BytesMut,
+) -> Result<(), ()> {
+    let input = shared
+        .session
+        .borrow_mut()
+        .handle_input(read_buf, Instant::now());
+    if let Err(error) = input {
+        warn!(shard = ctx.id, conn, %error, "terminating session");
+        return Err(());
+    }
+    handle_events(conn, shared, ctx);
+    drain_overflow(conn, shared, ctx);
+    execute_actions(ctx);
+    Ok(())
 }
 
 /// Payloads from this size on are written from where they were received rather than copied
@@ -280,16 +333,13 @@ fn drain_overflow(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
     ctx.backlogged.remove();
 }
 
-/// Hands the session's events to the relay. The session is borrowed only while draining.
+/// Hands the session's events to the relay, one at a time as they are polled: the relay only
+/// queues actions, which run after both borrows end, so nothing needs collecting first.
 fn handle_events(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
-    let events: Vec<Event> = {
-        let mut session = shared.session.borrow_mut();
-        std::iter::from_fn(|| session.poll_event()).collect()
-    };
     let mut relay = ctx.relay.borrow_mut();
     relay.set_now(ctx.now_ms());
     let mut session = shared.session.borrow_mut();
-    for event in events {
+    while let Some(event) = session.poll_event() {
         if let Some(Event::CloseRefused { channel: 0, .. }) =
             relay.handle_session_event(conn, &mut session, event)
         {
