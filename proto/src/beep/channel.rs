@@ -407,7 +407,10 @@ impl Channel {
     /// Moves reply parts whose turn has come into the send queue.
     fn release_ready_replies(&mut self) {
         while let Some(head) = self.pending_replies.front_mut() {
-            self.queue.extend(head.parts.drain(..));
+            // Usually empty: the oldest MSG's reply went straight to the queue.
+            if !head.parts.is_empty() {
+                self.queue.extend(head.parts.drain(..));
+            }
             if !head.complete {
                 break;
             }
