@@ -128,3 +128,41 @@ fn vectored_output_puts_the_same_octets_on_the_wire() {
         assert_eq!(run(Some(shared_min)), copied, "shared_min {shared_min}");
     }
 }
+
+#[test]
+fn try_send_msg_hands_back_what_it_cannot_queue() {
+    let (mut pair, channel) = started_pair(usize::MAX);
+    let limit = pair.client.session.limits().max_outstanding_msgs;
+    for n in 0..limit {
+        let msgno = pair
+            .client
+            .session
+            .try_send_msg(channel, Bytes::from_static(b"\r\nqueued"))
+            .map_err(|(misuse, _)| misuse)
+            .unwrap();
+        assert_eq!(msgno as usize, n, "BEEP-04: msgnos count up from 0");
+    }
+    // One over the limit: refused, and the very payload comes back (not a copy).
+    let payload = Bytes::from(b"\r\nheld back".to_vec());
+    let (misuse, back) = pair
+        .client
+        .session
+        .try_send_msg(channel, payload.clone())
+        .unwrap_err();
+    assert_eq!(misuse, apex_proto::Misuse::TooManyOutstanding(channel));
+    assert_eq!(back.as_ptr(), payload.as_ptr());
+    assert_eq!(back, payload);
+    // A channel that does not exist hands it back too.
+    let (misuse, back) = pair.client.session.try_send_msg(7, back).unwrap_err();
+    assert_eq!(misuse, apex_proto::Misuse::NoSuchChannel(7));
+    assert_eq!(back, payload);
+    // Once the replies come in there is room again, and the held payload goes out.
+    pair.drive();
+    assert_eq!(pair.client.profile.replies.len(), limit);
+    assert!(pair.client.session.try_send_msg(channel, back).is_ok());
+    pair.drive();
+    assert_eq!(
+        pair.client.profile.replies.last().map(|r| r.3.clone()),
+        Some(payload)
+    );
+}

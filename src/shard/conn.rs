@@ -316,9 +316,9 @@ fn drain_overflow(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
     }
     let mut session = shared.session.borrow_mut();
     while let Some((channel, payload)) = overflow.pop_front() {
-        match session.send_msg(channel, payload.clone()) {
+        match session.try_send_msg(channel, payload) {
             Ok(_) => {}
-            Err(Misuse::TooManyOutstanding(_)) => {
+            Err((Misuse::TooManyOutstanding(_), payload)) => {
                 overflow.push_front((channel, payload));
                 return;
             }
@@ -398,16 +398,13 @@ pub fn execute_actions(ctx: &Rc<ShardContext>) {
                 };
                 let mut overflow = shared.overflow.borrow_mut();
                 let result = if overflow.is_empty() {
-                    shared
-                        .session
-                        .borrow_mut()
-                        .send_msg(channel, payload.clone())
+                    shared.session.borrow_mut().try_send_msg(channel, payload)
                 } else {
-                    Err(Misuse::TooManyOutstanding(channel)) // keep the order
+                    Err((Misuse::TooManyOutstanding(channel), payload)) // keep the order
                 };
                 match result {
                     Ok(_) => shared.wake.notify(),
-                    Err(Misuse::TooManyOutstanding(_)) => {
+                    Err((Misuse::TooManyOutstanding(_), payload)) => {
                         if overflow.is_empty() {
                             ctx.backlogged.add();
                             // Its driver may be held back by the other shards' envelopes:

@@ -884,15 +884,27 @@ impl Session {
 
     /// Queues a MSG on a profile channel; returns its msgno.
     pub fn send_msg(&mut self, channel: u32, payload: Bytes) -> Result<u32, Misuse> {
-        self.usable()?;
-        check_size(&payload)?;
+        self.try_send_msg(channel, payload)
+            .map_err(|(misuse, _)| misuse)
+    }
+
+    /// [`Session::send_msg`] that hands the payload back when it cannot be queued, for a caller
+    /// that keeps it for later (a relay holding MSGs until replies free room) without paying
+    /// for a second reference to it on every MSG that does go out.
+    pub fn try_send_msg(&mut self, channel: u32, payload: Bytes) -> Result<u32, (Misuse, Bytes)> {
+        if let Err(misuse) = self.usable().and_then(|()| check_size(&payload)) {
+            return Err((misuse, payload));
+        }
         let limit = self.config.limits.max_outstanding_msgs;
-        let c = self.profile_channel(channel)?;
+        let c = match self.profile_channel(channel) {
+            Ok(c) => c,
+            Err(misuse) => return Err((misuse, payload)),
+        };
         if c.closing {
-            return Err(Misuse::ChannelClosing(channel));
+            return Err((Misuse::ChannelClosing(channel), payload));
         }
         if c.outstanding.len() >= limit {
-            return Err(Misuse::TooManyOutstanding(channel));
+            return Err((Misuse::TooManyOutstanding(channel), payload));
         }
         let msgno = c.queue_msg(payload);
         self.mark_ready(channel);
