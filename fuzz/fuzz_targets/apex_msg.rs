@@ -12,13 +12,16 @@
 //! * with every recipient and option kept, the received payload itself is returned;
 //! * the fast scanner of common `data` documents agrees with the full parser: whatever the
 //!   default parsers return, `parse_message_full` / `parse_document_full` (quick-xml only)
-//!   return the same for the same input (APEX-21).
+//!   return the same for the same input (APEX-21);
+//! * whenever `parse_simple_data` (the relay's borrowed view of the common `data`) answers,
+//!   `parse_message` returns a `data` with the same originator and one recipient, the same
+//!   identities, and no options anywhere.
 #![no_main]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use apex_proto::apex::msg::{
-    parse_document, parse_document_full, parse_message, parse_message_full, ApexLimits,
-    ApexOption, Data, OpError, Operation, TargetHop,
+    parse_document, parse_document_full, parse_message, parse_message_full, parse_simple_data,
+    ApexLimits, ApexOption, Data, OpError, Operation, TargetHop,
 };
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
@@ -43,6 +46,16 @@ fuzz_target!(|input: &[u8]| {
         if let Ok(Operation::Data(data)) = fast {
             check_data(name, parse, &data, &limits, input);
         }
+    }
+    if let Some(simple) = parse_simple_data(&payload, &limits) {
+        let Ok(Operation::Data(data)) = parse_message(&payload, &limits) else {
+            panic!("simple data that parse_message does not take as data")
+        };
+        assert_eq!(data.originator.identity, simple.originator);
+        assert_eq!(data.recipients.len(), 1);
+        assert_eq!(data.recipients[0].identity, simple.recipient);
+        assert!(data.options.is_empty());
+        assert!(data.originator.options.is_empty() && data.recipients[0].options.is_empty());
     }
 });
 

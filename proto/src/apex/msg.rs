@@ -280,6 +280,38 @@ fn parse_message_with(
     Ok(op)
 }
 
+/// A `data` of the shape nearly every one has: a control document alone, one originator, one
+/// recipient, no options anywhere, and a valid content reference (APEX-07). Borrowed from the
+/// payload: the relay routes it without building a [`Data`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimpleData<'a> {
+    /// The originator's identity.
+    pub originator: &'a str,
+    /// The one recipient's identity.
+    pub recipient: &'a str,
+}
+
+/// The payload as a [`SimpleData`], or `None` when it is anything else (any other operation,
+/// options, several recipients, MIME parts, markup the scanner leaves to the full parser, or
+/// an error): then [`parse_message`] has the answer. Whenever this returns `Some`,
+/// [`parse_message`] returns a `Data` with the same two identities and no options.
+pub fn parse_simple_data<'a>(payload: &'a Bytes, limits: &ApexLimits) -> Option<SimpleData<'a>> {
+    if !payload.starts_with(BEEP_XML_HEADERS) {
+        return None;
+    }
+    let control = BEEP_XML_HEADERS.len()..payload.len();
+    let doc = simdutf8::basic::from_utf8(&payload[control.clone()]).ok()?;
+    let view = super::scan::view(payload, doc, control, limits)?;
+    let [recipient] = view.recipients.as_slice() else {
+        return None;
+    };
+    check_content(view.content, view.content_names_data_content(), &[]).ok()?;
+    Some(SimpleData {
+        originator: view.originator.identity,
+        recipient: recipient.identity,
+    })
+}
+
 /// Parses a control document alone, as piggybacked in a `start` (RFC 3340 §4.2).
 pub fn parse_document(doc: &Bytes, limits: &ApexLimits) -> Result<Operation, OpError> {
     parse_document_with(doc, limits, Scanner::Fast)
@@ -305,15 +337,24 @@ fn parse_document_with(
 
 /// APEX-07: `#Name` must name the `data-content`; `cid:` must name a part.
 fn check_content_reference(data: &Data, content_ids: &[String]) -> Result<(), OpError> {
-    if data.content.starts_with('#') {
-        if !data.content_names_data_content {
+    check_content(&data.content, data.content_names_data_content, content_ids)
+}
+
+/// [`check_content_reference`] on the parts it looks at.
+fn check_content(
+    content: &str,
+    names_data_content: bool,
+    content_ids: &[String],
+) -> Result<(), OpError> {
+    if content.starts_with('#') {
+        if !names_data_content {
             return Err(OpError::invalid("content names no data-content element"));
         }
-    } else if let Some(cid) = data.content.strip_prefix("cid:") {
+    } else if let Some(cid) = content.strip_prefix("cid:") {
         if !content_ids.iter().any(|id| id == cid) {
             return Err(OpError::invalid("content names no MIME part"));
         }
-    } else if !data.content.contains(':') {
+    } else if !content.contains(':') {
         return Err(OpError::invalid(
             "content must be an absolute URI or a fragment",
         ));

@@ -33,7 +33,7 @@ use compact_str::CompactString;
 
 use crate::apex::access::AccessTable;
 use crate::apex::addr::Endpoint;
-use crate::apex::msg::{self, apex_code, ApexLimits, ApexOption, Data, Operation};
+use crate::apex::msg::{self, apex_code, ApexLimits, ApexOption, Data, Operation, SimpleData};
 use crate::apex::options::{self, Edit, Hop};
 use crate::beep::mgmt::{code, ErrorElement};
 use crate::beep::session::{Event, ReplyKind, Session};
@@ -293,6 +293,9 @@ pub struct Relay {
     /// Identities of data originators and recipients already parsed: the same few names come
     /// with every message. Bounded by [`PARSED_CACHE_ENTRIES`].
     parsed: HashMap<Box<str>, Endpoint, foldhash::fast::RandomState>,
+    /// Whether data of the common shape takes [`Relay::simple_data`]; off only where tests
+    /// compare it with the general path.
+    simple_data_path: bool,
 }
 
 /// Most cached access decisions before the cache starts over.
@@ -356,7 +359,16 @@ impl Relay {
             access_cache: EndpointMap::default(),
             parsed: HashMap::default(),
             access_cached: 0,
+            simple_data_path: true,
         }
+    }
+
+    /// Sends every `data` through the general path (the full [`Data`], options and all), as
+    /// the differential tests and fuzzing need to compare the two paths.
+    #[doc(hidden)]
+    pub fn without_simple_data_path(mut self) -> Self {
+        self.simple_data_path = false;
+        self
     }
 
     /// Tells the relay the time (milliseconds of a monotonic clock); used by `dataTiming`.
@@ -515,6 +527,11 @@ impl Relay {
     pub fn handle_message(&mut self, conn: ConnId, channel: u32, msgno: u32, payload: &Bytes) {
         // A MSG on the channel proves the peer knows it.
         self.channels.entry((conn, channel)).or_default().ready = true;
+        if self.simple_data_path {
+            if let Some(data) = msg::parse_simple_data(payload, &self.config.limits) {
+                return self.simple_data(conn, channel, msgno, payload, data);
+            }
+        }
         let operation = msg::parse_message(payload, &self.config.limits);
         self.operation(conn, channel, Answer::Msg(msgno), &operation);
     }
@@ -907,21 +924,17 @@ impl Relay {
             .flat_map(|(_, s)| s.associations.values())
     }
 
-    /// RFC 3340 §4.4.4.1 (APEX-22..25).
-    fn data(&mut self, conn: ConnId, channel: u32, msgno: u32, data: &Data) {
-        let answer = Answer::Msg(msgno);
-        let originator = match self.parse_endpoint(&data.originator.identity) {
-            Ok(o) => o,
-            Err(e) => {
-                return self.answer_owned(
-                    conn,
-                    channel,
-                    answer,
-                    Err((code::PARAMETER_ERROR, e.to_string())),
-                )
-            }
-        };
-        // Step 1: may this peer send in the originator's name?
+    /// Step 1 of RFC 3340 §4.4.4.1 (APEX-22): may the peer on this channel send in the name of
+    /// `identity`? The originator when it may; otherwise the error to answer.
+    fn authorize(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        identity: &str,
+    ) -> Result<Endpoint, (u16, String)> {
+        let originator = self
+            .parse_endpoint(identity)
+            .map_err(|e| (code::PARAMETER_ERROR, e.to_string()))?;
         let kind = self.connections.get(&conn).copied();
         let may_send_as = |a: &Association| match (kind, a) {
             (Some(ConnKind::Edge), Association::Attached(e)) => *e == originator,
@@ -943,16 +956,53 @@ impl Relay {
             .is_some_and(|c| c.associations.values().any(may_send_as))
             || self.associations_of(conn).any(may_send_as);
         if !authorized {
-            return self.answer(
-                conn,
-                channel,
-                answer,
-                Err((
-                    apex_code::NOT_AUTHORIZED,
-                    "not authorized to send as the originator",
-                )),
-            );
+            return Err((
+                apex_code::NOT_AUTHORIZED,
+                "not authorized to send as the originator".to_owned(),
+            ));
         }
+        Ok(originator)
+    }
+
+    /// [`Relay::data`] for [`SimpleData`]: one recipient and no options, so no option applies
+    /// or asks for a report, and the payload goes on exactly as received (APEX-28). Routes as
+    /// `data` does, without building a [`Data`] first.
+    fn simple_data(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        msgno: u32,
+        payload: &Bytes,
+        data: SimpleData<'_>,
+    ) {
+        let answer = Answer::Msg(msgno);
+        let originator = match self.authorize(conn, channel, data.originator) {
+            Ok(o) => o,
+            Err(refusal) => return self.answer_owned(conn, channel, answer, Err(refusal)),
+        };
+        self.answer(conn, channel, answer, Ok(()));
+        // An invalid recipient is only ever reported when a statusRequest asks (APEX-38).
+        let Ok(target) = self.parse_endpoint(data.recipient) else {
+            return;
+        };
+        if self.serves(target.domain()) {
+            self.deliver_local(&originator, &target, payload.clone(), None, None);
+        } else {
+            self.actions.push_back(Action::Forward {
+                domain: target.domain().to_ascii_lowercase(),
+                payload: payload.clone(),
+            });
+        }
+    }
+
+    /// RFC 3340 §4.4.4.1 (APEX-22..25).
+    fn data(&mut self, conn: ConnId, channel: u32, msgno: u32, data: &Data) {
+        let answer = Answer::Msg(msgno);
+        // Step 1: may this peer send in the originator's name?
+        let originator = match self.authorize(conn, channel, &data.originator.identity) {
+            Ok(o) => o,
+            Err(refusal) => return self.answer_owned(conn, channel, answer, Err(refusal)),
+        };
         // Step 2: per-data options that apply here (APEX-36).
         if let Err(e) = options::check_must_understand(&data.options, Hop::Receiving)
             .and_then(|()| options::check_must_understand(&data.originator.options, Hop::Receiving))
@@ -1403,6 +1453,109 @@ mod tests {
             trusted: Vec::new(),
             hold: options::HoldLimits::default(),
         })
+    }
+
+    fn message(doc: &str) -> Bytes {
+        Bytes::from(format!("Content-Type: application/beep+xml\r\n\r\n{doc}"))
+    }
+
+    fn simple(originator: &str, recipient: &str) -> Bytes {
+        message(&format!(
+            "<data content='#C'><originator identity='{originator}' /><recipient identity='{recipient}' /><data-content Name='C'>hi</data-content></data>"
+        ))
+    }
+
+    /// APEX-22..25: data of the common shape, routed by `simple_data`, leads to exactly the
+    /// actions the general path (the full `Data`) leads to, in every routing case: attached,
+    /// not attached, remote, unauthorized originator, invalid identities, access denied, from
+    /// an edge and from a bound relay.
+    #[test]
+    fn simple_data_acts_exactly_as_the_general_path() {
+        let mut access = AccessTable::new();
+        access
+            .grant_domain(
+                "example.com",
+                crate::apex::access::ActorPattern::parse("*@example.com").unwrap(),
+                vec![crate::apex::access::Action::CORE_DATA],
+            )
+            .unwrap();
+        let build = || {
+            let mut r = Relay::new(RelayConfig {
+                access: access.clone(),
+                ..relay().config
+            });
+            r.conn_opened(1, ConnKind::Edge);
+            r.conn_opened(2, ConnKind::Edge);
+            r.conn_opened(3, ConnKind::Mesh);
+            r.handle_message(
+                1,
+                1,
+                0,
+                &message("<attach endpoint='fred@example.com' transID='1' />"),
+            );
+            r.handle_message(
+                2,
+                1,
+                0,
+                &message("<attach endpoint='barney@example.com' transID='1' />"),
+            );
+            r.handle_message(3, 1, 0, &message("<bind relay='other.org' transID='1' />"));
+            let setup: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
+            assert!(
+                setup
+                    .iter()
+                    .all(|a| matches!(a, Action::Reply { positive: true, .. })),
+                "{setup:?}"
+            );
+            assert!(r
+                .lookup(&Endpoint::parse("barney@example.com").unwrap())
+                .is_some());
+            r
+        };
+        let (mut fast, mut general) = (build(), build().without_simple_data_path());
+        let cases: [(ConnId, &str, &str); 10] = [
+            (1, "fred@example.com", "barney@example.com"),
+            (2, "barney@example.com", "fred@example.com"),
+            (1, "fred@example.com", "barney@EXAMPLE.com"),
+            (1, "fred@example.com", "nobody@example.com"),
+            (1, "fred@example.com", "someone@other.org"),
+            (1, "barney@example.com", "fred@example.com"),
+            (1, "fred", "barney@example.com"),
+            (1, "fred@example.com", "barney"),
+            (3, "ann@other.org", "barney@example.com"),
+            (3, "ann@third.net", "barney@example.com"),
+        ];
+        let mut seen = Vec::new();
+        for (msgno, (conn, originator, recipient)) in (1..).zip(cases) {
+            let payload = simple(originator, recipient);
+            assert!(
+                msg::parse_simple_data(&payload, &ApexLimits::default()).is_some(),
+                "{originator} -> {recipient} must take the simple path"
+            );
+            let run = |r: &mut Relay| {
+                r.handle_message(conn, 1, msgno, &payload);
+                std::iter::from_fn(|| r.poll_action()).collect::<Vec<_>>()
+            };
+            let (a, b) = (run(&mut fast), run(&mut general));
+            assert_eq!(a, b, "{originator} -> {recipient}");
+            seen.push(a);
+        }
+        // The cases reach every outcome: delivered, forwarded, accepted and dropped, refused.
+        let any = |f: &dyn Fn(&Action) -> bool| seen.iter().flatten().any(f);
+        assert!(any(&|a| matches!(a, Action::Send { conn: 2, .. })));
+        assert!(any(&|a| matches!(a, Action::Send { conn: 1, .. })));
+        assert!(any(
+            &|a| matches!(a, Action::Forward { domain, .. } if domain == "other.org")
+        ));
+        assert!(any(&|a| matches!(
+            a,
+            Action::Reply {
+                positive: false,
+                ..
+            }
+        )));
+        assert!(seen.iter().any(|actions| actions.len() == 1
+            && matches!(actions[0], Action::Reply { positive: true, .. })));
     }
 
     #[test]
