@@ -445,6 +445,26 @@ const DIGIT_PAIRS: [u8; 200] = {
     table
 };
 
+/// Every octet of a word set to ASCII `0`: added to digit values 0 to 9 (or'ed, as they never
+/// carry), it makes them ASCII digits.
+const ASCII_ZEROS: u64 = 0x3030_3030_3030_3030;
+
+/// The eight decimal digit values of `n` (below 10^8, leading zeros included), one per octet,
+/// the most significant in the lowest octet (first in memory once stored little-endian).
+///
+/// The word is split into halves of four digits, each half into pairs, each pair into digits,
+/// all lanes at once: a lane's product never reaches the next lane (10^4 x 5243 < 2^32 and
+/// 100 x 103 < 2^16), and the multiply-shifts divide exactly in these ranges (checked for
+/// every value in the tests).
+fn eight_digits(n: u32) -> u64 {
+    debug_assert!(n < 100_000_000);
+    let halves = u64::from(n / 10_000) | (u64::from(n % 10_000) << 32);
+    let hundreds = ((halves * 5243) >> 19) & 0x0000_007F_0000_007F;
+    let pairs = hundreds | ((halves - hundreds * 100) << 16);
+    let tens = ((pairs * 103) >> 10) & 0x000F_000F_000F_000F;
+    tens | ((pairs - tens * 10) << 8)
+}
+
 /// Appends `n` in plain decimal (no sign, no leading zeros).
 pub fn put_decimal(out: &mut BytesMut, n: u32) {
     Line::new().number(n).append_to(out);
@@ -453,7 +473,8 @@ pub fn put_decimal(out: &mut BytesMut, n: u32) {
 /// A header line built on the stack and appended with one copy: frames are encoded for every
 /// message, and a dozen small appends to the output buffer cost more than the line itself.
 struct Line {
-    buf: [u8; Line::MAX],
+    /// The line, then room for the eight-octet store of a number written at its end.
+    buf: [u8; Line::MAX + 8],
     len: usize,
 }
 
@@ -463,7 +484,7 @@ impl Line {
 
     fn new() -> Self {
         Self {
-            buf: [0; Self::MAX],
+            buf: [0; Self::MAX + 8],
             len: 0,
         }
     }
@@ -477,22 +498,32 @@ impl Line {
         self
     }
 
-    fn number(&mut self, mut n: u32) -> &mut Self {
-        let end = self.len + n.checked_ilog10().map_or(1, |log| log as usize + 1);
-        let mut i = end;
-        while n >= 100 {
-            let pair = (n % 100) as usize * 2;
-            n /= 100;
-            i -= 2;
-            self.buf[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    // Up to eight digits are formatted at once in a word (the numbers of a busy channel's
+    // headers, seqno and msgno, are long: a loop over digit pairs was most of a header's cost)
+    // and stored with one fixed-size write; leading zeros are dropped by shifting them out.
+    fn number(&mut self, n: u32) -> &mut Self {
+        if n >= 100_000_000 {
+            let top = (n / 100_000_000) as usize; // 1 to 42
+            if top >= 10 {
+                self.buf[self.len..self.len + 2]
+                    .copy_from_slice(&DIGIT_PAIRS[2 * top..2 * top + 2]);
+                self.len += 2;
+            } else {
+                self.buf[self.len] = b'0' + top as u8;
+                self.len += 1;
+            }
+            let digits = eight_digits(n % 100_000_000);
+            self.buf[self.len..self.len + 8].copy_from_slice(&(digits | ASCII_ZEROS).to_le_bytes());
+            self.len += 8;
+            return self;
         }
-        if n >= 10 {
-            let pair = n as usize * 2;
-            self.buf[i - 2..i].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
-        } else {
-            self.buf[i - 1] = b'0' + n as u8;
-        }
-        self.len = end;
+        let digits = eight_digits(n);
+        // Digit values with the most significant in the lowest octet: the zero octets below
+        // the first nonzero one are the leading zeros (all eight when n is 0, which keeps one).
+        let leading = ((digits.trailing_zeros() / 8) as usize).min(7);
+        let shifted = (digits | ASCII_ZEROS) >> (8 * leading);
+        self.buf[self.len..self.len + 8].copy_from_slice(&shifted.to_le_bytes());
+        self.len += 8 - leading;
         self
     }
 
@@ -715,6 +746,34 @@ mod tests {
     }
 
     #[test]
+    fn eight_digits_divides_exactly_in_every_lane() {
+        // The two multiply-shift divisions, over their whole input ranges.
+        for half in 0..10_000u64 {
+            assert_eq!((half * 5243) >> 19, half / 100, "{half}");
+        }
+        for pair in 0..100u64 {
+            assert_eq!((pair * 103) >> 10, pair / 10, "{pair}");
+        }
+        // Every digit lands in its octet: each position with every digit value.
+        for position in 0..8 {
+            for digit in 0..10u32 {
+                let n = digit * 10u32.pow(7 - position);
+                let mut expected = [0u8; 8];
+                expected[position as usize] = digit as u8;
+                assert_eq!(eight_digits(n).to_le_bytes(), expected, "{n}");
+            }
+        }
+        assert_eq!(
+            (eight_digits(12_345_678) | ASCII_ZEROS).to_le_bytes(),
+            *b"12345678"
+        );
+        assert_eq!(
+            (eight_digits(99_999_999) | ASCII_ZEROS).to_le_bytes(),
+            *b"99999999"
+        );
+    }
+
+    #[test]
     fn decimal_encoding_has_no_leading_zeros() {
         let mut out = BytesMut::new();
         for n in [
@@ -729,6 +788,13 @@ mod tests {
             999,
             1000,
             65_535,
+            10_000_000,
+            99_999_999,
+            100_000_000,
+            100_000_001,
+            999_999_999,
+            1_000_000_000,
+            1_000_000_009,
             2_147_483_647,
             4_294_967_295,
         ] {
