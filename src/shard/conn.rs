@@ -333,8 +333,9 @@ fn drain_overflow(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
     ctx.backlogged.remove();
 }
 
-/// Hands the session's events to the relay, one at a time as they are polled: the relay only
-/// queues actions, which run after both borrows end, so nothing needs collecting first.
+/// Hands the session's events to the relay, one at a time as they are polled: the relay answers
+/// into this session directly and queues the rest as actions, which run after both borrows
+/// end, so nothing needs collecting first.
 fn handle_events(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
     let mut relay = ctx.relay.borrow_mut();
     relay.set_now(ctx.now_ms());

@@ -495,7 +495,9 @@ impl Relay {
                 msgno,
                 payload,
             } => {
+                let queued = self.actions.len();
                 self.handle_message(conn, channel, msgno, &payload);
+                self.reply_directly(conn, session, queued);
                 None
             }
             Event::Reply {
@@ -512,6 +514,36 @@ impl Relay {
                 None
             }
             other => Some(other),
+        }
+    }
+
+    /// Puts the replies on `conn` among the actions queued from index `from` on straight into
+    /// its session, which the caller holds, instead of leaving them to the runtime (which
+    /// would look the session up again). They may go out ahead of deliveries to the same
+    /// session queued before them: a relay's MSG and its RPY to the peer's MSG are
+    /// independent exchanges (RFC 3080 §2.6), and replies keep their own order (BEEP-35).
+    fn reply_directly(&mut self, conn: ConnId, session: &mut Session, from: usize) {
+        let mut at = from;
+        while at < self.actions.len() {
+            if !matches!(&self.actions[at], Action::Reply { conn: c, .. } if *c == conn) {
+                at += 1;
+                continue;
+            }
+            if let Some(Action::Reply {
+                channel,
+                msgno,
+                positive,
+                payload,
+                ..
+            }) = self.actions.remove(at)
+            {
+                // A session that can no longer take it (closing) has nobody to tell.
+                let _ = if positive {
+                    session.send_rpy(channel, msgno, payload)
+                } else {
+                    session.send_err(channel, msgno, payload)
+                };
+            }
         }
     }
 
