@@ -10,7 +10,7 @@ use crate::apex::access::AccessTable;
 use crate::apex::msg::{self as apex_msg, ApexLimits};
 use crate::apex::relay::{domain_shard, Action, ConnId, ConnKind, Envelope, Relay, RelayConfig};
 use crate::beep::frame::{self as beep_frame, encode_data_frame, Header, Inbound, Keyword};
-use crate::beep::mgmt::{code as beep_code, ErrorElement, ProfileOffer};
+use crate::beep::mgmt::{ErrorElement, ProfileOffer};
 use crate::beep::output::Vectored;
 use crate::beep::profile::{Dispatcher, ProfileHandler, StartDecision};
 use crate::beep::session::{Event, ReplyKind, Role, Session, SessionConfig, StartRequest};
@@ -836,9 +836,7 @@ impl RelayNet {
                     .client_by_conn(shard, conn)
                     .map(|c| c.listener.send_msg(channel, payload).is_ok());
                 if sent != Some(true) {
-                    let refusal =
-                        apex_msg::error_payload(beep_code::ACTION_NOT_TAKEN, "endpoint went away");
-                    self.relays[shard].handle_reply(conn, channel, false, &refusal);
+                    self.relays[shard].send_failed(conn, channel, "endpoint went away");
                 }
             }
             Action::ToShard {

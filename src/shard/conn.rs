@@ -9,7 +9,6 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use apex_proto::apex::msg::error_payload;
 use apex_proto::apex::relay::{domain_shard, Action, ConnId, ConnKind, Envelope};
 use apex_proto::beep::mgmt::{code, ErrorElement};
 use apex_proto::beep::output::{self, Vectored};
@@ -323,10 +322,9 @@ fn drain_overflow(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
                 return;
             }
             Err(_) => {
-                let refusal = error_payload(code::ACTION_NOT_TAKEN, "endpoint went away");
                 ctx.relay
                     .borrow_mut()
-                    .handle_reply(conn, channel, false, &refusal);
+                    .send_failed(conn, channel, ENDPOINT_GONE);
             }
         }
     }
@@ -348,6 +346,9 @@ fn handle_events(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
         }
     }
 }
+
+/// Why a delivery the session refused failed, in the report its originator asked for.
+const ENDPOINT_GONE: &str = "endpoint went away";
 
 /// Executes the relay's actions until none is left. Output for other connections wakes them;
 /// envelopes for other shards go to that shard's outbox, sent in order by its flusher task.
@@ -391,10 +392,9 @@ pub fn execute_actions(ctx: &Rc<ShardContext>) {
                 payload,
             } => {
                 let Some(shared) = ctx.conns.borrow().get(&conn).cloned() else {
-                    let refusal = error_payload(code::ACTION_NOT_TAKEN, "endpoint went away");
                     ctx.relay
                         .borrow_mut()
-                        .handle_reply(conn, channel, false, &refusal);
+                        .send_failed(conn, channel, ENDPOINT_GONE);
                     continue;
                 };
                 let mut overflow = shared.overflow.borrow_mut();
@@ -415,12 +415,11 @@ pub fn execute_actions(ctx: &Rc<ShardContext>) {
                         overflow.push_back((channel, payload));
                     }
                     Err(_) => {
-                        // The channel went away: a refusal, so reports still flow.
+                        // The channel is closing or went away: reports still flow.
                         drop(overflow);
-                        let refusal = error_payload(code::ACTION_NOT_TAKEN, "endpoint went away");
                         ctx.relay
                             .borrow_mut()
-                            .handle_reply(conn, channel, false, &refusal);
+                            .send_failed(conn, channel, ENDPOINT_GONE);
                     }
                 }
             }

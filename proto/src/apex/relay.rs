@@ -112,7 +112,8 @@ pub enum Action {
         content: Bytes,
     },
     /// Send a MSG on a channel of a local connection (delivery, report or terminate). Its
-    /// reply must be passed to [`Relay::handle_reply`].
+    /// reply must be passed to [`Relay::handle_reply`]; a MSG the session refuses, to
+    /// [`Relay::send_failed`].
     Send {
         /// Connection.
         conn: ConnId,
@@ -1378,6 +1379,25 @@ impl Relay {
         }
     }
 
+    /// A MSG of [`Action::Send`] on `channel` could not be queued (the channel is closing or
+    /// gone; not for lack of room, which the runtime waits out): the delivery failed, reported
+    /// when asked (APEX-38). It is the newest of the channel's MSGs, not the oldest a reply
+    /// would match: such a failure is permanent for the channel, so every later MSG on it
+    /// fails too, and the failed ones are always the newest entries, while MSGs already
+    /// queued before it may still be answered.
+    pub fn send_failed(&mut self, conn: ConnId, channel: u32, reason: &str) {
+        let Some(sent) = self
+            .channels
+            .get_mut(&(conn, channel))
+            .and_then(|s| s.sent.pop_back())
+        else {
+            return;
+        };
+        if let Sent::Delivery(report) = sent {
+            self.report(report, code::ACTION_NOT_TAKEN, reason);
+        }
+    }
+
     /// The outcome of forwarding to another relay, for reports (APEX-24).
     pub fn forward_failed(&mut self, payload: &Bytes, reason: &str) {
         if let Ok(Operation::Data(data)) = msg::parse_message(payload, &self.config.limits) {
@@ -1487,6 +1507,86 @@ mod tests {
         })
     }
 
+    /// A relay where every endpoint of example.com may send data to every other.
+    fn granted_relay() -> Relay {
+        let mut access = AccessTable::new();
+        access
+            .grant_domain(
+                "example.com",
+                crate::apex::access::ActorPattern::parse("*@example.com").unwrap(),
+                vec![crate::apex::access::Action::CORE_DATA],
+            )
+            .unwrap();
+        Relay::new(RelayConfig {
+            access,
+            ..relay().config
+        })
+    }
+
+    /// APEX-38: when a delivery's MSG cannot be queued (its channel is closing), the report
+    /// is about that delivery, and one sent before it still gets its own answer's report.
+    #[test]
+    fn a_refused_send_fails_the_newest_delivery_not_the_oldest() {
+        let mut r = granted_relay();
+        r.conn_opened(1, ConnKind::Edge);
+        r.conn_opened(2, ConnKind::Edge);
+        r.handle_message(
+            1,
+            1,
+            0,
+            &message("<attach endpoint='fred@example.com' transID='1' />"),
+        );
+        r.handle_message(
+            2,
+            1,
+            0,
+            &message("<attach endpoint='barney@example.com' transID='1' />"),
+        );
+        while r.poll_action().is_some() {}
+        let with_status = |trans_id: u32| {
+            message(&format!(
+                "<data content='#C'><originator identity='fred@example.com' /><recipient identity='barney@example.com' /><option internal='statusRequest' transID='{trans_id}' /><data-content Name='C'>hi</data-content></data>"
+            ))
+        };
+        for (msgno, trans_id) in [(1, 10), (2, 11)] {
+            r.handle_message(1, 1, msgno, &with_status(trans_id));
+            let actions: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
+            assert!(
+                matches!(
+                    actions.as_slice(),
+                    [
+                        Action::Reply { positive: true, .. },
+                        Action::Send { conn: 2, .. }
+                    ]
+                ),
+                "{actions:?}"
+            );
+        }
+        // The first delivery went out; the second was refused by the closing channel.
+        r.send_failed(2, 1, "endpoint went away");
+        let report = |r: &mut Relay| match r.poll_action() {
+            Some(Action::Send {
+                conn: 1, payload, ..
+            }) => String::from_utf8_lossy(&payload).into_owned(),
+            other => panic!("expected a report to fred, got {other:?}"),
+        };
+        let failed = report(&mut r);
+        assert!(failed.contains("statusResponse transID='11'"), "{failed}");
+        assert!(failed.contains("code='550'"), "{failed}");
+        // Barney answers the first: its own report, a success.
+        r.handle_reply(2, 1, true, &msg::ok_payload());
+        let delivered = report(&mut r);
+        assert!(
+            delivered.contains("statusResponse transID='10'"),
+            "{delivered}"
+        );
+        assert!(
+            delivered.contains(&format!("code='{}'", apex_code::SUCCESS)),
+            "{delivered}"
+        );
+        assert_eq!(r.poll_action(), None);
+    }
+
     fn message(doc: &str) -> Bytes {
         Bytes::from(format!("Content-Type: application/beep+xml\r\n\r\n{doc}"))
     }
@@ -1503,19 +1603,8 @@ mod tests {
     /// an edge and from a bound relay.
     #[test]
     fn simple_data_acts_exactly_as_the_general_path() {
-        let mut access = AccessTable::new();
-        access
-            .grant_domain(
-                "example.com",
-                crate::apex::access::ActorPattern::parse("*@example.com").unwrap(),
-                vec![crate::apex::access::Action::CORE_DATA],
-            )
-            .unwrap();
         let build = || {
-            let mut r = Relay::new(RelayConfig {
-                access: access.clone(),
-                ..relay().config
-            });
+            let mut r = granted_relay();
             r.conn_opened(1, ConnKind::Edge);
             r.conn_opened(2, ConnKind::Edge);
             r.conn_opened(3, ConnKind::Mesh);
