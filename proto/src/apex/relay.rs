@@ -276,6 +276,10 @@ pub struct Relay {
     /// Keyed by our connection ids and channel numbers bounded per connection: a fast hash is
     /// safe here (the directory, keyed by names peers choose, keeps the default hasher).
     channels: FxHashMap<(ConnId, u32), ChannelState>,
+    /// The channels of `channels` by connection: what a session's associations are looked
+    /// up by, without a pass over every channel of the shard (bounded by the session's
+    /// channel limit).
+    conn_channels: FxHashMap<ConnId, Vec<u32>>,
     pending: HashMap<u64, PendingAttach>,
     next_request: u64,
     actions: VecDeque<Action>,
@@ -349,6 +353,7 @@ impl Relay {
             directory: EndpointMap::default(),
             connections: FxHashMap::default(),
             channels: FxHashMap::default(),
+            conn_channels: FxHashMap::default(),
             pending: HashMap::new(),
             next_request: 0,
             actions: VecDeque::new(),
@@ -411,13 +416,7 @@ impl Relay {
 
     /// A connection ended: every association made over it ends (APEX-16).
     pub fn conn_closed(&mut self, conn: ConnId) {
-        let channels: Vec<u32> = self
-            .channels
-            .keys()
-            .filter(|(c, _)| *c == conn)
-            .map(|(_, ch)| *ch)
-            .collect();
-        for channel in channels {
+        for channel in self.conn_channels.remove(&conn).unwrap_or_default() {
             self.channel_closed(conn, channel);
         }
         self.connections.remove(&conn);
@@ -427,11 +426,26 @@ impl Relay {
 
     /// An APEX channel was created without a piggybacked operation.
     pub fn channel_started(&mut self, conn: ConnId, channel: u32) {
-        self.channels.entry((conn, channel)).or_default().ready = true;
+        self.channel_state(conn, channel).ready = true;
+    }
+
+    /// The state of `channel` of `conn`, created (and listed under its connection) on first
+    /// use.
+    fn channel_state(&mut self, conn: ConnId, channel: u32) -> &mut ChannelState {
+        match self.channels.entry((conn, channel)) {
+            std::collections::hash_map::Entry::Occupied(state) => state.into_mut(),
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                self.conn_channels.entry(conn).or_default().push(channel);
+                vacant.insert(ChannelState::default())
+            }
+        }
     }
 
     /// An APEX channel closed: its attachments and bindings end (APEX-16).
     pub fn channel_closed(&mut self, conn: ConnId, channel: u32) {
+        if let Some(listed) = self.conn_channels.get_mut(&conn) {
+            listed.retain(|c| *c != channel);
+        }
         if let Some(state) = self.channels.remove(&(conn, channel)) {
             let at = self.at(conn, channel);
             for association in state.associations.into_values() {
@@ -551,7 +565,7 @@ impl Relay {
     /// A `start` for APEX carrying `piggyback` (RFC 3340 §4.2, APEX-06): the runtime defers
     /// its answer until [`Action::StartReply`]. Only attach and bind may ride in a start.
     pub fn handle_start(&mut self, conn: ConnId, start_id: u32, channel: u32, piggyback: &Bytes) {
-        self.channels.entry((conn, channel)).or_default();
+        self.channel_state(conn, channel);
         let operation = msg::parse_document(piggyback, &self.config.limits);
         self.operation(conn, channel, Answer::Start(start_id), &operation);
     }
@@ -559,7 +573,7 @@ impl Relay {
     /// A MSG on an APEX channel.
     pub fn handle_message(&mut self, conn: ConnId, channel: u32, msgno: u32, payload: &Bytes) {
         // A MSG on the channel proves the peer knows it.
-        self.channels.entry((conn, channel)).or_default().ready = true;
+        self.channel_state(conn, channel).ready = true;
         if self.simple_data_path {
             if let Some(data) = msg::parse_simple_data(payload, &self.config.limits) {
                 return self.simple_data(conn, channel, msgno, payload, data);
@@ -951,10 +965,12 @@ impl Relay {
     }
 
     fn associations_of(&self, conn: ConnId) -> impl Iterator<Item = &Association> {
-        self.channels
-            .iter()
-            .filter(move |((c, _), _)| *c == conn)
-            .flat_map(|(_, s)| s.associations.values())
+        self.conn_channels
+            .get(&conn)
+            .into_iter()
+            .flatten()
+            .filter_map(move |channel| self.channels.get(&(conn, *channel)))
+            .flat_map(|s| s.associations.values())
     }
 
     /// Step 1 of RFC 3340 §4.4.4.1 (APEX-22): may the peer on this channel send in the name of
@@ -1585,6 +1601,54 @@ mod tests {
             "{delivered}"
         );
         assert_eq!(r.poll_action(), None);
+    }
+
+    /// APEX-22 and APEX-16: an attachment on one channel authorizes data on the session's
+    /// other channels and no other session's; closing a session ends its channels alone.
+    #[test]
+    fn a_session_s_channels_are_found_by_its_connection() {
+        let mut r = granted_relay();
+        r.conn_opened(1, ConnKind::Edge);
+        r.conn_opened(2, ConnKind::Edge);
+        r.handle_message(
+            1,
+            1,
+            0,
+            &message("<attach endpoint='fred@example.com' transID='1' />"),
+        );
+        r.handle_message(
+            2,
+            1,
+            0,
+            &message("<attach endpoint='barney@example.com' transID='1' />"),
+        );
+        r.channel_started(2, 3);
+        while r.poll_action().is_some() {}
+        let answer = |r: &mut Relay, conn, channel| {
+            r.handle_message(
+                conn,
+                channel,
+                1,
+                &simple("fred@example.com", "barney@example.com"),
+            );
+            let actions: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
+            matches!(actions.first(), Some(Action::Reply { positive: true, .. }))
+        };
+        assert!(answer(&mut r, 1, 5), "fred's session, another channel");
+        assert!(!answer(&mut r, 2, 3), "another session");
+        assert_eq!(r.conn_channels[&1], [1, 5]);
+        assert_eq!(r.conn_channels[&2], [1, 3]);
+        r.channel_closed(2, 3);
+        assert_eq!(r.conn_channels[&2], [1]);
+        r.conn_closed(1);
+        assert!(!r.conn_channels.contains_key(&1));
+        assert!(r
+            .lookup(&Endpoint::parse("fred@example.com").unwrap())
+            .is_none());
+        assert!(r
+            .lookup(&Endpoint::parse("barney@example.com").unwrap())
+            .is_some());
+        assert_eq!(r.conn_channels[&2], [1]);
     }
 
     fn message(doc: &str) -> Bytes {
