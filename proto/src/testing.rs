@@ -8,7 +8,9 @@ use bytes::{Bytes, BytesMut};
 
 use crate::apex::access::AccessTable;
 use crate::apex::msg::{self as apex_msg, ApexLimits};
-use crate::apex::relay::{domain_shard, Action, ConnId, ConnKind, Envelope, Relay, RelayConfig};
+use crate::apex::relay::{
+    domain_shard, reply_in, Action, ConnId, ConnKind, Envelope, Relay, RelayConfig,
+};
 use crate::beep::frame::{self as beep_frame, encode_data_frame, Header, Inbound, Keyword};
 use crate::beep::mgmt::{ErrorElement, ProfileOffer};
 use crate::beep::output::Vectored;
@@ -809,11 +811,7 @@ impl RelayNet {
                 payload,
             } => {
                 if let Some(c) = self.client_by_conn(shard, conn) {
-                    let _ = if positive {
-                        c.listener.send_rpy(channel, msgno, payload)
-                    } else {
-                        c.listener.send_err(channel, msgno, payload)
-                    };
+                    let _ = reply_in(&mut c.listener, channel, msgno, positive, payload);
                 }
             }
             Action::StartReply {

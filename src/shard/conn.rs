@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use apex_proto::apex::relay::{domain_shard, Action, ConnId, ConnKind, Envelope};
+use apex_proto::apex::relay::{domain_shard, reply_in, Action, ConnId, ConnKind, Envelope};
 use apex_proto::beep::mgmt::{code, ErrorElement};
 use apex_proto::beep::output::{self, Vectored};
 use apex_proto::{Event, Misuse, Role, Session};
@@ -367,11 +367,7 @@ pub fn execute_actions(ctx: &Rc<ShardContext>) {
                 payload,
             } => {
                 ctx.with_session(conn, |s| {
-                    let _ = if positive {
-                        s.send_rpy(channel, msgno, payload)
-                    } else {
-                        s.send_err(channel, msgno, payload)
-                    };
+                    let _ = reply_in(s, channel, msgno, positive, payload);
                 });
             }
             Action::StartReply {

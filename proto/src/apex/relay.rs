@@ -37,6 +37,7 @@ use crate::apex::msg::{self, apex_code, ApexLimits, ApexOption, Data, Operation,
 use crate::apex::options::{self, Edit, Hop};
 use crate::beep::mgmt::{code, ErrorElement};
 use crate::beep::session::{Event, ReplyKind, Session};
+use crate::error::Misuse;
 
 /// A connection of this shard, as numbered by the runtime.
 pub type ConnId = u32;
@@ -553,11 +554,7 @@ impl Relay {
             }) = self.actions.remove(at)
             {
                 // A session that can no longer take it (closing) has nobody to tell.
-                let _ = if positive {
-                    session.send_rpy(channel, msgno, payload)
-                } else {
-                    session.send_err(channel, msgno, payload)
-                };
+                let _ = reply_in(session, channel, msgno, positive, payload);
             }
         }
     }
@@ -1481,6 +1478,21 @@ impl Relay {
                 report,
             } => self.deliver_at(at, payload, report),
         }
+    }
+}
+
+/// Carries out an [`Action::Reply`] in the session of its connection.
+pub fn reply_in(
+    session: &mut Session,
+    channel: u32,
+    msgno: u32,
+    positive: bool,
+    payload: Bytes,
+) -> Result<(), Misuse> {
+    if positive {
+        session.send_rpy(channel, msgno, payload)
+    } else {
+        session.send_err(channel, msgno, payload)
     }
 }
 
