@@ -978,10 +978,23 @@ impl Relay {
         channel: u32,
         identity: &str,
     ) -> Result<Endpoint, (u16, String)> {
+        let kind = self.connections.get(&conn).copied();
+        // Nearly always the originator is the endpoint attached on this very channel, spelled
+        // as it attached: then it is that endpoint, with no parsing and no lookup.
+        if kind == Some(ConnKind::Edge) {
+            let attached_here = self.channels.get(&(conn, channel)).and_then(|c| {
+                c.associations.values().find_map(|a| match a {
+                    Association::Attached(e) if e.as_str() == identity => Some(e),
+                    _ => None,
+                })
+            });
+            if let Some(endpoint) = attached_here {
+                return Ok(endpoint.clone());
+            }
+        }
         let originator = self
             .parse_endpoint(identity)
             .map_err(|e| (code::PARAMETER_ERROR, e.to_string()))?;
-        let kind = self.connections.get(&conn).copied();
         let may_send_as = |a: &Association| match (kind, a) {
             (Some(ConnKind::Edge), Association::Attached(e)) => *e == originator,
             (Some(ConnKind::Mesh), Association::Bound(d)) => {
