@@ -1564,10 +1564,9 @@ mod tests {
         })
     }
 
-    /// APEX-38: when a delivery's MSG cannot be queued (its channel is closing), the report
-    /// is about that delivery, and one sent before it still gets its own answer's report.
-    #[test]
-    fn a_refused_send_fails_the_newest_delivery_not_the_oldest() {
+    /// A granted relay with fred attached on connection 1 and barney on connection 2, both
+    /// edge sessions on channel 1; the attach replies are still queued.
+    fn fred_and_barney() -> Relay {
         let mut r = granted_relay();
         r.conn_opened(1, ConnKind::Edge);
         r.conn_opened(2, ConnKind::Edge);
@@ -1583,6 +1582,14 @@ mod tests {
             0,
             &message("<attach endpoint='barney@example.com' transID='1' />"),
         );
+        r
+    }
+
+    /// APEX-38: when a delivery's MSG cannot be queued (its channel is closing), the report
+    /// is about that delivery, and one sent before it still gets its own answer's report.
+    #[test]
+    fn a_refused_send_fails_the_newest_delivery_not_the_oldest() {
+        let mut r = fred_and_barney();
         while r.poll_action().is_some() {}
         let with_status = |trans_id: u32| {
             message(&format!(
@@ -1632,21 +1639,7 @@ mod tests {
     /// other channels and no other session's; closing a session ends its channels alone.
     #[test]
     fn a_session_s_channels_are_found_by_its_connection() {
-        let mut r = granted_relay();
-        r.conn_opened(1, ConnKind::Edge);
-        r.conn_opened(2, ConnKind::Edge);
-        r.handle_message(
-            1,
-            1,
-            0,
-            &message("<attach endpoint='fred@example.com' transID='1' />"),
-        );
-        r.handle_message(
-            2,
-            1,
-            0,
-            &message("<attach endpoint='barney@example.com' transID='1' />"),
-        );
+        let mut r = fred_and_barney();
         r.channel_started(2, 3);
         while r.poll_action().is_some() {}
         let answer = |r: &mut Relay, conn, channel| {
