@@ -123,6 +123,9 @@ async fn run(
     loop {
         let finished = {
             let mut session = shared.session.borrow_mut();
+            if session.has_output() {
+                out.make_room(WRITE_ROOM);
+            }
             while session.poll_transmit(&mut out) > 0 {}
             session.is_finished()
         };
@@ -246,6 +249,10 @@ async fn run(
 
 /// Reads straight from the socket a connection's task makes before it yields to the others.
 const READS_BEFORE_YIELDING: u32 = 16;
+
+/// Coalescing space made before a round of output: enough for a window's worth of small
+/// frames, so the write buffer rarely grows (and copies) in the middle of a round.
+pub(crate) const WRITE_ROOM: usize = 32 * 1024;
 
 /// Below this much room in the read buffer, a direct read first makes a chunk's worth.
 const MIN_DIRECT_ROOM: usize = 4096;

@@ -22,7 +22,7 @@ use glommio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::apex_profile::APEX_PROFILE;
-use crate::shard::conn::{execute_actions, write_out, SHARED_PAYLOAD_MIN};
+use crate::shard::conn::{execute_actions, write_out, SHARED_PAYLOAD_MIN, WRITE_ROOM};
 use crate::shard::notify::Notify;
 use crate::shard::ShardContext;
 
@@ -162,6 +162,9 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
                 }
                 in_flight.push_back(payload);
             }
+        }
+        if session.has_output() {
+            out.make_room(WRITE_ROOM);
         }
         while session.poll_transmit(&mut out) > 0 {}
         if !out.is_empty() && write_out(&mut stream, &mut out, &mut parts).await.is_err() {

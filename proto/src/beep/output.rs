@@ -70,6 +70,14 @@ impl Vectored {
         self.parts_len + self.buf.len()
     }
 
+    /// Makes `room` octets of coalescing space ahead of a round of output, while the buffer is
+    /// empty: growing it later, with frames in it, would copy them.
+    pub fn make_room(&mut self, room: usize) {
+        if self.buf.is_empty() && self.buf.capacity() < room {
+            self.buf.reserve(room);
+        }
+    }
+
     /// Takes everything to write, in order, leaving this empty (its buffer keeps its memory
     /// once the parts are dropped).
     pub fn take(&mut self, into: &mut Vec<Bytes>) {
@@ -164,6 +172,32 @@ mod tests {
         assert_eq!(parts[1].as_ptr(), large[500..].as_ptr());
         assert_eq!(parts[1].len(), 1500);
         assert_eq!(&parts[2][..], b"END\r\n");
+    }
+
+    #[test]
+    fn room_made_ahead_of_a_round_is_filled_without_moving() {
+        let mut out = Vectored::new(1024);
+        let mut parts = Vec::new();
+        // A previous round leaves the buffer with little room.
+        out.buffer().put_slice(&[b'a'; 100]);
+        out.take(&mut parts);
+        parts.clear();
+        out.make_room(8192);
+        assert!(out.buffer().capacity() >= 8192);
+        let start = out.buffer().as_ptr();
+        for _ in 0..64 {
+            out.put_payload(&Bytes::from_static(&[b'x'; 128]), 0..128);
+        }
+        assert_eq!(
+            out.buffer().as_ptr(),
+            start,
+            "the buffer grew in the middle of the round"
+        );
+        assert_eq!(out.len(), 64 * 128);
+        // With frames already in it, no room is made: that would copy them.
+        let capacity = out.buffer().capacity();
+        out.make_room(capacity * 4);
+        assert_eq!(out.buffer().capacity(), capacity);
     }
 
     #[test]
