@@ -232,7 +232,9 @@ impl Endpoint {
 impl PartialEq for Endpoint {
     fn eq(&self, other: &Self) -> bool {
         // The same text is the same endpoint; only different spellings need the rules below.
-        if self.text == other.text {
+        // Copies of one parse share their text: `Arc<str>`'s own `==` compares the strings
+        // even then (its pointer shortcut is only for sized types), so test the pointer first.
+        if Arc::ptr_eq(&self.text, &other.text) || self.text == other.text {
             return true;
         }
         self.local() == other.local()

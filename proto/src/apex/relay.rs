@@ -717,7 +717,7 @@ impl Relay {
         trans_id: u32,
         options: &[ApexOption],
     ) {
-        let endpoint = match Endpoint::parse(endpoint) {
+        let endpoint = match self.parse_endpoint(endpoint) {
             Ok(e) => e,
             Err(e) => {
                 return self.answer_owned(
@@ -1249,7 +1249,9 @@ impl Relay {
     }
 
     /// [`Endpoint::parse`], remembered: parsing is a pure function of the text, and a relay sees
-    /// the same identities over and over. Failures are not cached.
+    /// the same identities over and over. Failures are not cached. Endpoints parsed from the
+    /// same text share their memory, so the directory's key (parsed here at attach) and a data
+    /// message's recipient compare equal by pointer, without comparing their text.
     fn parse_endpoint(&mut self, text: &str) -> Result<Endpoint, crate::apex::addr::AddrError> {
         if let Some(known) = self.parsed.get(text) {
             return Ok(known.clone());
