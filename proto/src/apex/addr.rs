@@ -96,10 +96,15 @@ enum DomainKind {
 /// `fred@example.com` are different endpoints; the domain, about which the RFC is silent, is
 /// compared as DNS does, case-insensitively, and IP address literals by address.
 #[derive(Debug, Clone)]
-pub struct Endpoint {
-    /// The identity exactly as parsed; shared, so the copies the relay keeps of an endpoint
-    /// (directory, replicas on other shards, reports) cost a reference count, not a string.
-    text: Arc<str>,
+pub struct Endpoint(Arc<Parsed>);
+
+/// An endpoint's text and what parsing it found, shared by every copy: the relay keeps and
+/// passes endpoints around (directory, replicas on other shards, reports, the actions and
+/// envelopes of each message), so a copy is one pointer and a reference count, not a string.
+#[derive(Debug)]
+struct Parsed {
+    /// The identity exactly as parsed.
+    text: Box<str>,
     /// Byte offset of the `/` introducing the subaddress, if any.
     slash: Option<usize>,
     /// Byte offset of the `@`.
@@ -126,18 +131,18 @@ impl Endpoint {
         }
         let slash = validate_local(&text[..at])?;
         let kind = classify_domain(&text[at + 1..])?;
-        Ok(Self::new(Arc::from(text), slash, at, kind))
+        Ok(Self::new(Box::from(text), slash, at, kind))
     }
 
-    fn new(text: Arc<str>, slash: Option<usize>, at: usize, kind: DomainKind) -> Self {
+    fn new(text: Box<str>, slash: Option<usize>, at: usize, kind: DomainKind) -> Self {
         let fingerprint = fingerprint(&text[..at], kind, &text[at + 1..]);
-        Self {
+        Self(Arc::new(Parsed {
             text,
             slash,
             at,
             kind,
             fingerprint,
-        }
+        }))
     }
 
     /// Parses an `apex:` URI (`apex:fred@example.com`), undoing its percent-encoding first so
@@ -153,47 +158,47 @@ impl Endpoint {
 
     /// The identity as text, exactly as it was parsed.
     pub fn as_str(&self) -> &str {
-        &self.text
+        &self.0.text
     }
 
     /// The address: the local part without any subaddress (`fred` in `fred/appl=wb@x`).
     pub fn address(&self) -> &str {
-        &self.text[..self.slash.unwrap_or(self.at)]
+        &self.0.text[..self.0.slash.unwrap_or(self.0.at)]
     }
 
     /// The subaddress, if the local part has one (`appl=wb` in `fred/appl=wb@x`).
     pub fn subaddress(&self) -> Option<&str> {
-        self.slash.map(|slash| &self.text[slash + 1..self.at])
+        self.0.slash.map(|slash| &self.0.text[slash + 1..self.0.at])
     }
 
     /// The domain as written (`example.com`, `[10.0.0.1]`).
     pub fn domain(&self) -> &str {
-        &self.text[self.at + 1..]
+        &self.0.text[self.0.at + 1..]
     }
 
     /// The local part: the address plus `/subaddress` when there is one.
     pub fn local(&self) -> &str {
-        &self.text[..self.at]
+        &self.0.text[..self.0.at]
     }
 
     /// Whether the domain is an address literal (`[...]`) rather than a domain name.
     pub fn is_domain_literal(&self) -> bool {
-        self.kind != DomainKind::Name
+        self.0.kind != DomainKind::Name
     }
 
     /// The endpoint a subaddress belongs to (`fred@x` for `fred/appl=wb@x`); the endpoint
     /// itself when it has no subaddress. Attaching as an endpoint implies the right to attach
     /// as any of its subaddresses (RFC 3340 §4.5.1, APEX-30), which is checked on this base.
     pub fn base(&self) -> Cow<'_, Endpoint> {
-        match self.slash {
+        match self.0.slash {
             None => Cow::Borrowed(self),
             Some(slash) => {
-                let removed = self.at - slash;
+                let removed = self.0.at - slash;
                 Cow::Owned(Self::new(
-                    Arc::from(format!("{}{}", &self.text[..slash], &self.text[self.at..])),
+                    format!("{}{}", &self.0.text[..slash], &self.0.text[self.0.at..]).into(),
                     None,
-                    self.at - removed,
-                    self.kind,
+                    self.0.at - removed,
+                    self.0.kind,
                 ))
             }
         }
@@ -223,7 +228,7 @@ impl Endpoint {
     /// is compared case-insensitively as text.
     pub fn same_domain(&self, domain: &str) -> bool {
         match classify_domain(domain) {
-            Ok(kind) => domain_eq(self.domain(), self.kind, domain, kind),
+            Ok(kind) => domain_eq(self.domain(), self.0.kind, domain, kind),
             Err(_) => self.domain().eq_ignore_ascii_case(domain),
         }
     }
@@ -232,13 +237,12 @@ impl Endpoint {
 impl PartialEq for Endpoint {
     fn eq(&self, other: &Self) -> bool {
         // The same text is the same endpoint; only different spellings need the rules below.
-        // Copies of one parse share their text: `Arc<str>`'s own `==` compares the strings
-        // even then (its pointer shortcut is only for sized types), so test the pointer first.
-        if Arc::ptr_eq(&self.text, &other.text) || self.text == other.text {
+        // Copies of one parse share it: no text to compare.
+        if Arc::ptr_eq(&self.0, &other.0) || self.0.text == other.0.text {
             return true;
         }
         self.local() == other.local()
-            && domain_eq(self.domain(), self.kind, other.domain(), other.kind)
+            && domain_eq(self.domain(), self.0.kind, other.domain(), other.0.kind)
     }
 }
 
@@ -246,7 +250,7 @@ impl Eq for Endpoint {}
 
 impl Hash for Endpoint {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.fingerprint);
+        state.write_u64(self.0.fingerprint);
     }
 }
 
@@ -274,7 +278,7 @@ fn fingerprint(local: &str, kind: DomainKind, domain: &str) -> u64 {
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(&self.0.text)
     }
 }
 
@@ -288,7 +292,7 @@ impl FromStr for Endpoint {
 
 impl AsRef<str> for Endpoint {
     fn as_ref(&self) -> &str {
-        &self.text
+        &self.0.text
     }
 }
 
