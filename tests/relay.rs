@@ -208,6 +208,58 @@ fn five_thousand_pipelined_messages_arrive_once_and_in_order() {
 }
 
 #[test]
+fn reads_of_one_kibibyte_split_frames_anywhere_and_lose_nothing() {
+    // With 1 KiB reads, messages of 1.5-2.2 KiB span two or three reads, frames and headers
+    // split at every offset, and a pipelined burst fills read after read, so most reads go
+    // straight from the socket into the connection's buffer. Every message must still arrive
+    // byte for byte, in order.
+    let config =
+        std::env::temp_dir().join(format!("apexd-small-reads-{}.toml", std::process::id()));
+    std::fs::write(&config, "[runtime]\nread_chunk = 1024\n").unwrap();
+    let relay = Relay::start_with(&[
+        "--shards",
+        "1",
+        "--domain",
+        "example.com",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&config).unwrap();
+    let (mut barney, _) = attached(&relay, "barney@example.com");
+    let (mut fred, channel) = attached(&relay, "fred@example.com");
+    const N: usize = 800;
+    let sent: Vec<Bytes> = (0..N)
+        .map(|i| numbered_padded(i, 1500 + (i * 37) % 700))
+        .collect();
+    for data in &sent {
+        fred.session.send_msg(channel, data.clone()).unwrap();
+    }
+    let mut received = Vec::with_capacity(N);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while received.len() < N {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {N} delivered",
+            received.len()
+        );
+        fred.pump();
+        received.extend(barney.drain_messages());
+    }
+    for (i, (got, want)) in received.iter().zip(&sent).enumerate() {
+        assert!(got == want, "message {i} differs");
+    }
+}
+
+/// A data from fred to barney whose content is the number `i`, then spaces to `len` octets.
+fn numbered_padded(i: usize, len: usize) -> Bytes {
+    data_from_to(
+        "fred@example.com",
+        "barney@example.com",
+        format!("{i:<len$}"),
+    )
+}
+
+#[test]
 fn opt_hold4endpoint_keeps_data_until_the_recipient_attaches() {
     let relay = relay(2);
     let (mut fred, channel) = attached(&relay, "fred@example.com");

@@ -111,13 +111,12 @@ async fn run(
     // then split off as `Bytes`). When a read filled all the room it had, more is probably
     // waiting: that is received straight into `read_buf`, with no copy.
     let mut scratch = vec![0u8; read_chunk];
-    let mut drained = true;
+    let mut pacing = ReadPacing::default();
     let mut out = Vectored::new(SHARED_PAYLOAD_MIN);
     let mut parts = Vec::new();
     let stop = ctx.shutdown.acquire(1);
     futures_lite::pin!(stop);
     let mut closing_since: Option<Instant> = None;
-    let mut reads_without_waiting = 0u32;
     let grace = Duration::from_millis(ctx.config.shutdown_grace_ms);
 
     loop {
@@ -158,7 +157,7 @@ async fn run(
         if !gate.await {
             continue;
         }
-        if !drained && closing_since.is_none() && !ctx.stopping() {
+        if pacing.read_directly() && closing_since.is_none() && !ctx.stopping() {
             // Room is made a chunk at a time, not on every read: while payloads split off
             // earlier are alive the buffer cannot be reused, and growing it means a new one.
             if read_buf.capacity() - read_buf.len() < MIN_DIRECT_ROOM {
@@ -168,17 +167,11 @@ async fn run(
             match sys::recv_into(stream.as_raw_fd(), &mut read_buf, room) {
                 Ok(Some(0)) | Err(_) => return Ending::PeerClosed,
                 Ok(Some(n)) => {
-                    // Less than there was room for: the socket is most likely empty now, so
-                    // the next read waits (glommio then polls) rather than asking for nothing.
-                    drained = n < room;
+                    let yield_first = pacing.after_direct_read(n, room);
                     if handle_input(conn, shared, ctx, &mut read_buf).is_err() {
                         return Ending::Aborted;
                     }
-                    // A peer that always has more waiting would never let this task wait:
-                    // every so often it lets the shard's other tasks run first.
-                    reads_without_waiting += 1;
-                    if reads_without_waiting == READS_BEFORE_YIELDING {
-                        reads_without_waiting = 0;
+                    if yield_first {
                         future::yield_now().await;
                     }
                     continue;
@@ -186,7 +179,7 @@ async fn run(
                 Ok(None) => {}
             }
         }
-        reads_without_waiting = 0;
+        pacing.before_waiting();
         let wake = match closing_since {
             None => {
                 future::or(
@@ -239,7 +232,7 @@ async fn run(
                 continue;
             }
         };
-        drained = n < scratch.len();
+        pacing.after_read(n, scratch.len());
         read_buf.extend_from_slice(&scratch[..n]);
         if handle_input(conn, shared, ctx, &mut read_buf).is_err() {
             return Ending::Aborted;
@@ -249,6 +242,47 @@ async fn run(
 
 /// Reads straight from the socket a connection's task makes before it yields to the others.
 const READS_BEFORE_YIELDING: u32 = 16;
+
+/// How a connection reads next: straight from the socket, or by waiting for input.
+///
+/// A read that filled all the room it had most likely left more behind, so the next one is
+/// made at once, straight into the read buffer. One that got less found the socket empty: the
+/// next read waits (glommio then polls), rather than asking the kernel for nothing. A peer that
+/// always has more waiting would never let its task wait, so every
+/// [`READS_BEFORE_YIELDING`] reads in a row the task lets the shard's others run first.
+#[derive(Debug, Default)]
+struct ReadPacing {
+    more_waiting: bool,
+    reads_without_waiting: u32,
+}
+
+impl ReadPacing {
+    /// Whether the next read should go straight to the socket.
+    fn read_directly(&self) -> bool {
+        self.more_waiting
+    }
+
+    /// After any read of `n` octets into `room`.
+    fn after_read(&mut self, n: usize, room: usize) {
+        self.more_waiting = n >= room;
+    }
+
+    /// After a direct read: whether the task should yield before its next read.
+    fn after_direct_read(&mut self, n: usize, room: usize) -> bool {
+        self.after_read(n, room);
+        self.reads_without_waiting += 1;
+        if self.reads_without_waiting == READS_BEFORE_YIELDING {
+            self.reads_without_waiting = 0;
+            return true;
+        }
+        false
+    }
+
+    /// The task is about to wait: whatever it read before, it has let the others run.
+    fn before_waiting(&mut self) {
+        self.reads_without_waiting = 0;
+    }
+}
 
 /// Coalescing space made before a round of output: enough for a window's worth of small
 /// frames, so the write buffer rarely grows (and copies) in the middle of a round.
@@ -437,5 +471,52 @@ pub fn execute_actions(ctx: &Rc<ShardContext>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_that_fills_its_room_is_followed_by_a_direct_one() {
+        let mut pacing = ReadPacing::default();
+        assert!(!pacing.read_directly(), "a new connection waits for input");
+        pacing.after_read(100, 4096);
+        assert!(
+            !pacing.read_directly(),
+            "a short read found the socket empty"
+        );
+        pacing.after_read(4096, 4096);
+        assert!(pacing.read_directly());
+        assert!(!pacing.after_direct_read(1000, 4096));
+        assert!(
+            !pacing.read_directly(),
+            "a short direct read drains the socket"
+        );
+    }
+
+    #[test]
+    fn a_connection_that_never_drains_yields_every_so_many_reads() {
+        let mut pacing = ReadPacing::default();
+        pacing.after_read(4096, 4096);
+        let yields: Vec<u32> = (1..=3 * READS_BEFORE_YIELDING)
+            .filter(|_| pacing.after_direct_read(4096, 4096))
+            .collect();
+        assert_eq!(yields.len(), 3);
+        assert!(pacing.read_directly());
+        // Waiting lets the others run too: the count starts again.
+        for _ in 0..READS_BEFORE_YIELDING - 1 {
+            assert!(!pacing.after_direct_read(4096, 4096));
+        }
+        pacing.before_waiting();
+        pacing.after_read(4096, 4096);
+        for read in 1..READS_BEFORE_YIELDING {
+            assert!(
+                !pacing.after_direct_read(4096, 4096),
+                "yielded after {read} reads"
+            );
+        }
+        assert!(pacing.after_direct_read(4096, 4096));
     }
 }
