@@ -2111,6 +2111,36 @@ fn beep_69_window_never_shrinks() {
     );
 }
 
+/// `max_transmit` bounds what one `poll_transmit` appends, also when a single channel has
+/// many messages queued: it stops after the frame that reaches the budget, and the next call
+/// goes on where it stopped.
+#[test]
+fn max_transmit_bounds_one_poll_of_a_single_busy_channel() {
+    let limits = Limits {
+        max_transmit: 1024,
+        ..Limits::default()
+    };
+    let mut l = listener_ch1_limits(
+        limits,
+        SEQ_0_AFTER_GREETING,
+        &cat(&[RPY_START_1, SEQ_1_OPEN]),
+    );
+    for _ in 0..10 {
+        l.session.send_msg(1, Bytes::from(vec![b'x'; 300])).unwrap();
+    }
+    let mut polls = Vec::new();
+    loop {
+        let mut out = BytesMut::new();
+        let wrote = l.session.poll_transmit(&mut out);
+        if wrote == 0 {
+            break;
+        }
+        polls.push(frames_of(&out).len());
+    }
+    // A frame of 300 octets is 327 on the wire: the fourth frame crosses 1024.
+    assert_eq!(polls, vec![4, 4, 2]);
+}
+
 /// BEEP-65: frames of channels with pending traffic go out round-robin.
 #[test]
 fn beep_65_round_robin_between_channels() {

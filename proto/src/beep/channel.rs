@@ -75,13 +75,12 @@ pub(crate) enum Received {
     Msg { msgno: u32, payload: Bytes },
     /// A MSG grew past the size limit: answer it with a pre-emptive ERR (BEEP-38).
     MsgTooLarge { msgno: u32 },
-    /// A reply message to our MSG arrived completely (`complete`: the whole reply is done).
+    /// A reply message to our MSG arrived completely.
     Reply {
         keyword: Keyword,
         msgno: u32,
         ansno: Option<u32>,
         payload: Bytes,
-        complete: bool,
     },
 }
 
@@ -245,14 +244,13 @@ impl Channel {
             })?;
         if h.keyword == Keyword::Nul {
             // The whole one-to-many reply ends here (BEEP-11).
-            self.outstanding.remove(idx);
+            self.remove_outstanding(idx);
             self.reply_assembly.retain(|(m, _), _| *m != h.msgno);
             return Ok(Received::Reply {
                 keyword: Keyword::Nul,
                 msgno: h.msgno,
                 ansno: None,
                 payload,
-                complete: true,
             });
         }
         let key = (h.msgno, h.ansno);
@@ -288,17 +286,25 @@ impl Channel {
         else {
             return Ok(Received::Nothing);
         };
-        let complete = h.keyword != Keyword::Ans;
-        if complete {
-            self.outstanding.remove(idx);
+        if h.keyword != Keyword::Ans {
+            self.remove_outstanding(idx);
         }
         Ok(Received::Reply {
             keyword: h.keyword,
             msgno: h.msgno,
             ansno: h.ansno,
             payload,
-            complete,
         })
+    }
+
+    /// Replies usually come in the order of their MSGs: the oldest is removed without
+    /// shifting the rest.
+    fn remove_outstanding(&mut self, idx: usize) {
+        if idx == 0 {
+            self.outstanding.pop_front();
+        } else {
+            self.outstanding.remove(idx);
+        }
     }
 
     fn receive_msg(

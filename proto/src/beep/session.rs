@@ -329,9 +329,33 @@ impl Session {
                         continue;
                     }
                     Some((Head::Data(header), len)) => {
-                        self.check_header(&header)?;
-                        self.pending_head = Some((header, len));
-                        (header, len)
+                        // Checked before its payload is waited for (RFC 3081 §3.1.2): a peer
+                        // cannot make us buffer beyond the window.
+                        self.check_greeting_order(&header)?;
+                        let channel = self
+                            .channels
+                            .get_mut(&header.channel)
+                            .ok_or(ProtocolError::UnknownChannel(header.channel))?;
+                        channel.check_header(&header)?;
+                        let Some(frame) = frame::take_payload(buf, header, len)? else {
+                            self.pending_head = Some((header, len));
+                            return Ok(());
+                        };
+                        // The usual case, the whole frame at hand: one channel lookup.
+                        let received = receive_on(
+                            channel,
+                            &header,
+                            frame.payload,
+                            &self.config.limits,
+                            &mut self.seq_dirty,
+                            &mut self.ready,
+                        )?;
+                        self.handle_received(&header, received)?;
+                        if self.state == State::Dead {
+                            buf.clear();
+                            return Ok(());
+                        }
+                        continue;
                     }
                 },
             };
@@ -339,7 +363,18 @@ impl Session {
                 return Ok(());
             };
             self.pending_head = None;
-            self.handle_frame(&frame.header, frame.payload)?;
+            let Some(channel) = self.channels.get_mut(&header.channel) else {
+                return Err(ProtocolError::UnknownChannel(header.channel));
+            };
+            let received = receive_on(
+                channel,
+                &header,
+                frame.payload,
+                &self.config.limits,
+                &mut self.seq_dirty,
+                &mut self.ready,
+            )?;
+            self.handle_received(&header, received)?;
             if self.state == State::Dead {
                 buf.clear();
                 return Ok(());
@@ -347,17 +382,13 @@ impl Session {
         }
     }
 
-    fn check_header(&self, h: &Header) -> Result<(), ProtocolError> {
+    fn check_greeting_order(&self, h: &Header) -> Result<(), ProtocolError> {
         if self.state == State::AwaitingGreeting
             && !(h.channel == 0 && h.msgno == 0 && matches!(h.keyword, Keyword::Rpy | Keyword::Err))
         {
             return Err(ProtocolError::GreetingExpected);
         }
-        let channel = self
-            .channels
-            .get(&h.channel)
-            .ok_or(ProtocolError::UnknownChannel(h.channel))?;
-        channel.check_header(h)
+        Ok(())
     }
 
     fn handle_seq(&mut self, seq: Seq) -> Result<(), ProtocolError> {
@@ -376,16 +407,7 @@ impl Session {
         Ok(())
     }
 
-    fn handle_frame(&mut self, h: &Header, payload: Bytes) -> Result<(), ProtocolError> {
-        let limits = &self.config.limits;
-        let Some(channel) = self.channels.get_mut(&h.channel) else {
-            return Err(ProtocolError::UnknownChannel(h.channel));
-        };
-        let received = channel.receive(h, payload, limits)?;
-        if !channel.seq_dirty {
-            channel.seq_dirty = true;
-            self.seq_dirty.push(h.channel);
-        }
+    fn handle_received(&mut self, h: &Header, received: Received) -> Result<(), ProtocolError> {
         match received {
             Received::Nothing => Ok(()),
             Received::MsgTooLarge { msgno } => {
@@ -404,9 +426,6 @@ impl Session {
                 Ok(())
             }
             Received::Msg { msgno, payload } => {
-                if let Some(channel) = self.channels.get_mut(&h.channel) {
-                    channel.undelivered = channel.undelivered.saturating_add(payload.len() as u32);
-                }
                 self.events.push_back(Event::Message {
                     channel: h.channel,
                     msgno,
@@ -419,21 +438,9 @@ impl Session {
                 msgno,
                 ansno,
                 payload,
-                complete,
             } => {
-                if keyword == Keyword::Err {
-                    // BEEP-39: finish our MSG with an empty final frame, window or not.
-                    if let Some(channel) = self.channels.get_mut(&h.channel) {
-                        if channel.truncate_unsent_msg(msgno) {
-                            self.mark_ready(h.channel);
-                        }
-                    }
-                }
                 if h.channel == 0 {
                     return self.handle_mgmt_reply(keyword, msgno, payload);
-                }
-                if let Some(channel) = self.channels.get_mut(&h.channel) {
-                    channel.undelivered = channel.undelivered.saturating_add(payload.len() as u32);
                 }
                 let kind = match (keyword, ansno) {
                     (Keyword::Rpy, _) => ReplyKind::Rpy,
@@ -441,7 +448,6 @@ impl Session {
                     (Keyword::Nul, _) => ReplyKind::Nul,
                     _ => ReplyKind::Err,
                 };
-                let _ = complete;
                 self.events.push_back(Event::Reply {
                     channel: h.channel,
                     msgno,
@@ -752,13 +758,27 @@ impl Session {
             let Some(channel) = self.channels.get_mut(&number) else {
                 continue;
             };
-            let wrote = channel.write_frame(number, max_frame, out);
-            if wrote.is_some() && !channel.queue.is_empty() {
-                self.ready.push_back(number);
-            } else {
-                channel.in_ready = false;
+            // While no other channel is ready, round-robin among one is this channel's frames
+            // back to back: one lookup serves them all.
+            let mut announced_now = None;
+            loop {
+                let wrote = channel.write_frame(number, max_frame, out);
+                if let Some(Some(announced)) = wrote {
+                    announced_now = Some(announced);
+                }
+                if wrote.is_none() || channel.queue.is_empty() {
+                    channel.in_ready = false;
+                    break;
+                }
+                if announced_now.is_some()
+                    || !self.ready.is_empty()
+                    || out.written() - start >= budget
+                {
+                    self.ready.push_back(number);
+                    break;
+                }
             }
-            if let Some(Some(announced)) = wrote {
+            if let Some(announced) = announced_now {
                 // The peer learns of the channel with this frame: it may speak from now on.
                 if let Some(c) = self.channels.get_mut(&announced) {
                     c.announced = true;
@@ -1017,6 +1037,48 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Hands a frame to its channel and does the channel's share of what follows: the payload of a
+/// complete message counts against the window until it is polled, and the peer's ERR ends our
+/// unsent MSG (BEEP-39). Takes the session's parts it touches rather than the session, so the
+/// caller's one lookup of `channel` serves for all of it.
+fn receive_on(
+    channel: &mut Channel,
+    h: &Header,
+    payload: Bytes,
+    limits: &Limits,
+    seq_dirty: &mut Vec<u32>,
+    ready: &mut VecDeque<u32>,
+) -> Result<Received, ProtocolError> {
+    let received = channel.receive(h, payload, limits)?;
+    if !channel.seq_dirty {
+        channel.seq_dirty = true;
+        seq_dirty.push(h.channel);
+    }
+    match &received {
+        Received::Msg { payload, .. } if h.channel != 0 => {
+            channel.undelivered = channel.undelivered.saturating_add(payload.len() as u32);
+        }
+        Received::Reply {
+            keyword,
+            msgno,
+            payload,
+            ..
+        } => {
+            // BEEP-39: finish our MSG with an empty final frame, window or not.
+            if *keyword == Keyword::Err && channel.truncate_unsent_msg(*msgno) && !channel.in_ready
+            {
+                channel.in_ready = true;
+                ready.push_back(h.channel);
+            }
+            if h.channel != 0 {
+                channel.undelivered = channel.undelivered.saturating_add(payload.len() as u32);
+            }
+        }
+        _ => {}
+    }
+    Ok(received)
 }
 
 fn check_size(payload: &Bytes) -> Result<(), Misuse> {
