@@ -15,13 +15,17 @@
 //!   return the same for the same input (APEX-21);
 //! * whenever `parse_simple_data` (the relay's borrowed view of the common `data`) answers,
 //!   `parse_message` returns a `data` with the same originator and one recipient, the same
-//!   identities, and no options anywhere.
+//!   identities, and no options anywhere;
+//! * `parse_simple_data_memo` answers as `parse_simple_data` does: for the input after its own
+//!   memo (the common case of a sender's next data) and for a second payload made of the
+//!   memo's head and the input cut at a point its first octet picks (other tails).
 #![no_main]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use apex_proto::apex::msg::{
     parse_document, parse_document_full, parse_message, parse_message_full, parse_simple_data,
-    ApexLimits, ApexOption, Data, OpError, Operation, TargetHop,
+    parse_simple_data_memo, ApexLimits, ApexOption, Data, OpError, Operation, SimpleMemo,
+    TargetHop,
 };
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
@@ -57,7 +61,27 @@ fuzz_target!(|input: &[u8]| {
         assert!(data.options.is_empty());
         assert!(data.originator.options.is_empty() && data.recipients[0].options.is_empty());
     }
+    check_memo(&payload, &limits, input);
 });
+
+fn check_memo(payload: &Bytes, limits: &ApexLimits, input: &[u8]) {
+    let want = parse_simple_data(payload, limits);
+    let mut memo = SimpleMemo::default();
+    assert_eq!(parse_simple_data_memo(payload, limits, &mut memo), want, "first");
+    assert_eq!(parse_simple_data_memo(payload, limits, &mut memo), want, "after its memo");
+    let Some(text_start) = memo.head_len() else {
+        return;
+    };
+    let cut = text_start + usize::from(input.first().copied().unwrap_or(0)) % (input.len() - text_start + 1);
+    let mut other = payload[..text_start].to_vec();
+    other.extend_from_slice(&input[cut..]);
+    let other = Bytes::from(other);
+    assert_eq!(
+        parse_simple_data_memo(&other, limits, &mut memo),
+        parse_simple_data(&other, limits),
+        "another tail"
+    );
+}
 
 /// Recipient subsets to try: all, each one alone, the first half, and a subset picked by the
 /// input's octets.

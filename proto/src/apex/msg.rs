@@ -296,6 +296,14 @@ pub struct SimpleData<'a> {
 /// an error): then [`parse_message`] has the answer. Whenever this returns `Some`,
 /// [`parse_message`] returns a `Data` with the same two identities and no options.
 pub fn parse_simple_data<'a>(payload: &'a Bytes, limits: &ApexLimits) -> Option<SimpleData<'a>> {
+    simple_view(payload, limits).map(|(data, _)| data)
+}
+
+/// [`parse_simple_data`], and where the `data-content` text starts (if the element has any).
+fn simple_view<'a>(
+    payload: &'a Bytes,
+    limits: &ApexLimits,
+) -> Option<(SimpleData<'a>, Option<usize>)> {
     if !payload.starts_with(BEEP_XML_HEADERS) {
         return None;
     }
@@ -306,10 +314,73 @@ pub fn parse_simple_data<'a>(payload: &'a Bytes, limits: &ApexLimits) -> Option<
         return None;
     };
     check_content(view.content, view.content_names_data_content(), &[]).ok()?;
-    Some(SimpleData {
+    let data = SimpleData {
         originator: view.originator.identity,
         recipient: recipient.identity,
-    })
+    };
+    Some((data, view.head_end))
+}
+
+/// What [`parse_simple_data_memo`] remembers of the last simple data on a channel: the
+/// message's head (MIME headers and document up to the start of the `data-content` text) and
+/// where the two identities sit in it. A sender's data to one recipient differ only after it.
+/// At most [`MAX_MEMO_HEAD`] octets; one memo serves one set of limits.
+#[derive(Debug, Default, Clone)]
+pub struct SimpleMemo {
+    head: Vec<u8>,
+    originator: Range<usize>,
+    recipient: Range<usize>,
+}
+
+impl SimpleMemo {
+    /// The length of the head it holds, if any.
+    pub fn head_len(&self) -> Option<usize> {
+        (!self.head.is_empty()).then_some(self.head.len())
+    }
+}
+
+/// The longest message head a [`SimpleMemo`] keeps: longer heads (long identities) are parsed
+/// in full every time, so a channel's memo never holds more than this.
+pub const MAX_MEMO_HEAD: usize = 512;
+
+/// [`parse_simple_data`], remembering the head of what it accepted in `memo`: a payload that
+/// starts with the same head is only checked from there on (its text, UTF-8, and the end
+/// tags), since the scanner reaches the same state at the end of the same octets. Answers
+/// exactly as [`parse_simple_data`] does, whatever `memo` holds.
+pub fn parse_simple_data_memo<'a>(
+    payload: &'a Bytes,
+    limits: &ApexLimits,
+    memo: &mut SimpleMemo,
+) -> Option<SimpleData<'a>> {
+    let head = memo.head.len();
+    if head != 0 && payload.get(..head) == Some(&memo.head[..]) {
+        // The head ends just after a start tag's `>`: the rest starts on a character boundary.
+        simdutf8::basic::from_utf8(&payload[head..]).ok()?;
+        if !super::scan::tail(payload, head, limits) {
+            return None;
+        }
+        return Some(SimpleData {
+            originator: std::str::from_utf8(payload.get(memo.originator.clone())?).ok()?,
+            recipient: std::str::from_utf8(payload.get(memo.recipient.clone())?).ok()?,
+        });
+    }
+    let (data, head_end) = simple_view(payload, limits)?;
+    match head_end {
+        Some(end) if end <= MAX_MEMO_HEAD => {
+            memo.head.clear();
+            memo.head.extend_from_slice(&payload[..end]);
+            memo.originator = offset_in(payload, data.originator);
+            memo.recipient = offset_in(payload, data.recipient);
+        }
+        _ => memo.head.clear(),
+    }
+    Some(data)
+}
+
+/// Where `part`, a slice of `whole`, sits in it.
+fn offset_in(whole: &[u8], part: &str) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
 }
 
 /// Parses a control document alone, as piggybacked in a `start` (RFC 3340 §4.2).
@@ -1243,5 +1314,82 @@ mod tests {
             parse_message(&report, &LIMITS).unwrap(),
             Operation::Data(_)
         ));
+    }
+
+    /// The memo answers exactly as `parse_simple_data`: each payload is parsed after one that
+    /// set the memo, and the answers compared.
+    #[test]
+    fn a_memo_answers_as_the_full_scan() {
+        let head = "Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <data-content Name='Content'>";
+        let same_head = |tail: &[u8]| {
+            let mut p = head.as_bytes().to_vec();
+            p.extend_from_slice(tail);
+            Bytes::from(p)
+        };
+        let first = Bytes::from(DATA_13_1);
+        let followers = [
+            same_head(b"hello again</data-content>\r\n</data>\r\n"),
+            same_head(b"</data-content></data>"),
+            same_head(b"x</data-content>\r\n</data>\r\n  \t"),
+            same_head(b"a &amp; b</data-content></data>"),
+            same_head(b"a <b/></data-content></data>"),
+            same_head(b"text</data-content></data> trailing"),
+            same_head(b"text</data-content></data></data>"),
+            same_head(b"text</data-content>"),
+            same_head(b"text"),
+            same_head(b""),
+            same_head(b"bad \xff utf-8</data-content></data>"),
+            same_head("caf\u{e9}</data-content></data>".as_bytes()),
+            same_head(b"text</data-content><data-content Name='x'>y</data-content></data>"),
+            data_payload("fred@example.com", "wilma@example.com", "to wilma"),
+            data_payload("fred@example.com", "barney@example.com", ""),
+            Bytes::from(DATA_13_1.replace(
+                "<data-content Name='Content'>hello, barney</data-content>",
+                "<data-content Name='Content' />",
+            )),
+            Bytes::from(DATA_13_1.replace("fred@", &format!("{}@", "f".repeat(600)))),
+            Bytes::from(DATA_13_1.replace("<originator", "<originator\r\n")),
+        ];
+        for follower in &followers {
+            let mut memo = SimpleMemo::default();
+            assert_eq!(
+                parse_simple_data_memo(&first, &LIMITS, &mut memo),
+                parse_simple_data(&first, &LIMITS)
+            );
+            assert!(!memo.head.is_empty(), "the digest's data leaves a memo");
+            let want = parse_simple_data(follower, &LIMITS);
+            let got = parse_simple_data_memo(follower, &LIMITS, &mut memo);
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(follower));
+            // And again, now with whatever memo the follower left.
+            let again = parse_simple_data_memo(follower, &LIMITS, &mut memo);
+            assert_eq!(again, want, "{:?} twice", String::from_utf8_lossy(follower));
+        }
+    }
+
+    /// A payload with the memo's head is not scanned again: the identities come from where the
+    /// memo says they are. (The memo is tampered with here to show which path answered.)
+    #[test]
+    fn a_payload_with_the_memo_s_head_is_checked_from_its_text_on() {
+        let first = Bytes::from(DATA_13_1);
+        let mut memo = SimpleMemo::default();
+        parse_simple_data_memo(&first, &LIMITS, &mut memo).unwrap();
+        let text_start = DATA_13_1.find("hello, barney").unwrap();
+        assert_eq!(memo.head, DATA_13_1.as_bytes()[..text_start]);
+        assert_eq!(&DATA_13_1[memo.originator.clone()], "fred@example.com");
+        assert_eq!(&DATA_13_1[memo.recipient.clone()], "barney@example.com");
+        memo.recipient = memo.originator.clone();
+        let second = Bytes::from(DATA_13_1.replace("hello, barney", "hello again"));
+        let data = parse_simple_data_memo(&second, &LIMITS, &mut memo).unwrap();
+        assert_eq!(data.recipient, "fred@example.com");
+    }
+
+    /// Heads longer than `MAX_MEMO_HEAD` are not kept.
+    #[test]
+    fn a_memo_keeps_no_head_longer_than_its_bound() {
+        let long =
+            Bytes::from(DATA_13_1.replace("fred@", &format!("{}@", "f".repeat(MAX_MEMO_HEAD))));
+        let mut memo = SimpleMemo::default();
+        assert!(parse_simple_data_memo(&long, &LIMITS, &mut memo).is_some());
+        assert!(memo.head.is_empty());
     }
 }

@@ -258,6 +258,9 @@ struct ChannelState {
     /// piggybacked attach) is still to be sent. MSGs for it wait in `waiting` until then.
     ready: bool,
     waiting: Vec<(Bytes, Option<Report>)>,
+    /// The head of the last simple data received on the channel (see
+    /// [`msg::parse_simple_data_memo`]).
+    simple_memo: msg::SimpleMemo,
 }
 
 #[derive(Debug)]
@@ -569,10 +572,13 @@ impl Relay {
 
     /// A MSG on an APEX channel.
     pub fn handle_message(&mut self, conn: ConnId, channel: u32, msgno: u32, payload: &Bytes) {
+        let (limits, simple_data_path) = (self.config.limits, self.simple_data_path);
         // A MSG on the channel proves the peer knows it.
-        self.channel_state(conn, channel).ready = true;
-        if self.simple_data_path {
-            if let Some(data) = msg::parse_simple_data(payload, &self.config.limits) {
+        let state = self.channel_state(conn, channel);
+        state.ready = true;
+        if simple_data_path {
+            let memo = &mut state.simple_memo;
+            if let Some(data) = msg::parse_simple_data_memo(payload, &limits, memo) {
                 return self.simple_data(conn, channel, msgno, payload, data);
             }
         }
@@ -1731,7 +1737,9 @@ mod tests {
             (3, "ann@third.net", "barney@example.com"),
         ];
         let mut seen = Vec::new();
-        for (msgno, (conn, originator, recipient)) in (1..).zip(cases) {
+        // Each case twice in a row: the second finds the channel's memo of the first's head.
+        let twice = cases.iter().flat_map(|case| [*case, *case]);
+        for (msgno, (conn, originator, recipient)) in (1..).zip(twice) {
             let payload = simple(originator, recipient);
             assert!(
                 msg::parse_simple_data(&payload, &ApexLimits::default()).is_some(),

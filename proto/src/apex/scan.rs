@@ -34,6 +34,9 @@ pub(super) struct View<'a> {
     /// The `data-content` element's range and `Name`.
     pub data_content: Option<(Range<usize>, &'a str)>,
     pub start_tag: Range<usize>,
+    /// Where the `data-content` text starts, when the element has a start tag: everything
+    /// before is the document's head, which [`tail`] does not need to see again.
+    pub head_end: Option<usize>,
 }
 
 /// An `originator` or `recipient` element: its identity and where it sits in the payload.
@@ -161,20 +164,35 @@ impl<'a> Cursor<'a> {
 
     /// `<data-content Name='...'>text</data-content>` (or empty), text without markup or
     /// entity references: the element and its name.
-    fn data_content(&mut self) -> Option<(Range<usize>, &'a str)> {
+    /// Also returns where the text starts (`None` for an empty element).
+    fn data_content(&mut self) -> Option<(Range<usize>, &'a str, Option<usize>)> {
         let at = self.pos;
         let (name, empty) = self.start_tag(b"data-content", b"Name")?;
+        let mut text_start = None;
         if !empty {
-            let text = memchr::memchr2(b'<', b'&', self.rest())?;
-            if self.rest()[text] != b'<' {
-                return None;
-            }
-            self.pos += text;
-            if !self.eat(b"</data-content>") {
-                return None;
-            }
+            text_start = Some(self.pos);
+            self.data_content_text()?;
         }
-        Some((at..self.pos, name))
+        Some((at..self.pos, name, text_start))
+    }
+
+    /// Text without markup or entity references, then `</data-content>`.
+    fn data_content_text(&mut self) -> Option<()> {
+        let text = memchr::memchr2(b'<', b'&', self.rest())?;
+        if self.rest()[text] != b'<' {
+            return None;
+        }
+        self.pos += text;
+        self.eat(b"</data-content>").then_some(())
+    }
+
+    /// `</data>` and nothing after it but whitespace.
+    fn data_end(&mut self) -> Option<()> {
+        if !self.eat(b"</data>") {
+            return None;
+        }
+        self.skip_space();
+        (self.pos == self.end).then_some(())
     }
 }
 
@@ -275,24 +293,40 @@ pub(super) fn view<'a>(
     if recipients.is_empty() {
         return None;
     }
-    let data_content = if c.at_tag(b"data-content") {
-        let found = c.data_content()?;
+    let (data_content, head_end) = if c.at_tag(b"data-content") {
+        let (range, name, text_start) = c.data_content()?;
         c.skip_space();
-        Some(found)
+        (Some((range, name)), text_start)
     } else {
-        None
+        (None, None)
     };
-    if !c.eat(b"</data>") {
-        return None;
-    }
-    c.skip_space();
-    (c.pos == c.end).then_some(View {
+    c.data_end()?;
+    Some(View {
         content,
         originator,
         recipients,
         data_content,
         start_tag,
+        head_end,
     })
+}
+
+/// Whether `payload[start..]` is what [`view`] accepts after a document head that ended at
+/// the start of `data-content` text: the text, `</data-content>`, optional whitespace,
+/// `</data>`, optional whitespace. `payload[start..]` must be UTF-8, checked by the caller.
+pub(super) fn tail(payload: &[u8], start: usize, limits: &ApexLimits) -> bool {
+    let mut c = Cursor {
+        payload,
+        doc: "",
+        base: start,
+        pos: start,
+        end: payload.len(),
+        limits: *limits,
+    };
+    c.data_content_text().is_some() && {
+        c.skip_space();
+        c.data_end().is_some()
+    }
 }
 
 #[cfg(test)]
