@@ -328,8 +328,10 @@ fn simple_view<'a>(
 #[derive(Debug, Default, Clone)]
 pub struct SimpleMemo {
     head: Vec<u8>,
-    originator: Range<usize>,
-    recipient: Range<usize>,
+    /// The identities found in `head`, owned: taking them from a new payload would mean
+    /// checking their UTF-8 again.
+    originator: Box<str>,
+    recipient: Box<str>,
 }
 
 impl SimpleMemo {
@@ -350,7 +352,7 @@ pub const MAX_MEMO_HEAD: usize = 512;
 pub fn parse_simple_data_memo<'a>(
     payload: &'a Bytes,
     limits: &ApexLimits,
-    memo: &mut SimpleMemo,
+    memo: &'a mut SimpleMemo,
 ) -> Option<SimpleData<'a>> {
     let head = memo.head.len();
     if head != 0 && payload.get(..head) == Some(&memo.head[..]) {
@@ -360,8 +362,8 @@ pub fn parse_simple_data_memo<'a>(
             return None;
         }
         return Some(SimpleData {
-            originator: std::str::from_utf8(payload.get(memo.originator.clone())?).ok()?,
-            recipient: std::str::from_utf8(payload.get(memo.recipient.clone())?).ok()?,
+            originator: &memo.originator,
+            recipient: &memo.recipient,
         });
     }
     let (data, head_end) = simple_view(payload, limits)?;
@@ -369,18 +371,17 @@ pub fn parse_simple_data_memo<'a>(
         Some(end) if end <= MAX_MEMO_HEAD => {
             memo.head.clear();
             memo.head.extend_from_slice(&payload[..end]);
-            memo.originator = offset_in(payload, data.originator);
-            memo.recipient = offset_in(payload, data.recipient);
+            // A sender alternating recipients changes only one of them.
+            if *memo.originator != *data.originator {
+                memo.originator = data.originator.into();
+            }
+            if *memo.recipient != *data.recipient {
+                memo.recipient = data.recipient.into();
+            }
         }
         _ => memo.head.clear(),
     }
     Some(data)
-}
-
-/// Where `part`, a slice of `whole`, sits in it.
-fn offset_in(whole: &[u8], part: &str) -> Range<usize> {
-    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
-    start..start + part.len()
 }
 
 /// Parses a control document alone, as piggybacked in a `start` (RFC 3340 §4.2).
@@ -1375,8 +1376,8 @@ mod tests {
         parse_simple_data_memo(&first, &LIMITS, &mut memo).unwrap();
         let text_start = DATA_13_1.find("hello, barney").unwrap();
         assert_eq!(memo.head, DATA_13_1.as_bytes()[..text_start]);
-        assert_eq!(&DATA_13_1[memo.originator.clone()], "fred@example.com");
-        assert_eq!(&DATA_13_1[memo.recipient.clone()], "barney@example.com");
+        assert_eq!(&*memo.originator, "fred@example.com");
+        assert_eq!(&*memo.recipient, "barney@example.com");
         memo.recipient = memo.originator.clone();
         let second = Bytes::from(DATA_13_1.replace("hello, barney", "hello again"));
         let data = parse_simple_data_memo(&second, &LIMITS, &mut memo).unwrap();

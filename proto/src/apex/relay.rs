@@ -577,9 +577,16 @@ impl Relay {
         let state = self.channel_state(conn, channel);
         state.ready = true;
         if simple_data_path {
-            let memo = &mut state.simple_memo;
-            if let Some(data) = msg::parse_simple_data_memo(payload, &limits, memo) {
-                return self.simple_data(conn, channel, msgno, payload, data);
+            // Taken out while the data it may lend identities to is routed.
+            let mut memo = std::mem::take(&mut state.simple_memo);
+            let simple = msg::parse_simple_data_memo(payload, &limits, &mut memo)
+                .map(|data| self.simple_data(conn, channel, msgno, payload, data))
+                .is_some();
+            if let Some(state) = self.channels.get_mut(&(conn, channel)) {
+                state.simple_memo = memo;
+            }
+            if simple {
+                return;
             }
         }
         let operation = msg::parse_message(payload, &self.config.limits);
