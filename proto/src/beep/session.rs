@@ -685,17 +685,14 @@ impl Session {
     ) {
         if let Some(c) = self.channels.get_mut(&channel) {
             if c.reply(keyword, msgno, payload, announces).is_ok() && !c.queue.is_empty() {
-                self.mark_ready(channel);
+                make_ready(c, channel, &mut self.ready);
             }
         }
     }
 
     fn mark_ready(&mut self, channel: u32) {
         if let Some(c) = self.channels.get_mut(&channel) {
-            if !c.in_ready {
-                c.in_ready = true;
-                self.ready.push_back(channel);
-            }
+            make_ready(c, channel, &mut self.ready);
         }
     }
 
@@ -894,12 +891,7 @@ impl Session {
     }
 
     fn profile_channel(&mut self, channel: u32) -> Result<&mut Channel, Misuse> {
-        if channel == 0 {
-            return Err(Misuse::NoSuchChannel(0));
-        }
-        self.channels
-            .get_mut(&channel)
-            .ok_or(Misuse::NoSuchChannel(channel))
+        profile_channel_in(&mut self.channels, channel)
     }
 
     /// Queues a MSG on a profile channel; returns its msgno.
@@ -916,7 +908,7 @@ impl Session {
             return Err((misuse, payload));
         }
         let limit = self.config.limits.max_outstanding_msgs;
-        let c = match self.profile_channel(channel) {
+        let c = match profile_channel_in(&mut self.channels, channel) {
             Ok(c) => c,
             Err(misuse) => return Err((misuse, payload)),
         };
@@ -927,7 +919,7 @@ impl Session {
             return Err((Misuse::TooManyOutstanding(channel), payload));
         }
         let msgno = c.queue_msg(payload);
-        self.mark_ready(channel);
+        make_ready(c, channel, &mut self.ready);
         Ok(msgno)
     }
 
@@ -967,12 +959,12 @@ impl Session {
             return Err(Misuse::SessionClosed);
         }
         check_size(&payload)?;
-        let c = self.profile_channel(channel)?;
+        let c = profile_channel_in(&mut self.channels, channel)?;
         let ansno = c
             .reply(keyword, msgno, payload, None)
             .map_err(|()| Misuse::NoPendingMsg { channel, msgno })?;
         if !c.queue.is_empty() {
-            self.mark_ready(channel);
+            make_ready(c, channel, &mut self.ready);
         }
         Ok(ansno)
     }
@@ -1067,10 +1059,8 @@ fn receive_on(
             ..
         } => {
             // BEEP-39: finish our MSG with an empty final frame, window or not.
-            if *keyword == Keyword::Err && channel.truncate_unsent_msg(*msgno) && !channel.in_ready
-            {
-                channel.in_ready = true;
-                ready.push_back(h.channel);
+            if *keyword == Keyword::Err && channel.truncate_unsent_msg(*msgno) {
+                make_ready(channel, h.channel, ready);
             }
             if h.channel != 0 {
                 channel.undelivered = channel.undelivered.saturating_add(payload.len() as u32);
@@ -1079,6 +1069,27 @@ fn receive_on(
         _ => {}
     }
     Ok(received)
+}
+
+/// Puts channel `number` in the round-robin of channels with output, unless it is there.
+fn make_ready(channel: &mut Channel, number: u32, ready: &mut VecDeque<u32>) {
+    if !channel.in_ready {
+        channel.in_ready = true;
+        ready.push_back(number);
+    }
+}
+
+/// A channel other than 0, which the application may use.
+fn profile_channel_in(
+    channels: &mut FxHashMap<u32, Channel>,
+    channel: u32,
+) -> Result<&mut Channel, Misuse> {
+    if channel == 0 {
+        return Err(Misuse::NoSuchChannel(0));
+    }
+    channels
+        .get_mut(&channel)
+        .ok_or(Misuse::NoSuchChannel(channel))
 }
 
 fn check_size(payload: &Bytes) -> Result<(), Misuse> {
