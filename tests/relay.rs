@@ -59,6 +59,23 @@ fn relay(shards: usize) -> Relay {
     Relay::start_with(&["--shards", &shards.to_string(), "--domain", "example.com"])
 }
 
+/// A relay for example.com started with the configuration file `toml` (written to a
+/// temporary file named after `name`, removed once the relay has read it).
+fn relay_configured(shards: usize, name: &str, toml: &str) -> Relay {
+    let config = std::env::temp_dir().join(format!("apexd-{name}-{}.toml", std::process::id()));
+    std::fs::write(&config, toml).unwrap();
+    let relay = Relay::start_with(&[
+        "--shards",
+        &shards.to_string(),
+        "--domain",
+        "example.com",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&config).unwrap();
+    relay
+}
+
 fn attached(relay: &Relay, endpoint: &str) -> (Client, u32) {
     let mut client = Client::connect(relay.edge);
     client.greet();
@@ -213,18 +230,7 @@ fn reads_of_one_kibibyte_split_frames_anywhere_and_lose_nothing() {
     // split at every offset, and a pipelined burst fills read after read, so most reads go
     // straight from the socket into the connection's buffer. Every message must still arrive
     // byte for byte, in order.
-    let config =
-        std::env::temp_dir().join(format!("apexd-small-reads-{}.toml", std::process::id()));
-    std::fs::write(&config, "[runtime]\nread_chunk = 1024\n").unwrap();
-    let relay = Relay::start_with(&[
-        "--shards",
-        "1",
-        "--domain",
-        "example.com",
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    std::fs::remove_file(&config).unwrap();
+    let relay = relay_configured(1, "small-reads", "[runtime]\nread_chunk = 1024\n");
     let (mut barney, _) = attached(&relay, "barney@example.com");
     let (mut fred, channel) = attached(&relay, "fred@example.com");
     const N: usize = 800;
@@ -331,18 +337,7 @@ fn slow_receiver_backpressure_loses_nothing() {
     // More deliveries than the relay lets be outstanding on barney's channel (64 here): the
     // rest wait in the relay and fred's connection stops being read, but every accepted
     // message arrives, once and in order.
-    let config =
-        std::env::temp_dir().join(format!("apexd-backpressure-{}.toml", std::process::id()));
-    std::fs::write(&config, "[limits]\nmax_outstanding_msgs = 64\n").unwrap();
-    let relay = Relay::start_with(&[
-        "--shards",
-        "1",
-        "--domain",
-        "example.com",
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    std::fs::remove_file(&config).unwrap();
+    let relay = relay_configured(1, "backpressure", "[limits]\nmax_outstanding_msgs = 64\n");
     let (mut barney, _) = attached(&relay, "barney@example.com");
     let (mut fred, channel) = attached(&relay, "fred@example.com");
     const N: usize = 3_000;
@@ -365,18 +360,7 @@ fn slow_receiver_backpressure_loses_nothing() {
 fn tiny_shard_queues_keep_order_and_lose_nothing() {
     // Shard-to-shard queues of 2 envelopes: almost every cross-shard delivery meets a full
     // queue. Envelopes to a shard must still arrive in order and none may be lost.
-    let config =
-        std::env::temp_dir().join(format!("apexd-tiny-queues-{}.toml", std::process::id()));
-    std::fs::write(&config, "[runtime]\nmesh_queue = 2\n").unwrap();
-    let relay = Relay::start_with(&[
-        "--shards",
-        "2",
-        "--domain",
-        "example.com",
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    std::fs::remove_file(&config).unwrap();
+    let relay = relay_configured(2, "tiny-queues", "[runtime]\nmesh_queue = 2\n");
     const PAIRS: usize = 6;
     const N: usize = 400;
     let mut receivers: Vec<Client> = (0..PAIRS)

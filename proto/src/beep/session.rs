@@ -319,8 +319,8 @@ impl Session {
                 // Most reads end on a frame boundary: no header to look for.
                 return Ok(());
             }
-            let (header, header_len) = match self.pending_head {
-                Some(pending) => pending,
+            let (header, header_len, fresh) = match self.pending_head.take() {
+                Some((header, len)) => (header, len, false),
                 None => match frame::parse_head(buf, self.config.limits.max_header_line)? {
                     None => return Ok(()),
                     Some((Head::Seq(seq), len)) => {
@@ -328,43 +328,25 @@ impl Session {
                         self.handle_seq(seq)?;
                         continue;
                     }
-                    Some((Head::Data(header), len)) => {
-                        // Checked before its payload is waited for (RFC 3081 §3.1.2): a peer
-                        // cannot make us buffer beyond the window.
-                        self.check_greeting_order(&header)?;
-                        let channel = self
-                            .channels
-                            .get_mut(&header.channel)
-                            .ok_or(ProtocolError::UnknownChannel(header.channel))?;
-                        channel.check_header(&header)?;
-                        let Some(frame) = frame::take_payload(buf, header, len)? else {
-                            self.pending_head = Some((header, len));
-                            return Ok(());
-                        };
-                        // The usual case, the whole frame at hand: one channel lookup.
-                        let received = receive_on(
-                            channel,
-                            &header,
-                            frame.payload,
-                            &self.config.limits,
-                            &mut self.seq_dirty,
-                            &mut self.ready,
-                        )?;
-                        self.handle_received(&header, received)?;
-                        if self.state == State::Dead {
-                            buf.clear();
-                            return Ok(());
-                        }
-                        continue;
-                    }
+                    Some((Head::Data(header), len)) => (header, len, true),
                 },
             };
+            if fresh {
+                self.check_greeting_order(&header)?;
+            }
+            // One lookup serves the checks, the frame and the window accounting.
+            let channel = self
+                .channels
+                .get_mut(&header.channel)
+                .ok_or(ProtocolError::UnknownChannel(header.channel))?;
+            if fresh {
+                // Checked before its payload is waited for (RFC 3081 §3.1.2): a peer cannot
+                // make us buffer beyond the window.
+                channel.check_header(&header)?;
+            }
             let Some(frame) = frame::take_payload(buf, header, header_len)? else {
+                self.pending_head = Some((header, header_len));
                 return Ok(());
-            };
-            self.pending_head = None;
-            let Some(channel) = self.channels.get_mut(&header.channel) else {
-                return Err(ProtocolError::UnknownChannel(header.channel));
             };
             let received = receive_on(
                 channel,
