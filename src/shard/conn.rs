@@ -503,7 +503,14 @@ mod tests {
         let yields: Vec<u32> = (1..=3 * READS_BEFORE_YIELDING)
             .filter(|_| pacing.after_direct_read(4096, 4096))
             .collect();
-        assert_eq!(yields.len(), 3);
+        assert_eq!(
+            yields,
+            [
+                READS_BEFORE_YIELDING,
+                2 * READS_BEFORE_YIELDING,
+                3 * READS_BEFORE_YIELDING
+            ]
+        );
         assert!(pacing.read_directly());
         // Waiting lets the others run too: the count starts again.
         for _ in 0..READS_BEFORE_YIELDING - 1 {

@@ -1400,23 +1400,31 @@ impl Relay {
 
     /// A reply to one of the relay's MSGs on `channel` (replies come in order, BEEP-35).
     pub fn handle_reply(&mut self, conn: ConnId, channel: u32, positive: bool, payload: &Bytes) {
-        let Some(sent) = self
-            .channels
-            .get_mut(&(conn, channel))
-            .and_then(|s| s.sent.pop_front())
-        else {
+        let Some(report) = self.settled_delivery(conn, channel, |sent| sent.pop_front()) else {
             return;
         };
-        if let Sent::Delivery(report) = sent {
-            if positive {
-                self.report(report, apex_code::SUCCESS, "");
-            } else {
-                let (code, text) = match msg::parse_message(payload, &self.config.limits) {
-                    Ok(Operation::Error { code, text }) => (code, text),
-                    _ => (code::ACTION_NOT_TAKEN, "refused by the endpoint".to_owned()),
-                };
-                self.report(report, code, &text);
-            }
+        if positive {
+            self.report(report, apex_code::SUCCESS, "");
+        } else {
+            let (code, text) = match msg::parse_message(payload, &self.config.limits) {
+                Ok(Operation::Error { code, text }) => (code, text),
+                _ => (code::ACTION_NOT_TAKEN, "refused by the endpoint".to_owned()),
+            };
+            self.report(report, code, &text);
+        }
+    }
+
+    /// Takes the relay's MSG on `channel` that `pick` chooses from those awaiting a reply;
+    /// when it was a delivery, its report request (the outcome is then known).
+    fn settled_delivery(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        pick: impl FnOnce(&mut VecDeque<Sent>) -> Option<Sent>,
+    ) -> Option<Option<Report>> {
+        match pick(&mut self.channels.get_mut(&(conn, channel))?.sent)? {
+            Sent::Delivery(report) => Some(report),
+            Sent::Notice => None,
         }
     }
 
@@ -1427,14 +1435,7 @@ impl Relay {
     /// fails too, and the failed ones are always the newest entries, while MSGs already
     /// queued before it may still be answered.
     pub fn send_failed(&mut self, conn: ConnId, channel: u32, reason: &str) {
-        let Some(sent) = self
-            .channels
-            .get_mut(&(conn, channel))
-            .and_then(|s| s.sent.pop_back())
-        else {
-            return;
-        };
-        if let Sent::Delivery(report) = sent {
+        if let Some(report) = self.settled_delivery(conn, channel, |sent| sent.pop_back()) {
             self.report(report, code::ACTION_NOT_TAKEN, reason);
         }
     }
@@ -1701,22 +1702,8 @@ mod tests {
     #[test]
     fn simple_data_acts_exactly_as_the_general_path() {
         let build = || {
-            let mut r = granted_relay();
-            r.conn_opened(1, ConnKind::Edge);
-            r.conn_opened(2, ConnKind::Edge);
+            let mut r = fred_and_barney();
             r.conn_opened(3, ConnKind::Mesh);
-            r.handle_message(
-                1,
-                1,
-                0,
-                &message("<attach endpoint='fred@example.com' transID='1' />"),
-            );
-            r.handle_message(
-                2,
-                1,
-                0,
-                &message("<attach endpoint='barney@example.com' transID='1' />"),
-            );
             r.handle_message(3, 1, 0, &message("<bind relay='other.org' transID='1' />"));
             let setup: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
             assert!(

@@ -317,6 +317,7 @@ pub(super) fn view<'a>(
 pub(super) fn tail(payload: &[u8], start: usize, limits: &ApexLimits) -> bool {
     let mut c = Cursor {
         payload,
+        // Only `start_tag` reads values from `doc`, and no start tag is left in a tail.
         doc: "",
         base: start,
         pos: start,
