@@ -349,11 +349,14 @@ pub const MAX_MEMO_HEAD: usize = 512;
 /// starts with the same head is only checked from there on (its text, UTF-8, and the end
 /// tags), since the scanner reaches the same state at the end of the same octets. Answers
 /// exactly as [`parse_simple_data`] does, whatever `memo` holds.
+///
+/// With the data comes whether it has the head the memo held before this call (`true`): then
+/// the caller may reuse what it derived from the identities last time, as they are the same.
 pub fn parse_simple_data_memo<'a>(
     payload: &'a Bytes,
     limits: &ApexLimits,
     memo: &'a mut SimpleMemo,
-) -> Option<SimpleData<'a>> {
+) -> Option<(SimpleData<'a>, bool)> {
     let head = memo.head.len();
     if head != 0 && payload.get(..head) == Some(&memo.head[..]) {
         // The head ends just after a start tag's `>`: the rest starts on a character boundary.
@@ -361,10 +364,11 @@ pub fn parse_simple_data_memo<'a>(
         if !super::scan::tail(payload, head, limits) {
             return None;
         }
-        return Some(SimpleData {
+        let data = SimpleData {
             originator: &memo.originator,
             recipient: &memo.recipient,
-        });
+        };
+        return Some((data, true));
     }
     let (data, head_end) = simple_view(payload, limits)?;
     match head_end {
@@ -381,7 +385,7 @@ pub fn parse_simple_data_memo<'a>(
         }
         _ => memo.head.clear(),
     }
-    Some(data)
+    Some((data, false))
 }
 
 /// Parses a control document alone, as piggybacked in a `start` (RFC 3340 §4.2).
@@ -1355,15 +1359,18 @@ mod tests {
             let mut memo = SimpleMemo::default();
             assert_eq!(
                 parse_simple_data_memo(&first, &LIMITS, &mut memo),
-                parse_simple_data(&first, &LIMITS)
+                parse_simple_data(&first, &LIMITS).map(|data| (data, false))
             );
             assert!(!memo.head.is_empty(), "the digest's data leaves a memo");
             let want = parse_simple_data(follower, &LIMITS);
+            let head_kept = follower.starts_with(&memo.head);
             let got = parse_simple_data_memo(follower, &LIMITS, &mut memo);
-            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(follower));
+            let name = String::from_utf8_lossy(follower);
+            assert_eq!(got, want.map(|data| (data, head_kept)), "{name:?}");
             // And again, now with whatever memo the follower left.
+            let head_kept = !memo.head.is_empty() && follower.starts_with(&memo.head);
             let again = parse_simple_data_memo(follower, &LIMITS, &mut memo);
-            assert_eq!(again, want, "{:?} twice", String::from_utf8_lossy(follower));
+            assert_eq!(again, want.map(|data| (data, head_kept)), "{name:?} twice");
         }
     }
 
@@ -1380,8 +1387,9 @@ mod tests {
         assert_eq!(&*memo.recipient, "barney@example.com");
         memo.recipient = memo.originator.clone();
         let second = Bytes::from(DATA_13_1.replace("hello, barney", "hello again"));
-        let data = parse_simple_data_memo(&second, &LIMITS, &mut memo).unwrap();
+        let (data, recalled) = parse_simple_data_memo(&second, &LIMITS, &mut memo).unwrap();
         assert_eq!(data.recipient, "fred@example.com");
+        assert!(recalled);
     }
 
     /// Heads longer than `MAX_MEMO_HEAD` are not kept.

@@ -261,6 +261,17 @@ struct ChannelState {
     /// The head of the last simple data received on the channel (see
     /// [`msg::parse_simple_data_memo`]).
     simple_memo: msg::SimpleMemo,
+    /// Where that head's data went, while nothing that routes could have changed since.
+    simple_route: Option<SimpleRoute>,
+}
+
+/// A simple data's way to its recipient's channel, remembered with the sender's memo of its
+/// head: while the relay's [`Relay::routes_epoch`] stands, the same two identities are
+/// authorized, allowed and routed the same way, so none of that is worked out again.
+#[derive(Debug, Clone, Copy)]
+struct SimpleRoute {
+    epoch: u64,
+    at: ChannelRef,
 }
 
 #[derive(Debug)]
@@ -305,6 +316,11 @@ pub struct Relay {
     /// Whether data of the common shape takes [`Relay::simple_data`]; off only where tests
     /// compare it with the general path.
     simple_data_path: bool,
+    /// Advanced by everything that may change how a data is authorized or routed
+    /// (associations, the directory, connections and channels, other shards' news, time), which
+    /// is every entry point but a simple data and a reply to the relay's own MSG: a
+    /// [`SimpleRoute`] of an earlier epoch is not used.
+    routes_epoch: u64,
 }
 
 /// Most cached access decisions before the cache starts over.
@@ -370,6 +386,7 @@ impl Relay {
             parsed: HashMap::default(),
             access_cached: 0,
             simple_data_path: true,
+            routes_epoch: 0,
         }
     }
 
@@ -409,17 +426,24 @@ impl Relay {
         }
     }
 
+    /// Retires every [`SimpleRoute`]: something that decides routes may change now.
+    fn routes_may_change(&mut self) {
+        self.routes_epoch += 1;
+    }
+
     fn serves(&self, domain: &str) -> bool {
         domain.eq_ignore_ascii_case(&self.config.domain)
     }
 
     /// A connection was accepted.
     pub fn conn_opened(&mut self, conn: ConnId, kind: ConnKind) {
+        self.routes_may_change();
         self.connections.insert(conn, kind);
     }
 
     /// A connection ended: every association made over it ends (APEX-16).
     pub fn conn_closed(&mut self, conn: ConnId) {
+        self.routes_may_change();
         for channel in self.conn_channels.remove(&conn).unwrap_or_default() {
             self.channel_closed(conn, channel);
         }
@@ -430,6 +454,7 @@ impl Relay {
 
     /// An APEX channel was created without a piggybacked operation.
     pub fn channel_started(&mut self, conn: ConnId, channel: u32) {
+        self.routes_may_change();
         self.channel_state(conn, channel).ready = true;
     }
 
@@ -447,6 +472,7 @@ impl Relay {
 
     /// An APEX channel closed: its attachments and bindings end (APEX-16).
     pub fn channel_closed(&mut self, conn: ConnId, channel: u32) {
+        self.routes_may_change();
         if let Some(listed) = self.conn_channels.get_mut(&conn) {
             listed.retain(|c| *c != channel);
         }
@@ -565,6 +591,7 @@ impl Relay {
     /// A `start` for APEX carrying `piggyback` (RFC 3340 §4.2, APEX-06): the runtime defers
     /// its answer until [`Action::StartReply`]. Only attach and bind may ride in a start.
     pub fn handle_start(&mut self, conn: ConnId, start_id: u32, channel: u32, piggyback: &Bytes) {
+        self.routes_may_change();
         self.channel_state(conn, channel);
         let operation = msg::parse_document(piggyback, &self.config.limits);
         self.operation(conn, channel, Answer::Start(start_id), &operation);
@@ -574,21 +601,32 @@ impl Relay {
     pub fn handle_message(&mut self, conn: ConnId, channel: u32, msgno: u32, payload: &Bytes) {
         let (limits, simple_data_path) = (self.config.limits, self.simple_data_path);
         // A MSG on the channel proves the peer knows it.
+        let epoch = self.routes_epoch;
         let state = self.channel_state(conn, channel);
         state.ready = true;
         if simple_data_path {
             // Taken out while the data it may lend identities to is routed.
             let mut memo = std::mem::take(&mut state.simple_memo);
-            let simple = msg::parse_simple_data_memo(payload, &limits, &mut memo)
-                .map(|data| self.simple_data(conn, channel, msgno, payload, data))
-                .is_some();
+            let known = state
+                .simple_route
+                .filter(|r| r.epoch == epoch)
+                .map(|r| r.at);
+            let routed =
+                msg::parse_simple_data_memo(payload, &limits, &mut memo).map(|(data, recalled)| {
+                    let known = known.filter(|_| recalled);
+                    self.simple_data(conn, channel, msgno, payload, data, known)
+                });
             if let Some(state) = self.channels.get_mut(&(conn, channel)) {
                 state.simple_memo = memo;
+                if let Some(at) = routed {
+                    state.simple_route = at.map(|at| SimpleRoute { epoch, at });
+                }
             }
-            if simple {
+            if routed.is_some() {
                 return;
             }
         }
+        self.routes_may_change();
         let operation = msg::parse_message(payload, &self.config.limits);
         self.operation(conn, channel, Answer::Msg(msgno), &operation);
     }
@@ -1039,6 +1077,9 @@ impl Relay {
     /// [`Relay::data`] for [`SimpleData`]: one recipient and no options, so no option applies
     /// or asks for a report, and the payload goes on exactly as received (APEX-28). Routes as
     /// `data` does, without building a [`Data`] first.
+    /// A [`SimpleData`]; `known` is where the same identities' data went last time, when
+    /// that still holds. Returns where this one went straight to the recipient's channel, for
+    /// the next time (`None`: another way, worked out again every time).
     fn simple_data(
         &mut self,
         conn: ConnId,
@@ -1046,24 +1087,32 @@ impl Relay {
         msgno: u32,
         payload: &Bytes,
         data: SimpleData<'_>,
-    ) {
+        known: Option<ChannelRef>,
+    ) -> Option<ChannelRef> {
         let answer = Answer::Msg(msgno);
+        if let Some(at) = known {
+            self.answer(conn, channel, answer, Ok(()));
+            self.deliver_at(at, payload.clone(), None);
+            return Some(at);
+        }
         let originator = match self.authorize(conn, channel, data.originator) {
             Ok(o) => o,
-            Err(refusal) => return self.answer_owned(conn, channel, answer, Err(refusal)),
+            Err(refusal) => {
+                self.answer_owned(conn, channel, answer, Err(refusal));
+                return None;
+            }
         };
         self.answer(conn, channel, answer, Ok(()));
         // An invalid recipient is only ever reported when a statusRequest asks (APEX-38).
-        let Ok(target) = self.parse_endpoint(data.recipient) else {
-            return;
-        };
+        let target = self.parse_endpoint(data.recipient).ok()?;
         if self.serves(target.domain()) {
-            self.deliver_local(&originator, &target, payload.clone(), None, None);
+            self.deliver_local(&originator, &target, payload.clone(), None, None)
         } else {
             self.actions.push_back(Action::Forward {
                 domain: target.domain().to_ascii_lowercase(),
                 payload: payload.clone(),
             });
+            None
         }
     }
 
@@ -1202,14 +1251,15 @@ impl Relay {
         payload: Bytes,
         report: Option<Report>,
         hold: Option<Option<u64>>,
-    ) {
+    ) -> Option<ChannelRef> {
         // Services inside the relay (the report service) reach endpoints without access entries
         // (apex-core.md §16 item 9: the RFCs leave this open).
         let allowed = originator.is_service() || self.may_send(recipient, originator);
         if !allowed {
-            return self.report(report, apex_code::NOT_AUTHORIZED, "access denied");
+            self.report(report, apex_code::NOT_AUTHORIZED, "access denied");
+            return None;
         }
-        self.deliver_to(recipient, payload, report, hold);
+        self.deliver_to(recipient, payload, report, hold)
     }
 
     /// Delivers to the recipient's channel. A replica that does not know the recipient may be
@@ -1221,7 +1271,7 @@ impl Relay {
         payload: Bytes,
         report: Option<Report>,
         hold: Option<Option<u64>>,
-    ) {
+    ) -> Option<ChannelRef> {
         let Some(at) = self.directory.get(recipient).copied() else {
             let home = home_shard(recipient, self.config.shards);
             if home != self.config.shard {
@@ -1234,7 +1284,7 @@ impl Relay {
                         hold,
                     },
                 });
-                return;
+                return None;
             }
             if let Some(deadline) = hold {
                 if self
@@ -1252,13 +1302,16 @@ impl Relay {
                             report,
                             deadline,
                         });
-                    return;
+                    return None;
                 }
-                return self.report(report, code::ACTION_NOT_TAKEN, "hold queue is full");
+                self.report(report, code::ACTION_NOT_TAKEN, "hold queue is full");
+                return None;
             }
-            return self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached");
+            self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached");
+            return None;
         };
         self.deliver_at(at, payload, report);
+        Some(at)
     }
 
     /// [`Endpoint::parse`], remembered: parsing is a pure function of the text, and a relay sees
@@ -1316,6 +1369,7 @@ impl Relay {
 
     /// Time passed: held data past its deadline is dropped and reported (RFC 3342 §3).
     pub fn handle_timeout(&mut self, now_ms: u64) {
+        self.routes_may_change();
         self.now_ms = now_ms;
         let mut expired = Vec::new();
         for queue in self.held.values_mut() {
@@ -1435,6 +1489,7 @@ impl Relay {
     /// fails too, and the failed ones are always the newest entries, while MSGs already
     /// queued before it may still be answered.
     pub fn send_failed(&mut self, conn: ConnId, channel: u32, reason: &str) {
+        self.routes_may_change();
         if let Some(report) = self.settled_delivery(conn, channel, |sent| sent.pop_back()) {
             self.report(report, code::ACTION_NOT_TAKEN, reason);
         }
@@ -1442,6 +1497,7 @@ impl Relay {
 
     /// The outcome of forwarding to another relay, for reports (APEX-24).
     pub fn forward_failed(&mut self, payload: &Bytes, reason: &str) {
+        self.routes_may_change();
         if let Ok(Operation::Data(data)) = msg::parse_message(payload, &self.config.limits) {
             let Ok(originator) = Endpoint::parse(&data.originator.identity) else {
                 return;
@@ -1462,6 +1518,7 @@ impl Relay {
 
     /// An envelope from another shard.
     pub fn handle_envelope(&mut self, envelope: Envelope) {
+        self.routes_may_change();
         match envelope {
             Envelope::AttachRequest {
                 id,
@@ -1500,7 +1557,9 @@ impl Relay {
                 payload,
                 report,
                 hold,
-            } => self.deliver_to(&recipient, payload, report, hold),
+            } => {
+                self.deliver_to(&recipient, payload, report, hold);
+            }
             Envelope::Deliver {
                 at,
                 payload,
@@ -1763,6 +1822,108 @@ mod tests {
         )));
         assert!(seen.iter().any(|actions| actions.len() == 1
             && matches!(actions[0], Action::Reply { positive: true, .. })));
+    }
+
+    /// APEX-22, APEX-16: a sender's simple data go where the general path sends them after
+    /// every kind of change that decides routes: the recipient detached, attached on another
+    /// channel or connection or shard, its channel or connection closed, the originator's own
+    /// attachment ended. Each data is sent twice, so the second follows a remembered route.
+    /// (A closed channel or connection is caught by the delivery's own look at the channel as
+    /// well: the epoch guards those twice.)
+    #[test]
+    fn remembered_simple_routes_follow_every_change_as_the_general_path() {
+        let barney = || Endpoint::parse("barney@example.com").unwrap();
+        let attach = |who: &str, trans_id: u32| {
+            message(&format!(
+                "<attach endpoint='{who}@example.com' transID='{trans_id}' />"
+            ))
+        };
+        type Change = Box<dyn Fn(&mut Relay)>;
+        let on_shard_1 = ChannelRef {
+            shard: 1,
+            conn: 9,
+            channel: 1,
+        };
+        let changes: Vec<(&str, Change)> = vec![
+            ("nothing", Box::new(|_| {})),
+            (
+                "barney terminates",
+                Box::new(|r| r.handle_message(2, 1, 1, &message("<terminate transID='1' />"))),
+            ),
+            (
+                "barney attaches on channel 3",
+                Box::new(move |r| r.handle_message(2, 3, 0, &attach("barney", 2))),
+            ),
+            (
+                "shard 1 says barney attached there",
+                Box::new(move |r| {
+                    r.handle_envelope(Envelope::Attached {
+                        endpoint: barney(),
+                        at: on_shard_1,
+                    })
+                }),
+            ),
+            (
+                "shard 1 says barney detached there",
+                Box::new(move |r| {
+                    r.handle_envelope(Envelope::Detached {
+                        endpoint: barney(),
+                        at: on_shard_1,
+                    })
+                }),
+            ),
+            (
+                "barney's channel 3 closes",
+                Box::new(|r| r.channel_closed(2, 3)),
+            ),
+            (
+                "barney attaches over connection 4",
+                Box::new(move |r| {
+                    r.conn_opened(4, ConnKind::Edge);
+                    r.handle_message(4, 1, 0, &attach("barney", 1));
+                }),
+            ),
+            ("connection 4 closes", Box::new(|r| r.conn_closed(4))),
+            (
+                "barney attaches in the start of channel 5",
+                Box::new(move |r| r.handle_start(2, 7, 5, &attach("barney", 3))),
+            ),
+            (
+                "fred terminates",
+                Box::new(|r| r.handle_message(1, 1, 1, &message("<terminate transID='1' />"))),
+            ),
+        ];
+        let (mut fast, mut general) = (
+            fred_and_barney(),
+            fred_and_barney().without_simple_data_path(),
+        );
+        let data = simple("fred@example.com", "barney@example.com");
+        let mut sent_to = Vec::new();
+        for (step, (name, change)) in changes.iter().enumerate() {
+            let msgno = 10 + 2 * step as u32;
+            let run = |r: &mut Relay| {
+                change(r);
+                let changed: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
+                let sent: Vec<Vec<Action>> = (msgno..msgno + 2)
+                    .map(|msgno| {
+                        r.handle_message(1, 1, msgno, &data);
+                        std::iter::from_fn(|| r.poll_action()).collect()
+                    })
+                    .collect();
+                (changed, sent)
+            };
+            let (a, b) = (run(&mut fast), run(&mut general));
+            assert_eq!(a, b, "after {name}");
+            sent_to.extend(a.1.iter().flatten().filter_map(|action| match action {
+                Action::Send { conn, channel, .. } => Some((0, *conn, *channel)),
+                Action::ToShard { shard, .. } => Some((*shard, 0, 0)),
+                _ => None,
+            }));
+        }
+        // The routes did change: barney was reached at each of its places in turn. (Its
+        // channel in a start takes MSGs once the start is answered: none are sent before.)
+        sent_to.dedup();
+        assert_eq!(sent_to, [(0, 2, 1), (0, 2, 3), (1, 0, 0), (0, 4, 1)]);
     }
 
     #[test]
