@@ -456,12 +456,24 @@ const ASCII_ZEROS: u64 = 0x3030_3030_3030_3030;
 /// all lanes at once: a lane's product never reaches the next lane (10^4 x 5243 < 2^32 and
 /// 100 x 103 < 2^16), and the multiply-shifts divide exactly in these ranges (checked for
 /// every value in the tests).
+#[inline(always)]
 fn eight_digits(n: u32) -> u64 {
     debug_assert!(n < 100_000_000);
     let halves = u64::from(n / 10_000) | (u64::from(n % 10_000) << 32);
     let hundreds = ((halves * 5243) >> 19) & 0x0000_007F_0000_007F;
     let pairs = hundreds | ((halves - hundreds * 100) << 16);
     let tens = ((pairs * 103) >> 10) & 0x000F_000F_000F_000F;
+    tens | ((pairs - tens * 10) << 8)
+}
+
+/// The four decimal digit values of `n` (below 10^4), one per octet, the most significant in
+/// the lowest: [`eight_digits`] on one half-word (99 x 103 < 2^16 keeps the lanes apart).
+#[inline(always)]
+fn four_digits(n: u32) -> u32 {
+    debug_assert!(n < 10_000);
+    let hundreds = (n * 5243) >> 19;
+    let pairs = hundreds | ((n - hundreds * 100) << 16);
+    let tens = ((pairs * 103) >> 10) & 0x000F_000F;
     tens | ((pairs - tens * 10) << 8)
 }
 
@@ -501,7 +513,23 @@ impl Line {
     // Up to eight digits are formatted at once in a word (the numbers of a busy channel's
     // headers, seqno and msgno, are long: a loop over digit pairs was most of a header's cost)
     // and stored with one fixed-size write; leading zeros are dropped by shifting them out.
+    // Short numbers (a channel, a small size) take a narrower word. Inlined: a header has four
+    // numbers, and the call cost as much as a short number.
+    #[inline(always)]
     fn number(&mut self, n: u32) -> &mut Self {
+        if n < 10 {
+            self.buf[self.len] = b'0' + n as u8;
+            self.len += 1;
+            return self;
+        }
+        if n < 10_000 {
+            let digits = four_digits(n);
+            let leading = ((digits.trailing_zeros() / 8) as usize).min(3);
+            let shifted = (digits | ASCII_ZEROS as u32) >> (8 * leading);
+            self.buf[self.len..self.len + 4].copy_from_slice(&shifted.to_le_bytes());
+            self.len += 4 - leading;
+            return self;
+        }
         if n >= 100_000_000 {
             let top = (n / 100_000_000) as usize; // 1 to 42
             if top >= 10 {
@@ -762,6 +790,11 @@ mod tests {
                 expected[position as usize] = digit as u8;
                 assert_eq!(eight_digits(n).to_le_bytes(), expected, "{n}");
             }
+        }
+        for n in 0..10_000u32 {
+            let expected = format!("{n:04}").into_bytes();
+            let digits = (four_digits(n) | ASCII_ZEROS as u32).to_le_bytes();
+            assert_eq!(&digits[..], &expected[..], "{n}");
         }
         assert_eq!(
             (eight_digits(12_345_678) | ASCII_ZEROS).to_le_bytes(),
