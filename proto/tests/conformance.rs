@@ -1033,6 +1033,33 @@ fn beep_08_p4_msgno_in_use() {
     );
 }
 
+/// BEEP-08 P4: every unanswered msgno stays in use, not only the newest, whether the peer numbers
+/// its MSGs upward (3 among 1, 3, 5) or not (9 among 9, 2, 5).
+#[test]
+fn beep_08_p4_any_unanswered_msgno_is_in_use() {
+    for (numbers, reused) in [(&[1u32, 3, 5][..], 3u32), (&[9, 2, 5][..], 9)] {
+        let mut l = listener_ch1();
+        l.profile.manual = true;
+        let mut seqno = 0;
+        for msgno in numbers {
+            l.feed(checked(
+                format!("MSG 1 {msgno} . {seqno} 2\r\nhiEND\r\n").as_bytes(),
+            ))
+            .unwrap();
+            seqno += 2;
+        }
+        l.expect(b"", "not answered yet");
+        assert_aborts(
+            &mut l,
+            checked(format!("MSG 1 {reused} . {seqno} 2\r\nhiEND\r\n").as_bytes()),
+            ProtocolError::MsgnoInUse {
+                channel: 1,
+                msgno: reused,
+            },
+        );
+    }
+}
+
 /// BEEP-04/BEEP-08 P4: once the reply has been completely sent, the msgno may be reused.
 #[test]
 fn beep_04_msgno_reusable_after_complete_reply() {

@@ -48,6 +48,56 @@ struct PendingReply {
     next_ansno: u32,
 }
 
+/// The peer's msgnos that are not free for reuse (P4): each from its MSG's arrival until the
+/// last frame of our reply to it is written, which happens in arrival order (BEEP-35).
+///
+/// Peers number their MSGs upward, so `order` is nearly always increasing: then a lookup is a
+/// comparison with its newest entry, or a binary search. Only once a peer breaks the order is
+/// the hash set built (from `order`, once), and it is dropped when `order` empties; a peer
+/// forcing rebuilds pays for each with as many MSGs answered.
+#[derive(Debug, Default)]
+struct MsgnosInUse {
+    order: VecDeque<u32>,
+    /// The msgnos of `order`, kept while `order` is not increasing.
+    unordered: Option<HashSet<u32>>,
+}
+
+impl MsgnosInUse {
+    fn contains(&self, msgno: u32) -> bool {
+        if let Some(set) = &self.unordered {
+            return set.contains(&msgno);
+        }
+        match self.order.back() {
+            Some(&newest) if msgno <= newest => self.order.binary_search(&msgno).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// Adds a msgno not [`contains`](Self::contains)ed.
+    fn push(&mut self, msgno: u32) {
+        if self.unordered.is_none() && self.order.back().is_some_and(|&newest| msgno < newest) {
+            self.unordered = Some(self.order.iter().copied().collect());
+        }
+        if let Some(set) = &mut self.unordered {
+            set.insert(msgno);
+        }
+        self.order.push_back(msgno);
+    }
+
+    fn release(&mut self, msgno: u32) {
+        if self.order.front() == Some(&msgno) {
+            self.order.pop_front();
+        } else if let Some(at) = self.order.iter().position(|&m| m == msgno) {
+            self.order.remove(at);
+        }
+        if self.order.is_empty() {
+            self.unordered = None;
+        } else if let Some(set) = &mut self.unordered {
+            set.remove(&msgno);
+        }
+    }
+}
+
 /// How far the reply to one of our MSGs has arrived.
 #[derive(Debug)]
 pub(crate) enum ReplyState {
@@ -104,7 +154,7 @@ pub(crate) struct Channel {
     /// Msgno of a MSG answered pre-emptively; its remaining frames are dropped (BEEP-38).
     discarding: Option<u32>,
     pending_replies: VecDeque<PendingReply>,
-    pending_set: HashSet<u32>,
+    in_use: MsgnosInUse,
     /// Partially received replies: (msgno, ansno) -> octets so far.
     reply_assembly: HashMap<(u32, Option<u32>), BytesMut>,
 
@@ -137,7 +187,7 @@ impl Channel {
             msg_assembly: None,
             discarding: None,
             pending_replies: VecDeque::new(),
-            pending_set: HashSet::default(),
+            in_use: MsgnosInUse::default(),
             reply_assembly: HashMap::default(),
             send_next: 0,
             send_edge: INITIAL_WINDOW,
@@ -192,7 +242,7 @@ impl Channel {
         match h.keyword {
             Keyword::Msg => {
                 let continuing = self.last_continued.is_some() || self.discarding == Some(h.msgno);
-                if !continuing && self.pending_set.contains(&h.msgno) {
+                if !continuing && self.in_use.contains(h.msgno) {
                     return Err(ProtocolError::MsgnoInUse {
                         channel: ch,
                         msgno: h.msgno,
@@ -360,7 +410,7 @@ impl Channel {
     }
 
     fn push_pending(&mut self, msgno: u32) {
-        self.pending_set.insert(msgno);
+        self.in_use.push(msgno);
         self.pending_replies.push_back(PendingReply {
             msgno,
             parts: Vec::new(),
@@ -420,7 +470,7 @@ impl Channel {
             if !head.complete {
                 break;
             }
-            // The msgno stays in `pending_set` until the reply's last frame is written (P4).
+            // The msgno stays in `in_use` until the reply's last frame is written (P4).
             self.pending_replies.pop_front();
         }
     }
@@ -548,7 +598,7 @@ impl Channel {
         let done = self.queue.pop_front()?;
         if matches!(done.keyword, Keyword::Rpy | Keyword::Err | Keyword::Nul) {
             // The reply is completely sent: the peer may reuse the msgno now (P4).
-            self.pending_set.remove(&done.msgno);
+            self.in_use.release(done.msgno);
         }
         Some(done.announces)
     }
@@ -607,5 +657,56 @@ fn assemble(
                 Ok(Some(buf.freeze()))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MsgnosInUse;
+
+    /// BEEP-08 P4: in-use msgnos are found whether the peer numbers upward (no set is kept),
+    /// out of order (the set is built), and free again once released, in any order.
+    #[test]
+    fn msgnos_in_use_are_found_in_and_out_of_order() {
+        let mut in_use = MsgnosInUse::default();
+        for msgno in [1, 3, 5, 9] {
+            assert!(!in_use.contains(msgno));
+            in_use.push(msgno);
+        }
+        assert!(in_use.unordered.is_none(), "upward numbering keeps no set");
+        for (msgno, used) in [
+            (0, false),
+            (1, true),
+            (2, false),
+            (3, true),
+            (5, true),
+            (9, true),
+        ] {
+            assert_eq!(in_use.contains(msgno), used, "{msgno}");
+        }
+        assert!(!in_use.contains(10));
+        in_use.push(4);
+        assert!(in_use.unordered.is_some(), "a lower msgno breaks the order");
+        for (msgno, used) in [
+            (1, true),
+            (2, false),
+            (3, true),
+            (4, true),
+            (9, true),
+            (10, false),
+        ] {
+            assert_eq!(in_use.contains(msgno), used, "{msgno}");
+        }
+        in_use.release(1);
+        in_use.release(5); // out of order too
+        assert!(!in_use.contains(1) && !in_use.contains(5));
+        assert!(in_use.contains(3) && in_use.contains(4) && in_use.contains(9));
+        for msgno in [3, 9, 4] {
+            in_use.release(msgno);
+        }
+        assert!(in_use.order.is_empty() && in_use.unordered.is_none());
+        assert!(!in_use.contains(4));
+        in_use.push(2);
+        assert!(in_use.contains(2) && in_use.unordered.is_none());
     }
 }
