@@ -321,6 +321,11 @@ pub struct Relay {
     /// is every entry point but a simple data and a reply to the relay's own MSG: a
     /// [`SimpleRoute`] of an earlier epoch is not used.
     routes_epoch: u64,
+    /// The connection whose MSG is being handled with its session at hand: answers to it are
+    /// collected in `direct_replies` rather than queued as actions (see
+    /// [`Relay::handle_session_event`]).
+    answering_directly: Option<ConnId>,
+    direct_replies: Vec<Action>,
 }
 
 /// Most cached access decisions before the cache starts over.
@@ -387,6 +392,8 @@ impl Relay {
             access_cached: 0,
             simple_data_path: true,
             routes_epoch: 0,
+            answering_directly: None,
+            direct_replies: Vec::new(),
         }
     }
 
@@ -540,9 +547,10 @@ impl Relay {
                 msgno,
                 payload,
             } => {
-                let queued = self.actions.len();
+                self.answering_directly = Some(conn);
                 self.handle_message(conn, channel, msgno, &payload);
-                self.reply_directly(conn, session, queued);
+                self.answering_directly = None;
+                self.reply_directly(session);
                 None
             }
             Event::Reply {
@@ -562,25 +570,20 @@ impl Relay {
         }
     }
 
-    /// Puts the replies on `conn` among the actions queued from index `from` on straight into
-    /// its session, which the caller holds, instead of leaving them to the runtime (which
-    /// would look the session up again). They may go out ahead of deliveries to the same
-    /// session queued before them: a relay's MSG and its RPY to the peer's MSG are
-    /// independent exchanges (RFC 3080 §2.6), and replies keep their own order (BEEP-35).
-    fn reply_directly(&mut self, conn: ConnId, session: &mut Session, from: usize) {
-        let mut at = from;
-        while at < self.actions.len() {
-            if !matches!(&self.actions[at], Action::Reply { conn: c, .. } if *c == conn) {
-                at += 1;
-                continue;
-            }
-            if let Some(Action::Reply {
+    /// Puts the answers collected in `direct_replies` straight into their session, which the
+    /// caller holds, instead of queuing them for the runtime (which would look the session up
+    /// again). They may go out ahead of deliveries to the same session queued before them: a
+    /// relay's MSG and its RPY to the peer's MSG are independent exchanges (RFC 3080 §2.6), and
+    /// replies keep their own order (BEEP-35).
+    fn reply_directly(&mut self, session: &mut Session) {
+        for action in self.direct_replies.drain(..) {
+            if let Action::Reply {
                 channel,
                 msgno,
                 positive,
                 payload,
                 ..
-            }) = self.actions.remove(at)
+            } = action
             {
                 // A session that can no longer take it (closing) has nobody to tell.
                 let _ = reply_in(session, channel, msgno, positive, payload);
@@ -735,7 +738,10 @@ impl Relay {
                 content: Bytes::from(msg::error_xml(code, &text).trim_end().to_owned()),
             },
         };
-        self.actions.push_back(action);
+        match (answer, self.answering_directly) {
+            (Answer::Msg(_), Some(direct)) if direct == conn => self.direct_replies.push(action),
+            _ => self.actions.push_back(action),
+        }
         if let Answer::Start(_) = answer {
             // The channel exists for the peer once this reply is out: release what waited.
             if let Some(state) = self.channels.get_mut(&(conn, channel)) {
