@@ -204,14 +204,36 @@ pub fn parse_data_head_fast(buf: &[u8], max_header_line: usize) -> Option<(Heade
 /// One decimal field of [`parse_data_head_fast`]: digits from `*at`, at most `max`, then
 /// `terminator`, which is consumed too.
 ///
-/// The range is checked once, after the digits: a field of more than
-/// [`FAST_MAX_DIGITS`] digits (only possible with leading zeros) is left to the general path,
-/// so the wrapping arithmetic below never wraps for a field this function accepts.
+/// Eight octets are classified and converted at once (a field of under eight digits, nearly
+/// every one, needs no loop); the octets after eight digits, or a field too near the end of
+/// `line` for a word, are read one at a time. The range is checked once, after the digits: a
+/// field of more than [`FAST_MAX_DIGITS`] digits (only possible with leading zeros) is left to
+/// the general path, so the arithmetic never overflows for a field this function accepts.
 #[inline(always)]
 fn fast_number(line: &[u8], at: &mut usize, max: u64, terminator: u8) -> Option<u32> {
     let start = *at;
     let mut end = start;
     let mut value: u64 = 0;
+    if let Some(word) = line.get(start..start + 8) {
+        let word = u64::from_le_bytes(<[u8; 8]>::try_from(word).ok()?);
+        let digits = leading_digits(word);
+        if digits == 0 {
+            return None;
+        }
+        // Digit values, the first in the lowest octet; shifted up so the octets below them are
+        // leading zeros (the octets after the digits, and any borrow they made, fall off).
+        let values = word.wrapping_sub(ASCII_ZEROS) << (8 * (8 - digits));
+        value = u64::from(eight_digit_value(values));
+        end = start + digits;
+        if digits < 8 {
+            // At most 99,999,999: within every field's range.
+            if line[end] != terminator {
+                return None;
+            }
+            *at = end + 1;
+            return Some(value as u32);
+        }
+    }
     let octet = loop {
         let octet = *line.get(end)?;
         let digit = octet.wrapping_sub(b'0');
@@ -228,6 +250,33 @@ fn fast_number(line: &[u8], at: &mut usize, max: u64, terminator: u8) -> Option<
     *at = end + 1;
     // `max` never exceeds u32::MAX, so this always succeeds.
     u32::try_from(value).ok()
+}
+
+/// How many of the eight octets of `word` (the first in the lowest octet) are ASCII digits
+/// before the first that is not.
+///
+/// An octet is a digit when its high nibble is 3 and stays 3 with 6 added (0x30 to 0x39).
+/// Adding 6 carries out of an octet only from 0xFA up, which is not a digit: it can disturb
+/// only octets after the first non-digit, which are not counted.
+#[inline(always)]
+fn leading_digits(word: u64) -> usize {
+    const HIGH_NIBBLES: u64 = 0xF0F0_F0F0_F0F0_F0F0;
+    let high = word & HIGH_NIBBLES;
+    let high_plus_6 = word.wrapping_add(0x0606_0606_0606_0606) & HIGH_NIBBLES;
+    let not_digits = (high ^ ASCII_ZEROS) | (high_plus_6 ^ ASCII_ZEROS);
+    (not_digits.trailing_zeros() / 8) as usize
+}
+
+/// The number whose eight decimal digit values are the octets of `values`, the most
+/// significant in the lowest octet: pairs of digits, then pairs of pairs, in every lane at
+/// once (no lane exceeds 99, then 9,999, so none reaches into the next).
+#[inline(always)]
+fn eight_digit_value(values: u64) -> u32 {
+    const LOW_OCTETS: u64 = 0x0000_00FF_0000_00FF;
+    let pairs = values.wrapping_mul(10).wrapping_add(values >> 8);
+    let high = (pairs & LOW_OCTETS).wrapping_mul(100 + (1_000_000 << 32));
+    let low = ((pairs >> 16) & LOW_OCTETS).wrapping_mul(1 + (10_000 << 32));
+    (high.wrapping_add(low) >> 32) as u32
 }
 
 /// The most digits [`fast_number`] reads: every value up to 2^32 - 1 without leading zeros.
@@ -718,6 +767,17 @@ mod tests {
             b"MSG 1 2 . 00000000004294967295 4\r\n",
             b"MSG 1 2 . 99999999999999999999999 4\r\n",
             b"MSG 1 2 . 18446744073709551616 4\r\n", // 2^64: wraps to 0 if unchecked
+            // Fields of eight digits and more, read a word at a time then one octet at a time.
+            b"MSG 1 2 . 12345678 4\r\nEND\r\n",
+            b"MSG 1 2 . 123456789 4\r\nEND\r\n",
+            b"MSG 1 2 . 1234567890 4\r\nEND\r\n",
+            b"MSG 1 2 . 0000000012 4\r\nEND\r\n",
+            // A field ended by anything but its separator, with a word's worth after it.
+            b"MSG 1x2 . 3 4\r\nEND\r\n",
+            b"MSG 1 2/3 . 3 4\r\nEND\r\n",
+            b"MSG 1 2 . 3:4 5\r\nEND\r\n",
+            b"MSG 1 2 . 12345678x9 4\r\nEND\r\n",
+            b"MSG 1 2 . 3 4\n\rEND\r\n",
             // Rejected by both: out of range, malformed, NUL with a payload or `*`.
             b"MSG 2147483648 0 . 0 0\r\n",
             b"MSG 1 2 . 4294967296 0\r\n",
@@ -804,6 +864,47 @@ mod tests {
             (eight_digits(99_999_999) | ASCII_ZEROS).to_le_bytes(),
             *b"99999999"
         );
+    }
+
+    #[test]
+    fn words_of_octets_read_as_their_leading_digits() {
+        // Every octet value in every position, after a run of digits: the count stops at the
+        // first non-digit whatever follows it (0xFA and up carry when 6 is added).
+        for position in 0..8 {
+            for octet in 0..=255u8 {
+                let mut word = *b"12345678";
+                word[position] = octet;
+                if position < 7 {
+                    word[position + 1] = 0xFF;
+                }
+                let expected = if octet.is_ascii_digit() {
+                    position
+                        + 1
+                        + word[position + 1..]
+                            .iter()
+                            .take_while(|b| b.is_ascii_digit())
+                            .count()
+                } else {
+                    position
+                };
+                assert_eq!(
+                    leading_digits(u64::from_le_bytes(word)),
+                    expected,
+                    "{word:?}"
+                );
+            }
+        }
+        for (text, value) in [
+            (b"00000000", 0),
+            (b"00000001", 1),
+            (b"10000000", 10_000_000),
+            (b"12345678", 12_345_678),
+            (b"99999999", 99_999_999),
+            (b"09080706", 9_080_706),
+        ] {
+            let values = u64::from_le_bytes(*text).wrapping_sub(ASCII_ZEROS);
+            assert_eq!(eight_digit_value(values), value, "{text:?}");
+        }
     }
 
     #[test]
