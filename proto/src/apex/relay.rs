@@ -608,21 +608,32 @@ impl Relay {
         let state = self.channel_state(conn, channel);
         state.ready = true;
         if simple_data_path {
+            if let Some(route) = state.simple_route.filter(|r| r.epoch == epoch) {
+                // The same head as last time names the same identities, which are then not
+                // needed: the memo's verdict in place is enough.
+                if let Some((_, true)) =
+                    msg::parse_simple_data_memo(payload, &limits, &mut state.simple_memo)
+                {
+                    self.answer(conn, channel, Answer::Msg(msgno), Ok(()));
+                    self.deliver_at(route.at, payload.clone(), None);
+                    return;
+                }
+                // Another head, which the memo now holds, or no simple data at all: handled
+                // afresh below, and routed afresh.
+                state.simple_route = None;
+            }
             // Taken out while the data it may lend identities to is routed.
             let mut memo = std::mem::take(&mut state.simple_memo);
-            let known = state
-                .simple_route
-                .filter(|r| r.epoch == epoch)
-                .map(|r| r.at);
-            let routed =
-                msg::parse_simple_data_memo(payload, &limits, &mut memo).map(|(data, recalled)| {
-                    let known = known.filter(|_| recalled);
-                    self.simple_data(conn, channel, msgno, payload, data, known)
-                });
+            let routed = msg::parse_simple_data_memo(payload, &limits, &mut memo)
+                .map(|(data, _)| self.simple_data(conn, channel, msgno, payload, data));
             if let Some(state) = self.channels.get_mut(&(conn, channel)) {
                 state.simple_memo = memo;
-                if let Some(at) = routed {
-                    state.simple_route = at.map(|at| SimpleRoute { epoch, at });
+                // A route is only ever followed for a head the memo recalls.
+                if let Some(at) = routed
+                    .flatten()
+                    .filter(|_| state.simple_memo.head_len().is_some())
+                {
+                    state.simple_route = Some(SimpleRoute { epoch, at });
                 }
             }
             if routed.is_some() {
@@ -1083,9 +1094,8 @@ impl Relay {
     /// [`Relay::data`] for [`SimpleData`]: one recipient and no options, so no option applies
     /// or asks for a report, and the payload goes on exactly as received (APEX-28). Routes as
     /// `data` does, without building a [`Data`] first.
-    /// A [`SimpleData`]; `known` is where the same identities' data went last time, when
-    /// that still holds. Returns where this one went straight to the recipient's channel, for
-    /// the next time (`None`: another way, worked out again every time).
+    /// A [`SimpleData`]. Returns where it went straight to the recipient's channel, for the
+    /// next data with the same identities (`None`: another way, worked out every time).
     fn simple_data(
         &mut self,
         conn: ConnId,
@@ -1093,14 +1103,8 @@ impl Relay {
         msgno: u32,
         payload: &Bytes,
         data: SimpleData<'_>,
-        known: Option<ChannelRef>,
     ) -> Option<ChannelRef> {
         let answer = Answer::Msg(msgno);
-        if let Some(at) = known {
-            self.answer(conn, channel, answer, Ok(()));
-            self.deliver_at(at, payload.clone(), None);
-            return Some(at);
-        }
         let originator = match self.authorize(conn, channel, data.originator) {
             Ok(o) => o,
             Err(refusal) => {
@@ -1930,6 +1934,34 @@ mod tests {
         // channel in a start takes MSGs once the start is answered: none are sent before.)
         sent_to.dedup();
         assert_eq!(sent_to, [(0, 2, 1), (0, 2, 3), (1, 0, 0), (0, 4, 1)]);
+    }
+
+    /// A route is remembered only with a head the memo keeps: data whose head is too long
+    /// for it (long identities) would otherwise be parsed twice, once to find the head
+    /// changed and once to route it.
+    #[test]
+    fn no_route_is_remembered_for_a_head_the_memo_does_not_keep() {
+        let mut r = fred_and_barney();
+        let long = format!("{}@example.com", "f".repeat(msg::MAX_MEMO_HEAD));
+        r.handle_message(
+            1,
+            3,
+            0,
+            &message(&format!("<attach endpoint='{long}' transID='1' />")),
+        );
+        for (channel, originator, remembered) in [(1, "fred@example.com", true), (3, &*long, false)]
+        {
+            r.handle_message(1, channel, 5, &simple(originator, "barney@example.com"));
+            let actions: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
+            assert!(
+                actions
+                    .iter()
+                    .any(|a| matches!(a, Action::Send { conn: 2, .. })),
+                "{originator}"
+            );
+            let state = &r.channels[&(1, channel)];
+            assert_eq!(state.simple_route.is_some(), remembered, "{originator}");
+        }
     }
 
     #[test]
