@@ -56,6 +56,9 @@ const READ_CHUNK: usize = 256 * 1024;
 /// Keep at most this much output buffered on a non-blocking socket.
 const MAX_OUTBOX: usize = 1024 * 1024;
 
+/// A sender builds its messages in chunks of this many octets (or one message, if larger).
+const BUILD_CHUNK: usize = 64 * 1024;
+
 /// Error messages kept per endpoint.
 const MAX_SAMPLES: usize = 5;
 
@@ -594,9 +597,7 @@ fn data_frame(originator: &str, recipients: &[String]) -> (Bytes, &'static [u8])
 
 /// Finds the payload in a delivered `data` message and decodes its stamp.
 fn stamp_of(message: &[u8]) -> Option<Stamp> {
-    let at = message
-        .windows(CONTENT_OPEN.len())
-        .position(|w| w == CONTENT_OPEN)?;
+    let at = memchr::memmem::find(message, CONTENT_OPEN)?;
     payload::decode(&message[at + CONTENT_OPEN.len()..])
 }
 
@@ -815,7 +816,11 @@ impl Endpoint {
                 }
                 None => now_ns,
             };
-            s.build.reserve(len);
+            if s.build.capacity() - s.build.len() < len {
+                // Messages are carved out of shared chunks: one allocation per chunk, not
+                // per message.
+                s.build.reserve(len.max(BUILD_CHUNK));
+            }
             s.build.put_slice(&s.prefix);
             let stamp = Stamp {
                 seq: s.next_seq * s.stride + s.offset,
