@@ -530,6 +530,8 @@ struct Receiver {
     /// Octets of each delivered message per sender (what it sent, with only this recipient
     /// left), in `tracks` order.
     message_lens: Vec<usize>,
+    /// Where the payload began in the last delivery (see `stamp_of`).
+    payload_at: usize,
     /// Per sender heard from, in `Config::senders_of` order: (sender, next message number).
     tracks: Vec<(usize, u64)>,
     /// The senders' sequence stride (`Config::stride`).
@@ -595,10 +597,21 @@ fn data_frame(originator: &str, recipients: &[String]) -> (Bytes, &'static [u8])
     (prefix.freeze(), b"</data-content></data>\r\n")
 }
 
-/// Finds the payload in a delivered `data` message and decodes its stamp.
-fn stamp_of(message: &[u8]) -> Option<Stamp> {
-    let at = memchr::memmem::find(message, CONTENT_OPEN)?;
-    payload::decode(&message[at + CONTENT_OPEN.len()..])
+/// Finds the payload in a delivered `data` message and decodes its stamp. `hint` is where the
+/// payload began in the last message: a sender's messages differ only in it, so that is tried
+/// first, and updated when the search had to look elsewhere.
+fn stamp_of(message: &[u8], hint: &mut usize) -> Option<Stamp> {
+    let at = match message.get(*hint..) {
+        Some(rest) if *hint >= CONTENT_OPEN.len() && message[..*hint].ends_with(CONTENT_OPEN) => {
+            rest
+        }
+        _ => {
+            let at = memchr::memmem::find(message, CONTENT_OPEN)? + CONTENT_OPEN.len();
+            *hint = at;
+            &message[at..]
+        }
+    };
+    payload::decode(at)
 }
 
 fn is_ok_reply(payload: &Bytes, ok: &[u8]) -> bool {
@@ -632,6 +645,7 @@ impl Endpoint {
                 .collect();
             let part = Part::Receiver(Receiver {
                 message_lens,
+                payload_at: 0,
                 tracks: senders.into_iter().map(|s| (s, 0)).collect(),
                 stride: config.stride(),
                 delivered: 0,
@@ -992,7 +1006,7 @@ impl Endpoint {
             self.error(|| format!("unexpected message from the relay: {text:?}"));
             return;
         };
-        let Some(stamp) = stamp_of(message) else {
+        let Some(stamp) = stamp_of(message, &mut r.payload_at) else {
             let text = String::from_utf8_lossy(&message[..message.len().min(200)]).into_owned();
             self.error(|| format!("undecodable delivery: {text:?}"));
             return;
@@ -1160,7 +1174,14 @@ mod tests {
             content.len(),
             CONTENT_OPEN.len() + 128 + "</data-content>".len()
         );
-        assert_eq!(stamp_of(&m), Some(stamp));
+        let mut hint = 0;
+        assert_eq!(stamp_of(&m, &mut hint), Some(stamp));
+        assert_eq!(&m[hint - CONTENT_OPEN.len()..hint], CONTENT_OPEN);
+        // The hint serves the next message, and a wrong one is searched past.
+        assert_eq!(stamp_of(&m, &mut hint), Some(stamp));
+        let mut wrong = 7;
+        assert_eq!(stamp_of(&m, &mut wrong), Some(stamp));
+        assert_eq!(wrong, hint);
     }
 
     #[test]
