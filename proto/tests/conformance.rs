@@ -1717,6 +1717,26 @@ fn beep_32_close_channel_accepted() {
     assert!(!l.session.is_finished());
 }
 
+/// BEEP-32/BEEP-28: a channel whose last reply the application has taken is idle, even before
+/// anything is transmitted: the peer's close of it is accepted.
+#[test]
+fn beep_32_close_accepted_once_the_reply_is_taken() {
+    let mut i = initiator_ch1();
+    i.session
+        .send_msg(1, Bytes::from_static(b"\r\nping"))
+        .unwrap();
+    i.expect(checked(b"MSG 1 0 . 0 6\r\n\r\npingEND\r\n"), "MSG");
+    i.feed(checked(b"RPY 1 0 . 0 2\r\nokEND\r\n")).unwrap();
+    assert_eq!(i.profile.replies.len(), 1, "the reply was taken");
+    i.feed(checked(b"MSG 0 1 . 194 71\r\nContent-Type: application/beep+xml\r\n\r\n<close number='1' code='200' />\r\nEND\r\n"))
+        .unwrap();
+    i.expect(
+        checked(b"RPY 0 1 . 168 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n"),
+        "ok",
+    );
+    assert_eq!(i.profile.closed, vec![1]);
+}
+
 /// BEEP-29/BEEP-15: an `ok` with an attribute answering our release is a poorly-formed
 /// channel-0 reply: the session terminates. A proper `<ok />` releases it.
 #[test]

@@ -177,6 +177,11 @@ pub struct Session {
     events: VecDeque<Event>,
     ready: VecDeque<u32>,
     seq_dirty: Vec<u32>,
+    /// Octets of one channel's events polled by the application and not yet taken off the
+    /// channel's `undelivered`: a run of events on one channel (a read's worth, usually) costs
+    /// one channel lookup. Settled before anything reads `undelivered`, writes SEQs, or
+    /// changes the set of channels.
+    released: Option<(u32, u32)>,
     requests: HashMap<u32, Request>,
     starts: HashMap<u32, u32>,
     next_channel: u32,
@@ -228,6 +233,7 @@ impl Session {
             events: VecDeque::new(),
             ready: VecDeque::new(),
             seq_dirty: Vec::new(),
+            released: None,
             requests: HashMap::from([(0, Request::Greeting)]),
             starts: HashMap::new(),
             next_channel: if role == Role::Initiator { 1 } else { 2 },
@@ -314,6 +320,8 @@ impl Session {
     }
 
     fn consume(&mut self, buf: &mut BytesMut) -> Result<(), ProtocolError> {
+        // A close checks `undelivered`, and channels may come and go.
+        self.settle_released();
         loop {
             if buf.is_empty() {
                 // Most reads end on a frame boundary: no header to look for.
@@ -561,6 +569,7 @@ impl Session {
     }
 
     fn remove_channel(&mut self, number: u32) {
+        self.settle_released();
         let Some(channel) = self.channels.remove(&number) else {
             return;
         };
@@ -645,6 +654,7 @@ impl Session {
     }
 
     fn open_channel(&mut self, number: u32, profile: String) {
+        self.settle_released();
         let mut channel = Channel::new(profile, &self.config.limits, 0);
         // Advertise the configured window as soon as the channel may speak.
         channel.seq_dirty = true;
@@ -689,15 +699,33 @@ impl Session {
             channel, payload, ..
         } = &event
         {
-            if let Some(c) = self.channels.get_mut(channel) {
-                c.undelivered = c.undelivered.saturating_sub(payload.len() as u32);
-                if !c.seq_dirty {
-                    c.seq_dirty = true;
-                    self.seq_dirty.push(*channel);
+            let octets = payload.len() as u32;
+            match &mut self.released {
+                Some((number, pending)) if number == channel => {
+                    *pending = pending.saturating_add(octets);
+                }
+                _ => {
+                    self.settle_released();
+                    self.released = Some((*channel, octets));
                 }
             }
         }
         Some(event)
+    }
+
+    /// Takes what the application polled off its channel's `undelivered`, which may reopen the
+    /// window with a SEQ (BEEP-66).
+    fn settle_released(&mut self) {
+        let Some((number, octets)) = self.released.take() else {
+            return;
+        };
+        if let Some(c) = self.channels.get_mut(&number) {
+            c.undelivered = c.undelivered.saturating_sub(octets);
+            if !c.seq_dirty {
+                c.seq_dirty = true;
+                self.seq_dirty.push(number);
+            }
+        }
     }
 
     /// Appends pending output to `out`: first the SEQ frames that reopen windows (BEEP-67),
@@ -708,6 +736,7 @@ impl Session {
         if self.state == State::Dead {
             return 0;
         }
+        self.settle_released();
         let mut deferred = Vec::new();
         for number in std::mem::take(&mut self.seq_dirty) {
             if let Some(channel) = self.channels.get_mut(&number) {
@@ -774,7 +803,7 @@ impl Session {
 
     /// True when `poll_transmit` has frames it could write now.
     pub fn has_output(&self) -> bool {
-        !self.ready.is_empty() || !self.seq_dirty.is_empty()
+        !self.ready.is_empty() || !self.seq_dirty.is_empty() || self.released.is_some()
     }
 
     fn usable(&self) -> Result<(), Misuse> {
