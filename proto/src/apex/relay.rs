@@ -603,9 +603,9 @@ impl Relay {
     /// A MSG on an APEX channel.
     pub fn handle_message(&mut self, conn: ConnId, channel: u32, msgno: u32, payload: &Bytes) {
         let (limits, simple_data_path) = (self.config.limits, self.simple_data_path);
-        // A MSG on the channel proves the peer knows it.
         let epoch = self.routes_epoch;
         let state = self.channel_state(conn, channel);
+        // A MSG on the channel proves the peer knows it.
         state.ready = true;
         if simple_data_path {
             if let Some(route) = state.simple_route.filter(|r| r.epoch == epoch) {
