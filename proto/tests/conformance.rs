@@ -216,6 +216,15 @@ fn listener_ch1_limits(limits: Limits, after_greeting: &[u8], after_start: &[u8]
     l
 }
 
+/// `peer` after sending MSG 0 ("ping") on channel 1, which went out whole.
+fn pinged(mut peer: Peer) -> Peer {
+    peer.session
+        .send_msg(1, Bytes::from_static(b"\r\nping"))
+        .unwrap();
+    peer.expect(checked(b"MSG 1 0 . 0 6\r\n\r\npingEND\r\n"), "our MSG");
+    peer
+}
+
 /// An initiator that exchanged greetings with a listener offering APEX.
 fn initiator() -> Peer {
     let mut i = Peer::initiator();
@@ -1103,11 +1112,7 @@ fn beep_08_p4_msgno_in_use_while_reply_partly_sent() {
 /// BEEP-08 P5: a reply for a MSG whose reply was already completely received.
 #[test]
 fn beep_08_p5_reply_to_completed_msg() {
-    let mut l = listener_ch1();
-    l.session
-        .send_msg(1, Bytes::from_static(b"\r\nping"))
-        .unwrap();
-    l.expect(checked(b"MSG 1 0 . 0 6\r\n\r\npingEND\r\n"), "our MSG");
+    let mut l = pinged(listener_ch1());
     l.feed(checked(b"RPY 1 0 . 0 6\r\n\r\npongEND\r\n"))
         .unwrap();
     assert_aborts(
@@ -1158,11 +1163,7 @@ fn beep_08_p7_keyword_changes_within_a_msg() {
 /// BEEP-08 P7: a continuation frame of a reply with another keyword (RPY * then ERR).
 #[test]
 fn beep_08_p7_keyword_changes_within_a_reply() {
-    let mut l = listener_ch1();
-    l.session
-        .send_msg(1, Bytes::from_static(b"\r\nping"))
-        .unwrap();
-    l.expect(b"MSG 1 0 . 0 6\r\n\r\npingEND\r\n", "our MSG");
+    let mut l = pinged(listener_ch1());
     l.feed(checked(b"RPY 1 0 * 0 3\r\nabcEND\r\n")).unwrap();
     assert_aborts(
         &mut l,
@@ -1174,11 +1175,7 @@ fn beep_08_p7_keyword_changes_within_a_reply() {
 /// BEEP-08 P8 / BEEP-11: NUL after a reply frame that was not ANS.
 #[test]
 fn beep_08_p8_nul_not_after_ans() {
-    let mut l = listener_ch1();
-    l.session
-        .send_msg(1, Bytes::from_static(b"\r\nping"))
-        .unwrap();
-    l.expect(b"MSG 1 0 . 0 6\r\n\r\npingEND\r\n", "our MSG");
+    let mut l = pinged(listener_ch1());
     l.feed(checked(b"RPY 1 0 * 0 3\r\nabcEND\r\n")).unwrap();
     assert_aborts(
         &mut l,
@@ -1280,11 +1277,7 @@ fn beep_08_abort_discards_replies_queued_before_the_bad_frame() {
 /// BEEP-11: a NUL alone is a complete (empty) one-to-many reply.
 #[test]
 fn beep_11_nul_alone_is_a_whole_reply() {
-    let mut l = listener_ch1();
-    l.session
-        .send_msg(1, Bytes::from_static(b"\r\nping"))
-        .unwrap();
-    l.expect(b"MSG 1 0 . 0 6\r\n\r\npingEND\r\n", "our MSG");
+    let mut l = pinged(listener_ch1());
     l.feed(checked(b"NUL 1 0 . 0 0\r\nEND\r\n")).unwrap();
     assert_eq!(
         l.profile.replies,
@@ -1721,11 +1714,7 @@ fn beep_32_close_channel_accepted() {
 /// anything is transmitted: the peer's close of it is accepted.
 #[test]
 fn beep_32_close_accepted_once_the_reply_is_taken() {
-    let mut i = initiator_ch1();
-    i.session
-        .send_msg(1, Bytes::from_static(b"\r\nping"))
-        .unwrap();
-    i.expect(checked(b"MSG 1 0 . 0 6\r\n\r\npingEND\r\n"), "MSG");
+    let mut i = pinged(initiator_ch1());
     i.feed(checked(b"RPY 1 0 . 0 2\r\nokEND\r\n")).unwrap();
     assert_eq!(i.profile.replies.len(), 1, "the reply was taken");
     i.feed(checked(b"MSG 0 1 . 194 71\r\nContent-Type: application/beep+xml\r\n\r\n<close number='1' code='200' />\r\nEND\r\n"))
@@ -1772,11 +1761,7 @@ fn beep_29_ok_with_attributes_terminates() {
 /// MSGs are still processed until the `ok` arrives.
 #[test]
 fn beep_25_26_27_closing_our_channel() {
-    let mut i = initiator_ch1();
-    i.session
-        .send_msg(1, Bytes::from_static(b"\r\nping"))
-        .unwrap();
-    i.expect(checked(b"MSG 1 0 . 0 6\r\n\r\npingEND\r\n"), "MSG");
+    let mut i = pinged(initiator_ch1());
     assert_eq!(
         i.session.close_channel(1, 200),
         Err(Misuse::Unacknowledged(1))
