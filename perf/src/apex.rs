@@ -602,9 +602,7 @@ fn data_frame(originator: &str, recipients: &[String]) -> (Bytes, &'static [u8])
 /// first, and updated when the search had to look elsewhere.
 fn stamp_of(message: &[u8], hint: &mut usize) -> Option<Stamp> {
     let at = match message.get(*hint..) {
-        Some(rest) if *hint >= CONTENT_OPEN.len() && message[..*hint].ends_with(CONTENT_OPEN) => {
-            rest
-        }
+        Some(rest) if message[..*hint].ends_with(CONTENT_OPEN) => rest,
         _ => {
             let at = memchr::memmem::find(message, CONTENT_OPEN)? + CONTENT_OPEN.len();
             *hint = at;

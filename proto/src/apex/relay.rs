@@ -325,7 +325,16 @@ pub struct Relay {
     /// collected in `direct_replies` rather than queued as actions (see
     /// [`Relay::handle_session_event`]).
     answering_directly: Option<ConnId>,
-    direct_replies: Vec<Action>,
+    direct_replies: Vec<DirectReply>,
+}
+
+/// An [`Action::Reply`] to the connection whose session is at hand.
+#[derive(Debug)]
+struct DirectReply {
+    channel: u32,
+    msgno: u32,
+    positive: bool,
+    payload: Bytes,
 }
 
 /// Most cached access decisions before the cache starts over.
@@ -576,18 +585,15 @@ impl Relay {
     /// relay's MSG and its RPY to the peer's MSG are independent exchanges (RFC 3080 §2.6), and
     /// replies keep their own order (BEEP-35).
     fn reply_directly(&mut self, session: &mut Session) {
-        for action in self.direct_replies.drain(..) {
-            if let Action::Reply {
-                channel,
-                msgno,
-                positive,
-                payload,
-                ..
-            } = action
-            {
-                // A session that can no longer take it (closing) has nobody to tell.
-                let _ = reply_in(session, channel, msgno, positive, payload);
-            }
+        for reply in self.direct_replies.drain(..) {
+            // A session that can no longer take it (closing) has nobody to tell.
+            let _ = reply_in(
+                session,
+                reply.channel,
+                reply.msgno,
+                reply.positive,
+                reply.payload,
+            );
         }
     }
 
@@ -749,9 +755,20 @@ impl Relay {
                 content: Bytes::from(msg::error_xml(code, &text).trim_end().to_owned()),
             },
         };
-        match (answer, self.answering_directly) {
-            (Answer::Msg(_), Some(direct)) if direct == conn => self.direct_replies.push(action),
-            _ => self.actions.push_back(action),
+        match action {
+            Action::Reply {
+                conn,
+                channel,
+                msgno,
+                positive,
+                payload,
+            } if self.answering_directly == Some(conn) => self.direct_replies.push(DirectReply {
+                channel,
+                msgno,
+                positive,
+                payload,
+            }),
+            action => self.actions.push_back(action),
         }
         if let Answer::Start(_) = answer {
             // The channel exists for the peer once this reply is out: release what waited.
