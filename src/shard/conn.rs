@@ -109,7 +109,8 @@ async fn run(
     // A read after a wait goes through glommio's `read`, which wants an initialised slice: it
     // lands in this scratch buffer and what arrived is copied to `read_buf` (whose frames are
     // then split off as `Bytes`). When a read filled all the room it had, more is probably
-    // waiting: that is received straight into `read_buf`, with no copy.
+    // waiting: that is received straight into `read_buf`, with no copy. After a large burst
+    // the wait reads a single octet, so that the next burst is received directly too.
     let mut scratch = vec![0u8; read_chunk];
     let mut pacing = ReadPacing::default();
     let mut out = Vectored::new(SHARED_PAYLOAD_MIN);
@@ -180,11 +181,12 @@ async fn run(
             }
         }
         pacing.before_waiting();
+        let wait_room = pacing.wait_room(scratch.len());
         let wake = match closing_since {
             None => {
                 future::or(
                     future::or(
-                        async { Wake::Read(stream.read(&mut scratch).await) },
+                        async { Wake::Read(stream.read(&mut scratch[..wait_room]).await) },
                         async {
                             shared.wake.notified().await;
                             Wake::Output
@@ -201,7 +203,7 @@ async fn run(
                 let left = grace.saturating_sub(since.elapsed());
                 future::or(
                     future::or(
-                        async { Wake::Read(stream.read(&mut scratch).await) },
+                        async { Wake::Read(stream.read(&mut scratch[..wait_room]).await) },
                         async {
                             shared.wake.notified().await;
                             Wake::Output
@@ -232,13 +234,20 @@ async fn run(
                 continue;
             }
         };
-        pacing.after_read(n, scratch.len());
+        pacing.after_read(n, wait_room);
         read_buf.extend_from_slice(&scratch[..n]);
+        if n == wait_room && n < scratch.len() && closing_since.is_none() && !ctx.stopping() {
+            continue; // a probe: the rest is read directly, and then handled
+        }
         if handle_input(conn, shared, ctx, &mut read_buf).is_err() {
             return Ending::Aborted;
         }
     }
 }
+
+/// A burst of input (octets read between two waits) from which the next wait only probes for
+/// input: copying this much costs more than a second receive.
+const LARGE_BURST: usize = 32 * 1024;
 
 /// Reads straight from the socket a connection's task makes before it yields to the others.
 const READS_BEFORE_YIELDING: u32 = 16;
@@ -254,6 +263,10 @@ const READS_BEFORE_YIELDING: u32 = 16;
 struct ReadPacing {
     more_waiting: bool,
     reads_without_waiting: u32,
+    /// Octets read since the task last waited.
+    burst: usize,
+    /// Whether the next wait reads a single octet (see [`ReadPacing::wait_room`]).
+    probe: bool,
 }
 
 impl ReadPacing {
@@ -262,9 +275,23 @@ impl ReadPacing {
         self.more_waiting
     }
 
+    /// How much of the `scratch` octets a read after a wait may fill. What it gets is copied to
+    /// the read buffer, and with many connections those copies miss the cache: when the last
+    /// burst was large, the wait reads one octet and the rest is received straight into the
+    /// read buffer (one more receive, no copy). Small bursts are cheaper copied than received
+    /// twice.
+    fn wait_room(&self, scratch: usize) -> usize {
+        if self.probe {
+            1
+        } else {
+            scratch
+        }
+    }
+
     /// After any read of `n` octets into `room`.
     fn after_read(&mut self, n: usize, room: usize) {
         self.more_waiting = n >= room;
+        self.burst += n;
     }
 
     /// After a direct read: whether the task should yield before its next read.
@@ -281,6 +308,8 @@ impl ReadPacing {
     /// The task is about to wait: whatever it read before, it has let the others run.
     fn before_waiting(&mut self) {
         self.reads_without_waiting = 0;
+        self.probe = self.burst >= LARGE_BURST;
+        self.burst = 0;
     }
 }
 
@@ -493,6 +522,35 @@ mod tests {
         assert!(
             !pacing.read_directly(),
             "a short direct read drains the socket"
+        );
+    }
+
+    #[test]
+    fn after_a_large_burst_the_next_wait_only_probes() {
+        let mut pacing = ReadPacing::default();
+        assert_eq!(
+            pacing.wait_room(65536),
+            65536,
+            "a new connection reads in full"
+        );
+        pacing.after_read(LARGE_BURST - 1, 65536);
+        pacing.before_waiting();
+        assert_eq!(pacing.wait_room(65536), 65536, "a small burst is copied");
+        // A full read and a direct one make a large burst.
+        pacing.after_read(LARGE_BURST / 2, LARGE_BURST / 2);
+        assert!(pacing.read_directly());
+        assert!(!pacing.after_direct_read(LARGE_BURST / 2, 65536));
+        pacing.before_waiting();
+        assert_eq!(pacing.wait_room(65536), 1);
+        // The probe's octet fills its room: the rest is read directly.
+        pacing.after_read(1, 1);
+        assert!(pacing.read_directly());
+        assert!(!pacing.after_direct_read(5000, 65536));
+        pacing.before_waiting();
+        assert_eq!(
+            pacing.wait_room(65536),
+            65536,
+            "the burst is counted afresh after each wait"
         );
     }
 
