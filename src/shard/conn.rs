@@ -328,15 +328,14 @@ fn handle_input(
     ctx: &Rc<ShardContext>,
     read_buf: &mut BytesMut,
 ) -> Result<(), ()> {
-    let input = shared
-        .session
-        .borrow_mut()
-        .handle_input(read_buf, Instant::now());
+    // One clock reading serves the session and the relay: a batch of input is one moment.
+    let now = Instant::now();
+    let input = shared.session.borrow_mut().handle_input(read_buf, now);
     if let Err(error) = input {
         warn!(shard = ctx.id, conn, %error, "terminating session");
         return Err(());
     }
-    handle_events(conn, shared, ctx);
+    handle_events(conn, shared, ctx, ctx.ms_at(now));
     drain_overflow(conn, shared, ctx);
     execute_actions(ctx);
     Ok(())
@@ -404,9 +403,9 @@ fn drain_overflow(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
 /// Hands the session's events to the relay, one at a time as they are polled: the relay answers
 /// into this session directly and queues the rest as actions, which run after both borrows
 /// end, so nothing needs collecting first.
-fn handle_events(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
+fn handle_events(conn: ConnId, shared: &ConnShared, ctx: &ShardContext, now_ms: u64) {
     let mut relay = ctx.relay.borrow_mut();
-    relay.set_now(ctx.now_ms());
+    relay.set_now(now_ms);
     let mut session = shared.session.borrow_mut();
     while let Some(event) = session.poll_event() {
         if let Some(Event::CloseRefused { channel: 0, .. }) =

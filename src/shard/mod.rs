@@ -90,7 +90,12 @@ impl ShardContext {
 
     /// Milliseconds since the shard started (the relay's clock).
     pub fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        self.ms_at(std::time::Instant::now())
+    }
+
+    /// `at` on the relay's clock, in milliseconds since the shard started.
+    pub fn ms_at(&self, at: std::time::Instant) -> u64 {
+        at.saturating_duration_since(self.started).as_millis() as u64
     }
 
     /// True once shutdown began.
