@@ -423,6 +423,10 @@ const ENDPOINT_GONE: &str = "endpoint went away";
 /// envelopes for other shards go to that shard's outbox, sent in order by its flusher task.
 /// Nothing here waits, so no task holds up another while actions are pending.
 pub fn execute_actions(ctx: &Rc<ShardContext>) {
+    // The connection of the last Send: a batch of input from one sender usually delivers
+    // everything to one recipient, so the table is looked up once per run of Sends. Nothing
+    // here removes a connection from it.
+    let mut last_send: Option<(ConnId, Rc<ConnShared>)> = None;
     loop {
         let Some(action) = ctx.relay.borrow_mut().poll_action() else {
             return;
@@ -456,11 +460,17 @@ pub fn execute_actions(ctx: &Rc<ShardContext>) {
                 channel,
                 payload,
             } => {
-                let Some(shared) = ctx.conns.borrow().get(&conn).cloned() else {
-                    ctx.relay
-                        .borrow_mut()
-                        .send_failed(conn, channel, ENDPOINT_GONE);
-                    continue;
+                let shared = match &last_send {
+                    Some((last, shared)) if *last == conn => shared,
+                    _ => {
+                        let Some(shared) = ctx.conns.borrow().get(&conn).cloned() else {
+                            ctx.relay
+                                .borrow_mut()
+                                .send_failed(conn, channel, ENDPOINT_GONE);
+                            continue;
+                        };
+                        &last_send.insert((conn, shared)).1
+                    }
                 };
                 let mut overflow = shared.overflow.borrow_mut();
                 let result = if overflow.is_empty() {
