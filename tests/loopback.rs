@@ -83,6 +83,61 @@ fn start_message_close(shards: usize) {
     client.release();
 }
 
+/// A frame completed by one octet that arrives on its own, after a large burst of input: the
+/// relay must handle it then, not wait for more (a read after a large burst fetches a single
+/// octet before receiving the rest in place, and the rest may be nothing).
+fn last_octet_alone_after_a_large_burst(shards: usize) {
+    let relay = Relay::start_with(&["--shards", &shards.to_string(), "--domain", "example.com"]);
+    let mut client = Client::connect(relay.edge);
+    client.greet();
+    let channel = client.start_apex();
+    // Six MSGs of 32 KiB (within the relay's 256 KiB window), then a small one.
+    let mut msgnos = Vec::new();
+    for _ in 0..6 {
+        let big = format!(
+            "Content-Type: application/beep+xml\r\n\r\n<bulk>{}</bulk>",
+            "a".repeat(32 * 1024)
+        );
+        msgnos.push(client.session.send_msg(channel, Bytes::from(big)).unwrap());
+    }
+    let small = Bytes::from_static(
+        b"Content-Type: application/beep+xml\r\n\r\n<attach endpoint='fred@example.com' transID='7' />",
+    );
+    let last = client.session.send_msg(channel, small).unwrap();
+    let mut wire = bytes::BytesMut::new();
+    while client.session.poll_transmit(&mut wire) > 0 {}
+    let (burst, final_octet) = wire.split_at(wire.len() - 1);
+    client.stream.set_write_timeout(None).unwrap();
+    client.stream.write_all(burst).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    client.stream.write_all(final_octet).unwrap();
+    client.pump_until("the replies to every MSG", |c| {
+        msgnos.iter().chain([&last]).all(|&msgno| {
+            c.events
+                .iter()
+                .any(|e| matches!(e, Event::Reply { msgno: m, .. } if *m == msgno))
+        })
+    });
+    let reply = client.events.iter().find_map(|e| match e {
+        Event::Reply { msgno, payload, .. } if *msgno == last => Some(payload.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        &reply.unwrap()[..],
+        &b"Content-Type: application/beep+xml\r\n\r\n<ok />\r\n"[..]
+    );
+}
+
+#[test]
+fn last_octet_alone_after_a_large_burst_1_shard() {
+    last_octet_alone_after_a_large_burst(1);
+}
+
+#[test]
+fn last_octet_alone_after_a_large_burst_2_shards() {
+    last_octet_alone_after_a_large_burst(2);
+}
+
 #[test]
 fn start_message_close_release_1_shard() {
     start_message_close(1);

@@ -159,15 +159,9 @@ async fn run(
             continue;
         }
         if pacing.read_directly() && closing_since.is_none() && !ctx.stopping() {
-            // Room is made a chunk at a time, not on every read: while payloads split off
-            // earlier are alive the buffer cannot be reused, and growing it means a new one.
-            if read_buf.capacity() - read_buf.len() < MIN_DIRECT_ROOM {
-                read_buf.reserve(read_chunk);
-            }
-            let room = (read_buf.capacity() - read_buf.len()).min(read_chunk);
-            match sys::recv_into(stream.as_raw_fd(), &mut read_buf, room) {
-                Ok(Some(0)) | Err(_) => return Ending::PeerClosed,
-                Ok(Some(n)) => {
+            match receive(stream, &mut read_buf, read_chunk) {
+                Ok(Some((0, _))) | Err(_) => return Ending::PeerClosed,
+                Ok(Some((n, room))) => {
                     let yield_first = pacing.after_direct_read(n, room);
                     if handle_input(conn, shared, ctx, &mut read_buf).is_err() {
                         return Ending::Aborted;
@@ -234,15 +228,40 @@ async fn run(
                 continue;
             }
         };
-        pacing.after_read(n, wait_room);
         read_buf.extend_from_slice(&scratch[..n]);
-        if n == wait_room && n < scratch.len() && closing_since.is_none() && !ctx.stopping() {
-            continue; // a probe: the rest is read directly, and then handled
+        if wait_room < scratch.len() {
+            // A probe: the rest is received in place, and handled with it (there may be no
+            // rest: the octet may complete a frame).
+            let (more, room) = match receive(stream, &mut read_buf, read_chunk) {
+                Ok(Some((0, _))) | Err(_) => return Ending::PeerClosed,
+                Ok(Some(received)) => received,
+                Ok(None) => (0, 1), // nothing more waiting: as a short read
+            };
+            pacing.after_read(n + more, wait_room + room);
+        } else {
+            pacing.after_read(n, wait_room);
         }
         if handle_input(conn, shared, ctx, &mut read_buf).is_err() {
             return Ending::Aborted;
         }
     }
+}
+
+/// Receives what is waiting on `stream` into `read_buf`, without waiting: `Some((n, room))`,
+/// the octets received and the room they had (`n` is 0 when the peer closed), or `None` when
+/// nothing was waiting.
+fn receive(
+    stream: &TcpStream,
+    read_buf: &mut BytesMut,
+    read_chunk: usize,
+) -> std::io::Result<Option<(usize, usize)>> {
+    // Room is made a chunk at a time, not on every read: while payloads split off earlier are
+    // alive the buffer cannot be reused, and growing it means a new one.
+    if read_buf.capacity() - read_buf.len() < MIN_DIRECT_ROOM {
+        read_buf.reserve(read_chunk);
+    }
+    let room = (read_buf.capacity() - read_buf.len()).min(read_chunk);
+    Ok(sys::recv_into(stream.as_raw_fd(), read_buf, room)?.map(|n| (n, room)))
 }
 
 /// A burst of input (octets read between two waits) from which the next wait only probes for
