@@ -85,8 +85,9 @@ fn start_message_close(shards: usize) {
 
 /// A frame completed by one octet that arrives on its own, after a large burst of input: the
 /// relay must handle it then, not wait for more (a read after a large burst fetches a single
-/// octet before receiving the rest in place, and the rest may be nothing).
-fn last_octet_alone_after_a_large_burst(shards: usize) {
+/// octet before receiving the rest in place, and the rest may be nothing), nor drop it when the
+/// peer ends its output right after it (`half_close`).
+fn last_octet_alone_after_a_large_burst(shards: usize, half_close: bool) {
     let relay = Relay::start_with(&["--shards", &shards.to_string(), "--domain", "example.com"]);
     let mut client = Client::connect(relay.edge);
     client.greet();
@@ -111,6 +112,9 @@ fn last_octet_alone_after_a_large_burst(shards: usize) {
     client.stream.write_all(burst).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     client.stream.write_all(final_octet).unwrap();
+    if half_close {
+        client.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    }
     client.pump_until("the replies to every MSG", |c| {
         msgnos.iter().chain([&last]).all(|&msgno| {
             c.events
@@ -130,12 +134,17 @@ fn last_octet_alone_after_a_large_burst(shards: usize) {
 
 #[test]
 fn last_octet_alone_after_a_large_burst_1_shard() {
-    last_octet_alone_after_a_large_burst(1);
+    last_octet_alone_after_a_large_burst(1, false);
 }
 
 #[test]
 fn last_octet_alone_after_a_large_burst_2_shards() {
-    last_octet_alone_after_a_large_burst(2);
+    last_octet_alone_after_a_large_burst(2, false);
+}
+
+#[test]
+fn last_octet_alone_then_end_of_input_after_a_large_burst() {
+    last_octet_alone_after_a_large_burst(1, true);
 }
 
 #[test]

@@ -230,12 +230,12 @@ async fn run(
         };
         read_buf.extend_from_slice(&scratch[..n]);
         if wait_room < scratch.len() {
-            // A probe: the rest is received in place, and handled with it (there may be no
-            // rest: the octet may complete a frame).
+            // A probe: the rest is received in place, and handled with it. There may be no
+            // rest (the octet may complete a frame), or the peer may have closed right after
+            // it: the octet is handled first, and the next read sees the end.
             let (more, room) = match receive(stream, &mut read_buf, read_chunk) {
-                Ok(Some((0, _))) | Err(_) => return Ending::PeerClosed,
-                Ok(Some(received)) => received,
-                Ok(None) => (0, 1), // nothing more waiting: as a short read
+                Ok(Some((more, room))) if more > 0 => (more, room),
+                _ => (0, 1), // nothing more: as a short read
             };
             pacing.after_read(n + more, wait_room + room);
         } else {
