@@ -738,7 +738,9 @@ impl Session {
         }
         self.settle_released();
         let mut deferred = Vec::new();
-        for number in std::mem::take(&mut self.seq_dirty) {
+        // Drained and put back at the end, so that its allocation serves every call.
+        let mut dirty = std::mem::take(&mut self.seq_dirty);
+        for number in dirty.drain(..) {
             if let Some(channel) = self.channels.get_mut(&number) {
                 if !channel.announced {
                     deferred.push(number);
@@ -797,7 +799,9 @@ impl Session {
                 }
             }
         }
-        self.seq_dirty.extend(deferred);
+        dirty.extend(deferred);
+        dirty.append(&mut self.seq_dirty);
+        self.seq_dirty = dirty;
         out.written() - start
     }
 
