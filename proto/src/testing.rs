@@ -8,9 +8,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::apex::access::AccessTable;
 use crate::apex::msg::{self as apex_msg, ApexLimits};
-use crate::apex::relay::{
-    domain_shard, reply_in, Action, ConnId, ConnKind, Envelope, Relay, RelayConfig,
-};
+use crate::apex::relay::{domain_shard, Action, ConnId, ConnKind, Envelope, Relay, RelayConfig};
 use crate::beep::frame::{self as beep_frame, encode_data_frame, Header, Inbound, Keyword};
 use crate::beep::mgmt::{ErrorElement, ProfileOffer};
 use crate::beep::output::Vectored;
@@ -803,15 +801,9 @@ impl RelayNet {
 
     fn execute(&mut self, shard: usize, action: Action) {
         match action {
-            Action::Reply {
-                conn,
-                channel,
-                msgno,
-                positive,
-                payload,
-            } => {
+            Action::Reply { conn, reply } => {
                 if let Some(c) = self.client_by_conn(shard, conn) {
-                    let _ = reply_in(&mut c.listener, channel, msgno, positive, payload);
+                    let _ = reply.send_in(&mut c.listener);
                 }
             }
             Action::StartReply {

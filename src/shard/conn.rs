@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use apex_proto::apex::relay::{domain_shard, reply_in, Action, ConnId, ConnKind, Envelope};
+use apex_proto::apex::relay::{domain_shard, Action, ConnId, ConnKind, Envelope};
 use apex_proto::beep::mgmt::{code, ErrorElement};
 use apex_proto::beep::output::{self, Vectored};
 use apex_proto::{Event, Misuse, Role, Session};
@@ -451,15 +451,9 @@ pub fn execute_actions(ctx: &Rc<ShardContext>) {
             return;
         };
         match action {
-            Action::Reply {
-                conn,
-                channel,
-                msgno,
-                positive,
-                payload,
-            } => {
+            Action::Reply { conn, reply } => {
                 ctx.with_session(conn, |s| {
-                    let _ = reply_in(s, channel, msgno, positive, payload);
+                    let _ = reply.send_in(s);
                 });
             }
             Action::StartReply {

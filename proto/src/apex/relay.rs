@@ -93,14 +93,8 @@ pub enum Action {
     Reply {
         /// Connection.
         conn: ConnId,
-        /// Channel.
-        channel: u32,
-        /// The peer's msgno.
-        msgno: u32,
-        /// RPY or ERR.
-        positive: bool,
-        /// The `ok` or `error` payload.
-        payload: Bytes,
+        /// What to answer, on which channel.
+        reply: MsgReply,
     },
     /// Accept the deferred `start` `start_id` with this piggybacked reply (`<ok />` or an
     /// `error`): the channel exists either way (RFC 3080 §2.3.1.2).
@@ -325,16 +319,32 @@ pub struct Relay {
     /// collected in `direct_replies` rather than queued as actions (see
     /// [`Relay::handle_session_event`]).
     answering_directly: Option<ConnId>,
-    direct_replies: Vec<DirectReply>,
+    direct_replies: Vec<MsgReply>,
 }
 
-/// An [`Action::Reply`] to the connection whose session is at hand.
-#[derive(Debug)]
-struct DirectReply {
-    channel: u32,
-    msgno: u32,
-    positive: bool,
-    payload: Bytes,
+/// The relay's answer to a peer's MSG: what an [`Action::Reply`] carries, and what the relay
+/// puts straight into the session at hand (see [`Relay::handle_session_event`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MsgReply {
+    /// Channel.
+    pub channel: u32,
+    /// The peer's msgno.
+    pub msgno: u32,
+    /// RPY or ERR.
+    pub positive: bool,
+    /// The `ok` or `error` payload.
+    pub payload: Bytes,
+}
+
+impl MsgReply {
+    /// Queues the answer in the session of its connection.
+    pub fn send_in(self, session: &mut Session) -> Result<(), Misuse> {
+        if self.positive {
+            session.send_rpy(self.channel, self.msgno, self.payload)
+        } else {
+            session.send_err(self.channel, self.msgno, self.payload)
+        }
+    }
 }
 
 /// Most cached access decisions before the cache starts over.
@@ -587,13 +597,7 @@ impl Relay {
     fn reply_directly(&mut self, session: &mut Session) {
         for reply in self.direct_replies.drain(..) {
             // A session that can no longer take it (closing) has nobody to tell.
-            let _ = reply_in(
-                session,
-                reply.channel,
-                reply.msgno,
-                reply.positive,
-                reply.payload,
-            );
+            let _ = reply.send_in(session);
         }
     }
 
@@ -730,20 +734,23 @@ impl Relay {
         result: Result<(), (u16, String)>,
     ) {
         let action = match (answer, result) {
-            (Answer::Msg(msgno), Ok(())) => Action::Reply {
-                conn,
-                channel,
-                msgno,
-                positive: true,
-                payload: msg::ok_payload(),
-            },
-            (Answer::Msg(msgno), Err((code, text))) => Action::Reply {
-                conn,
-                channel,
-                msgno,
-                positive: false,
-                payload: msg::error_payload(code, &text),
-            },
+            (Answer::Msg(msgno), result) => {
+                let (positive, payload) = match result {
+                    Ok(()) => (true, msg::ok_payload()),
+                    Err((code, text)) => (false, msg::error_payload(code, &text)),
+                };
+                let reply = MsgReply {
+                    channel,
+                    msgno,
+                    positive,
+                    payload,
+                };
+                if self.answering_directly == Some(conn) {
+                    self.direct_replies.push(reply);
+                    return;
+                }
+                Action::Reply { conn, reply }
+            }
             (Answer::Start(start_id), Ok(())) => Action::StartReply {
                 conn,
                 start_id,
@@ -755,21 +762,7 @@ impl Relay {
                 content: Bytes::from(msg::error_xml(code, &text).trim_end().to_owned()),
             },
         };
-        match action {
-            Action::Reply {
-                conn,
-                channel,
-                msgno,
-                positive,
-                payload,
-            } if self.answering_directly == Some(conn) => self.direct_replies.push(DirectReply {
-                channel,
-                msgno,
-                positive,
-                payload,
-            }),
-            action => self.actions.push_back(action),
-        }
+        self.actions.push_back(action);
         if let Answer::Start(_) = answer {
             // The channel exists for the peer once this reply is out: release what waited.
             if let Some(state) = self.channels.get_mut(&(conn, channel)) {
@@ -1596,21 +1589,6 @@ impl Relay {
     }
 }
 
-/// Carries out an [`Action::Reply`] in the session of its connection.
-pub fn reply_in(
-    session: &mut Session,
-    channel: u32,
-    msgno: u32,
-    positive: bool,
-    payload: Bytes,
-) -> Result<(), Misuse> {
-    if positive {
-        session.send_rpy(channel, msgno, payload)
-    } else {
-        session.send_err(channel, msgno, payload)
-    }
-}
-
 /// The data to send onward: only `recipients`, the per-data options replaced by `options`
 /// (rewritten or removed ones edited in place), every other byte as received (APEX-28).
 fn rebuild(data: &Data, recipients: &[usize], options: &[ApexOption]) -> Bytes {
@@ -1705,7 +1683,10 @@ mod tests {
                 matches!(
                     actions.as_slice(),
                     [
-                        Action::Reply { positive: true, .. },
+                        Action::Reply {
+                            reply: MsgReply { positive: true, .. },
+                            ..
+                        },
                         Action::Send { conn: 2, .. }
                     ]
                 ),
@@ -1752,7 +1733,13 @@ mod tests {
                 &simple("fred@example.com", "barney@example.com"),
             );
             let actions: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
-            matches!(actions.first(), Some(Action::Reply { positive: true, .. }))
+            matches!(
+                actions.first(),
+                Some(Action::Reply {
+                    reply: MsgReply { positive: true, .. },
+                    ..
+                })
+            )
         };
         assert!(answer(&mut r, 1, 5), "fred's session, another channel");
         assert!(!answer(&mut r, 2, 3), "another session");
@@ -1793,9 +1780,13 @@ mod tests {
             r.handle_message(3, 1, 0, &message("<bind relay='other.org' transID='1' />"));
             let setup: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
             assert!(
-                setup
-                    .iter()
-                    .all(|a| matches!(a, Action::Reply { positive: true, .. })),
+                setup.iter().all(|a| matches!(
+                    a,
+                    Action::Reply {
+                        reply: MsgReply { positive: true, .. },
+                        ..
+                    }
+                )),
                 "{setup:?}"
             );
             assert!(r
@@ -1843,12 +1834,21 @@ mod tests {
         assert!(any(&|a| matches!(
             a,
             Action::Reply {
-                positive: false,
+                reply: MsgReply {
+                    positive: false,
+                    ..
+                },
                 ..
             }
         )));
         assert!(seen.iter().any(|actions| actions.len() == 1
-            && matches!(actions[0], Action::Reply { positive: true, .. })));
+            && matches!(
+                actions[0],
+                Action::Reply {
+                    reply: MsgReply { positive: true, .. },
+                    ..
+                }
+            )));
     }
 
     /// APEX-22, APEX-16: a sender's simple data go where the general path sends them after
