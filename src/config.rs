@@ -41,6 +41,9 @@ ring_depth = 128
 max_connections = 10000
 # Octets read per read call.
 read_chunk = 65536
+# Connections the kernel queues per shard and port before apexd accepts them (capped by
+# net.core.somaxconn).
+listen_backlog = 1024
 # Capacity of each shard-to-shard queue (messages).
 mesh_queue = 1024
 
@@ -214,6 +217,8 @@ pub struct Runtime {
     pub max_connections: usize,
     /// Octets per read call.
     pub read_chunk: usize,
+    /// Accept queue length of each listening socket.
+    pub listen_backlog: i32,
     /// Capacity of each shard-to-shard queue.
     pub mesh_queue: usize,
 }
@@ -416,6 +421,12 @@ impl Config {
                 self.runtime.read_chunk
             );
         }
+        if !(1..=65535).contains(&self.runtime.listen_backlog) {
+            bail!(
+                "field `runtime.listen_backlog`: {} must be between 1 and 65535",
+                self.runtime.listen_backlog
+            );
+        }
         if self.runtime.max_connections == 0 || self.runtime.mesh_queue == 0 {
             bail!("fields `runtime.max_connections` and `runtime.mesh_queue` must be at least 1");
         }
@@ -563,5 +574,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("limits.recv_window"));
+        for backlog in [0, 65536] {
+            let config = Config::from_toml(
+                &format!("domain = \"x.org\"\n[runtime]\nlisten_backlog = {backlog}\n"),
+                "r.toml",
+            )
+            .unwrap();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("runtime.listen_backlog"), "{err}");
+        }
     }
 }

@@ -1,11 +1,12 @@
 //! The few operating-system facts and knobs apexd needs beyond glommio: the memlock limit, whether
 //! io_uring is enabled, aborting a TCP connection with a reset (RFC 3081 §2, BEEP-59), the
-//! vectored send that writes large payloads from where they are, and the receive that reads
-//! straight into a connection's read buffer.
+//! vectored send that writes large payloads from where they are, the receive that reads
+//! straight into a connection's read buffer, and the listening sockets of a shard.
 //!
 //! The only `unsafe` in apexd lives here.
 
 use std::io::{self, IoSlice};
+use std::net::SocketAddr;
 
 use bytes::BytesMut;
 use std::os::fd::RawFd;
@@ -41,6 +42,26 @@ pub fn io_uring_disabled() -> Option<String> {
              enable it with `sysctl kernel.io_uring_disabled=0`"
         )),
     }
+}
+
+/// A shard's listening socket on `addr`, handed to glommio. SO_REUSEPORT gives every shard its
+/// own accept queue on the shared address; SO_REUSEADDR lets a restarted relay bind the port
+/// while the connections it closed before wait in TIME_WAIT (glommio's own `bind` sets only
+/// the first). Must be called on a glommio executor.
+pub fn listen(addr: SocketAddr, backlog: i32) -> io::Result<glommio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    let fd = socket.into_raw_fd();
+    // SAFETY: `fd` is the socket created just above, bound and listening; `into_raw_fd` gave up
+    // its ownership, so the listener becomes its only owner and closes it once.
+    #[allow(unsafe_code)]
+    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
+    Ok(listener)
 }
 
 /// Makes the next close of `fd` send a TCP reset instead of a FIN (SO_LINGER with a zero
@@ -148,6 +169,41 @@ mod tests {
         assert_eq!(parse_memlock(text), Some(None));
         assert_eq!(parse_memlock("nothing"), None);
         assert!(memlock_limit().is_ok());
+    }
+
+    #[test]
+    fn listen_shares_the_port_serves_connections_and_closes_on_drop() {
+        use std::io::Write;
+        let served = glommio::LocalExecutorBuilder::default()
+            .io_memory(256 * 1024)
+            .ring_depth(64)
+            .spawn(|| async {
+                let first = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+                let addr = first.local_addr().unwrap();
+                // Another shard's listener on the same address (SO_REUSEPORT).
+                let second = listen(addr, 16).unwrap();
+                drop(second);
+                let client = std::thread::spawn(move || {
+                    let mut client = TcpStream::connect(addr).unwrap();
+                    client.write_all(b"ping").unwrap();
+                });
+                let mut stream = first.accept().await.unwrap();
+                let mut got = [0u8; 4];
+                futures_lite::AsyncReadExt::read_exact(&mut stream, &mut got)
+                    .await
+                    .unwrap();
+                client.join().unwrap();
+                drop(stream);
+                drop(first);
+                (addr, got)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        let (addr, got) = served;
+        assert_eq!(&got, b"ping");
+        // Both descriptors were closed: a listener without SO_REUSEPORT binds the address.
+        assert!(TcpListener::bind(addr).is_ok());
     }
 
     #[test]

@@ -317,3 +317,43 @@ fn privileged_port_error_says_how_to_choose_another() {
     assert!(!out.status.success());
     assert!(err.contains("--edge-listen"), "{err}");
 }
+
+/// A relay that closed its connections leaves them in TIME_WAIT on its own port for a minute; a
+/// relay restarted on that port (after a crash, an upgrade, a configuration change) must bind it.
+#[test]
+fn a_restarted_relay_binds_the_port_its_closed_connections_hold() {
+    let edge = format!("127.0.0.1:{}", common::free_port());
+    let mut relay = Relay::start_with(&["--shards", "1", "--edge-listen", &edge]);
+    let mut client = Client::connect(relay.edge);
+    client.greet();
+    let _ = Command::new("kill")
+        .args(["-TERM", &relay.child.id().to_string()])
+        .status();
+    // The relay closes first, so its end of the connection waits in TIME_WAIT once the client,
+    // having read the end of input, closes too.
+    client.pump_until("EOF after the relay's close", |c| c.eof);
+    drop(client);
+    assert_eq!(relay.terminate().code(), Some(0));
+    std::thread::sleep(Duration::from_millis(100));
+    let restarted = Relay::start_with(&["--shards", "1", "--edge-listen", &edge]);
+    assert_eq!(restarted.edge.to_string(), edge);
+}
+
+/// Another process listening on the edge address makes apexd refuse to start, saying which
+/// address and which flag changes it, rather than sharing the port through SO_REUSEPORT.
+#[test]
+fn a_port_another_relay_listens_on_is_refused() {
+    let first = Relay::start_with(&["--shards", "1"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_apexd"))
+        .args(["--shards", "1", "--no-pin", "--mesh-listen", "127.0.0.1:0"])
+        .args(["--edge-listen", &first.edge.to_string()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second relay started: {err}");
+    assert!(
+        err.contains(&format!("edge address {} is already in use", first.edge))
+            && err.contains("--edge-listen"),
+        "{err}"
+    );
+}

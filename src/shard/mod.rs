@@ -158,6 +158,9 @@ fn reserve(addr: SocketAddr, what: &str, flag: &str) -> Result<(socket2::Socket,
     use socket2::{Domain, Socket, Type};
     if addr.port() != 0 {
         let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        // Without SO_REUSEPORT a live listener anywhere on the port makes this fail; with
+        // SO_REUSEADDR the connections an earlier apexd closed (TIME_WAIT) do not.
+        probe.set_reuse_address(true)?;
         if let Err(e) = probe.bind(&addr.into()) {
             if e.kind() == std::io::ErrorKind::AddrInUse {
                 bail!("the {what} address {addr} is already in use by another process (choose another with {flag})");
@@ -165,6 +168,7 @@ fn reserve(addr: SocketAddr, what: &str, flag: &str) -> Result<(socket2::Socket,
         }
     }
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if let Err(e) = socket.bind(&addr.into()) {
         if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 {
@@ -266,10 +270,11 @@ async fn shard_main(
     bound_tx: mpsc::Sender<Result<()>>,
     mesh_ends: Option<mesh::ShardEnds>,
 ) -> Result<()> {
-    let listeners = TcpListener::bind(config.edge_listen)
+    let backlog = config.runtime.listen_backlog;
+    let listeners = sys::listen(config.edge_listen, backlog)
         .map_err(|e| anyhow!("binding edge {}: {e}", config.edge_listen))
         .and_then(|edge| {
-            TcpListener::bind(config.mesh_listen)
+            sys::listen(config.mesh_listen, backlog)
                 .map_err(|e| anyhow!("binding mesh {}: {e}", config.mesh_listen))
                 .map(|mesh| (edge, mesh))
         });
