@@ -60,7 +60,7 @@ impl Default for Limits {
             max_channels: 1024,
             max_pending_replies: 65_536,
             max_answers_in_progress: 64,
-            max_outstanding_msgs: 256,
+            max_outstanding_msgs: 1024,
             max_piggyback: 4096,
             max_transmit: 256 * 1024,
             max_xml_depth: 16,
