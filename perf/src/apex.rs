@@ -26,7 +26,7 @@ use apex_proto::apex::msg::{ok_payload, parse_message, ApexLimits, Operation};
 use apex_proto::beep::mgmt::ProfileOffer;
 use apex_proto::beep::mime::BEEP_XML_HEADERS;
 use apex_proto::xml::escape;
-use apex_proto::{Event, ReplyKind, Role, Session, SessionConfig};
+use apex_proto::{Event, Limits, ReplyKind, Role, Session, SessionConfig};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
 
@@ -94,6 +94,13 @@ pub(crate) struct Config {
     pub(crate) cpus: Vec<usize>,
     /// Print a progress line on stderr each second.
     pub(crate) progress: bool,
+}
+
+/// The in-flight bound of an apex sender: `depth` messages, and no more than the payload
+/// octets the nats and mqtt senders keep in flight (`stream::WINDOW_BYTES`), so every target
+/// runs with the same window (../shared/BENCHMARKS.md: 1000 messages or 256 KiB per pair).
+pub(crate) fn depth_for(depth: usize, size: usize) -> usize {
+    depth.min(crate::stream::WINDOW_BYTES / size.max(1)).max(1)
 }
 
 impl Config {
@@ -396,7 +403,8 @@ struct Conn {
 }
 
 impl Conn {
-    fn connect(addr: SocketAddr, blocking: bool) -> Result<Self> {
+    /// `depth`: the MSGs a sender keeps unanswered, which its session must allow.
+    fn connect(addr: SocketAddr, blocking: bool, depth: usize) -> Result<Self> {
         let stream = TcpStream::connect(addr)
             .with_context(|| format!("connecting to the relay at {addr}"))?;
         stream.set_nodelay(true).context("setting TCP_NODELAY")?;
@@ -411,7 +419,16 @@ impl Conn {
         }
         Ok(Self {
             stream,
-            session: Session::new(Role::Initiator, SessionConfig::default()),
+            session: Session::new(
+                Role::Initiator,
+                SessionConfig {
+                    limits: Limits {
+                        max_outstanding_msgs: depth.max(Limits::default().max_outstanding_msgs),
+                        ..Limits::default()
+                    },
+                    ..SessionConfig::default()
+                },
+            ),
             inbox: BytesMut::with_capacity(READ_CHUNK),
             outbox: BytesMut::with_capacity(64 * 1024),
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
@@ -674,8 +691,8 @@ impl Endpoint {
             });
             (snd(index), part)
         };
-        let conn =
-            Conn::connect(config.relay, blocking).with_context(|| format!("endpoint {name}"))?;
+        let conn = Conn::connect(config.relay, blocking, config.depth)
+            .with_context(|| format!("endpoint {name}"))?;
         Ok(Self {
             name,
             index,

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! apex-load apex --relay 127.0.0.1:PORT [--domain example.com] [--pairs 1] [--size 128]
-//!                [--duration 5] [--warmup 1] [--depth 64] [--rate MSGS_PER_S] [--threads N]
+//!                [--duration 5] [--warmup 1] [--depth 1000] [--rate MSGS_PER_S] [--threads N]
 //!                [--pattern pairs|fan-in|fan-out] [--cpus LIST] [--quiet] [--json FILE]
 //!                [--svg FILE]
 //! apex-load raw|nats|mqtt --relay 127.0.0.1:PORT [--pairs 1] [--size 128] [--duration 5]
@@ -103,8 +103,9 @@ struct LoadArgs {
     /// Seconds of load before measuring.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
-    /// Most messages per sender not yet acknowledged by the target.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    /// apex: most messages per sender not yet acknowledged by the relay (and at most 256 KiB
+    /// of payload), the in-flight bound the nats and mqtt senders keep with --window.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     depth: u32,
     /// Load threads (default: one per connection); fewer threads poll several connections.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -173,7 +174,7 @@ fn run(cli: Cli) -> Result<bool> {
                 pairs,
                 pattern: load.pattern,
                 size: check_size(load.size)?,
-                depth: load.depth as usize,
+                depth: apex::depth_for(load.depth as usize, load.size),
                 rate,
                 warmup: seconds("--warmup", load.warmup, true)?,
                 duration: seconds("--duration", load.duration, false)?,
@@ -361,7 +362,12 @@ mod tests {
         let Target::Apex(a) = cli.target else {
             panic!("not apex");
         };
-        assert_eq!((a.load.pairs, a.load.size, a.load.depth), (2, 4096, 64));
+        assert_eq!((a.load.pairs, a.load.size, a.load.depth), (2, 4096, 1000));
+        // The same in-flight bound as the nats and mqtt senders: 1000 messages or 256 KiB.
+        assert_eq!(apex::depth_for(1000, 4096), 64);
+        assert_eq!(apex::depth_for(1000, 128), 1000);
+        assert_eq!(apex::depth_for(5, 128), 5);
+        assert_eq!(apex::depth_for(1000, 1 << 20), 1);
         assert!(
             Cli::try_parse_from(["apex-load", "apex", "--relay", "x", "--depth", "0"]).is_err()
         );

@@ -42,8 +42,8 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest write in throughput mode.
 const BATCH: usize = 64 * 1024;
 
-/// Most payload octets a sender keeps in flight (nats, mqtt).
-const WINDOW_BYTES: usize = 256 * 1024;
+/// Most payload octets a sender keeps in flight (nats, mqtt; apex too, see `apex::Config`).
+pub(crate) const WINDOW_BYTES: usize = 256 * 1024;
 
 /// After the measured window, a receiver that saw nothing for this long stops waiting.
 const IDLE_STOP: Duration = Duration::from_secs(1);
