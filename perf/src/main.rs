@@ -107,7 +107,10 @@ struct LoadArgs {
     /// of payload), the in-flight bound the nats and mqtt senders keep with --window.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     depth: u32,
-    /// Load threads (default: one per connection); fewer threads poll several connections.
+    /// Load threads; fewer threads than connections poll several each. apex default: two per
+    /// CPU the load runs on (--cpus, else the CPUs this process may use), at most one per
+    /// connection: 32 threads taking turns on one CPU cost the generator more than the relay
+    /// (raw, nats, mqtt: always one blocking thread per connection).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     threads: Option<u32>,
     /// CPUs to pin the load threads to, round-robin, e.g. `1` or `2-3`.
@@ -178,7 +181,9 @@ fn run(cli: Cli) -> Result<bool> {
                 rate,
                 warmup: seconds("--warmup", load.warmup, true)?,
                 duration: seconds("--duration", load.duration, false)?,
-                threads: load.threads.map_or(pairs * 2, |t| t as usize),
+                threads: load
+                    .threads
+                    .map_or_else(|| default_threads(pairs * 2, &cpus), |t| t as usize),
                 cpus,
                 progress: !load.quiet,
             };
@@ -220,6 +225,17 @@ fn run_stream(proto: wire::Proto, args: &StreamArgs) -> Result<bool> {
     };
     let report = stream::run(&config)?;
     finish(&report, load)
+}
+
+/// The apex load threads when `--threads` is not given: two per CPU the load runs on, at most
+/// one per connection.
+fn default_threads(connections: usize, cpus: &[usize]) -> usize {
+    let cpus = if cpus.is_empty() {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        cpus.len()
+    };
+    (2 * cpus).min(connections).max(1)
 }
 
 /// `--cpus`: the CPUs to pin load threads to, each checked to exist (empty: no pinning).
@@ -363,6 +379,10 @@ mod tests {
             panic!("not apex");
         };
         assert_eq!((a.load.pairs, a.load.size, a.load.depth), (2, 4096, 1000));
+        assert_eq!(default_threads(32, &[1]), 2);
+        assert_eq!(default_threads(32, &[0, 1, 2]), 6);
+        assert_eq!(default_threads(1, &[0, 1, 2]), 1);
+        assert!((1..=32).contains(&default_threads(32, &[])));
         // The same in-flight bound as the nats and mqtt senders: 1000 messages or 256 KiB.
         assert_eq!(apex::depth_for(1000, 4096), 64);
         assert_eq!(apex::depth_for(1000, 128), 1000);
