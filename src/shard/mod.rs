@@ -167,8 +167,10 @@ fn reserve(addr: SocketAddr, what: &str, flag: &str) -> Result<(socket2::Socket,
             }
         }
     }
+    // SO_REUSEPORT only: with SO_REUSEADDR too, another apexd's probe would pass this bound,
+    // not yet listening socket and share the port. TIME_WAIT entries left by an earlier apexd
+    // have SO_REUSEPORT (from its listeners), which lets this bind pass them.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if let Err(e) = socket.bind(&addr.into()) {
         if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 {
@@ -486,5 +488,20 @@ mod tests {
         );
         config.runtime.io_memory = 64 * 1024;
         assert!(check_environment(&config, 1).is_ok());
+    }
+
+    /// A second apexd starting while the first holds its reservation (bound, shards not yet
+    /// listening) is refused, instead of sharing the port through SO_REUSEPORT.
+    #[test]
+    fn a_port_reserved_by_a_starting_relay_is_refused() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        let (_first, reserved) = reserve(addr, "edge", "--edge-listen").unwrap();
+        assert_eq!(reserved, addr);
+        let err = reserve(addr, "edge", "--edge-listen")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already in use"), "{err}");
     }
 }
