@@ -337,7 +337,24 @@ fn slow_receiver_backpressure_loses_nothing() {
     // More deliveries than the relay lets be outstanding on barney's channel (64 here): the
     // rest wait in the relay and fred's connection stops being read, but every accepted
     // message arrives, once and in order.
-    let relay = relay_configured(1, "backpressure", "[limits]\nmax_outstanding_msgs = 64\n");
+    slow_receiver_loses_nothing(
+        "backpressure-count",
+        "[limits]\nmax_outstanding_msgs = 64\n",
+    );
+}
+
+#[test]
+fn slow_receiver_octet_bound_loses_nothing() {
+    // The same when what holds deliveries back is the octets queued for barney (4 KiB, about
+    // fifteen messages), not their number.
+    slow_receiver_loses_nothing(
+        "backpressure-octets",
+        "[limits]\nmax_queued_octets = 4096\n",
+    );
+}
+
+fn slow_receiver_loses_nothing(name: &str, limits: &str) {
+    let relay = relay_configured(1, name, limits);
     let (mut barney, _) = attached(&relay, "barney@example.com");
     let (mut fred, channel) = attached(&relay, "fred@example.com");
     const N: usize = 3_000;

@@ -66,6 +66,7 @@ fn tight_limits() -> Limits {
         max_pending_replies: 2,
         max_answers_in_progress: 2,
         max_outstanding_msgs: 2,
+        max_queued_octets: 512,
         max_piggyback: 64,
         max_transmit: 1024,
         max_xml_depth: 2,

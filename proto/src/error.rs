@@ -179,7 +179,8 @@ pub enum Misuse {
         /// Message number named by the caller.
         msgno: u32,
     },
-    /// [`crate::Limits::max_outstanding_msgs`] reached.
+    /// [`crate::Limits::max_outstanding_msgs`] or [`crate::Limits::max_queued_octets`]
+    /// reached: the channel takes more once replies or the peer's window free room.
     #[error("too many MSGs outstanding on channel {0}")]
     TooManyOutstanding(u32),
     /// No start request with that id awaits an answer.

@@ -40,6 +40,11 @@ pub struct Limits {
     /// Most of our own MSGs on one channel awaiting a reply before `send_msg` refuses (the
     /// relay then holds further deliveries and pauses its other connections: backpressure).
     pub max_outstanding_msgs: usize,
+    /// Most octets of our own MSGs queued on one channel and not yet completely sent before
+    /// `send_msg` refuses (the MSG that crosses it is still taken). `max_outstanding_msgs`
+    /// counts messages; this bounds what they weigh, so a recipient that stops reading cannot
+    /// make the relay hold `max_outstanding_msgs` messages of the largest size.
+    pub max_queued_octets: usize,
     /// Largest piggybacked `profile` content in a `start` (RFC 3080 §2.3.1.2: "4K octets").
     pub max_piggyback: usize,
     /// Octets of output `poll_transmit` appends per call; bounds one write.
@@ -61,6 +66,7 @@ impl Default for Limits {
             max_pending_replies: 65_536,
             max_answers_in_progress: 64,
             max_outstanding_msgs: 1024,
+            max_queued_octets: 16 * 1024 * 1024,
             max_piggyback: 4096,
             max_transmit: 256 * 1024,
             max_xml_depth: 16,
@@ -89,6 +95,9 @@ impl Limits {
         }
         if self.max_pending_replies == 0 || self.max_outstanding_msgs == 0 {
             return Err("max_pending_replies/max_outstanding_msgs (must be >= 1)");
+        }
+        if self.max_queued_octets == 0 {
+            return Err("max_queued_octets (must be >= 1)");
         }
         if self.max_outstanding_msgs > 1 << 30 {
             return Err("max_outstanding_msgs (must be <= 2^30, far below the msgno range)");

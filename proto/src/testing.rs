@@ -425,6 +425,7 @@ impl RelayNet {
                 profiles: vec![APEX_PROFILE.to_owned()],
                 limits: Limits {
                     max_outstanding_msgs: 1 << 20,
+                    max_queued_octets: usize::MAX,
                     ..Limits::default()
                 },
                 ..SessionConfig::default()
@@ -432,6 +433,7 @@ impl RelayNet {
             initiator_config: SessionConfig {
                 limits: Limits {
                     max_outstanding_msgs: 1 << 20,
+                    max_queued_octets: usize::MAX,
                     ..Limits::default()
                 },
                 ..SessionConfig::default()

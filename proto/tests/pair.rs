@@ -166,3 +166,55 @@ fn try_send_msg_hands_back_what_it_cannot_queue() {
         Some(payload)
     );
 }
+
+/// `max_queued_octets` bounds what queued MSGs weigh, whatever their number: the MSG that
+/// crosses it is still taken, the next is handed back, and writing the queue frees room.
+#[test]
+fn queued_octets_bound_what_a_channel_holds() {
+    use apex_proto::{Limits, SessionConfig};
+    let client = SessionConfig {
+        limits: Limits {
+            max_queued_octets: 1000,
+            ..Limits::default()
+        },
+        ..SessionConfig::default()
+    };
+    let server = SessionConfig {
+        profiles: vec![APEX.to_owned()],
+        ..SessionConfig::default()
+    };
+    let mut pair = Pair::with_configs(APEX, client, server);
+    pair.drive();
+    let channel = pair
+        .client
+        .session
+        .start_channel(vec![ProfileOffer::new(APEX)], None)
+        .unwrap();
+    pair.drive();
+    let payload = Bytes::from(vec![b'x'; 400]);
+    // 0, 400 and 800 queued octets are below the bound: taken (the third crosses it).
+    for _ in 0..3 {
+        assert!(pair
+            .client
+            .session
+            .try_send_msg(channel, payload.clone())
+            .is_ok());
+    }
+    let (misuse, back) = pair
+        .client
+        .session
+        .try_send_msg(channel, payload.clone())
+        .unwrap_err();
+    assert_eq!(misuse, apex_proto::Misuse::TooManyOutstanding(channel));
+    assert_eq!(back, payload);
+    // Written (and answered), the queue has room again.
+    pair.drive();
+    assert_eq!(pair.client.profile.replies.len(), 3);
+    for _ in 0..3 {
+        assert!(pair
+            .client
+            .session
+            .try_send_msg(channel, payload.clone())
+            .is_ok());
+    }
+}

@@ -164,6 +164,9 @@ pub(crate) struct Channel {
     send_acked: u32,
     next_msgno: u32,
     pub(crate) queue: VecDeque<OutMsg>,
+    /// Octets of our MSGs in `queue`, each counted whole until its last frame is written
+    /// (`Limits::max_queued_octets`).
+    pub(crate) queued_msg_octets: usize,
     pub(crate) outstanding: VecDeque<Outstanding>,
     /// Set while the channel is listed as ready in the session's round-robin.
     pub(crate) in_ready: bool,
@@ -194,6 +197,7 @@ impl Channel {
             send_acked: 0,
             next_msgno: first_msgno,
             queue: VecDeque::new(),
+            queued_msg_octets: 0,
             outstanding: VecDeque::new(),
             in_ready: false,
             seq_dirty: false,
@@ -490,6 +494,7 @@ impl Channel {
             msgno,
             state: ReplyState::Awaiting,
         });
+        self.queued_msg_octets += payload.len();
         self.queue.push_back(OutMsg {
             keyword: Keyword::Msg,
             msgno,
@@ -530,6 +535,8 @@ impl Channel {
             .find(|o| o.keyword == Keyword::Msg && o.msgno == msgno && o.sent > 0)
         {
             Some(out) => {
+                let unsent = out.payload.len() - out.sent;
+                self.queued_msg_octets = self.queued_msg_octets.saturating_sub(unsent);
                 out.payload.truncate(out.sent);
                 true
             }
@@ -596,6 +603,9 @@ impl Channel {
             return Some(None);
         }
         let done = self.queue.pop_front()?;
+        if done.keyword == Keyword::Msg {
+            self.queued_msg_octets = self.queued_msg_octets.saturating_sub(done.payload.len());
+        }
         if matches!(done.keyword, Keyword::Rpy | Keyword::Err | Keyword::Nul) {
             // The reply is completely sent: the peer may reuse the msgno now (P4).
             self.in_use.release(done.msgno);

@@ -923,6 +923,7 @@ impl Session {
             return Err((misuse, payload));
         }
         let limit = self.config.limits.max_outstanding_msgs;
+        let octet_limit = self.config.limits.max_queued_octets;
         let c = match profile_channel_in(&mut self.channels, channel) {
             Ok(c) => c,
             Err(misuse) => return Err((misuse, payload)),
@@ -930,7 +931,7 @@ impl Session {
         if c.closing {
             return Err((Misuse::ChannelClosing(channel), payload));
         }
-        if c.outstanding.len() >= limit {
+        if c.outstanding.len() >= limit || c.queued_msg_octets >= octet_limit {
             return Err((Misuse::TooManyOutstanding(channel), payload));
         }
         let msgno = c.queue_msg(payload);
