@@ -96,11 +96,11 @@ pub(crate) struct Config {
     pub(crate) progress: bool,
 }
 
-/// The in-flight bound of an apex sender: `depth` messages, and no more than the payload
-/// octets the nats and mqtt senders keep in flight (`stream::WINDOW_BYTES`), so every target
-/// runs with the same window (../shared/BENCHMARKS.md: 1000 messages or 256 KiB per pair).
+/// The in-flight bound of an apex sender: `depth` messages, bounded like the nats and mqtt
+/// senders' window, so every target runs with the same one (../shared/BENCHMARKS.md: 1000
+/// messages or 256 KiB per pair).
 pub(crate) fn depth_for(depth: usize, size: usize) -> usize {
-    depth.min(crate::stream::WINDOW_BYTES / size.max(1)).max(1)
+    crate::stream::in_flight_bound(depth, size)
 }
 
 impl Config {

@@ -42,8 +42,14 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest write in throughput mode.
 const BATCH: usize = 64 * 1024;
 
-/// Most payload octets a sender keeps in flight (nats, mqtt; apex too, see `apex::Config`).
-pub(crate) const WINDOW_BYTES: usize = 256 * 1024;
+/// Most payload octets a sender keeps in flight (nats, mqtt; apex too, see `apex::depth_for`).
+const WINDOW_BYTES: usize = 256 * 1024;
+
+/// A sender's in-flight bound, the same for every target: `messages`, and no more than
+/// `WINDOW_BYTES` of payload of `size` octets (at least one message).
+pub(crate) fn in_flight_bound(messages: usize, size: usize) -> usize {
+    messages.min(WINDOW_BYTES / size.max(1)).max(1)
+}
 
 /// After the measured window, a receiver that saw nothing for this long stops waiting.
 const IDLE_STOP: Duration = Duration::from_secs(1);
@@ -434,7 +440,7 @@ fn sender(
         1
     };
     let received = &shared.received[spec.index];
-    let window = config.window.min(WINDOW_BYTES / config.size).max(1) as u64;
+    let window = in_flight_bound(config.window, config.size) as u64;
     let per_sender_rate = config.rate.map(|r| r / shared.finished.len() as f64);
     let mut batch = BytesMut::with_capacity(BATCH + config.size + 64);
     let mut k: u64 = 0;

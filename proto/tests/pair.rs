@@ -12,6 +12,11 @@ const APEX: &str = "http://iana.org/beep/APEX";
 fn started_pair(chunk: usize) -> (Pair, u32) {
     let mut pair = Pair::new(APEX);
     pair.chunk = chunk;
+    started(pair)
+}
+
+/// Greets and starts the APEX channel on `pair`.
+fn started(mut pair: Pair) -> (Pair, u32) {
     pair.drive();
     assert!(pair
         .client
@@ -183,23 +188,19 @@ fn queued_octets_bound_what_a_channel_holds() {
         profiles: vec![APEX.to_owned()],
         ..SessionConfig::default()
     };
-    let mut pair = Pair::with_configs(APEX, client, server);
-    pair.drive();
-    let channel = pair
-        .client
-        .session
-        .start_channel(vec![ProfileOffer::new(APEX)], None)
-        .unwrap();
-    pair.drive();
+    let (mut pair, channel) = started(Pair::with_configs(APEX, client, server));
     let payload = Bytes::from(vec![b'x'; 400]);
+    let take_three = |pair: &mut Pair| {
+        for _ in 0..3 {
+            assert!(pair
+                .client
+                .session
+                .try_send_msg(channel, payload.clone())
+                .is_ok());
+        }
+    };
     // 0, 400 and 800 queued octets are below the bound: taken (the third crosses it).
-    for _ in 0..3 {
-        assert!(pair
-            .client
-            .session
-            .try_send_msg(channel, payload.clone())
-            .is_ok());
-    }
+    take_three(&mut pair);
     let (misuse, back) = pair
         .client
         .session
@@ -210,11 +211,5 @@ fn queued_octets_bound_what_a_channel_holds() {
     // Written (and answered), the queue has room again.
     pair.drive();
     assert_eq!(pair.client.profile.replies.len(), 3);
-    for _ in 0..3 {
-        assert!(pair
-            .client
-            .session
-            .try_send_msg(channel, payload.clone())
-            .is_ok());
-    }
+    take_three(&mut pair);
 }
