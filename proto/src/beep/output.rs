@@ -46,7 +46,16 @@ pub struct Vectored {
     /// The part being coalesced.
     buf: BytesMut,
     shared_min: usize,
+    /// Octets coalesced into `buf` since the last [`Vectored::take`].
+    round_coalesced: usize,
+    /// The most octets a round has coalesced, up to [`MAX_ROUND_ROOM`]: the room
+    /// [`Vectored::make_room`] makes, so that a round as large as one before it fits.
+    largest_round: usize,
 }
+
+/// The most coalescing room a round is given ahead of time, however large rounds were: a burst
+/// of output does not pin more than this for the connection's life.
+pub const MAX_ROUND_ROOM: usize = 1024 * 1024;
 
 impl Vectored {
     /// Payloads of at least `shared_min` octets are referenced, smaller ones copied. Below a
@@ -57,6 +66,8 @@ impl Vectored {
             parts_len: 0,
             buf: BytesMut::new(),
             shared_min: shared_min.max(1),
+            round_coalesced: 0,
+            largest_round: 0,
         }
     }
 
@@ -70,9 +81,13 @@ impl Vectored {
         self.parts_len + self.buf.len()
     }
 
-    /// Makes `room` octets of coalescing space ahead of a round of output, while the buffer is
-    /// empty: growing it later, with frames in it, would copy them.
+    /// Makes coalescing space ahead of a round of output, while the buffer is empty: `room`
+    /// octets, or as many as the largest round before took. Growing it later, with frames in
+    /// it, would copy them, and with them everything written from the buffer before (the
+    /// buffer grows as a whole). Once the last round's parts are gone, this takes the buffer's
+    /// memory back from its start, which copies nothing.
     pub fn make_room(&mut self, room: usize) {
+        let room = room.max(self.largest_round);
         if self.buf.is_empty() && self.buf.capacity() < room {
             self.buf.reserve(room);
         }
@@ -84,10 +99,16 @@ impl Vectored {
         self.seal();
         into.append(&mut self.parts);
         self.parts_len = 0;
+        self.largest_round = self
+            .largest_round
+            .max(self.round_coalesced)
+            .min(MAX_ROUND_ROOM);
+        self.round_coalesced = 0;
     }
 
     fn seal(&mut self) {
         if !self.buf.is_empty() {
+            self.round_coalesced += self.buf.len();
             let part = self.buf.split().freeze();
             self.parts_len += part.len();
             self.parts.push(part);
@@ -198,6 +219,39 @@ mod tests {
         let capacity = out.buffer().capacity();
         out.make_room(capacity * 4);
         assert_eq!(out.buffer().capacity(), capacity);
+    }
+
+    /// A round larger than the room asked for is given room for the next one like it ahead of
+    /// time: with frames in the buffer, growing it copies them and everything written from the
+    /// buffer before them.
+    #[test]
+    fn a_round_as_large_as_the_last_does_not_grow_the_buffer() {
+        const ROOM: usize = 32 * 1024;
+        const ROUND: usize = 90 * 1024;
+        let payload = Bytes::from_static(&[b'x'; 128]);
+        let mut out = Vectored::new(1024);
+        let mut parts = Vec::new();
+        // Whether the round found room for all of it made ahead of time, and kept to it.
+        let mut round = |out: &mut Vectored| {
+            out.make_room(ROOM);
+            let room_ahead = out.buffer().capacity() >= ROUND;
+            let start = out.buffer().as_ptr();
+            for _ in 0..ROUND / 128 {
+                out.put_payload(&payload, 0..128);
+            }
+            let stayed = out.buffer().as_ptr() == start;
+            out.take(&mut parts);
+            assert_eq!(parts.iter().map(Bytes::len).sum::<usize>(), ROUND);
+            parts.clear(); // written
+            room_ahead && stayed
+        };
+        assert!(
+            !round(&mut out),
+            "the first round had room for {ROUND} octets"
+        );
+        for n in 2..5 {
+            assert!(round(&mut out), "round {n} grew the buffer");
+        }
     }
 
     #[test]
