@@ -255,13 +255,25 @@ fn receive(
     read_buf: &mut BytesMut,
     read_chunk: usize,
 ) -> std::io::Result<Option<(usize, usize)>> {
-    // Room is made a chunk at a time, not on every read: while payloads split off earlier are
-    // alive the buffer cannot be reused, and growing it means a new one.
-    if read_buf.capacity() - read_buf.len() < MIN_DIRECT_ROOM {
-        read_buf.reserve(read_chunk);
-    }
+    make_read_room(read_buf, read_chunk);
     let room = (read_buf.capacity() - read_buf.len()).min(read_chunk);
     Ok(sys::recv_into(stream.as_raw_fd(), read_buf, room)?.map(|n| (n, room)))
+}
+
+/// Makes room for a direct read once less than [`MIN_DIRECT_ROOM`] is left: a chunk's worth
+/// in all, counting the octets already there (the start of a frame). Room is made a chunk at
+/// a time, not on every read: while payloads split off earlier are alive the buffer cannot be
+/// reused, and growing it means a new one. Asking for a whole chunk on top of those octets
+/// would outgrow a buffer of one chunk whenever a read ended mid-frame, and growing a buffer
+/// nothing else holds copies all of it, the octets already handled included.
+fn make_read_room(read_buf: &mut BytesMut, read_chunk: usize) {
+    if read_buf.capacity() - read_buf.len() < MIN_DIRECT_ROOM {
+        read_buf.reserve(
+            read_chunk
+                .saturating_sub(read_buf.len())
+                .max(MIN_DIRECT_ROOM),
+        );
+    }
 }
 
 /// A burst of input (octets read between two waits) from which the next wait only probes for
@@ -528,6 +540,40 @@ pub fn execute_actions(ctx: &Rc<ShardContext>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read buffer of one chunk, its frames handled, a partial frame at its end: making
+    /// room reuses the buffer from its start (copying only the partial frame) when nothing
+    /// else holds it, and takes a new chunk when frames split off it are still alive.
+    #[test]
+    fn read_room_stays_one_chunk_when_a_read_ends_mid_frame() {
+        const CHUNK: usize = 64 * 1024;
+        const PARTIAL: usize = 100;
+        let filled = |read_buf: &mut BytesMut| {
+            let room = read_buf.capacity() - read_buf.len();
+            read_buf.extend((0..room).map(|i| i as u8));
+            read_buf.split_to(room - PARTIAL).freeze() // the frames read
+        };
+        let mut read_buf = BytesMut::with_capacity(CHUNK);
+        let frames = filled(&mut read_buf);
+        let partial = read_buf.to_vec();
+        drop(frames);
+        make_read_room(&mut read_buf, CHUNK);
+        assert_eq!(read_buf[..], partial[..], "the partial frame is kept");
+        assert!(read_buf.capacity() - read_buf.len() >= MIN_DIRECT_ROOM);
+        assert!(
+            read_buf.capacity() <= CHUNK,
+            "the buffer grew to {} octets",
+            read_buf.capacity()
+        );
+
+        let frames = filled(&mut read_buf);
+        let partial = read_buf.to_vec();
+        make_read_room(&mut read_buf, CHUNK); // `frames` still alive
+        assert_eq!(read_buf[..], partial[..]);
+        assert!(read_buf.capacity() - read_buf.len() >= MIN_DIRECT_ROOM);
+        assert!(read_buf.capacity() <= CHUNK);
+        drop(frames);
+    }
 
     #[test]
     fn a_read_that_fills_its_room_is_followed_by_a_direct_one() {
