@@ -176,41 +176,28 @@ async fn run(
         }
         pacing.before_waiting();
         let wait_room = pacing.wait_room(scratch.len());
-        let wake = match closing_since {
-            None => {
-                future::or(
-                    future::or(
-                        async { Wake::Read(stream.read(&mut scratch[..wait_room]).await) },
-                        async {
-                            shared.wake.notified().await;
-                            Wake::Output
-                        },
-                    ),
-                    async {
-                        let _ = (&mut stop).await;
-                        Wake::Stop
-                    },
-                )
-                .await
+        // Until shutdown, the shard's stop signal ends the wait; while closing, the grace
+        // period's end does.
+        let stop_or_grace = async {
+            match closing_since {
+                None => {
+                    let _ = (&mut stop).await;
+                }
+                Some(since) => glommio::timer::sleep(grace.saturating_sub(since.elapsed())).await,
             }
-            Some(since) => {
-                let left = grace.saturating_sub(since.elapsed());
-                future::or(
-                    future::or(
-                        async { Wake::Read(stream.read(&mut scratch[..wait_room]).await) },
-                        async {
-                            shared.wake.notified().await;
-                            Wake::Output
-                        },
-                    ),
-                    async {
-                        glommio::timer::sleep(left).await;
-                        Wake::Stop
-                    },
-                )
-                .await
-            }
+            Wake::Stop
         };
+        let wake = future::or(
+            future::or(
+                async { Wake::Read(stream.read(&mut scratch[..wait_room]).await) },
+                async {
+                    shared.wake.notified().await;
+                    Wake::Output
+                },
+            ),
+            stop_or_grace,
+        )
+        .await;
         let n = match wake {
             Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return Ending::PeerClosed,
             Wake::Read(Ok(n)) => n,
