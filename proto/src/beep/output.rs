@@ -51,10 +51,13 @@ pub struct Vectored {
     /// The most octets a round has coalesced, up to [`MAX_ROUND_ROOM`]: the room
     /// [`Vectored::make_room`] makes, so that a round as large as one before it fits.
     largest_round: usize,
+    /// Octets the last round coalesced, whatever their number.
+    last_round: usize,
 }
 
-/// The most coalescing room a round is given ahead of time, however large rounds were: a burst
-/// of output does not pin more than this for the connection's life.
+/// The most coalescing room a round is given ahead of time, however large rounds were. After a
+/// larger round the buffer is let go (its memory is freed once that round's parts are written):
+/// a burst of output does not pin its memory for the connection's life.
 pub const MAX_ROUND_ROOM: usize = 1024 * 1024;
 
 impl Vectored {
@@ -68,6 +71,7 @@ impl Vectored {
             shared_min: shared_min.max(1),
             round_coalesced: 0,
             largest_round: 0,
+            last_round: 0,
         }
     }
 
@@ -87,8 +91,15 @@ impl Vectored {
     /// buffer grows as a whole). Once the last round's parts are gone, this takes the buffer's
     /// memory back from its start, which copies nothing.
     pub fn make_room(&mut self, room: usize) {
+        if !self.buf.is_empty() {
+            return;
+        }
+        if self.last_round > MAX_ROUND_ROOM {
+            self.buf = BytesMut::new();
+            self.last_round = 0;
+        }
         let room = room.max(self.largest_round);
-        if self.buf.is_empty() && self.buf.capacity() < room {
+        if self.buf.capacity() < room {
             self.buf.reserve(room);
         }
     }
@@ -103,6 +114,7 @@ impl Vectored {
             .largest_round
             .max(self.round_coalesced)
             .min(MAX_ROUND_ROOM);
+        self.last_round = self.round_coalesced;
         self.round_coalesced = 0;
     }
 
@@ -252,6 +264,28 @@ mod tests {
         for n in 2..5 {
             assert!(round(&mut out), "round {n} grew the buffer");
         }
+    }
+
+    /// A round larger than [`MAX_ROUND_ROOM`] does not keep its memory: the next round starts
+    /// in a buffer of the bounded size.
+    #[test]
+    fn a_burst_larger_than_the_bound_lets_its_memory_go() {
+        const ROOM: usize = 32 * 1024;
+        let payload = Bytes::from_static(&[b'x'; 1000]);
+        let mut out = Vectored::new(4096);
+        let mut parts = Vec::new();
+        out.make_room(ROOM);
+        for _ in 0..2 * MAX_ROUND_ROOM / 1000 {
+            out.put_payload(&payload, 0..1000);
+        }
+        out.take(&mut parts);
+        parts.clear(); // written
+        out.make_room(ROOM);
+        let capacity = out.buffer().capacity();
+        assert!(
+            (ROOM..=MAX_ROUND_ROOM).contains(&capacity),
+            "{capacity} octets of room after a burst"
+        );
     }
 
     #[test]
