@@ -247,19 +247,27 @@ fn receive(
     Ok(sys::recv_into(stream.as_raw_fd(), read_buf, room)?.map(|n| (n, room)))
 }
 
-/// Makes room for a direct read once less than [`MIN_DIRECT_ROOM`] is left: a chunk's worth
-/// in all, counting the octets already there (the start of a frame). Room is made a chunk at
-/// a time, not on every read: while payloads split off earlier are alive the buffer cannot be
-/// reused, and growing it means a new one. Asking for a whole chunk on top of those octets
+/// Makes room for a direct read once less than [`MIN_DIRECT_ROOM`] is left. Room is made a
+/// chunk at a time, not on every read: while payloads split off earlier are alive the buffer
+/// cannot be reused, and growing it means a new one.
+///
+/// The octets already there are the start of a frame. Asking for a whole chunk on top of them
 /// would outgrow a buffer of one chunk whenever a read ended mid-frame, and growing a buffer
-/// nothing else holds copies all of it, the octets already handled included.
+/// nothing else holds copies all of it, the octets already handled included. So a short start
+/// (up to [`MIN_DIRECT_ROOM`], the usual case) is given a chunk counting itself, which reuses
+/// a free buffer from its start; a longer one (the start of a large frame) is copied to a new
+/// buffer with a whole chunk of room after it, so that each read still takes a chunk.
 fn make_read_room(read_buf: &mut BytesMut, read_chunk: usize) {
-    if read_buf.capacity() - read_buf.len() < MIN_DIRECT_ROOM {
-        read_buf.reserve(
-            read_chunk
-                .saturating_sub(read_buf.len())
-                .max(MIN_DIRECT_ROOM),
-        );
+    if read_buf.capacity() - read_buf.len() >= MIN_DIRECT_ROOM {
+        return;
+    }
+    let started = read_buf.len();
+    if started <= MIN_DIRECT_ROOM {
+        read_buf.reserve(read_chunk.saturating_sub(started).max(MIN_DIRECT_ROOM));
+    } else {
+        let mut fresh = BytesMut::with_capacity(started + read_chunk);
+        fresh.extend_from_slice(read_buf);
+        *read_buf = fresh;
     }
 }
 
@@ -528,38 +536,60 @@ pub fn execute_actions(ctx: &Rc<ShardContext>) {
 mod tests {
     use super::*;
 
-    /// A read buffer of one chunk, its frames handled, a partial frame at its end: making
-    /// room reuses the buffer from its start (copying only the partial frame) when nothing
-    /// else holds it, and takes a new chunk when frames split off it are still alive.
+    /// A read buffer of one chunk, its frames handled, the start of a frame at its end. A short
+    /// start is moved to the front of the same buffer when nothing else holds it (only the start
+    /// is copied), or to a new one of a chunk while frames split off it are alive; a long start
+    /// gets a new buffer with a whole chunk of room after it. The buffer never grows past a
+    /// chunk plus the start it holds.
     #[test]
-    fn read_room_stays_one_chunk_when_a_read_ends_mid_frame() {
+    fn read_room_is_a_chunk_and_copies_only_the_start_of_a_frame() {
         const CHUNK: usize = 64 * 1024;
-        const PARTIAL: usize = 100;
-        let filled = |read_buf: &mut BytesMut| {
+        // Fills the room, then splits off all but `started` octets: the frames read.
+        let filled = |read_buf: &mut BytesMut, started: usize| {
             let room = read_buf.capacity() - read_buf.len();
             read_buf.extend((0..room).map(|i| i as u8));
-            read_buf.split_to(room - PARTIAL).freeze() // the frames read
+            read_buf.split_to(read_buf.len() - started).freeze()
         };
+        let check = |read_buf: &BytesMut, start: &[u8], room: usize| {
+            assert_eq!(read_buf[..], start[..], "the start of the frame is kept");
+            assert!(read_buf.capacity() - read_buf.len() >= room);
+            assert!(
+                read_buf.capacity() <= start.len() + CHUNK,
+                "the buffer grew to {} octets",
+                read_buf.capacity()
+            );
+        };
+
+        // A short start, the frames dropped: the same memory, from its start.
         let mut read_buf = BytesMut::with_capacity(CHUNK);
-        let frames = filled(&mut read_buf);
-        let partial = read_buf.to_vec();
+        let base = read_buf.as_ptr();
+        let frames = filled(&mut read_buf, 100);
+        let start = read_buf.to_vec();
         drop(frames);
         make_read_room(&mut read_buf, CHUNK);
-        assert_eq!(read_buf[..], partial[..], "the partial frame is kept");
-        assert!(read_buf.capacity() - read_buf.len() >= MIN_DIRECT_ROOM);
-        assert!(
-            read_buf.capacity() <= CHUNK,
-            "the buffer grew to {} octets",
-            read_buf.capacity()
-        );
+        check(&read_buf, &start, CHUNK - 100);
+        assert_eq!(read_buf.as_ptr(), base, "a free buffer is reused");
 
-        let frames = filled(&mut read_buf);
-        let partial = read_buf.to_vec();
-        make_read_room(&mut read_buf, CHUNK); // `frames` still alive
-        assert_eq!(read_buf[..], partial[..]);
-        assert!(read_buf.capacity() - read_buf.len() >= MIN_DIRECT_ROOM);
-        assert!(read_buf.capacity() <= CHUNK);
+        // A short start, the frames alive: another buffer of a chunk.
+        let frames = filled(&mut read_buf, 100);
+        let start = read_buf.to_vec();
+        make_read_room(&mut read_buf, CHUNK);
+        check(&read_buf, &start, CHUNK - 100);
         drop(frames);
+
+        // A long start, whether or not the frames are alive: a whole chunk after it.
+        for keep_frames in [false, true] {
+            let frames = filled(&mut read_buf, 40_000);
+            let start = read_buf.to_vec();
+            if !keep_frames {
+                drop(frames);
+                make_read_room(&mut read_buf, CHUNK);
+            } else {
+                make_read_room(&mut read_buf, CHUNK);
+                drop(frames);
+            }
+            check(&read_buf, &start, CHUNK);
+        }
     }
 
     #[test]
