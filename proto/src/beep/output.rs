@@ -89,7 +89,8 @@ impl Vectored {
     /// octets, or as many as the largest round before took. Growing it later, with frames in
     /// it, would copy them, and with them everything written from the buffer before (the
     /// buffer grows as a whole). Once the last round's parts are gone, this takes the buffer's
-    /// memory back from its start, which copies nothing.
+    /// memory back from its start, which copies nothing when it already holds that much room
+    /// (growing it copies what was written from it, once).
     pub fn make_room(&mut self, room: usize) {
         if !self.buf.is_empty() {
             return;
