@@ -51,8 +51,6 @@ pub struct Vectored {
     /// The most octets a round has coalesced, up to [`MAX_ROUND_ROOM`]: the room
     /// [`Vectored::make_room`] makes, so that a round as large as one before it fits.
     largest_round: usize,
-    /// Octets the last round coalesced, whatever their number.
-    last_round: usize,
 }
 
 /// The most coalescing room a round is given ahead of time, however large rounds were. After a
@@ -71,7 +69,6 @@ impl Vectored {
             shared_min: shared_min.max(1),
             round_coalesced: 0,
             largest_round: 0,
-            last_round: 0,
         }
     }
 
@@ -92,30 +89,26 @@ impl Vectored {
     /// memory back from its start, which copies nothing when it already holds that much room
     /// (growing it copies what was written from it, once).
     pub fn make_room(&mut self, room: usize) {
-        if !self.buf.is_empty() {
-            return;
-        }
-        if self.last_round > MAX_ROUND_ROOM {
-            self.buf = BytesMut::new();
-            self.last_round = 0;
-        }
         let room = room.max(self.largest_round);
-        if self.buf.capacity() < room {
+        if self.buf.is_empty() && self.buf.capacity() < room {
             self.buf.reserve(room);
         }
     }
 
     /// Takes everything to write, in order, leaving this empty (its buffer keeps its memory
-    /// once the parts are dropped).
+    /// once the parts are dropped, unless the round was larger than [`MAX_ROUND_ROOM`]).
     pub fn take(&mut self, into: &mut Vec<Bytes>) {
         self.seal();
         into.append(&mut self.parts);
         self.parts_len = 0;
+        if self.round_coalesced > MAX_ROUND_ROOM {
+            // The parts alone hold the burst's memory now: it is freed once they are written.
+            self.buf = BytesMut::new();
+        }
         self.largest_round = self
             .largest_round
             .max(self.round_coalesced)
             .min(MAX_ROUND_ROOM);
-        self.last_round = self.round_coalesced;
         self.round_coalesced = 0;
     }
 
