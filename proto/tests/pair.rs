@@ -15,6 +15,18 @@ fn started_pair(chunk: usize) -> (Pair, u32) {
     started(pair)
 }
 
+/// Offers `payload` to the client's `try_send_msg` on `channel`, which must refuse it as one
+/// too many (a limit of outstanding MSGs or of queued octets), and returns what it handed back.
+fn refused_as_too_many(pair: &mut Pair, channel: u32, payload: Bytes) -> Bytes {
+    let (misuse, back) = pair
+        .client
+        .session
+        .try_send_msg(channel, payload)
+        .unwrap_err();
+    assert_eq!(misuse, apex_proto::Misuse::TooManyOutstanding(channel));
+    back
+}
+
 /// Greets and starts the APEX channel on `pair`.
 fn started(mut pair: Pair) -> (Pair, u32) {
     pair.drive();
@@ -149,12 +161,7 @@ fn try_send_msg_hands_back_what_it_cannot_queue() {
     }
     // One over the limit: refused, and the very payload comes back (not a copy).
     let payload = Bytes::from(b"\r\nheld back".to_vec());
-    let (misuse, back) = pair
-        .client
-        .session
-        .try_send_msg(channel, payload.clone())
-        .unwrap_err();
-    assert_eq!(misuse, apex_proto::Misuse::TooManyOutstanding(channel));
+    let back = refused_as_too_many(&mut pair, channel, payload.clone());
     assert_eq!(back.as_ptr(), payload.as_ptr());
     assert_eq!(back, payload);
     // A channel that does not exist hands it back too.
@@ -201,12 +208,7 @@ fn queued_octets_bound_what_a_channel_holds() {
     };
     // 0, 400 and 800 queued octets are below the bound: taken (the third crosses it).
     take_three(&mut pair);
-    let (misuse, back) = pair
-        .client
-        .session
-        .try_send_msg(channel, payload.clone())
-        .unwrap_err();
-    assert_eq!(misuse, apex_proto::Misuse::TooManyOutstanding(channel));
+    let back = refused_as_too_many(&mut pair, channel, payload.clone());
     assert_eq!(back, payload);
     // Written (and answered), the queue has room again.
     pair.drive();
