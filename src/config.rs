@@ -96,6 +96,7 @@ max_pending_replies = 65536
 max_answers_in_progress = 64
 max_outstanding_msgs = 1024
 max_queued_octets = 16777216
+max_session_assembly = 8388608
 max_piggyback = 4096
 max_transmit = 262144
 max_xml_depth = 16
@@ -238,6 +239,7 @@ pub struct LimitsConfig {
     pub max_answers_in_progress: usize,
     pub max_outstanding_msgs: usize,
     pub max_queued_octets: usize,
+    pub max_session_assembly: usize,
     pub max_piggyback: usize,
     pub max_transmit: usize,
     pub max_xml_depth: usize,
@@ -256,6 +258,7 @@ impl From<&LimitsConfig> for Limits {
             max_answers_in_progress: c.max_answers_in_progress,
             max_outstanding_msgs: c.max_outstanding_msgs,
             max_queued_octets: c.max_queued_octets,
+            max_session_assembly: c.max_session_assembly,
             max_piggyback: c.max_piggyback,
             max_transmit: c.max_transmit,
             max_xml_depth: c.max_xml_depth,

@@ -45,6 +45,12 @@ pub struct Limits {
     /// counts messages; this bounds what they weigh, so a recipient that stops reading cannot
     /// make the relay hold `max_outstanding_msgs` messages of the largest size.
     pub max_queued_octets: usize,
+    /// Most octets of partial messages (continued frames not yet completed) one session may
+    /// hold over all its channels. Each channel's window bounds what is in flight, not what
+    /// piles up half-assembled: without this a peer that never finishes its messages on many
+    /// channels makes the relay buffer `max_message_size` per channel. Must be at least
+    /// `max_message_size`, so that one message of the largest size can always complete.
+    pub max_session_assembly: usize,
     /// Largest piggybacked `profile` content in a `start` (RFC 3080 §2.3.1.2: "4K octets").
     pub max_piggyback: usize,
     /// Octets of output `poll_transmit` appends per call; bounds one write.
@@ -67,6 +73,7 @@ impl Default for Limits {
             max_answers_in_progress: 64,
             max_outstanding_msgs: 1024,
             max_queued_octets: 16 * 1024 * 1024,
+            max_session_assembly: 8 * 1024 * 1024,
             max_piggyback: 4096,
             max_transmit: 256 * 1024,
             max_xml_depth: 16,
@@ -95,6 +102,9 @@ impl Limits {
         }
         if self.max_pending_replies == 0 || self.max_outstanding_msgs == 0 {
             return Err("max_pending_replies/max_outstanding_msgs (must be >= 1)");
+        }
+        if self.max_session_assembly < self.max_message_size {
+            return Err("max_session_assembly (must be >= max_message_size)");
         }
         if self.max_queued_octets == 0 {
             return Err("max_queued_octets (must be >= 1)");
@@ -131,5 +141,14 @@ mod tests {
             ..Limits::default()
         };
         assert!(limits.validate().unwrap_err().starts_with("recv_window"));
+        // One message of the largest size must always be able to complete.
+        let limits = Limits {
+            max_session_assembly: Limits::default().max_message_size - 1,
+            ..Limits::default()
+        };
+        assert!(limits
+            .validate()
+            .unwrap_err()
+            .starts_with("max_session_assembly"));
     }
 }

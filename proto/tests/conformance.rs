@@ -2083,10 +2083,12 @@ fn beep_62_seq_is_only_a_line() {
     l.expect(checked(b"RPY 1 0 . 0 7\r\n\r\nhelloEND\r\n"), "echo");
 }
 
-/// BEEP-66/67: many small frames read at once produce one consolidated SEQ for the channel,
-/// sent ahead of that channel's data frames; growth below half the buffer sends none.
+/// BEEP-66/67: many small frames read at once produce one consolidated SEQ for the channel;
+/// growth below half the buffer sends none. A MSG counts against the window until our reply
+/// to it is written (BEEP-63: until then it is still ours to hold), so the SEQ follows the
+/// replies, in the same transmission.
 #[test]
-fn beep_66_67_one_seq_ahead_of_the_data() {
+fn beep_66_67_one_seq_after_the_replies_that_free_the_window() {
     let limits = Limits {
         recv_window: 4096,
         ..Limits::default()
@@ -2094,14 +2096,15 @@ fn beep_66_67_one_seq_ahead_of_the_data() {
     let mut l = listener_ch1_limits(limits, b"", RPY_START_1);
     let payload = |i: u32| format!("\r\n{i:038}").into_bytes();
     let mut input = Vec::new();
-    let mut want = b"SEQ 1 2560 4096\r\n".to_vec();
+    let mut want = Vec::new();
     for i in 0..64u32 {
         input.extend(data("MSG", 1, i, '.', 40 * i, &payload(i)));
         want.extend(data("RPY", 1, i, '.', 40 * i, &payload(i)));
     }
+    want.extend(b"SEQ 1 2560 4096\r\n");
     l.feed(&input).unwrap();
     assert_eq!(l.profile.messages.len(), 64);
-    l.expect(&want, "one SEQ (2560 >= 4096/2), then the 64 replies");
+    l.expect(&want, "the 64 replies, then one SEQ (2560 >= 4096/2)");
 
     // 10 more (400 octets): the window would grow by less than half the buffer: no SEQ.
     let mut input = Vec::new();
@@ -2115,8 +2118,8 @@ fn beep_66_67_one_seq_ahead_of_the_data() {
 }
 
 /// BEEP-69 (and BEEP-63/68): the advertised right edge never moves left. Data the application
-/// has not taken yet keeps the window from growing, but never shrinks it; once the peer fills
-/// the advertised window exactly, one more octet is an overrun.
+/// has not answered yet keeps the window from growing, but never shrinks it; once the peer
+/// fills the advertised window exactly, one more octet is an overrun.
 #[test]
 fn beep_69_window_never_shrinks() {
     let limits = Limits {
@@ -2129,7 +2132,12 @@ fn beep_69_window_never_shrinks() {
         .unwrap();
     l.expect(b"", "3000 octets not taken by the application: no SEQ");
     l.dispatch();
-    l.expect(b"SEQ 1 3000 4096\r\n", "BEEP-63: taken: right edge 7096");
+    l.expect(b"", "taken but not answered: still no SEQ");
+    l.session.send_rpy(1, 0, Bytes::from_static(b"")).unwrap();
+    l.expect(
+        &[&b"RPY 1 0 . 0 0\r\nEND\r\n"[..], b"SEQ 1 3000 4096\r\n"].concat(),
+        "BEEP-63: answered: right edge 7096",
+    );
     l.feed_raw(&data("MSG", 1, 1, '.', 3000, &[b'b'; 3000]))
         .unwrap();
     l.expect(b"", "no SEQ that would move the edge left of 7096");
@@ -2141,6 +2149,120 @@ fn beep_69_window_never_shrinks() {
         &data("MSG", 1, 3, '.', 7096, b"d"),
         ProtocolError::WindowOverrun(1),
     );
+}
+
+/// BEEP-61/63: a peer that pipelines MSGs but never opens its window for our replies (sends
+/// no SEQ) cannot make us queue replies without bound: the MSGs whose replies wait count
+/// against the window we advertise, which stays shut once full, and one more octet is an
+/// overrun.
+#[test]
+fn beep_63_replies_the_peer_will_not_take_keep_its_window_shut() {
+    let limits = Limits {
+        recv_window: 8192,
+        ..Limits::default()
+    };
+    let mut l = listener_ch1_limits(
+        limits,
+        b"SEQ 0 52 8192\r\n",
+        &[RPY_START_1, b"SEQ 1 0 8192\r\n"].concat(),
+    );
+    let body = [&b"\r\n"[..], &[b'x'; 1022]].concat();
+    let msgs = |range: std::ops::Range<u32>| -> Vec<u8> {
+        range
+            .flat_map(|i| data("MSG", 1, i, '.', 1024 * i, &body))
+            .collect()
+    };
+    // 8192 octets of MSGs, each echoed; the peer's initial window takes four replies.
+    l.feed(&msgs(0..8)).unwrap();
+    let mut want: Vec<u8> = (0..4u32)
+        .flat_map(|i| data("RPY", 1, i, '.', 1024 * i, &body))
+        .collect();
+    want.extend(b"SEQ 1 8192 4096\r\n");
+    l.expect(&want, "four replies, and the window their MSGs held");
+    // Four more: all answered, none of the answers can go out, so the window stays shut.
+    l.feed(&msgs(8..12)).unwrap();
+    l.expect(b"", "replies wait for the peer's window, and so does ours");
+    assert_aborts(
+        &mut l,
+        &data("MSG", 1, 12, '.', 12288, b"z"),
+        ProtocolError::WindowOverrun(1),
+    );
+}
+
+fn limits_4096() -> Limits {
+    Limits {
+        recv_window: 4096,
+        ..Limits::default()
+    }
+}
+
+/// BEEP-63/68: data the application accepted but cannot pass on yet may be kept out of the
+/// window it advertises (`withhold_window`); replies and the rest of the window still flow,
+/// and giving the octets back reopens the window with a SEQ.
+#[test]
+fn beep_68_withheld_octets_stay_out_of_the_window_until_released() {
+    let mut l = listener_ch1_limits(limits_4096(), b"", RPY_START_1);
+    let msg = |i: u32, seqno: u32| data("MSG", 1, i, '.', seqno, b"\r\na");
+    let rpy = |i: u32, seqno: u32| data("RPY", 1, i, '.', seqno, b"\r\na");
+    l.session.withhold_window(1, 3000);
+    assert_eq!(l.session.withheld(1), 3000);
+    // 700 small MSGs of 3 octets: 2100 octets, answered at once; the free window would have
+    // grown by 2100 >= 4096/2, but 3000 of it are withheld: no SEQ.
+    let mut input = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..700u32 {
+        input.extend(msg(i, 3 * i));
+        want.extend(rpy(i, 3 * i));
+    }
+    l.feed(&input).unwrap();
+    l.expect(&want, "replies, no SEQ while 3000 octets are withheld");
+    l.session.release_window(1, 3000);
+    assert_eq!(l.session.withheld(1), 0);
+    l.expect(b"SEQ 1 2100 4096\r\n", "released: the whole buffer again");
+    // Unknown channels and channel 0 are ignored.
+    l.session.withhold_window(0, 10);
+    l.session.withhold_window(9, 10);
+    assert_eq!(l.session.withheld(0) + l.session.withheld(9), 0);
+}
+
+/// BEEP-38 and `max_session_assembly`: partial messages on many channels count against one
+/// budget per session. A continued MSG that would take the session past it is answered with
+/// a pre-emptive ERR 550 and its remaining frames are ignored; the channels' windows alone
+/// would let a peer that never finishes its messages make us hold `max_message_size` on each.
+#[test]
+fn beep_38_partial_messages_share_one_budget_per_session() {
+    let limits = Limits {
+        max_message_size: 3000,
+        max_session_assembly: 3000,
+        ..Limits::default()
+    };
+    let mut l = listener_ch1_limits(
+        limits,
+        SEQ_0_AFTER_GREETING,
+        &cat(&[RPY_START_1, SEQ_1_OPEN]),
+    );
+    l.feed_raw(&data("MSG", 1, 0, '*', 0, &[b'a'; 2000]))
+        .unwrap();
+    assert_eq!(l.session.assembling(), 2000);
+    // 2000 more on the same message would pass the message limit anyway; 900 fit.
+    l.feed_raw(&data("MSG", 1, 0, '*', 2000, &[b'b'; 900]))
+        .unwrap();
+    assert_eq!(l.session.assembling(), 2900);
+    // The session lowers its allowance (a runtime sharing a shard budget): the next
+    // continued frame does not fit and the message fails pre-emptively.
+    l.session.set_assembly_allowance(2950);
+    l.feed_raw(&data("MSG", 1, 0, '*', 2900, &[b'c'; 60]))
+        .unwrap();
+    assert_eq!(l.session.assembling(), 0, "the partial message is dropped");
+    l.dispatch();
+    let sent = lossy(&l.transmit());
+    assert!(sent.starts_with("ERR 1 0 . 0 "), "{sent}");
+    assert!(sent.contains("code='550'"), "{sent}");
+    // Its last frame is ignored (BEEP-38), and the next message is assembled afresh.
+    l.feed_raw(&data("MSG", 1, 0, '.', 2960, b"\r\nend"))
+        .unwrap();
+    l.feed(&data("MSG", 1, 1, '.', 2965, b"\r\nnext")).unwrap();
+    assert_eq!(l.profile.messages.len(), 1);
 }
 
 /// `max_transmit` bounds what one `poll_transmit` appends, also when a single channel has

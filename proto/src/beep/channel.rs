@@ -35,6 +35,9 @@ pub(crate) struct OutMsg {
     /// Writing this message's last frame makes the named channel known to the peer (the
     /// positive reply to its `start`): only then may that channel transmit.
     pub(crate) announces: Option<u32>,
+    /// Octets of the peer's MSG that this reply completes: they count against the window we
+    /// advertise until its last frame is written (see [`PendingReply::octets`]).
+    pub(crate) answers_octets: u32,
 }
 
 /// A MSG received from the peer that our reply has not completed yet.
@@ -46,6 +49,12 @@ struct PendingReply {
     /// The last part (RPY, ERR or NUL) has been given.
     complete: bool,
     next_ansno: u32,
+    /// The MSG's payload octets. They stay counted against our receive window until the last
+    /// frame of the reply is written, not only until the application takes the MSG: a peer
+    /// that sends MSGs but never opens its own window for our replies (no SEQ) could otherwise
+    /// make us queue replies without bound (RFC 3081 §3.1.3: the window follows what we have
+    /// taken responsibility for, and a reply we cannot send is still ours).
+    octets: u32,
 }
 
 /// The peer's msgnos that are not free for reuse (P4): each from its MSG's arrival until the
@@ -145,8 +154,12 @@ pub(crate) struct Channel {
     recv_next: u32,
     recv_edge: u32,
     recv_buffer: u32,
-    /// Octets handed to the application as events it has not polled yet.
+    /// Octets handed to the application as events it has not polled yet, and octets of the
+    /// peer's MSGs whose replies are not completely written.
     pub(crate) undelivered: u32,
+    /// Octets the application asked to keep out of the advertised window
+    /// ([`crate::Session::withhold_window`]): data it accepted but could not pass on yet.
+    pub(crate) withheld: u32,
     /// Msgno and keyword of the last frame received, when it had `*` (P7, P9).
     last_continued: Option<(u32, Keyword)>,
     /// Frames of the peer's MSG being assembled.
@@ -186,6 +199,7 @@ impl Channel {
             recv_edge: INITIAL_WINDOW,
             recv_buffer: limits.recv_window,
             undelivered: 0,
+            withheld: 0,
             last_continued: None,
             msg_assembly: None,
             discarding: None,
@@ -275,18 +289,21 @@ impl Channel {
         Ok(())
     }
 
-    /// Accepts a frame whose header passed [`Channel::check_header`].
+    /// Accepts a frame whose header passed [`Channel::check_header`]. `room`: octets the
+    /// session may still hold for reassembly (its share of [`Limits::max_session_assembly`]);
+    /// a continued frame that needs more fails its message as too large.
     pub(crate) fn receive(
         &mut self,
         h: &Header,
         payload: Bytes,
         limits: &Limits,
+        room: usize,
     ) -> Result<Received, ProtocolError> {
         let ch = h.channel;
         self.recv_next = self.recv_next.wrapping_add(h.size);
         self.last_continued = h.more.then_some((h.msgno, h.keyword));
         if h.keyword == Keyword::Msg {
-            return self.receive_msg(h, payload, limits);
+            return self.receive_msg(h, payload, limits, room);
         }
         let idx = self
             .outstanding
@@ -335,7 +352,7 @@ impl Channel {
                 in_progress.remove(&ansno);
             }
         }
-        let Some(payload) = assemble(&mut self.reply_assembly, key, h.more, payload, limits)
+        let Some(payload) = assemble(&mut self.reply_assembly, key, h.more, payload, limits, room)
             .map_err(|()| ProtocolError::MessageTooLarge(ch))?
         else {
             return Ok(Received::Nothing);
@@ -366,6 +383,7 @@ impl Channel {
         h: &Header,
         payload: Bytes,
         limits: &Limits,
+        room: usize,
     ) -> Result<Received, ProtocolError> {
         if self.discarding == Some(h.msgno) {
             if !h.more {
@@ -376,7 +394,7 @@ impl Channel {
         let whole = match self.msg_assembly.take() {
             None if !h.more => payload,
             None => {
-                if payload.len() > limits.max_message_size {
+                if payload.len() > limits.max_message_size || payload.len() > room {
                     return self.too_large(h);
                 }
                 self.msg_assembly = Some((h.msgno, BytesMut::from(&payload[..])));
@@ -384,7 +402,8 @@ impl Channel {
             }
             Some((msgno, mut buf)) => {
                 debug_assert_eq!(msgno, h.msgno, "P9 checked in check_header");
-                if buf.len() + payload.len() > limits.max_message_size {
+                let held_on = h.more && payload.len() > room;
+                if buf.len() + payload.len() > limits.max_message_size || held_on {
                     return self.too_large(h);
                 }
                 buf.extend_from_slice(&payload);
@@ -420,7 +439,31 @@ impl Channel {
             parts: Vec::new(),
             complete: false,
             next_ansno: 0,
+            octets: 0,
         });
+    }
+
+    /// Counts the payload of the MSG just received (the newest pending one) against the
+    /// window until its reply is written.
+    pub(crate) fn count_unanswered(&mut self, octets: u32) {
+        if let Some(pending) = self.pending_replies.back_mut() {
+            pending.octets = octets;
+            self.undelivered = self.undelivered.saturating_add(octets);
+        }
+    }
+
+    /// Octets of partial messages held for reassembly on this channel (the peer's MSG and
+    /// replies to ours).
+    pub(crate) fn assembling(&self) -> usize {
+        let msg = self.msg_assembly.as_ref().map_or(0, |(_, buf)| buf.len());
+        if self.reply_assembly.is_empty() {
+            return msg;
+        }
+        msg + self
+            .reply_assembly
+            .values()
+            .map(BytesMut::len)
+            .sum::<usize>()
     }
 
     /// Queues one part of our reply to the peer's MSG `msgno`, in the order the MSGs arrived
@@ -445,6 +488,11 @@ impl Channel {
             n
         });
         pending.complete = keyword != Keyword::Ans;
+        let answers_octets = if pending.complete {
+            std::mem::take(&mut pending.octets)
+        } else {
+            0
+        };
         let part = OutMsg {
             keyword,
             msgno,
@@ -452,6 +500,7 @@ impl Channel {
             payload,
             sent: 0,
             announces,
+            answers_octets,
         };
         if index == 0 {
             // The oldest MSG's reply goes out at once: its earlier parts already did, so
@@ -502,6 +551,7 @@ impl Channel {
             payload,
             sent: 0,
             announces: None,
+            answers_octets: 0,
         });
         msgno
     }
@@ -515,6 +565,7 @@ impl Channel {
             payload,
             sent: 0,
             announces: None,
+            answers_octets: 0,
         });
     }
 
@@ -607,8 +658,10 @@ impl Channel {
             self.queued_msg_octets = self.queued_msg_octets.saturating_sub(done.payload.len());
         }
         if matches!(done.keyword, Keyword::Rpy | Keyword::Err | Keyword::Nul) {
-            // The reply is completely sent: the peer may reuse the msgno now (P4).
+            // The reply is completely sent: the peer may reuse the msgno now (P4), and the
+            // MSG it answers no longer counts against the window.
             self.in_use.release(done.msgno);
+            self.undelivered = self.undelivered.saturating_sub(done.answers_octets);
         }
         Some(done.announces)
     }
@@ -618,7 +671,10 @@ impl Channel {
     /// window (BEEP-69).
     pub(crate) fn take_seq(&mut self) -> Option<(u32, u32)> {
         self.seq_dirty = false;
-        let free = self.recv_buffer.saturating_sub(self.undelivered);
+        let free = self
+            .recv_buffer
+            .saturating_sub(self.undelivered)
+            .saturating_sub(self.withheld);
         let new_edge = self.recv_next.wrapping_add(free);
         let growth = new_edge.wrapping_sub(self.recv_edge);
         if growth == 0 || growth > MAX_31BIT {
@@ -641,6 +697,7 @@ fn assemble(
     more: bool,
     payload: Bytes,
     limits: &Limits,
+    room: usize,
 ) -> Result<Option<Bytes>, ()> {
     if !more && partial.is_empty() {
         // The usual reply: one frame, nothing assembled on the channel (no key to hash).
@@ -649,14 +706,15 @@ fn assemble(
     match partial.remove(&key) {
         None if !more => Ok(Some(payload)),
         None => {
-            if payload.len() > limits.max_message_size {
+            if payload.len() > limits.max_message_size || payload.len() > room {
                 return Err(());
             }
             partial.insert(key, BytesMut::from(&payload[..]));
             Ok(None)
         }
         Some(mut buf) => {
-            if buf.len() + payload.len() > limits.max_message_size {
+            if buf.len() + payload.len() > limits.max_message_size || (more && payload.len() > room)
+            {
                 return Err(());
             }
             buf.extend_from_slice(&payload);

@@ -192,6 +192,11 @@ pub struct Session {
     refusing: bool,
     /// `close` requests (channel, code) waiting for their channel's output to drain.
     deferred_closes: Vec<(u32, u16)>,
+    /// Octets of partial messages held for reassembly, over all channels.
+    assembling: usize,
+    /// Most octets of partial messages this session may hold: [`Limits::max_session_assembly`]
+    /// unless the application lowers it ([`Session::set_assembly_allowance`]).
+    assembly_allowance: usize,
 }
 
 impl Session {
@@ -224,7 +229,6 @@ impl Session {
         channels.insert(0, ch0);
         Self {
             role,
-            config,
             state: State::AwaitingGreeting,
             channels,
             reserved: HashSet::new(),
@@ -242,6 +246,9 @@ impl Session {
             last_input: None,
             refusing: false,
             deferred_closes: Vec::new(),
+            assembling: 0,
+            assembly_allowance: config.limits.max_session_assembly,
+            config,
         }
     }
 
@@ -356,14 +363,21 @@ impl Session {
                 self.pending_head = Some((header, header_len));
                 return Ok(());
             };
+            let room = self.assembly_allowance.saturating_sub(self.assembling);
+            let held_before = channel.assembling();
             let received = receive_on(
                 channel,
                 &header,
                 frame.payload,
                 &self.config.limits,
+                room,
                 &mut self.seq_dirty,
                 &mut self.ready,
             )?;
+            let held_after = channel.assembling();
+            if held_after != held_before {
+                self.assembling = (self.assembling + held_after).saturating_sub(held_before);
+            }
             self.handle_received(&header, received)?;
             if self.state == State::Dead {
                 buf.clear();
@@ -573,6 +587,7 @@ impl Session {
         let Some(channel) = self.channels.remove(&number) else {
             return;
         };
+        self.assembling = self.assembling.saturating_sub(channel.assembling());
         self.recently_closed.insert(number);
         self.ready.retain(|c| *c != number);
         self.events.push_back(Event::ChannelClosed {
@@ -688,14 +703,12 @@ impl Session {
         }
     }
 
-    /// The next event, if any. Taking a message event counts its octets as consumed by the
-    /// application, which lets the next `poll_transmit` reopen the window (BEEP-63).
+    /// The next event, if any. Taking a reply event counts its octets as consumed by the
+    /// application, which lets the next `poll_transmit` reopen the window (BEEP-63); a MSG's
+    /// octets are consumed once our reply to it is written.
     pub fn poll_event(&mut self) -> Option<Event> {
         let event = self.events.pop_front()?;
-        if let Event::Message {
-            channel, payload, ..
-        }
-        | Event::Reply {
+        if let Event::Reply {
             channel, payload, ..
         } = &event
         {
@@ -771,6 +784,7 @@ impl Session {
             // While no other channel is ready, round-robin among one is this channel's frames
             // back to back: one lookup serves them all.
             let mut announced_now = None;
+            let unanswered_before = channel.undelivered;
             loop {
                 let wrote = channel.write_frame(number, max_frame, out);
                 if let Some(Some(announced)) = wrote {
@@ -787,6 +801,11 @@ impl Session {
                     self.ready.push_back(number);
                     break;
                 }
+            }
+            if channel.undelivered < unanswered_before && !channel.seq_dirty {
+                // Replies written: the MSGs they answer no longer hold the window shut.
+                channel.seq_dirty = true;
+                self.seq_dirty.push(number);
             }
             if let Some(announced) = announced_now {
                 // The peer learns of the channel with this frame: it may speak from now on.
@@ -808,6 +827,48 @@ impl Session {
     /// True when `poll_transmit` has frames it could write now.
     pub fn has_output(&self) -> bool {
         !self.ready.is_empty() || !self.seq_dirty.is_empty() || self.released.is_some()
+    }
+
+    /// Keeps `octets` more of `channel`'s receive window closed: data the application accepted
+    /// from the peer but cannot pass on yet (a relay whose recipient does not read). The peer
+    /// may send that much less until [`Session::release_window`] gives it back; replies keep
+    /// the rest of the window, so the peer can still answer what we send it (BEEP-68).
+    /// Unknown channels are ignored (the octets died with the channel).
+    pub fn withhold_window(&mut self, channel: u32, octets: u32) {
+        if let Some(c) = self.channels.get_mut(&channel).filter(|_| channel != 0) {
+            c.withheld = c.withheld.saturating_add(octets);
+        }
+    }
+
+    /// Gives back `octets` withheld with [`Session::withhold_window`]; the next
+    /// `poll_transmit` reopens the window with a SEQ when that is worth one (BEEP-66).
+    pub fn release_window(&mut self, channel: u32, octets: u32) {
+        if let Some(c) = self.channels.get_mut(&channel) {
+            c.withheld = c.withheld.saturating_sub(octets);
+            if !c.seq_dirty {
+                c.seq_dirty = true;
+                self.seq_dirty.push(channel);
+            }
+        }
+    }
+
+    /// Octets of `channel`'s window withheld by the application.
+    pub fn withheld(&self, channel: u32) -> u32 {
+        self.channels.get(&channel).map_or(0, |c| c.withheld)
+    }
+
+    /// Octets of partial messages this session holds for reassembly, over all its channels.
+    pub fn assembling(&self) -> usize {
+        self.assembling
+    }
+
+    /// Lowers (or restores, up to [`Limits::max_session_assembly`]) how many octets of partial
+    /// messages the session may hold: a runtime sharing one budget between its sessions gives
+    /// each what is left. A continued MSG that needs more is answered with a pre-emptive ERR
+    /// 550 and its remaining frames are ignored (BEEP-38); a continued reply that needs more
+    /// ends the session (its octets are ours to hold and there is no one to refuse).
+    pub fn set_assembly_allowance(&mut self, octets: usize) {
+        self.assembly_allowance = octets.min(self.config.limits.max_session_assembly);
     }
 
     fn usable(&self) -> Result<(), Misuse> {
@@ -1056,17 +1117,18 @@ fn receive_on(
     h: &Header,
     payload: Bytes,
     limits: &Limits,
+    room: usize,
     seq_dirty: &mut Vec<u32>,
     ready: &mut VecDeque<u32>,
 ) -> Result<Received, ProtocolError> {
-    let received = channel.receive(h, payload, limits)?;
+    let received = channel.receive(h, payload, limits, room)?;
     if !channel.seq_dirty {
         channel.seq_dirty = true;
         seq_dirty.push(h.channel);
     }
     match &received {
         Received::Msg { payload, .. } if h.channel != 0 => {
-            channel.undelivered = channel.undelivered.saturating_add(payload.len() as u32);
+            channel.count_unanswered(payload.len() as u32);
         }
         Received::Reply {
             keyword,
