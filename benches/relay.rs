@@ -112,7 +112,8 @@ impl Relayed {
         let (fred_channel, reply) = net.attach(fred, FRED);
         assert_eq!(reply, "<ok />", "attach fred");
         // Fred's shard routes to barney's: locally, or over the shard queue.
-        let at = net.relays[fred_shard]
+        let at = net
+            .relay(fred_shard)
             .lookup(&Endpoint::parse(BARNEY).unwrap())
             .expect("barney in fred's shard's directory");
         assert_eq!(at.shard, barney_shard);

@@ -77,6 +77,18 @@ max_messages = 1024
 max_bytes = 16777216
 max_hold_ms = 0
 
+[backpressure]
+# A recipient that does not take its messages holds back only the channels that send to it
+# (their BEEP windows). Octets of messages waiting for such recipients, per shard: past it,
+# every recipient with messages waiting refuses new data (450) until it takes them.
+max_backlog_octets = 67108864
+# Octets of partial messages (continued frames not yet complete) held per shard over all its
+# sessions (each session is also bounded by limits.max_session_assembly).
+max_assembly_octets = 268435456
+# A recipient that takes nothing for this long (milliseconds) refuses data with 450 until it
+# reads again; the senders it held back are let go.
+stall_ms = 5000
+
 [apex]
 # Bounds on APEX control documents from peers (apex_proto::apex::msg::ApexLimits).
 max_depth = 32
@@ -97,6 +109,7 @@ max_answers_in_progress = 64
 max_outstanding_msgs = 1024
 max_queued_octets = 16777216
 max_session_assembly = 8388608
+max_queued_replies = 1048576
 max_piggyback = 4096
 max_transmit = 262144
 max_xml_depth = 16
@@ -129,6 +142,8 @@ pub struct Config {
     pub mesh: MeshConfig,
     /// The hold4Endpoint queue.
     pub hold: HoldConfig,
+    /// Shard-wide bounds of backpressure.
+    pub backpressure: BackpressureConfig,
     /// Bounds on APEX control documents.
     pub apex: ApexConfig,
     /// Protocol limits.
@@ -175,6 +190,18 @@ impl From<&ApexConfig> for ApexLimits {
             max_options: c.max_options,
         }
     }
+}
+
+/// Shard-wide bounds of backpressure, mirrored from the core's `Budgets`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackpressureConfig {
+    /// Octets waiting for recipients that do not take them, per shard.
+    pub max_backlog_octets: usize,
+    /// Octets of partial messages per shard.
+    pub max_assembly_octets: usize,
+    /// Milliseconds a recipient may take nothing before data for it is refused.
+    pub stall_ms: u64,
 }
 
 /// Bounds of the hold4Endpoint queue.
@@ -240,6 +267,7 @@ pub struct LimitsConfig {
     pub max_outstanding_msgs: usize,
     pub max_queued_octets: usize,
     pub max_session_assembly: usize,
+    pub max_queued_replies: usize,
     pub max_piggyback: usize,
     pub max_transmit: usize,
     pub max_xml_depth: usize,
@@ -259,6 +287,7 @@ impl From<&LimitsConfig> for Limits {
             max_outstanding_msgs: c.max_outstanding_msgs,
             max_queued_octets: c.max_queued_octets,
             max_session_assembly: c.max_session_assembly,
+            max_queued_replies: c.max_queued_replies,
             max_piggyback: c.max_piggyback,
             max_transmit: c.max_transmit,
             max_xml_depth: c.max_xml_depth,
@@ -350,6 +379,15 @@ impl Config {
         self.mesh.trusted.extend(o.trusted.iter().cloned());
     }
 
+    /// The shard core's backpressure budgets.
+    pub fn budgets(&self) -> apex_proto::shard::Budgets {
+        apex_proto::shard::Budgets {
+            max_backlog_octets: self.backpressure.max_backlog_octets,
+            max_assembly_octets: self.backpressure.max_assembly_octets,
+            stall: std::time::Duration::from_millis(self.backpressure.stall_ms),
+        }
+    }
+
     /// The static routes: domain (lower-cased) -> address.
     pub fn static_routes(&self) -> Result<Vec<(String, SocketAddr)>> {
         self.mesh
@@ -435,6 +473,16 @@ impl Config {
         }
         if self.runtime.max_connections == 0 || self.runtime.mesh_queue == 0 {
             bail!("fields `runtime.max_connections` and `runtime.mesh_queue` must be at least 1");
+        }
+        if self.backpressure.max_assembly_octets < self.limits.max_message_size {
+            bail!(
+                "field `backpressure.max_assembly_octets`: {} must be at least limits.max_message_size ({})",
+                self.backpressure.max_assembly_octets,
+                self.limits.max_message_size
+            );
+        }
+        if self.backpressure.stall_ms == 0 {
+            bail!("field `backpressure.stall_ms` must be at least 1");
         }
         if apex_proto::apex::addr::validate_domain(&self.domain).is_err() {
             bail!("field `domain`: '{}' is not a domain name", self.domain);

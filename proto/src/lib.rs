@@ -18,6 +18,7 @@ pub mod apex;
 pub mod beep;
 pub mod error;
 pub mod limits;
+pub mod shard;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod xml;

@@ -51,6 +51,11 @@ pub struct Limits {
     /// channels makes the relay buffer `max_message_size` per channel. Must be at least
     /// `max_message_size`, so that one message of the largest size can always complete.
     pub max_session_assembly: usize,
+    /// Most octets of our replies waiting to be written (the peer's window for them is
+    /// closed) before the session stops handing out the peer's messages, so that their
+    /// octets close our own window in turn: a peer that pipelines MSGs but never takes the
+    /// replies cannot make us queue replies without bound.
+    pub max_queued_replies: usize,
     /// Largest piggybacked `profile` content in a `start` (RFC 3080 §2.3.1.2: "4K octets").
     pub max_piggyback: usize,
     /// Octets of output `poll_transmit` appends per call; bounds one write.
@@ -74,6 +79,7 @@ impl Default for Limits {
             max_outstanding_msgs: 1024,
             max_queued_octets: 16 * 1024 * 1024,
             max_session_assembly: 8 * 1024 * 1024,
+            max_queued_replies: 1024 * 1024,
             max_piggyback: 4096,
             max_transmit: 256 * 1024,
             max_xml_depth: 16,
@@ -105,6 +111,9 @@ impl Limits {
         }
         if self.max_session_assembly < self.max_message_size {
             return Err("max_session_assembly (must be >= max_message_size)");
+        }
+        if self.max_queued_replies == 0 {
+            return Err("max_queued_replies (must be >= 1)");
         }
         if self.max_queued_octets == 0 {
             return Err("max_queued_octets (must be >= 1)");

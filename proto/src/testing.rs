@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::apex::access::AccessTable;
 use crate::apex::msg::{self as apex_msg, ApexLimits};
-use crate::apex::relay::{domain_shard, Action, ConnId, ConnKind, Envelope, Relay, RelayConfig};
+use crate::apex::relay::{domain_shard, ConnId, ConnKind, Envelope, Relay, RelayConfig};
 use crate::beep::frame::{self as beep_frame, encode_data_frame, Header, Inbound, Keyword};
 use crate::beep::mgmt::{ErrorElement, ProfileOffer};
 use crate::beep::output::Vectored;
@@ -16,6 +16,7 @@ use crate::beep::profile::{Dispatcher, ProfileHandler, StartDecision};
 use crate::beep::session::{Event, ReplyKind, Role, Session, SessionConfig, StartRequest};
 use crate::error::ProtocolError;
 use crate::limits::Limits;
+use crate::shard::{Budgets, Output, ShardCore};
 
 /// The encoded bytes of one data frame.
 pub fn frame_bytes(
@@ -269,7 +270,7 @@ pub struct Forwarded {
 
 /// One connection to a relay shard: an initiator [`Session`] (the endpoint or peer relay side;
 /// absent for a raw client, whose octets the test writes itself) talking in memory to the
-/// listener [`Session`] the relay's runtime would own.
+/// listener session the shard's [`ShardCore`] owns.
 #[derive(Debug)]
 pub struct RelayClient {
     /// Shard the connection was accepted on.
@@ -280,10 +281,11 @@ pub struct RelayClient {
     pub kind: ConnKind,
     /// The client side; `None` for a raw client ([`RelayNet::connect_raw`]).
     pub initiator: Option<Session>,
-    /// The relay side.
-    pub listener: Session,
     /// Answer every MSG the relay sends with RPY `<ok />` (the default).
     pub auto_reply: bool,
+    /// While set, the client reads nothing the relay writes (a peer that stopped reading):
+    /// the relay's octets stay in its socket buffer, modelled as unbounded.
+    pub paused: bool,
     /// MSGs the relay sent to this client: (channel, msgno, payload), in arrival order.
     pub received: Vec<(u32, u32, Bytes)>,
     /// Replies to this client's MSGs: (channel, msgno, kind, payload).
@@ -357,20 +359,18 @@ pub fn split_frames(wire: &[u8]) -> Vec<Bytes> {
     }
 }
 
-/// N shards of [`Relay`]s serving one domain and the clients connected to them, all in memory.
+/// N shards serving one domain and the clients connected to them, all in memory: each shard is
+/// the [`ShardCore`] the runtime drives, so every test runs the production path (sessions,
+/// relay, backlogs and backpressure included).
 ///
-/// The harness plays the runtime (`src/shard/conn.rs`): listener-session events become relay
-/// inputs (`StartRequested` with an APEX piggyback -> `handle_start`, without -> `accept_start`
-/// then `channel_started`; `Message` -> `handle_message`; `Reply` -> `handle_reply`;
-/// `ChannelClosed` -> `channel_closed`), relay actions are executed on the right listener
-/// session (`Reply`, `StartReply`, `Send`; a `Send` that cannot be queued is reported back as a
-/// refusal), `ToShard` envelopes are handed in FIFO order to the other shard's
-/// `handle_envelope`, and `Forward` goes, like the runtime, to the shard owning the domain's
-/// link and is recorded in [`RelayNet::forwards`]. [`RelayNet::drive`] loops until quiescent.
+/// The harness plays the runtime's shell: it moves octets between client sessions and the
+/// cores, hands `ToShard` envelopes in FIFO order to the other shard's core, and sends
+/// `Forward` data, like the runtime, to the shard owning the domain's link, where it is
+/// recorded in [`RelayNet::forwards`]. [`RelayNet::drive`] loops until quiescent.
 #[derive(Debug)]
 pub struct RelayNet {
-    /// One relay per shard.
-    pub relays: Vec<Relay>,
+    /// One core per shard.
+    pub shards: Vec<ShardCore>,
     /// Connections, by [`ClientId`].
     pub clients: Vec<RelayClient>,
     /// Data handed to the relay mesh, in order.
@@ -382,7 +382,7 @@ pub struct RelayNet {
     pub listener_config: SessionConfig,
     /// Configuration of the client-side sessions of connections opened from now on.
     pub initiator_config: SessionConfig,
-    /// The relays' clock, ms (passed with `set_now` before every input).
+    /// The relays' clock, ms since the net started.
     pub now_ms: u64,
     /// While set, envelopes between shards stay queued (a slow shard queue): lets a test
     /// interleave connection events with cross-shard exchanges.
@@ -399,11 +399,27 @@ impl RelayNet {
     }
 
     /// `shards` relays for `domain` sharing `access` and `trusted`, with
-    /// [`ApexLimits::default`].
+    /// [`ApexLimits::default`] and [`Budgets::default`].
     pub fn with(domain: &str, shards: usize, access: AccessTable, trusted: Vec<String>) -> Self {
-        let relays = (0..shards)
+        Self::with_budgets(domain, shards, access, trusted, Budgets::default())
+    }
+
+    /// [`RelayNet::with`] and the shards' `budgets`.
+    pub fn with_budgets(
+        domain: &str,
+        shards: usize,
+        access: AccessTable,
+        trusted: Vec<String>,
+        budgets: Budgets,
+    ) -> Self {
+        let epoch = Instant::now();
+        let listener_config = SessionConfig {
+            profiles: vec![APEX_PROFILE.to_owned()],
+            ..SessionConfig::default()
+        };
+        let cores = (0..shards)
             .map(|shard| {
-                Relay::new(RelayConfig {
+                let relay = Relay::new(RelayConfig {
                     domain: domain.to_owned(),
                     shard,
                     shards,
@@ -411,25 +427,24 @@ impl RelayNet {
                     access: access.clone(),
                     trusted: trusted.clone(),
                     hold: crate::apex::options::HoldLimits::default(),
-                })
+                });
+                ShardCore::new(
+                    relay,
+                    shard,
+                    shards,
+                    listener_config.clone(),
+                    budgets.clone(),
+                    epoch,
+                )
             })
             .collect();
         Self {
-            relays,
+            shards: cores,
             clients: Vec::new(),
             forwards: Vec::new(),
             envelopes_sent: 0,
-            // The in-memory net does not model the runtime's overflow queue and backpressure,
-            // so both ends may pipeline freely.
-            listener_config: SessionConfig {
-                profiles: vec![APEX_PROFILE.to_owned()],
-                limits: Limits {
-                    max_outstanding_msgs: 1 << 20,
-                    max_queued_octets: usize::MAX,
-                    ..Limits::default()
-                },
-                ..SessionConfig::default()
-            },
+            listener_config,
+            // Tests pipeline freely from the client side.
             initiator_config: SessionConfig {
                 limits: Limits {
                     max_outstanding_msgs: 1 << 20,
@@ -442,22 +457,30 @@ impl RelayNet {
             pause_mesh: false,
             envelopes: VecDeque::new(),
             next_conn: 1,
-            epoch: Instant::now(),
+            epoch,
         }
     }
 
+    /// The relay of `shard`.
+    pub fn relay(&self, shard: usize) -> &Relay {
+        self.shards[shard].relay()
+    }
+
     fn open(&mut self, shard: usize, kind: ConnKind, raw: bool) -> ClientId {
-        assert!(shard < self.relays.len(), "no shard {shard}");
+        assert!(shard < self.shards.len(), "no shard {shard}");
         let conn = self.next_conn;
         self.next_conn += 1;
-        self.relays[shard].conn_opened(conn, kind);
+        let now = self.instant();
+        let core = &mut self.shards[shard];
+        core.set_session_config(self.listener_config.clone());
+        core.open(conn, kind, now);
         self.clients.push(RelayClient {
             shard,
             conn,
             kind,
             initiator: (!raw).then(|| Session::new(Role::Initiator, self.initiator_config.clone())),
-            listener: Session::new(Role::Listener, self.listener_config.clone()),
             auto_reply: true,
+            paused: false,
             received: Vec::new(),
             replies: Vec::new(),
             started: Vec::new(),
@@ -600,23 +623,22 @@ impl RelayNet {
 
     /// The transport of `id` ends (as when the peer resets it): the relay is told, then drives.
     pub fn disconnect(&mut self, id: ClientId) {
-        let client = &mut self.clients[id];
-        if !client.connected {
+        if !self.clients[id].connected {
             return;
         }
-        client.connected = false;
-        let (shard, conn) = (client.shard, client.conn);
-        self.relays[shard].conn_closed(conn);
+        self.abort(id);
         self.drive();
     }
 
-    /// Advances the relays' clock and runs their timers (`handle_timeout`, as the shard's
-    /// ticker does), then drives.
+    /// Advances the relays' clock and runs their timers (`handle_timeout`, when
+    /// `poll_timeout` says it is due, as the shard's timer does), then drives.
     pub fn advance(&mut self, ms: u64) {
         self.now_ms += ms;
-        let now_ms = self.now_ms;
-        for relay in &mut self.relays {
-            relay.handle_timeout(now_ms);
+        let now = self.instant();
+        for core in &mut self.shards {
+            if core.poll_timeout().is_some_and(|due| due <= now) {
+                core.handle_timeout(now);
+            }
         }
         self.drive();
     }
@@ -634,8 +656,8 @@ impl RelayNet {
         self.epoch + Duration::from_millis(self.now_ms)
     }
 
-    /// Moves octets, turns events into relay inputs and executes actions until nothing is left
-    /// to do. Returns the number of rounds; panics on a livelock.
+    /// Moves octets, runs the cores and passes envelopes until nothing is left to do. Returns
+    /// the number of rounds; panics on a livelock.
     pub fn drive(&mut self) -> usize {
         const MAX_ROUNDS: usize = 1_000_000;
         for round in 0..MAX_ROUNDS {
@@ -643,11 +665,11 @@ impl RelayNet {
             for id in 0..self.clients.len() {
                 progress |= self.client_to_relay(id);
             }
-            progress |= self.run_actions();
+            progress |= self.run_outputs();
             for id in 0..self.clients.len() {
                 progress |= self.relay_to_client(id);
             }
-            progress |= self.run_actions();
+            progress |= self.run_outputs();
             if !progress {
                 return round;
             }
@@ -655,7 +677,7 @@ impl RelayNet {
         panic!("RelayNet did not settle after {MAX_ROUNDS} rounds");
     }
 
-    /// Client octets into the listener session, listener events into the relay.
+    /// Client octets into the shard core.
     fn client_to_relay(&mut self, id: ClientId) -> bool {
         let now = self.instant();
         let client = &mut self.clients[id];
@@ -674,10 +696,8 @@ impl RelayNet {
         }
         if !client.listener_inbox.is_empty() {
             let before = client.listener_inbox.len();
-            if let Err(e) = client
-                .listener
-                .handle_input(&mut client.listener_inbox, now)
-            {
+            let core = &mut self.shards[client.shard];
+            if let Err(e) = core.handle_input(client.conn, &mut client.listener_inbox, now) {
                 client.error = Some(e);
                 client.listener_inbox.clear();
                 self.abort(id);
@@ -685,33 +705,23 @@ impl RelayNet {
             }
             moved |= client.listener_inbox.len() != before;
         }
-        moved | self.listener_events(id)
+        moved
     }
 
-    /// The runtime's `handle_events` (src/shard/conn.rs).
-    fn listener_events(&mut self, id: ClientId) -> bool {
-        let now_ms = self.now_ms;
-        let client = &mut self.clients[id];
-        let relay = &mut self.relays[client.shard];
-        let conn = client.conn;
-        relay.set_now(now_ms);
-        let mut any = false;
-        while let Some(event) = client.listener.poll_event() {
-            any = true;
-            let _ = relay.handle_session_event(conn, &mut client.listener, event);
-        }
-        any
-    }
-
-    /// Listener octets to the client side; client events recorded (and auto-replied).
+    /// The shard core's octets to the client side; client events recorded (and auto-replied).
     fn relay_to_client(&mut self, id: ClientId) -> bool {
         let now = self.instant();
         let client = &mut self.clients[id];
-        if !client.connected {
+        if !client.connected || client.paused {
             return false;
         }
+        let core = &mut self.shards[client.shard];
         let mut out = BytesMut::new();
-        while client.listener.poll_transmit(&mut out) > 0 {}
+        while core.poll_transmit(client.conn, &mut out, now) > 0 {}
+        if core.is_finished(client.conn) {
+            client.connected = false;
+            core.close(client.conn, now);
+        }
         let mut moved = !out.is_empty();
         client.from_relay.extend_from_slice(&out);
         let Some(initiator) = client.initiator.as_mut() else {
@@ -758,29 +768,48 @@ impl RelayNet {
         moved
     }
 
-    /// A session failed: the runtime aborts the connection and tells the relay.
+    /// The connection ends: the runtime aborts it and tells the shard core.
     fn abort(&mut self, id: ClientId) {
+        let now = self.instant();
         let client = &mut self.clients[id];
         client.connected = false;
-        let (shard, conn) = (client.shard, client.conn);
-        self.relays[shard].conn_closed(conn);
+        self.shards[client.shard].close(client.conn, now);
     }
 
-    fn client_by_conn(&mut self, shard: usize, conn: ConnId) -> Option<&mut RelayClient> {
-        self.clients
-            .iter_mut()
-            .find(|c| c.shard == shard && c.conn == conn && c.connected)
-    }
-
-    /// The runtime's `execute_actions` for every shard, and the shard queues.
-    fn run_actions(&mut self) -> bool {
+    /// The runtime's handling of the cores' outputs, and the shard queues.
+    fn run_outputs(&mut self) -> bool {
+        let now = self.instant();
         let mut any = false;
         loop {
             let mut round = false;
-            for shard in 0..self.relays.len() {
-                while let Some(action) = self.relays[shard].poll_action() {
+            for shard in 0..self.shards.len() {
+                while let Some(output) = self.shards[shard].poll_output() {
                     round = true;
-                    self.execute(shard, action);
+                    match output {
+                        // Every client is looked at in every round anyway.
+                        Output::Wake(_) => {}
+                        Output::ToShard {
+                            shard: to,
+                            envelope,
+                        } => {
+                            self.envelopes_sent += 1;
+                            self.envelopes.push_back((to, envelope));
+                        }
+                        Output::Forward { domain, payload } => {
+                            let owner = domain_shard(&domain, self.shards.len());
+                            if owner == shard {
+                                self.forwards.push(Forwarded {
+                                    shard,
+                                    domain,
+                                    payload,
+                                });
+                            } else {
+                                self.envelopes_sent += 1;
+                                self.envelopes
+                                    .push_back((owner, Envelope::Forward { domain, payload }));
+                            }
+                        }
+                    }
                 }
             }
             let next = if self.pause_mesh {
@@ -790,68 +819,12 @@ impl RelayNet {
             };
             if let Some((shard, envelope)) = next {
                 round = true;
-                let now_ms = self.now_ms;
-                self.relays[shard].set_now(now_ms);
-                self.relays[shard].handle_envelope(envelope);
+                self.shards[shard].handle_envelope(envelope, now);
             }
             if !round {
                 return any;
             }
             any = true;
-        }
-    }
-
-    fn execute(&mut self, shard: usize, action: Action) {
-        match action {
-            Action::Reply { conn, reply } => {
-                if let Some(c) = self.client_by_conn(shard, conn) {
-                    let _ = reply.send_in(&mut c.listener);
-                }
-            }
-            Action::StartReply {
-                conn,
-                start_id,
-                content,
-            } => {
-                if let Some(c) = self.client_by_conn(shard, conn) {
-                    let _ = c
-                        .listener
-                        .accept_start(start_id, APEX_PROFILE, Some(content));
-                }
-            }
-            Action::Send {
-                conn,
-                channel,
-                payload,
-            } => {
-                let sent = self
-                    .client_by_conn(shard, conn)
-                    .map(|c| c.listener.send_msg(channel, payload).is_ok());
-                if sent != Some(true) {
-                    self.relays[shard].send_failed(conn, channel, "endpoint went away");
-                }
-            }
-            Action::ToShard {
-                shard: to,
-                envelope,
-            } => {
-                self.envelopes_sent += 1;
-                self.envelopes.push_back((to, envelope));
-            }
-            Action::Forward { domain, payload } => {
-                let owner = domain_shard(&domain, self.relays.len());
-                if owner == shard {
-                    self.forwards.push(Forwarded {
-                        shard,
-                        domain,
-                        payload,
-                    });
-                } else {
-                    self.envelopes_sent += 1;
-                    self.envelopes
-                        .push_back((owner, Envelope::Forward { domain, payload }));
-                }
-            }
         }
     }
 }

@@ -221,14 +221,17 @@ fn ep(s: &str) -> Endpoint {
 /// The client is attached as `endpoint` per every shard's directory replica.
 fn attached_everywhere(net: &RelayNet, endpoint: &str, id: ClientId, channel: u32) -> bool {
     let c = &net.clients[id];
-    net.relays.iter().all(|r| {
+    net.shards.iter().map(|s| s.relay()).all(|r| {
         r.lookup(&ep(endpoint))
             .is_some_and(|at| at.shard == c.shard && at.conn == c.conn && at.channel == channel)
     })
 }
 
 fn detached_everywhere(net: &RelayNet, endpoint: &str) -> bool {
-    net.relays.iter().all(|r| r.lookup(&ep(endpoint)).is_none())
+    net.shards
+        .iter()
+        .map(|s| s.relay())
+        .all(|r| r.lookup(&ep(endpoint)).is_none())
 }
 
 /// An edge client attached as `endpoint` on a piggybacked channel.

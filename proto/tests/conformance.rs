@@ -2083,12 +2083,10 @@ fn beep_62_seq_is_only_a_line() {
     l.expect(checked(b"RPY 1 0 . 0 7\r\n\r\nhelloEND\r\n"), "echo");
 }
 
-/// BEEP-66/67: many small frames read at once produce one consolidated SEQ for the channel;
-/// growth below half the buffer sends none. A MSG counts against the window until our reply
-/// to it is written (BEEP-63: until then it is still ours to hold), so the SEQ follows the
-/// replies, in the same transmission.
+/// BEEP-66/67: many small frames read at once produce one consolidated SEQ for the channel,
+/// sent ahead of that channel's data frames; growth below half the buffer sends none.
 #[test]
-fn beep_66_67_one_seq_after_the_replies_that_free_the_window() {
+fn beep_66_67_one_seq_ahead_of_the_data() {
     let limits = Limits {
         recv_window: 4096,
         ..Limits::default()
@@ -2096,15 +2094,14 @@ fn beep_66_67_one_seq_after_the_replies_that_free_the_window() {
     let mut l = listener_ch1_limits(limits, b"", RPY_START_1);
     let payload = |i: u32| format!("\r\n{i:038}").into_bytes();
     let mut input = Vec::new();
-    let mut want = Vec::new();
+    let mut want = b"SEQ 1 2560 4096\r\n".to_vec();
     for i in 0..64u32 {
         input.extend(data("MSG", 1, i, '.', 40 * i, &payload(i)));
         want.extend(data("RPY", 1, i, '.', 40 * i, &payload(i)));
     }
-    want.extend(b"SEQ 1 2560 4096\r\n");
     l.feed(&input).unwrap();
     assert_eq!(l.profile.messages.len(), 64);
-    l.expect(&want, "the 64 replies, then one SEQ (2560 >= 4096/2)");
+    l.expect(&want, "one SEQ (2560 >= 4096/2), then the 64 replies");
 
     // 10 more (400 octets): the window would grow by less than half the buffer: no SEQ.
     let mut input = Vec::new();
@@ -2118,8 +2115,8 @@ fn beep_66_67_one_seq_after_the_replies_that_free_the_window() {
 }
 
 /// BEEP-69 (and BEEP-63/68): the advertised right edge never moves left. Data the application
-/// has not answered yet keeps the window from growing, but never shrinks it; once the peer
-/// fills the advertised window exactly, one more octet is an overrun.
+/// has not taken yet keeps the window from growing, but never shrinks it; once the peer fills
+/// the advertised window exactly, one more octet is an overrun.
 #[test]
 fn beep_69_window_never_shrinks() {
     let limits = Limits {
@@ -2132,12 +2129,7 @@ fn beep_69_window_never_shrinks() {
         .unwrap();
     l.expect(b"", "3000 octets not taken by the application: no SEQ");
     l.dispatch();
-    l.expect(b"", "taken but not answered: still no SEQ");
-    l.session.send_rpy(1, 0, Bytes::from_static(b"")).unwrap();
-    l.expect(
-        &[&b"RPY 1 0 . 0 0\r\nEND\r\n"[..], b"SEQ 1 3000 4096\r\n"].concat(),
-        "BEEP-63: answered: right edge 7096",
-    );
+    l.expect(b"SEQ 1 3000 4096\r\n", "BEEP-63: taken: right edge 7096");
     l.feed_raw(&data("MSG", 1, 1, '.', 3000, &[b'b'; 3000]))
         .unwrap();
     l.expect(b"", "no SEQ that would move the edge left of 7096");
@@ -2151,42 +2143,80 @@ fn beep_69_window_never_shrinks() {
     );
 }
 
-/// BEEP-61/63: a peer that pipelines MSGs but never opens its window for our replies (sends
-/// no SEQ) cannot make us queue replies without bound: the MSGs whose replies wait count
-/// against the window we advertise, which stays shut once full, and one more octet is an
-/// overrun.
+/// BEEP-61/63 and `max_queued_replies`: a peer that pipelines MSGs but never opens its window
+/// for our replies (sends no SEQ) cannot make us queue replies without bound. Past the limit
+/// the session hands out no more MSGs, whose octets then close the window we advertise; one
+/// octet beyond it is an overrun. A SEQ is still applied, and once the replies drain, the
+/// MSGs waiting are handed out.
 #[test]
-fn beep_63_replies_the_peer_will_not_take_keep_its_window_shut() {
+fn beep_63_replies_the_peer_will_not_take_stop_its_messages() {
     let limits = Limits {
         recv_window: 8192,
+        max_queued_replies: 4096,
         ..Limits::default()
     };
-    let mut l = listener_ch1_limits(
-        limits,
-        b"SEQ 0 52 8192\r\n",
-        &[RPY_START_1, b"SEQ 1 0 8192\r\n"].concat(),
-    );
     let body = [&b"\r\n"[..], &[b'x'; 1022]].concat();
-    let msgs = |range: std::ops::Range<u32>| -> Vec<u8> {
-        range
-            .flat_map(|i| data("MSG", 1, i, '.', 1024 * i, &body))
-            .collect()
+    let msg = |i: u32| data("MSG", 1, i, '.', 1024 * i, &body);
+    let listener = || {
+        listener_ch1_limits(
+            limits.clone(),
+            b"SEQ 0 52 8192\r\n",
+            &[RPY_START_1, b"SEQ 1 0 8192\r\n"].concat(),
+        )
     };
-    // 8192 octets of MSGs, each echoed; the peer's initial window takes four replies.
-    l.feed(&msgs(0..8)).unwrap();
-    let mut want: Vec<u8> = (0..4u32)
-        .flat_map(|i| data("RPY", 1, i, '.', 1024 * i, &body))
-        .collect();
-    want.extend(b"SEQ 1 8192 4096\r\n");
-    l.expect(&want, "four replies, and the window their MSGs held");
-    // Four more: all answered, none of the answers can go out, so the window stays shut.
-    l.feed(&msgs(8..12)).unwrap();
-    l.expect(b"", "replies wait for the peer's window, and so does ours");
+    // The peer sends one MSG at a time while our window lets it, and never a SEQ.
+    let mut l = listener();
+    let mut sent = 0u32;
+    let mut edge = 8192u32;
+    loop {
+        if 1024 * (sent + 1) > edge {
+            break;
+        }
+        l.feed(&msg(sent)).unwrap();
+        sent += 1;
+        for frame in frames_of(&l.transmit()) {
+            if let Inbound::Seq(seq) = frame {
+                edge = seq.ackno + seq.window;
+            }
+        }
+    }
+    // Four replies fit the peer's initial window; five more wait (the fifth took the queue
+    // past 4096); the MSGs after them are not handed out and hold our window shut.
+    assert_eq!(l.profile.messages.len(), 9);
+    assert_eq!(l.session.queued_replies(), 5 * 1024);
+    assert!(!l.session.has_events());
+    assert_eq!(
+        sent,
+        edge / 1024,
+        "the peer filled every window we advertised"
+    );
+    assert!(sent < 30, "and the window closed: {sent} MSGs");
     assert_aborts(
         &mut l,
-        &data("MSG", 1, 12, '.', 12288, b"z"),
+        &data("MSG", 1, sent, '.', edge, b"z"),
         ProtocolError::WindowOverrun(1),
     );
+
+    // The same, but the peer opens its window at last: everything flows again.
+    let mut l = listener();
+    for i in 0..17 {
+        l.feed(&msg(i)).unwrap();
+        let _ = l.transmit();
+    }
+    assert_eq!(l.profile.messages.len(), 9);
+    l.feed_raw(b"SEQ 1 4096 65536\r\n").unwrap();
+    let replies = frames_of(&l.transmit()).len();
+    assert_eq!(replies, 5, "the five waiting replies");
+    // Handed out as the replies drain, up to the limit each time.
+    let mut handed = Vec::new();
+    let mut frames = 0;
+    while l.session.has_events() {
+        l.dispatch();
+        handed.push(l.profile.messages.len());
+        frames += frames_of(&l.transmit()).len();
+    }
+    assert_eq!(handed, [14, 17], "the MSGs held back are handed out");
+    assert_eq!(frames, 8 + 1, "their replies, and a SEQ");
 }
 
 fn limits_4096() -> Limits {

@@ -1,26 +1,23 @@
-//! The connection driver: one task per TCP connection. Reads into the connection's buffer, feeds
-//! the BEEP session, hands APEX events to the shard's relay, executes the relay's actions (which
-//! may queue output on other connections of the shard and wake them), and writes what the
-//! session polls, coalesced into one write per round. It never parses payloads itself.
+//! The connection driver: one task per TCP connection. Reads into the connection's buffer,
+//! hands the octets to the shard core (which runs the session, the relay and backpressure),
+//! carries out what the core asks (wake other connections, envelopes to other shards, data
+//! to mesh links), and writes what the core polls for this connection, coalesced into one
+//! write per round. It never parses payloads and never decides.
 
-use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use apex_proto::apex::relay::{domain_shard, Action, ConnId, ConnKind, Envelope};
+use apex_proto::apex::relay::{ConnId, ConnKind};
 use apex_proto::beep::mgmt::{code, ErrorElement};
 use apex_proto::beep::output::{self, Vectored};
-use apex_proto::{Event, Misuse, Role, Session};
 use bytes::{Bytes, BytesMut};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::apex_profile::APEX_PROFILE;
 use crate::shard::notify::Notify;
-use crate::shard::{peer, ShardContext};
+use crate::shard::ShardContext;
 use crate::sys;
 
 /// How a connection ended.
@@ -36,20 +33,6 @@ pub enum Ending {
     GraceExpired,
 }
 
-/// What other tasks of the shard may touch of a connection: its session (to queue output) and
-/// its wake-up flag.
-#[derive(Debug)]
-pub struct ConnShared {
-    /// The BEEP session.
-    pub session: RefCell<Session>,
-    /// Woken when output was queued by another task.
-    pub wake: Notify,
-    /// Relay MSGs that did not fit the session's outstanding limit, in order. While any
-    /// connection of the shard has some, the shard stops reading new input elsewhere
-    /// (backpressure), so this stays bounded by what was already read.
-    pub overflow: RefCell<VecDeque<(u32, Bytes)>>,
-}
-
 enum Wake {
     Read(std::io::Result<usize>),
     Output,
@@ -60,32 +43,26 @@ enum Wake {
 pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind) -> Ending {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
-    let session = if ctx.connections.get() > ctx.config.runtime.max_connections {
-        Session::new_refusing(
-            ctx.session_config.clone(),
-            ErrorElement::new(code::SERVICE_NOT_AVAILABLE, "too many connections"),
-        )
-    } else {
-        Session::new(Role::Listener, ctx.session_config.clone())
-    };
     let conn = ctx.next_conn_id();
-    let shared = Rc::new(ConnShared {
-        session: RefCell::new(session),
-        wake: Notify::default(),
-        overflow: RefCell::new(VecDeque::new()),
-    });
-    ctx.conns.borrow_mut().insert(conn, shared.clone());
-    ctx.relay.borrow_mut().conn_opened(conn, kind);
-
-    let ending = run(&mut stream, conn, &shared, &ctx).await;
-
-    ctx.conns.borrow_mut().remove(&conn);
-    if !shared.overflow.borrow().is_empty() {
-        shared.overflow.borrow_mut().clear();
-        ctx.backlogged.remove();
+    let wake = Rc::new(Notify::default());
+    ctx.wakers.borrow_mut().insert(conn, wake.clone());
+    {
+        let mut core = ctx.core.borrow_mut();
+        let now = Instant::now();
+        if ctx.connections.get() > ctx.config.runtime.max_connections {
+            let error = ErrorElement::new(code::SERVICE_NOT_AVAILABLE, "too many connections");
+            core.open_refusing(conn, kind, error, now);
+        } else {
+            core.open(conn, kind, now);
+        }
     }
-    ctx.relay.borrow_mut().conn_closed(conn);
-    execute_actions(&ctx);
+    ctx.dispatch();
+
+    let ending = run(&mut stream, conn, &wake, &ctx).await;
+
+    ctx.wakers.borrow_mut().remove(&conn);
+    ctx.core.borrow_mut().close(conn, Instant::now());
+    ctx.dispatch();
     match ending {
         Ending::Aborted => {
             let _ = sys::reset_on_close(stream.as_raw_fd());
@@ -101,7 +78,7 @@ pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind)
 async fn run(
     stream: &mut TcpStream,
     conn: ConnId,
-    shared: &ConnShared,
+    wake: &Notify,
     ctx: &Rc<ShardContext>,
 ) -> Ending {
     let read_chunk = ctx.config.runtime.read_chunk;
@@ -122,13 +99,16 @@ async fn run(
 
     loop {
         let finished = {
-            let mut session = shared.session.borrow_mut();
-            if session.has_output() {
+            let mut core = ctx.core.borrow_mut();
+            if core.has_output(conn) {
                 out.make_room(WRITE_ROOM);
             }
-            while session.poll_transmit(&mut out) > 0 {}
-            session.is_finished()
+            let now = Instant::now();
+            while core.poll_transmit(conn, &mut out, now) > 0 {}
+            core.is_finished(conn)
         };
+        // Writing may have made room for what waited for this connection.
+        ctx.dispatch();
         if !out.is_empty() && write_out(stream, &mut out, &mut parts).await.is_err() {
             return Ending::PeerClosed;
         }
@@ -136,22 +116,18 @@ async fn run(
             return Ending::Released;
         }
 
-        // Backpressure: while some connection of the shard cannot take more relay output, or
-        // envelopes for another shard pile up faster than it takes them, the others stop
-        // reading (their peers' windows close). A backlogged connection keeps reading: its
-        // replies are what drains it. Output queued for a connection held here is still
-        // written, since its peer's replies may be what clears the backlog. Shutdown is not
-        // held up.
-        let keep_reading =
-            || !shared.overflow.borrow().is_empty() || closing_since.is_some() || ctx.stopping();
+        // Backpressure between shards: while envelopes for another shard pile up faster than
+        // it takes them, the shard's connections stop reading (their peers' windows close).
+        // Backpressure towards one recipient is the core's: it holds back the windows of the
+        // channels that send to it, and no one else's. Shutdown is not held up.
+        let keep_reading = || closing_since.is_some() || ctx.stopping();
         let gate = future::or(
             async {
-                ctx.backlogged.wait(keep_reading).await;
                 ctx.outbox_backlog.wait(keep_reading).await;
                 true
             },
             async {
-                shared.wake.notified().await;
+                wake.notified().await;
                 false
             },
         );
@@ -163,7 +139,7 @@ async fn run(
                 Ok(Some((0, _))) | Err(_) => return Ending::PeerClosed,
                 Ok(Some((n, room))) => {
                     let yield_first = pacing.after_direct_read(n, room);
-                    if handle_input(conn, shared, ctx, &mut read_buf).is_err() {
+                    if handle_input(conn, ctx, &mut read_buf).is_err() {
                         return Ending::Aborted;
                     }
                     if yield_first {
@@ -187,18 +163,18 @@ async fn run(
             }
             Wake::Stop
         };
-        let wake = future::or(
+        let woken = future::or(
             future::or(
                 async { Wake::Read(stream.read(&mut scratch[..wait_room]).await) },
                 async {
-                    shared.wake.notified().await;
+                    wake.notified().await;
                     Wake::Output
                 },
             ),
             stop_or_grace,
         )
         .await;
-        let n = match wake {
+        let n = match woken {
             Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return Ending::PeerClosed,
             Wake::Read(Ok(n)) => n,
             Wake::Output => continue,
@@ -208,10 +184,9 @@ async fn run(
                 }
                 // Shutdown: ask the peer to release the session (RFC 3080 §2.4).
                 closing_since = Some(Instant::now());
-                let _ = shared
-                    .session
+                ctx.core
                     .borrow_mut()
-                    .close_session(code::SERVICE_NOT_AVAILABLE);
+                    .close_session(conn, code::SERVICE_NOT_AVAILABLE);
                 continue;
             }
         };
@@ -228,7 +203,7 @@ async fn run(
         } else {
             pacing.after_read(n, wait_room);
         }
-        if handle_input(conn, shared, ctx, &mut read_buf).is_err() {
+        if handle_input(conn, ctx, &mut read_buf).is_err() {
             return Ending::Aborted;
         }
     }
@@ -346,24 +321,18 @@ pub(crate) const WRITE_ROOM: usize = 32 * 1024;
 /// Below this much room in the read buffer, a direct read first makes a chunk's worth.
 const MIN_DIRECT_ROOM: usize = 4096;
 
-/// Feeds what was read to the session and runs what it leads to. `Err` when the session must
-/// be terminated.
-fn handle_input(
-    conn: ConnId,
-    shared: &ConnShared,
-    ctx: &Rc<ShardContext>,
-    read_buf: &mut BytesMut,
-) -> Result<(), ()> {
-    // One clock reading serves the session and the relay: a batch of input is one moment.
-    let now = Instant::now();
-    let input = shared.session.borrow_mut().handle_input(read_buf, now);
+/// Feeds what was read to the shard core and carries out what it leads to. `Err` when the
+/// session must be terminated.
+fn handle_input(conn: ConnId, ctx: &Rc<ShardContext>, read_buf: &mut BytesMut) -> Result<(), ()> {
+    let input = ctx
+        .core
+        .borrow_mut()
+        .handle_input(conn, read_buf, Instant::now());
+    ctx.dispatch();
     if let Err(error) = input {
         warn!(shard = ctx.id, conn, %error, "terminating session");
         return Err(());
     }
-    handle_events(conn, shared, ctx, ctx.ms_at(now));
-    drain_overflow(conn, shared, ctx);
-    execute_actions(ctx);
     Ok(())
 }
 
@@ -400,136 +369,6 @@ pub(crate) async fn write_out(
     };
     parts.clear();
     result
-}
-
-/// Moves held relay MSGs into the session as replies free room.
-fn drain_overflow(conn: ConnId, shared: &ConnShared, ctx: &ShardContext) {
-    let mut overflow = shared.overflow.borrow_mut();
-    if overflow.is_empty() {
-        return;
-    }
-    let mut session = shared.session.borrow_mut();
-    while let Some((channel, payload)) = overflow.pop_front() {
-        match session.try_send_msg(channel, payload) {
-            Ok(_) => {}
-            Err((Misuse::TooManyOutstanding(_), payload)) => {
-                overflow.push_front((channel, payload));
-                return;
-            }
-            Err(_) => {
-                ctx.relay
-                    .borrow_mut()
-                    .send_failed(conn, channel, ENDPOINT_GONE);
-            }
-        }
-    }
-    ctx.backlogged.remove();
-}
-
-/// Hands the session's events to the relay, one at a time as they are polled: the relay answers
-/// into this session directly and queues the rest as actions, which run after both borrows
-/// end, so nothing needs collecting first.
-fn handle_events(conn: ConnId, shared: &ConnShared, ctx: &ShardContext, now_ms: u64) {
-    let mut relay = ctx.relay.borrow_mut();
-    relay.set_now(now_ms);
-    let mut session = shared.session.borrow_mut();
-    while let Some(event) = session.poll_event() {
-        if let Some(Event::CloseRefused { channel: 0, .. }) =
-            relay.handle_session_event(conn, &mut session, event)
-        {
-            debug!(conn, "peer declined session release");
-        }
-    }
-}
-
-/// Why a delivery the session refused failed, in the report its originator asked for.
-const ENDPOINT_GONE: &str = "endpoint went away";
-
-/// Executes the relay's actions until none is left. Output for other connections wakes them;
-/// envelopes for other shards go to that shard's outbox, sent in order by its flusher task.
-/// Nothing here waits, so no task holds up another while actions are pending.
-pub fn execute_actions(ctx: &Rc<ShardContext>) {
-    // The connection of the last Send: a batch of input from one sender usually delivers
-    // everything to one recipient, so the table is looked up once per run of Sends. Nothing
-    // here removes a connection from it.
-    let mut last_send: Option<(ConnId, Rc<ConnShared>)> = None;
-    loop {
-        let Some(action) = ctx.relay.borrow_mut().poll_action() else {
-            return;
-        };
-        match action {
-            Action::Reply { conn, reply } => {
-                ctx.with_session(conn, |s| {
-                    let _ = reply.send_in(s);
-                });
-            }
-            Action::StartReply {
-                conn,
-                start_id,
-                content,
-            } => {
-                let channel = ctx.with_session(conn, |s| {
-                    s.accept_start(start_id, APEX_PROFILE, Some(content)).ok()
-                });
-                if channel.flatten().is_none() {
-                    debug!(conn, start_id, "start answered after its connection ended");
-                }
-            }
-            Action::Send {
-                conn,
-                channel,
-                payload,
-            } => {
-                let shared = match &last_send {
-                    Some((last, shared)) if *last == conn => shared,
-                    _ => {
-                        let Some(shared) = ctx.conns.borrow().get(&conn).cloned() else {
-                            ctx.relay
-                                .borrow_mut()
-                                .send_failed(conn, channel, ENDPOINT_GONE);
-                            continue;
-                        };
-                        &last_send.insert((conn, shared)).1
-                    }
-                };
-                let mut overflow = shared.overflow.borrow_mut();
-                let result = if overflow.is_empty() {
-                    shared.session.borrow_mut().try_send_msg(channel, payload)
-                } else {
-                    Err((Misuse::TooManyOutstanding(channel), payload)) // keep the order
-                };
-                match result {
-                    Ok(_) => shared.wake.notify(),
-                    Err((Misuse::TooManyOutstanding(_), payload)) => {
-                        if overflow.is_empty() {
-                            ctx.backlogged.add();
-                            // Its driver may be held back by the other shards' envelopes:
-                            // with overflow of its own it must read its peer's replies.
-                            shared.wake.notify();
-                        }
-                        overflow.push_back((channel, payload));
-                    }
-                    Err(_) => {
-                        // The channel is closing or went away: reports still flow.
-                        drop(overflow);
-                        ctx.relay
-                            .borrow_mut()
-                            .send_failed(conn, channel, ENDPOINT_GONE);
-                    }
-                }
-            }
-            Action::ToShard { shard, envelope } => ctx.post(shard, envelope),
-            Action::Forward { domain, payload } => {
-                let owner = domain_shard(&domain, ctx.config.shard_count());
-                if owner == ctx.id || ctx.mesh.is_none() {
-                    peer::enqueue(ctx, domain, payload);
-                } else {
-                    let envelope = Envelope::Forward { domain, payload };
-                    ctx.post(owner, envelope);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

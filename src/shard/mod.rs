@@ -19,8 +19,9 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
-use apex_proto::apex::relay::{ConnId, ConnKind, Relay, RelayConfig};
-use apex_proto::{Limits, Session, SessionConfig};
+use apex_proto::apex::relay::{ConnId, ConnKind, Envelope, Relay, RelayConfig};
+use apex_proto::shard::{Output, ShardCore};
+use apex_proto::{Limits, SessionConfig};
 use glommio::net::TcpListener;
 use glommio::sync::Semaphore;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
@@ -29,8 +30,8 @@ use tracing::{info, warn};
 use crate::apex_profile::APEX_PROFILE;
 use crate::config::Config;
 use crate::sys;
-use conn::ConnShared;
 use mesh::{ShardMesh, ShardMsg};
+use notify::Notify;
 
 /// What every task of one shard shares (never crosses threads).
 pub struct ShardContext {
@@ -44,29 +45,24 @@ pub struct ShardContext {
     pub shutdown: Semaphore,
     /// Open connections on this shard.
     pub connections: Cell<usize>,
-    /// The shard's APEX relay (sans-IO core).
-    pub relay: RefCell<Relay>,
-    /// Connections of this shard by id, for delivering output to them (FxHash: the keys are
-    /// the shard's own numbers, and every action looks one up).
-    pub conns: RefCell<FxHashMap<ConnId, Rc<ConnShared>>>,
+    /// The shard's sessions, relay and backpressure (the sans-IO shard core).
+    pub core: RefCell<ShardCore>,
+    /// Each connection's driver wake-up, for the core's [`Output::Wake`] (FxHash: the keys are
+    /// the shard's own numbers).
+    pub wakers: RefCell<FxHashMap<ConnId, Rc<Notify>>>,
     /// Queues to the other shards (none with one shard).
     pub mesh: Option<ShardMesh>,
     /// Outbound relay links owned by this shard, by domain.
     pub links: RefCell<HashMap<String, Rc<peer::Link>>>,
     /// Static routes to other relays.
     pub routes: Vec<(String, SocketAddr)>,
-    /// When the shard started: the relay's clock counts from here.
-    pub started: std::time::Instant,
     /// Set when shutdown begins (with `shutdown` closed).
     pub stopping: Cell<bool>,
-    /// Connections whose relay output overflowed the session; while there are any the shard
-    /// pauses reading elsewhere.
-    pub backlogged: notify::Backlog,
     /// Envelopes waiting for each peer shard's queue, in order; one flusher task per peer
     /// sends them, so envelopes to a shard never overtake each other.
     pub outboxes: Vec<outbox::Outbox<ShardMsg>>,
     /// Outboxes over their limit (`runtime.mesh_queue` envelopes); while there are any the
-    /// shard's connections pause reading, as for `backlogged`.
+    /// shard's connections pause reading.
     pub outbox_backlog: notify::Backlog,
     next_conn: Cell<ConnId>,
 }
@@ -79,23 +75,40 @@ impl ShardContext {
         id
     }
 
-    /// Runs `f` on connection `conn`'s session and wakes its driver. `None` when the connection
-    /// is gone.
-    pub fn with_session<T>(&self, conn: ConnId, f: impl FnOnce(&mut Session) -> T) -> Option<T> {
-        let shared = self.conns.borrow().get(&conn).cloned()?;
-        let result = f(&mut shared.session.borrow_mut());
-        shared.wake.notify();
-        Some(result)
+    /// Carries out what the shard core asks after an input: wakes connection drivers, queues
+    /// envelopes for other shards, hands data to mesh links. The core is not borrowed while
+    /// an output is carried out, so a link may report a failure back to it.
+    pub fn dispatch(self: &Rc<Self>) {
+        loop {
+            let Some(output) = self.core.borrow_mut().poll_output() else {
+                return;
+            };
+            match output {
+                Output::Wake(conn) => {
+                    if let Some(wake) = self.wakers.borrow().get(&conn) {
+                        wake.notify();
+                    }
+                }
+                Output::ToShard { shard, envelope } => self.post(shard, envelope),
+                Output::Forward { domain, payload } => {
+                    let owner =
+                        apex_proto::apex::relay::domain_shard(&domain, self.config.shard_count());
+                    if owner == self.id || self.mesh.is_none() {
+                        peer::enqueue(self, domain, payload);
+                    } else {
+                        self.post(owner, Envelope::Forward { domain, payload });
+                    }
+                }
+            }
+        }
     }
 
-    /// Milliseconds since the shard started (the relay's clock).
-    pub fn now_ms(&self) -> u64 {
-        self.ms_at(std::time::Instant::now())
-    }
-
-    /// `at` on the relay's clock, in milliseconds since the shard started.
-    pub fn ms_at(&self, at: std::time::Instant) -> u64 {
-        at.saturating_duration_since(self.started).as_millis() as u64
+    /// Forwarding `payload` failed: the core reports it where asked (call
+    /// [`ShardContext::dispatch`] afterwards).
+    pub fn forward_failed(&self, payload: &bytes::Bytes, reason: &str) {
+        self.core
+            .borrow_mut()
+            .forward_failed(payload, reason, std::time::Instant::now());
     }
 
     /// True once shutdown began.
@@ -104,7 +117,7 @@ impl ShardContext {
     }
 
     /// Queues `envelope` for shard `to` and wakes its flusher.
-    pub fn post(&self, to: usize, envelope: apex_proto::apex::relay::Envelope) {
+    pub fn post(&self, to: usize, envelope: Envelope) {
         if let Some(outbox) = self.outboxes.get(to) {
             if outbox.push(ShardMsg::Relay(envelope)) {
                 self.outbox_backlog.add();
@@ -123,6 +136,9 @@ pub struct Bound {
     /// Shards running.
     pub shards: usize,
 }
+
+/// How often the shard looks whether its core's next timeout is due.
+const TIMER_RESOLUTION: Duration = Duration::from_millis(50);
 
 /// Glommio needs at least this much lockable memory per executor besides `io_memory`.
 const RING_MEMLOCK_ALLOWANCE: u64 = 512 * 1024;
@@ -312,24 +328,31 @@ async fn shard_main(
         hold: (&config.hold).into(),
     });
     let outbox_limit = config.runtime.mesh_queue;
+    let session_config = SessionConfig {
+        profiles: vec![APEX_PROFILE.to_owned()],
+        limits,
+        ..SessionConfig::default()
+    };
+    let core = ShardCore::new(
+        relay,
+        id,
+        shard_count,
+        session_config.clone(),
+        config.budgets(),
+        std::time::Instant::now(),
+    );
     let ctx = Rc::new(ShardContext {
         id,
-        session_config: SessionConfig {
-            profiles: vec![APEX_PROFILE.to_owned()],
-            limits,
-            ..SessionConfig::default()
-        },
+        session_config,
         config,
         shutdown: Semaphore::new(0),
         connections: Cell::new(0),
-        relay: RefCell::new(relay),
-        conns: RefCell::new(FxHashMap::default()),
+        core: RefCell::new(core),
+        wakers: RefCell::new(FxHashMap::default()),
         mesh,
         links: RefCell::new(HashMap::new()),
         routes,
-        started: std::time::Instant::now(),
         stopping: Cell::new(false),
-        backlogged: notify::Backlog::default(),
         outboxes: (0..shard_count)
             .map(|_| outbox::Outbox::new(outbox_limit))
             .collect(),
@@ -345,24 +368,32 @@ async fn shard_main(
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
             while let Some(ShardMsg::Relay(envelope)) = receiver.recv().await {
-                // Backpressure: leave envelopes in the queue while local output is backlogged,
-                // so the sending shard's connections wait in turn.
-                ctx.backlogged.wait(|| ctx.stopping()).await;
                 tracing::trace!(peer, ?envelope, "envelope from shard");
-                ctx.relay.borrow_mut().handle_envelope(envelope);
-                conn::execute_actions(&ctx);
+                ctx.core
+                    .borrow_mut()
+                    .handle_envelope(envelope, std::time::Instant::now());
+                ctx.dispatch();
             }
         })
         .detach();
     }
 
-    // The relay's clock: held data expires even when no traffic arrives.
+    // The core's timers (held data expires, stalled recipients refuse) run even when no
+    // traffic arrives; the core says when it next needs time.
     let ticker = ctx.clone();
     glommio::spawn_local(async move {
         while !ticker.stopping() {
-            glommio::timer::sleep(Duration::from_millis(100)).await;
-            ticker.relay.borrow_mut().handle_timeout(ticker.now_ms());
-            conn::execute_actions(&ticker);
+            glommio::timer::sleep(TIMER_RESOLUTION).await;
+            let now = std::time::Instant::now();
+            let due = ticker
+                .core
+                .borrow()
+                .poll_timeout()
+                .is_some_and(|at| at <= now);
+            if due {
+                ticker.core.borrow_mut().handle_timeout(now);
+                ticker.dispatch();
+            }
         }
     })
     .detach();
@@ -379,7 +410,6 @@ async fn shard_main(
         "shutting down"
     );
     ctx.stopping.set(true);
-    ctx.backlogged.wake_all();
     ctx.outbox_backlog.wake_all();
     ctx.shutdown.close();
     edge_task.await;

@@ -22,7 +22,7 @@ use glommio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::apex_profile::APEX_PROFILE;
-use crate::shard::conn::{execute_actions, write_out, SHARED_PAYLOAD_MIN, WRITE_ROOM};
+use crate::shard::conn::{write_out, SHARED_PAYLOAD_MIN, WRITE_ROOM};
 use crate::shard::notify::Notify;
 use crate::shard::ShardContext;
 
@@ -52,9 +52,8 @@ pub fn enqueue(ctx: &Rc<ShardContext>, domain: String, payload: Bytes) {
         }
     };
     if link.queue.borrow().len() >= ctx.config.mesh.link_queue {
-        ctx.relay
-            .borrow_mut()
-            .forward_failed(&payload, "relay link queue is full");
+        // The caller (the shard's dispatch) carries out the report.
+        ctx.forward_failed(&payload, "relay link queue is full");
         return;
     }
     link.queue.borrow_mut().push_back(payload);
@@ -63,9 +62,8 @@ pub fn enqueue(ctx: &Rc<ShardContext>, domain: String, payload: Bytes) {
 
 fn fail_queued(ctx: &ShardContext, link: &Link, reason: &str) {
     let failed: Vec<Bytes> = link.queue.borrow_mut().drain(..).collect();
-    let mut relay = ctx.relay.borrow_mut();
     for payload in failed {
-        relay.forward_failed(&payload, reason);
+        ctx.forward_failed(&payload, reason);
     }
 }
 
@@ -76,7 +74,7 @@ async fn run_link(ctx: Rc<ShardContext>, link: Rc<Link>) {
     loop {
         if ctx.stopping() {
             fail_queued(&ctx, &link, "relay shutting down");
-            execute_actions(&ctx);
+            ctx.dispatch();
             return;
         }
         if link.queue.borrow().is_empty() {
@@ -93,7 +91,7 @@ async fn run_link(ctx: Rc<ShardContext>, link: Rc<Link>) {
                 Err(e) => {
                     warn!(shard = ctx.id, domain = %link.domain, error = %e, "no route");
                     fail_queued(&ctx, &link, "no route to the recipient's domain");
-                    execute_actions(&ctx);
+                    ctx.dispatch();
                     continue;
                 }
             },
@@ -104,14 +102,14 @@ async fn run_link(ctx: Rc<ShardContext>, link: Rc<Link>) {
                 backoff = Duration::from_millis(100);
                 info!(shard = ctx.id, domain = %link.domain, %addr, "relay link connected");
                 drive(stream, &ctx, &link).await;
-                execute_actions(&ctx);
+                ctx.dispatch();
             }
             Err(e) => {
                 attempts += 1;
                 warn!(shard = ctx.id, domain = %link.domain, %addr, error = %e, attempts, "relay link failed");
                 if attempts >= ctx.config.mesh.connect_attempts {
                     fail_queued(&ctx, &link, "the recipient's relay is unreachable");
-                    execute_actions(&ctx);
+                    ctx.dispatch();
                     attempts = 0;
                 }
                 glommio::timer::sleep(backoff).await;
@@ -255,7 +253,7 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
                                 }
                                 _ => "refused by the next relay".to_owned(),
                             };
-                            ctx.relay.borrow_mut().forward_failed(&sent, &reason);
+                            ctx.forward_failed(&sent, &reason);
                         }
                     }
                 }
@@ -270,15 +268,13 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
         if let Some(reason) = failure {
             break Err(reason);
         }
-        execute_actions(ctx);
+        ctx.dispatch();
     };
     if let Err(reason) = outcome {
         warn!(shard = ctx.id, domain = %link.domain, %reason, "relay link ended");
-        let mut relay = ctx.relay.borrow_mut();
         for payload in in_flight.drain(..) {
-            relay.forward_failed(&payload, &reason);
+            ctx.forward_failed(&payload, &reason);
         }
-        drop(relay);
         if channel.is_none() {
             // Never bound: the queued data cannot go this way either.
             fail_queued(ctx, link, &reason);

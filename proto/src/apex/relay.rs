@@ -116,6 +116,9 @@ pub enum Action {
         channel: u32,
         /// The message.
         payload: Bytes,
+        /// The channel whose peer sent the data delivered here (`None` for the relay's own
+        /// MSGs): while the MSG waits for room, that channel's window is held back by its size.
+        source: Option<ChannelRef>,
     },
     /// Hand an envelope to another shard over the mesh queue.
     ToShard {
@@ -194,6 +197,8 @@ pub enum Envelope {
         report: Option<Report>,
         /// hold4Endpoint: hold until this deadline (`Some(None)`: no deadline).
         hold: Option<Option<u64>>,
+        /// The channel the data came from (see [`Action::Send`]).
+        source: Option<ChannelRef>,
     },
     /// To the shard owning `at`: deliver `payload` there.
     Deliver {
@@ -203,6 +208,28 @@ pub enum Envelope {
         payload: Bytes,
         /// Report the outcome to the originator when set.
         report: Option<Report>,
+        /// The channel the data came from (see [`Action::Send`]).
+        source: Option<ChannelRef>,
+    },
+    /// To the shard owning `at`: hold back (`withhold`) or give back `octets` of that channel's
+    /// receive window, for data from it that waits for a recipient on the sending shard.
+    /// Handled by the shard core, not the relay.
+    Window {
+        /// The sending channel.
+        at: ChannelRef,
+        /// Octets.
+        octets: u32,
+        /// Hold back when set, give back otherwise.
+        withhold: bool,
+    },
+    /// Broadcast: the recipient channel `at` has taken nothing for longer than the shard's
+    /// stall limit (`refusing`), or is taking messages again: data for it is refused with 450
+    /// rather than queued while it refuses.
+    Refusing {
+        /// The recipient's channel.
+        at: ChannelRef,
+        /// Refusing from now on, or no longer.
+        refusing: bool,
     },
 }
 
@@ -300,6 +327,8 @@ pub struct Relay {
     held: EndpointMap<VecDeque<Held>>,
     held_messages: usize,
     held_bytes: usize,
+    /// The earliest deadline of held data (relay-clock ms), if any has one.
+    hold_deadline: Option<u64>,
     /// `core:data` decisions by recipient then originator: the access table is fixed for the
     /// relay's life, so a decision once made stands. Bounded by [`ACCESS_CACHE_ENTRIES`].
     access_cache: EndpointMap<EndpointMap<bool>>,
@@ -320,6 +349,11 @@ pub struct Relay {
     /// [`Relay::handle_session_event`]).
     answering_directly: Option<ConnId>,
     direct_replies: Vec<MsgReply>,
+    /// Recipient channels that have taken nothing for too long (see [`Envelope::Refusing`]).
+    refusing: rustc_hash::FxHashSet<ChannelRef>,
+    /// The channel whose data is being routed, for [`Action::Send::source`]; `None` while the
+    /// relay sends its own MSGs (reports, notices, held data).
+    current_source: Option<ChannelRef>,
 }
 
 /// The relay's answer to a peer's MSG: what an [`Action::Reply`] carries, and what the relay
@@ -346,6 +380,9 @@ impl MsgReply {
         }
     }
 }
+
+/// Why data for a recipient that takes nothing was refused (450, transient).
+const RECIPIENT_NOT_TAKING: &str = "the recipient is not taking its messages";
 
 /// Most cached access decisions before the cache starts over.
 const ACCESS_CACHE_ENTRIES: usize = 65_536;
@@ -406,6 +443,7 @@ impl Relay {
             held: EndpointMap::default(),
             held_messages: 0,
             held_bytes: 0,
+            hold_deadline: None,
             access_cache: EndpointMap::default(),
             parsed: HashMap::default(),
             access_cached: 0,
@@ -413,7 +451,49 @@ impl Relay {
             routes_epoch: 0,
             answering_directly: None,
             direct_replies: Vec::new(),
+            refusing: rustc_hash::FxHashSet::default(),
+            current_source: None,
         }
+    }
+
+    /// Marks the recipient channel `at` as refusing data (it has taken nothing for too long)
+    /// or taking it again. Data for a refusing recipient is refused with 450 when it is the
+    /// only one, and otherwise reported as not delivered (with 450) when a report was asked.
+    pub fn set_refusing(&mut self, at: ChannelRef, refusing: bool) {
+        self.routes_may_change();
+        if refusing {
+            self.refusing.insert(at);
+        } else {
+            self.refusing.remove(&at);
+        }
+    }
+
+    /// Whether data for `at` is refused (see [`Relay::set_refusing`]).
+    fn is_refusing(&self, at: &ChannelRef) -> bool {
+        !self.refusing.is_empty() && self.refusing.contains(at)
+    }
+
+    /// Whether `recipient` names a local endpoint whose channel refuses data.
+    fn refuses(&mut self, recipient: &str) -> bool {
+        if self.refusing.is_empty() {
+            return false;
+        }
+        let Ok(target) = self.parse_endpoint(recipient) else {
+            return false;
+        };
+        self.serves(target.domain())
+            && self
+                .directory
+                .get(&target)
+                .is_some_and(|at| self.refusing.contains(at))
+    }
+
+    /// Runs `f` with no data source: what it sends is the relay's own.
+    fn as_own<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let source = self.current_source.take();
+        let result = f(self);
+        self.current_source = source;
+        result
     }
 
     /// Sends every `data` through the general path (the full [`Data`], options and all), as
@@ -612,6 +692,18 @@ impl Relay {
 
     /// A MSG on an APEX channel.
     pub fn handle_message(&mut self, conn: ConnId, channel: u32, msgno: u32, payload: &Bytes) {
+        self.current_source = Some(self.at(conn, channel));
+        self.handle_message_from_source(conn, channel, msgno, payload);
+        self.current_source = None;
+    }
+
+    fn handle_message_from_source(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        msgno: u32,
+        payload: &Bytes,
+    ) {
         let (limits, simple_data_path) = (self.config.limits, self.simple_data_path);
         let epoch = self.routes_epoch;
         let state = self.channel_state(conn, channel);
@@ -773,6 +865,7 @@ impl Relay {
                         conn,
                         channel,
                         payload,
+                        source: None,
                     });
                 }
             }
@@ -930,6 +1023,7 @@ impl Relay {
                 conn: at.conn,
                 channel: at.channel,
                 payload: options::override_terminate_payload(trans_id),
+                source: None,
             });
         }
     }
@@ -1122,6 +1216,11 @@ impl Relay {
                 return None;
             }
         };
+        if self.refuses(data.recipient) {
+            let refusal = Err((code::ACTION_NOT_TAKEN_TRANSIENT, RECIPIENT_NOT_TAKING));
+            self.answer(conn, channel, answer, refusal);
+            return None;
+        }
         self.answer(conn, channel, answer, Ok(()));
         // An invalid recipient is only ever reported when a statusRequest asks (APEX-38).
         let target = self.parse_endpoint(data.recipient).ok()?;
@@ -1149,6 +1248,14 @@ impl Relay {
             .and_then(|()| options::check_must_understand(&data.originator.options, Hop::Receiving))
         {
             return self.answer_owned(conn, channel, answer, Err((e.code, e.text)));
+        }
+        // Data for one recipient that takes nothing is refused rather than accepted and then
+        // dropped (for several, each refusing one is reported on its own).
+        if let [only] = data.recipients.as_slice() {
+            if self.refuses(&only.identity) {
+                let refusal = Err((code::ACTION_NOT_TAKEN_TRANSIENT, RECIPIENT_NOT_TAKING));
+                return self.answer(conn, channel, answer, refusal);
+            }
         }
         // Step 3: accepted (not yet delivered).
         self.answer(conn, channel, answer, Ok(()));
@@ -1302,6 +1409,7 @@ impl Relay {
                         payload,
                         report,
                         hold,
+                        source: self.current_source,
                     },
                 });
                 return None;
@@ -1314,6 +1422,9 @@ impl Relay {
                 {
                     self.held_messages += 1;
                     self.held_bytes += payload.len();
+                    if let Some(at) = deadline {
+                        self.hold_deadline = Some(self.hold_deadline.map_or(at, |d| d.min(at)));
+                    }
                     self.held
                         .entry(recipient.clone())
                         .or_default()
@@ -1378,13 +1489,20 @@ impl Relay {
     /// `endpoint` is attached at `at` now: record it and release what was held for it.
     fn now_attached(&mut self, endpoint: Endpoint, at: ChannelRef) {
         if let Some(queue) = self.held.remove(&endpoint) {
-            for held in queue {
-                self.held_messages -= 1;
-                self.held_bytes -= held.payload.len();
-                self.deliver_at(at, held.payload, held.report);
-            }
+            self.as_own(|relay| {
+                for held in queue {
+                    relay.held_messages -= 1;
+                    relay.held_bytes -= held.payload.len();
+                    relay.deliver_at(at, held.payload, held.report);
+                }
+            });
         }
         self.directory.insert(endpoint, at);
+    }
+
+    /// When the relay next needs [`Relay::handle_timeout`] (relay-clock ms), if ever.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.hold_deadline
     }
 
     /// Time passed: held data past its deadline is dropped and reported (RFC 3342 §3).
@@ -1402,6 +1520,12 @@ impl Relay {
             });
         }
         self.held.retain(|_, q| !q.is_empty());
+        self.hold_deadline = self
+            .held
+            .values()
+            .flatten()
+            .filter_map(|held| held.deadline)
+            .min();
         for (size, report) in expired {
             self.held_messages -= 1;
             self.held_bytes -= size;
@@ -1414,6 +1538,13 @@ impl Relay {
     }
 
     fn deliver_at(&mut self, at: ChannelRef, payload: Bytes, report: Option<Report>) {
+        if self.is_refusing(&at) {
+            return self.report(
+                report,
+                code::ACTION_NOT_TAKEN_TRANSIENT,
+                RECIPIENT_NOT_TAKING,
+            );
+        }
         if at.shard != self.config.shard {
             self.actions.push_back(Action::ToShard {
                 shard: at.shard,
@@ -1421,6 +1552,7 @@ impl Relay {
                     at,
                     payload,
                     report,
+                    source: self.current_source,
                 },
             });
             return;
@@ -1433,6 +1565,7 @@ impl Relay {
                     conn: at.conn,
                     channel: at.channel,
                     payload,
+                    source: self.current_source,
                 });
             }
             None => self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached"),
@@ -1442,6 +1575,10 @@ impl Relay {
     /// Sends a statusResponse from `apex=report@<domain>` to the originator (APEX-38).
     fn report(&mut self, request: Option<Report>, reply_code: u16, text: &str) {
         let Some(request) = request else { return };
+        self.as_own(|relay| relay.send_report(&request, reply_code, text));
+    }
+
+    fn send_report(&mut self, request: &ReportRequest, reply_code: u16, text: &str) {
         let reporter = format!("apex=report@{}", self.config.domain);
         let Ok(reporter) = Endpoint::parse(&reporter) else {
             return;
@@ -1458,6 +1595,10 @@ impl Relay {
 
     /// Sends a report (a data from `apex=report`) to `originator`, locally or over the mesh.
     fn route_report(&mut self, payload: Bytes, originator: &Endpoint) {
+        self.as_own(|relay| relay.route_own_report(payload, originator));
+    }
+
+    fn route_own_report(&mut self, payload: Bytes, originator: &Endpoint) {
         if self.serves(originator.domain()) {
             let Ok(reporter) = Endpoint::parse(&options::report_originator(&self.config.domain))
             else {
@@ -1577,14 +1718,25 @@ impl Relay {
                 payload,
                 report,
                 hold,
+                source,
             } => {
+                self.current_source = source;
                 self.deliver_to(&recipient, payload, report, hold);
+                self.current_source = None;
             }
             Envelope::Deliver {
                 at,
                 payload,
                 report,
-            } => self.deliver_at(at, payload, report),
+                source,
+            } => {
+                self.current_source = source;
+                self.deliver_at(at, payload, report);
+                self.current_source = None;
+            }
+            Envelope::Refusing { at, refusing } => self.set_refusing(at, refusing),
+            // The shard core's business: a relay handed one has nothing to do with it.
+            Envelope::Window { .. } => {}
         }
     }
 }

@@ -35,9 +35,6 @@ pub(crate) struct OutMsg {
     /// Writing this message's last frame makes the named channel known to the peer (the
     /// positive reply to its `start`): only then may that channel transmit.
     pub(crate) announces: Option<u32>,
-    /// Octets of the peer's MSG that this reply completes: they count against the window we
-    /// advertise until its last frame is written (see [`PendingReply::octets`]).
-    pub(crate) answers_octets: u32,
 }
 
 /// A MSG received from the peer that our reply has not completed yet.
@@ -49,12 +46,6 @@ struct PendingReply {
     /// The last part (RPY, ERR or NUL) has been given.
     complete: bool,
     next_ansno: u32,
-    /// The MSG's payload octets. They stay counted against our receive window until the last
-    /// frame of the reply is written, not only until the application takes the MSG: a peer
-    /// that sends MSGs but never opens its own window for our replies (no SEQ) could otherwise
-    /// make us queue replies without bound (RFC 3081 §3.1.3: the window follows what we have
-    /// taken responsibility for, and a reply we cannot send is still ours).
-    octets: u32,
 }
 
 /// The peer's msgnos that are not free for reuse (P4): each from its MSG's arrival until the
@@ -154,8 +145,7 @@ pub(crate) struct Channel {
     recv_next: u32,
     recv_edge: u32,
     recv_buffer: u32,
-    /// Octets handed to the application as events it has not polled yet, and octets of the
-    /// peer's MSGs whose replies are not completely written.
+    /// Octets handed to the application as events it has not polled yet.
     pub(crate) undelivered: u32,
     /// Octets the application asked to keep out of the advertised window
     /// ([`crate::Session::withhold_window`]): data it accepted but could not pass on yet.
@@ -180,6 +170,9 @@ pub(crate) struct Channel {
     /// Octets of our MSGs in `queue`, each counted whole until its last frame is written
     /// (`Limits::max_queued_octets`).
     pub(crate) queued_msg_octets: usize,
+    /// Octets of our replies given by the application and not completely written (queued, or
+    /// waiting for the replies to earlier MSGs).
+    pub(crate) queued_reply_octets: usize,
     pub(crate) outstanding: VecDeque<Outstanding>,
     /// Set while the channel is listed as ready in the session's round-robin.
     pub(crate) in_ready: bool,
@@ -212,6 +205,7 @@ impl Channel {
             next_msgno: first_msgno,
             queue: VecDeque::new(),
             queued_msg_octets: 0,
+            queued_reply_octets: 0,
             outstanding: VecDeque::new(),
             in_ready: false,
             seq_dirty: false,
@@ -439,17 +433,7 @@ impl Channel {
             parts: Vec::new(),
             complete: false,
             next_ansno: 0,
-            octets: 0,
         });
-    }
-
-    /// Counts the payload of the MSG just received (the newest pending one) against the
-    /// window until its reply is written.
-    pub(crate) fn count_unanswered(&mut self, octets: u32) {
-        if let Some(pending) = self.pending_replies.back_mut() {
-            pending.octets = octets;
-            self.undelivered = self.undelivered.saturating_add(octets);
-        }
     }
 
     /// Octets of partial messages held for reassembly on this channel (the peer's MSG and
@@ -488,11 +472,7 @@ impl Channel {
             n
         });
         pending.complete = keyword != Keyword::Ans;
-        let answers_octets = if pending.complete {
-            std::mem::take(&mut pending.octets)
-        } else {
-            0
-        };
+        self.queued_reply_octets += payload.len();
         let part = OutMsg {
             keyword,
             msgno,
@@ -500,7 +480,6 @@ impl Channel {
             payload,
             sent: 0,
             announces,
-            answers_octets,
         };
         if index == 0 {
             // The oldest MSG's reply goes out at once: its earlier parts already did, so
@@ -551,7 +530,6 @@ impl Channel {
             payload,
             sent: 0,
             announces: None,
-            answers_octets: 0,
         });
         msgno
     }
@@ -565,7 +543,6 @@ impl Channel {
             payload,
             sent: 0,
             announces: None,
-            answers_octets: 0,
         });
     }
 
@@ -658,10 +635,11 @@ impl Channel {
             self.queued_msg_octets = self.queued_msg_octets.saturating_sub(done.payload.len());
         }
         if matches!(done.keyword, Keyword::Rpy | Keyword::Err | Keyword::Nul) {
-            // The reply is completely sent: the peer may reuse the msgno now (P4), and the
-            // MSG it answers no longer counts against the window.
+            // The reply is completely sent: the peer may reuse the msgno now (P4).
             self.in_use.release(done.msgno);
-            self.undelivered = self.undelivered.saturating_sub(done.answers_octets);
+        }
+        if done.keyword != Keyword::Msg {
+            self.queued_reply_octets = self.queued_reply_octets.saturating_sub(done.payload.len());
         }
         Some(done.announces)
     }

@@ -14,6 +14,8 @@ pub mod code {
     pub const SUCCESS: u16 = 200;
     /// Service not available.
     pub const SERVICE_NOT_AVAILABLE: u16 = 421;
+    /// Requested action not taken, transiently (e.g. the recipient is not taking messages).
+    pub const ACTION_NOT_TAKEN_TRANSIENT: u16 = 450;
     /// Requested action aborted: local error.
     pub const LOCAL_ERROR: u16 = 451;
     /// General syntax error (poorly-formed XML).

@@ -194,6 +194,8 @@ pub struct Session {
     deferred_closes: Vec<(u32, u16)>,
     /// Octets of partial messages held for reassembly, over all channels.
     assembling: usize,
+    /// Octets of replies to profile channels' MSGs given and not completely written.
+    queued_replies: usize,
     /// Most octets of partial messages this session may hold: [`Limits::max_session_assembly`]
     /// unless the application lowers it ([`Session::set_assembly_allowance`]).
     assembly_allowance: usize,
@@ -247,6 +249,7 @@ impl Session {
             refusing: false,
             deferred_closes: Vec::new(),
             assembling: 0,
+            queued_replies: 0,
             assembly_allowance: config.limits.max_session_assembly,
             config,
         }
@@ -588,6 +591,9 @@ impl Session {
             return;
         };
         self.assembling = self.assembling.saturating_sub(channel.assembling());
+        self.queued_replies = self
+            .queued_replies
+            .saturating_sub(channel.queued_reply_octets);
         self.recently_closed.insert(number);
         self.ready.retain(|c| *c != number);
         self.events.push_back(Event::ChannelClosed {
@@ -703,12 +709,23 @@ impl Session {
         }
     }
 
-    /// The next event, if any. Taking a reply event counts its octets as consumed by the
-    /// application, which lets the next `poll_transmit` reopen the window (BEEP-63); a MSG's
-    /// octets are consumed once our reply to it is written.
+    /// The next event, if any. Taking a message event counts its octets as consumed by the
+    /// application, which lets the next `poll_transmit` reopen the window (BEEP-63).
+    ///
+    /// While more than [`Limits::max_queued_replies`] octets of our replies wait to be written
+    /// (the peer does not open its window for them), no event is handed out: what the peer
+    /// sends then stays counted against the windows we advertise, which close, so a peer that
+    /// never takes its replies cannot make us queue more of them (BEEP-61/63). SEQ frames are
+    /// still applied on input; once the replies drain below the limit, events flow again.
     pub fn poll_event(&mut self) -> Option<Event> {
+        if self.queued_replies > self.config.limits.max_queued_replies {
+            return None;
+        }
         let event = self.events.pop_front()?;
-        if let Event::Reply {
+        if let Event::Message {
+            channel, payload, ..
+        }
+        | Event::Reply {
             channel, payload, ..
         } = &event
         {
@@ -784,7 +801,7 @@ impl Session {
             // While no other channel is ready, round-robin among one is this channel's frames
             // back to back: one lookup serves them all.
             let mut announced_now = None;
-            let unanswered_before = channel.undelivered;
+            let replies_before = channel.queued_reply_octets;
             loop {
                 let wrote = channel.write_frame(number, max_frame, out);
                 if let Some(Some(announced)) = wrote {
@@ -802,10 +819,11 @@ impl Session {
                     break;
                 }
             }
-            if channel.undelivered < unanswered_before && !channel.seq_dirty {
-                // Replies written: the MSGs they answer no longer hold the window shut.
-                channel.seq_dirty = true;
-                self.seq_dirty.push(number);
+            if number != 0 {
+                // Channel 0's replies are the session's own, never counted.
+                self.queued_replies = self
+                    .queued_replies
+                    .saturating_sub(replies_before - channel.queued_reply_octets);
             }
             if let Some(announced) = announced_now {
                 // The peer learns of the channel with this frame: it may speak from now on.
@@ -855,6 +873,17 @@ impl Session {
     /// Octets of `channel`'s window withheld by the application.
     pub fn withheld(&self, channel: u32) -> u32 {
         self.channels.get(&channel).map_or(0, |c| c.withheld)
+    }
+
+    /// Octets of our replies given and not yet completely written (see
+    /// [`Session::poll_event`]).
+    pub fn queued_replies(&self) -> usize {
+        self.queued_replies
+    }
+
+    /// Whether events wait that [`Session::poll_event`] would hand out.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty() && self.queued_replies <= self.config.limits.max_queued_replies
     }
 
     /// Octets of partial messages this session holds for reassembly, over all its channels.
@@ -1036,6 +1065,7 @@ impl Session {
             return Err(Misuse::SessionClosed);
         }
         check_size(&payload)?;
+        let octets = payload.len();
         let c = profile_channel_in(&mut self.channels, channel)?;
         let ansno = c
             .reply(keyword, msgno, payload, None)
@@ -1043,6 +1073,7 @@ impl Session {
         if !c.queue.is_empty() {
             make_ready(c, channel, &mut self.ready);
         }
+        self.queued_replies += octets;
         Ok(ansno)
     }
 
@@ -1128,7 +1159,7 @@ fn receive_on(
     }
     match &received {
         Received::Msg { payload, .. } if h.channel != 0 => {
-            channel.count_unanswered(payload.len() as u32);
+            channel.undelivered = channel.undelivered.saturating_add(payload.len() as u32);
         }
         Received::Reply {
             keyword,

@@ -1,0 +1,701 @@
+//! The shard core: one shard's BEEP sessions by connection id, its [`Relay`], the relay MSGs
+//! waiting for room in their recipients' sessions, and the backpressure that keeps one
+//! recipient that does not read from slowing anyone but the channels that send to it.
+//!
+//! The runtime moves octets between sockets and this core, envelopes between shards, and
+//! calls [`ShardCore::handle_timeout`] when [`ShardCore::poll_timeout`] says; everything the
+//! protocol decides happens here, so the in-memory harness (`testing::RelayNet`) runs exactly
+//! the code the runtime runs.
+//!
+//! ```text
+//!  octets ─► handle_input(conn) ─► Session ─► events ─► Relay ─► actions ─┐
+//!  envelopes ─► handle_envelope ─────────────────────────────► Relay ─────┤
+//!                                                                          ▼
+//!        execute: replies and MSGs into sessions (a full one: its backlog), envelopes,
+//!        forwards, woken connections
+//!                                                                          │
+//!  poll_transmit(conn) / poll_output (wake, to shard, forward) ◄───────────┘
+//! ```
+//!
+//! ## Backpressure (RFC 3081 §3.1.3, §3.1.4)
+//! A relay MSG that its recipient's session cannot take yet (`max_outstanding_msgs` or
+//! `max_queued_octets` reached) waits in that recipient channel's *backlog*, in order. While it
+//! waits, the window of the channel whose peer sent the data is held back by the MSG's size
+//! ([`Session::withhold_window`]; across shards with [`Envelope::Window`]): a sender can get at
+//! most one window ahead of a recipient that does not keep up, and only the channels that send
+//! to it slow down. Replies keep flowing on those channels, so two endpoints sending to each
+//! other cannot hold each other up. A recipient that takes nothing for [`Budgets::stall`]
+//! (or while the shard's backlog is over [`Budgets::max_backlog_octets`]) is *refusing*: the
+//! windows it held back are given back and data for it is refused with 450 (or reported, for
+//! data with several recipients) until its backlog drains. Nothing accepted is dropped
+//! silently: a backlog that dies with its connection is reported by the relay like every
+//! unanswered delivery.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rustc_hash::FxHashMap;
+
+use crate::apex::relay::Action;
+use crate::apex::relay::{ChannelRef, ConnId, ConnKind, Envelope, Relay, APEX_PROFILE};
+use crate::beep::mgmt::ErrorElement;
+use crate::beep::output::FrameSink;
+use crate::beep::session::{Event, Role, Session, SessionConfig};
+use crate::error::{Misuse, ProtocolError};
+
+/// Shard-wide bounds on what the sessions of one shard may make it hold, beyond what each
+/// session's own [`crate::Limits`] bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budgets {
+    /// Most octets of relay MSGs waiting in recipients' backlogs over the shard. Past it, every
+    /// recipient with a backlog refuses data until its backlog drains.
+    pub max_backlog_octets: usize,
+    /// Most octets of partial messages held for reassembly over all sessions of the shard
+    /// (each session is also bounded by `Limits::max_session_assembly`).
+    pub max_assembly_octets: usize,
+    /// How long a recipient may take nothing from its backlog before data for it is refused.
+    pub stall: Duration,
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        Self {
+            max_backlog_octets: 64 * 1024 * 1024,
+            max_assembly_octets: 256 * 1024 * 1024,
+            stall: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the runtime must do after the core handled an input, polled with
+/// [`ShardCore::poll_output`].
+#[derive(Debug)]
+pub enum Output {
+    /// The connection has output to write, or may read again: wake its driver.
+    Wake(ConnId),
+    /// Hand the envelope to the shard's queue to `shard`.
+    ToShard {
+        /// Destination shard.
+        shard: usize,
+        /// The envelope.
+        envelope: Envelope,
+    },
+    /// Send data towards another administrative domain (the runtime's mesh links).
+    Forward {
+        /// Destination domain.
+        domain: String,
+        /// The data message.
+        payload: Bytes,
+    },
+}
+
+/// A relay MSG waiting for room in its recipient's session.
+#[derive(Debug)]
+struct Waiting {
+    payload: Bytes,
+    /// The channel whose window is held back by this MSG's size, while it is.
+    source: Option<ChannelRef>,
+}
+
+/// The backlog of one recipient channel.
+#[derive(Debug)]
+struct Backlog {
+    queue: VecDeque<Waiting>,
+    /// When the recipient last took a MSG from it (or it began).
+    progress: Instant,
+    refusing: bool,
+}
+
+#[derive(Debug)]
+struct Conn {
+    session: Session,
+    /// Backlogs by recipient channel; usually empty.
+    backlogs: FxHashMap<u32, Backlog>,
+    /// Listed in `woken` and not yet polled.
+    woken: bool,
+}
+
+/// Why a delivery the session refused failed, in the report its originator asked for.
+const ENDPOINT_GONE: &str = "endpoint went away";
+
+/// One shard's sessions and relay.
+#[derive(Debug)]
+pub struct ShardCore {
+    shard: usize,
+    shards: usize,
+    relay: Relay,
+    session_config: SessionConfig,
+    budgets: Budgets,
+    conns: FxHashMap<ConnId, Conn>,
+    woken: VecDeque<ConnId>,
+    to_shards: VecDeque<(usize, Envelope)>,
+    forwards: VecDeque<(String, Bytes)>,
+    /// Octets in every backlog of the shard.
+    backlog_octets: usize,
+    /// Octets of partial messages over the shard's sessions.
+    assembling: usize,
+    /// The relay's clock starts here: it counts milliseconds.
+    epoch: Instant,
+    /// The relay asked for time at this relay-clock millisecond (held data expires).
+    relay_deadline: Option<u64>,
+}
+
+impl ShardCore {
+    /// The core of shard `relay.shard()` of `shards`, whose listener sessions use
+    /// `session_config`. `now` starts the relay's clock.
+    pub fn new(
+        relay: Relay,
+        shard: usize,
+        shards: usize,
+        session_config: SessionConfig,
+        budgets: Budgets,
+        now: Instant,
+    ) -> Self {
+        Self {
+            shard,
+            shards,
+            relay,
+            session_config,
+            budgets,
+            conns: FxHashMap::default(),
+            woken: VecDeque::new(),
+            to_shards: VecDeque::new(),
+            forwards: VecDeque::new(),
+            backlog_octets: 0,
+            assembling: 0,
+            epoch: now,
+            relay_deadline: None,
+        }
+    }
+
+    /// The configuration of listener sessions opened from now on.
+    pub fn set_session_config(&mut self, config: SessionConfig) {
+        self.session_config = config;
+    }
+
+    /// The relay (for look-ups).
+    pub fn relay(&self) -> &Relay {
+        &self.relay
+    }
+
+    /// The session of `conn`.
+    pub fn session(&self, conn: ConnId) -> Option<&Session> {
+        self.conns.get(&conn).map(|c| &c.session)
+    }
+
+    /// Octets of relay MSGs waiting in backlogs over the shard.
+    pub fn backlog_octets(&self) -> usize {
+        self.backlog_octets
+    }
+
+    /// Octets of partial messages held over the shard's sessions.
+    pub fn assembling(&self) -> usize {
+        self.assembling
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// A connection was accepted: its listener session greets the peer.
+    pub fn open(&mut self, conn: ConnId, kind: ConnKind, now: Instant) {
+        let session = Session::new(Role::Listener, self.session_config.clone());
+        self.insert(conn, kind, session, now);
+    }
+
+    /// A connection was accepted but is refused service: its session answers the greeting
+    /// with `error` and ends (RFC 3080 §2.3.1.1).
+    pub fn open_refusing(
+        &mut self,
+        conn: ConnId,
+        kind: ConnKind,
+        error: ErrorElement,
+        now: Instant,
+    ) {
+        let session = Session::new_refusing(self.session_config.clone(), error);
+        self.insert(conn, kind, session, now);
+    }
+
+    fn insert(&mut self, conn: ConnId, kind: ConnKind, session: Session, now: Instant) {
+        self.conns.insert(
+            conn,
+            Conn {
+                session,
+                backlogs: FxHashMap::default(),
+                woken: false,
+            },
+        );
+        self.relay.set_now(self.ms(now));
+        self.relay.conn_opened(conn, kind);
+        self.wake(conn);
+    }
+
+    /// Feeds octets read from `conn` to its session and runs what they lead to. `Err`: the
+    /// session violated the protocol and must be aborted; [`ShardCore::close`] it.
+    pub fn handle_input(
+        &mut self,
+        conn: ConnId,
+        read_buf: &mut BytesMut,
+        now: Instant,
+    ) -> Result<(), ProtocolError> {
+        let now_ms = self.ms(now);
+        let Some(c) = self.conns.get_mut(&conn) else {
+            read_buf.clear();
+            return Ok(());
+        };
+        let session = &mut c.session;
+        let held = session.assembling();
+        if self.assembling > held {
+            // What the other sessions leave of the shard's budget.
+            let others = self.assembling - held;
+            session.set_assembly_allowance(self.budgets.max_assembly_octets.saturating_sub(others));
+        } else {
+            session.set_assembly_allowance(self.budgets.max_assembly_octets);
+        }
+        let result = session.handle_input(read_buf, now);
+        self.assembling = (self.assembling + session.assembling()).saturating_sub(held);
+        result?;
+        self.relay.set_now(now_ms);
+        self.handle_events(conn, now);
+        Ok(())
+    }
+
+    /// Hands `conn`'s session events to the relay and runs what follows.
+    fn handle_events(&mut self, conn: ConnId, now: Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let session = &mut c.session;
+        while let Some(event) = session.poll_event() {
+            if let Some(Event::CloseRefused { channel: 0, .. }) =
+                self.relay.handle_session_event(conn, session, event)
+            {
+                tracing::debug!(conn, "peer declined session release");
+            }
+        }
+        if session.has_output() && !c.woken {
+            c.woken = true;
+            self.woken.push_back(conn);
+        }
+        if !c.backlogs.is_empty() {
+            // Replies may have made room for what waits.
+            self.drain(conn, now);
+        }
+        self.execute(now);
+    }
+
+    /// Appends `conn`'s pending output to `out` (see [`Session::poll_transmit`]); 0 when there
+    /// is none. Written octets may make room for the connection's backlog.
+    pub fn poll_transmit(&mut self, conn: ConnId, out: &mut impl FrameSink, now: Instant) -> usize {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return 0;
+        };
+        let written = c.session.poll_transmit(out);
+        if written > 0 {
+            if c.session.has_events() {
+                // Replies drained below `max_queued_replies`: the peer's messages held back
+                // meanwhile are handled now.
+                self.relay.set_now(self.ms(now));
+                self.handle_events(conn, now);
+            } else if !c.backlogs.is_empty() {
+                self.drain(conn, now);
+                self.execute(now);
+            }
+        }
+        written
+    }
+
+    /// Whether `conn`'s session has output to poll.
+    pub fn has_output(&self, conn: ConnId) -> bool {
+        self.conns
+            .get(&conn)
+            .is_some_and(|c| c.session.has_output())
+    }
+
+    /// Whether `conn`'s session is over and its output written: close the transport.
+    pub fn is_finished(&self, conn: ConnId) -> bool {
+        self.conns
+            .get(&conn)
+            .is_none_or(|c| c.session.is_finished())
+    }
+
+    /// Asks the peer of `conn` to release the session (shutdown).
+    pub fn close_session(&mut self, conn: ConnId, reply_code: u16) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            let _ = c.session.close_session(reply_code);
+            self.wake(conn);
+        }
+    }
+
+    /// The transport of `conn` ended. Its backlogs go (the relay reports every delivery it
+    /// never saw answered), and the windows they held back are given back.
+    pub fn close(&mut self, conn: ConnId, now: Instant) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        self.assembling = self.assembling.saturating_sub(c.session.assembling());
+        for (channel, backlog) in c.backlogs {
+            let at = self.at(conn, channel);
+            self.end_backlog(at, backlog);
+        }
+        self.relay.set_now(self.ms(now));
+        self.relay.conn_closed(conn);
+        self.execute(now);
+    }
+
+    /// An envelope from another shard.
+    pub fn handle_envelope(&mut self, envelope: Envelope, now: Instant) {
+        match envelope {
+            Envelope::Window {
+                at,
+                octets,
+                withhold,
+            } => self.adjust_window(at, octets, withhold),
+            envelope => {
+                self.relay.set_now(self.ms(now));
+                self.relay.handle_envelope(envelope);
+            }
+        }
+        self.execute(now);
+    }
+
+    /// Forwarding `payload` to another relay failed: report it where asked (APEX-24).
+    pub fn forward_failed(&mut self, payload: &Bytes, reason: &str, now: Instant) {
+        self.relay.set_now(self.ms(now));
+        self.relay.forward_failed(payload, reason);
+        self.execute(now);
+    }
+
+    /// When [`ShardCore::handle_timeout`] is next due, if anything waits for time.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let stalls = (self.backlog_octets > 0)
+            .then(|| self.conns.values())
+            .into_iter()
+            .flatten()
+            .flat_map(|c| c.backlogs.values())
+            .filter(|b| !b.refusing)
+            .map(|b| b.progress + self.budgets.stall)
+            .min();
+        let relay = self
+            .relay_deadline
+            .map(|ms| self.epoch + Duration::from_millis(ms));
+        match (stalls, relay) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Time passed: held data expires, and recipients that took nothing for too long refuse.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now_ms = self.ms(now);
+        if self.relay_deadline.is_some_and(|due| due <= now_ms) {
+            self.relay.handle_timeout(now_ms);
+        }
+        let stall = self.budgets.stall;
+        let shard = self.shard;
+        let stalled: Vec<ChannelRef> = self
+            .conns
+            .iter()
+            .flat_map(|(conn, c)| {
+                c.backlogs.iter().filter_map(move |(channel, b)| {
+                    let stalled = !b.refusing && now.saturating_duration_since(b.progress) >= stall;
+                    stalled.then_some(ChannelRef {
+                        shard,
+                        conn: *conn,
+                        channel: *channel,
+                    })
+                })
+            })
+            .collect();
+        for at in stalled {
+            self.set_refusing(at, true);
+        }
+        self.execute(now);
+    }
+
+    /// The next thing for the runtime to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        if let Some(conn) = self.woken.pop_front() {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.woken = false;
+            }
+            return Some(Output::Wake(conn));
+        }
+        if let Some((shard, envelope)) = self.to_shards.pop_front() {
+            return Some(Output::ToShard { shard, envelope });
+        }
+        self.forwards
+            .pop_front()
+            .map(|(domain, payload)| Output::Forward { domain, payload })
+    }
+
+    fn at(&self, conn: ConnId, channel: u32) -> ChannelRef {
+        ChannelRef {
+            shard: self.shard,
+            conn,
+            channel,
+        }
+    }
+
+    fn wake(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if !c.woken {
+                c.woken = true;
+                self.woken.push_back(conn);
+            }
+        }
+    }
+
+    /// Runs the relay's actions until none is left.
+    fn execute(&mut self, now: Instant) {
+        while let Some(action) = self.relay.poll_action() {
+            match action {
+                Action::Reply { conn, reply } => {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        let _ = reply.send_in(&mut c.session);
+                        self.wake(conn);
+                    }
+                }
+                Action::StartReply {
+                    conn,
+                    start_id,
+                    content,
+                } => {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        let _ = c
+                            .session
+                            .accept_start(start_id, APEX_PROFILE, Some(content));
+                        self.wake(conn);
+                    }
+                }
+                Action::Send {
+                    conn,
+                    channel,
+                    payload,
+                    source,
+                } => self.send(conn, channel, payload, source, now),
+                Action::ToShard { shard, envelope } => self.to_shards.push_back((shard, envelope)),
+                Action::Forward { domain, payload } => self.forwards.push_back((domain, payload)),
+            }
+        }
+        self.relay_deadline = self.relay.next_deadline();
+    }
+
+    /// A relay MSG for `channel` of `conn`: into the session, or its backlog when the session
+    /// has no room (or earlier MSGs wait there: order is kept).
+    fn send(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        payload: Bytes,
+        source: Option<ChannelRef>,
+        now: Instant,
+    ) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            self.relay.send_failed(conn, channel, ENDPOINT_GONE);
+            return;
+        };
+        let payload = if c.backlogs.contains_key(&channel) {
+            payload
+        } else {
+            match c.session.try_send_msg(channel, payload) {
+                Ok(_) => {
+                    if !c.woken {
+                        c.woken = true;
+                        self.woken.push_back(conn);
+                    }
+                    return;
+                }
+                Err((Misuse::TooManyOutstanding(_), payload)) => payload,
+                Err(_) => {
+                    // The channel is closing or gone: reports still flow.
+                    self.relay.send_failed(conn, channel, ENDPOINT_GONE);
+                    return;
+                }
+            }
+        };
+        let octets = payload.len();
+        let backlog = c.backlogs.entry(channel).or_insert_with(|| Backlog {
+            queue: VecDeque::new(),
+            progress: now,
+            refusing: false,
+        });
+        // A refusing recipient's backlog holds nobody back any more.
+        let source = source.filter(|_| !backlog.refusing);
+        backlog.queue.push_back(Waiting { payload, source });
+        self.backlog_octets += octets;
+        if let Some(source) = source {
+            self.adjust_window(source, window_octets(octets), true);
+        }
+        if self.backlog_octets > self.budgets.max_backlog_octets {
+            // Over the shard's budget: every recipient with a backlog refuses from now on.
+            let shard = self.shard;
+            let backlogged: Vec<ChannelRef> = self
+                .conns
+                .iter()
+                .flat_map(|(conn, c)| {
+                    c.backlogs
+                        .iter()
+                        .filter(|(_, b)| !b.refusing)
+                        .map(move |(channel, _)| ChannelRef {
+                            shard,
+                            conn: *conn,
+                            channel: *channel,
+                        })
+                })
+                .collect();
+            for at in backlogged {
+                self.set_refusing(at, true);
+            }
+        }
+    }
+
+    /// Moves what waits in `conn`'s backlogs into its session as far as it has room.
+    fn drain(&mut self, conn: ConnId, now: Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let mut released = Vec::new();
+        let mut failed = Vec::new();
+        let mut emptied = Vec::new();
+        for (channel, backlog) in c.backlogs.iter_mut() {
+            let before = backlog.queue.len();
+            while let Some(waiting) = backlog.queue.pop_front() {
+                let octets = waiting.payload.len();
+                match c.session.try_send_msg(*channel, waiting.payload) {
+                    Ok(_) => {
+                        self.backlog_octets -= octets;
+                        if let Some(source) = waiting.source {
+                            released.push((source, octets));
+                        }
+                    }
+                    Err((Misuse::TooManyOutstanding(_), payload)) => {
+                        backlog.queue.push_front(Waiting {
+                            payload,
+                            source: waiting.source,
+                        });
+                        break;
+                    }
+                    Err(_) => {
+                        // The channel is closing: everything behind fails as well.
+                        self.backlog_octets -= octets;
+                        failed.push(*channel);
+                        if let Some(source) = waiting.source {
+                            released.push((source, octets));
+                        }
+                    }
+                }
+            }
+            if backlog.queue.len() < before {
+                backlog.progress = now;
+            }
+            if backlog.queue.is_empty() {
+                emptied.push((*channel, backlog.refusing));
+            }
+        }
+        for (channel, _) in &emptied {
+            c.backlogs.remove(channel);
+        }
+        if !released.is_empty() || !emptied.is_empty() {
+            self.wake(conn);
+        }
+        for (source, octets) in released {
+            self.adjust_window(source, window_octets(octets), false);
+        }
+        for channel in failed {
+            self.relay.send_failed(conn, channel, ENDPOINT_GONE);
+        }
+        for (channel, refusing) in emptied {
+            if refusing {
+                let at = self.at(conn, channel);
+                self.announce_refusing(at, false);
+            }
+        }
+    }
+
+    /// A backlog that ends with its connection: the windows it held go back, and a refusing
+    /// recipient is no more.
+    fn end_backlog(&mut self, at: ChannelRef, backlog: Backlog) {
+        for waiting in backlog.queue {
+            self.backlog_octets -= waiting.payload.len();
+            if let Some(source) = waiting.source {
+                self.adjust_window(source, window_octets(waiting.payload.len()), false);
+            }
+        }
+        if backlog.refusing {
+            self.announce_refusing(at, false);
+        }
+    }
+
+    /// The recipient channel `at` (on this shard) refuses data from now on: what its backlog
+    /// held back is given back, and every shard learns it.
+    fn set_refusing(&mut self, at: ChannelRef, refusing: bool) {
+        let Some(backlog) = self
+            .conns
+            .get_mut(&at.conn)
+            .and_then(|c| c.backlogs.get_mut(&at.channel))
+        else {
+            return;
+        };
+        if backlog.refusing == refusing {
+            return;
+        }
+        backlog.refusing = refusing;
+        let mut released = Vec::new();
+        for waiting in backlog.queue.iter_mut() {
+            if let Some(source) = waiting.source.take() {
+                released.push((source, waiting.payload.len()));
+            }
+        }
+        for (source, octets) in released {
+            self.adjust_window(source, window_octets(octets), false);
+        }
+        tracing::debug!(shard = self.shard, ?at, refusing, "recipient refusing data");
+        self.announce_refusing(at, refusing);
+    }
+
+    fn announce_refusing(&mut self, at: ChannelRef, refusing: bool) {
+        self.relay.set_refusing(at, refusing);
+        for shard in (0..self.shards).filter(|s| *s != self.shard) {
+            self.to_shards
+                .push_back((shard, Envelope::Refusing { at, refusing }));
+        }
+    }
+
+    /// Holds back or gives back `octets` of the sending channel `at`'s window, here or on its
+    /// own shard.
+    fn adjust_window(&mut self, at: ChannelRef, octets: u32, withhold: bool) {
+        if at.shard != self.shard {
+            self.to_shards.push_back((
+                at.shard,
+                Envelope::Window {
+                    at,
+                    octets,
+                    withhold,
+                },
+            ));
+            return;
+        }
+        let Some(c) = self.conns.get_mut(&at.conn) else {
+            return;
+        };
+        if withhold {
+            c.session.withhold_window(at.channel, octets);
+        } else {
+            c.session.release_window(at.channel, octets);
+            // The SEQ that reopens the window is output.
+            self.wake(at.conn);
+        }
+    }
+}
+
+/// A payload's size as window octets (payloads beyond 2^31 cannot be framed anyway).
+fn window_octets(octets: usize) -> u32 {
+    u32::try_from(octets).unwrap_or(u32::MAX)
+}
