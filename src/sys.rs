@@ -15,25 +15,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use socket2::SockRef;
 
-/// The soft RLIMIT_MEMLOCK in bytes (`None`: unlimited), read from /proc/self/limits.
+/// The soft RLIMIT_MEMLOCK in bytes (`None`: unlimited).
 pub fn memlock_limit() -> io::Result<Option<u64>> {
-    let limits = std::fs::read_to_string("/proc/self/limits")?;
-    parse_memlock(&limits)
-        .ok_or_else(|| io::Error::other("no 'Max locked memory' line in /proc/self/limits"))
-}
-
-fn parse_memlock(limits: &str) -> Option<Option<u64>> {
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max locked memory"))?;
-    let soft = line["Max locked memory".len()..]
-        .split_whitespace()
-        .next()?;
-    if soft == "unlimited" {
-        Some(None)
-    } else {
-        soft.parse().ok().map(Some)
-    }
+    let (soft, _hard) = rlimit::getrlimit(rlimit::Resource::MEMLOCK)?;
+    Ok((soft != rlimit::INFINITY).then_some(soft))
 }
 
 /// Explains why io_uring cannot be used, if the kernel says so.
@@ -159,13 +144,18 @@ mod tests {
     }
 
     #[test]
-    fn parses_memlock_lines() {
-        let text = "Limit                     Soft Limit           Hard Limit           Units\nMax locked memory         8388608              8388608              bytes\n";
-        assert_eq!(parse_memlock(text), Some(Some(8_388_608)));
-        let text = "Max locked memory         unlimited            unlimited            bytes\n";
-        assert_eq!(parse_memlock(text), Some(None));
-        assert_eq!(parse_memlock("nothing"), None);
-        assert!(memlock_limit().is_ok());
+    fn memlock_limit_is_the_soft_limit_the_kernel_reports() {
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let soft = limits
+            .lines()
+            .find_map(|l| l.strip_prefix("Max locked memory"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap();
+        let expected = match soft {
+            "unlimited" => None,
+            n => Some(n.parse::<u64>().unwrap()),
+        };
+        assert_eq!(memlock_limit().unwrap(), expected);
     }
 
     #[test]
