@@ -372,11 +372,7 @@ impl Config {
 
     fn resolve_domain(&mut self) {
         if self.domain.is_empty() {
-            self.domain = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .ok()
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "localhost".to_owned());
+            self.domain = host_name().unwrap_or_else(|| "localhost".to_owned());
         }
         for grant in &mut self.access.grants {
             *grant = grant.replace("$DOMAIN", &self.domain);
@@ -473,6 +469,15 @@ impl Config {
     }
 }
 
+/// This host's name (gethostname(2)), when it has a non-empty one in UTF-8.
+fn host_name() -> Option<String> {
+    gethostname::gethostname()
+        .into_string()
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
 /// CPUs this process may run on (its affinity mask), at least 1.
 pub fn online_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -526,6 +531,9 @@ mod tests {
         assert_eq!(config.edge_listen.port(), 913);
         assert_eq!(config.mesh_listen.port(), 912);
         assert!(!config.domain.is_empty());
+        // An empty domain is this host's name, as the kernel holds it.
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(config.domain, kernel.trim());
         assert_eq!(Limits::from(&config.limits), Limits::default());
         assert_eq!(ApexLimits::from(&config.apex), ApexLimits::default());
         assert_eq!(HoldLimits::from(&config.hold), HoldLimits::default());
