@@ -5,6 +5,8 @@
 //! Lookups run on a short-lived thread with its own small tokio runtime (hickory's resolver is
 //! tokio-based), so they never block a shard: the shard polls for the answer.
 
+pub mod srv;
+
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
