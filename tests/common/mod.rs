@@ -12,6 +12,8 @@ use apex_proto::beep::mgmt::ProfileOffer;
 use apex_proto::{Event, Role, Session, SessionConfig};
 use bytes::{Buf, BytesMut};
 
+pub mod dns_server;
+
 pub const APEX: &str = "http://iana.org/beep/APEX";
 
 /// A running relay, stopped (SIGTERM, then SIGKILL) when dropped.
