@@ -44,6 +44,8 @@ impl Relay {
         )
         .args(defaults)
         .args(extra)
+        // A lookup that would leave loopback (no loopback --dns-server) fails, naming the domain.
+        .env("APEXD_DNS_LOOPBACK_ONLY", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
