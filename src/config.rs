@@ -68,6 +68,9 @@ link_in_flight = 256
 max_backoff_ms = 10000
 # Connection attempts before queued data fails (and is reported when asked).
 connect_attempts = 5
+# The DNS server (ADDR:PORT) asked for the SRV records of domains without a static route, over
+# UDP (TCP for truncated answers); empty means the system's resolvers (/etc/resolv.conf).
+dns_server = ""
 
 [hold]
 # Data held for endpoints that are not attached yet, when the data asks for it with the
@@ -166,6 +169,24 @@ pub struct MeshConfig {
     pub max_backoff_ms: u64,
     /// Connection attempts before queued data fails.
     pub connect_attempts: u32,
+    /// `ADDR:PORT` of the one DNS server to ask; empty: the system's.
+    pub dns_server: String,
+}
+
+impl MeshConfig {
+    /// The configured DNS server, if any (validated by [`Config::validate`]).
+    pub fn dns_server(&self) -> Option<SocketAddr> {
+        parse_dns_server(&self.dns_server).ok().flatten()
+    }
+}
+
+fn parse_dns_server(text: &str) -> Result<Option<SocketAddr>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        anyhow::anyhow!("field `mesh.dns_server`: '{text}' is not ADDR:PORT (e.g. 127.0.0.1:53)")
+    })
 }
 
 /// Bounds on APEX control documents, mirrored from the core's `ApexLimits`.
@@ -317,6 +338,8 @@ pub struct Overrides {
     pub peers: Vec<String>,
     /// `--trust`, repeatable: added to `mesh.trusted`.
     pub trusted: Vec<String>,
+    /// `--dns-server`.
+    pub dns_server: Option<SocketAddr>,
 }
 
 impl Config {
@@ -377,6 +400,9 @@ impl Config {
         self.access.grants.extend(o.grants.iter().cloned());
         self.mesh.peers.extend(o.peers.iter().cloned());
         self.mesh.trusted.extend(o.trusted.iter().cloned());
+        if let Some(v) = o.dns_server {
+            self.mesh.dns_server = v.to_string();
+        }
     }
 
     /// The shard core's backpressure budgets.
@@ -413,11 +439,7 @@ impl Config {
 
     fn resolve_domain(&mut self) {
         if self.domain.is_empty() {
-            self.domain = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .ok()
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "localhost".to_owned());
+            self.domain = host_name().unwrap_or_else(|| "localhost".to_owned());
         }
         for grant in &mut self.access.grants {
             *grant = grant.replace("$DOMAIN", &self.domain);
@@ -504,6 +526,7 @@ impl Config {
         {
             bail!("fields `mesh.link_queue`, `mesh.link_in_flight` and `mesh.connect_attempts` must be at least 1");
         }
+        parse_dns_server(&self.mesh.dns_server)?;
         Limits::from(&self.limits)
             .validate()
             .map_err(|field| anyhow::anyhow!("field `limits.{field}`"))?;
@@ -522,6 +545,15 @@ impl Config {
             n => n,
         }
     }
+}
+
+/// This host's name (gethostname(2)), when it has a non-empty one in UTF-8.
+fn host_name() -> Option<String> {
+    gethostname::gethostname()
+        .into_string()
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
 }
 
 /// CPUs this process may run on (its affinity mask), at least 1.
@@ -577,6 +609,9 @@ mod tests {
         assert_eq!(config.edge_listen.port(), 913);
         assert_eq!(config.mesh_listen.port(), 912);
         assert!(!config.domain.is_empty());
+        // An empty domain is this host's name, as the kernel holds it.
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(config.domain, kernel.trim());
         assert_eq!(Limits::from(&config.limits), Limits::default());
         assert_eq!(ApexLimits::from(&config.apex), ApexLimits::default());
         assert_eq!(HoldLimits::from(&config.hold), HoldLimits::default());
@@ -599,6 +634,45 @@ mod tests {
             ..Overrides::default()
         });
         assert_eq!((config.domain.as_str(), config.shards), ("rubble.com", 2));
+    }
+
+    #[test]
+    fn dns_server_from_file_and_flag() {
+        let config = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(config.mesh.dns_server, "");
+        assert_eq!(config.mesh.dns_server(), None);
+        let mut config = Config::from_toml(
+            "domain = \"example.com\"\n[mesh]\ndns_server = \"127.0.0.1:5353\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.mesh.dns_server(),
+            Some("127.0.0.1:5353".parse().unwrap())
+        );
+        config.apply(&Overrides {
+            dns_server: Some("[::1]:53".parse().unwrap()),
+            ..Overrides::default()
+        });
+        config.validate().unwrap();
+        assert_eq!(config.mesh.dns_server, "[::1]:53");
+        assert_eq!(config.mesh.dns_server(), Some("[::1]:53".parse().unwrap()));
+        // The effective configuration shows it and reads back the same.
+        let again = Config::from_toml(&config.to_toml(), "printed").unwrap();
+        assert_eq!(again.mesh.dns_server(), config.mesh.dns_server());
+        for bad in ["127.0.0.1", "resolver.example:53", "127.0.0.1:x"] {
+            let config = Config::from_toml(
+                &format!("domain = \"example.com\"\n[mesh]\ndns_server = \"{bad}\"\n"),
+                "t.toml",
+            )
+            .unwrap();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("mesh.dns_server") && err.contains(bad),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -2,34 +2,23 @@
 //! io_uring is enabled, aborting a TCP connection with a reset (RFC 3081 §2, BEEP-59), the
 //! vectored send that writes large payloads from where they are, the receive that reads
 //! straight into a connection's read buffer, and the listening sockets of a shard.
+//! Socket options and calls go through socket2 on a borrowed descriptor.
 //!
-//! The only `unsafe` in apexd lives here.
+//! The only `unsafe` in apexd lives here: handing a new listening socket to glommio, lending a
+//! glommio stream's descriptor, and growing a read buffer by what the kernel wrote into it.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::Duration;
 
 use bytes::BytesMut;
-use std::os::fd::RawFd;
+use socket2::SockRef;
 
-/// The soft RLIMIT_MEMLOCK in bytes (`None`: unlimited), read from /proc/self/limits.
+/// The soft RLIMIT_MEMLOCK in bytes (`None`: unlimited).
 pub fn memlock_limit() -> io::Result<Option<u64>> {
-    let limits = std::fs::read_to_string("/proc/self/limits")?;
-    parse_memlock(&limits)
-        .ok_or_else(|| io::Error::other("no 'Max locked memory' line in /proc/self/limits"))
-}
-
-fn parse_memlock(limits: &str) -> Option<Option<u64>> {
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max locked memory"))?;
-    let soft = line["Max locked memory".len()..]
-        .split_whitespace()
-        .next()?;
-    if soft == "unlimited" {
-        Some(None)
-    } else {
-        soft.parse().ok().map(Some)
-    }
+    let (soft, _hard) = rlimit::getrlimit(rlimit::Resource::MEMLOCK)?;
+    Ok((soft != rlimit::INFINITY).then_some(soft))
 }
 
 /// Explains why io_uring cannot be used, if the kernel says so.
@@ -64,56 +53,42 @@ pub fn listen(addr: SocketAddr, backlog: i32) -> io::Result<glommio::net::TcpLis
     Ok(listener)
 }
 
+/// `as_fd` for glommio's `TcpStream`, which offers only `AsRawFd`: lends the stream's socket
+/// descriptor to the functions below for as long as the stream is borrowed.
+pub trait StreamFd {
+    /// The stream's descriptor, borrowed.
+    fn as_fd(&self) -> BorrowedFd<'_>;
+}
+
+impl StreamFd for glommio::net::TcpStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: glommio's `TcpStream` owns its socket descriptor and closes it only when
+        // dropped; the `BorrowedFd` returned borrows the stream, so the descriptor stays open
+        // while it lives.
+        #[allow(unsafe_code)]
+        unsafe {
+            BorrowedFd::borrow_raw(self.as_raw_fd())
+        }
+    }
+}
+
 /// Makes the next close of `fd` send a TCP reset instead of a FIN (SO_LINGER with a zero
 /// timeout): how a BEEP session is terminated (RFC 3081 §2).
-pub fn reset_on_close(fd: RawFd) -> io::Result<()> {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: `linger` is a valid, initialised `libc::linger` that outlives the call, and the
-    // length passed is its exact size. An invalid `fd` makes the call fail with EBADF; it cannot
-    // touch memory we do not own.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::addr_of!(linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+pub fn reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
+    SockRef::from(&fd).set_linger(Some(Duration::ZERO))
 }
 
 /// Sends `slices` in order with one `sendmsg`, without waiting: `Ok(None)` when the socket has
 /// no room now. glommio offers no vectored write; its `write` is used to wait for room.
-pub fn send_vectored(fd: RawFd, slices: &[IoSlice<'_>]) -> io::Result<Option<usize>> {
-    // SAFETY: an all-zero `msghdr` is valid (no address, no control data, no flags).
-    #[allow(unsafe_code)]
-    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-    // `IoSlice` is guaranteed ABI-compatible with `iovec` on Unix; the kernel only reads them.
-    header.msg_iov = slices.as_ptr() as *mut libc::iovec;
-    header.msg_iovlen = slices.len() as _;
+/// MSG_NOSIGNAL turns a closed peer into an EPIPE error rather than a signal.
+pub fn send_vectored(fd: BorrowedFd<'_>, slices: &[IoSlice<'_>]) -> io::Result<Option<usize>> {
+    let socket = SockRef::from(&fd);
     loop {
-        // SAFETY: `header` points at `slices`, which outlive the call, and at nothing else;
-        // sendmsg reads the slices' memory and writes none of ours. An invalid `fd` fails the
-        // call (EBADF); MSG_NOSIGNAL turns a closed peer into EPIPE rather than a signal.
-        #[allow(unsafe_code)]
-        let sent = unsafe { libc::sendmsg(fd, &header, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-        if sent >= 0 {
-            return Ok(Some(sent as usize));
-        }
-        let error = io::Error::last_os_error();
-        match error.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => return Ok(None),
-            _ => return Err(error),
+        match socket.send_vectored_with_flags(slices, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+            Ok(sent) => return Ok(Some(sent)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -122,34 +97,28 @@ pub fn send_vectored(fd: RawFd, slices: &[IoSlice<'_>]) -> io::Result<Option<usi
 /// for `max` is made when there is none), without waiting: `Ok(None)` when nothing is. glommio's
 /// `read` wants an initialised slice, so going through it meant a copy of everything received
 /// (a tenth of the relay's CPU at 4 KiB messages) or zeroing the window first.
-pub fn recv_into(fd: RawFd, buf: &mut BytesMut, max: usize) -> io::Result<Option<usize>> {
+pub fn recv_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, max: usize) -> io::Result<Option<usize>> {
     if buf.capacity() == buf.len() {
         buf.reserve(max.max(1));
     }
+    let socket = SockRef::from(&fd);
     let spare = buf.spare_capacity_mut();
     let len = spare.len().min(max);
-    let ptr = spare.as_mut_ptr();
     loop {
-        // SAFETY: `ptr` is valid for `len` octets of writes (the spare capacity `buf` just
-        // reserved) and nothing else refers to them during the call; recv writes at most `len`
-        // octets there and reads none. An invalid `fd` fails the call (EBADF).
-        #[allow(unsafe_code)]
-        let received = unsafe { libc::recv(fd, ptr.cast(), len, libc::MSG_DONTWAIT) };
-        if received >= 0 {
-            let received = received as usize;
-            // SAFETY: the kernel initialised the first `received` (<= `len`) octets of the
-            // spare capacity, which directly follow `buf`'s contents.
-            #[allow(unsafe_code)]
-            unsafe {
-                buf.set_len(buf.len() + received)
-            };
-            return Ok(Some(received));
-        }
-        let error = io::Error::last_os_error();
-        match error.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => return Ok(None),
-            _ => return Err(error),
+        match socket.recv_with_flags(&mut spare[..len], libc::MSG_DONTWAIT) {
+            Ok(received) => {
+                // SAFETY: recv(2) initialised the first `received` octets of the spare capacity
+                // it was given (at most `len`, so within it), and they directly follow `buf`'s
+                // contents; socket2 writes nothing else there.
+                #[allow(unsafe_code)]
+                unsafe {
+                    buf.set_len(buf.len() + received)
+                };
+                return Ok(Some(received));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -157,23 +126,40 @@ pub fn recv_into(fd: RawFd, buf: &mut BytesMut, max: usize) -> io::Result<Option
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
+
+    /// Something that is a descriptor but not a socket: every socket call on it fails.
+    fn not_a_socket() -> std::fs::File {
+        std::fs::File::open("/proc/self/limits").unwrap()
+    }
+
+    /// A connected loopback pair: (client, accepted server side).
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
 
     #[test]
-    fn parses_memlock_lines() {
-        let text = "Limit                     Soft Limit           Hard Limit           Units\nMax locked memory         8388608              8388608              bytes\n";
-        assert_eq!(parse_memlock(text), Some(Some(8_388_608)));
-        let text = "Max locked memory         unlimited            unlimited            bytes\n";
-        assert_eq!(parse_memlock(text), Some(None));
-        assert_eq!(parse_memlock("nothing"), None);
-        assert!(memlock_limit().is_ok());
+    fn memlock_limit_is_the_soft_limit_the_kernel_reports() {
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let soft = limits
+            .lines()
+            .find_map(|l| l.strip_prefix("Max locked memory"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap();
+        let expected = match soft {
+            "unlimited" => None,
+            n => Some(n.parse::<u64>().unwrap()),
+        };
+        assert_eq!(memlock_limit().unwrap(), expected);
     }
 
     #[test]
     fn listen_shares_the_port_serves_connections_and_closes_on_drop() {
-        use std::io::Write;
         let served = glommio::LocalExecutorBuilder::default()
             .io_memory(256 * 1024)
             .ring_depth(64)
@@ -207,25 +193,59 @@ mod tests {
     }
 
     #[test]
+    fn a_glommio_stream_lends_its_descriptor() {
+        // What the connection driver does through `StreamFd`: receive, send vectored, abort.
+        let (received, reset) = glommio::LocalExecutorBuilder::default()
+            .io_memory(256 * 1024)
+            .ring_depth(64)
+            .spawn(|| async {
+                let listener = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+                let addr = listener.local_addr().unwrap();
+                let client = std::thread::spawn(move || {
+                    let mut client = TcpStream::connect(addr).unwrap();
+                    client.write_all(b"ping").unwrap();
+                    let mut got = [0u8; 9];
+                    client.read_exact(&mut got).unwrap();
+                    assert_eq!(&got, b"pong, too");
+                    // The server aborts: the next read sees a reset.
+                    let mut more = [0u8; 1];
+                    client.read(&mut more).unwrap_err().kind()
+                });
+                let stream = listener.accept().await.unwrap();
+                let mut buf = BytesMut::new();
+                while buf.len() < 4 {
+                    if recv_into(stream.as_fd(), &mut buf, 64).unwrap().is_none() {
+                        glommio::timer::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                let slices = [IoSlice::new(b"pong"), IoSlice::new(b", too")];
+                assert_eq!(send_vectored(stream.as_fd(), &slices).unwrap(), Some(9));
+                reset_on_close(stream.as_fd()).unwrap();
+                drop(stream);
+                (buf, client.join().unwrap())
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(&received[..], b"ping");
+        assert_eq!(reset, io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
     fn reset_on_close_sends_a_reset() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        reset_on_close(server.as_raw_fd()).unwrap();
+        let (mut client, server) = pair();
+        reset_on_close(server.as_fd()).unwrap();
         drop(server);
         let mut buf = [0u8; 8];
         let err = client.read(&mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
-        assert!(reset_on_close(-1).is_err());
+        assert!(reset_on_close(not_a_socket().as_fd()).is_err());
     }
 
     #[test]
     fn recv_into_appends_what_is_waiting_and_no_more() {
-        use std::io::Write;
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        let fd = server.as_raw_fd();
+        let (mut client, server) = pair();
+        let fd = server.as_fd();
         let mut buf = BytesMut::from(&b"kept"[..]);
         // Nothing sent yet: no waiting, nothing appended.
         assert_eq!(recv_into(fd, &mut buf, 64).unwrap(), None);
@@ -237,7 +257,7 @@ mod tests {
             (0..2000).find_map(|_| {
                 let got = recv_into(fd, buf, max).unwrap();
                 if got.is_none() {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    std::thread::sleep(Duration::from_millis(1));
                 }
                 got
             })
@@ -250,18 +270,43 @@ mod tests {
             rest += retry(&mut buf, 64).expect("the rest arrives");
         }
         assert_eq!(&buf[..], b"kept0123456789");
-        // The peer's close reads as zero octets; a bad descriptor is an error.
+        // The peer's close reads as zero octets; a descriptor that is no socket is an error,
+        // and neither changes the buffer.
         drop(client);
         assert_eq!(retry(&mut buf, 64), Some(0));
         assert_eq!(&buf[..], b"kept0123456789");
-        assert!(recv_into(-1, &mut buf, 64).is_err());
+        assert!(recv_into(not_a_socket().as_fd(), &mut buf, 64).is_err());
+        assert_eq!(&buf[..], b"kept0123456789");
+    }
+
+    #[test]
+    fn recv_into_makes_room_in_a_full_buffer_and_stays_within_its_spare_capacity() {
+        let (mut client, server) = pair();
+        let payload: Vec<u8> = (0..200u8).collect();
+        client.write_all(&payload).unwrap();
+        // A full buffer: room for `max` is reserved before receiving.
+        let mut buf = BytesMut::with_capacity(8);
+        buf.extend_from_slice(b"12345678");
+        assert_eq!(buf.capacity(), buf.len());
+        while buf.len() < 8 + payload.len() {
+            let (before, spare) = (buf.len(), buf.capacity() - buf.len());
+            match recv_into(server.as_fd(), &mut buf, 16).unwrap() {
+                Some(n) => {
+                    // Never more than asked for, nor than the spare capacity when there was some.
+                    assert!(n > 0 && n <= 16, "{n}");
+                    assert!(spare == 0 || n <= spare, "{n} > {spare}");
+                    assert_eq!(buf.len(), before + n);
+                }
+                None => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        assert_eq!(&buf[..8], b"12345678");
+        assert_eq!(&buf[8..], &payload[..]);
     }
 
     #[test]
     fn send_vectored_sends_the_slices_in_order() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut server, _) = listener.accept().unwrap();
+        let (client, mut server) = pair();
         client.set_nonblocking(true).unwrap();
         let big = vec![b'z'; 3000];
         let slices = [
@@ -269,7 +314,7 @@ mod tests {
             IoSlice::new(&big),
             IoSlice::new(b"END\r\n"),
         ];
-        let sent = send_vectored(client.as_raw_fd(), &slices).unwrap();
+        let sent = send_vectored(client.as_fd(), &slices).unwrap();
         assert_eq!(sent, Some(4 + 3000 + 5));
         let mut got = vec![0u8; 4 + 3000 + 5];
         server.read_exact(&mut got).unwrap();
@@ -279,12 +324,39 @@ mod tests {
         // A full socket answers None instead of blocking.
         let chunk = vec![0u8; 1 << 20];
         let full = (0..1000).find_map(|_| {
-            match send_vectored(client.as_raw_fd(), &[IoSlice::new(&chunk)]).unwrap() {
+            match send_vectored(client.as_fd(), &[IoSlice::new(&chunk)]).unwrap() {
                 None => Some(()),
                 Some(_) => None,
             }
         });
         assert_eq!(full, Some(()), "the socket never filled");
-        assert!(send_vectored(-1, &slices).is_err());
+        assert!(send_vectored(not_a_socket().as_fd(), &slices).is_err());
+    }
+
+    #[test]
+    fn send_vectored_to_a_reset_peer_is_an_error() {
+        let (client, server) = pair();
+        reset_on_close(server.as_fd()).unwrap();
+        drop(server);
+        // The reset may take a moment to arrive; after it every send fails (EPIPE or
+        // ECONNRESET, never a signal: MSG_NOSIGNAL).
+        let error =
+            (0..2000).find_map(
+                |_| match send_vectored(client.as_fd(), &[IoSlice::new(b"late")]) {
+                    Err(e) => Some(e),
+                    Ok(_) => {
+                        std::thread::sleep(Duration::from_millis(1));
+                        None
+                    }
+                },
+            );
+        let kind = error.expect("sending to a reset peer fails").kind();
+        assert!(
+            matches!(
+                kind,
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ),
+            "{kind:?}"
+        );
     }
 }

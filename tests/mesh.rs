@@ -1,12 +1,13 @@
 //! Relay-to-relay tests on loopback (RFC 3340 §4.4.2, §4.4.4.1 step 5.2; RFC 3342 dataHopping):
 //! two relays in different domains delivering to each other with the originator preserved,
-//! reports crossing back, an unreachable domain reported, and a three-relay routing loop
-//! stopped by dataHopping.
+//! reports crossing back, an unreachable domain reported, a three-relay routing loop
+//! stopped by dataHopping, and relays found by DNS SRV (APEX-04) on a loopback DNS server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use bytes::Bytes;
+use common::dns_server::{DnsServer, Zone};
 use common::{free_port, Client, Relay};
 
 fn relay(domain: &str, mesh_port: u16, extra: &[&str]) -> Relay {
@@ -169,4 +170,96 @@ fn apex_04_domain_literal_is_routed_without_dns() {
         "{report}"
     );
     assert!(report.contains("code='550'"), "{report}");
+}
+
+#[test]
+fn apex_04_srv_records_lead_to_the_next_relay_trying_each_address_in_order() {
+    // rubble.test has no static route; DNS names two targets: the first by priority refuses
+    // connections, the second is rubble.test's relay.
+    let (port_a, port_b, dead) = (free_port(), free_port(), free_port());
+    let dns = DnsServer::start(
+        Zone::new()
+            .srv(
+                "_apex-mesh._tcp.rubble.test",
+                10,
+                0,
+                dead,
+                "down.rubble.test",
+            )
+            .srv(
+                "_apex-mesh._tcp.rubble.test",
+                20,
+                5,
+                port_b,
+                "relay.rubble.test",
+            )
+            .a("down.rubble.test", [127, 0, 0, 1])
+            .a("relay.rubble.test", [127, 0, 0, 1]),
+    );
+    let dns_server = dns.addr.to_string();
+    let peer_a = format!("example.com=127.0.0.1:{port_a}");
+    let a = relay(
+        "example.com",
+        port_a,
+        &[
+            "--dns-server",
+            &dns_server,
+            "--grant",
+            "*@rubble.test=core:data",
+        ],
+    );
+    let b = relay(
+        "rubble.test",
+        port_b,
+        &["--peer", &peer_a, "--grant", "*@example.com=core:data"],
+    );
+    let (mut barney, _) = attached(&b, "barney@rubble.test");
+    let (mut fred, fred_channel) = attached(&a, "fred@example.com");
+    let option = "   <option internal='statusRequest' transID='12' />\r\n";
+    let sent = data(
+        "fred@example.com",
+        "barney@rubble.test",
+        option,
+        "found you",
+    );
+    assert!(fred.request(fred_channel, sent.clone()).0);
+    assert_eq!(barney.receive(), sent);
+    let report = String::from_utf8(fred.receive().to_vec()).unwrap();
+    assert!(
+        report.contains("<reply code='250' transID='12' />"),
+        "{report}"
+    );
+    assert!(dns
+        .queries()
+        .iter()
+        .any(|(name, _, _)| name == "_apex-mesh._tcp.rubble.test"));
+}
+
+#[test]
+fn apex_04_a_lone_srv_target_dot_means_the_domain_has_no_relay() {
+    // The domain has an address, but its SRV record says "no apex-mesh service here": the
+    // recipient fails without the address being looked up.
+    let dns = DnsServer::start(
+        Zone::new()
+            .srv("_apex-mesh._tcp.closed.test", 0, 0, 0, ".")
+            .a("closed.test", [127, 0, 0, 1]),
+    );
+    let dns_server = dns.addr.to_string();
+    let a = relay("example.com", free_port(), &["--dns-server", &dns_server]);
+    let (mut fred, channel) = attached(&a, "fred@example.com");
+    let option = "   <option internal='statusRequest' transID='13' />\r\n";
+    assert!(
+        fred.request(
+            channel,
+            data("fred@example.com", "x@closed.test", option, "?")
+        )
+        .0
+    );
+    let report = String::from_utf8(fred.receive().to_vec()).unwrap();
+    assert!(
+        report.contains("<destination identity='x@closed.test'>"),
+        "{report}"
+    );
+    assert!(report.contains("code='550'"), "{report}");
+    assert!(!dns.asked_addresses_of("closed.test"));
 }

@@ -42,6 +42,10 @@ struct Args {
     /// Trust the relays of DOMAIN as intermediaries for any originator (repeatable; `*`: all).
     #[arg(long, value_name = "DOMAIN")]
     trust: Vec<String>,
+    /// Ask this DNS server only (UDP, TCP for truncated answers) for the SRV records of domains
+    /// without a static route, instead of the system's resolvers, e.g. `--dns-server 127.0.0.1:53`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    dns_server: Option<std::net::SocketAddr>,
     /// Do not pin shards to CPUs.
     #[arg(long)]
     no_pin: bool,
@@ -69,6 +73,7 @@ fn run() -> Result<()> {
         grants: args.grant,
         peers: args.peer,
         trusted: args.trust,
+        dns_server: args.dns_server,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     if args.print_config {
@@ -86,6 +91,10 @@ fn run() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())?;
+    }
+    // The DNS resolver thread, started here so that it is not pinned to a shard's CPU.
+    if let Err(e) = apexd::dns::shared(&apexd::dns::Settings::from_config(&config.mesh)) {
+        tracing::warn!("{e:#}; a shard will try again when it needs DNS");
     }
     let domain = config.domain.clone();
     apexd::shard::run(config, stop, |bound| {

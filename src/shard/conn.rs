@@ -4,7 +4,6 @@
 //! to mesh links), and writes what the core polls for this connection, coalesced into one
 //! write per round. It never parses payloads and never decides.
 
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use tracing::{debug, warn};
 
 use crate::shard::notify::Notify;
 use crate::shard::ShardContext;
-use crate::sys;
+use crate::sys::{self, StreamFd as _};
 
 /// How a connection ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -65,7 +64,7 @@ pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind)
     ctx.dispatch();
     match ending {
         Ending::Aborted => {
-            let _ = sys::reset_on_close(stream.as_raw_fd());
+            let _ = sys::reset_on_close(stream.as_fd());
         }
         _ => {
             let _ = stream.shutdown(std::net::Shutdown::Both).await;
@@ -219,7 +218,7 @@ fn receive(
 ) -> std::io::Result<Option<(usize, usize)>> {
     make_read_room(read_buf, read_chunk);
     let room = (read_buf.capacity() - read_buf.len()).min(read_chunk);
-    Ok(sys::recv_into(stream.as_raw_fd(), read_buf, room)?.map(|n| (n, room)))
+    Ok(sys::recv_into(stream.as_fd(), read_buf, room)?.map(|n| (n, room)))
 }
 
 /// Makes room for a direct read once less than [`MIN_DIRECT_ROOM`] is left. Room is made a
@@ -354,7 +353,7 @@ pub(crate) async fn write_out(
         let sent = match parts.len() {
             0 => break Ok(()),
             1 => stream.write(&parts[0][offset..]).await,
-            _ => match sys::send_vectored(stream.as_raw_fd(), &output::io_slices(parts, offset)) {
+            _ => match sys::send_vectored(stream.as_fd(), &output::io_slices(parts, offset)) {
                 Ok(Some(n)) => Ok(n),
                 // No room: glommio's write waits for some, then sends part of the first part.
                 Ok(None) => stream.write(&parts[0][offset..]).await,

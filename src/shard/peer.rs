@@ -84,10 +84,10 @@ async fn run_link(ctx: Rc<ShardContext>, link: Rc<Link>) {
             .await;
             continue;
         }
-        let addr = match ctx.route(&link.domain) {
-            Some(addr) => addr,
-            None => match resolve(&link.domain).await {
-                Ok(addr) => addr,
+        let addrs = match ctx.route(&link.domain) {
+            Some(addr) => vec![addr],
+            None => match crate::dns::resolve_mesh(&ctx.config.mesh, &link.domain).await {
+                Ok(addrs) => addrs,
                 Err(e) => {
                     warn!(shard = ctx.id, domain = %link.domain, error = %e, "no route");
                     fail_queued(&ctx, &link, "no route to the recipient's domain");
@@ -96,8 +96,8 @@ async fn run_link(ctx: Rc<ShardContext>, link: Rc<Link>) {
                 }
             },
         };
-        match TcpStream::connect(addr).await {
-            Ok(stream) => {
+        match connect(&addrs).await {
+            Ok((stream, addr)) => {
                 attempts = 0;
                 backoff = Duration::from_millis(100);
                 info!(shard = ctx.id, domain = %link.domain, %addr, "relay link connected");
@@ -106,7 +106,7 @@ async fn run_link(ctx: Rc<ShardContext>, link: Rc<Link>) {
             }
             Err(e) => {
                 attempts += 1;
-                warn!(shard = ctx.id, domain = %link.domain, %addr, error = %e, attempts, "relay link failed");
+                warn!(shard = ctx.id, domain = %link.domain, ?addrs, error = %e, attempts, "relay link failed");
                 if attempts >= ctx.config.mesh.connect_attempts {
                     fail_queued(&ctx, &link, "the recipient's relay is unreachable");
                     ctx.dispatch();
@@ -282,23 +282,20 @@ async fn drive(mut stream: TcpStream, ctx: &Rc<ShardContext>, link: &Link) {
     }
 }
 
-/// Resolves `domain`'s relay off the shard thread (DNS SRV, APEX-04), polling for the answer.
-async fn resolve(domain: &str) -> anyhow::Result<SocketAddr> {
-    let lookup = crate::dns::resolve_mesh(domain);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !lookup.is_finished() {
-        if Instant::now() > deadline {
-            anyhow::bail!("DNS lookup for {domain} timed out");
+/// Connects to the first of `addrs` that accepts, trying them in order (RFC 2782: every address
+/// of every target); when none does, the last error.
+async fn connect(addrs: &[SocketAddr]) -> std::io::Result<(TcpStream, SocketAddr)> {
+    let mut last = std::io::Error::other("no address to connect to");
+    for &addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => return Ok((stream, addr)),
+            Err(e) => {
+                debug!(%addr, error = %e, "relay address refused");
+                last = e.into();
+            }
         }
-        glommio::timer::sleep(Duration::from_millis(10)).await;
     }
-    let found = lookup
-        .join()
-        .map_err(|_| anyhow::anyhow!("DNS lookup thread failed"))??;
-    found
-        .first()
-        .copied()
-        .ok_or_else(|| anyhow::anyhow!("no address for {domain}"))
+    Err(last)
 }
 
 impl ShardContext {

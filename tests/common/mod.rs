@@ -12,6 +12,8 @@ use apex_proto::beep::mgmt::ProfileOffer;
 use apex_proto::{Event, Role, Session, SessionConfig};
 use bytes::{Buf, BytesMut};
 
+pub mod dns_server;
+
 pub const APEX: &str = "http://iana.org/beep/APEX";
 
 /// A running relay, stopped (SIGTERM, then SIGKILL) when dropped.
@@ -42,6 +44,8 @@ impl Relay {
         )
         .args(defaults)
         .args(extra)
+        // A lookup that would leave loopback (no loopback --dns-server) fails, naming the domain.
+        .env("APEXD_DNS_LOOPBACK_ONLY", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
