@@ -22,6 +22,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use std::hash::Hasher;
+
 use rustc_hash::FxHashMap;
 
 /// Maps keyed by endpoints, which peers choose: foldhash is seeded per map (resisting
@@ -399,30 +401,29 @@ struct Held {
     deadline: Option<u64>,
 }
 
-/// The shard that owns the relay-mesh link to `domain` (same hash family as endpoints).
+/// The shard that owns the relay-mesh link to `domain` (case-insensitive).
 pub fn domain_shard(domain: &str, shards: usize) -> usize {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in domain.bytes() {
-        hash ^= u64::from(b.to_ascii_lowercase());
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (hash % shards.max(1) as u64) as usize
+    let mut hasher = rustc_hash::FxHasher::default();
+    domain
+        .bytes()
+        .for_each(|b| hasher.write_u8(b.to_ascii_lowercase()));
+    shard_of(hasher.finish(), shards)
 }
 
-/// The home shard of an endpoint: stable across shards and runs (FNV-1a over the local part and
-/// the lower-cased domain, matching [`Endpoint`] equality).
+/// The home shard of an endpoint: the same on every shard and in every run (FxHash is not
+/// seeded), over the local part and the lower-cased domain, matching [`Endpoint`] equality.
 pub fn home_shard(endpoint: &Endpoint, shards: usize) -> usize {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |b: u8| {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    };
-    endpoint.local().bytes().for_each(&mut eat);
-    eat(b'@');
+    let mut hasher = rustc_hash::FxHasher::default();
+    hasher.write(endpoint.local().as_bytes());
+    hasher.write_u8(b'@');
     endpoint
         .domain()
         .bytes()
-        .for_each(|b| eat(b.to_ascii_lowercase()));
+        .for_each(|b| hasher.write_u8(b.to_ascii_lowercase()));
+    shard_of(hasher.finish(), shards)
+}
+
+fn shard_of(hash: u64, shards: usize) -> usize {
     (hash % shards.max(1) as u64) as usize
 }
 
@@ -2131,6 +2132,33 @@ mod tests {
             let state = &r.channels[&(1, channel)];
             assert_eq!(state.simple_route.is_some(), remembered, "{originator}");
         }
+    }
+
+    /// Home and link shards ignore the domain's case (as endpoint equality does), and spread
+    /// names evenly enough: over 1,000 endpoints on 4 shards, none gets under a sixth.
+    #[test]
+    fn home_and_link_shards_fold_case_and_spread() {
+        let ep = |s: &str| Endpoint::parse(s).unwrap();
+        for shards in [1, 2, 3, 8] {
+            assert_eq!(
+                home_shard(&ep("fred@Example.COM"), shards),
+                home_shard(&ep("fred@example.com"), shards)
+            );
+            assert_eq!(
+                domain_shard("Rubble.COM", shards),
+                domain_shard("rubble.com", shards)
+            );
+        }
+        let mut counts = [0usize; 4];
+        for i in 0..1000 {
+            counts[home_shard(&ep(&format!("e{i}@example.com")), 4)] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 1000 / 6), "{counts:?}");
+        let mut counts = [0usize; 4];
+        for i in 0..1000 {
+            counts[domain_shard(&format!("d{i}.example"), 4)] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 1000 / 6), "{counts:?}");
     }
 
     #[test]
