@@ -44,7 +44,7 @@ pub enum Field {
 }
 
 /// Bytes that do not form a frame. Each variant cites the poorly-formed condition of
-/// beep.md §2.6 it implements.
+/// RFC 3080 §2.2.1.1 it implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum FrameError {
@@ -125,7 +125,7 @@ pub enum ProtocolError {
         /// The reused answer number.
         ansno: u32,
     },
-    /// The first frame of a session was not the greeting (beep.md §5.3).
+    /// The first frame of a session was not the greeting (RFC 3080 §2.3.1.1, §2.4).
     #[error("first frame was not a greeting")]
     GreetingExpected,
     /// A reply on channel 0 that is poorly formed or does not fit its request (BEEP-15).

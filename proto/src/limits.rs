@@ -9,7 +9,7 @@ pub const INITIAL_WINDOW: u32 = 4096;
 /// Largest value of channel, msgno and size fields (RFC 3080 §2.2.1.1, BEEP-02).
 pub const MAX_31BIT: u32 = 2_147_483_647;
 
-/// Longest legal data header without leading zeros is 62 octets (beep.md §2.2); leave room for
+/// Longest legal data header without leading zeros is 62 octets (RFC 3080 §2.2.1); leave room for
 /// peers that pad numbers with zeros.
 pub const DEFAULT_MAX_HEADER_LINE: usize = 128;
 

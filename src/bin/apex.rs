@@ -6,10 +6,10 @@
 //! ```
 //!
 //! Both commands connect, exchange greetings and start channel 1 with the APEX profile,
-//! piggybacking `<attach endpoint='NAME' transID='1' />` (apex-core.md §5.2). `attach` then
+//! piggybacking `<attach endpoint='NAME' transID='1' />` (RFC 3340 §4.2). `attach` then
 //! prints `attached NAME` and one line per delivered `data`; `send` sends one `data` and prints
 //! `accepted` or `error CODE TEXT`, then, with `--status`, one `status IDENTITY CODE TEXT` line per
-//! destination of the relay's statusResponse (apex-core.md §11.3, §13.3). Blocking std
+//! destination of the relay's statusResponse (RFC 3340 §5.1, §6.2). Blocking std
 //! networking over the sans-IO session of `apex-proto`; no async runtime.
 
 use std::io::{ErrorKind, Read, Write};
@@ -202,7 +202,7 @@ fn check_xml_chars(text: &str) -> Result<()> {
     }
 }
 
-/// A random-looking transaction identifier in 1..=2^31-1 (apex-core.md §12.1).
+/// A random-looking transaction identifier in 1..=2^31-1 (RFC 3340 §6.1.1).
 fn status_trans_id() -> u32 {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -555,7 +555,7 @@ enum Incoming {
     Other,
 }
 
-/// Answers a relay's `terminate` (apex-core.md §7.3): true when it ends our attachment.
+/// Answers a relay's `terminate` (RFC 3340 §4.4.3): true when it ends our attachment.
 fn answer_terminate(peer: &mut Peer, channel: u32, msgno: u32, trans_id: u32) -> Result<bool> {
     if trans_id == 0 || trans_id == ATTACH_TRANS_ID {
         peer.rpy_ok(channel, msgno)?;
@@ -693,7 +693,7 @@ struct SendOpts {
     io_timeout: Duration,
 }
 
-/// The `data` message of `apex send` (apex-core.md §13.1, §13.5).
+/// The `data` message of `apex send` (RFC 3340 §4.4.4).
 fn data_document(from: &Endpoint, to: &[Endpoint], status: Option<u32>, text: &str) -> Bytes {
     let mut doc =
         String::from("Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n");
@@ -720,7 +720,7 @@ fn data_document(from: &Endpoint, to: &[Endpoint], status: Option<u32>, text: &s
     Bytes::from(doc)
 }
 
-/// A statusResponse (apex-core.md §12.3).
+/// A statusResponse (RFC 3340 §6.2, §9.2).
 #[derive(Debug, PartialEq, Eq)]
 struct Report {
     trans_id: u32,
@@ -1270,7 +1270,7 @@ mod tests {
     }
 
     fn status_response(trans_id: u32) -> Bytes {
-        // apex-core.md §13.3, with a second destination that failed.
+        // RFC 3340 §6.2, with a second destination that failed.
         let content = format!(
             "\r\n      <statusResponse transID='{trans_id}'>\r\n         <destination identity='barney@example.com'>\r\n            <reply code='250' transID='{trans_id}' />\r\n         </destination>\r\n         <destination identity='wilma@example.com'>\r\n            <reply code='550' transID='{trans_id}'>unknown endpoint identity</reply>\r\n         </destination>\r\n      </statusResponse>\r\n   "
         );
@@ -1341,7 +1341,7 @@ mod tests {
         assert_eq!(status, Status::Success);
         assert_eq!(String::from_utf8(out).unwrap(), "accepted\n");
         let log = relay.join().unwrap();
-        // Byte-exact with apex-core.md §13.1.
+        // Byte-exact with the attach of RFC 3340 §4.4.4.
         assert_eq!(
             &log.msgs[0][..],
             &b"Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\n"[..]

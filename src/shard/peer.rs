@@ -1,4 +1,4 @@
-//! Outbound relay-to-relay links (RFC 3340 §4.4.4.1 step 5.2, apex-core.md §8.5): one link per
+//! Outbound relay-to-relay links (RFC 3340 §3.1, §4.4.4.1 step 5.2): one link per
 //! remote domain, owned by the shard `domain_shard(domain)`. A link resolves the domain's relay
 //! (static route from configuration), connects to its apex-mesh port as BEEP initiator, starts
 //! the APEX profile with a piggybacked `bind` for our domain, then sends the data queued for

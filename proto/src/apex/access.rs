@@ -7,7 +7,7 @@
 //! `query`/`get`/`set` protocol itself, persistence and timestamps are not here: this module
 //! has no clock and no storage beyond memory.
 //!
-//! Selection (apex-access.md §3), as [`AccessTable::select`] implements it:
+//! Selection (RFC 3341 §3.1), as [`AccessTable::select`] implements it:
 //!
 //! 1. candidates are the owner's explicit entries plus the default entries whose actor is not
 //!    overridden by an explicit entry with the same actor;
@@ -670,7 +670,7 @@ pub enum EntrySource {
     Default(DefaultEntry),
 }
 
-/// The entry that decides for an owner/actor pair (apex-access.md §3, ACC-09).
+/// The entry that decides for an owner/actor pair (RFC 3341 §3.1, ACC-09).
 #[derive(Debug, Clone, Copy)]
 pub struct Selection<'a> {
     actor: Pattern<&'a str>,
@@ -736,7 +736,7 @@ struct DomainGrants {
 /// (ACC-08) and [`AccessTable::select`] picks the best match (ACC-09).
 ///
 /// Whether the relay's `core:data` check also applies to co-resident service WKEs as owners
-/// is left open by the RFCs (apex-access.md §2.3); that decision belongs to the caller, which
+/// is left open by the RFCs (RFC 3341 §3); that decision belongs to the caller, which
 /// can either skip the check for them or add entries such as
 /// `grant(apex=presence@example.com, *@*, core:data)`.
 #[derive(Debug, Clone, Default)]
@@ -748,7 +748,7 @@ pub struct AccessTable {
 
 impl AccessTable {
     /// An empty table: only the defaults apply, so ordinary endpoints cannot send each other
-    /// data (apex-access.md §2.3).
+    /// data (RFC 3341 §3).
     pub fn new() -> Self {
         Self::default()
     }
@@ -837,7 +837,7 @@ impl AccessTable {
         upsert(&mut self.all_local, Grant { actor, actions });
     }
 
-    /// Selects the entry of `owner` that applies to `actor` (apex-access.md §3, ACC-08,
+    /// Selects the entry of `owner` that applies to `actor` (RFC 3341 §3.1, ACC-08,
     /// ACC-09). With the defaults present some entry always matches an actor whose local part
     /// is more than a bare `apex=`; `None` (which callers treat as a denial) is returned only
     /// for such a degenerate actor.
@@ -1249,7 +1249,7 @@ mod tests {
 
     #[test]
     fn acc_09_worked_illustration() {
-        // apex-access.md §3: fred's three explicit entries and the table of outcomes.
+        // RFC 3341 §3.1: fred's three explicit entries and the table of outcomes.
         let fred = ep("fred@example.com");
         let mut table = AccessTable::new();
         table.grant(fred.clone(), pat("wilma@example.com"), acts("all:all"));
@@ -1474,7 +1474,7 @@ mod tests {
 
     #[test]
     fn acc_19_service_owners_can_be_opened_explicitly() {
-        // The open point of apex-access.md §2.3: one explicit entry makes a service reachable.
+        // The open point of RFC 3341 §3: one explicit entry makes a service reachable.
         let presence = ep("apex=presence@example.com");
         let fred = ep("fred@example.com");
         let mut table = AccessTable::new();

@@ -1088,7 +1088,7 @@ mod tests {
             d.data_content.as_deref(),
             Some(&b"<data-content Name='Content'>hello, barney</data-content>"[..])
         );
-        // Delivered unchanged to its only recipient (apex-core.md §13.2): same bytes, no copy.
+        // Delivered unchanged to its only recipient (RFC 3340 §4.4.4.1 step 5.3): same bytes, no copy.
         let out = d.payload_for(&[0], |_| true);
         assert_eq!(out, d.payload());
         assert_eq!(out.as_ptr(), d.payload().as_ptr());
@@ -1149,7 +1149,7 @@ mod tests {
     #[test]
     fn apex_07_multipart_related_of_13_4() {
         let payload = "Content-Type: multipart/related; boundary=\"XX\"; start=\"<1@fred.example.com>\"; type=\"application/beep+xml\"\r\n\r\n--XX\r\nContent-Type: application/beep+xml\r\nContent-ID: <1@fred.example.com>\r\n\r\n<data content='cid:2@fred.example.com'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n</data>\r\n--XX\r\nContent-Type: text/plain\r\nContent-ID: <2@fred.example.com>\r\n\r\nhello, barney\r\n--XX--\r\n";
-        assert_eq!(payload.len(), 423, "apex-core.md §13.4");
+        assert_eq!(payload.len(), 423, "RFC 3340 §4.1");
         let Operation::Data(d) = msg(payload).unwrap() else {
             panic!()
         };

@@ -4,10 +4,10 @@
 //!
 //! Pure functions and small values: the relay decides when to call them and does the sending.
 //! Nothing here reads a clock. `dataTiming` values are relative milliseconds (MILLISECS,
-//! apex-options.md §1), so callers pass instants of any monotonic millisecond clock of their
+//! RFC 3342 §6), so callers pass instants of any monotonic millisecond clock of their
 //! choosing (`received_at_ms`, `now_ms`); only differences between them are used.
 //!
-//! Where the relay calls what (RFC 3340 §4.4.4.1 step numbers, apex-options.md §7):
+//! Where the relay calls what (RFC 3340 §4.4.4.1 step numbers; RFC 3342 §2.1, §2.2, §4):
 //!
 //! | Step | Call |
 //! |------|------|
@@ -18,7 +18,7 @@
 //! | 5.3 local | [`prepare_delivery`]; [`hold_requested`] + [`HoldLimits`]; after the application's answer [`DataTiming::on_ok`] / [`DataTiming::on_deadline`] |
 //! | reports | [`status_requests_for`], [`Report::payload`], [`report_payload`] |
 //!
-//! Reports are built with [`report_payload`], whose bytes match apex-core.md §13.3 exactly.
+//! Reports are built with [`report_payload`], whose layout follows RFC 3340 §6.2 and §9.2.
 
 use std::ops::Range;
 
@@ -37,7 +37,7 @@ pub mod option_code {
     use crate::beep::mgmt::code;
 
     /// An applicable `mustUnderstand='true'` option is not understood. RFC 3340 §5 only says
-    /// "error in processing"; apex-core.md §8.3 step 3 and §11.1 (impl. notes) choose 504
+    /// "error in processing"; RFC 3340 §5 and §10 leave the code open; apexd answers 504
     /// "parameter not implemented".
     pub const NOT_UNDERSTOOD: u16 = code::NOT_IMPLEMENTED;
     /// Option content that breaks the RFC 3342 §6 DTD (e.g. `noMoreThan='300'`).
@@ -50,13 +50,13 @@ pub mod option_code {
     /// Permanent failure in a `statusResponse` (not attached, unknown endpoint, timing error
     /// report OPT-11, hop limit OPT-17).
     pub const FAILED: u16 = code::ACTION_NOT_TAKEN;
-    /// Access denied, in a `statusResponse` (apex-options.md §2 impl. note).
+    /// Access denied, in a `statusResponse` (RFC 3340 §6.2, §10).
     pub const DENIED: u16 = apex_code::NOT_AUTHORIZED;
     /// `terminate` code for an attachment overridden by `attachOverride` (RFC 3342 §1, OPT-05).
     pub const OVERRIDDEN: u16 = apex_code::OVERRIDDEN;
 }
 
-/// Diagnostic text of the `terminate` sent for an overridden attachment (apex-options.md §3).
+/// Diagnostic text of the `terminate` sent for an overridden attachment (RFC 3342 §1).
 pub const OVERRIDE_TEXT: &str = "attachment overridden";
 
 /// Default [`HoldLimits::max_messages`]: data held for unattached endpoints, all endpoints
@@ -66,7 +66,7 @@ pub const DEFAULT_MAX_HELD_MESSAGES: usize = 1024;
 /// Default [`HoldLimits::max_bytes`]: octets of held payloads, all endpoints together (16 MiB).
 pub const DEFAULT_MAX_HELD_BYTES: usize = 16 * 1024 * 1024;
 
-/// The options this relay understands (OPT-01; apex-options.md §1 summary table).
+/// The options this relay understands (OPT-01; RFC 3340 §5.1, RFC 3342 §1-§4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KnownOption {
     /// `statusRequest` (RFC 3340 §5.1): in `data` or `recipient`, no content.
@@ -158,7 +158,7 @@ pub fn check_must_understand(options: &[ApexOption], hop: Hop) -> Result<(), OpE
 }
 
 /// Whether `option` must be left out when this relay sends the containing element on at `hop`
-/// (APEX-35, apex-core.md §11.2): `targetHop='this'` options - processed (or ignored) by this
+/// (APEX-35, RFC 3340 §5): `targetHop='this'` options - processed (or ignored) by this
 /// relay - are removed before forwarding to another relay; `final` and `all` are kept. The final
 /// relay strips nothing when delivering (APEX-35 "Final relays do not strip options").
 pub fn must_remove_before_sending(option: &ApexOption, hop: Hop) -> bool {
@@ -219,7 +219,7 @@ pub fn attach_options(options: &[ApexOption]) -> Result<AttachOptions, OpError> 
 
 /// The `terminate` payload (entity headers included) that ends the previous attachment
 /// `old_trans_id` on the old application's channel: `<terminate transID='1' code='556'>attachment
-/// overridden</terminate>` (apex-options.md §3, byte-exact).
+/// overridden</terminate>` (RFC 3342 §1).
 pub fn override_terminate_payload(old_trans_id: u32) -> Bytes {
     crate::apex::msg::terminate_payload(old_trans_id, option_code::OVERRIDDEN, OVERRIDE_TEXT)
 }
@@ -299,7 +299,7 @@ pub struct Destination<'a> {
 }
 
 /// The `statusResponse` element for option `trans_id`, laid out to sit inside
-/// [`data_payload`]'s `data-content` exactly as in apex-core.md §13.3 (leading CRLF and 6-space
+/// [`data_payload`]'s `data-content` laid out as in RFC 3340 §6.2 (leading CRLF and 6-space
 /// indent, `reply` carrying the DTD-required `transID`, trailing CRLF and 3 spaces).
 pub fn status_response_xml(trans_id: u32, destinations: &[Destination<'_>]) -> String {
     let mut s = format!("\r\n      <statusResponse transID='{trans_id}'>");
@@ -325,7 +325,7 @@ pub fn status_response_xml(trans_id: u32, destinations: &[Destination<'_>]) -> S
 /// `to` (the originator of the data that asked), content `statusResponse transID=trans_id` with
 /// `destinations` (OPT-02, OPT-11, OPT-13, OPT-17). `extra_option`, when given, is an `option`
 /// element placed before the `data-content` (the final hop report's new `dataTiming`, OPT-10).
-/// Without it the bytes are [`data_payload`]'s, identical to apex-core.md §13.3. A report never
+/// Without it the bytes are [`data_payload`]'s, laid out as in RFC 3340 §6.2. A report never
 /// carries a `statusRequest` (APEX-39).
 pub fn report_payload(
     domain: &str,
@@ -421,7 +421,7 @@ impl Report {
 
 /// The new `dataTiming` option of a final hop report (OPT-10): `targetHop='all'`,
 /// `mustUnderstand='true'`, a fresh transID, and a `dataTiming` with only `noLaterThan` =
-/// the original `returnTrip` (apex-options.md §4.3 example, in the core's 3-space layout).
+/// the original `returnTrip` (RFC 3342 §2.1.1, in the core's 3-space layout).
 pub fn final_hop_option_xml(trans_id: u32, return_trip: u32) -> String {
     format!(
         "<option internal='dataTiming' targetHop='all' mustUnderstand='true' transID='{trans_id}'>\r\n      <dataTiming noLaterThan='{return_trip}' />\r\n   </option>"
@@ -785,7 +785,7 @@ impl DataHopping {
     /// Immediately before sending to the next relay (step 5.2 only; local delivery never
     /// decrements): `noMoreThan` 0 is unlimited and passes unchanged; otherwise it drops by one,
     /// and reaching 0 means the data is not sent (OPT-17). With `noMoreThan='2'` the first relay
-    /// forwards with 1 and the second drops (apex-options.md §6).
+    /// forwards with 1 and the second drops (RFC 3342 §4).
     pub fn on_forward(&self) -> HopCheck {
         match self.no_more_than {
             0 => HopCheck::Forward(*self),
@@ -826,7 +826,7 @@ pub enum Forward {
 }
 
 /// Step 5.2 for the per-data options of a data received at `received_at_ms` and about to be
-/// sent to the next relay at `now_ms` (apex-options.md §7): applies the `dataTiming` (OPT-08,
+/// sent to the next relay at `now_ms` (RFC 3342 §2.1, §2.2): applies the `dataTiming` (OPT-08,
 /// OPT-12) and `dataHopping` (OPT-17) options that apply at an intermediate hop, and removes
 /// `targetHop='this'` options (APEX-35). `final` options pass untouched. Malformed option
 /// content gives 501 (normally already caught at step 2 by the same parsers).
@@ -909,7 +909,7 @@ pub enum Delivery {
     /// Deliver it with `options` as its per-data options.
     Deliver {
         /// All per-data options (the final relay strips none), `dataTiming` values updated to
-        /// what remains (apex-options.md §4.1 impl. note: 60000 queued, delivered as 18000).
+        /// what remains (RFC 3342 §2.1: 60000 queued, delivered as 18000).
         options: Vec<ApexOption>,
         /// Reports to send now (transient timing reports).
         reports: Vec<Report>,
@@ -981,7 +981,7 @@ pub fn prepare_delivery(
 
 /// Whether `options` (per-data) ask this relay, at `hop`, to queue data for an unattached local
 /// recipient until an application attaches as it (OPT-14). The option has no attributes or
-/// content: its presence activates it (apex-options.md §5 impl. note), and a missing `transID`
+/// content: its presence activates it (RFC 3342 §3), and a missing `transID`
 /// is accepted. It has no duration of its own: the hold lasts until the `dataTiming`
 /// `noLaterThan` bound, else indefinitely (see [`HoldLimits::deadline`]).
 pub fn hold_requested(options: &[ApexOption], hop: Hop) -> bool {
@@ -1144,9 +1144,9 @@ mod tests {
         std::str::from_utf8(b).unwrap()
     }
 
-    // apex-options.md §4.3 request option, core 3-space layout.
+    // RFC 3342 §2.1.1 request option, core 3-space layout.
     const TIMING_501: &str = "<option internal='dataTiming' targetHop='all' mustUnderstand='true' transID='501'>\r\n      <dataTiming noLaterThan='5000' reportAfter='1000' returnTrip='10000'\r\n                  reportErrors='true' />\r\n   </option>";
-    // apex-options.md §6 example.
+    // RFC 3342 §4.
     const HOPPING_90: &str = "<option internal='dataHopping' targetHop='all' mustUnderstand='true' transID='90'>\r\n      <dataHopping noMoreThan='2' reportErrors='true' />\r\n   </option>";
 
     #[test]
@@ -1157,7 +1157,7 @@ mod tests {
         assert_eq!(
             KnownOption::from_name("dataHop"),
             None,
-            "apex-options.md: no such option"
+            "RFC 3342: no such option"
         );
         assert_eq!(KnownOption::from_name("statusResponse"), None);
         assert_eq!(
@@ -1231,7 +1231,7 @@ mod tests {
 
     #[test]
     fn opt_05_attach_override_digest_example() {
-        // apex-options.md §3: app #2's attach, payload 152.
+        // RFC 3342 §1: app #2's attach, payload 152.
         let attach = "Content-Type: application/beep+xml\r\n\r\n<attach endpoint='fred@example.com' transID='2'>\r\n   <option internal='attachOverride' transID='3' />\r\n</attach>\r\n";
         assert_eq!(attach.len(), 152);
         let Operation::Attach { options, .. } = parse(attach) else {
@@ -1574,7 +1574,7 @@ mod tests {
 
     #[test]
     fn opt_09_delivery_updates_remaining_time_and_keeps_hops() {
-        // apex-options.md §4.1 impl. note: queued with 60000, delivered carrying 18000.
+        // RFC 3342 §2.1: queued with 60000, delivered carrying 18000.
         let timing = option("<option internal='dataTiming' targetHop='all' mustUnderstand='true' transID='5'><dataTiming noLaterThan='60000' returnTrip='10000' /></option>");
         let hopping = option(HOPPING_90);
         let hold = option("<option internal='hold4Endpoint' />");

@@ -59,7 +59,7 @@ pub struct ChannelRef {
 }
 
 /// Which port a session arrived on: endpoints attach on apex-edge, relays bind on apex-mesh
-/// (apex-core.md §8.1, an implementation choice).
+/// (RFC 3340 §2.1, §3.1; which port takes which mode is an implementation choice).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnKind {
     /// apex-edge (913): endpoint-relay mode.
@@ -1381,7 +1381,7 @@ impl Relay {
         hold: Option<Option<u64>>,
     ) -> Option<ChannelRef> {
         // Services inside the relay (the report service) reach endpoints without access entries
-        // (apex-core.md §16 item 9: the RFCs leave this open).
+        // (RFC 3341 §3 and RFC 3340 §4.4.4.1 step 5.3 leave this open).
         let allowed = originator.is_service() || self.may_send(recipient, originator);
         if !allowed {
             self.report(report, apex_code::NOT_AUTHORIZED, "access denied");

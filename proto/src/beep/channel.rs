@@ -2,7 +2,7 @@
 //! both directions, reply ordering, reassembly of continued frames, ANS/NUL bookkeeping,
 //! sequence numbers and the sliding windows in both directions.
 //!
-//! Two independent numbering spaces per channel (beep.md §2.6 impl. note):
+//! Two independent numbering spaces per channel (RFC 3080 §2.2.1.1, §2.7):
 //!
 //! ```text
 //!   peer's MSGs  --> [assembly] --> pending_replies (in order) --> our RPY/ERR/ANS*NUL

@@ -369,7 +369,7 @@ fn parse_line(line: &[u8]) -> Result<Head, FrameError> {
     let seqno = fields.number(Field::Seqno, MAX_32BIT)?;
     let size = fields.number(Field::Size, MAX_31BIT.into())?;
     // The ansno range is 0..2^31-1 in the ABNF but 0..2^32-1 in the prose: accept the wider
-    // one on input (beep.md §2.2).
+    // one on input (RFC 3080 §2.2.1 against §2.2.1.1).
     let ansno = if keyword == Keyword::Ans {
         Some(fields.number(Field::Ansno, MAX_32BIT)?)
     } else {
@@ -702,7 +702,7 @@ mod tests {
 
     #[test]
     fn greeting_rpy_is_parsed_by_size() {
-        // beep.md §13.1, BEEP-01/BEEP-03.
+        // RFC 3080 §2.3.1.1, BEEP-01/BEEP-03.
         let wire =
             b"RPY 0 0 . 0 52\r\nContent-Type: application/beep+xml\r\n\r\n<greeting />\r\nEND\r\n";
         let mut buf = BytesMut::from(&wire[..]);
@@ -716,7 +716,7 @@ mod tests {
 
     #[test]
     fn payload_may_contain_end() {
-        // beep.md §13.4: END follows the payload on the same line; parse by size (pitfall 1).
+        // RFC 3080 §2.2.1.1, §2.2.1.3: END follows the payload on the same line; parse by size.
         let wire = b"MSG 3 0 * 0 14\r\n\r\nfirst half, END\r\n";
         let Some(Inbound::Data(frame)) = parse_all(wire).unwrap() else {
             panic!()

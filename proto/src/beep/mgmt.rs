@@ -281,7 +281,7 @@ fn tokens(value: Option<&str>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// CHAN: 1..2147483647; `close` also takes 0 and defaults to it (beep.md §14 item 3).
+/// CHAN: 1..2147483647; `close` also takes 0 and defaults to it (RFC 3080 §2.4, §7.1).
 fn channel_number(value: Option<&str>, zero_allowed: bool) -> Result<u32, MgmtError> {
     let Some(value) = value else {
         return if zero_allowed {
@@ -443,7 +443,7 @@ mod tests {
 
     #[test]
     fn start_with_piggyback_round_trips() {
-        // beep.md §13.3: piggybacked `ready` in CDATA (BEEP-21).
+        // RFC 3080 §2.3.1.2, RFC 3081 §3.1.1: piggybacked `ready` in CDATA (BEEP-21).
         let body = "<start number='1'>\r\n   <profile uri='http://iana.org/beep/TLS'><![CDATA[<ready />]]></profile>\r\n</start>\r\n";
         let Mgmt::Start(start) = parse(body.as_bytes(), LIMITS).unwrap() else {
             panic!()
@@ -539,7 +539,7 @@ mod tests {
 
     #[test]
     fn greeting_encoding_matches_the_digest() {
-        // beep.md §13.3 (greeting after TLS): payload 111 octets.
+        // RFC 3080 §2.3.1.1, §3.1.3.2 (greeting after TLS): payload 111 octets.
         let g = Mgmt::Greeting(Greeting {
             profiles: vec!["http://iana.org/beep/APEX".into()],
             ..Greeting::default()

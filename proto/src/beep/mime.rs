@@ -38,7 +38,7 @@ pub struct Entity {
 
 impl Entity {
     /// Splits `message` at the empty line that ends its headers. A message without headers
-    /// begins with CRLF (beep.md §3).
+    /// begins with CRLF (RFC 3080 §2.2).
     pub fn parse(message: &Bytes) -> Result<Entity, MimeError> {
         let end = if message.starts_with(b"\r\n") {
             0
