@@ -30,7 +30,7 @@ use apex_proto::{Limits, Role, Session, SessionConfig};
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
 
-const APEX: &str = "http://iana.org/beep/APEX";
+use apex_proto::apex::relay::APEX_PROFILE as APEX;
 
 const GREETING: &[u8] =
     b"RPY 0 0 . 0 52\r\nContent-Type: application/beep+xml\r\n\r\n<greeting />\r\nEND\r\n";

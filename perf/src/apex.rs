@@ -35,8 +35,7 @@ use crate::payload::{self, Stamp};
 use crate::stats::{self, Report};
 use crate::stream::Pattern;
 
-/// The APEX profile URI (RFC 3340 §8).
-const APEX_PROFILE: &str = "http://iana.org/beep/APEX";
+use apex_proto::apex::relay::APEX_PROFILE;
 
 /// How long a blocking read waits before the task looks at the clock again.
 const READ_TIMEOUT: Duration = Duration::from_millis(10);

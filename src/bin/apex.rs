@@ -31,8 +31,7 @@ use apex_proto::{xml, Event, ReplyKind, Role, Session, SessionConfig};
 use bytes::{Bytes, BytesMut};
 use clap::{Parser, Subcommand};
 
-/// The APEX profile URI (RFC 3340 §4).
-const APEX: &str = "http://iana.org/beep/APEX";
+use apex_proto::apex::relay::APEX_PROFILE as APEX;
 
 /// The transaction identifier of our (only) attach on the channel.
 const ATTACH_TRANS_ID: u32 = 1;

@@ -14,7 +14,8 @@ use bytes::{Buf, BytesMut};
 
 pub mod dns_server;
 
-pub const APEX: &str = "http://iana.org/beep/APEX";
+/// The APEX profile URI (RFC 3340 §4.2).
+pub use apex_proto::apex::relay::APEX_PROFILE as APEX;
 
 /// A running relay, stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Relay {
