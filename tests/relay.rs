@@ -464,3 +464,71 @@ fn a_stalled_recipient_bounds_what_a_two_shard_relay_accepts() {
         SENDERS * QUEUED
     );
 }
+
+/// An endpoint that attaches and never reads, while fred pipelines 1 KiB data to it: only
+/// fred is held back (his window), and another pair on the same relay keeps exchanging
+/// messages meanwhile. (The relay used to stop reading every connection of the shard.)
+fn a_recipient_that_never_reads_stalls_no_other_pair(shards: usize) {
+    let relay = relay_configured(
+        shards,
+        &format!("never-reads-{shards}"),
+        "[limits]\nmax_outstanding_msgs = 64\n",
+    );
+    let (_barney, _) = attached(&relay, "barney@example.com");
+    let (mut fred, fred_channel) = attached(&relay, "fred@example.com");
+    let (mut wilma, wilma_channel) = attached(&relay, "wilma@example.com");
+    let (mut betty, _) = attached(&relay, "betty@example.com");
+    // The healthy pair: 100 round trips, each a new read of wilma's connection, and the time
+    // they take.
+    let exchange = |wilma: &mut Client, betty: &mut Client| {
+        let started = std::time::Instant::now();
+        for i in 0..100 {
+            let data = data_from_to("wilma@example.com", "betty@example.com", i);
+            let (positive, _) = wilma.request(wilma_channel, data);
+            assert!(positive, "{shards} shard(s): message {i} accepted");
+            let mut got = Vec::new();
+            while got.is_empty() {
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(20),
+                    "{shards} shard(s): message {i} not delivered"
+                );
+                got = betty.drain_messages();
+            }
+            assert_eq!(content_of(&got[0]), i.to_string());
+        }
+        started.elapsed()
+    };
+    let baseline = exchange(&mut wilma, &mut betty);
+    let kib = "k".repeat(1024);
+    for _ in 0..3_000 {
+        let data = data_from_to("fred@example.com", "barney@example.com", &kib);
+        fred.session.send_msg(fred_channel, data).unwrap();
+    }
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    while std::time::Instant::now() < until {
+        fred.pump();
+    }
+    let meanwhile = exchange(&mut wilma, &mut betty);
+    assert!(
+        meanwhile < baseline * 2 + std::time::Duration::from_millis(500),
+        "{shards} shard(s): {meanwhile:?} beside the stuck endpoint, {baseline:?} before"
+    );
+    // Fred was held back: far fewer than his 3,000 messages were accepted.
+    fred.pump();
+    let answered = fred
+        .events
+        .iter()
+        .filter(|e| matches!(e, apex_proto::Event::Reply { .. }))
+        .count();
+    assert!(answered < 3_000, "{shards} shard(s): {answered} answered");
+}
+
+#[test]
+fn a_recipient_that_never_reads_stalls_no_other_pair_1_shard() {
+    a_recipient_that_never_reads_stalls_no_other_pair(1);
+}
+
+#[test]
+fn a_recipient_that_never_reads_stalls_no_other_pair_2_shards() {
+    a_recipient_that_never_reads_stalls_no_other_pair(2);
+}
