@@ -496,6 +496,14 @@ impl Config {
         if self.runtime.max_connections == 0 || self.runtime.mesh_queue == 0 {
             bail!("fields `runtime.max_connections` and `runtime.mesh_queue` must be at least 1");
         }
+        // Refused sessions take a slot too while they are answered: leave room for them.
+        if self.runtime.max_connections > apex_proto::shard::MAX_SLOTS / 2 {
+            bail!(
+                "field `runtime.max_connections`: {} must be at most {}",
+                self.runtime.max_connections,
+                apex_proto::shard::MAX_SLOTS / 2
+            );
+        }
         if self.backpressure.max_assembly_octets < self.limits.max_message_size {
             bail!(
                 "field `backpressure.max_assembly_octets`: {} must be at least limits.max_message_size ({})",

@@ -388,7 +388,6 @@ pub struct RelayNet {
     /// interleave connection events with cross-shard exchanges.
     pub pause_mesh: bool,
     envelopes: VecDeque<(usize, Envelope)>,
-    next_conn: ConnId,
     epoch: Instant,
 }
 
@@ -456,7 +455,6 @@ impl RelayNet {
             now_ms: 0,
             pause_mesh: false,
             envelopes: VecDeque::new(),
-            next_conn: 1,
             epoch,
         }
     }
@@ -468,12 +466,12 @@ impl RelayNet {
 
     fn open(&mut self, shard: usize, kind: ConnKind, raw: bool) -> ClientId {
         assert!(shard < self.shards.len(), "no shard {shard}");
-        let conn = self.next_conn;
-        self.next_conn += 1;
         let now = self.instant();
         let core = &mut self.shards[shard];
         core.set_session_config(self.listener_config.clone());
-        core.open(conn, kind, now);
+        let Some(conn) = core.open(kind, now) else {
+            panic!("shard {shard} has no room for another connection");
+        };
         self.clients.push(RelayClient {
             shard,
             conn,

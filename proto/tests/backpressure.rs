@@ -343,3 +343,46 @@ fn partial_messages_share_the_shard_s_assembly_budget() {
     let (betty, _) = endpoint(&mut net, 0, "betty@example.com");
     healthy_pair_is_served(&mut net, wilma, betty, 50);
 }
+
+/// Past the shard's backlog budget a recipient refuses at once (no stall wait): its sender's
+/// held-back window comes back whole, and the rest of its data is answered 450.
+#[test]
+fn over_the_backlog_budget_a_recipient_refuses_at_once() {
+    for (shards, sender_shard, slow_shard) in placements() {
+        let budgets = Budgets {
+            max_backlog_octets: 50 * 1024,
+            ..Budgets::default()
+        };
+        let mut net = granted(shards, budgets);
+        let (barney, _) = endpoint(&mut net, slow_shard, "barney@example.com");
+        let fred = endpoint(&mut net, sender_shard, "fred@example.com");
+        net.clients[barney].paused = true;
+        for _ in 0..3000 {
+            net.send_nowait(
+                fred.0,
+                fred.1,
+                data("fred@example.com", "barney@example.com", 1024, None),
+            );
+        }
+        net.drive();
+        let answers = replies(&net, fred.0, fred.1);
+        assert_eq!(
+            answers.len(),
+            3000,
+            "{shards} shard(s): all answered, no time passed"
+        );
+        assert!(answers.iter().any(|r| !r.0 && r.1.contains("code='450'")));
+        let conn = net.clients[fred.0].conn;
+        let withheld = net.shards[sender_shard]
+            .session(conn)
+            .unwrap()
+            .withheld(fred.1);
+        assert_eq!(
+            withheld, 0,
+            "{shards} shard(s): fred's window is whole again"
+        );
+        // The budget, plus what the batch of input that crossed it had already routed.
+        let held: usize = net.shards.iter().map(|s| s.backlog_octets()).sum();
+        assert!(held <= 50 * 1024 + 64 * 1024, "{shards} shard(s): {held}");
+    }
+}

@@ -42,19 +42,24 @@ enum Wake {
 pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind) -> Ending {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
-    let conn = ctx.next_conn_id();
-    let wake = Rc::new(Notify::default());
-    ctx.wakers.borrow_mut().insert(conn, wake.clone());
-    {
+    let opened = {
         let mut core = ctx.core.borrow_mut();
         let now = Instant::now();
         if ctx.connections.get() > ctx.config.runtime.max_connections {
             let error = ErrorElement::new(code::SERVICE_NOT_AVAILABLE, "too many connections");
-            core.open_refusing(conn, kind, error, now);
+            core.open_refusing(kind, error, now)
         } else {
-            core.open(conn, kind, now);
+            core.open(kind, now)
         }
-    }
+    };
+    let Some(conn) = opened else {
+        // Every slot of the shard is taken: nothing to say to the peer.
+        warn!(shard = ctx.id, ?peer, "no room for another connection");
+        let _ = sys::reset_on_close(stream.as_fd());
+        return Ending::Aborted;
+    };
+    let wake = Rc::new(Notify::default());
+    ctx.wakers.borrow_mut().insert(conn, wake.clone());
     ctx.dispatch();
 
     let ending = run(&mut stream, conn, &wake, &ctx).await;

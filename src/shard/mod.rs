@@ -64,17 +64,9 @@ pub struct ShardContext {
     /// Outboxes over their limit (`runtime.mesh_queue` envelopes); while there are any the
     /// shard's connections pause reading.
     pub outbox_backlog: notify::Backlog,
-    next_conn: Cell<ConnId>,
 }
 
 impl ShardContext {
-    /// A fresh connection id.
-    pub fn next_conn_id(&self) -> ConnId {
-        let id = self.next_conn.get();
-        self.next_conn.set(id.wrapping_add(1));
-        id
-    }
-
     /// Carries out what the shard core asks after an input: wakes connection drivers, queues
     /// envelopes for other shards, hands data to mesh links. The core is not borrowed while
     /// an output is carried out, so a link may report a failure back to it.
@@ -357,7 +349,6 @@ async fn shard_main(
             .map(|_| outbox::Outbox::new(outbox_limit))
             .collect(),
         outbox_backlog: notify::Backlog::default(),
-        next_conn: Cell::new(0),
     });
     if ctx.mesh.is_some() {
         for peer in (0..shard_count).filter(|p| *p != id) {

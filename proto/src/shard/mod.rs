@@ -44,12 +44,18 @@ use crate::beep::output::FrameSink;
 use crate::beep::session::{Event, Role, Session, SessionConfig};
 use crate::error::{Misuse, ProtocolError};
 
+mod slab;
+use slab::Slab;
+pub use slab::MAX_SLOTS;
+
 /// Shard-wide bounds on what the sessions of one shard may make it hold, beyond what each
 /// session's own [`crate::Limits`] bound.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Budgets {
     /// Most octets of relay MSGs waiting in recipients' backlogs over the shard. Past it, every
-    /// recipient with a backlog refuses data until its backlog drains.
+    /// recipient with a backlog refuses data until its backlog drains. What the input that
+    /// crossed it had already routed (one read's worth, or envelopes already on their way
+    /// from other shards) still joins the backlogs.
     pub max_backlog_octets: usize,
     /// Most octets of partial messages held for reassembly over all sessions of the shard
     /// (each session is also bounded by `Limits::max_session_assembly`).
@@ -127,7 +133,7 @@ pub struct ShardCore {
     relay: Relay,
     session_config: SessionConfig,
     budgets: Budgets,
-    conns: FxHashMap<ConnId, Conn>,
+    conns: Slab<Conn>,
     woken: VecDeque<ConnId>,
     to_shards: VecDeque<(usize, Envelope)>,
     forwards: VecDeque<(String, Bytes)>,
@@ -139,6 +145,8 @@ pub struct ShardCore {
     epoch: Instant,
     /// The relay asked for time at this relay-clock millisecond (held data expires).
     relay_deadline: Option<u64>,
+    /// Window octets to hold back, not yet applied: a run from one sending channel.
+    withholding: Option<(ChannelRef, u32)>,
 }
 
 impl ShardCore {
@@ -158,7 +166,7 @@ impl ShardCore {
             relay,
             session_config,
             budgets,
-            conns: FxHashMap::default(),
+            conns: Slab::default(),
             woken: VecDeque::new(),
             to_shards: VecDeque::new(),
             forwards: VecDeque::new(),
@@ -166,6 +174,7 @@ impl ShardCore {
             assembling: 0,
             epoch: now,
             relay_deadline: None,
+            withholding: None,
         }
     }
 
@@ -203,41 +212,41 @@ impl ShardCore {
         now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
-    /// A connection was accepted: its listener session greets the peer.
-    pub fn open(&mut self, conn: ConnId, kind: ConnKind, now: Instant) {
+    /// A connection was accepted: its listener session greets the peer. Returns the
+    /// connection's id, or `None` when the shard holds [`MAX_SLOTS`] already (close it).
+    pub fn open(&mut self, kind: ConnKind, now: Instant) -> Option<ConnId> {
         let session = Session::new(Role::Listener, self.session_config.clone());
-        self.insert(conn, kind, session, now);
+        self.insert(kind, session, now)
     }
 
     /// A connection was accepted but is refused service: its session answers the greeting
-    /// with `error` and ends (RFC 3080 §2.3.1.1).
+    /// with `error` and ends (RFC 3080 §2.3.1.1). Returns its id as [`ShardCore::open`] does.
     pub fn open_refusing(
         &mut self,
-        conn: ConnId,
         kind: ConnKind,
         error: ErrorElement,
         now: Instant,
-    ) {
+    ) -> Option<ConnId> {
         let session = Session::new_refusing(self.session_config.clone(), error);
-        self.insert(conn, kind, session, now);
+        self.insert(kind, session, now)
     }
 
-    fn insert(&mut self, conn: ConnId, kind: ConnKind, session: Session, now: Instant) {
-        self.conns.insert(
-            conn,
-            Conn {
-                session,
-                backlogs: FxHashMap::default(),
-                woken: false,
-            },
-        );
+    fn insert(&mut self, kind: ConnKind, session: Session, now: Instant) -> Option<ConnId> {
+        let conn = self.conns.insert(Conn {
+            session,
+            backlogs: FxHashMap::default(),
+            woken: false,
+        })?;
         self.relay.set_now(self.ms(now));
         self.relay.conn_opened(conn, kind);
         self.wake(conn);
+        Some(conn)
     }
 
     /// Feeds octets read from `conn` to its session and runs what they lead to. `Err`: the
-    /// session violated the protocol and must be aborted; [`ShardCore::close`] it.
+    /// session violated the protocol and must be aborted; [`ShardCore::close`] it. The caller
+    /// polls `conn`'s output afterwards ([`ShardCore::poll_transmit`]): no [`Output::Wake`] is
+    /// given for `conn` itself.
     pub fn handle_input(
         &mut self,
         conn: ConnId,
@@ -261,8 +270,16 @@ impl ShardCore {
         let result = session.handle_input(read_buf, now);
         self.assembling = (self.assembling + session.assembling()).saturating_sub(held);
         result?;
+        // The caller polls this connection's output next: what its input leads to does not
+        // wake it (marked as woken, it is not listed).
+        let listed = std::mem::replace(&mut c.woken, true);
         self.relay.set_now(now_ms);
         self.handle_events(conn, now);
+        if !listed {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.woken = false;
+            }
+        }
         Ok(())
     }
 
@@ -407,7 +424,7 @@ impl ShardCore {
                     let stalled = !b.refusing && now.saturating_duration_since(b.progress) >= stall;
                     stalled.then_some(ChannelRef {
                         shard,
-                        conn: *conn,
+                        conn,
                         channel: *channel,
                     })
                 })
@@ -484,6 +501,9 @@ impl ShardCore {
                 Action::Forward { domain, payload } => self.forwards.push_back((domain, payload)),
             }
         }
+        if let Some((at, octets)) = self.withholding.take() {
+            self.adjust_window(at, octets, true);
+        }
         self.relay_deadline = self.relay.next_deadline();
     }
 
@@ -531,7 +551,17 @@ impl ShardCore {
         backlog.queue.push_back(Waiting { payload, source });
         self.backlog_octets += octets;
         if let Some(source) = source {
-            self.adjust_window(source, window_octets(octets), true);
+            // A run of data from one channel is held back with one adjustment.
+            match &mut self.withholding {
+                Some((at, sum)) if *at == source => {
+                    *sum = sum.saturating_add(window_octets(octets))
+                }
+                pending => {
+                    if let Some((at, sum)) = pending.replace((source, window_octets(octets))) {
+                        self.adjust_window(at, sum, true);
+                    }
+                }
+            }
         }
         if self.backlog_octets > self.budgets.max_backlog_octets {
             // Over the shard's budget: every recipient with a backlog refuses from now on.
@@ -545,7 +575,7 @@ impl ShardCore {
                         .filter(|(_, b)| !b.refusing)
                         .map(move |(channel, _)| ChannelRef {
                             shard,
-                            conn: *conn,
+                            conn,
                             channel: *channel,
                         })
                 })
@@ -572,7 +602,7 @@ impl ShardCore {
                     Ok(_) => {
                         self.backlog_octets -= octets;
                         if let Some(source) = waiting.source {
-                            released.push((source, octets));
+                            add_to(&mut released, source, octets);
                         }
                     }
                     Err((Misuse::TooManyOutstanding(_), payload)) => {
@@ -587,7 +617,7 @@ impl ShardCore {
                         self.backlog_octets -= octets;
                         failed.push(*channel);
                         if let Some(source) = waiting.source {
-                            released.push((source, octets));
+                            add_to(&mut released, source, octets);
                         }
                     }
                 }
@@ -650,7 +680,7 @@ impl ShardCore {
         let mut released = Vec::new();
         for waiting in backlog.queue.iter_mut() {
             if let Some(source) = waiting.source.take() {
-                released.push((source, waiting.payload.len()));
+                add_to(&mut released, source, waiting.payload.len());
             }
         }
         for (source, octets) in released {
@@ -671,6 +701,12 @@ impl ShardCore {
     /// Holds back or gives back `octets` of the sending channel `at`'s window, here or on its
     /// own shard.
     fn adjust_window(&mut self, at: ChannelRef, octets: u32, withhold: bool) {
+        if !withhold {
+            // What is given back must have been held back first.
+            if let Some((pending, sum)) = self.withholding.take() {
+                self.adjust_window(pending, sum, true);
+            }
+        }
         if at.shard != self.shard {
             self.to_shards.push_back((
                 at.shard,
@@ -692,6 +728,15 @@ impl ShardCore {
             // The SEQ that reopens the window is output.
             self.wake(at.conn);
         }
+    }
+}
+
+/// Adds `octets` given back to `source` to `released`, in one entry with the last one when it
+/// is for the same channel (the usual run of one sender's data).
+fn add_to(released: &mut Vec<(ChannelRef, usize)>, source: ChannelRef, octets: usize) {
+    match released.last_mut() {
+        Some((at, sum)) if *at == source => *sum += octets,
+        _ => released.push((source, octets)),
     }
 }
 
