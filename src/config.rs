@@ -91,6 +91,8 @@ max_assembly_octets = 268435456
 # A recipient that takes nothing for this long (milliseconds) refuses data with 450 until it
 # reads again; the senders it held back are let go.
 stall_ms = 5000
+# Octets a recipient may fall behind before the channels that send to it are held back.
+backlog_slack = 65536
 
 [apex]
 # Bounds on APEX control documents from peers (apex_proto::apex::msg::ApexLimits).
@@ -109,7 +111,7 @@ max_send_frame = 32768
 max_channels = 1024
 max_pending_replies = 65536
 max_answers_in_progress = 64
-max_outstanding_msgs = 1024
+max_outstanding_msgs = 4096
 max_queued_octets = 16777216
 max_session_assembly = 8388608
 max_queued_replies = 1048576
@@ -223,6 +225,8 @@ pub struct BackpressureConfig {
     pub max_assembly_octets: usize,
     /// Milliseconds a recipient may take nothing before data for it is refused.
     pub stall_ms: u64,
+    /// Octets a recipient may fall behind before its senders are held back.
+    pub backlog_slack: usize,
 }
 
 /// Bounds of the hold4Endpoint queue.
@@ -411,6 +415,7 @@ impl Config {
             max_backlog_octets: self.backpressure.max_backlog_octets,
             max_assembly_octets: self.backpressure.max_assembly_octets,
             stall: std::time::Duration::from_millis(self.backpressure.stall_ms),
+            backlog_slack: self.backpressure.backlog_slack,
         }
     }
 

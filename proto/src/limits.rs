@@ -76,7 +76,7 @@ impl Default for Limits {
             max_channels: 1024,
             max_pending_replies: 65_536,
             max_answers_in_progress: 64,
-            max_outstanding_msgs: 1024,
+            max_outstanding_msgs: 4096,
             max_queued_octets: 16 * 1024 * 1024,
             max_session_assembly: 8 * 1024 * 1024,
             max_queued_replies: 1024 * 1024,

@@ -436,6 +436,11 @@ impl Channel {
         });
     }
 
+    /// Whether a partial message is held for reassembly on this channel.
+    pub(crate) fn has_partial(&self) -> bool {
+        self.msg_assembly.is_some() || !self.reply_assembly.is_empty()
+    }
+
     /// Octets of partial messages held for reassembly on this channel (the peer's MSG and
     /// replies to ours).
     pub(crate) fn assembling(&self) -> usize {

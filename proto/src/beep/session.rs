@@ -366,8 +366,17 @@ impl Session {
                 self.pending_head = Some((header, header_len));
                 return Ok(());
             };
-            let room = self.assembly_allowance.saturating_sub(self.assembling);
-            let held_before = channel.assembling();
+            // Only a continued frame, or one on a channel with a partial message, can change
+            // what is held for reassembly: single-frame messages skip the bookkeeping.
+            let assembles = header.more || channel.has_partial();
+            let (room, held_before) = if assembles {
+                (
+                    self.assembly_allowance.saturating_sub(self.assembling),
+                    channel.assembling(),
+                )
+            } else {
+                (usize::MAX, 0)
+            };
             let received = receive_on(
                 channel,
                 &header,
@@ -377,8 +386,8 @@ impl Session {
                 &mut self.seq_dirty,
                 &mut self.ready,
             )?;
-            let held_after = channel.assembling();
-            if held_after != held_before {
+            if assembles {
+                let held_after = channel.assembling();
                 self.assembling = (self.assembling + held_after).saturating_sub(held_before);
             }
             self.handle_received(&header, received)?;

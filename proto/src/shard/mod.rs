@@ -62,6 +62,8 @@ pub struct Budgets {
     pub max_assembly_octets: usize,
     /// How long a recipient may take nothing from its backlog before data for it is refused.
     pub stall: Duration,
+    /// Octets a recipient's backlog may hold before it holds back its senders' windows.
+    pub backlog_slack: usize,
 }
 
 impl Default for Budgets {
@@ -70,6 +72,7 @@ impl Default for Budgets {
             max_backlog_octets: 64 * 1024 * 1024,
             max_assembly_octets: 256 * 1024 * 1024,
             stall: Duration::from_secs(5),
+            backlog_slack: 64 * 1024,
         }
     }
 }
@@ -108,6 +111,8 @@ struct Waiting {
 #[derive(Debug)]
 struct Backlog {
     queue: VecDeque<Waiting>,
+    /// Octets in `queue`.
+    octets: usize,
     /// When the recipient last took a MSG from it (or it began).
     progress: Instant,
     refusing: bool,
@@ -521,7 +526,7 @@ impl ShardCore {
             self.relay.send_failed(conn, channel, ENDPOINT_GONE);
             return;
         };
-        let payload = if c.backlogs.contains_key(&channel) {
+        let payload = if !c.backlogs.is_empty() && c.backlogs.contains_key(&channel) {
             payload
         } else {
             match c.session.try_send_msg(channel, payload) {
@@ -543,11 +548,15 @@ impl ShardCore {
         let octets = payload.len();
         let backlog = c.backlogs.entry(channel).or_insert_with(|| Backlog {
             queue: VecDeque::new(),
+            octets: 0,
             progress: now,
             refusing: false,
         });
-        // A refusing recipient's backlog holds nobody back any more.
-        let source = source.filter(|_| !backlog.refusing);
+        // Within its slack a backlog holds nobody back (a recipient a little behind catches
+        // up without its senders' windows being worked), and a refusing one no longer does.
+        let slack = self.budgets.backlog_slack;
+        let source = source.filter(|_| !backlog.refusing && backlog.octets >= slack);
+        backlog.octets += octets;
         backlog.queue.push_back(Waiting { payload, source });
         self.backlog_octets += octets;
         if let Some(source) = source {
@@ -601,6 +610,7 @@ impl ShardCore {
                 match c.session.try_send_msg(*channel, waiting.payload) {
                     Ok(_) => {
                         self.backlog_octets -= octets;
+                        backlog.octets -= octets;
                         if let Some(source) = waiting.source {
                             add_to(&mut released, source, octets);
                         }
@@ -615,6 +625,7 @@ impl ShardCore {
                     Err(_) => {
                         // The channel is closing: everything behind fails as well.
                         self.backlog_octets -= octets;
+                        backlog.octets -= octets;
                         failed.push(*channel);
                         if let Some(source) = waiting.source {
                             add_to(&mut released, source, octets);
