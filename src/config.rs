@@ -115,6 +115,7 @@ max_outstanding_msgs = 4096
 max_queued_octets = 16777216
 max_session_assembly = 8388608
 max_queued_replies = 1048576
+max_unanswered_octets = 8388608
 max_piggyback = 4096
 max_transmit = 262144
 max_xml_depth = 16
@@ -293,6 +294,7 @@ pub struct LimitsConfig {
     pub max_queued_octets: usize,
     pub max_session_assembly: usize,
     pub max_queued_replies: usize,
+    pub max_unanswered_octets: usize,
     pub max_piggyback: usize,
     pub max_transmit: usize,
     pub max_xml_depth: usize,
@@ -313,6 +315,7 @@ impl From<&LimitsConfig> for Limits {
             max_queued_octets: c.max_queued_octets,
             max_session_assembly: c.max_session_assembly,
             max_queued_replies: c.max_queued_replies,
+            max_unanswered_octets: c.max_unanswered_octets,
             max_piggyback: c.max_piggyback,
             max_transmit: c.max_transmit,
             max_xml_depth: c.max_xml_depth,

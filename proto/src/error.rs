@@ -131,6 +131,10 @@ pub enum ProtocolError {
     /// A reply on channel 0 that is poorly formed or does not fit its request (BEEP-15).
     #[error("poorly-formed channel-0 reply: {0}")]
     BadManagementReply(&'static str),
+    /// The peer did not take our replies (past [`crate::Limits::max_queued_replies`]) and
+    /// sent more than [`crate::Limits::max_unanswered_octets`] of messages meanwhile.
+    #[error("the peer does not take its replies and keeps sending")]
+    RepliesNotTaken,
     /// The peer pipelined more MSGs than [`crate::Limits::max_pending_replies`].
     #[error("too many MSGs awaiting reply on channel {0}")]
     TooManyPendingReplies(u32),

@@ -56,6 +56,11 @@ pub struct Limits {
     /// octets close our own window in turn: a peer that pipelines MSGs but never takes the
     /// replies cannot make us queue replies without bound.
     pub max_queued_replies: usize,
+    /// Most octets of the peer's messages that may wait, not handed out, while its replies
+    /// are over `max_queued_replies`: past it the session is ended (a peer that takes no
+    /// replies and fills the windows of many channels). The windows bound each channel, not
+    /// their sum.
+    pub max_unanswered_octets: usize,
     /// Largest piggybacked `profile` content in a `start` (RFC 3080 §2.3.1.2: "4K octets").
     pub max_piggyback: usize,
     /// Octets of output `poll_transmit` appends per call; bounds one write.
@@ -80,6 +85,7 @@ impl Default for Limits {
             max_queued_octets: 16 * 1024 * 1024,
             max_session_assembly: 8 * 1024 * 1024,
             max_queued_replies: 1024 * 1024,
+            max_unanswered_octets: 8 * 1024 * 1024,
             max_piggyback: 4096,
             max_transmit: 256 * 1024,
             max_xml_depth: 16,

@@ -2219,6 +2219,35 @@ fn beep_63_replies_the_peer_will_not_take_stop_its_messages() {
     assert_eq!(frames, 8 + 1, "their replies, and a SEQ");
 }
 
+/// `max_unanswered_octets`: the windows bound what waits on each channel, not their sum over
+/// a thousand channels. A peer whose replies are held (past `max_queued_replies`) and that
+/// keeps sending past this bound is ended.
+#[test]
+fn beep_63_a_peer_that_takes_no_replies_and_keeps_sending_is_ended() {
+    let limits = Limits {
+        recv_window: 65536,
+        max_queued_replies: 2048,
+        max_unanswered_octets: 8192,
+        ..Limits::default()
+    };
+    let mut l = listener_ch1_limits(
+        limits,
+        b"SEQ 0 52 65536\r\n",
+        &[RPY_START_1, b"SEQ 1 0 65536\r\n"].concat(),
+    );
+    let body = [&b"\r\n"[..], &[b'x'; 1022]].concat();
+    let mut result = Ok(());
+    let mut sent = 0u32;
+    while result.is_ok() && sent < 64 {
+        result = l.feed(&data("MSG", 1, sent, '.', 1024 * sent, &body));
+        let _ = l.transmit();
+        sent += 1;
+    }
+    assert_eq!(result, Err(ProtocolError::RepliesNotTaken));
+    // Four replies went out, three more were given (past 2048 waiting), then 8 KiB more.
+    assert_eq!(sent, 4 + 3 + 9);
+}
+
 fn limits_4096() -> Limits {
     Limits {
         recv_window: 4096,

@@ -196,6 +196,8 @@ pub struct Session {
     assembling: usize,
     /// Octets of replies to profile channels' MSGs given and not completely written.
     queued_replies: usize,
+    /// Octets of message and reply events not yet polled.
+    unpolled: usize,
     /// Most octets of partial messages this session may hold: [`Limits::max_session_assembly`]
     /// unless the application lowers it ([`Session::set_assembly_allowance`]).
     assembly_allowance: usize,
@@ -250,6 +252,7 @@ impl Session {
             deferred_closes: Vec::new(),
             assembling: 0,
             queued_replies: 0,
+            unpolled: 0,
             assembly_allowance: config.limits.max_session_assembly,
             config,
         }
@@ -442,11 +445,20 @@ impl Session {
                 Ok(())
             }
             Received::Msg { msgno, payload } => {
+                self.unpolled += payload.len();
                 self.events.push_back(Event::Message {
                     channel: h.channel,
                     msgno,
                     payload,
                 });
+                let limits = &self.config.limits;
+                if self.queued_replies > limits.max_queued_replies
+                    && self.unpolled > limits.max_unanswered_octets
+                {
+                    // Each channel's window bounds what waits on it, but not over a thousand
+                    // channels: a peer that takes no replies and fills them all is ended.
+                    return Err(ProtocolError::RepliesNotTaken);
+                }
                 Ok(())
             }
             Received::Reply {
@@ -464,6 +476,7 @@ impl Session {
                     (Keyword::Nul, _) => ReplyKind::Nul,
                     _ => ReplyKind::Err,
                 };
+                self.unpolled += payload.len();
                 self.events.push_back(Event::Reply {
                     channel: h.channel,
                     msgno,
@@ -738,6 +751,7 @@ impl Session {
             channel, payload, ..
         } = &event
         {
+            self.unpolled = self.unpolled.saturating_sub(payload.len());
             let octets = payload.len() as u32;
             match &mut self.released {
                 Some((number, pending)) if number == channel => {
