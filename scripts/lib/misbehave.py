@@ -321,10 +321,15 @@ def loop(peers, step, until, what):
         if until():
             return True
         step()
+        for p in peers:
+            if not p.closed:
+                p.pump_replies()
+                p.flush()
+        # A write may have found the connection ended by the relay.
         live = [p for p in peers if not p.closed]
-        for p in live:
-            p.pump_replies()
-            p.flush()
+        if not live:
+            time.sleep(0.05)
+            continue
         rd = [p.sock for p in live if p.wants_read()]
         wr = [p.sock for p in live if p.wbuf]
         by_sock = {p.sock: p for p in live}
@@ -560,9 +565,11 @@ def case_mute(hub, args, max_end):
 
     ready(f"mute@ pipelining data on {len(chans)} channels, never reading, never sending SEQ")
     run_until_stop([peer], pump, max_end)
+    ended_by_relay = "yes" if peer.closed else "no"
     peer.close()
     result(channels=len(chans), small_msgs=sent["small"], big_msgs=sent["big"],
-           big_octets=sent["big_octets"], unsent_octets=len(peer.wbuf))
+           big_octets=sent["big_octets"], unsent_octets=len(peer.wbuf),
+           ended_by_relay=ended_by_relay)
 
 
 CASES = {"stuck": case_stuck, "self": case_self, "slow": case_slow,
