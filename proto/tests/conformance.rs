@@ -1727,13 +1727,14 @@ fn beep_32_close_accepted_once_the_reply_is_taken() {
 }
 
 /// BEEP-29/BEEP-15: an `ok` with an attribute answering our release is a poorly-formed
-/// channel-0 reply: the session terminates. A proper `<ok />` releases it.
+/// channel-0 reply: the session terminates. A proper `<ok />` releases it. Our release names
+/// channel 0 explicitly (the attribute's default; some peers need it written).
 #[test]
 fn beep_29_ok_with_attributes_terminates() {
     let mut i = initiator();
     i.session.close_session(200).unwrap();
     i.expect(
-        checked(b"MSG 0 1 . 52 60\r\nContent-Type: application/beep+xml\r\n\r\n<close code='200' />\r\nEND\r\n"),
+        checked(b"MSG 0 1 . 52 71\r\nContent-Type: application/beep+xml\r\n\r\n<close number='0' code='200' />\r\nEND\r\n"),
         "release request",
     );
     assert_aborts(
@@ -1745,7 +1746,7 @@ fn beep_29_ok_with_attributes_terminates() {
     let mut i = initiator();
     i.session.close_session(200).unwrap();
     i.expect(
-        b"MSG 0 1 . 52 60\r\nContent-Type: application/beep+xml\r\n\r\n<close code='200' />\r\nEND\r\n",
+        b"MSG 0 1 . 52 71\r\nContent-Type: application/beep+xml\r\n\r\n<close number='0' code='200' />\r\nEND\r\n",
         "release request",
     );
     i.feed(checked(

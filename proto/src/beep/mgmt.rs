@@ -384,11 +384,9 @@ impl Mgmt {
             }
             Mgmt::Profile(p) => format!("{}\r\n", profile_xml(p)),
             Mgmt::Close(c) => {
-                let number = if c.number == 0 {
-                    String::new()
-                } else {
-                    format!("number='{}' ", c.number)
-                };
+                // `number` is written for the session (0) too: the attribute defaults to 0
+                // (RFC 3080 §2.3.1.3), but some peers (Vortex 1.1) fail on a close without it.
+                let number = format!("number='{}' ", c.number);
                 if c.text.is_empty() {
                     format!("<close {number}code='{}' />\r\n", c.code)
                 } else {
