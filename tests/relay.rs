@@ -510,17 +510,21 @@ fn a_recipient_that_never_reads_stalls_no_other_pair(shards: usize) {
     }
     let meanwhile = exchange(&mut wilma, &mut betty);
     assert!(
-        meanwhile < baseline * 2 + std::time::Duration::from_millis(500),
+        // Generous for slow and shared machines: a frozen shard never answers at all.
+        meanwhile < baseline * 2 + std::time::Duration::from_secs(2),
         "{shards} shard(s): {meanwhile:?} beside the stuck endpoint, {baseline:?} before"
     );
-    // Fred was held back: far fewer than his 3,000 messages were accepted.
+    // Fred was held back: far fewer than his 3,000 messages were accepted (on a slow build
+    // the stall limit may pass and the rest be refused with 450: not accepted either).
     fred.pump();
-    let answered = fred
+    let accepted = fred
         .events
         .iter()
-        .filter(|e| matches!(e, apex_proto::Event::Reply { .. }))
+        .filter(|e| {
+            matches!(e, apex_proto::Event::Reply { kind, .. } if *kind == apex_proto::ReplyKind::Rpy)
+        })
         .count();
-    assert!(answered < 3_000, "{shards} shard(s): {answered} answered");
+    assert!(accepted < 3_000, "{shards} shard(s): {accepted} accepted");
 }
 
 #[test]
