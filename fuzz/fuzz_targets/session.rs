@@ -71,6 +71,9 @@ fn tight_limits() -> Limits {
         max_transmit: 1024,
         max_xml_depth: 2,
         max_xml_attributes: 4,
+        max_session_assembly: 512,
+        max_queued_replies: 512,
+        max_unanswered_octets: 1024,
     }
 }
 
