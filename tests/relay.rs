@@ -472,7 +472,7 @@ fn a_recipient_that_never_reads_stalls_no_other_pair(shards: usize) {
     let relay = relay_configured(
         shards,
         &format!("never-reads-{shards}"),
-        "[limits]\nmax_outstanding_msgs = 64\n",
+        "[limits]\nmax_outstanding_msgs = 64\n[runtime]\nmesh_queue = 64\n",
     );
     let (_barney, _) = attached(&relay, "barney@example.com");
     let (mut fred, fred_channel) = attached(&relay, "fred@example.com");
@@ -515,7 +515,11 @@ fn a_recipient_that_never_reads_stalls_no_other_pair(shards: usize) {
         "{shards} shard(s): {meanwhile:?} beside the stuck endpoint, {baseline:?} before"
     );
     // Fred was held back: far fewer than his 3,000 messages were accepted (on a slow build
-    // the stall limit may pass and the rest be refused with 450: not accepted either).
+    // the stall limit may pass and the rest be refused with 450: not accepted either). What
+    // he may get ahead: his window (256 KiB, ~230 messages), the backlog's slack (64 KiB),
+    // barney's 64 outstanding deliveries, a read's worth, and, when barney is on the other
+    // shard, the envelopes in flight before that shard withholds his window (an outbox and a
+    // shard queue of 64 each way): some 600 messages.
     fred.pump();
     let accepted = fred
         .events
@@ -524,7 +528,7 @@ fn a_recipient_that_never_reads_stalls_no_other_pair(shards: usize) {
             matches!(e, apex_proto::Event::Reply { kind, .. } if *kind == apex_proto::ReplyKind::Rpy)
         })
         .count();
-    assert!(accepted < 3_000, "{shards} shard(s): {accepted} accepted");
+    assert!(accepted < 1_500, "{shards} shard(s): {accepted} accepted");
 }
 
 #[test]

@@ -23,7 +23,10 @@
 //! waits, the window of the channel whose peer sent the data is held back by the MSG's size
 //! ([`Session::withhold_window`]; across shards with [`Envelope::Window`]): a sender can get at
 //! most one window ahead of a recipient that does not keep up, and only the channels that send
-//! to it slow down. Replies keep flowing on those channels, so two endpoints sending to each
+//! to it slow down. When the recipient is on another shard, its shard holds the sender back
+//! once it handles the delivery, so the sender may also be ahead by what is in flight between
+//! the two shards (the runtime bounds that: `runtime.mesh_queue` envelopes per direction).
+//! Replies keep flowing on those channels, so two endpoints sending to each
 //! other cannot hold each other up. A recipient that takes nothing for [`Budgets::stall`]
 //! (or while the shard's backlog is over [`Budgets::max_backlog_octets`]) is *refusing*: the
 //! windows it held back are given back and data for it is refused with 450 (or reported, for
