@@ -1,0 +1,194 @@
+//! What the relay hands out: the [`Action`]s the runtime carries out, the [`Envelope`]s one
+//! shard's relay sends another's, and the answers and report requests they carry.
+
+use bytes::Bytes;
+
+use super::*;
+
+/// Something the runtime must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Answer the peer's MSG `msgno` on `channel` of `conn` (RPY when `positive`, else ERR).
+    Reply {
+        /// Connection.
+        conn: ConnId,
+        /// What to answer, on which channel.
+        reply: MsgReply,
+    },
+    /// Accept the deferred `start` `start_id` with this piggybacked reply (`<ok />` or an
+    /// `error`): the channel exists either way (RFC 3080 §2.3.1.2).
+    StartReply {
+        /// Connection.
+        conn: ConnId,
+        /// The start request id given to [`Relay::handle_start`].
+        start_id: u32,
+        /// Piggybacked content.
+        content: Bytes,
+    },
+    /// Send a MSG on a channel of a local connection (delivery, report or terminate). Its
+    /// reply must be passed to [`Relay::handle_reply`]; a MSG the session refuses, to
+    /// [`Relay::send_failed`].
+    Send {
+        /// Connection.
+        conn: ConnId,
+        /// Channel.
+        channel: u32,
+        /// The message.
+        payload: Bytes,
+        /// The channel whose peer sent the data delivered here (`None` for the relay's own
+        /// MSGs): while the MSG waits for room, that channel's window is held back by its size.
+        source: Option<ChannelRef>,
+    },
+    /// Hand an envelope to another shard over the mesh queue.
+    ToShard {
+        /// Destination shard.
+        shard: usize,
+        /// The envelope.
+        envelope: Envelope,
+    },
+    /// Send data towards another administrative domain over the relay mesh.
+    Forward {
+        /// Destination domain.
+        domain: String,
+        /// The data message, carrying only the recipients routed there.
+        payload: Bytes,
+    },
+}
+
+/// Messages between shards. Payloads are `Bytes`: crossing shards moves a reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Envelope {
+    /// To the endpoint's home shard: may `endpoint` attach at `at`?
+    AttachRequest {
+        /// Request id, echoed in the verdict.
+        id: u64,
+        /// Endpoint.
+        endpoint: Endpoint,
+        /// Where it would attach.
+        at: ChannelRef,
+        /// The attach carried attachOverride (RFC 3342).
+        overriding: bool,
+    },
+    /// From the home shard: the verdict (`Err(code)` on conflict).
+    AttachVerdict {
+        /// Request id.
+        id: u64,
+        /// Outcome.
+        result: Result<(), u16>,
+    },
+    /// Broadcast: `endpoint` is attached at `at`.
+    Attached {
+        /// Endpoint.
+        endpoint: Endpoint,
+        /// Its channel.
+        at: ChannelRef,
+    },
+    /// Broadcast: `endpoint` is no longer attached at `at`.
+    Detached {
+        /// Endpoint.
+        endpoint: Endpoint,
+        /// The channel it was attached on.
+        at: ChannelRef,
+    },
+    /// To the shard owning `at`: end that attachment with 556 (attachOverride).
+    Evict {
+        /// Endpoint.
+        endpoint: Endpoint,
+        /// The old channel.
+        at: ChannelRef,
+    },
+    /// To the shard owning the link to `domain`: send `payload` over it.
+    Forward {
+        /// Destination domain.
+        domain: String,
+        /// The data message.
+        payload: Bytes,
+    },
+    /// To `recipient`'s home shard: this shard's replica did not know it. The home shard
+    /// settles every attach before the endpoint is answered, so it is never behind; it
+    /// delivers, holds or reports (access was already checked).
+    DeliverHome {
+        /// The recipient.
+        recipient: Endpoint,
+        /// The data message.
+        payload: Bytes,
+        /// Report the outcome to the originator when set.
+        report: Option<Report>,
+        /// hold4Endpoint: hold until this deadline (`Some(None)`: no deadline).
+        hold: Option<Option<u64>>,
+        /// The channel the data came from (see [`Action::Send`]).
+        source: Option<ChannelRef>,
+    },
+    /// To the shard owning `at`: deliver `payload` there.
+    Deliver {
+        /// Recipient's channel.
+        at: ChannelRef,
+        /// The data message.
+        payload: Bytes,
+        /// Report the outcome to the originator when set.
+        report: Option<Report>,
+        /// The channel the data came from (see [`Action::Send`]).
+        source: Option<ChannelRef>,
+    },
+    /// To the shard owning `at`: hold back (`withhold`) or give back `octets` of that channel's
+    /// receive window, for data from it that waits for a recipient on the sending shard.
+    /// Handled by the shard core, not the relay.
+    Window {
+        /// The sending channel.
+        at: ChannelRef,
+        /// Octets.
+        octets: u32,
+        /// Hold back when set, give back otherwise.
+        withhold: bool,
+    },
+    /// Broadcast: the recipient channel `at` has taken nothing for longer than the shard's
+    /// stall limit (`refusing`), or is taking messages again: data for it is refused with 450
+    /// rather than queued while it refuses.
+    Refusing {
+        /// The recipient's channel.
+        at: ChannelRef,
+        /// Refusing from now on, or no longer.
+        refusing: bool,
+    },
+}
+
+/// A [`ReportRequest`] travelling with a data message. Boxed: reports are rarely asked for,
+/// and every message's actions, envelopes and sent-queue entries would otherwise carry room
+/// for one.
+pub type Report = Box<ReportRequest>;
+
+/// A statusRequest to honour once a recipient's outcome is known (RFC 3340 §5.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportRequest {
+    /// The option's transID.
+    pub trans_id: u32,
+    /// Who asked (the data's originator).
+    pub originator: Endpoint,
+    /// The recipient reported on, as the data named it.
+    pub recipient: CompactString,
+}
+
+/// The relay's answer to a peer's MSG: what an [`Action::Reply`] carries, and what the relay
+/// puts straight into the session at hand (see [`Relay::handle_session_event`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MsgReply {
+    /// Channel.
+    pub channel: u32,
+    /// The peer's msgno.
+    pub msgno: u32,
+    /// RPY or ERR.
+    pub positive: bool,
+    /// The `ok` or `error` payload.
+    pub payload: Bytes,
+}
+
+impl MsgReply {
+    /// Queues the answer in the session of its connection.
+    pub fn send_in(self, session: &mut Session) -> Result<(), Misuse> {
+        if self.positive {
+            session.send_rpy(self.channel, self.msgno, self.payload)
+        } else {
+            session.send_err(self.channel, self.msgno, self.payload)
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! Data acceptance and delivery (RFC 3340 §4.4.4.1, APEX-22..28): who may send as the
+//! originator, the per-data options, the access check, then each recipient as [`route`] says:
+//! its channel (here or on another shard), its home shard, the hold queue, or another relay.
+
+use super::*;
+
+/// The data to send onward: only `recipients`, the per-data options replaced by `options`
+/// (rewritten or removed ones edited in place), every other byte as received (APEX-28).
+pub(super) fn rebuild(data: &Data, recipients: &[usize], options: &[ApexOption]) -> Bytes {
+    let mut edits = Vec::new();
+    for (i, party) in data.recipients.iter().enumerate() {
+        if !recipients.contains(&i) {
+            edits.push(Edit::remove(&party.raw));
+        }
+    }
+    for old in &data.options {
+        match options
+            .iter()
+            .find(|new| new.name() == old.name() && new.trans_id == old.trans_id)
+        {
+            Some(new) if new.raw == old.raw => {}
+            Some(new) => edits.push(Edit::replace(&old.raw, new.raw.clone())),
+            None => edits.push(Edit::remove(&old.raw)),
+        }
+    }
+    options::edit_payload(data.payload(), &edits)
+        .unwrap_or_else(|| data.payload_for(recipients, |o| options.iter().any(|n| n.raw == o.raw)))
+}
+
+impl Relay {
+    /// Whether data for `at` is refused (see [`Relay::set_refusing`]).
+    pub(super) fn is_refusing(&self, at: &ChannelRef) -> bool {
+        !self.refusing.is_empty() && self.refusing.contains(at)
+    }
+
+    /// Whether `recipient` names a local endpoint whose channel refuses data.
+    pub(super) fn refuses(&mut self, recipient: &str) -> bool {
+        if self.refusing.is_empty() {
+            return false;
+        }
+        let Ok(target) = self.parse_endpoint(recipient) else {
+            return false;
+        };
+        self.serves(target.domain())
+            && self
+                .directory
+                .get(&target)
+                .is_some_and(|at| self.refusing.contains(at))
+    }
+
+    /// Step 1 of RFC 3340 §4.4.4.1 (APEX-22): may the peer on this channel send in the name of
+    /// `identity`? The originator when it may; otherwise the error to answer.
+    pub(super) fn authorize(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        identity: &str,
+    ) -> Result<Endpoint, ApexError> {
+        let kind = self.connections.get(&conn).copied();
+        // Nearly always the originator is the endpoint attached on this very channel, spelled
+        // as it attached: then it is that endpoint, with no parsing and no lookup.
+        if kind == Some(ConnKind::Edge) {
+            let attached_here = self.channels.get(&(conn, channel)).and_then(|c| {
+                c.associations.values().find_map(|a| match a {
+                    Association::Attached(e) if e.as_str() == identity => Some(e),
+                    _ => None,
+                })
+            });
+            if let Some(endpoint) = attached_here {
+                return Ok(endpoint.clone());
+            }
+        }
+        let originator = self
+            .parse_endpoint(identity)
+            .map_err(|e| ApexError::malformed(code::PARAMETER_ERROR, e.to_string()))?;
+        let may_send_as = |a: &Association| match (kind, a) {
+            (Some(ConnKind::Edge), Association::Attached(e)) => *e == originator,
+            (Some(ConnKind::Mesh), Association::Bound(d)) => {
+                originator.same_domain(d)
+                    || self
+                        .config
+                        .trusted
+                        .iter()
+                        .any(|t| t == "*" || t.eq_ignore_ascii_case(d))
+            }
+            _ => false,
+        };
+        // Usually the originator attached (or the relay bound) on this very channel; only
+        // otherwise look at the rest of the session.
+        let authorized = self
+            .channels
+            .get(&(conn, channel))
+            .is_some_and(|c| c.associations.values().any(may_send_as))
+            || self.associations_of(conn).any(may_send_as);
+        if !authorized {
+            return Err(ApexError::ForeignOriginator);
+        }
+        Ok(originator)
+    }
+
+    /// [`Relay::data`] for [`SimpleData`]: one recipient and no options, so no option applies
+    /// or asks for a report, and the payload goes on exactly as received (APEX-28). Routes as
+    /// `data` does, without building a [`Data`] first.
+    /// A [`SimpleData`]. Returns where it went straight to the recipient's channel, for the
+    /// next data with the same identities (`None`: another way, worked out every time).
+    pub(super) fn simple_data(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        msgno: u32,
+        payload: &Bytes,
+        data: SimpleData<'_>,
+    ) -> Option<ChannelRef> {
+        let answer = Answer::Msg(msgno);
+        let originator = match self.authorize(conn, channel, data.originator) {
+            Ok(o) => o,
+            Err(refusal) => {
+                self.answer(conn, channel, answer, Err(refusal));
+                return None;
+            }
+        };
+        if self.refuses(data.recipient) {
+            self.answer(conn, channel, answer, Err(ApexError::RecipientNotTaking));
+            return None;
+        }
+        self.answer(conn, channel, answer, Ok(()));
+        // An invalid recipient is only ever reported when a statusRequest asks (APEX-38).
+        let target = self.parse_endpoint(data.recipient).ok()?;
+        if self.serves(target.domain()) {
+            self.deliver_local(&originator, &target, payload.clone(), None, None)
+        } else {
+            self.actions.push_back(Action::Forward {
+                domain: target.domain().to_ascii_lowercase(),
+                payload: payload.clone(),
+            });
+            None
+        }
+    }
+
+    /// RFC 3340 §4.4.4.1 (APEX-22..25).
+    pub(super) fn data(&mut self, conn: ConnId, channel: u32, msgno: u32, data: &Data) {
+        let answer = Answer::Msg(msgno);
+        // Step 1: may this peer send in the originator's name?
+        let originator = match self.authorize(conn, channel, &data.originator.identity) {
+            Ok(o) => o,
+            Err(refusal) => return self.answer(conn, channel, answer, Err(refusal)),
+        };
+        // Step 2: per-data options that apply here (APEX-36).
+        if let Err(e) = options::check_must_understand(&data.options, Hop::Receiving)
+            .and_then(|()| options::check_must_understand(&data.originator.options, Hop::Receiving))
+        {
+            let malformed = ApexError::malformed(e.code, e.text);
+            return self.answer(conn, channel, answer, Err(malformed));
+        }
+        // Data for one recipient that takes nothing is refused rather than accepted and then
+        // dropped (for several, each refusing one is reported on its own).
+        if let [only] = data.recipients.as_slice() {
+            if self.refuses(&only.identity) {
+                return self.answer(conn, channel, answer, Err(ApexError::RecipientNotTaking));
+            }
+        }
+        // Step 3: accepted (not yet delivered).
+        self.answer(conn, channel, answer, Ok(()));
+        // Steps 4-5: each recipient, routed on its own.
+        let mut remote: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, recipient) in data.recipients.iter().enumerate() {
+            let report = options::status_requests_for(data, i, Hop::Final)
+                .first()
+                .map(|&trans_id| {
+                    Box::new(ReportRequest {
+                        trans_id,
+                        originator: originator.clone(),
+                        recipient: recipient.identity.clone(),
+                    })
+                });
+            let target = match self.parse_endpoint(&recipient.identity) {
+                Ok(t) => t,
+                Err(_) => {
+                    self.report(
+                        report,
+                        code::PARAMETER_INVALID,
+                        "invalid recipient identity",
+                    );
+                    continue;
+                }
+            };
+            if !self.serves(target.domain()) {
+                remote
+                    .entry(target.domain().to_ascii_lowercase())
+                    .or_default()
+                    .push(i);
+                continue;
+            }
+            // This relay delivers: `final` options now apply, per-data and per-originator ones
+            // too (APEX-36); one it does not understand fails this recipient.
+            let understood = options::check_must_understand(&data.options, Hop::Final)
+                .and_then(|()| options::check_must_understand(&data.originator.options, Hop::Final))
+                .and_then(|()| options::check_must_understand(&recipient.options, Hop::Final));
+            if let Err(e) = understood {
+                self.report(report, e.code, &e.text);
+                continue;
+            }
+            match options::prepare_delivery(&data.options, self.now_ms, self.now_ms) {
+                Ok(options::Delivery::Deliver {
+                    options,
+                    reports,
+                    timings,
+                }) => {
+                    self.option_reports(&reports, &originator, &[recipient.identity.as_str()]);
+                    let payload = rebuild(data, &[i], &options);
+                    let hold = options::hold_requested(&data.options, Hop::Final)
+                        .then(|| self.config.hold.deadline(self.now_ms, timings.first()));
+                    self.deliver_local(&originator, &target, payload, report, hold);
+                }
+                Ok(options::Delivery::Drop { reports }) => {
+                    self.option_reports(&reports, &originator, &[recipient.identity.as_str()]);
+                }
+                Err(e) => self.report(report, e.code, &e.text),
+            }
+        }
+        for (domain, recipients) in remote {
+            let names: Vec<&str> = recipients
+                .iter()
+                .map(|&i| data.recipients[i].identity.as_str())
+                .collect();
+            match options::prepare_forward(&data.options, self.now_ms, self.now_ms) {
+                Ok(options::Forward::Send { options, reports }) => {
+                    self.option_reports(&reports, &originator, &names);
+                    let payload = rebuild(data, &recipients, &options);
+                    self.actions.push_back(Action::Forward { domain, payload });
+                }
+                Ok(options::Forward::Drop { reports }) => {
+                    // A routing loop or an expired deadline (dataHopping, dataTiming).
+                    self.option_reports(&reports, &originator, &names);
+                }
+                Err(e) => {
+                    for &i in &recipients {
+                        let report = options::status_requests_for(data, i, Hop::Intermediate)
+                            .first()
+                            .map(|&trans_id| {
+                                Box::new(ReportRequest {
+                                    trans_id,
+                                    originator: originator.clone(),
+                                    recipient: data.recipients[i].identity.clone(),
+                                })
+                            });
+                        self.report(report, e.code, &e.text);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the reports options asked for (dataTiming, dataHopping) to the originator.
+    pub(super) fn option_reports(
+        &mut self,
+        reports: &[options::Report],
+        originator: &Endpoint,
+        recipients: &[&str],
+    ) {
+        for report in reports {
+            let trans_id = self.next_report_trans;
+            self.next_report_trans = self.next_report_trans % crate::limits::MAX_31BIT + 1;
+            let payload = report.payload(
+                &self.config.domain,
+                originator.as_str(),
+                recipients,
+                trans_id,
+            );
+            self.route_report(payload, originator);
+        }
+    }
+
+    /// Step 5.3 (APEX-25): access check, then the attached recipient's channel.
+    /// `hold`: the recipient asked to be held for (hold4Endpoint) until this deadline.
+    pub(super) fn deliver_local(
+        &mut self,
+        originator: &Endpoint,
+        recipient: &Endpoint,
+        payload: Bytes,
+        report: Option<Report>,
+        hold: Option<Option<u64>>,
+    ) -> Option<ChannelRef> {
+        // Services inside the relay (the report service) reach endpoints without access entries
+        // (RFC 3341 §3 and RFC 3340 §4.4.4.1 step 5.3 leave this open).
+        let allowed = originator.is_service() || self.may_send(recipient, originator);
+        if !allowed {
+            self.report(report, apex_code::NOT_AUTHORIZED, "access denied");
+            return None;
+        }
+        self.deliver_to(recipient, payload, report, hold)
+    }
+
+    /// Delivers to the recipient's channel. A replica that does not know the recipient may be
+    /// behind the home shard (the `Attached` broadcast can still be in a shard queue after the
+    /// endpoint was answered), so such data goes to the home shard, which holds or reports.
+    pub(super) fn deliver_to(
+        &mut self,
+        recipient: &Endpoint,
+        payload: Bytes,
+        report: Option<Report>,
+        hold: Option<Option<u64>>,
+    ) -> Option<ChannelRef> {
+        match route(
+            &self.directory,
+            recipient,
+            self.config.shard,
+            self.config.shards,
+        ) {
+            Route::Channel(at) => {
+                self.deliver_at(at, payload, report);
+                Some(at)
+            }
+            Route::HomeShard(home) => {
+                self.actions.push_back(Action::ToShard {
+                    shard: home,
+                    envelope: Envelope::DeliverHome {
+                        recipient: recipient.clone(),
+                        payload,
+                        report,
+                        hold,
+                        source: self.current_source,
+                    },
+                });
+                None
+            }
+            Route::Absent => {
+                match hold {
+                    Some(deadline) => self.hold(recipient, payload, report, deadline),
+                    None => self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached"),
+                }
+                None
+            }
+        }
+    }
+
+    /// Whether the recipient's access entries grant the originator `core:data` (APEX-25).
+    pub(super) fn may_send(&mut self, recipient: &Endpoint, originator: &Endpoint) -> bool {
+        if let Some(&known) = self
+            .access_cache
+            .get(recipient)
+            .and_then(|m| m.get(originator))
+        {
+            return known;
+        }
+        let allowed = self
+            .config
+            .access
+            .allows(recipient, originator, "core:data");
+        if self.access_cached >= ACCESS_CACHE_ENTRIES {
+            self.access_cache.clear();
+            self.access_cached = 0;
+        }
+        self.access_cache
+            .entry(recipient.clone())
+            .or_default()
+            .insert(originator.clone(), allowed);
+        self.access_cached += 1;
+        allowed
+    }
+
+    pub(super) fn deliver_at(&mut self, at: ChannelRef, payload: Bytes, report: Option<Report>) {
+        if self.is_refusing(&at) {
+            return self.report(
+                report,
+                code::ACTION_NOT_TAKEN_TRANSIENT,
+                RECIPIENT_NOT_TAKING,
+            );
+        }
+        if at.shard != self.config.shard {
+            self.actions.push_back(Action::ToShard {
+                shard: at.shard,
+                envelope: Envelope::Deliver {
+                    at,
+                    payload,
+                    report,
+                    source: self.current_source,
+                },
+            });
+            return;
+        }
+        match self.channels.get_mut(&(at.conn, at.channel)) {
+            Some(state) if !state.ready => state.waiting.push((payload, report)),
+            Some(state) => {
+                state.sent.push_back(Sent::Delivery(report));
+                self.actions.push_back(Action::Send {
+                    conn: at.conn,
+                    channel: at.channel,
+                    payload,
+                    source: self.current_source,
+                });
+            }
+            None => self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached"),
+        }
+    }
+}

@@ -1,0 +1,697 @@
+//! The per-shard APEX relay (RFC 3340 §4.4, §8): attachments and bindings, the endpoint
+//! directory, data acceptance, local delivery, forwarding decisions and status reports.
+//!
+//! Sans-IO like the rest of the core: the runtime tells the relay what happened on its
+//! connections (`handle_*`) and executes the [`Action`]s it polls. The relay never sees a socket;
+//! connections are [`ConnId`]s and channels are numbers.
+//!
+//! ```text
+//!  session events ─► handle_message / handle_reply / handle_start / channel_closed ─┐
+//!  other shards   ─► handle_envelope ───────────────────────────────────────────────┤
+//!                                                                                    ▼
+//!            Relay { directory replica, channel associations, pending deliveries }
+//!                                                                                    │
+//!  poll_action ◄─ Reply / StartReply / Send (MSG to an endpoint) / ToShard / Forward ◄┘
+//! ```
+//!
+//! Every endpoint has a home shard (`home_shard`) that settles attach conflicts; attachments are
+//! broadcast so every shard holds a replica of the directory and data needs at most one hop.
+//! A replica can lag its home shard (an endpoint is answered before the broadcast reaches every
+//! shard), so a shard that does not know a local recipient hands the data to the recipient's
+//! home shard, which is never behind: it delivers, holds (hold4Endpoint) or reports.
+//!
+//! Along its seams: `directory` (attach, bind, terminate, the replica), `route` (where a
+//! recipient is reached from this shard, a pure function), `deliver` (data acceptance and
+//! delivery), `hold` (hold4Endpoint), `report` (the report service), `error` (each refusal
+//! with its reply code) and `actions` (what goes to the runtime and to other shards).
+
+use std::collections::{HashMap, VecDeque};
+
+use std::hash::Hasher;
+
+use rustc_hash::FxHashMap;
+
+/// Maps keyed by endpoints, which peers choose: foldhash is seeded per map (resisting
+/// collision floods like SipHash) and costs a fraction of SipHash on short keys.
+type EndpointMap<V> = HashMap<Endpoint, V, foldhash::fast::RandomState>;
+
+use bytes::Bytes;
+use compact_str::CompactString;
+
+use crate::apex::access::AccessTable;
+use crate::apex::addr::Endpoint;
+use crate::apex::msg::{self, apex_code, ApexLimits, ApexOption, Data, Operation, SimpleData};
+use crate::apex::options::{self, Edit, Hop};
+use crate::beep::mgmt::{code, ErrorElement};
+use crate::beep::session::{Event, ReplyKind, Session};
+use crate::error::Misuse;
+
+mod actions;
+mod deliver;
+mod directory;
+mod error;
+mod hold;
+mod report;
+mod route;
+#[cfg(test)]
+mod tests;
+
+pub use actions::{Action, Envelope, MsgReply, Report, ReportRequest};
+pub use error::ApexError;
+use error::RECIPIENT_NOT_TAKING;
+use hold::Held;
+pub use route::{domain_shard, home_shard};
+use route::{route, Route};
+
+/// A connection of this shard, as numbered by the runtime.
+pub type ConnId = u32;
+
+/// The APEX profile URI (RFC 3340 §4.2, APEX-06).
+pub const APEX_PROFILE: &str = "http://iana.org/beep/APEX";
+
+/// Where an attachment lives: shard, connection and APEX channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChannelRef {
+    /// Shard owning the connection.
+    pub shard: usize,
+    /// Connection on that shard.
+    pub conn: ConnId,
+    /// APEX channel of the attachment.
+    pub channel: u32,
+}
+
+/// Which port a session arrived on: endpoints attach on apex-edge, relays bind on apex-mesh
+/// (RFC 3340 §2.1, §3.1; which port takes which mode is an implementation choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnKind {
+    /// apex-edge (913): endpoint-relay mode.
+    Edge,
+    /// apex-mesh (912): relay-relay mode.
+    Mesh,
+}
+
+/// Relay settings, validated by the runtime.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The administrative domain served.
+    pub domain: String,
+    /// This shard's index.
+    pub shard: usize,
+    /// Number of shards.
+    pub shards: usize,
+    /// Bounds on control documents.
+    pub limits: ApexLimits,
+    /// Access entries consulted for local delivery (`core:data`).
+    pub access: AccessTable,
+    /// Domains whose relays are trusted intermediaries: data they send is accepted whatever the
+    /// originator's domain (RFC 3340 §4.5.2, APEX-32). `*` trusts every bound relay.
+    pub trusted: Vec<String>,
+    /// Bounds of the hold4Endpoint queue (RFC 3342 §3).
+    pub hold: options::HoldLimits,
+}
+
+/// How to answer an attach or bind once it is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Msg(u32),
+    Start(u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Association {
+    Attached(Endpoint),
+    Bound(String),
+}
+
+/// What the relay's own MSGs on a channel were, in order, to match the replies.
+#[derive(Debug)]
+enum Sent {
+    Delivery(Option<Report>),
+    Notice,
+}
+
+#[derive(Debug, Default)]
+struct ChannelState {
+    /// transID -> live attach/bind on this channel (APEX-42).
+    associations: HashMap<u32, Association>,
+    /// Our MSGs awaiting replies, in order.
+    sent: VecDeque<Sent>,
+    /// The session knows the channel: false while the reply to its `start` (carrying a
+    /// piggybacked attach) is still to be sent. MSGs for it wait in `waiting` until then.
+    ready: bool,
+    waiting: Vec<(Bytes, Option<Report>)>,
+    /// The head of the last simple data received on the channel (see
+    /// [`msg::parse_simple_data_memo`]).
+    simple_memo: msg::SimpleMemo,
+    /// Where that head's data went, while nothing that routes could have changed since.
+    simple_route: Option<SimpleRoute>,
+}
+
+/// A simple data's way to its recipient's channel, remembered with the sender's memo of its
+/// head: while the relay's [`Relay::routes_epoch`] stands, the same two identities are
+/// authorized, allowed and routed the same way, so none of that is worked out again.
+#[derive(Debug, Clone, Copy)]
+struct SimpleRoute {
+    epoch: u64,
+    at: ChannelRef,
+}
+
+#[derive(Debug)]
+struct PendingAttach {
+    endpoint: Endpoint,
+    at: ChannelRef,
+    trans_id: u32,
+    answer: Answer,
+}
+
+/// One shard's relay.
+#[derive(Debug)]
+pub struct Relay {
+    config: RelayConfig,
+    directory: EndpointMap<ChannelRef>,
+    connections: FxHashMap<ConnId, ConnKind>,
+    /// Keyed by our connection ids and channel numbers bounded per connection: a fast hash is
+    /// safe here (the directory, keyed by names peers choose, keeps the default hasher).
+    channels: FxHashMap<(ConnId, u32), ChannelState>,
+    /// The channels of `channels` by connection: what a session's associations are looked
+    /// up by, without a pass over every channel of the shard (bounded by the session's
+    /// channel limit).
+    conn_channels: FxHashMap<ConnId, Vec<u32>>,
+    pending: HashMap<u64, PendingAttach>,
+    next_request: u64,
+    actions: VecDeque<Action>,
+    /// Milliseconds on the runtime's monotonic clock, as last told ([`Relay::set_now`]).
+    now_ms: u64,
+    /// transIDs for the relay's own reports.
+    next_report_trans: u32,
+    /// Data held for endpoints not attached yet (hold4Endpoint), in arrival order.
+    held: EndpointMap<VecDeque<Held>>,
+    held_messages: usize,
+    held_bytes: usize,
+    /// The earliest deadline of held data (relay-clock ms), if any has one.
+    hold_deadline: Option<u64>,
+    /// `core:data` decisions by recipient then originator: the access table is fixed for the
+    /// relay's life, so a decision once made stands. Bounded by [`ACCESS_CACHE_ENTRIES`].
+    access_cache: EndpointMap<EndpointMap<bool>>,
+    access_cached: usize,
+    /// Identities of data originators and recipients already parsed: the same few names come
+    /// with every message. Bounded by [`PARSED_CACHE_ENTRIES`].
+    parsed: HashMap<Box<str>, Endpoint, foldhash::fast::RandomState>,
+    /// Whether data of the common shape takes [`Relay::simple_data`]; off only where tests
+    /// compare it with the general path.
+    simple_data_path: bool,
+    /// Advanced by everything that may change how a data is authorized or routed
+    /// (associations, the directory, connections and channels, other shards' news, time), which
+    /// is every entry point but a simple data and a reply to the relay's own MSG: a
+    /// [`SimpleRoute`] of an earlier epoch is not used.
+    routes_epoch: u64,
+    /// The connection whose MSG is being handled with its session at hand: answers to it are
+    /// collected in `direct_replies` rather than queued as actions (see
+    /// [`Relay::handle_session_event`]).
+    answering_directly: Option<ConnId>,
+    direct_replies: Vec<MsgReply>,
+    /// Recipient channels that have taken nothing for too long (see [`Envelope::Refusing`]).
+    refusing: rustc_hash::FxHashSet<ChannelRef>,
+    /// The channel whose data is being routed, for [`Action::Send::source`]; `None` while the
+    /// relay sends its own MSGs (reports, notices, held data).
+    current_source: Option<ChannelRef>,
+}
+
+/// Most cached access decisions before the cache starts over.
+const ACCESS_CACHE_ENTRIES: usize = 65_536;
+
+/// Most cached parsed identities before the cache starts over.
+const PARSED_CACHE_ENTRIES: usize = 16_384;
+
+impl Relay {
+    /// A relay for one shard.
+    pub fn new(config: RelayConfig) -> Self {
+        Self {
+            config,
+            directory: EndpointMap::default(),
+            connections: FxHashMap::default(),
+            channels: FxHashMap::default(),
+            conn_channels: FxHashMap::default(),
+            pending: HashMap::new(),
+            next_request: 0,
+            actions: VecDeque::new(),
+            now_ms: 0,
+            next_report_trans: 1,
+            held: EndpointMap::default(),
+            held_messages: 0,
+            held_bytes: 0,
+            hold_deadline: None,
+            access_cache: EndpointMap::default(),
+            parsed: HashMap::default(),
+            access_cached: 0,
+            simple_data_path: true,
+            routes_epoch: 0,
+            answering_directly: None,
+            direct_replies: Vec::new(),
+            refusing: rustc_hash::FxHashSet::default(),
+            current_source: None,
+        }
+    }
+
+    /// Marks the recipient channel `at` as refusing data (it has taken nothing for too long)
+    /// or taking it again. Data for a refusing recipient is refused with 450 when it is the
+    /// only one, and otherwise reported as not delivered (with 450) when a report was asked.
+    pub fn set_refusing(&mut self, at: ChannelRef, refusing: bool) {
+        self.routes_may_change();
+        if refusing {
+            self.refusing.insert(at);
+        } else {
+            self.refusing.remove(&at);
+        }
+    }
+
+    /// Runs `f` with no data source: what it sends is the relay's own.
+    fn as_own<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let source = self.current_source.take();
+        let result = f(self);
+        self.current_source = source;
+        result
+    }
+
+    /// Sends every `data` through the general path (the full [`Data`], options and all), as
+    /// the differential tests and fuzzing need to compare the two paths.
+    #[doc(hidden)]
+    pub fn without_simple_data_path(mut self) -> Self {
+        self.simple_data_path = false;
+        self
+    }
+
+    /// Tells the relay the time (milliseconds of a monotonic clock); used by `dataTiming`.
+    pub fn set_now(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+    }
+
+    /// The domain served.
+    pub fn domain(&self) -> &str {
+        &self.config.domain
+    }
+
+    /// The next action to execute.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    fn at(&self, conn: ConnId, channel: u32) -> ChannelRef {
+        ChannelRef {
+            shard: self.config.shard,
+            conn,
+            channel,
+        }
+    }
+
+    /// Retires every [`SimpleRoute`]: something that decides routes may change now.
+    fn routes_may_change(&mut self) {
+        self.routes_epoch += 1;
+    }
+
+    fn serves(&self, domain: &str) -> bool {
+        domain.eq_ignore_ascii_case(&self.config.domain)
+    }
+
+    /// A connection was accepted.
+    pub fn conn_opened(&mut self, conn: ConnId, kind: ConnKind) {
+        self.routes_may_change();
+        self.connections.insert(conn, kind);
+    }
+
+    /// A connection ended: every association made over it ends (APEX-16).
+    pub fn conn_closed(&mut self, conn: ConnId) {
+        self.routes_may_change();
+        for channel in self.conn_channels.remove(&conn).unwrap_or_default() {
+            self.channel_closed(conn, channel);
+        }
+        self.connections.remove(&conn);
+        // Attaches still waiting for their home shard's verdict stay pending: when the verdict
+        // arrives the channel is gone and the attachment is undone everywhere (APEX-16).
+    }
+
+    /// An APEX channel was created without a piggybacked operation.
+    pub fn channel_started(&mut self, conn: ConnId, channel: u32) {
+        self.routes_may_change();
+        self.channel_state(conn, channel).ready = true;
+    }
+
+    /// The state of `channel` of `conn`, created (and listed under its connection) on first
+    /// use.
+    fn channel_state(&mut self, conn: ConnId, channel: u32) -> &mut ChannelState {
+        match self.channels.entry((conn, channel)) {
+            std::collections::hash_map::Entry::Occupied(state) => state.into_mut(),
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                self.conn_channels.entry(conn).or_default().push(channel);
+                vacant.insert(ChannelState::default())
+            }
+        }
+    }
+
+    /// An APEX channel closed: its attachments and bindings end (APEX-16).
+    pub fn channel_closed(&mut self, conn: ConnId, channel: u32) {
+        self.routes_may_change();
+        if let Some(listed) = self.conn_channels.get_mut(&conn) {
+            listed.retain(|c| *c != channel);
+        }
+        if let Some(state) = self.channels.remove(&(conn, channel)) {
+            let at = self.at(conn, channel);
+            for association in state.associations.into_values() {
+                if let Association::Attached(endpoint) = association {
+                    self.detach(endpoint, at);
+                }
+            }
+            // Deliveries the endpoint never answered failed; say so when a report was asked.
+            let unanswered = state.sent.into_iter().filter_map(|s| match s {
+                Sent::Delivery(report) => report,
+                Sent::Notice => None,
+            });
+            let unsent = state.waiting.into_iter().filter_map(|(_, report)| report);
+            for report in unanswered.chain(unsent).collect::<Vec<_>>() {
+                self.report(
+                    Some(report),
+                    code::ACTION_NOT_TAKEN,
+                    "the endpoint went away before answering",
+                );
+            }
+        }
+    }
+
+    /// Hands one event of connection `conn`'s BEEP session to the relay: what a runtime does
+    /// with every event it polls from an APEX session. A `start` for APEX without a piggyback
+    /// is accepted here; with one, the relay answers later through [`Action::StartReply`];
+    /// other profiles are refused (550). Events that are not the relay's business come back.
+    pub fn handle_session_event(
+        &mut self,
+        conn: ConnId,
+        session: &mut Session,
+        event: Event,
+    ) -> Option<Event> {
+        match event {
+            Event::StartRequested(request) => {
+                match request.profiles.iter().find(|p| p.uri == APEX_PROFILE) {
+                    Some(offer) => match &offer.content {
+                        Some(content) => {
+                            self.handle_start(conn, request.id, request.channel, content)
+                        }
+                        None => {
+                            if let Some(name) = &request.server_name {
+                                session.set_server_name(name);
+                            }
+                            if session.accept_start(request.id, APEX_PROFILE, None).is_ok() {
+                                self.channel_started(conn, request.channel);
+                            }
+                        }
+                    },
+                    None => {
+                        let error = ErrorElement::new(
+                            code::ACTION_NOT_TAKEN,
+                            "no requested profile is acceptable",
+                        );
+                        let _ = session.refuse_start(request.id, error);
+                    }
+                }
+                None
+            }
+            Event::Message {
+                channel,
+                msgno,
+                payload,
+            } => {
+                self.answering_directly = Some(conn);
+                self.handle_message(conn, channel, msgno, &payload);
+                self.answering_directly = None;
+                self.reply_directly(session);
+                None
+            }
+            Event::Reply {
+                channel,
+                kind,
+                payload,
+                ..
+            } => {
+                self.handle_reply(conn, channel, kind == ReplyKind::Rpy, &payload);
+                None
+            }
+            Event::ChannelClosed { channel, .. } => {
+                self.channel_closed(conn, channel);
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    /// Puts the answers collected in `direct_replies` straight into their session, which the
+    /// caller holds, instead of queuing them for the runtime (which would look the session up
+    /// again). They may go out ahead of deliveries to the same session queued before them: a
+    /// relay's MSG and its RPY to the peer's MSG are independent exchanges (RFC 3080 §2.6), and
+    /// replies keep their own order (BEEP-35).
+    fn reply_directly(&mut self, session: &mut Session) {
+        for reply in self.direct_replies.drain(..) {
+            // A session that can no longer take it (closing) has nobody to tell.
+            let _ = reply.send_in(session);
+        }
+    }
+
+    /// A `start` for APEX carrying `piggyback` (RFC 3340 §4.2, APEX-06): the runtime defers
+    /// its answer until [`Action::StartReply`]. Only attach and bind may ride in a start.
+    pub fn handle_start(&mut self, conn: ConnId, start_id: u32, channel: u32, piggyback: &Bytes) {
+        self.routes_may_change();
+        self.channel_state(conn, channel);
+        let operation = msg::parse_document(piggyback, &self.config.limits);
+        self.operation(conn, channel, Answer::Start(start_id), &operation);
+    }
+
+    /// A MSG on an APEX channel.
+    pub fn handle_message(&mut self, conn: ConnId, channel: u32, msgno: u32, payload: &Bytes) {
+        self.current_source = Some(self.at(conn, channel));
+        self.handle_message_from_source(conn, channel, msgno, payload);
+        self.current_source = None;
+    }
+
+    fn handle_message_from_source(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        msgno: u32,
+        payload: &Bytes,
+    ) {
+        let (limits, simple_data_path) = (self.config.limits, self.simple_data_path);
+        let epoch = self.routes_epoch;
+        let state = self.channel_state(conn, channel);
+        // A MSG on the channel proves the peer knows it.
+        state.ready = true;
+        if simple_data_path {
+            if let Some(route) = state.simple_route.filter(|r| r.epoch == epoch) {
+                // The same head as last time names the same identities, which are then not
+                // needed: the memo's verdict in place is enough.
+                if let Some((_, true)) =
+                    msg::parse_simple_data_memo(payload, &limits, &mut state.simple_memo)
+                {
+                    self.answer(conn, channel, Answer::Msg(msgno), Ok(()));
+                    self.deliver_at(route.at, payload.clone(), None);
+                    return;
+                }
+                // Another head, which the memo now holds, or no simple data at all: handled
+                // afresh below, and routed afresh.
+                state.simple_route = None;
+            }
+            // Taken out while the data it may lend identities to is routed.
+            let mut memo = std::mem::take(&mut state.simple_memo);
+            let routed = msg::parse_simple_data_memo(payload, &limits, &mut memo)
+                .map(|(data, _)| self.simple_data(conn, channel, msgno, payload, data));
+            if let Some(state) = self.channels.get_mut(&(conn, channel)) {
+                state.simple_memo = memo;
+                // A route is only ever followed for a head the memo recalls.
+                if let Some(at) = routed
+                    .flatten()
+                    .filter(|_| state.simple_memo.head_len().is_some())
+                {
+                    state.simple_route = Some(SimpleRoute { epoch, at });
+                }
+            }
+            if routed.is_some() {
+                return;
+            }
+        }
+        self.routes_may_change();
+        let operation = msg::parse_message(payload, &self.config.limits);
+        self.operation(conn, channel, Answer::Msg(msgno), &operation);
+    }
+
+    fn operation(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        answer: Answer,
+        operation: &Result<Operation, msg::OpError>,
+    ) {
+        // Step 1 of attach and of bind (APEX-10, APEX-17): the transID must not be live on
+        // this channel.
+        if let Ok(Operation::Attach { trans_id, .. } | Operation::Bind { trans_id, .. }) = operation
+        {
+            if self.trans_live(conn, channel, *trans_id) {
+                let busy = Err(ApexError::TransactionInProgress);
+                return self.answer(conn, channel, answer, busy);
+            }
+        }
+        // Matched by reference: moving the operation (a `Data` is some 300 octets) into a
+        // tuple and out again showed as memmove in profiles.
+        match (operation, answer) {
+            (
+                Ok(Operation::Attach {
+                    endpoint,
+                    trans_id,
+                    options,
+                }),
+                _,
+            ) => self.attach(conn, channel, answer, endpoint, *trans_id, options),
+            (
+                Ok(Operation::Bind {
+                    relay, trans_id, ..
+                }),
+                _,
+            ) => self.bind(conn, channel, answer, relay, *trans_id),
+            (Ok(Operation::Terminate { trans_id, .. }), Answer::Msg(msgno)) => {
+                self.terminate(conn, channel, msgno, *trans_id)
+            }
+            (Ok(Operation::Data(data)), Answer::Msg(msgno)) => {
+                self.data(conn, channel, msgno, data)
+            }
+            (Ok(Operation::Ok | Operation::Error { .. }), _) => {
+                self.answer(conn, channel, answer, Err(ApexError::NotARequest))
+            }
+            (Ok(_), Answer::Start(_)) => {
+                self.answer(conn, channel, answer, Err(ApexError::NotPiggybackable))
+            }
+            (Err(e), _) => {
+                let malformed = ApexError::malformed(e.code, e.text.as_str());
+                self.answer(conn, channel, answer, Err(malformed))
+            }
+        }
+    }
+
+    /// Answers a MSG (RPY `ok` or ERR `error`) or a `start` (its piggybacked reply).
+    fn answer(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        answer: Answer,
+        result: Result<(), ApexError>,
+    ) {
+        let action = match (answer, result) {
+            (Answer::Msg(msgno), result) => {
+                let (positive, payload) = match result {
+                    Ok(()) => (true, msg::ok_payload()),
+                    Err(e) => (false, msg::error_payload(e.code(), e.text())),
+                };
+                let reply = MsgReply {
+                    channel,
+                    msgno,
+                    positive,
+                    payload,
+                };
+                if self.answering_directly == Some(conn) {
+                    self.direct_replies.push(reply);
+                    return;
+                }
+                Action::Reply { conn, reply }
+            }
+            (Answer::Start(start_id), Ok(())) => Action::StartReply {
+                conn,
+                start_id,
+                content: Bytes::from_static(b"<ok />"),
+            },
+            (Answer::Start(start_id), Err(e)) => Action::StartReply {
+                conn,
+                start_id,
+                content: Bytes::from(msg::error_xml(e.code(), e.text()).trim_end().to_owned()),
+            },
+        };
+        self.actions.push_back(action);
+        if let Answer::Start(_) = answer {
+            // The channel exists for the peer once this reply is out: release what waited.
+            if let Some(state) = self.channels.get_mut(&(conn, channel)) {
+                state.ready = true;
+                for (payload, report) in std::mem::take(&mut state.waiting) {
+                    state.sent.push_back(Sent::Delivery(report));
+                    self.actions.push_back(Action::Send {
+                        conn,
+                        channel,
+                        payload,
+                        source: None,
+                    });
+                }
+            }
+        }
+    }
+
+    fn trans_live(&self, conn: ConnId, channel: u32, trans_id: u32) -> bool {
+        self.channels
+            .get(&(conn, channel))
+            .is_some_and(|c| c.associations.contains_key(&trans_id))
+    }
+
+    /// An envelope from another shard.
+    pub fn handle_envelope(&mut self, envelope: Envelope) {
+        self.routes_may_change();
+        match envelope {
+            Envelope::AttachRequest {
+                id,
+                endpoint,
+                at,
+                overriding,
+            } => {
+                let result = self.arbitrate(&endpoint, at, overriding);
+                self.actions.push_back(Action::ToShard {
+                    shard: at.shard,
+                    envelope: Envelope::AttachVerdict { id, result },
+                });
+            }
+            Envelope::AttachVerdict { id, result } => {
+                if let Some(p) = self.pending.remove(&id) {
+                    if result.is_ok() && !self.channels.contains_key(&(p.at.conn, p.at.channel)) {
+                        // The channel went away meanwhile: undo the attachment.
+                        self.detach(p.endpoint, p.at);
+                        return;
+                    }
+                    self.finish_attach(p.endpoint, p.at, p.trans_id, p.answer, result);
+                }
+            }
+            Envelope::Attached { endpoint, at } => self.now_attached(endpoint, at),
+            Envelope::Detached { endpoint, at } => {
+                if self.directory.get(&endpoint) == Some(&at) {
+                    self.directory.remove(&endpoint);
+                }
+            }
+            Envelope::Evict { endpoint, at } => self.end_attachment(&endpoint, at),
+            Envelope::Forward { domain, payload } => {
+                self.actions.push_back(Action::Forward { domain, payload })
+            }
+            Envelope::DeliverHome {
+                recipient,
+                payload,
+                report,
+                hold,
+                source,
+            } => {
+                self.current_source = source;
+                self.deliver_to(&recipient, payload, report, hold);
+                self.current_source = None;
+            }
+            Envelope::Deliver {
+                at,
+                payload,
+                report,
+                source,
+            } => {
+                self.current_source = source;
+                self.deliver_at(at, payload, report);
+                self.current_source = None;
+            }
+            Envelope::Refusing { at, refusing } => self.set_refusing(at, refusing),
+            // The shard core's business: a relay handed one has nothing to do with it.
+            Envelope::Window { .. } => {}
+        }
+    }
+}

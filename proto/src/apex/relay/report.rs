@@ -1,0 +1,112 @@
+//! The report service `apex=report@DOMAIN` (RFC 3340 §5.1, APEX-38): statusResponses to
+//! originators that asked, once a delivery's outcome is known (the recipient's reply, a failed
+//! send, a failed forward).
+
+use super::*;
+
+impl Relay {
+    /// Sends a statusResponse from `apex=report@<domain>` to the originator (APEX-38).
+    pub(super) fn report(&mut self, request: Option<Report>, reply_code: u16, text: &str) {
+        let Some(request) = request else { return };
+        self.as_own(|relay| relay.send_report(&request, reply_code, text));
+    }
+
+    pub(super) fn send_report(&mut self, request: &ReportRequest, reply_code: u16, text: &str) {
+        let reporter = format!("apex=report@{}", self.config.domain);
+        let Ok(reporter) = Endpoint::parse(&reporter) else {
+            return;
+        };
+        let destination = options::Destination {
+            identity: &request.recipient,
+            code: reply_code,
+            text,
+        };
+        let xml = options::status_response_xml(request.trans_id, &[destination]);
+        let payload = msg::data_payload(reporter.as_str(), request.originator.as_str(), &xml);
+        self.route_report(payload, &request.originator);
+    }
+
+    /// Sends a report (a data from `apex=report`) to `originator`, locally or over the mesh.
+    pub(super) fn route_report(&mut self, payload: Bytes, originator: &Endpoint) {
+        self.as_own(|relay| relay.route_own_report(payload, originator));
+    }
+
+    pub(super) fn route_own_report(&mut self, payload: Bytes, originator: &Endpoint) {
+        if self.serves(originator.domain()) {
+            let Ok(reporter) = Endpoint::parse(&options::report_originator(&self.config.domain))
+            else {
+                return;
+            };
+            self.deliver_local(&reporter, originator, payload, None, None);
+        } else {
+            self.actions.push_back(Action::Forward {
+                domain: originator.domain().to_ascii_lowercase(),
+                payload,
+            });
+        }
+    }
+
+    /// A reply to one of the relay's MSGs on `channel` (replies come in order, BEEP-35).
+    pub fn handle_reply(&mut self, conn: ConnId, channel: u32, positive: bool, payload: &Bytes) {
+        let Some(report) = self.settled_delivery(conn, channel, |sent| sent.pop_front()) else {
+            return;
+        };
+        if positive {
+            self.report(report, apex_code::SUCCESS, "");
+        } else {
+            let (code, text) = match msg::parse_message(payload, &self.config.limits) {
+                Ok(Operation::Error { code, text }) => (code, text),
+                _ => (code::ACTION_NOT_TAKEN, "refused by the endpoint".to_owned()),
+            };
+            self.report(report, code, &text);
+        }
+    }
+
+    /// Takes the relay's MSG on `channel` that `pick` chooses from those awaiting a reply;
+    /// when it was a delivery, its report request (the outcome is then known).
+    pub(super) fn settled_delivery(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        pick: impl FnOnce(&mut VecDeque<Sent>) -> Option<Sent>,
+    ) -> Option<Option<Report>> {
+        match pick(&mut self.channels.get_mut(&(conn, channel))?.sent)? {
+            Sent::Delivery(report) => Some(report),
+            Sent::Notice => None,
+        }
+    }
+
+    /// A MSG of [`Action::Send`] on `channel` could not be queued (the channel is closing or
+    /// gone; not for lack of room, which the runtime waits out): the delivery failed, reported
+    /// when asked (APEX-38). It is the newest of the channel's MSGs, not the oldest a reply
+    /// would match: such a failure is permanent for the channel, so every later MSG on it
+    /// fails too, and the failed ones are always the newest entries, while MSGs already
+    /// queued before it may still be answered.
+    pub fn send_failed(&mut self, conn: ConnId, channel: u32, reason: &str) {
+        self.routes_may_change();
+        if let Some(report) = self.settled_delivery(conn, channel, |sent| sent.pop_back()) {
+            self.report(report, code::ACTION_NOT_TAKEN, reason);
+        }
+    }
+
+    /// The outcome of forwarding to another relay, for reports (APEX-24).
+    pub fn forward_failed(&mut self, payload: &Bytes, reason: &str) {
+        self.routes_may_change();
+        if let Ok(Operation::Data(data)) = msg::parse_message(payload, &self.config.limits) {
+            let Ok(originator) = Endpoint::parse(&data.originator.identity) else {
+                return;
+            };
+            for (i, recipient) in data.recipients.iter().enumerate() {
+                if let Some(&trans_id) = options::status_requests_for(&data, i, Hop::Final).first()
+                {
+                    let request = Box::new(ReportRequest {
+                        trans_id,
+                        originator: originator.clone(),
+                        recipient: recipient.identity.clone(),
+                    });
+                    self.report(Some(request), code::ACTION_NOT_TAKEN, reason);
+                }
+            }
+        }
+    }
+}
