@@ -2,7 +2,7 @@
 //! shard sees the very allocation the sending shard filled.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use apex_proto::apex::relay::{ChannelRef, Envelope};
+use apex_proto::apex::relay::{ChannelRef, ConnId, Envelope};
 use apexd::shard::mesh::{self, Refused, ShardMesh, ShardMsg};
 use bytes::Bytes;
 
@@ -10,7 +10,7 @@ fn deliver(payload: Bytes) -> ShardMsg {
     ShardMsg::Relay(Envelope::Deliver {
         at: ChannelRef {
             shard: 1,
-            conn: 0,
+            conn: ConnId::from_raw(0),
             channel: 1,
         },
         payload,

@@ -75,7 +75,7 @@ pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind)
             let _ = stream.shutdown(std::net::Shutdown::Both).await;
         }
     }
-    debug!(?peer, ?ending, shard = ctx.id, conn, "connection ended");
+    debug!(?peer, ?ending, shard = ctx.id, %conn, "connection ended");
     ending
 }
 
@@ -334,7 +334,7 @@ fn handle_input(conn: ConnId, ctx: &Rc<ShardContext>, read_buf: &mut BytesMut) -
         .handle_input(conn, read_buf, Instant::now());
     ctx.dispatch();
     if let Err(error) = input {
-        warn!(shard = ctx.id, conn, %error, "terminating session");
+        warn!(shard = ctx.id, %conn, %error, "terminating session");
         return Err(());
     }
     Ok(())

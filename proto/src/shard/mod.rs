@@ -301,7 +301,7 @@ impl ShardCore {
             if let Some(Event::CloseRefused { channel: 0, .. }) =
                 self.relay.handle_session_event(conn, session, event)
             {
-                tracing::debug!(conn, "peer declined session release");
+                tracing::debug!(%conn, "peer declined session release");
             }
         }
         if session.has_output() && !c.woken {

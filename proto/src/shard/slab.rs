@@ -41,7 +41,12 @@ impl<T> Default for Slab<T> {
 }
 
 fn id(slot: u32, generation: u32) -> ConnId {
-    (generation << SLOT_BITS) | slot
+    ConnId::from_raw((generation << SLOT_BITS) | slot)
+}
+
+/// The slot and the generation `conn` names.
+fn parts(conn: ConnId) -> (u32, u32) {
+    (conn.raw() & SLOT_MASK, conn.raw() >> SLOT_BITS)
 }
 
 impl<T> Slab<T> {
@@ -65,9 +70,10 @@ impl<T> Slab<T> {
     }
 
     fn slot(&self, conn: ConnId) -> Option<&Slot<T>> {
+        let (slot, generation) = parts(conn);
         self.slots
-            .get((conn & SLOT_MASK) as usize)
-            .filter(|s| s.generation == conn >> SLOT_BITS)
+            .get(slot as usize)
+            .filter(|s| s.generation == generation)
     }
 
     pub(crate) fn get(&self, conn: &ConnId) -> Option<&T> {
@@ -75,20 +81,21 @@ impl<T> Slab<T> {
     }
 
     pub(crate) fn get_mut(&mut self, conn: &ConnId) -> Option<&mut T> {
+        let (slot, generation) = parts(*conn);
         self.slots
-            .get_mut((conn & SLOT_MASK) as usize)
-            .filter(|s| s.generation == conn >> SLOT_BITS)?
+            .get_mut(slot as usize)
+            .filter(|s| s.generation == generation)?
             .value
             .as_mut()
     }
 
     /// Takes the value out; its slot's next value gets the next generation.
     pub(crate) fn remove(&mut self, conn: &ConnId) -> Option<T> {
-        let slot = *conn & SLOT_MASK;
+        let (slot, generation) = parts(*conn);
         let entry = self
             .slots
             .get_mut(slot as usize)
-            .filter(|s| s.generation == conn >> SLOT_BITS)?;
+            .filter(|s| s.generation == generation)?;
         let value = entry.value.take()?;
         entry.generation = (entry.generation + 1) & (u32::MAX >> SLOT_BITS);
         self.free.push_back(slot);
@@ -128,7 +135,7 @@ mod tests {
         // b's slot is not free; a's is, and its next value has another id.
         let c = slab.insert("c").unwrap();
         assert_ne!(c, a);
-        assert_eq!(c & SLOT_MASK, a & SLOT_MASK, "the free slot is reused");
+        assert_eq!(parts(c).0, parts(a).0, "the free slot is reused");
         assert_eq!(slab.get(&a), None);
         assert_eq!(slab.get_mut(&a), None);
         assert_eq!(slab.get(&c), Some(&"c"));
@@ -147,9 +154,9 @@ mod tests {
         slab.remove(&ids[2]);
         slab.remove(&ids[0]);
         let next = slab.insert(9).unwrap();
-        assert_eq!(next & SLOT_MASK, ids[2] & SLOT_MASK);
+        assert_eq!(parts(next).0, parts(ids[2]).0);
         let next = slab.insert(9).unwrap();
-        assert_eq!(next & SLOT_MASK, ids[0] & SLOT_MASK);
+        assert_eq!(parts(next).0, parts(ids[0]).0);
     }
 
     #[test]

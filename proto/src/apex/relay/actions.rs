@@ -5,6 +5,17 @@ use bytes::Bytes;
 
 use super::*;
 
+/// What to do with data whose recipient is not attached (hold4Endpoint, RFC 3342 §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Report it as not delivered.
+    No,
+    /// Hold it until the recipient attaches.
+    Indefinitely,
+    /// Hold it until the recipient attaches or this relay-clock millisecond passes.
+    Until(u64),
+}
+
 /// Something the runtime must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -114,8 +125,8 @@ pub enum Envelope {
         payload: Bytes,
         /// Report the outcome to the originator when set.
         report: Option<Report>,
-        /// hold4Endpoint: hold until this deadline (`Some(None)`: no deadline).
-        hold: Option<Option<u64>>,
+        /// What to do if the recipient is not attached.
+        hold: Hold,
         /// The channel the data came from (see [`Action::Send`]).
         source: Option<ChannelRef>,
     },

@@ -127,7 +127,7 @@ impl Relay {
         // An invalid recipient is only ever reported when a statusRequest asks (APEX-38).
         let target = self.parse_endpoint(data.recipient).ok()?;
         if self.serves(target.domain()) {
-            self.deliver_local(&originator, &target, payload.clone(), None, None)
+            self.deliver_local(&originator, &target, payload.clone(), None, Hold::No)
         } else {
             self.actions.push_back(Action::Forward {
                 domain: target.domain().to_ascii_lowercase(),
@@ -208,8 +208,14 @@ impl Relay {
                 }) => {
                     self.option_reports(&reports, &originator, &[recipient.identity.as_str()]);
                     let payload = rebuild(data, &[i], &options);
-                    let hold = options::hold_requested(&data.options, Hop::Final)
-                        .then(|| self.config.hold.deadline(self.now_ms, timings.first()));
+                    let hold = if options::hold_requested(&data.options, Hop::Final) {
+                        match self.config.hold.deadline(self.now_ms, timings.first()) {
+                            Some(at) => Hold::Until(at),
+                            None => Hold::Indefinitely,
+                        }
+                    } else {
+                        Hold::No
+                    };
                     self.deliver_local(&originator, &target, payload, report, hold);
                 }
                 Ok(options::Delivery::Drop { reports }) => {
@@ -272,14 +278,14 @@ impl Relay {
     }
 
     /// Step 5.3 (APEX-25): access check, then the attached recipient's channel.
-    /// `hold`: the recipient asked to be held for (hold4Endpoint) until this deadline.
+    /// `hold`: whether the data waits for a recipient that is not attached (hold4Endpoint).
     pub(super) fn deliver_local(
         &mut self,
         originator: &Endpoint,
         recipient: &Endpoint,
         payload: Bytes,
         report: Option<Report>,
-        hold: Option<Option<u64>>,
+        hold: Hold,
     ) -> Option<ChannelRef> {
         // Services inside the relay (the report service) reach endpoints without access entries
         // (RFC 3341 §3 and RFC 3340 §4.4.4.1 step 5.3 leave this open).
@@ -299,7 +305,7 @@ impl Relay {
         recipient: &Endpoint,
         payload: Bytes,
         report: Option<Report>,
-        hold: Option<Option<u64>>,
+        hold: Hold,
     ) -> Option<ChannelRef> {
         match route(
             &self.directory,
@@ -326,8 +332,11 @@ impl Relay {
             }
             Route::Absent => {
                 match hold {
-                    Some(deadline) => self.hold(recipient, payload, report, deadline),
-                    None => self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached"),
+                    Hold::No => {
+                        self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached")
+                    }
+                    Hold::Indefinitely => self.hold(recipient, payload, report, None),
+                    Hold::Until(at) => self.hold(recipient, payload, report, Some(at)),
                 }
                 None
             }

@@ -56,15 +56,36 @@ mod route;
 #[cfg(test)]
 mod tests;
 
-pub use actions::{Action, Envelope, MsgReply, Report, ReportRequest};
+pub use actions::{Action, Envelope, Hold, MsgReply, Report, ReportRequest};
 pub use error::ApexError;
 use error::RECIPIENT_NOT_TAKING;
 use hold::Held;
 pub use route::{domain_shard, home_shard};
 use route::{route, Route};
 
-/// A connection of this shard, as numbered by the runtime.
-pub type ConnId = u32;
+/// A connection of one shard: a slot and the generation of the connection in it (see the
+/// shard core's slab), so an id that outlived its connection names nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(u32);
+
+impl ConnId {
+    /// The id with this number (the shard core numbers its connections; harnesses and tests
+    /// that drive a [`Relay`] alone number their own).
+    pub const fn from_raw(raw: u32) -> Self {
+        Self(raw)
+    }
+
+    /// The id's number, as logs and envelopes carry it.
+    pub const fn raw(self) -> u32 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// The APEX profile URI (RFC 3340 §4.2, APEX-06).
 pub const APEX_PROFILE: &str = "http://iana.org/beep/APEX";

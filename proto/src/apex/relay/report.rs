@@ -37,7 +37,7 @@ impl Relay {
             else {
                 return;
             };
-            self.deliver_local(&reporter, originator, payload, None, None);
+            self.deliver_local(&reporter, originator, payload, None, Hold::No);
         } else {
             self.actions.push_back(Action::Forward {
                 domain: originator.domain().to_ascii_lowercase(),

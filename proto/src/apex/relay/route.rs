@@ -69,7 +69,7 @@ mod tests {
         let fred = endpoint("fred@example.com");
         let at = ChannelRef {
             shard: 1,
-            conn: 7,
+            conn: ConnId(7),
             channel: 3,
         };
         let mut directory = EndpointMap::default();

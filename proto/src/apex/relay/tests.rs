@@ -32,16 +32,16 @@ fn granted_relay() -> Relay {
 /// edge sessions on channel 1; the attach replies are still queued.
 fn fred_and_barney() -> Relay {
     let mut r = granted_relay();
-    r.conn_opened(1, ConnKind::Edge);
-    r.conn_opened(2, ConnKind::Edge);
+    r.conn_opened(ConnId(1), ConnKind::Edge);
+    r.conn_opened(ConnId(2), ConnKind::Edge);
     r.handle_message(
-        1,
+        ConnId(1),
         1,
         0,
         &message("<attach endpoint='fred@example.com' transID='1' />"),
     );
     r.handle_message(
-        2,
+        ConnId(2),
         1,
         0,
         &message("<attach endpoint='barney@example.com' transID='1' />"),
@@ -61,7 +61,7 @@ fn a_refused_send_fails_the_newest_delivery_not_the_oldest() {
         ))
     };
     for (msgno, trans_id) in [(1, 10), (2, 11)] {
-        r.handle_message(1, 1, msgno, &with_status(trans_id));
+        r.handle_message(ConnId(1), 1, msgno, &with_status(trans_id));
         let actions: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
         assert!(
             matches!(
@@ -71,17 +71,22 @@ fn a_refused_send_fails_the_newest_delivery_not_the_oldest() {
                         reply: MsgReply { positive: true, .. },
                         ..
                     },
-                    Action::Send { conn: 2, .. }
+                    Action::Send {
+                        conn: ConnId(2),
+                        ..
+                    }
                 ]
             ),
             "{actions:?}"
         );
     }
     // The first delivery went out; the second was refused by the closing channel.
-    r.send_failed(2, 1, "endpoint went away");
+    r.send_failed(ConnId(2), 1, "endpoint went away");
     let report = |r: &mut Relay| match r.poll_action() {
         Some(Action::Send {
-            conn: 1, payload, ..
+            conn: ConnId(1),
+            payload,
+            ..
         }) => String::from_utf8_lossy(&payload).into_owned(),
         other => panic!("expected a report to fred, got {other:?}"),
     };
@@ -89,7 +94,7 @@ fn a_refused_send_fails_the_newest_delivery_not_the_oldest() {
     assert!(failed.contains("statusResponse transID='11'"), "{failed}");
     assert!(failed.contains("code='550'"), "{failed}");
     // Barney answers the first: its own report, a success.
-    r.handle_reply(2, 1, true, &msg::ok_payload());
+    r.handle_reply(ConnId(2), 1, true, &msg::ok_payload());
     let delivered = report(&mut r);
     assert!(
         delivered.contains("statusResponse transID='10'"),
@@ -107,7 +112,7 @@ fn a_refused_send_fails_the_newest_delivery_not_the_oldest() {
 #[test]
 fn a_session_s_channels_are_found_by_its_connection() {
     let mut r = fred_and_barney();
-    r.channel_started(2, 3);
+    r.channel_started(ConnId(2), 3);
     while r.poll_action().is_some() {}
     let answer = |r: &mut Relay, conn, channel| {
         r.handle_message(
@@ -125,21 +130,24 @@ fn a_session_s_channels_are_found_by_its_connection() {
             })
         )
     };
-    assert!(answer(&mut r, 1, 5), "fred's session, another channel");
-    assert!(!answer(&mut r, 2, 3), "another session");
-    assert_eq!(r.conn_channels[&1], [1, 5]);
-    assert_eq!(r.conn_channels[&2], [1, 3]);
-    r.channel_closed(2, 3);
-    assert_eq!(r.conn_channels[&2], [1]);
-    r.conn_closed(1);
-    assert!(!r.conn_channels.contains_key(&1));
+    assert!(
+        answer(&mut r, ConnId(1), 5),
+        "fred's session, another channel"
+    );
+    assert!(!answer(&mut r, ConnId(2), 3), "another session");
+    assert_eq!(r.conn_channels[&ConnId(1)], [1, 5]);
+    assert_eq!(r.conn_channels[&ConnId(2)], [1, 3]);
+    r.channel_closed(ConnId(2), 3);
+    assert_eq!(r.conn_channels[&ConnId(2)], [1]);
+    r.conn_closed(ConnId(1));
+    assert!(!r.conn_channels.contains_key(&ConnId(1)));
     assert!(r
         .lookup(&Endpoint::parse("fred@example.com").unwrap())
         .is_none());
     assert!(r
         .lookup(&Endpoint::parse("barney@example.com").unwrap())
         .is_some());
-    assert_eq!(r.conn_channels[&2], [1]);
+    assert_eq!(r.conn_channels[&ConnId(2)], [1]);
 }
 
 fn message(doc: &str) -> Bytes {
@@ -160,8 +168,13 @@ fn simple(originator: &str, recipient: &str) -> Bytes {
 fn simple_data_acts_exactly_as_the_general_path() {
     let build = || {
         let mut r = fred_and_barney();
-        r.conn_opened(3, ConnKind::Mesh);
-        r.handle_message(3, 1, 0, &message("<bind relay='other.org' transID='1' />"));
+        r.conn_opened(ConnId(3), ConnKind::Mesh);
+        r.handle_message(
+            ConnId(3),
+            1,
+            0,
+            &message("<bind relay='other.org' transID='1' />"),
+        );
         let setup: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
         assert!(
             setup.iter().all(|a| matches!(
@@ -180,16 +193,16 @@ fn simple_data_acts_exactly_as_the_general_path() {
     };
     let (mut fast, mut general) = (build(), build().without_simple_data_path());
     let cases: [(ConnId, &str, &str); 10] = [
-        (1, "fred@example.com", "barney@example.com"),
-        (2, "barney@example.com", "fred@example.com"),
-        (1, "fred@example.com", "barney@EXAMPLE.com"),
-        (1, "fred@example.com", "nobody@example.com"),
-        (1, "fred@example.com", "someone@other.org"),
-        (1, "barney@example.com", "fred@example.com"),
-        (1, "fred", "barney@example.com"),
-        (1, "fred@example.com", "barney"),
-        (3, "ann@other.org", "barney@example.com"),
-        (3, "ann@third.net", "barney@example.com"),
+        (ConnId(1), "fred@example.com", "barney@example.com"),
+        (ConnId(2), "barney@example.com", "fred@example.com"),
+        (ConnId(1), "fred@example.com", "barney@EXAMPLE.com"),
+        (ConnId(1), "fred@example.com", "nobody@example.com"),
+        (ConnId(1), "fred@example.com", "someone@other.org"),
+        (ConnId(1), "barney@example.com", "fred@example.com"),
+        (ConnId(1), "fred", "barney@example.com"),
+        (ConnId(1), "fred@example.com", "barney"),
+        (ConnId(3), "ann@other.org", "barney@example.com"),
+        (ConnId(3), "ann@third.net", "barney@example.com"),
     ];
     let mut seen = Vec::new();
     // Each case twice in a row: the second finds the channel's memo of the first's head.
@@ -210,8 +223,20 @@ fn simple_data_acts_exactly_as_the_general_path() {
     }
     // The cases reach every outcome: delivered, forwarded, accepted and dropped, refused.
     let any = |f: &dyn Fn(&Action) -> bool| seen.iter().flatten().any(f);
-    assert!(any(&|a| matches!(a, Action::Send { conn: 2, .. })));
-    assert!(any(&|a| matches!(a, Action::Send { conn: 1, .. })));
+    assert!(any(&|a| matches!(
+        a,
+        Action::Send {
+            conn: ConnId(2),
+            ..
+        }
+    )));
+    assert!(any(&|a| matches!(
+        a,
+        Action::Send {
+            conn: ConnId(1),
+            ..
+        }
+    )));
     assert!(any(
         &|a| matches!(a, Action::Forward { domain, .. } if domain == "other.org")
     ));
@@ -252,18 +277,18 @@ fn remembered_simple_routes_follow_every_change_as_the_general_path() {
     type Change = Box<dyn Fn(&mut Relay)>;
     let on_shard_1 = ChannelRef {
         shard: 1,
-        conn: 9,
+        conn: ConnId(9),
         channel: 1,
     };
     let changes: Vec<(&str, Change)> = vec![
         ("nothing", Box::new(|_| {})),
         (
             "barney terminates",
-            Box::new(|r| r.handle_message(2, 1, 1, &message("<terminate transID='1' />"))),
+            Box::new(|r| r.handle_message(ConnId(2), 1, 1, &message("<terminate transID='1' />"))),
         ),
         (
             "barney attaches on channel 3",
-            Box::new(move |r| r.handle_message(2, 3, 0, &attach("barney", 2))),
+            Box::new(move |r| r.handle_message(ConnId(2), 3, 0, &attach("barney", 2))),
         ),
         (
             "shard 1 says barney attached there",
@@ -285,23 +310,26 @@ fn remembered_simple_routes_follow_every_change_as_the_general_path() {
         ),
         (
             "barney's channel 3 closes",
-            Box::new(|r| r.channel_closed(2, 3)),
+            Box::new(|r| r.channel_closed(ConnId(2), 3)),
         ),
         (
             "barney attaches over connection 4",
             Box::new(move |r| {
-                r.conn_opened(4, ConnKind::Edge);
-                r.handle_message(4, 1, 0, &attach("barney", 1));
+                r.conn_opened(ConnId(4), ConnKind::Edge);
+                r.handle_message(ConnId(4), 1, 0, &attach("barney", 1));
             }),
         ),
-        ("connection 4 closes", Box::new(|r| r.conn_closed(4))),
+        (
+            "connection 4 closes",
+            Box::new(|r| r.conn_closed(ConnId(4))),
+        ),
         (
             "barney attaches in the start of channel 5",
-            Box::new(move |r| r.handle_start(2, 7, 5, &attach("barney", 3))),
+            Box::new(move |r| r.handle_start(ConnId(2), 7, 5, &attach("barney", 3))),
         ),
         (
             "fred terminates",
-            Box::new(|r| r.handle_message(1, 1, 1, &message("<terminate transID='1' />"))),
+            Box::new(|r| r.handle_message(ConnId(1), 1, 1, &message("<terminate transID='1' />"))),
         ),
     ];
     let (mut fast, mut general) = (
@@ -317,7 +345,7 @@ fn remembered_simple_routes_follow_every_change_as_the_general_path() {
             let changed: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
             let sent: Vec<Vec<Action>> = (msgno..msgno + 2)
                 .map(|msgno| {
-                    r.handle_message(1, 1, msgno, &data);
+                    r.handle_message(ConnId(1), 1, msgno, &data);
                     std::iter::from_fn(|| r.poll_action()).collect()
                 })
                 .collect();
@@ -327,14 +355,22 @@ fn remembered_simple_routes_follow_every_change_as_the_general_path() {
         assert_eq!(a, b, "after {name}");
         sent_to.extend(a.1.iter().flatten().filter_map(|action| match action {
             Action::Send { conn, channel, .. } => Some((0, *conn, *channel)),
-            Action::ToShard { shard, .. } => Some((*shard, 0, 0)),
+            Action::ToShard { shard, .. } => Some((*shard, ConnId(0), 0)),
             _ => None,
         }));
     }
     // The routes did change: barney was reached at each of its places in turn. (Its
     // channel in a start takes MSGs once the start is answered: none are sent before.)
     sent_to.dedup();
-    assert_eq!(sent_to, [(0, 2, 1), (0, 2, 3), (1, 0, 0), (0, 4, 1)]);
+    assert_eq!(
+        sent_to,
+        [
+            (0, ConnId(2), 1),
+            (0, ConnId(2), 3),
+            (1, ConnId(0), 0),
+            (0, ConnId(4), 1)
+        ]
+    );
 }
 
 /// A route is remembered only with a head the memo keeps: data whose head is too long
@@ -345,21 +381,30 @@ fn no_route_is_remembered_for_a_head_the_memo_does_not_keep() {
     let mut r = fred_and_barney();
     let long = format!("{}@example.com", "f".repeat(msg::MAX_MEMO_HEAD));
     r.handle_message(
-        1,
+        ConnId(1),
         3,
         0,
         &message(&format!("<attach endpoint='{long}' transID='1' />")),
     );
     for (channel, originator, remembered) in [(1, "fred@example.com", true), (3, &*long, false)] {
-        r.handle_message(1, channel, 5, &simple(originator, "barney@example.com"));
+        r.handle_message(
+            ConnId(1),
+            channel,
+            5,
+            &simple(originator, "barney@example.com"),
+        );
         let actions: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
         assert!(
-            actions
-                .iter()
-                .any(|a| matches!(a, Action::Send { conn: 2, .. })),
+            actions.iter().any(|a| matches!(
+                a,
+                Action::Send {
+                    conn: ConnId(2),
+                    ..
+                }
+            )),
             "{originator}"
         );
-        let state = &r.channels[&(1, channel)];
+        let state = &r.channels[&(ConnId(1), channel)];
         assert_eq!(state.simple_route.is_some(), remembered, "{originator}");
     }
 }
