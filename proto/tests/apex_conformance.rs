@@ -1575,3 +1575,42 @@ fn opt_13_held_data_from_a_non_home_shard_is_released_once() {
         assert!(text(&got[0]).contains(">held<"));
     }
 }
+
+#[test]
+fn apex_45_the_report_service_takes_no_requests_and_unknown_services_are_550() {
+    // Data for a well-known endpoint of this domain goes to the relay's service module, on
+    // every shard, not to an attachment: the report service refuses requests (consumers
+    // initiate nothing, RFC 3340 §6.2) and an address no service has is not there.
+    for (shards, fred_shard) in [(1, 0), (2, 0), (2, 1)] {
+        let mut net = granted(shards);
+        let (fred, ch) = attached(&mut net, fred_shard, "fred@example.com");
+        for (trans_id, service, why) in [
+            (
+                5,
+                "apex=report@example.com",
+                "the report service takes no requests",
+            ),
+            (6, "apex=nothing@example.com", "no such service"),
+        ] {
+            let (ok, _) = net.send(
+                fred,
+                ch,
+                data(
+                    "fred@example.com",
+                    &[service],
+                    &status_request(trans_id),
+                    "hi",
+                ),
+            );
+            assert!(ok, "accepted, then reported ({shards} shard(s))");
+            let found = reports(&net, fred).iter().any(|r| {
+                is_report(r, "example.com", trans_id, service, 550) && text(r).contains(why)
+            });
+            assert!(
+                found,
+                "{service}: {:?}",
+                reports(&net, fred).iter().map(text).collect::<Vec<_>>()
+            );
+        }
+    }
+}

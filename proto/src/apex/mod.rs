@@ -6,3 +6,4 @@ pub mod msg;
 pub mod options;
 pub mod relay;
 mod scan;
+pub mod service;

@@ -287,14 +287,44 @@ impl Relay {
         report: Option<Report>,
         hold: Hold,
     ) -> Option<ChannelRef> {
-        // Services inside the relay (the report service) reach endpoints without access entries
-        // (RFC 3341 §3 and RFC 3340 §4.4.4.1 step 5.3 leave this open).
-        let allowed = originator.is_service() || self.may_send(recipient, originator);
+        let route = route(
+            &self.directory,
+            recipient,
+            self.config.shard,
+            self.config.shards,
+        );
+        // The relay's services and endpoints reach each other without `core:data` entries:
+        // each service decides by its own operations (RFC 3341 §3 and RFC 3340 §4.4.4.1 step
+        // 5.3 leave this open).
+        let allowed = originator.is_service()
+            || route == Route::Service
+            || self.may_send(recipient, originator);
         if !allowed {
             self.report(report, apex_code::NOT_AUTHORIZED, "access denied");
             return None;
         }
-        self.deliver_to(recipient, payload, report, hold)
+        self.deliver_routed(route, Some(originator), recipient, payload, report, hold)
+    }
+
+    /// Hands data to the relay's service at `recipient`, and sends what it answers.
+    fn deliver_to_service(
+        &mut self,
+        originator: &Endpoint,
+        recipient: &Endpoint,
+        payload: &Bytes,
+        report: Option<Report>,
+    ) {
+        let mut out = Vec::new();
+        match self
+            .services
+            .receive(recipient, originator, payload, &mut out)
+        {
+            Ok(()) => self.report(report, apex_code::SUCCESS, ""),
+            Err(refused) => self.report(report, refused.code, refused.text),
+        }
+        for outgoing in out {
+            self.send_from_service(recipient, outgoing);
+        }
     }
 
     /// Delivers to the recipient's channel. A replica that does not know the recipient may be
@@ -307,12 +337,36 @@ impl Relay {
         report: Option<Report>,
         hold: Hold,
     ) -> Option<ChannelRef> {
-        match route(
+        let route = route(
             &self.directory,
             recipient,
             self.config.shard,
             self.config.shards,
-        ) {
+        );
+        self.deliver_routed(route, None, recipient, payload, report, hold)
+    }
+
+    /// Delivers as `route` says. `originator` is known except for data handed on by another
+    /// shard, which is never for a service.
+    fn deliver_routed(
+        &mut self,
+        route: Route,
+        originator: Option<&Endpoint>,
+        recipient: &Endpoint,
+        payload: Bytes,
+        report: Option<Report>,
+        hold: Hold,
+    ) -> Option<ChannelRef> {
+        match route {
+            Route::Service => {
+                match originator {
+                    Some(originator) => {
+                        self.deliver_to_service(originator, recipient, &payload, report)
+                    }
+                    None => self.report(report, code::ACTION_NOT_TAKEN, "no such service"),
+                }
+                None
+            }
             Route::Channel(at) => {
                 self.deliver_at(at, payload, report);
                 Some(at)

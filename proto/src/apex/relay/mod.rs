@@ -42,6 +42,7 @@ use crate::apex::access::AccessTable;
 use crate::apex::addr::Endpoint;
 use crate::apex::msg::{self, apex_code, ApexLimits, ApexOption, Data, Operation, SimpleData};
 use crate::apex::options::{self, Edit, Hop};
+use crate::apex::service::{Outgoing, Services};
 use crate::beep::mgmt::{code, ErrorElement};
 use crate::beep::session::{Event, ReplyKind, Session};
 use crate::error::Misuse;
@@ -236,6 +237,8 @@ pub struct Relay {
     /// The channel whose data is being routed, for [`Action::Send::source`]; `None` while the
     /// relay sends its own MSGs (reports, notices, held data).
     current_source: Option<ChannelRef>,
+    /// The relay's own well-known endpoints.
+    services: Services,
 }
 
 /// Most cached access decisions before the cache starts over.
@@ -247,6 +250,7 @@ const PARSED_CACHE_ENTRIES: usize = 16_384;
 impl Relay {
     /// A relay for one shard.
     pub fn new(config: RelayConfig) -> Self {
+        let domain = config.domain.clone();
         Self {
             config,
             directory: EndpointMap::default(),
@@ -271,6 +275,7 @@ impl Relay {
             direct_replies: Vec::new(),
             refusing: rustc_hash::FxHashSet::default(),
             current_source: None,
+            services: Services::new(&domain),
         }
     }
 

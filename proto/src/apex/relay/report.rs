@@ -1,6 +1,6 @@
-//! The report service `apex=report@DOMAIN` (RFC 3340 §5.1, APEX-38): statusResponses to
-//! originators that asked, once a delivery's outcome is known (the recipient's reply, a failed
-//! send, a failed forward).
+//! Reports (RFC 3340 §5.1, APEX-38): once a delivery's outcome is known (the recipient's
+//! reply, a failed send, a failed forward), the report service (`apex::service::report`)
+//! answers the originator's statusRequest, and what it sends goes out like any service's data.
 
 use super::*;
 
@@ -12,38 +12,48 @@ impl Relay {
     }
 
     pub(super) fn send_report(&mut self, request: &ReportRequest, reply_code: u16, text: &str) {
-        let reporter = format!("apex=report@{}", self.config.domain);
-        let Ok(reporter) = Endpoint::parse(&reporter) else {
+        let report = self.services.report();
+        let (Some(reporter), Some(outgoing)) = (
+            report.endpoint().cloned(),
+            report.status_response(
+                &request.originator,
+                &request.recipient,
+                request.trans_id,
+                reply_code,
+                text,
+            ),
+        ) else {
             return;
         };
-        let destination = options::Destination {
-            identity: &request.recipient,
-            code: reply_code,
-            text,
-        };
-        let xml = options::status_response_xml(request.trans_id, &[destination]);
-        let payload = msg::data_payload(reporter.as_str(), request.originator.as_str(), &xml);
-        self.route_report(payload, &request.originator);
+        self.send_from_service(&reporter, outgoing);
     }
 
-    /// Sends a report (a data from `apex=report`) to `originator`, locally or over the mesh.
+    /// Sends a report (a data from `apex=report`, built by the caller) to `originator`.
     pub(super) fn route_report(&mut self, payload: Bytes, originator: &Endpoint) {
-        self.as_own(|relay| relay.route_own_report(payload, originator));
+        let Some(reporter) = self.services.report().endpoint().cloned() else {
+            return;
+        };
+        let outgoing = Outgoing {
+            recipient: originator.clone(),
+            payload,
+        };
+        self.send_from_service(&reporter, outgoing);
     }
 
-    pub(super) fn route_own_report(&mut self, payload: Bytes, originator: &Endpoint) {
-        if self.serves(originator.domain()) {
-            let Ok(reporter) = Endpoint::parse(&options::report_originator(&self.config.domain))
-            else {
-                return;
-            };
-            self.deliver_local(&reporter, originator, payload, None, Hold::No);
-        } else {
-            self.actions.push_back(Action::Forward {
-                domain: originator.domain().to_ascii_lowercase(),
-                payload,
-            });
-        }
+    /// Sends what the service at `from` sends: data routed like any endpoint's, here or to
+    /// the recipient's relay.
+    pub(super) fn send_from_service(&mut self, from: &Endpoint, outgoing: Outgoing) {
+        let Outgoing { recipient, payload } = outgoing;
+        self.as_own(|relay| {
+            if relay.serves(recipient.domain()) {
+                relay.deliver_local(from, &recipient, payload, None, Hold::No);
+            } else {
+                relay.actions.push_back(Action::Forward {
+                    domain: recipient.domain().to_ascii_lowercase(),
+                    payload,
+                });
+            }
+        });
     }
 
     /// A reply to one of the relay's MSGs on `channel` (replies come in order, BEEP-35).

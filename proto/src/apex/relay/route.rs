@@ -32,6 +32,8 @@ pub(super) fn shard_of(hash: u64, shards: usize) -> usize {
 /// Where data for a recipient of this relay's domain goes from this shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Route {
+    /// To the relay's own service at that well-known endpoint.
+    Service,
     /// To the channel it is attached on (this shard or another).
     Channel(ChannelRef),
     /// To its home shard: this shard's replica of the directory may lag the home shard's.
@@ -47,6 +49,9 @@ pub(super) fn route(
     shard: usize,
     shards: usize,
 ) -> Route {
+    if recipient.is_service() {
+        return Route::Service;
+    }
     if let Some(at) = directory.get(recipient) {
         return Route::Channel(*at);
     }
@@ -94,5 +99,21 @@ mod tests {
         }
         // One shard is everyone's home.
         assert_eq!(route(&directory, &barney, 0, 1), Route::Absent);
+    }
+
+    #[test]
+    fn a_well_known_endpoint_is_served_on_every_shard() {
+        let report = endpoint("apex=report@example.com");
+        let mut directory = EndpointMap::default();
+        // Not even an entry (attach refuses one) would route it elsewhere.
+        let at = ChannelRef {
+            shard: 1,
+            conn: ConnId(7),
+            channel: 3,
+        };
+        directory.insert(report.clone(), at);
+        for shard in 0..3 {
+            assert_eq!(route(&directory, &report, shard, 3), Route::Service);
+        }
     }
 }
