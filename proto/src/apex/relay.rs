@@ -35,6 +35,7 @@ use compact_str::CompactString;
 
 use crate::apex::access::AccessTable;
 use crate::apex::addr::Endpoint;
+use crate::apex::client::DataBuilder;
 use crate::apex::msg::{self, apex_code, ApexLimits, ApexOption, Data, Operation, SimpleData};
 use crate::apex::options::{self, Edit, Hop};
 use crate::beep::mgmt::{code, ErrorElement};
@@ -1580,7 +1581,7 @@ impl Relay {
     }
 
     fn send_report(&mut self, request: &ReportRequest, reply_code: u16, text: &str) {
-        let reporter = format!("apex=report@{}", self.config.domain);
+        let reporter = options::report_originator(&self.config.domain);
         let Ok(reporter) = Endpoint::parse(&reporter) else {
             return;
         };
@@ -1590,7 +1591,9 @@ impl Relay {
             text,
         };
         let xml = options::status_response_xml(request.trans_id, &[destination]);
-        let payload = msg::data_payload(reporter.as_str(), request.originator.as_str(), &xml);
+        let payload = DataBuilder::new(reporter.as_str())
+            .to(request.originator.as_str())
+            .markup(&xml);
         self.route_report(payload, &request.originator);
     }
 
