@@ -417,7 +417,7 @@ mod tests {
     const REPORT_13_3: &str = "Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='apex=report@example.com' />\r\n   <recipient identity='fred@example.com' />\r\n   <data-content Name='Content'>\r\n      <statusResponse transID='86'>\r\n         <destination identity='barney@example.com'>\r\n            <reply code='250' transID='86' />\r\n         </destination>\r\n      </statusResponse>\r\n   </data-content>\r\n</data>\r\n";
 
     #[test]
-    fn attach_piggybacked_and_as_a_msg() {
+    fn apex_06_attach_piggybacked_and_as_a_msg() {
         // APEX-06: the piggybacked attach rides the APEX profile offer.
         let offer = attach_offer("fred@example.com", 1);
         assert_eq!(offer.uri, "http://iana.org/beep/APEX");
@@ -475,7 +475,7 @@ mod tests {
     }
 
     #[test]
-    fn data_of_13_1_byte_exact() {
+    fn apex_21_data_of_13_1_byte_exact() {
         let built = DataBuilder::new("fred@example.com")
             .to("barney@example.com")
             .text("hello, barney");
@@ -491,7 +491,7 @@ mod tests {
     }
 
     #[test]
-    fn report_of_13_3_byte_exact() {
+    fn apex_38_report_of_13_3_byte_exact() {
         // APEX-38: the relay's report is built with the same builder.
         let content = "\r\n      <statusResponse transID='86'>\r\n         <destination identity='barney@example.com'>\r\n            <reply code='250' transID='86' />\r\n         </destination>\r\n      </statusResponse>\r\n   ";
         let built = DataBuilder::new("apex=report@example.com")
@@ -502,7 +502,7 @@ mod tests {
     }
 
     #[test]
-    fn data_of_13_4_byte_exact() {
+    fn apex_07_data_of_13_4_byte_exact() {
         let part = ContentPart {
             boundary: "XX",
             start_id: "1@fred.example.com",
@@ -552,7 +552,7 @@ mod tests {
     }
 
     #[test]
-    fn content_inline_part_and_reference() {
+    fn apex_28_content_inline_part_and_reference() {
         // APEX-28: the content is handed over exactly as the originator sent it.
         let Ok(Incoming::Data(d)) = parse_incoming(&Bytes::from_static(DATA_13_1.as_bytes()))
         else {
@@ -585,7 +585,7 @@ mod tests {
     }
 
     #[test]
-    fn split_related_of_13_4() {
+    fn apex_07_split_related_of_13_4() {
         let payload = Bytes::from_static(DATA_13_4.as_bytes());
         let entity = Entity::parse(&payload).unwrap();
         let related = split_related(&payload, &entity).unwrap();
@@ -612,7 +612,7 @@ mod tests {
     }
 
     #[test]
-    fn report_is_recognised_and_parsed() {
+    fn apex_38_report_is_recognised_and_parsed() {
         // APEX-38: a statusResponse comes as data from apex=report@DOMAIN.
         let Ok(Incoming::Status { data, response }) =
             parse_incoming(&Bytes::from_static(REPORT_13_3.as_bytes()))
