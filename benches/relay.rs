@@ -5,7 +5,7 @@
 //! Everything runs on one thread, so `Throughput::Elements` (messages per iteration) reads as
 //! messages per second per core. Every iteration handles [`MESSAGES`] data messages from
 //! `fred@example.com` to `barney@example.com`, built before the measurement: the payload is the
-//! digest's `data` layout (`apex_proto::apex::msg::data_payload`) with a `data-content` text of
+//! digest's `data` layout (`apex_proto::apex::client::DataBuilder`) with a `data-content` text of
 //! exactly 128 octets (`128B`, a 346-octet BEEP payload) or 4096 octets (`4KiB`, 4314 octets).
 //! Benchmarks:
 //!
@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use apex_proto::apex::access::{AccessTable, Action as Access, ActorPattern};
 use apex_proto::apex::addr::Endpoint;
+use apex_proto::apex::client::DataBuilder;
 use apex_proto::apex::msg::{self, ApexLimits, Operation};
 use apex_proto::apex::relay::ConnKind;
 use apex_proto::beep::mgmt::ProfileOffer;
@@ -77,7 +78,7 @@ fn text(len: usize) -> String {
 
 /// The data message fred sends: one recipient, barney, with `text_len` octets of content.
 fn data_message(text_len: usize) -> Bytes {
-    msg::data_payload(FRED, BARNEY, &text(text_len))
+    DataBuilder::new(FRED).to(BARNEY).markup(&text(text_len))
 }
 
 /// A net of `shards` relays for example.com where every local endpoint may send data to

@@ -6,6 +6,7 @@
 
 mod common;
 
+use apex_proto::apex::client::DataBuilder;
 use bytes::Bytes;
 use common::dns_server::{DnsServer, Zone};
 use common::{free_port, Client, Relay};
@@ -25,10 +26,14 @@ fn attached(relay: &Relay, endpoint: &str) -> (Client, u32) {
     (client, channel)
 }
 
+/// A data from `from` to `to` carrying the per-data `option` element (none if empty), `text`
+/// inline.
 fn data(from: &str, to: &str, option: &str, text: &str) -> Bytes {
-    Bytes::from(format!(
-        "Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='{from}' />\r\n   <recipient identity='{to}' />\r\n{option}   <data-content Name='Content'>{text}</data-content>\r\n</data>\r\n"
-    ))
+    let data = DataBuilder::new(from).to(to);
+    match option {
+        "" => data.markup(text),
+        option => data.option(option).markup(text),
+    }
 }
 
 #[test]
@@ -49,7 +54,7 @@ fn apex_24_two_relays_deliver_across_the_mesh() {
     let (mut barney, _) = attached(&b, "barney@rubble.com");
     let (mut fred, fred_channel) = attached(&a, "fred@example.com");
 
-    let option = "   <option internal='statusRequest' transID='86' />\r\n";
+    let option = "<option internal='statusRequest' transID='86' />";
     let sent = data(
         "fred@example.com",
         "barney@rubble.com",
@@ -85,7 +90,7 @@ fn unreachable_domain_is_reported() {
     let dead = format!("nowhere.test=127.0.0.1:{}", free_port());
     let a = relay("example.com", port_a, &["--peer", &dead]);
     let (mut fred, channel) = attached(&a, "fred@example.com");
-    let option = "   <option internal='statusRequest' transID='9' />\r\n";
+    let option = "<option internal='statusRequest' transID='9' />";
     assert!(
         fred.request(
             channel,
@@ -132,7 +137,7 @@ fn opt_17_routing_loop_stopped_by_data_hopping() {
         ],
     );
     let (mut fred, channel) = attached(&a, "fred@a.test");
-    let option = "   <option internal='dataHopping' targetHop='all' mustUnderstand='true' transID='90'>\r\n      <dataHopping noMoreThan='4' reportErrors='true' />\r\n   </option>\r\n";
+    let option = "<option internal='dataHopping' targetHop='all' mustUnderstand='true' transID='90'>\r\n      <dataHopping noMoreThan='4' reportErrors='true' />\r\n   </option>";
     assert!(
         fred.request(
             channel,
@@ -156,7 +161,7 @@ fn apex_04_domain_literal_is_routed_without_dns() {
     // there in tests, so the recipient fails and is reported).
     let a = relay("example.com", free_port(), &[]);
     let (mut fred, channel) = attached(&a, "fred@example.com");
-    let option = "   <option internal='statusRequest' transID='4' />\r\n";
+    let option = "<option internal='statusRequest' transID='4' />";
     assert!(
         fred.request(
             channel,
@@ -215,7 +220,7 @@ fn apex_04_srv_records_lead_to_the_next_relay_trying_each_address_in_order() {
     );
     let (mut barney, _) = attached(&b, "barney@rubble.test");
     let (mut fred, fred_channel) = attached(&a, "fred@example.com");
-    let option = "   <option internal='statusRequest' transID='12' />\r\n";
+    let option = "<option internal='statusRequest' transID='12' />";
     let sent = data(
         "fred@example.com",
         "barney@rubble.test",
@@ -247,7 +252,7 @@ fn apex_04_a_lone_srv_target_dot_means_the_domain_has_no_relay() {
     let dns_server = dns.addr.to_string();
     let a = relay("example.com", free_port(), &["--dns-server", &dns_server]);
     let (mut fred, channel) = attached(&a, "fred@example.com");
-    let option = "   <option internal='statusRequest' transID='13' />\r\n";
+    let option = "<option internal='statusRequest' transID='13' />";
     assert!(
         fred.request(
             channel,

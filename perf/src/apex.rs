@@ -22,10 +22,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use apex_proto::apex::msg::{ok_payload, parse_message, ApexLimits, Operation};
-use apex_proto::beep::mgmt::ProfileOffer;
-use apex_proto::beep::mime::BEEP_XML_HEADERS;
-use apex_proto::xml::escape;
+use apex_proto::apex::client::{
+    attach_offer, ok_payload, parse_answer, parse_piggybacked_answer, Answer, DataBuilder,
+    DATA_CONTENT_OPEN,
+};
 use apex_proto::{Event, Limits, ReplyKind, Role, Session, SessionConfig};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
@@ -34,8 +34,6 @@ use crate::driver::{self, Schedule, Task};
 use crate::payload::{self, Stamp};
 use crate::stats::{self, Report};
 use crate::stream::Pattern;
-
-use apex_proto::apex::relay::APEX_PROFILE;
 
 /// How long a blocking read waits before the task looks at the clock again.
 const READ_TIMEOUT: Duration = Duration::from_millis(10);
@@ -61,8 +59,8 @@ const BUILD_CHUNK: usize = 64 * 1024;
 /// Error messages kept per endpoint.
 const MAX_SAMPLES: usize = 5;
 
-/// The `data-content` name used in every message.
-const CONTENT_OPEN: &[u8] = b"<data-content Name='C'>";
+/// The `data-content` start tag of every message; the payload follows it.
+const CONTENT_OPEN: &[u8] = DATA_CONTENT_OPEN;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -599,18 +597,9 @@ fn due_at(schedule: &Schedule, seq: u64, rate: f64) -> Instant {
 
 /// The `data` message around a payload: (prefix, suffix).
 fn data_frame(originator: &str, recipients: &[String]) -> (Bytes, &'static [u8]) {
-    let mut prefix = BytesMut::new();
-    prefix.put_slice(BEEP_XML_HEADERS);
-    prefix.put_slice(b"<data content='#C'><originator identity='");
-    prefix.put_slice(escape(originator).as_bytes());
-    prefix.put_slice(b"' />");
-    for recipient in recipients {
-        prefix.put_slice(b"<recipient identity='");
-        prefix.put_slice(escape(recipient).as_bytes());
-        prefix.put_slice(b"' />");
-    }
-    prefix.put_slice(CONTENT_OPEN);
-    (prefix.freeze(), b"</data-content></data>\r\n")
+    DataBuilder::new(originator)
+        .to_all(recipients.iter().map(String::as_str))
+        .inline_frame()
 }
 
 /// Finds the payload in a delivered `data` message and decodes its stamp. `hint` is where the
@@ -628,12 +617,8 @@ fn stamp_of(message: &[u8], hint: &mut usize) -> Option<Stamp> {
     payload::decode(at)
 }
 
-fn is_ok_reply(payload: &Bytes, ok: &[u8]) -> bool {
-    payload[..] == *ok
-        || matches!(
-            parse_message(payload, &ApexLimits::default()),
-            Ok(Operation::Ok)
-        )
+fn is_ok_reply(payload: &Bytes) -> bool {
+    matches!(parse_answer(payload), Ok(Answer::Ok))
 }
 
 impl Endpoint {
@@ -951,11 +936,7 @@ impl Endpoint {
     fn on_event(&mut self, event: Event, now_ns: u64, measuring: bool) -> Result<()> {
         match event {
             Event::Greeting(_) if self.phase == Phase::Greeting => {
-                let doc = format!("<attach endpoint='{}' transID='1' />", escape(&self.name));
-                let offer = ProfileOffer {
-                    uri: APEX_PROFILE.to_owned(),
-                    content: Some(Bytes::from(doc)),
-                };
+                let offer = attach_offer(&self.name, 1);
                 let channel = self
                     .conn
                     .session
@@ -967,12 +948,11 @@ impl Endpoint {
                 channel, content, ..
             } if self.phase == (Phase::Attaching { channel }) => {
                 let reply = content.unwrap_or_default();
-                let reply = String::from_utf8_lossy(&reply);
-                if reply.trim() != "<ok />" {
+                if parse_piggybacked_answer(&reply) != Ok(Answer::Ok) {
                     bail!(
                         "the relay did not accept the attach of {}: piggybacked reply {:?}",
                         self.name,
-                        reply.trim()
+                        String::from_utf8_lossy(&reply).trim()
                     );
                 }
                 self.channel = channel;
@@ -1082,7 +1062,7 @@ impl Endpoint {
         };
         s.outstanding = s.outstanding.saturating_sub(1);
         s.answered += 1;
-        if kind == ReplyKind::Rpy && is_ok_reply(payload, &ok_payload()) {
+        if kind == ReplyKind::Rpy && is_ok_reply(payload) {
             s.acked += 1;
             s.acked_in_window += u64::from(measuring);
             return;
@@ -1117,6 +1097,7 @@ impl Task for Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use apex_proto::apex::msg::{parse_message, ApexLimits, Operation};
 
     fn config(pattern: Pattern, pairs: usize) -> Config {
         Config {
@@ -1200,11 +1181,10 @@ mod tests {
 
     #[test]
     fn ok_replies_are_recognised() {
-        let ok = ok_payload();
-        assert!(is_ok_reply(&ok, &ok));
+        assert!(is_ok_reply(&ok_payload()));
         let spaced = Bytes::from_static(b"Content-Type: application/beep+xml\r\n\r\n<ok/>");
-        assert!(is_ok_reply(&spaced, &ok));
+        assert!(is_ok_reply(&spaced));
         let error = apex_proto::apex::msg::error_payload(550, "no");
-        assert!(!is_ok_reply(&error, &ok));
+        assert!(!is_ok_reply(&error));
     }
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::apex::access::AccessTable;
-use crate::apex::msg::{self as apex_msg, ApexLimits};
+use crate::apex::client;
+use crate::apex::msg::ApexLimits;
 use crate::apex::relay::{domain_shard, ConnId, ConnKind, Envelope, Relay, RelayConfig};
 use crate::beep::frame::{self as beep_frame, encode_data_frame, Header, Inbound, Keyword};
 use crate::beep::mgmt::{ErrorElement, ProfileOffer};
@@ -554,10 +555,7 @@ impl RelayNet {
     /// Starts a channel with a piggybacked `attach` of `endpoint` (transID 1); returns the
     /// channel and the piggybacked reply text (`<ok />` or an `error` element).
     pub fn attach(&mut self, id: ClientId, endpoint: &str) -> (u32, String) {
-        let doc = format!(
-            "<attach endpoint='{}' transID='1' />",
-            crate::xml::escape(endpoint)
-        );
+        let doc = client::attach_document(endpoint, 1);
         let (channel, reply) = self.start(id, Some(&doc));
         (channel, reply.unwrap_or_default())
     }
@@ -746,7 +744,7 @@ impl RelayNet {
                 } => {
                     client.received.push((channel, msgno, payload));
                     if client.auto_reply {
-                        let _ = initiator.send_rpy(channel, msgno, apex_msg::ok_payload());
+                        let _ = initiator.send_rpy(channel, msgno, client::ok_payload());
                     }
                 }
                 Event::Reply {

@@ -21,12 +21,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use apex_proto::apex::addr::Endpoint;
-use apex_proto::apex::msg::{
-    attach_payload, error_payload, ok_payload, parse_document, parse_message, ApexLimits, Data,
-    Operation,
+use apex_proto::apex::client::{
+    self, attach_message, attach_offer, ok_payload, parse_answer, parse_incoming,
+    parse_piggybacked_answer, Answer, Content, DataBuilder, Incoming,
 };
-use apex_proto::beep::mgmt::ProfileOffer;
-use apex_proto::beep::mime::Entity;
+use apex_proto::apex::msg::{error_payload, Data};
 use apex_proto::{xml, Event, ReplyKind, Role, Session, SessionConfig};
 use bytes::{Bytes, BytesMut};
 use clap::{Parser, Subcommand};
@@ -415,10 +414,6 @@ fn code_text(code: u16, text: &str) -> String {
     }
 }
 
-fn limits() -> ApexLimits {
-    ApexLimits::default()
-}
-
 /// Outcome of the attach handshake.
 #[derive(Debug)]
 enum Attach {
@@ -453,14 +448,7 @@ fn handshake(
             Wait::Interrupted => bail!("interrupted"),
         }
     }
-    let attach = format!(
-        "<attach endpoint='{}' transID='{ATTACH_TRANS_ID}' />",
-        xml::escape(name.as_str())
-    );
-    let offer = ProfileOffer {
-        uri: APEX.to_owned(),
-        content: Some(Bytes::from(attach)),
-    };
+    let offer = attach_offer(name.as_str(), ATTACH_TRANS_ID);
     let channel = peer
         .session
         .start_channel(vec![offer], None)
@@ -474,7 +462,7 @@ fn handshake(
                 ..
             }) if c == channel => match content {
                 Some(content) => {
-                    break parse_document(&content, &limits()).map_err(|e| {
+                    break parse_piggybacked_answer(&content).map_err(|e| {
                         anyhow!(
                             "unparsable answer to the piggybacked attach ({}): {}",
                             e.text,
@@ -486,7 +474,7 @@ fn handshake(
                     // The relay ignored the piggyback: attach with an ordinary MSG (§5.2).
                     let msgno = peer
                         .session
-                        .send_msg(channel, attach_payload(name.as_str(), ATTACH_TRANS_ID))
+                        .send_msg(channel, attach_message(name.as_str(), ATTACH_TRANS_ID))
                         .map_err(|e| anyhow!("cannot send attach: {e}"))?;
                     attach_msgno = Some(msgno);
                 }
@@ -501,7 +489,7 @@ fn handshake(
                 payload,
                 ..
             }) if c == channel && Some(msgno) == attach_msgno => {
-                break parse_message(&payload, &limits()).map_err(|e| {
+                break parse_answer(&payload).map_err(|e| {
                     anyhow!(
                         "unparsable answer to attach ({}): {}",
                         e.text,
@@ -523,15 +511,14 @@ fn handshake(
         }
     };
     match answer {
-        Operation::Ok => Ok(Attach::Attached(channel)),
-        Operation::Error { code, text } => {
+        Answer::Ok => Ok(Attach::Attached(channel)),
+        Answer::Error { code, text } => {
             writeln!(out, "error {}", code_text(code, &text))?;
             out.flush()?;
             eprintln!("apex: the relay refused to attach {name}");
             let _ = peer.close(Some(channel), Instant::now() + io);
             Ok(Attach::Refused)
         }
-        other => bail!("unexpected answer to attach: {other:?}"),
     }
 }
 
@@ -545,7 +532,7 @@ struct AttachOpts {
 }
 
 /// What an incoming MSG turned out to be.
-enum Incoming {
+enum AttachMsg {
     /// A data for us, printed and acknowledged.
     Data,
     /// A `terminate` that ended our attachment (answered `ok`).
@@ -574,10 +561,10 @@ fn on_attach_msg(
     payload: &Bytes,
     me: &Endpoint,
     out: &mut impl Write,
-) -> Result<Incoming> {
-    match parse_message(payload, &limits()) {
+) -> Result<AttachMsg> {
+    match parse_incoming(payload) {
         Err(e) => peer.err(channel, msgno, e.code, &e.text)?,
-        Ok(Operation::Data(data)) => {
+        Ok(Incoming::Data(data) | Incoming::Status { data, .. }) => {
             let ours = data
                 .recipients
                 .iter()
@@ -590,7 +577,7 @@ fn on_attach_msg(
             if !ours {
                 let text = format!("not attached as {}", to.join(", "));
                 peer.err(channel, msgno, 550, &text)?;
-                return Ok(Incoming::Other);
+                return Ok(AttachMsg::Other);
             }
             writeln!(
                 out,
@@ -601,20 +588,22 @@ fn on_attach_msg(
             )?;
             out.flush()?;
             peer.rpy_ok(channel, msgno)?;
-            return Ok(Incoming::Data);
+            return Ok(AttachMsg::Data);
         }
-        Ok(Operation::Terminate {
+        Ok(Incoming::Terminate {
             trans_id,
             code,
             text,
         }) => {
             if answer_terminate(peer, channel, msgno, trans_id)? {
-                return Ok(Incoming::Terminated { code, text });
+                return Ok(AttachMsg::Terminated { code, text });
             }
         }
-        Ok(_) => peer.err(channel, msgno, 500, "unexpected operation for an endpoint")?,
+        Ok(Incoming::Other(_)) => {
+            peer.err(channel, msgno, 500, "unexpected operation for an endpoint")?
+        }
     }
-    Ok(Incoming::Other)
+    Ok(AttachMsg::Other)
 }
 
 /// `apex attach`: attaches, prints deliveries until `--count`, `--timeout`, a signal, or the
@@ -648,20 +637,20 @@ fn run_attach(
                 msgno,
                 payload,
             } => match on_attach_msg(&mut peer, c, msgno, &payload, &opts.name, out)? {
-                Incoming::Data => {
+                AttachMsg::Data => {
                     received += 1;
                     if Some(received) == opts.count {
                         break;
                     }
                 }
-                Incoming::Terminated { code, text } => {
+                AttachMsg::Terminated { code, text } => {
                     writeln!(out, "terminated {}", code_text(code, &text))?;
                     out.flush()?;
                     // The attachment is over whatever happens now; detach politely.
                     let _ = peer.close(Some(channel), Instant::now() + io);
                     return Ok(Status::Success);
                 }
-                Incoming::Other => {}
+                AttachMsg::Other => {}
             },
             Event::ChannelClosed { channel: c, .. } if c == channel => {
                 eprintln!("apex: the relay closed the APEX channel");
@@ -694,67 +683,11 @@ struct SendOpts {
 
 /// The `data` message of `apex send` (RFC 3340 §4.4.4).
 fn data_document(from: &Endpoint, to: &[Endpoint], status: Option<u32>, text: &str) -> Bytes {
-    let mut doc =
-        String::from("Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n");
-    doc.push_str(&format!(
-        "   <originator identity='{}' />\r\n",
-        xml::escape(from.as_str())
-    ));
-    for recipient in to {
-        doc.push_str(&format!(
-            "   <recipient identity='{}' />\r\n",
-            xml::escape(recipient.as_str())
-        ));
+    let data = DataBuilder::new(from.as_str()).to_all(to.iter().map(Endpoint::as_str));
+    match status {
+        Some(id) => data.status_request(id).text(text),
+        None => data.text(text),
     }
-    if let Some(id) = status {
-        doc.push_str(&format!(
-            "   <option internal='statusRequest' transID='{id}' />\r\n"
-        ));
-    }
-    // A bare CR would be normalised away by the XML parser: send it as a reference.
-    let content = xml::escape(text).replace('\r', "&#13;");
-    doc.push_str(&format!(
-        "   <data-content Name='Content'>{content}</data-content>\r\n</data>\r\n"
-    ));
-    Bytes::from(doc)
-}
-
-/// A statusResponse (RFC 3340 §6.2, §9.2).
-#[derive(Debug, PartialEq, Eq)]
-struct Report {
-    trans_id: u32,
-    /// (identity, code, text) per destination.
-    destinations: Vec<(String, String, String)>,
-}
-
-/// The statusResponse carried by `data`, when it comes from a report service.
-fn status_report(data: &Data) -> Option<Report> {
-    let originator = Endpoint::parse(&data.originator.identity).ok()?;
-    if originator.address() != "apex=report" {
-        return None;
-    }
-    let raw = data.data_content.as_ref()?;
-    let element = xml::parse(raw, XML_DEPTH, XML_ATTRIBUTES).ok()?;
-    let response = element
-        .children
-        .iter()
-        .find(|c| c.name == "statusResponse")?;
-    let trans_id = response.attr("transID")?.trim().parse().ok()?;
-    let destinations = response
-        .children
-        .iter()
-        .filter(|c| c.name == "destination")
-        .filter_map(|d| {
-            let identity = d.attr("identity")?.to_owned();
-            let reply = d.children.iter().find(|c| c.name == "reply")?;
-            let code = reply.attr("code")?.to_owned();
-            Some((identity, code, reply.text.trim().to_owned()))
-        })
-        .collect();
-    Some(Report {
-        trans_id,
-        destinations,
-    })
 }
 
 /// `apex send`: attaches as the originator, sends one data, reports the answer and, with
@@ -807,8 +740,8 @@ fn run_send(
                 msgno,
                 kind,
                 payload,
-            } if c == channel && msgno == data_msgno => match parse_message(&payload, &limits()) {
-                Ok(Operation::Ok) if kind == ReplyKind::Rpy => {
+            } if c == channel && msgno == data_msgno => match parse_answer(&payload) {
+                Ok(Answer::Ok) if kind == ReplyKind::Rpy => {
                     writeln!(out, "accepted")?;
                     for line in held.drain(..) {
                         writeln!(out, "{line}")?;
@@ -817,7 +750,7 @@ fn run_send(
                     accepted = true;
                     deadline = Instant::now() + opts.status_timeout;
                 }
-                Ok(Operation::Error { code, text }) => {
+                Ok(Answer::Error { code, text }) => {
                     writeln!(out, "error {}", code_text(code, &text))?;
                     out.flush()?;
                     let _ = peer.close(Some(channel), Instant::now() + io);
@@ -832,31 +765,31 @@ fn run_send(
                 channel: c,
                 msgno,
                 payload,
-            } => match parse_message(&payload, &limits()) {
+            } => match parse_incoming(&payload) {
                 Err(e) => peer.err(c, msgno, e.code, &e.text)?,
-                Ok(Operation::Data(data)) => match status_report(&data) {
-                    Some(report) => {
-                        // The carrying data is answered ok whatever it reports (§12.3).
-                        peer.rpy_ok(c, msgno)?;
-                        if Some(report.trans_id) != opts.status {
-                            continue;
-                        }
-                        for (identity, code, text) in report.destinations {
-                            let line = format!("status {identity} {}", code_text_str(&code, &text));
-                            if let Ok(dest) = Endpoint::parse(&identity) {
-                                missing.retain(|m| **m != dest);
-                            }
-                            if accepted {
-                                writeln!(out, "{line}")?;
-                            } else {
-                                held.push(line);
-                            }
-                        }
-                        out.flush()?;
+                Ok(Incoming::Status { response, .. }) => {
+                    // The carrying data is answered ok whatever it reports (§12.3).
+                    peer.rpy_ok(c, msgno)?;
+                    if Some(response.trans_id) != opts.status {
+                        continue;
                     }
-                    None => peer.err(c, msgno, 550, "this endpoint only sends (apex send)")?,
-                },
-                Ok(Operation::Terminate {
+                    for d in response.destinations {
+                        let line = format!("status {} {}", d.identity, code_text(d.code, &d.text));
+                        if let Ok(dest) = Endpoint::parse(&d.identity) {
+                            missing.retain(|m| **m != dest);
+                        }
+                        if accepted {
+                            writeln!(out, "{line}")?;
+                        } else {
+                            held.push(line);
+                        }
+                    }
+                    out.flush()?;
+                }
+                Ok(Incoming::Data(_)) => {
+                    peer.err(c, msgno, 550, "this endpoint only sends (apex send)")?
+                }
+                Ok(Incoming::Terminate {
                     trans_id,
                     code,
                     text,
@@ -868,7 +801,9 @@ fn run_send(
                         );
                     }
                 }
-                Ok(_) => peer.err(c, msgno, 500, "unexpected operation for an endpoint")?,
+                Ok(Incoming::Other(_)) => {
+                    peer.err(c, msgno, 500, "unexpected operation for an endpoint")?
+                }
             },
             Event::ChannelClosed { channel: c, .. } if c == channel => {
                 bail!("the relay closed the APEX channel")
@@ -881,30 +816,14 @@ fn run_send(
     Ok(Status::Success)
 }
 
-fn code_text_str(code: &str, text: &str) -> String {
-    if text.is_empty() {
-        code.to_owned()
-    } else {
-        format!("{code} {text}")
-    }
-}
-
 /// The content of a received data as one line of text: the `data-content` body (unescaped
 /// text, or its markup when it holds elements), the body of the `cid:` MIME part, or the
 /// content URI itself.
 fn content_text(data: &Data) -> String {
-    if data.content.starts_with('#') {
-        match &data.data_content {
-            Some(raw) => data_content_text(raw),
-            None => String::new(),
-        }
-    } else if let Some(cid) = data.content.strip_prefix("cid:") {
-        match mime_part(data.payload(), cid) {
-            Some(body) => one_line(&String::from_utf8_lossy(&body)),
-            None => data.content.to_string(),
-        }
-    } else {
-        data.content.to_string()
+    match client::content(data) {
+        Content::Inline(raw) => data_content_text(raw),
+        Content::Part(body) => one_line(&String::from_utf8_lossy(&body)),
+        Content::Reference(uri) => uri.to_owned(),
     }
 }
 
@@ -963,60 +882,24 @@ fn compact_markup(markup: &str) -> String {
     out
 }
 
-/// The body of the part of a `multipart/related` payload whose Content-ID is `cid`.
-fn mime_part(payload: &Bytes, cid: &str) -> Option<Bytes> {
-    let entity = Entity::parse(payload).ok()?;
-    let content_type = entity.header("Content-Type")?;
-    let boundary = content_type.split(';').skip(1).find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case("boundary")
-            .then(|| v.trim().trim_matches('"').to_owned())
-    })?;
-    let body = &entity.body;
-    let delimiter = format!("--{boundary}");
-    let marker = format!("\r\n{delimiter}");
-    let mut cursor = if body.starts_with(delimiter.as_bytes()) {
-        0
-    } else {
-        find(body, marker.as_bytes())? + 2
-    };
-    loop {
-        let after = cursor + delimiter.len();
-        let rest = body.get(after..)?;
-        if rest.starts_with(b"--") || !rest.starts_with(b"\r\n") {
-            return None;
-        }
-        let start = after + 2;
-        let end = start + find(body.get(start..)?, marker.as_bytes())?;
-        let part = Entity::parse(&body.slice(start..end)).ok()?;
-        let id = part.header("Content-ID").map(|v| {
-            v.trim()
-                .trim_start_matches('<')
-                .trim_end_matches('>')
-                .to_owned()
-        });
-        if id.as_deref() == Some(cid) {
-            return Some(part.body);
-        }
-        cursor = end + 2;
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use apex_proto::apex::msg::data_payload;
+    use apex_proto::apex::client::{Destination, StatusResponse};
+    use apex_proto::apex::msg::{parse_document, parse_message, ApexLimits, Operation};
     use std::net::TcpListener;
     use std::thread::JoinHandle;
 
     const IO: Duration = Duration::from_secs(5);
+
+    fn limits() -> ApexLimits {
+        ApexLimits::default()
+    }
+
+    /// A data from `from` to `to` with `content_xml` inline.
+    fn data_payload(from: &str, to: &str, content_xml: &str) -> Bytes {
+        DataBuilder::new(from).to(to).markup(content_xml)
+    }
 
     /// What the fake relay saw.
     #[derive(Debug, Default)]
@@ -1416,16 +1299,20 @@ mod tests {
             "<statusResponse transID='86'><destination identity='barney@example.com'><reply code='250' transID='86' /></destination><destination identity='wilma@example.com'><reply code='550' transID='86'>unknown endpoint identity</reply></destination></statusResponse>"
         );
         assert_eq!(
-            status_report(&report),
-            Some(Report {
+            client::status_response(&report),
+            Some(StatusResponse {
                 trans_id: 86,
                 destinations: vec![
-                    ("barney@example.com".into(), "250".into(), String::new()),
-                    (
-                        "wilma@example.com".into(),
-                        "550".into(),
-                        "unknown endpoint identity".into()
-                    ),
+                    Destination {
+                        identity: "barney@example.com".into(),
+                        code: 250,
+                        text: String::new()
+                    },
+                    Destination {
+                        identity: "wilma@example.com".into(),
+                        code: 550,
+                        text: "unknown endpoint identity".into()
+                    },
                 ],
             })
         );

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use apex_proto::apex::client;
 use apex_proto::beep::mgmt::ProfileOffer;
 use apex_proto::{Event, Role, Session, SessionConfig};
 use bytes::{Buf, BytesMut};
@@ -226,11 +227,7 @@ impl Client {
     /// Starts an APEX channel with a piggybacked attach (RFC 3340 §4.2); returns the channel
     /// and the piggybacked reply (`<ok />` or an `error`).
     pub fn attach(&mut self, endpoint: &str) -> (u32, String) {
-        let doc = format!("<attach endpoint='{endpoint}' transID='1' />");
-        let offer = ProfileOffer {
-            uri: APEX.to_owned(),
-            content: Some(bytes::Bytes::from(doc)),
-        };
+        let offer = client::attach_offer(endpoint, 1);
         let channel = self.session.start_channel(vec![offer], None).unwrap();
         self.pump_until("attach", |c| {
             c.events
@@ -286,7 +283,7 @@ impl Client {
             unreachable!()
         };
         self.session
-            .send_rpy(channel, msgno, apex_proto::apex::msg::ok_payload())
+            .send_rpy(channel, msgno, client::ok_payload())
             .unwrap();
         self.pump();
         payload
@@ -305,7 +302,7 @@ impl Client {
                     payload,
                 } => {
                     self.session
-                        .send_rpy(channel, msgno, apex_proto::apex::msg::ok_payload())
+                        .send_rpy(channel, msgno, client::ok_payload())
                         .unwrap();
                     payloads.push(payload);
                 }

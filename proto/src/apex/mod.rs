@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod addr;
+pub mod client;
 pub mod msg;
 pub mod options;
 pub mod relay;

@@ -266,7 +266,15 @@ fn parse_message_with(
             let start = payload.len() - entity.body.len();
             (start..payload.len(), Vec::new())
         }
-        "multipart/related" => multipart(payload, &entity)?,
+        "multipart/related" => {
+            let related = split_related(payload, &entity)?;
+            let ids = related
+                .parts
+                .iter()
+                .filter_map(|p| p.content_id.clone())
+                .collect();
+            (related.parts[related.start].range.clone(), ids)
+        }
         other => {
             return Err(OpError::invalid(format!(
                 "unexpected content type '{other}'"
@@ -438,9 +446,49 @@ fn check_content(
     Ok(())
 }
 
-/// Finds the control part of a `multipart/related` entity (RFC 2387): the part named by the
-/// `start` parameter, else the first. Returns its body's range and every part's Content-ID.
-fn multipart(payload: &Bytes, entity: &Entity) -> Result<(Range<usize>, Vec<String>), OpError> {
+/// One part of a `multipart/related` entity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelatedPart {
+    /// Its `Content-ID`, without the angle brackets.
+    pub content_id: Option<String>,
+    /// Whether it is an `application/beep+xml` (UTF-8) document.
+    pub beep_xml: bool,
+    /// Where its body sits in the payload.
+    pub range: Range<usize>,
+    /// Its body: a slice of the payload (no copy).
+    pub body: Bytes,
+}
+
+/// A `multipart/related` payload split into its parts (RFC 2387), the start part located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Related {
+    /// The parts, in order.
+    pub parts: Vec<RelatedPart>,
+    /// Index in `parts` of the start part (the `start` parameter's, else the first).
+    pub start: usize,
+}
+
+impl Related {
+    /// The start part: the control document (APEX-07).
+    pub fn start_part(&self) -> Option<&RelatedPart> {
+        self.parts.get(self.start)
+    }
+
+    /// The part whose Content-ID is `cid` (a `cid:` URI without its scheme).
+    pub fn part(&self, cid: &str) -> Option<&RelatedPart> {
+        self.parts
+            .iter()
+            .find(|p| p.content_id.as_deref() == Some(cid))
+    }
+}
+
+/// The most parts a `multipart/related` payload may have.
+const MAX_PARTS: usize = 64;
+
+/// Splits a `multipart/related` payload (`entity` is its parsed header block) into its parts:
+/// the one MIME splitter, used by the relay to find the control document and by endpoints to
+/// find a data's content part. The start part must be `application/beep+xml` (APEX-07).
+pub fn split_related(payload: &Bytes, entity: &Entity) -> Result<Related, OpError> {
     let content_type = entity.header("Content-Type").unwrap_or_default();
     let param = |name: &str| -> Option<String> {
         content_type.split(';').skip(1).find_map(|p| {
@@ -455,34 +503,34 @@ fn multipart(payload: &Bytes, entity: &Entity) -> Result<(Range<usize>, Vec<Stri
     let start_id = param("start");
     let body_start = payload.len() - entity.body.len();
     let delimiter = format!("--{boundary}");
-    let mut parts: Vec<(Range<usize>, Option<String>, bool)> = Vec::new();
+    let marker = format!("\r\n{delimiter}");
+    let mut parts: Vec<RelatedPart> = Vec::new();
     // Positions of delimiter lines: at the body start or after CRLF.
     let body = &payload[body_start..];
     let mut cursor = if body.starts_with(delimiter.as_bytes()) {
         0
     } else {
-        let marker = format!("\r\n{delimiter}");
         memchr::memmem::find(body, marker.as_bytes())
             .map(|i| i + 2)
             .ok_or_else(|| OpError::invalid("multipart body has no delimiter"))?
     };
     loop {
         let after = cursor + delimiter.len();
-        if body[after..].starts_with(b"--") {
+        let rest = body.get(after..).unwrap_or_default();
+        if rest.starts_with(b"--") {
             break; // close delimiter
         }
-        if !body[after..].starts_with(b"\r\n") {
+        if !rest.starts_with(b"\r\n") {
             return Err(OpError::invalid("malformed multipart delimiter"));
         }
         let part_start = after + 2;
-        let marker = format!("\r\n{delimiter}");
         let end = memchr::memmem::find(&body[part_start..], marker.as_bytes())
             .map(|i| part_start + i)
             .ok_or_else(|| OpError::invalid("multipart without close delimiter"))?;
         let part = payload.slice(body_start + part_start..body_start + end);
         let part_entity =
             Entity::parse(&part).map_err(|e| OpError::invalid(format!("multipart part: {e}")))?;
-        let id = part_entity.header("Content-ID").map(|v| {
+        let content_id = part_entity.header("Content-ID").map(|v| {
             v.trim()
                 .trim_start_matches('<')
                 .trim_end_matches('>')
@@ -490,27 +538,31 @@ fn multipart(payload: &Bytes, entity: &Entity) -> Result<(Range<usize>, Vec<Stri
         });
         let body_offset = part.len() - part_entity.body.len();
         let range = body_start + part_start + body_offset..body_start + end;
-        parts.push((range, id, part_entity.is_beep_xml()));
+        parts.push(RelatedPart {
+            content_id,
+            beep_xml: part_entity.is_beep_xml(),
+            range,
+            body: part_entity.body,
+        });
         cursor = end + 2;
-        if parts.len() > 64 {
+        if parts.len() > MAX_PARTS {
             return Err(OpError::invalid("too many MIME parts"));
         }
     }
     let wanted = start_id.map(|s| s.trim_start_matches('<').trim_end_matches('>').to_owned());
-    let control = match &wanted {
+    let start = match &wanted {
         Some(id) => parts
             .iter()
-            .find(|(_, pid, _)| pid.as_deref() == Some(id.as_str())),
-        None => parts.first(),
+            .position(|p| p.content_id.as_deref() == Some(id.as_str())),
+        None => (!parts.is_empty()).then_some(0),
     }
     .ok_or_else(|| OpError::invalid("multipart start part not found"))?;
-    if !control.2 {
+    if !parts[start].beep_xml {
         return Err(OpError::invalid(
             "multipart start part is not application/beep+xml",
         ));
     }
-    let ids = parts.iter().filter_map(|(_, id, _)| id.clone()).collect();
-    Ok((control.0.clone(), ids))
+    Ok(Related { parts, start })
 }
 
 /// A streaming reader over the control document that remembers where each element starts.
@@ -989,21 +1041,6 @@ impl Data {
     }
 }
 
-/// A `data` built by the relay itself (reports, service replies): one recipient, content
-/// embedded as `data-content Name='Content'`.
-pub fn data_payload(originator: &str, recipient: &str, content_xml: &str) -> Bytes {
-    let mut out = BytesMut::new();
-    out.put_slice(BEEP_XML_HEADERS);
-    out.put_slice(b"<data content='#Content'>\r\n   <originator identity='");
-    out.put_slice(xml::escape(originator).as_bytes());
-    out.put_slice(b"' />\r\n   <recipient identity='");
-    out.put_slice(xml::escape(recipient).as_bytes());
-    out.put_slice(b"' />\r\n   <data-content Name='Content'>");
-    out.put_slice(content_xml.as_bytes());
-    out.put_slice(b"</data-content>\r\n</data>\r\n");
-    out.freeze()
-}
-
 /// The `ok` reply payload (RFC 3340 §9.1).
 pub fn ok_payload() -> Bytes {
     // Every accepted data is answered with it: a static, so answering allocates nothing.
@@ -1027,14 +1064,6 @@ pub fn error_xml(code: u16, text: &str) -> String {
     } else {
         format!("<error code='{code}'>{}</error>\r\n", xml::escape(text))
     }
-}
-
-/// An operation's control document with entity headers: attach, bind or terminate.
-pub fn attach_payload(endpoint: &str, trans_id: u32) -> Bytes {
-    xml_payload(&format!(
-        "<attach endpoint='{}' transID='{trans_id}' />\r\n",
-        xml::escape(endpoint)
-    ))
 }
 
 /// A `terminate` payload.
@@ -1313,8 +1342,9 @@ mod tests {
             &error_payload(555, "transaction already in progress")[..],
             &b"Content-Type: application/beep+xml\r\n\r\n<error code='555'>transaction already in progress</error>\r\n"[..]
         );
-        assert_eq!(attach_payload("fred/appl=wb@example.com", 1).len(), 98);
-        let report = data_payload("apex=report@example.com", "fred@example.com", "x");
+        let report = crate::apex::client::DataBuilder::new("apex=report@example.com")
+            .to("fred@example.com")
+            .markup("x");
         assert!(matches!(
             parse_message(&report, &LIMITS).unwrap(),
             Operation::Data(_)
@@ -1346,8 +1376,12 @@ mod tests {
             same_head(b"bad \xff utf-8</data-content></data>"),
             same_head("caf\u{e9}</data-content></data>".as_bytes()),
             same_head(b"text</data-content><data-content Name='x'>y</data-content></data>"),
-            data_payload("fred@example.com", "wilma@example.com", "to wilma"),
-            data_payload("fred@example.com", "barney@example.com", ""),
+            crate::apex::client::DataBuilder::new("fred@example.com")
+                .to("wilma@example.com")
+                .markup("to wilma"),
+            crate::apex::client::DataBuilder::new("fred@example.com")
+                .to("barney@example.com")
+                .markup(""),
             Bytes::from(DATA_13_1.replace(
                 "<data-content Name='Content'>hello, barney</data-content>",
                 "<data-content Name='Content' />",

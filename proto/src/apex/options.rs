@@ -26,9 +26,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 
-use crate::apex::msg::{data_payload, ApexOption, Data, OpError, TargetHop};
+use crate::apex::client::DataBuilder;
+use crate::apex::msg::{ApexOption, Data, OpError, TargetHop};
 use crate::beep::mgmt::code;
-use crate::beep::mime::BEEP_XML_HEADERS;
 use crate::xml;
 
 /// Reply codes used by option processing and in reports.
@@ -282,9 +282,12 @@ pub fn carries_status_response(data: &Data) -> bool {
     }
 }
 
+/// The local part of the report service of every domain (RFC 3340 §6.2).
+pub const REPORT_SERVICE: &str = "apex=report";
+
 /// The report service of `domain`: `apex=report@<domain>` (RFC 3340 §6.2).
 pub fn report_originator(domain: &str) -> String {
-    format!("apex=report@{domain}")
+    format!("{REPORT_SERVICE}@{domain}")
 }
 
 /// One `destination` of a `statusResponse`: a recipient and its status.
@@ -299,7 +302,7 @@ pub struct Destination<'a> {
 }
 
 /// The `statusResponse` element for option `trans_id`, laid out to sit inside
-/// [`data_payload`]'s `data-content` laid out as in RFC 3340 §6.2 (leading CRLF and 6-space
+/// [`DataBuilder::markup`]'s `data-content` laid out as in RFC 3340 §6.2 (leading CRLF and 6-space
 /// indent, `reply` carrying the DTD-required `transID`, trailing CRLF and 3 spaces).
 pub fn status_response_xml(trans_id: u32, destinations: &[Destination<'_>]) -> String {
     let mut s = format!("\r\n      <statusResponse transID='{trans_id}'>");
@@ -325,7 +328,7 @@ pub fn status_response_xml(trans_id: u32, destinations: &[Destination<'_>]) -> S
 /// `to` (the originator of the data that asked), content `statusResponse transID=trans_id` with
 /// `destinations` (OPT-02, OPT-11, OPT-13, OPT-17). `extra_option`, when given, is an `option`
 /// element placed before the `data-content` (the final hop report's new `dataTiming`, OPT-10).
-/// Without it the bytes are [`data_payload`]'s, laid out as in RFC 3340 §6.2. A report never
+/// Built with [`DataBuilder`], laid out as in RFC 3340 §6.2. A report never
 /// carries a `statusRequest` (APEX-39).
 pub fn report_payload(
     domain: &str,
@@ -336,21 +339,11 @@ pub fn report_payload(
 ) -> Bytes {
     let content = status_response_xml(trans_id, destinations);
     let originator = report_originator(domain);
-    let Some(option) = extra_option else {
-        return data_payload(&originator, to, &content);
-    };
-    let mut out = BytesMut::new();
-    out.put_slice(BEEP_XML_HEADERS);
-    out.put_slice(b"<data content='#Content'>\r\n   <originator identity='");
-    out.put_slice(xml::escape(&originator).as_bytes());
-    out.put_slice(b"' />\r\n   <recipient identity='");
-    out.put_slice(xml::escape(to).as_bytes());
-    out.put_slice(b"' />\r\n   ");
-    out.put_slice(option.as_bytes());
-    out.put_slice(b"\r\n   <data-content Name='Content'>");
-    out.put_slice(content.as_bytes());
-    out.put_slice(b"</data-content>\r\n</data>\r\n");
-    out.freeze()
+    let data = DataBuilder::new(&originator).to(to);
+    match extra_option {
+        Some(option) => data.option(option).markup(&content),
+        None => data.markup(&content),
+    }
 }
 
 /// A report the relay must send because of `dataTiming` or `dataHopping` (RFC 3342 §2.1.1,
@@ -1292,11 +1285,9 @@ mod tests {
             code: option_code::DELIVERED,
             text: "",
         }];
-        let via_data_payload = data_payload(
-            &report_originator("example.com"),
-            &d.originator.identity,
-            &status_response_xml(86, &dest),
-        );
+        let via_data_payload = DataBuilder::new(&report_originator("example.com"))
+            .to(&d.originator.identity)
+            .markup(&status_response_xml(86, &dest));
         assert_eq!(text(&via_data_payload), REPORT_13_3);
         assert_eq!(
             text(&report_payload(

@@ -6,7 +6,7 @@ use bytes::Bytes;
 
 use super::{Outgoing, Refused, Service};
 use crate::apex::addr::Endpoint;
-use crate::apex::msg;
+use crate::apex::client::DataBuilder;
 use crate::apex::options;
 use crate::beep::mgmt::code;
 
@@ -50,7 +50,9 @@ impl ReportService {
         let xml = options::status_response_xml(trans_id, &[destination]);
         Some(Outgoing {
             recipient: originator.clone(),
-            payload: msg::data_payload(reporter.as_str(), originator.as_str(), &xml),
+            payload: DataBuilder::new(reporter.as_str())
+                .to(originator.as_str())
+                .markup(&xml),
         })
     }
 }
