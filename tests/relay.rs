@@ -425,12 +425,19 @@ fn a_stalled_recipient_bounds_what_a_two_shard_relay_accepts() {
     // outbox and one shard queue per peer shard, a read per connection), then it must hold
     // every sender back. Senders on the shard without the recipient used to be read on while
     // their envelopes piled up in an outbox without bound.
-    let relay = relay(2);
+    // Small queues make the bound sharp: what the relay may accept is the recipient's
+    // outstanding deliveries, its backlog's slack, one window per sender and what is in flight
+    // between the shards (mesh_queue envelopes each way), about 1,200 messages of ~170 octets
+    // here. An unbounded outbox admits all 40,000 messages of the senders on the other shard.
+    let relay = relay_configured(
+        2,
+        "stalled-two-shards",
+        "[limits]\nmax_outstanding_msgs = 64\nrecv_window = 16384\n\
+         [backpressure]\nbacklog_slack = 4096\n[runtime]\nmesh_queue = 64\n",
+    );
     const SENDERS: usize = 8;
     const QUEUED: usize = 10_000;
-    // The bounded queues of this relay admit a few thousand messages; an unbounded outbox
-    // admits every message of every sender on the other shard.
-    const BOUND: usize = 20_000;
+    const BOUND: usize = 4_000;
     let (_stalled, _) = attached(&relay, "stall@example.com");
     let mut senders: Vec<(Client, u32)> = (0..SENDERS)
         .map(|i| attached(&relay, &format!("flood{i}@example.com")))
@@ -458,6 +465,10 @@ fn a_stalled_recipient_bounds_what_a_two_shard_relay_accepts() {
                 .count()
         })
         .sum();
+    eprintln!(
+        "accepted {accepted} of {} (bound {BOUND})",
+        SENDERS * QUEUED
+    );
     assert!(
         accepted < BOUND,
         "the relay accepted {accepted} of {} messages for a recipient that never reads",
