@@ -38,10 +38,14 @@
 //! The opcode is taken modulo 12; the byte 0xff also opens one more raw edge connection (up
 //! to eight raw ones), so that a disconnect does not end raw input for the rest of a program.
 //!
-//! Checked: nothing panics (the harness panics on a livelock of `drive`); the relay writes only
-//! whole, well-formed frames on every connection. At the end every client reads again, the
-//! shard queues flow and the clock passes the stall budget and the data timers, so what was
-//! held is released, refused or reported.
+//! At the end every client reads again, the shard queues flow and the clock passes the stall
+//! budget and the data timers, so what was held is released, refused or reported. Checked:
+//!
+//! * nothing panics (the harness panics on a livelock of `drive`);
+//! * the relay writes only whole, well-formed frames on every connection;
+//! * every MSG a client sent is answered (BEEP: every MSG gets a reply; APEX: accepted data is
+//!   never dropped silently), unless its connection or channel ended or the program switched
+//!   some client's automatic replies off (the relay may then wait on that client for ever).
 #![no_main]
 #![allow(missing_docs)]
 
@@ -203,6 +207,9 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
+    let mut sent = Vec::new();
+    let mut closing = Vec::new();
+    let mut silent = false;
     while let Some(op) = program.byte() {
         match op % 12 {
             0 => {
@@ -226,7 +233,9 @@ fuzz_target!(|data: &[u8]| {
                 let Attached { id, channel } = attached[target];
                 // A refused send (channel closed, session ended) is an answer, not a fault:
                 // the harness's `send_nowait` would panic on it.
-                let _ = net.session(id).send_msg(channel, payload);
+                if let Ok(msgno) = net.session(id).send_msg(channel, payload) {
+                    sent.push((id, channel, msgno));
+                }
             }
             4 => {
                 let who = program.pick(attached.len());
@@ -246,6 +255,7 @@ fuzz_target!(|data: &[u8]| {
             }
             5 => {
                 let Attached { id, channel } = attached[program.pick(attached.len())];
+                closing.push((id, channel));
                 let _ = net.session(id).close_channel(channel, 200);
             }
             6 => {
@@ -265,6 +275,7 @@ fuzz_target!(|data: &[u8]| {
                 let all = net.clients.len();
                 let client = &mut net.clients[program.pick(all)];
                 client.auto_reply = !client.auto_reply;
+                silent = true;
             }
             10 => net.pause_mesh = !net.pause_mesh,
             _ => {
@@ -300,6 +311,21 @@ fuzz_target!(|data: &[u8]| {
             client.from_relay.len(),
             "client {id}: the relay wrote a partial or malformed frame"
         );
+    }
+    if !silent {
+        for &(id, channel, msgno) in &sent {
+            let client = &net.clients[id];
+            if client.connected
+                && client.error.is_none()
+                && !closing.contains(&(id, channel))
+                && !client.closed.contains(&channel)
+            {
+                assert!(
+                    client.reply_to(channel, msgno).is_some(),
+                    "client {id}: MSG {channel} {msgno} was never answered"
+                );
+            }
+        }
     }
 });
 
