@@ -24,8 +24,7 @@
 use std::time::{Duration, Instant};
 
 use apex_proto::beep::frame::{self, Inbound};
-use apex_proto::beep::profile::Dispatcher;
-use apex_proto::testing::EchoProfile;
+use apex_proto::testing::{Dispatcher, EchoProfile};
 use apex_proto::{Limits, Role, Session, SessionConfig};
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;

@@ -16,9 +16,8 @@ use apex_proto::beep::frame::{
     self, encode_data_frame, Frame, Head, Header, Inbound, Keyword, Seq,
 };
 use apex_proto::beep::mgmt::{ErrorElement, Greeting, ProfileOffer};
-use apex_proto::beep::profile::Dispatcher;
 use apex_proto::error::Field;
-use apex_proto::testing::EchoProfile;
+use apex_proto::testing::{Dispatcher, EchoProfile};
 use apex_proto::{
     Event, FrameError, Limits, Misuse, ProtocolError, ReplyKind, Role, Session, SessionConfig,
 };

@@ -13,9 +13,8 @@
 use std::time::Instant;
 
 use apex_proto::beep::frame::{self, Frame, Head, Header, Inbound, Keyword, Seq};
-use apex_proto::beep::profile::Dispatcher;
 use apex_proto::error::Field;
-use apex_proto::testing::EchoProfile;
+use apex_proto::testing::{Dispatcher, EchoProfile};
 use apex_proto::{Event, FrameError, ProtocolError, Role, Session, SessionConfig};
 use bytes::{Bytes, BytesMut};
 use proptest::collection::vec;

@@ -6,5 +6,4 @@ pub mod frame;
 pub mod mgmt;
 pub mod mime;
 pub mod output;
-pub mod profile;
 pub mod session;

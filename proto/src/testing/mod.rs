@@ -1,5 +1,13 @@
-//! Test support: an in-memory [`Pair`] of sessions talking without sockets, on a simulated
-//! clock, and byte builders for frames. Available with the `testing` feature.
+//! Test support, available with the `testing` feature:
+//!
+//! * [`RelayNet`]: shards of APEX relays and their clients in memory. Each shard is the
+//!   [`ShardCore`] the runtime drives, so relay tests (and the `relay` fuzz target) run the
+//!   production path: the relay is driven by `ShardCore`, and by nothing else.
+//! * [`Pair`]: two bare BEEP sessions talking without sockets, on a simulated clock, each
+//!   answered by an [`EchoProfile`] through the [`profile`] harness ([`Dispatcher`],
+//!   [`ProfileHandler`]). This serves the BEEP engine tests only; it is not how the relay
+//!   receives events.
+//! * Byte builders for frames ([`frame_bytes`], [`split_frames`]).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -13,11 +21,13 @@ use crate::apex::relay::{domain_shard, ConnId, ConnKind, Envelope, Relay, RelayC
 use crate::beep::frame::{self as beep_frame, encode_data_frame, Header, Inbound, Keyword};
 use crate::beep::mgmt::{ErrorElement, ProfileOffer};
 use crate::beep::output::Vectored;
-use crate::beep::profile::{Dispatcher, ProfileHandler, StartDecision};
 use crate::beep::session::{Event, ReplyKind, Role, Session, SessionConfig, StartRequest};
 use crate::error::ProtocolError;
 use crate::limits::Limits;
 use crate::shard::{Budgets, Output, ShardCore};
+
+pub mod profile;
+pub use profile::{Dispatcher, ProfileHandler, StartDecision};
 
 /// The encoded bytes of one data frame.
 pub fn frame_bytes(

@@ -1,6 +1,12 @@
-//! The profile-handler interface: how a profile (APEX, or a test profile) plugs into a session
-//! without the engine knowing it. A [`Dispatcher`] drains a session's events and routes each to
-//! the handler of the profile running on its channel.
+//! The echo-profile harness of the BEEP engine tests: how a test profile plugs into a bare
+//! [`Session`] without the engine knowing it. A [`Dispatcher`] drains a session's events and
+//! routes each to the handler of the profile running on its channel.
+//!
+//! The relay does not use this: production sessions are owned by the shard core
+//! ([`crate::shard::ShardCore`]), which hands their events to [`crate::apex::relay::Relay`]
+//! itself. This interface only serves [`super::Pair`], the conformance and property tests of
+//! the session engine, and the `session` fuzz target, which need a profile that answers without
+//! bringing in APEX.
 
 use bytes::Bytes;
 
