@@ -68,6 +68,9 @@ link_in_flight = 256
 max_backoff_ms = 10000
 # Connection attempts before queued data fails (and is reported when asked).
 connect_attempts = 5
+# How long a link that asked the next relay to release the session (RFC 3080 §2.4) waits for
+# its answer before closing the connection anyway (milliseconds).
+close_timeout_ms = 5000
 # The DNS server (ADDR:PORT) asked for the SRV records of domains without a static route, over
 # UDP (TCP for truncated answers); empty means the system's resolvers (/etc/resolv.conf).
 dns_server = ""
@@ -172,6 +175,8 @@ pub struct MeshConfig {
     pub max_backoff_ms: u64,
     /// Connection attempts before queued data fails.
     pub connect_attempts: u32,
+    /// Wait for the next relay's answer to our session `close`, milliseconds.
+    pub close_timeout_ms: u64,
     /// `ADDR:PORT` of the one DNS server to ask; empty: the system's.
     pub dns_server: String,
 }
@@ -419,6 +424,18 @@ impl Config {
             max_assembly_octets: self.backpressure.max_assembly_octets,
             stall: std::time::Duration::from_millis(self.backpressure.stall_ms),
             backlog_slack: self.backpressure.backlog_slack,
+        }
+    }
+
+    /// How the shard core's outbound relay links behave.
+    pub fn link_config(&self) -> apex_proto::shard::LinkConfig {
+        apex_proto::shard::LinkConfig {
+            our_domain: self.domain.clone(),
+            queue: self.mesh.link_queue,
+            in_flight: self.mesh.link_in_flight,
+            connect_attempts: self.mesh.connect_attempts,
+            max_backoff: std::time::Duration::from_millis(self.mesh.max_backoff_ms),
+            close_timeout: std::time::Duration::from_millis(self.mesh.close_timeout_ms),
         }
     }
 

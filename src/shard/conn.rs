@@ -4,6 +4,7 @@
 //! to mesh links), and writes what the core polls for this connection, coalesced into one
 //! write per round. It never parses payloads and never decides.
 
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -39,9 +40,8 @@ enum Wake {
 }
 
 /// Drives one accepted connection until it ends.
-pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind) -> Ending {
+pub async fn drive(stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind) -> Ending {
     let peer = stream.peer_addr().ok();
-    let _ = stream.set_nodelay(true);
     let opened = {
         let mut core = ctx.core.borrow_mut();
         let now = Instant::now();
@@ -58,6 +58,18 @@ pub async fn drive(mut stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind)
         let _ = sys::reset_on_close(stream.as_fd());
         return Ending::Aborted;
     };
+    serve(stream, ctx, conn, peer).await
+}
+
+/// Drives `conn`, the shard core's session of `stream` (an accepted connection, or an
+/// outbound relay link's), until it ends; then tells the core and closes the transport.
+pub async fn serve(
+    mut stream: TcpStream,
+    ctx: Rc<ShardContext>,
+    conn: ConnId,
+    peer: Option<SocketAddr>,
+) -> Ending {
+    let _ = stream.set_nodelay(true);
     let wake = Rc::new(Notify::default());
     ctx.wakers.borrow_mut().insert(conn, wake.clone());
     ctx.dispatch();

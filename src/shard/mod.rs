@@ -9,7 +9,6 @@ pub mod outbox;
 pub mod peer;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 
 use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
@@ -52,8 +51,6 @@ pub struct ShardContext {
     pub wakers: RefCell<FxHashMap<ConnId, Rc<Notify>>>,
     /// Queues to the other shards (none with one shard).
     pub mesh: Option<ShardMesh>,
-    /// Outbound relay links owned by this shard, by domain.
-    pub links: RefCell<HashMap<String, Rc<peer::Link>>>,
     /// Static routes to other relays.
     pub routes: Vec<(String, SocketAddr)>,
     /// Set when shutdown begins (with `shutdown` closed).
@@ -68,8 +65,8 @@ pub struct ShardContext {
 
 impl ShardContext {
     /// Carries out what the shard core asks after an input: wakes connection drivers, queues
-    /// envelopes for other shards, hands data to mesh links. The core is not borrowed while
-    /// an output is carried out, so a link may report a failure back to it.
+    /// envelopes for other shards, connects relay links. The core is not borrowed while an
+    /// output is carried out.
     pub fn dispatch(self: &Rc<Self>) {
         loop {
             let Some(output) = self.core.borrow_mut().poll_output() else {
@@ -82,25 +79,9 @@ impl ShardContext {
                     }
                 }
                 Output::ToShard { shard, envelope } => self.post(shard, envelope),
-                Output::Forward { domain, payload } => {
-                    let owner =
-                        apex_proto::apex::relay::domain_shard(&domain, self.config.shard_count());
-                    if owner == self.id || self.mesh.is_none() {
-                        peer::enqueue(self, domain, payload);
-                    } else {
-                        self.post(owner, Envelope::Forward { domain, payload });
-                    }
-                }
+                Output::Connect { domain } => peer::connect(self, domain),
             }
         }
-    }
-
-    /// Forwarding `payload` failed: the core reports it where asked (call
-    /// [`ShardContext::dispatch`] afterwards).
-    pub fn forward_failed(&self, payload: &bytes::Bytes, reason: &str) {
-        self.core
-            .borrow_mut()
-            .forward_failed(payload, reason, std::time::Instant::now());
     }
 
     /// True once shutdown began.
@@ -325,7 +306,7 @@ async fn shard_main(
         limits,
         ..SessionConfig::default()
     };
-    let core = ShardCore::new(
+    let mut core = ShardCore::new(
         relay,
         id,
         shard_count,
@@ -333,6 +314,7 @@ async fn shard_main(
         config.budgets(),
         std::time::Instant::now(),
     );
+    core.set_link_config(config.link_config());
     let ctx = Rc::new(ShardContext {
         id,
         session_config,
@@ -342,7 +324,6 @@ async fn shard_main(
         core: RefCell::new(core),
         wakers: RefCell::new(FxHashMap::default()),
         mesh,
-        links: RefCell::new(HashMap::new()),
         routes,
         stopping: Cell::new(false),
         outboxes: (0..shard_count)
@@ -401,6 +382,10 @@ async fn shard_main(
         "shutting down"
     );
     ctx.stopping.set(true);
+    // Links take no more data; what they queued is reported. Their connections are
+    // released below like every other one.
+    ctx.core.borrow_mut().stop_links(std::time::Instant::now());
+    ctx.dispatch();
     ctx.outbox_backlog.wake_all();
     ctx.shutdown.close();
     edge_task.await;

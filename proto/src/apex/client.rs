@@ -5,7 +5,7 @@
 //! This module owns, for every endpoint client of apexd (the `apex` CLI, the `apex-load`
 //! generator, the loopback test client and [`crate::testing::RelayNet`]'s clients):
 //!
-//! * the `attach` document, piggybacked on the channel `start` or sent as a MSG
+//! * the `attach` document (and a relay's `bind`, [`bind_offer`]), piggybacked on the channel `start` or sent as a MSG
 //!   ([`attach_offer`], [`attach_message`]), and reading the relay's answer to it or to a
 //!   `data` ([`parse_answer`], [`parse_piggybacked_answer`]);
 //! * the one `data` builder ([`DataBuilder`]): originator, recipients, options such as
@@ -61,7 +61,33 @@ pub fn attach_offer(endpoint: &str, trans_id: u32) -> ProfileOffer {
 /// The `attach` as a MSG payload (entity headers included), for a relay that ignored the
 /// piggybacked one.
 pub fn attach_message(endpoint: &str, trans_id: u32) -> Bytes {
-    let doc = attach_document(endpoint, trans_id);
+    with_headers(&attach_document(endpoint, trans_id))
+}
+
+/// The `bind` element for the relay of `domain` with transaction `trans_id` (RFC 3340 §4.4.2):
+/// what a relay sends when it opens a link to another relay's apex-mesh port.
+pub fn bind_document(domain: &str, trans_id: u32) -> String {
+    format!(
+        "<bind relay='{}' transID='{trans_id}' />",
+        xml::escape(domain)
+    )
+}
+
+/// The APEX profile offer for a channel `start` with the `bind` piggybacked.
+pub fn bind_offer(domain: &str, trans_id: u32) -> ProfileOffer {
+    ProfileOffer {
+        uri: APEX_PROFILE.to_owned(),
+        content: Some(Bytes::from(bind_document(domain, trans_id))),
+    }
+}
+
+/// The `bind` as a MSG payload (entity headers included), for a relay that accepted the
+/// channel without answering the piggybacked one (RFC 3340 §4.2).
+pub fn bind_message(domain: &str, trans_id: u32) -> Bytes {
+    with_headers(&bind_document(domain, trans_id))
+}
+
+fn with_headers(doc: &str) -> Bytes {
     let mut out = BytesMut::with_capacity(BEEP_XML_HEADERS.len() + doc.len() + 2);
     out.put_slice(BEEP_XML_HEADERS);
     out.put_slice(doc.as_bytes());

@@ -40,14 +40,17 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 
-use crate::apex::relay::Action;
+use crate::apex::relay::{domain_shard, Action};
 use crate::apex::relay::{ChannelRef, ConnId, ConnKind, Envelope, Relay, APEX_PROFILE};
 use crate::beep::mgmt::ErrorElement;
 use crate::beep::output::FrameSink;
 use crate::beep::session::{Event, Role, Session, SessionConfig};
 use crate::error::{Misuse, ProtocolError};
 
+mod link;
 mod slab;
+pub use link::{ConnectFailure, LinkConfig, LinkState, Phase as LinkPhase, FIRST_BACKOFF};
+use link::{Link, LinkEffects};
 use slab::Slab;
 pub use slab::MAX_SLOTS;
 
@@ -93,12 +96,12 @@ pub enum Output {
         /// The envelope.
         envelope: Envelope,
     },
-    /// Send data towards another administrative domain (the runtime's mesh links).
-    Forward {
-        /// Destination domain.
+    /// The link to `domain` needs a connection: resolve the domain's relay, connect to its
+    /// apex-mesh port, then [`ShardCore::link_connected`] (and drive the connection like any
+    /// other) or [`ShardCore::link_connect_failed`].
+    Connect {
+        /// The remote domain.
         domain: String,
-        /// The data message.
-        payload: Bytes,
     },
 }
 
@@ -128,6 +131,10 @@ struct Conn {
     backlogs: FxHashMap<u32, Backlog>,
     /// Listed in `woken` and not yet polled.
     woken: bool,
+    /// For an outbound relay link: the key of its [`Link`] (the lower-cased domain).
+    link: Option<String>,
+    /// The link gave up waiting for its peer to release the session: close the transport.
+    abandoned: bool,
 }
 
 /// Why a delivery the session refused failed, in the report its originator asked for.
@@ -144,7 +151,13 @@ pub struct ShardCore {
     conns: Slab<Conn>,
     woken: VecDeque<ConnId>,
     to_shards: VecDeque<(usize, Envelope)>,
-    forwards: VecDeque<(String, Bytes)>,
+    /// Outbound relay links this shard owns, by lower-cased domain.
+    links: FxHashMap<String, Link>,
+    link_config: LinkConfig,
+    /// Domains whose link needs a connection, for the runtime.
+    connects: VecDeque<String>,
+    /// Shutting down: links take no more data.
+    stopping: bool,
     /// Octets in every backlog of the shard.
     backlog_octets: usize,
     /// Octets of partial messages over the shard's sessions.
@@ -168,6 +181,7 @@ impl ShardCore {
         budgets: Budgets,
         now: Instant,
     ) -> Self {
+        let link_config = LinkConfig::new(relay.domain());
         Self {
             shard,
             shards,
@@ -177,13 +191,35 @@ impl ShardCore {
             conns: Slab::default(),
             woken: VecDeque::new(),
             to_shards: VecDeque::new(),
-            forwards: VecDeque::new(),
+            links: FxHashMap::default(),
+            link_config,
+            connects: VecDeque::new(),
+            stopping: false,
             backlog_octets: 0,
             assembling: 0,
             epoch: now,
             relay_deadline: None,
             withholding: None,
         }
+    }
+
+    /// How the shard's outbound relay links behave.
+    pub fn set_link_config(&mut self, config: LinkConfig) {
+        self.link_config = config;
+    }
+
+    /// The state of the link to `domain`, if the shard has one.
+    pub fn link_state(&self, domain: &str) -> Option<LinkState> {
+        self.links
+            .get(&domain.to_ascii_lowercase())
+            .map(|link| link.state)
+    }
+
+    /// Data queued on the link to `domain`, not yet sent.
+    pub fn link_queued(&self, domain: &str) -> usize {
+        self.links
+            .get(&domain.to_ascii_lowercase())
+            .map_or(0, Link::queued)
     }
 
     /// The configuration of listener sessions opened from now on.
@@ -244,6 +280,8 @@ impl ShardCore {
             session,
             backlogs: FxHashMap::default(),
             woken: false,
+            link: None,
+            abandoned: false,
         })?;
         self.relay.set_now(self.ms(now));
         self.relay.conn_opened(conn, kind);
@@ -296,6 +334,23 @@ impl ShardCore {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        if let Some(key) = &c.link {
+            let Some(link) = self.links.get_mut(key) else {
+                return;
+            };
+            let mut effects = LinkEffects::default();
+            while let Some(event) = c.session.poll_event() {
+                link.handle_event(&mut c.session, event, &self.link_config, now, &mut effects);
+            }
+            if c.session.has_output() && !c.woken {
+                c.woken = true;
+                self.woken.push_back(conn);
+            }
+            let key = key.clone();
+            self.apply_link_effects(&key, effects);
+            self.execute(now);
+            return;
+        }
         let session = &mut c.session;
         while let Some(event) = session.poll_event() {
             if let Some(Event::CloseRefused { channel: 0, .. }) =
@@ -347,7 +402,7 @@ impl ShardCore {
     pub fn is_finished(&self, conn: ConnId) -> bool {
         self.conns
             .get(&conn)
-            .is_none_or(|c| c.session.is_finished())
+            .is_none_or(|c| c.abandoned || c.session.is_finished())
     }
 
     /// Asks the peer of `conn` to release the session (shutdown).
@@ -365,6 +420,16 @@ impl ShardCore {
             return;
         };
         self.assembling = self.assembling.saturating_sub(c.session.assembling());
+        if let Some(key) = c.link {
+            if let Some(link) = self.links.get_mut(&key) {
+                let mut effects = LinkEffects::default();
+                link.closed(self.stopping, &mut effects);
+                self.apply_link_effects(&key, effects);
+            }
+            self.relay.set_now(self.ms(now));
+            self.execute(now);
+            return;
+        }
         for (channel, backlog) in c.backlogs {
             let at = self.at(conn, channel);
             self.end_backlog(at, backlog);
@@ -390,11 +455,111 @@ impl ShardCore {
         self.execute(now);
     }
 
-    /// Forwarding `payload` to another relay failed: report it where asked (APEX-24).
-    pub fn forward_failed(&mut self, payload: &Bytes, reason: &str, now: Instant) {
+    /// The runtime connected the link to `domain` (after [`Output::Connect`]): returns the
+    /// connection's id, whose initiator session the runtime drives like any other; `None`
+    /// when the link no longer wants it (close the transport).
+    pub fn link_connected(&mut self, domain: &str) -> Option<ConnId> {
+        let key = domain.to_ascii_lowercase();
+        let link = self.links.get_mut(&key)?;
+        if link.state != LinkState::Connecting || self.stopping {
+            return None;
+        }
+        let session = Session::new(
+            Role::Initiator,
+            SessionConfig {
+                limits: self.session_config.limits.clone(),
+                ..SessionConfig::default()
+            },
+        );
+        let conn = self.conns.insert(Conn {
+            session,
+            backlogs: FxHashMap::default(),
+            woken: false,
+            link: Some(key),
+            abandoned: false,
+        })?;
+        link.connected(conn);
+        self.wake(conn);
+        Some(conn)
+    }
+
+    /// The runtime could not connect the link to `domain`.
+    pub fn link_connect_failed(&mut self, domain: &str, failure: ConnectFailure, now: Instant) {
+        let key = domain.to_ascii_lowercase();
+        let Some(link) = self.links.get_mut(&key) else {
+            return;
+        };
+        if link.state != LinkState::Connecting {
+            return;
+        }
+        let mut effects = LinkEffects::default();
+        link.connect_failed(failure, &self.link_config, now, &mut effects);
+        if self.stopping {
+            link.fail_queued("relay shutting down", &mut effects);
+        }
+        self.apply_link_effects(&key, effects);
         self.relay.set_now(self.ms(now));
-        self.relay.forward_failed(payload, reason);
         self.execute(now);
+    }
+
+    /// Shutdown: links take no more data and what they queued fails; their connections are
+    /// released like every other one (the runtime asks each to close).
+    pub fn stop_links(&mut self, now: Instant) {
+        self.stopping = true;
+        let keys: Vec<String> = self.links.keys().cloned().collect();
+        for key in keys {
+            let mut effects = LinkEffects::default();
+            if let Some(link) = self.links.get_mut(&key) {
+                link.shut_down(&mut effects);
+            }
+            self.apply_link_effects(&key, effects);
+        }
+        self.relay.set_now(self.ms(now));
+        self.execute(now);
+    }
+
+    /// Data for another domain (after the relay's routing): onto this shard's link to it, or
+    /// to the shard that owns that link.
+    fn forward(&mut self, domain: String, payload: Bytes) {
+        let owner = domain_shard(&domain, self.shards);
+        if owner != self.shard {
+            self.to_shards
+                .push_back((owner, Envelope::Forward { domain, payload }));
+            return;
+        }
+        if self.stopping {
+            self.relay.forward_failed(&payload, "relay shutting down");
+            return;
+        }
+        let key = domain.to_ascii_lowercase();
+        let link = self
+            .links
+            .entry(key.clone())
+            .or_insert_with(|| Link::new(domain));
+        let session = link
+            .conn()
+            .and_then(|conn| self.conns.get_mut(&conn))
+            .map(|c| &mut c.session);
+        let mut effects = LinkEffects::default();
+        link.enqueue(payload, session, &self.link_config, &mut effects);
+        if let Some(conn) = link.conn() {
+            self.wake(conn);
+        }
+        self.apply_link_effects(&key, effects);
+    }
+
+    /// Carries out what a link asked: failed data is reported by the relay (APEX-24), and a
+    /// connection is asked of the runtime. The caller executes the relay's actions.
+    fn apply_link_effects(&mut self, key: &str, effects: LinkEffects) {
+        for (payload, reason) in effects.failed {
+            tracing::debug!(domain = key, %reason, "relay link data failed");
+            self.relay.forward_failed(&payload, &reason);
+        }
+        if effects.connect {
+            if let Some(link) = self.links.get(key) {
+                self.connects.push_back(link.domain.clone());
+            }
+        }
     }
 
     /// When [`ShardCore::handle_timeout`] is next due, if anything waits for time.
@@ -410,10 +575,12 @@ impl ShardCore {
         let relay = self
             .relay_deadline
             .map(|ms| self.epoch + Duration::from_millis(ms));
-        match (stalls, relay) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let links = self
+            .links
+            .values()
+            .filter_map(|link| link.deadline(&self.link_config))
+            .min();
+        [stalls, relay, links].into_iter().flatten().min()
     }
 
     /// Time passed: held data expires, and recipients that took nothing for too long refuse.
@@ -441,6 +608,28 @@ impl ShardCore {
         for at in stalled {
             self.set_refusing(at, true);
         }
+        let due: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(_, link)| link.deadline(&self.link_config).is_some_and(|at| at <= now))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in due {
+            let mut effects = LinkEffects::default();
+            let Some(link) = self.links.get_mut(&key) else {
+                continue;
+            };
+            if link.handle_timeout(&self.link_config, now, &mut effects) {
+                // The next relay never answered our close: the transport goes anyway.
+                if let Some(conn) = link.conn() {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.abandoned = true;
+                    }
+                    self.wake(conn);
+                }
+            }
+            self.apply_link_effects(&key, effects);
+        }
         self.execute(now);
     }
 
@@ -455,9 +644,9 @@ impl ShardCore {
         if let Some((shard, envelope)) = self.to_shards.pop_front() {
             return Some(Output::ToShard { shard, envelope });
         }
-        self.forwards
+        self.connects
             .pop_front()
-            .map(|(domain, payload)| Output::Forward { domain, payload })
+            .map(|domain| Output::Connect { domain })
     }
 
     fn at(&self, conn: ConnId, channel: u32) -> ChannelRef {
@@ -506,7 +695,7 @@ impl ShardCore {
                     source,
                 } => self.send(conn, channel, payload, source, now),
                 Action::ToShard { shard, envelope } => self.to_shards.push_back((shard, envelope)),
-                Action::Forward { domain, payload } => self.forwards.push_back((domain, payload)),
+                Action::Forward { domain, payload } => self.forward(domain, payload),
             }
         }
         if let Some((at, octets)) = self.withholding.take() {

@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use crate::apex::access::AccessTable;
 use crate::apex::client;
 use crate::apex::msg::ApexLimits;
-use crate::apex::relay::{domain_shard, ConnId, ConnKind, Envelope, Relay, RelayConfig};
+use crate::apex::relay::{ConnId, ConnKind, Envelope, Relay, RelayConfig};
 use crate::beep::frame::{self as beep_frame, encode_data_frame, Header, Inbound, Keyword};
 use crate::beep::mgmt::{ErrorElement, ProfileOffer};
 use crate::beep::output::Vectored;
@@ -25,8 +25,11 @@ use crate::beep::session::{Event, ReplyKind, Role, Session, SessionConfig, Start
 use crate::error::ProtocolError;
 use crate::limits::Limits;
 use crate::shard::{Budgets, Output, ShardCore};
+use std::collections::HashMap;
 
+mod next_relay;
 pub mod profile;
+pub use next_relay::{NextRelay, NextRelayBehaviour};
 pub use profile::{Dispatcher, ProfileHandler, StartDecision};
 
 /// The encoded bytes of one data frame.
@@ -267,11 +270,10 @@ pub use crate::apex::relay::APEX_PROFILE;
 /// Index of a client in [`RelayNet::clients`].
 pub type ClientId = usize;
 
-/// A data message a shard handed to the relay mesh ([`Action::Forward`]), after the routing
-/// the runtime does (`domain_shard`): recorded on the shard that owns the link to `domain`.
+/// A data message a shard's link delivered to the next relay of `domain` (which accepted it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forwarded {
-    /// The shard whose runtime would send it (the owner of the domain's link).
+    /// The shard that owns the link to `domain`.
     pub shard: usize,
     /// Destination domain.
     pub domain: String,
@@ -384,8 +386,12 @@ pub struct RelayNet {
     pub shards: Vec<ShardCore>,
     /// Connections, by [`ClientId`].
     pub clients: Vec<RelayClient>,
-    /// Data handed to the relay mesh, in order.
+    /// Data the next relays of other domains accepted from the shards' links, in order.
     pub forwards: Vec<Forwarded>,
+    /// The far ends of the shards' outbound links, in the order they connected.
+    pub next_relays: Vec<NextRelay>,
+    /// How the next relay of a domain (lower-cased) behaves; healthy when not listed.
+    pub next_relay_behaviour: HashMap<String, NextRelayBehaviour>,
     /// Envelopes exchanged between shards so far.
     pub envelopes_sent: usize,
     /// Configuration of the relay-side sessions of connections opened from now on (by default
@@ -452,6 +458,8 @@ impl RelayNet {
             shards: cores,
             clients: Vec::new(),
             forwards: Vec::new(),
+            next_relays: Vec::new(),
+            next_relay_behaviour: HashMap::new(),
             envelopes_sent: 0,
             listener_config,
             // Tests pipeline freely from the client side.
@@ -676,6 +684,10 @@ impl RelayNet {
                 progress |= self.relay_to_client(id);
             }
             progress |= self.run_outputs();
+            for link in 0..self.next_relays.len() {
+                progress |= self.run_link(link);
+            }
+            progress |= self.run_outputs();
             if !progress {
                 return round;
             }
@@ -782,6 +794,107 @@ impl RelayNet {
         self.shards[client.shard].close(client.conn, now);
     }
 
+    /// The runtime's answer to [`Output::Connect`]: the domain's next relay accepts the
+    /// connection, or connecting fails as its behaviour says.
+    fn connect_link(&mut self, shard: usize, domain: String) {
+        let now = self.instant();
+        let behaviour = self
+            .next_relay_behaviour
+            .get(&domain.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_default();
+        let core = &mut self.shards[shard];
+        if let Some(failure) = behaviour.connect_failure.clone() {
+            core.link_connect_failed(&domain, failure, now);
+            return;
+        }
+        if let Some(conn) = core.link_connected(&domain) {
+            self.next_relays
+                .push(NextRelay::new(shard, conn, domain, behaviour));
+        }
+    }
+
+    /// Moves octets both ways between a link and its next relay; records accepted data.
+    fn run_link(&mut self, index: usize) -> bool {
+        let now = self.instant();
+        let link = &mut self.next_relays[index];
+        if !link.connected {
+            return false;
+        }
+        let core = &mut self.shards[link.shard];
+        let mut moved = false;
+        let mut out = BytesMut::new();
+        while core.poll_transmit(link.conn, &mut out, now) > 0 {}
+        if !out.is_empty() {
+            moved = true;
+            link.from_link.extend_from_slice(&out);
+            link.inbox.extend_from_slice(&out);
+        }
+        let closing = matches!(
+            core.link_state(&link.domain),
+            Some(crate::shard::LinkState::Open {
+                phase: crate::shard::LinkPhase::Closing { .. },
+                ..
+            })
+        );
+        if core.is_finished(link.conn) {
+            link.connected = false;
+            core.close(link.conn, now);
+            return true;
+        }
+        if closing && !link.behaviour.answers_close {
+            return moved;
+        }
+        let before = link.inbox.len();
+        match link.step(now) {
+            Ok(accepted) => {
+                moved |= link.inbox.len() != before || !accepted.is_empty();
+                for payload in accepted {
+                    self.forwards.push(Forwarded {
+                        shard: link.shard,
+                        domain: link.domain.clone(),
+                        payload,
+                    });
+                }
+            }
+            Err(_) => {
+                link.connected = false;
+                core.close(link.conn, now);
+                return true;
+            }
+        }
+        let mut back = BytesMut::new();
+        while link.session.poll_transmit(&mut back) > 0 {}
+        link.outbox.extend_from_slice(&back);
+        if !link.outbox.is_empty() {
+            let before = link.outbox.len();
+            if core.handle_input(link.conn, &mut link.outbox, now).is_err() {
+                link.connected = false;
+                core.close(link.conn, now);
+                return true;
+            }
+            moved |= link.outbox.len() != before;
+        }
+        if link.session.is_finished() && link.outbox.is_empty() {
+            // The next relay released the session and wrote all it had: TCP closes.
+            link.connected = false;
+            core.close(link.conn, now);
+            return true;
+        }
+        moved
+    }
+
+    /// The next relay of link `index` drops the connection (as a crash would).
+    pub fn drop_link(&mut self, index: usize) {
+        let now = self.instant();
+        let link = &mut self.next_relays[index];
+        if link.connected {
+            link.connected = false;
+            self.shards[link.shard].close(link.conn, now);
+            self.drive();
+        }
+    }
+
     /// The runtime's handling of the cores' outputs, and the shard queues.
     fn run_outputs(&mut self) -> bool {
         let now = self.instant();
@@ -801,20 +914,7 @@ impl RelayNet {
                             self.envelopes_sent += 1;
                             self.envelopes.push_back((to, envelope));
                         }
-                        Output::Forward { domain, payload } => {
-                            let owner = domain_shard(&domain, self.shards.len());
-                            if owner == shard {
-                                self.forwards.push(Forwarded {
-                                    shard,
-                                    domain,
-                                    payload,
-                                });
-                            } else {
-                                self.envelopes_sent += 1;
-                                self.envelopes
-                                    .push_back((owner, Envelope::Forward { domain, payload }));
-                            }
-                        }
+                        Output::Connect { domain } => self.connect_link(shard, domain),
                     }
                 }
             }
