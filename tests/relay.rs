@@ -6,6 +6,7 @@
 
 mod common;
 
+use apex_proto::apex::client::DataBuilder;
 use bytes::Bytes;
 use common::{Client, Relay};
 
@@ -277,6 +278,36 @@ fn opt_hold4endpoint_keeps_data_until_the_recipient_attaches() {
     // barney attaches later (possibly on the other shard) and gets it.
     let (mut barney, _) = attached(&relay, "barney@example.com");
     assert_eq!(barney.receive(), Bytes::from(data));
+}
+
+/// OPT (hold4Endpoint, RFC 3342 §3) and the runtime's timer: data held for an endpoint that
+/// never attaches expires after `hold.max_hold_ms` with no other traffic to wake the shard,
+/// and the report fred asked for says so. The timer sleeps until the core's next timeout; a
+/// timer that missed the new deadline would never report.
+#[test]
+fn held_data_expires_and_is_reported_on_an_idle_relay() {
+    for shards in [1, 2] {
+        let relay = relay_configured(shards, "hold-expiry", "[hold]\nmax_hold_ms = 300\n");
+        let (mut fred, channel) = attached(&relay, "fred@example.com");
+        let data = DataBuilder::new("fred@example.com")
+            .to("barney@example.com")
+            .status_request(5)
+            .option("<option internal='hold4Endpoint' transID='3' />")
+            .text("for later");
+        let sent = std::time::Instant::now();
+        assert!(fred.request(channel, data).0);
+        let report = fred.receive();
+        let waited = sent.elapsed();
+        let text = String::from_utf8_lossy(&report);
+        assert!(
+            text.contains("endpoint did not attach in time") && text.contains("code='550'"),
+            "{text}"
+        );
+        assert!(
+            waited >= std::time::Duration::from_millis(300),
+            "reported after {waited:?}, before the hold ended"
+        );
+    }
 }
 
 #[test]

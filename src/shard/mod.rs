@@ -49,6 +49,8 @@ pub struct ShardContext {
     /// Each connection's driver wake-up, for the core's [`Output::Wake`] (FxHash: the keys are
     /// the shard's own numbers).
     pub wakers: RefCell<FxHashMap<ConnId, Rc<Notify>>>,
+    /// Wakes the timer task when the core's next timeout became earlier.
+    pub timer: Notify,
     /// Queues to the other shards (none with one shard).
     pub mesh: Option<ShardMesh>,
     /// Static routes to other relays.
@@ -69,7 +71,15 @@ impl ShardContext {
     /// output is carried out.
     pub fn dispatch(self: &Rc<Self>) {
         loop {
-            let Some(output) = self.core.borrow_mut().poll_output() else {
+            let next = {
+                let mut core = self.core.borrow_mut();
+                let output = core.poll_output();
+                if output.is_none() && core.take_deadline_moved() {
+                    self.timer.notify();
+                }
+                output
+            };
+            let Some(output) = next else {
                 return;
             };
             match output {
@@ -110,8 +120,9 @@ pub struct Bound {
     pub shards: usize,
 }
 
-/// How often the shard looks whether its core's next timeout is due.
-const TIMER_RESOLUTION: Duration = Duration::from_millis(50);
+/// The shortest sleep of the timer task when a timeout it handled is still due (it should not
+/// be): a core that keeps asking for time it already had cannot spin the executor.
+const TIMER_MIN_SLEEP: Duration = Duration::from_millis(1);
 
 /// Glommio needs at least this much lockable memory per executor besides `io_memory`.
 const RING_MEMLOCK_ALLOWANCE: u64 = 512 * 1024;
@@ -323,6 +334,7 @@ async fn shard_main(
         connections: Cell::new(0),
         core: RefCell::new(core),
         wakers: RefCell::new(FxHashMap::default()),
+        timer: Notify::default(),
         mesh,
         routes,
         stopping: Cell::new(false),
@@ -350,25 +362,7 @@ async fn shard_main(
         .detach();
     }
 
-    // The core's timers (held data expires, stalled recipients refuse) run even when no
-    // traffic arrives; the core says when it next needs time.
-    let ticker = ctx.clone();
-    glommio::spawn_local(async move {
-        while !ticker.stopping() {
-            glommio::timer::sleep(TIMER_RESOLUTION).await;
-            let now = std::time::Instant::now();
-            let due = ticker
-                .core
-                .borrow()
-                .poll_timeout()
-                .is_some_and(|at| at <= now);
-            if due {
-                ticker.core.borrow_mut().handle_timeout(now);
-                ticker.dispatch();
-            }
-        }
-    })
-    .detach();
+    glommio::spawn_local(run_timer(ctx.clone())).detach();
     let edge_task = glommio::spawn_local(accept_loop(edge, ctx.clone(), ConnKind::Edge));
     let mesh_task = glommio::spawn_local(accept_loop(mesh_listener, ctx.clone(), ConnKind::Mesh));
     info!(shard = id, edge = %ctx.config.edge_listen, mesh = %ctx.config.mesh_listen, "shard listening");
@@ -408,6 +402,45 @@ async fn shard_main(
 
 /// Sends the envelopes queued for `peer`, in order, waiting while its queue is full. The only
 /// task that sends to `peer`, so order is kept and no other task ever waits on a full queue.
+/// The core's timers (held data expires, stalled recipients refuse, links back off and give
+/// up waiting for a close): sleeps until the core's next timeout, and sleeps again when an
+/// earlier one appears ([`ShardContext::dispatch`] wakes it). An idle shard does not wake.
+async fn run_timer(ctx: Rc<ShardContext>) {
+    while !ctx.stopping() {
+        let now = std::time::Instant::now();
+        let due = ctx.core.borrow().poll_timeout();
+        match due {
+            Some(at) if at <= now => {
+                ctx.core.borrow_mut().handle_timeout(now);
+                ctx.dispatch();
+                if ctx
+                    .core
+                    .borrow()
+                    .poll_timeout()
+                    .is_some_and(|again| again <= now)
+                {
+                    glommio::timer::sleep(TIMER_MIN_SLEEP).await;
+                }
+            }
+            Some(at) => {
+                futures_lite::future::or(glommio::timer::sleep(at - now), async {
+                    futures_lite::future::or(ctx.timer.notified(), async {
+                        let _ = ctx.shutdown.acquire(1).await;
+                    })
+                    .await;
+                })
+                .await;
+            }
+            None => {
+                futures_lite::future::or(ctx.timer.notified(), async {
+                    let _ = ctx.shutdown.acquire(1).await;
+                })
+                .await;
+            }
+        }
+    }
+}
+
 async fn flush_outbox(ctx: Rc<ShardContext>, peer: usize) {
     let Some(mesh) = ctx.mesh.as_ref() else {
         return;

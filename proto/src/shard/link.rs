@@ -93,6 +93,8 @@ pub enum Phase {
         /// Since when.
         since: Instant,
     },
+    /// The next relay did not answer our `close` in time: the transport is being closed.
+    Abandoned,
 }
 
 /// A link's state.
@@ -351,7 +353,7 @@ impl Link {
                     channel: closed, ..
                 },
             ) if closed == channel => Some("the next relay closed the APEX channel".to_owned()),
-            (Phase::Closing { .. }, _) => None,
+            (Phase::Closing { .. } | Phase::Abandoned, _) => None,
             (_, Event::CloseRefused { .. } | Event::SessionReleased) => None,
             (_, Event::StartRequested(request)) => {
                 let _ = session.refuse_start(
@@ -432,7 +434,7 @@ impl Link {
         if matches!(
             self.state,
             LinkState::Open {
-                phase: Phase::Closing { .. },
+                phase: Phase::Closing { .. } | Phase::Abandoned,
                 ..
             }
         ) {
@@ -499,9 +501,12 @@ impl Link {
                 false
             }
             LinkState::Open {
+                conn,
                 phase: Phase::Closing { since },
-                ..
-            } => since + config.close_timeout <= now,
+            } if since + config.close_timeout <= now => {
+                self.set_phase(conn, Phase::Abandoned);
+                true
+            }
             _ => false,
         }
     }

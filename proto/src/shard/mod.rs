@@ -158,6 +158,8 @@ pub struct ShardCore {
     connects: VecDeque<String>,
     /// Shutting down: links take no more data.
     stopping: bool,
+    /// A deadline earlier than any [`ShardCore::poll_timeout`] gave before may have appeared.
+    deadline_moved: bool,
     /// Octets in every backlog of the shard.
     backlog_octets: usize,
     /// Octets of partial messages over the shard's sessions.
@@ -195,6 +197,7 @@ impl ShardCore {
             link_config,
             connects: VecDeque::new(),
             stopping: false,
+            deadline_moved: false,
             backlog_octets: 0,
             assembling: 0,
             epoch: now,
@@ -339,14 +342,17 @@ impl ShardCore {
                 return;
             };
             let mut effects = LinkEffects::default();
+            let before = link.deadline(&self.link_config);
             while let Some(event) = c.session.poll_event() {
                 link.handle_event(&mut c.session, event, &self.link_config, now, &mut effects);
             }
+            let after = link.deadline(&self.link_config);
             if c.session.has_output() && !c.woken {
                 c.woken = true;
                 self.woken.push_back(conn);
             }
             let key = key.clone();
+            self.note_deadline(before, after);
             self.apply_link_effects(&key, effects);
             self.execute(now);
             return;
@@ -497,6 +503,8 @@ impl ShardCore {
         if self.stopping {
             link.fail_queued("relay shutting down", &mut effects);
         }
+        let after = link.deadline(&self.link_config);
+        self.note_deadline(None, after);
         self.apply_link_effects(&key, effects);
         self.relay.set_now(self.ms(now));
         self.execute(now);
@@ -558,6 +566,21 @@ impl ShardCore {
         if effects.connect {
             if let Some(link) = self.links.get(key) {
                 self.connects.push_back(link.domain.clone());
+            }
+        }
+    }
+
+    /// Whether [`ShardCore::poll_timeout`] may have become earlier since this was last asked
+    /// (clears it): a runtime that sleeps until the timeout wakes up and asks again. A later
+    /// timeout is not signalled: the runtime finds nothing due and sleeps on.
+    pub fn take_deadline_moved(&mut self) -> bool {
+        std::mem::take(&mut self.deadline_moved)
+    }
+
+    fn note_deadline(&mut self, before: Option<Instant>, after: Option<Instant>) {
+        if let Some(after) = after {
+            if before.is_none_or(|before| after < before) {
+                self.deadline_moved = true;
             }
         }
     }
@@ -701,7 +724,11 @@ impl ShardCore {
         if let Some((at, octets)) = self.withholding.take() {
             self.adjust_window(at, octets, true);
         }
-        self.relay_deadline = self.relay.next_deadline();
+        let next = self.relay.next_deadline();
+        if next.is_some_and(|next| self.relay_deadline.is_none_or(|before| next < before)) {
+            self.deadline_moved = true;
+        }
+        self.relay_deadline = next;
     }
 
     /// A relay MSG for `channel` of `conn`: into the session, or its backlog when the session
@@ -738,11 +765,15 @@ impl ShardCore {
             }
         };
         let octets = payload.len();
-        let backlog = c.backlogs.entry(channel).or_insert_with(|| Backlog {
-            queue: VecDeque::new(),
-            octets: 0,
-            progress: now,
-            refusing: false,
+        let backlog = c.backlogs.entry(channel).or_insert_with(|| {
+            // A new stall deadline.
+            self.deadline_moved = true;
+            Backlog {
+                queue: VecDeque::new(),
+                octets: 0,
+                progress: now,
+                refusing: false,
+            }
         });
         // Within its slack a backlog holds nobody back (a recipient a little behind catches
         // up without its senders' windows being worked), and a refusing one no longer does.
