@@ -268,3 +268,162 @@ fn apex_04_a_lone_srv_target_dot_means_the_domain_has_no_relay() {
     assert!(report.contains("code='550'"), "{report}");
     assert!(!dns.asked_addresses_of("closed.test"));
 }
+
+/// What the hand-written next relay of [`a_link_sends_bind_as_a_msg_and_closes_by_agreement`]
+/// saw.
+struct NextRelaySaw {
+    bind: Bytes,
+    data: Bytes,
+    close: String,
+    /// Whether the transport was still open 300 ms after the link's `close`, unanswered.
+    open_while_unanswered: bool,
+    /// Whether the transport closed (FIN) after our `ok` to the `close`.
+    closed_after_ok: bool,
+}
+
+/// A next relay for a domain, on `listener`: accepts the APEX channel without answering the
+/// piggybacked bind, answers the bind sent as a MSG and the data with `ok` (telling
+/// `data_arrived`), then waits for the link's session `close`, holds its answer back 300 ms,
+/// and answers it.
+fn hand_written_next_relay(
+    listener: std::net::TcpListener,
+    data_arrived: std::sync::mpsc::Sender<()>,
+) -> NextRelaySaw {
+    use apex_proto::apex::relay::APEX_PROFILE;
+    use apex_proto::{Event, Role, Session, SessionConfig};
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+
+    let (mut stream, _) = listener.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut session = Session::new(
+        Role::Listener,
+        SessionConfig {
+            profiles: vec![APEX_PROFILE.to_owned()],
+            ..SessionConfig::default()
+        },
+    );
+    let flush = |session: &mut Session, stream: &mut std::net::TcpStream| {
+        let mut out = bytes::BytesMut::new();
+        while session.poll_transmit(&mut out) > 0 {}
+        stream.write_all(&out).unwrap();
+    };
+    // Every octet the link wrote, and how many of them the session has been given.
+    let mut wire = Vec::new();
+    let mut fed = 0;
+    let mut inbox = bytes::BytesMut::new();
+    let (mut bind, mut data) = (Bytes::new(), Bytes::new());
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let close = loop {
+        assert!(Instant::now() < deadline, "the link never asked to close");
+        flush(&mut session, &mut stream);
+        match stream.read(&mut buf) {
+            Ok(0) => panic!("the link closed TCP without a session close"),
+            Ok(n) => wire.extend_from_slice(&buf[..n]),
+            Err(_) => continue,
+        }
+        let unseen = String::from_utf8_lossy(&wire[fed..]).into_owned();
+        if let Some(at) = unseen.find("<close number='0'") {
+            // Hold the answer back: the close is not given to the session yet.
+            let end = unseen[at..].find("/>").map_or(unseen.len(), |e| at + e + 2);
+            break unseen[at..end].to_owned();
+        }
+        inbox.extend_from_slice(&wire[fed..]);
+        fed = wire.len();
+        session.handle_input(&mut inbox, Instant::now()).unwrap();
+        while let Some(event) = session.poll_event() {
+            match event {
+                Event::StartRequested(request) => {
+                    // Accepted without answering the piggybacked bind (RFC 3340 §4.2).
+                    session
+                        .accept_start(request.id, APEX_PROFILE, None)
+                        .unwrap();
+                }
+                Event::Message {
+                    channel,
+                    msgno,
+                    payload,
+                } => {
+                    if bind.is_empty() {
+                        bind = payload;
+                    } else {
+                        data = payload;
+                        data_arrived.send(()).unwrap();
+                    }
+                    let ok = apex_proto::apex::client::ok_payload();
+                    session.send_rpy(channel, msgno, ok).unwrap();
+                }
+                _ => {}
+            }
+        }
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    stream.set_nonblocking(true).unwrap();
+    let open_while_unanswered = !matches!(stream.peek(&mut buf[..1]), Ok(0));
+    stream.set_nonblocking(false).unwrap();
+    // Answer: the session takes the close (and anything after it) and replies ok.
+    inbox.extend_from_slice(&wire[fed..]);
+    session.handle_input(&mut inbox, Instant::now()).unwrap();
+    while session.poll_event().is_some() {}
+    flush(&mut session, &mut stream);
+    let mut closed_after_ok = false;
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                closed_after_ok = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(_) => {}
+        }
+    }
+    NextRelaySaw {
+        bind,
+        data,
+        close,
+        open_while_unanswered,
+        closed_after_ok,
+    }
+}
+
+/// APEX-06, APEX-24, BEEP-32, BEEP-58 on the real runtime: a next relay that accepts the
+/// channel without answering the piggybacked `bind` gets the `bind` as a MSG and then the
+/// data; when the relay shuts down, its link asks to release the session with `close`
+/// number 0 and keeps the transport open until the next relay answers, then closes it.
+#[test]
+fn a_link_sends_bind_as_a_msg_and_closes_by_agreement() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let next_relay = format!("rubble.test={}", listener.local_addr().unwrap());
+    let (arrived_tx, arrived) = std::sync::mpsc::channel();
+    let far_end = std::thread::spawn(move || hand_written_next_relay(listener, arrived_tx));
+    let mut a = relay("example.com", free_port(), &["--peer", &next_relay]);
+    let (mut fred, channel) = attached(&a, "fred@example.com");
+    let sent = data(
+        "fred@example.com",
+        "barney@rubble.test",
+        "",
+        "over the link",
+    );
+    assert!(fred.request(channel, sent.clone()).0);
+    arrived
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the data reached the next relay");
+    assert!(a.terminate().success());
+    let saw = far_end.join().unwrap();
+    assert_eq!(
+        &saw.bind[..],
+        b"Content-Type: application/beep+xml\r\n\r\n<bind relay='example.com' transID='1' />\r\n"
+    );
+    assert_eq!(saw.data, sent, "APEX-24: the data unchanged");
+    assert_eq!(saw.close, "<close number='0' code='421' />");
+    assert!(
+        saw.open_while_unanswered,
+        "BEEP-58: the link must not close TCP before the close is answered"
+    );
+    assert!(saw.closed_after_ok, "BEEP-58: closed once answered");
+}
