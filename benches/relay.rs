@@ -5,7 +5,7 @@
 //! Everything runs on one thread, so `Throughput::Elements` (messages per iteration) reads as
 //! messages per second per core. Every iteration handles [`MESSAGES`] data messages from
 //! `fred@example.com` to `barney@example.com`, built before the measurement: the payload is the
-//! digest's `data` layout (`apex_proto::apex::client::DataBuilder`) with a `data-content` text of
+//! `data` layout of `apex_proto::apex::client::DataBuilder` with a `data-content` text of
 //! exactly 128 octets (`128B`, a 346-octet BEEP payload) or 4096 octets (`4KiB`, 4314 octets).
 //! Benchmarks:
 //!

@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::MeshConfig;
 
-/// The IANA port of apex-mesh (RFC 3340 §8.3).
+/// The IANA port of apex-mesh (RFC 3340 §8.2).
 pub const APEX_MESH_PORT: u16 = 912;
 
 /// The environment variable that keeps lookups on loopback (tests).

@@ -1,9 +1,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The real relay against an independent APEX endpoint (tests/interop/apex_endpoint.py), written
-//! from the protocol digests (apex-core.md, beep.md) and not from this code: piggybacked attach
-//! (APEX-06, APEX-15), byte-identical delivery (APEX-25, APEX-28), the attach/data/terminate
-//! error codes (APEX-10, -11, -14, -19, -22), status reports (APEX-38, -39, -45) and delivery
-//! between two relays over the mesh (APEX-24).
+//! to the protocol specifications (RFC 3340, RFC 3080, RFC 3081) and not from this code:
+//! piggybacked attach (APEX-06, APEX-15), byte-identical delivery (APEX-25, APEX-28), the
+//! attach/data/terminate error codes (APEX-10, -11, -14, -19, -22), status reports (APEX-38,
+//! -39, -45) and delivery between two relays over the mesh (APEX-24).
 
 mod common;
 
@@ -92,7 +92,8 @@ fn relay(shards: usize) -> Relay {
 }
 
 /// APEX-06/15 piggybacked attach, APEX-23 `ok` on acceptance, APEX-25/28 delivery of data laid
-/// out as in apex-core.md §13.1, byte for byte, APEX-19 terminate, then close and release.
+/// out one element a line (RFC 3340 §4.4.4), byte for byte, APEX-19 terminate, then close and
+/// release.
 fn attach_send_receive(shards: usize) {
     let relay = relay(shards);
     scenario_passes(

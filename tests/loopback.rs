@@ -14,7 +14,7 @@ use apex_proto::Event;
 use bytes::Bytes;
 use common::{Client, Relay};
 
-/// The listener's greeting offering APEX, byte for byte (BEEP-17; beep.md §13.3 payload 111).
+/// The listener's greeting offering APEX, byte for byte (BEEP-17; RFC 3080 §2.3.1.1): payload 111.
 const GREETING: &[u8] = b"RPY 0 0 . 0 111\r\nContent-Type: application/beep+xml\r\n\r\n<greeting>\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</greeting>\r\nEND\r\n";
 
 fn read_exact_with_timeout(stream: &mut TcpStream, n: usize) -> Vec<u8> {

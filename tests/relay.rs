@@ -1,4 +1,4 @@
-//! Loopback tests of the APEX relay against the real binary (RFC 3340 §4.4; apex-core.md §13):
+//! Loopback tests of the APEX relay against the real binary (RFC 3340 §4.4):
 //! attach, data with data-content and with a MIME part (byte-identical on arrival), 537 for a
 //! foreign originator, 554 for an attach conflict, status reports, terminate, pipelining, and
 //! endpoints spread over two shards.
@@ -12,10 +12,10 @@ use common::{Client, Relay};
 
 const OK: &[u8] = b"Content-Type: application/beep+xml\r\n\r\n<ok />\r\n";
 
-/// apex-core.md §13.1: fred's data to barney, delivered unchanged (§13.2).
+/// Fred's data to barney with inline content (RFC 3340 §4.4.4), delivered unchanged.
 const DATA_13_1: &[u8] = b"Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\n";
 
-/// apex-core.md §13.4: the content as a separate MIME part.
+/// The same data with its content as a separate MIME part (RFC 3340 §4.1).
 const DATA_13_4: &[u8] = b"Content-Type: multipart/related; boundary=\"XX\"; start=\"<1@fred.example.com>\"; type=\"application/beep+xml\"\r\n\r\n--XX\r\nContent-Type: application/beep+xml\r\nContent-ID: <1@fred.example.com>\r\n\r\n<data content='cid:2@fred.example.com'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n</data>\r\n--XX\r\nContent-Type: text/plain\r\nContent-ID: <2@fred.example.com>\r\n\r\nhello, barney\r\n--XX--\r\n";
 
 /// A data from `from` to `to` whose `data-content` (Name `C`) is `text`.

@@ -94,8 +94,8 @@ pub(crate) struct Config {
 }
 
 /// The in-flight bound of an apex sender: `depth` messages, bounded like the nats and mqtt
-/// senders' window, so every target runs with the same one (../shared/BENCHMARKS.md: 1000
-/// messages or 256 KiB per pair).
+/// senders' window, so every target runs with the same one (the method in docs/performance.md:
+/// 1000 messages or 256 KiB per pair).
 pub(crate) fn depth_for(depth: usize, size: usize) -> usize {
     crate::stream::in_flight_bound(depth, size)
 }

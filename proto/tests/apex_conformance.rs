@@ -1,12 +1,15 @@
 //! APEX relay conformance, in memory: one or more [`Relay`] shards driven through real BEEP
 //! sessions by [`RelayNet`] (the runtime's event/action mapping of `src/shard/conn.rs`, without
-//! sockets). Vectors cite the checklists of `/work/shared/spec/apex-core.md` (APEX-nn, worked
-//! examples §13), `apex-options.md` (OPT-nn) and `apex-access.md` (ACC-nn).
+//! sockets). Tests cite the checklist items APEX-nn (RFC 3340), OPT-nn (RFC 3340 §5, RFC 3342)
+//! and ACC-nn (RFC 3341), which docs/conformance.md maps to RFC sections.
 //!
-//! Byte-exact vectors are compared frame by frame with what the relay's listener session wrote
-//! ([`RelayClient::relay_data_frames`]; SEQ frames, whose window values depend on the
-//! configured buffer, are left out). Raw clients ([`RelayNet::connect_raw`]) let a test write
-//! the digest's initiator octets verbatim.
+//! The byte-exact vectors are four example exchanges: an endpoint session (fred attaches with a
+//! piggybacked attach, sends data to barney, reuses a live transID, detaches), the delivery to
+//! barney, a status report to fred, and a relay-relay session (bind, forwarded data); plus an
+//! attachOverride exchange. They are compared frame by frame with what the relay's listener
+//! session wrote ([`RelayClient::relay_data_frames`]; SEQ frames, whose window values depend on
+//! the configured buffer, are left out). Raw clients ([`RelayNet::connect_raw`]) let a test
+//! write the initiator's octets verbatim.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use apex_proto::apex::access::{AccessTable, Action as Access, ActorPattern};
@@ -19,53 +22,56 @@ use bytes::Bytes;
 
 const HEADERS: &str = "Content-Type: application/beep+xml\r\n\r\n";
 
-/// §13.1: the application's greeting (52).
+/// Endpoint session: the application's greeting (52).
 const I_GREETING: &[u8] =
     b"RPY 0 0 . 0 52\r\nContent-Type: application/beep+xml\r\n\r\n<greeting />\r\nEND\r\n";
 
-/// §13.1: the relay's greeting offering TLS, SASL/DIGEST-MD5 and APEX (217).
+/// Endpoint session: the relay's greeting offering TLS, SASL/DIGEST-MD5 and APEX (217).
 const L_GREETING_217: &[u8] = b"RPY 0 0 . 0 217\r\nContent-Type: application/beep+xml\r\n\r\n<greeting>\r\n   <profile uri='http://iana.org/beep/TLS' />\r\n   <profile uri='http://iana.org/beep/SASL/DIGEST-MD5' />\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</greeting>\r\nEND\r\n";
 
-/// §13.1: channel 1 with a piggybacked attach of fred (199).
+/// Endpoint session: channel 1 with a piggybacked attach of fred (RFC 3340 §4.2; 199).
 const START_ATTACH_FRED: &[u8] = b"MSG 0 1 . 52 199\r\nContent-Type: application/beep+xml\r\n\r\n<start number='1'>\r\n   <profile uri='http://iana.org/beep/APEX'>\r\n      <![CDATA[<attach endpoint='fred@example.com' transID='1' />]]>\r\n   </profile>\r\n</start>\r\nEND\r\n";
 
-/// §13.1: channel created and attach accepted (109).
+/// Endpoint session: channel created and attach accepted (109).
 const RPY_START_OK: &[u8] = b"RPY 0 1 . 217 109\r\nContent-Type: application/beep+xml\r\n\r\n<profile uri='http://iana.org/beep/APEX'><![CDATA[<ok />]]></profile>\r\nEND\r\n";
 
-/// §13.1: data from fred to barney with inline content (231).
+/// Endpoint session: data from fred to barney with inline content (RFC 3340 §4.4.4; 231).
 const DATA_231: &[u8] = b"MSG 1 0 . 0 231\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\nEND\r\n";
 
-/// §13.1 / §13.2: `ok` to msgno 0, seqno 0 (46).
+/// Endpoint session and delivery to barney: `ok` to msgno 0, seqno 0 (46).
 const RPY_1_0_OK: &[u8] =
     b"RPY 1 0 . 0 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n";
 
-/// §13.1: a second attach reusing live transID 1 (98) and its refusal (97).
+/// Endpoint session: a second attach reusing live transID 1 (98) and its refusal with 555
+/// (RFC 3340 §4.4.1; 97).
 const ATTACH_REUSE: &[u8] = b"MSG 1 1 . 231 98\r\nContent-Type: application/beep+xml\r\n\r\n<attach endpoint='fred/appl=wb@example.com' transID='1' />\r\nEND\r\n";
 const ERR_555: &[u8] = b"ERR 1 1 . 46 97\r\nContent-Type: application/beep+xml\r\n\r\n<error code='555'>transaction already in progress</error>\r\nEND\r\n";
 
-/// §13.1: detach everything (65) and its acceptance (46).
+/// Endpoint session: detach everything, transID 0 (RFC 3340 §4.4.3; 65), and its acceptance
+/// (46).
 const TERMINATE_0: &[u8] = b"MSG 1 2 . 329 65\r\nContent-Type: application/beep+xml\r\n\r\n<terminate transID='0' />\r\nEND\r\n";
 const RPY_1_2_OK: &[u8] =
     b"RPY 1 2 . 143 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n";
 
-/// §13.3: data with a per-recipient statusRequest (302).
+/// Status report: data with a per-recipient statusRequest (RFC 3340 §5.1; 302).
 const DATA_302: &[u8] = b"MSG 1 0 . 0 302\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com'>\r\n      <option internal='statusRequest' transID='86' />\r\n   </recipient>\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\nEND\r\n";
 
-/// §13.3: the relay's report to fred (416) and fred's acceptance.
+/// Status report: the relay's report to fred (RFC 3340 §6.2; 416) and fred's acceptance.
 const REPORT_416: &[u8] = b"MSG 1 0 . 46 416\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='apex=report@example.com' />\r\n   <recipient identity='fred@example.com' />\r\n   <data-content Name='Content'>\r\n      <statusResponse transID='86'>\r\n         <destination identity='barney@example.com'>\r\n            <reply code='250' transID='86' />\r\n         </destination>\r\n      </statusResponse>\r\n   </data-content>\r\n</data>\r\nEND\r\n";
 const FRED_ACCEPTS_REPORT: &[u8] =
     b"RPY 1 0 . 302 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n";
 
-/// §13.5: rubble.com's relay greeting (111), example.com's bind start (189), acceptance (109).
+/// Relay-relay session: rubble.com's relay greeting (111), example.com's start with a
+/// piggybacked bind (RFC 3340 §4.4.2; 189), acceptance (109).
 const L_GREETING_111: &[u8] = b"RPY 0 0 . 0 111\r\nContent-Type: application/beep+xml\r\n\r\n<greeting>\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</greeting>\r\nEND\r\n";
 const START_BIND: &[u8] = b"MSG 0 1 . 52 189\r\nContent-Type: application/beep+xml\r\n\r\n<start number='1'>\r\n   <profile uri='http://iana.org/beep/APEX'>\r\n      <![CDATA[<bind relay='example.com' transID='1' />]]>\r\n   </profile>\r\n</start>\r\nEND\r\n";
 const RPY_BIND_OK: &[u8] = b"RPY 0 1 . 111 109\r\nContent-Type: application/beep+xml\r\n\r\n<profile uri='http://iana.org/beep/APEX'><![CDATA[<ok />]]></profile>\r\nEND\r\n";
-/// §13.5: forwarded data with a per-data statusRequest (283).
+/// Relay-relay session: forwarded data with a per-data statusRequest (283).
 const DATA_283: &[u8] = b"MSG 1 0 . 0 283\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@rubble.com' />\r\n   <option internal='statusRequest' transID='86' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\nEND\r\n";
 
-/// apex-options.md §3: app #2 attaches with attachOverride (152) on its channel 1.
+/// attachOverride (RFC 3342 §1): app #2 attaches with the option (152) on its channel 1.
 const ATTACH_OVERRIDE_152: &[u8] = b"MSG 1 0 . 0 152\r\nContent-Type: application/beep+xml\r\n\r\n<attach endpoint='fred@example.com' transID='2'>\r\n   <option internal='attachOverride' transID='3' />\r\n</attach>\r\nEND\r\n";
-/// apex-options.md §3: the relay terminates app #1's attachment (107).
+/// attachOverride (RFC 3342 §1): the relay terminates app #1's attachment with 556 (107).
 const TERMINATE_556_107: &[u8] = b"MSG 1 0 . 0 107\r\nContent-Type: application/beep+xml\r\n\r\n<terminate transID='1' code='556'>attachment overridden</terminate>\r\nEND\r\n";
 
 // ---------------------------------------------------------------------------------------------
@@ -100,7 +106,8 @@ fn show(frames: &[Bytes]) -> Vec<String> {
         .collect()
 }
 
-/// A data payload in the digest's layout; `options` are whole lines ("   <option .../>\r\n").
+/// A data payload laid out as the vectors above; `options` are whole lines
+/// ("   <option .../>\r\n").
 fn data(originator: &str, recipients: &[&str], options: &str, content: &str) -> Bytes {
     let mut s = format!(
         "{HEADERS}<data content='#Content'>\r\n   <originator identity='{originator}' />\r\n"
@@ -243,12 +250,12 @@ fn attached(net: &mut RelayNet, shard: usize, endpoint: &str) -> (ClientId, u32)
 }
 
 // ---------------------------------------------------------------------------------------------
-// §13.1, §13.2: the endpoint session, byte for byte
+// The endpoint session and the delivery to barney, byte for byte
 // ---------------------------------------------------------------------------------------------
 
 fn run_13_1(shards: usize, fred_shard: usize, barney_shard: usize) {
     let mut net = granted(shards);
-    // Barney attached earlier through a piggybacked attach on his channel 1 (§13.2).
+    // Barney attached earlier through a piggybacked attach on his channel 1.
     let (barney, barney_ch) = attached(&mut net, barney_shard, "barney@example.com");
     assert_eq!(barney_ch, 1);
 
@@ -262,7 +269,7 @@ fn run_13_1(shards: usize, fred_shard: usize, barney_shard: usize) {
     net.inject(fred, checked(START_ATTACH_FRED));
     net.inject(fred, checked(DATA_231));
     net.inject(fred, checked(ATTACH_REUSE));
-    // The §13.1 seqno 329 counts a 98-octet MSG 1 1 after 231: 231 + 98 = 329.
+    // The terminate's seqno 329 counts a 98-octet MSG 1 1 after 231: 231 + 98 = 329.
     net.inject(fred, checked(TERMINATE_0));
 
     let expected: Vec<Bytes> = [
@@ -278,21 +285,26 @@ fn run_13_1(shards: usize, fred_shard: usize, barney_shard: usize) {
     assert_eq!(
         show(&net.clients[fred].relay_data_frames()),
         show(&expected),
-        "APEX-06/10/15/18, apex-core.md §13.1"
+        "APEX-06/10/15/18, endpoint session"
     );
 
-    // §13.2: the relay's first MSG on barney's channel 1 is the data, byte-identical.
+    // Delivery (RFC 3340 §4.4.4.1 step 5.3): the relay's first MSG on barney's channel 1 is the
+    // data, byte-identical.
     let barney_frames = net.clients[barney].relay_data_frames();
     let delivery = barney_frames
         .iter()
         .find(|f| f.starts_with(b"MSG 1 "))
         .expect("delivered to barney");
-    assert_eq!(text(delivery), text(&Bytes::from_static(DATA_231)), "§13.2");
-    // ...and barney's reply is §13.2's.
+    assert_eq!(
+        text(delivery),
+        text(&Bytes::from_static(DATA_231)),
+        "delivery to barney"
+    );
+    // ...and barney answers it with `ok`.
     let from_barney = split_frames(&net.clients[barney].to_relay);
     assert!(
         from_barney.iter().any(|f| f[..] == *RPY_1_0_OK),
-        "§13.2 barney's RPY: {:?}",
+        "barney's RPY: {:?}",
         show(&from_barney)
     );
     assert_eq!(deliveries(&net, barney).len(), 1, "delivered once");
@@ -317,7 +329,7 @@ fn apex_06_piggyback_reply_content() {
     let id = net.connect(0, ConnKind::Edge);
     let (channel, reply) = net.attach(id, "fred@example.com");
     assert_eq!((channel, reply.as_str()), (1, "<ok />"));
-    // A failed piggybacked attach still creates the channel (apex-core.md §5.2).
+    // A failed piggybacked attach still creates the channel (RFC 3080 §2.3.1.2, RFC 3340 §4.2).
     let (channel, reply) = net.attach(id, "fred@other.org");
     assert_eq!(channel, 3);
     assert!(reply.starts_with("<error code='553'"), "{reply}");
@@ -345,7 +357,11 @@ fn apex_10_reused_live_trans_id_555() {
         xml("<attach endpoint='fred/appl=wb@example.com' transID='1' />\r\n"),
     );
     assert!(!ok);
-    assert_eq!(payload, payload_of(ERR_555), "§13.1 ERR 555 payload");
+    assert_eq!(
+        payload,
+        payload_of(ERR_555),
+        "ERR 555 payload of the endpoint session"
+    );
     // transIDs are channel-scoped (APEX-42): transID 1 on another channel is fine.
     let (ch3, _) = net.start(id, None);
     let (ok, _) = net.send(
@@ -378,7 +394,7 @@ fn apex_11_foreign_domain_553() {
     );
     assert!(!ok);
     assert_eq!(error_code(&payload), 553);
-    // The domain compares case-insensitively (apex-core.md §3.3 impl. note).
+    // The domain compares case-insensitively (RFC 3340 §2.2.1 is silent on it; DNS names do).
     let (ok, _) = net.send(
         id,
         ch,
@@ -574,7 +590,7 @@ fn opt_05_attach_override_across_shards() {
 
 #[test]
 fn opt_05_override_terminate_bytes_match_digest() {
-    // apex-options.md §3 byte-exact example: app #2's attach (152) is answered RPY 1 0 . 0 46
+    // attachOverride (RFC 3342 §1), byte for byte: app #2's attach (152) is answered RPY 1 0 . 0 46
     // and app #1 receives MSG 1 0 . 0 107 `<terminate transID='1' code='556'>attachment
     // overridden</terminate>` (options::override_terminate_payload builds exactly this).
     let mut net = granted(1);
@@ -602,7 +618,7 @@ fn opt_05_override_terminate_bytes_match_digest() {
     assert_eq!(
         text(terminate),
         text(&Bytes::from_static(checked(TERMINATE_556_107))),
-        "apex-options.md §3 byte-exact terminate"
+        "attachOverride terminate, byte for byte"
     );
 }
 
@@ -699,7 +715,7 @@ fn apex_22_data_for_a_foreign_originator_537() {
     assert!(!ok);
     assert_eq!(error_code(&payload), 537);
     assert_eq!(deliveries(&net, barney).len(), 0);
-    // Attached on another channel of the same session is enough (session-wide, §10.1).
+    // Attached on another channel of the same session is enough (session-wide, RFC 3340 §4.5.1).
     let (ch3, _) = net.start(fred, None);
     let (ok, _) = net.send(
         fred,
@@ -712,9 +728,9 @@ fn apex_22_data_for_a_foreign_originator_537() {
 
 #[test]
 fn apex_17_13_5_bind_on_mesh_byte_exact_and_report_forwarded() {
-    // §13.5: example.com's relay binds to rubble.com's relay and forwards data with a per-data
-    // statusRequest; rubble.com delivers to barney and reports to fred@example.com over the
-    // mesh (a Forward to example.com).
+    // Relay-relay session: example.com's relay binds to rubble.com's relay (RFC 3340 §4.4.2) and
+    // forwards data with a per-data statusRequest; rubble.com delivers to barney and reports to
+    // fred@example.com over the mesh (a Forward to example.com).
     let mut access = AccessTable::new();
     access
         .grant_domain(
@@ -741,7 +757,7 @@ fn apex_17_13_5_bind_on_mesh_byte_exact_and_report_forwarded() {
     assert_eq!(
         show(&net.clients[peer].relay_data_frames()),
         expected,
-        "§13.5"
+        "relay-relay session"
     );
     // Delivered to barney with the final options kept (APEX-35).
     let got = deliveries(&net, barney);
@@ -962,7 +978,7 @@ fn apex_38_13_3_status_report_byte_exact() {
         assert_eq!(
             show(&net.clients[fred].relay_data_frames()),
             expected,
-            "§13.3 with {shards} shard(s)"
+            "status report with {shards} shard(s)"
         );
         net.inject(fred, checked(FRED_ACCEPTS_REPORT));
         // Barney received the data with its per-recipient option (final relays strip nothing).
@@ -1119,8 +1135,8 @@ fn apex_36_unknown_must_understand_final_option_fails_at_the_final_relay() {
     // targetHop='final' (explicit or default): the option cannot be known to apply when the
     // data arrives, so the data is accepted; but this relay *is* the final relay for a local
     // recipient, so the option applies there, is not understood, and the recipient must fail
-    // (apex-core.md §11.1: "an error in processing has occurred"; §8.3 step 3 / §11.1 impl.
-    // note: after the ok, the affected recipients fail and are reported).
+    // (RFC 3340 §5: "an error in processing has occurred"; the RFC names no code, and after the
+    // ok the affected recipients can only fail and be reported).
     let mut net = granted(1);
     let (fred, ch) = attached(&mut net, 0, "fred@example.com");
     let (barney, _) = attached(&mut net, 0, "barney@example.com");

@@ -1,5 +1,5 @@
-//! Byte-exact conformance vectors for the BEEP engine, one or more tests per item of the
-//! checklist in `/work/shared/spec/beep.md` §15 (BEEP-01..BEEP-70).
+//! Byte-exact conformance vectors for the BEEP engine (RFC 3080, RFC 3081), one or more tests
+//! per checklist item BEEP-01..BEEP-70 (docs/conformance.md maps each to its RFC section).
 //!
 //! Every session test drives a real [`Session`] with literal wire bytes and asserts the exact
 //! bytes it transmits back, or the exact [`ProtocolError`] it terminates with. Literal frames go
@@ -25,10 +25,10 @@ use bytes::{Bytes, BytesMut};
 
 const APEX: &str = "http://iana.org/beep/APEX";
 
-/// The listener's greeting offering APEX (beep.md §13.3): payload 111.
+/// The listener's greeting offering APEX (RFC 3080 §2.3.1.1): payload 111.
 const L_GREETING: &[u8] = b"RPY 0 0 . 0 111\r\nContent-Type: application/beep+xml\r\n\r\n<greeting>\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</greeting>\r\nEND\r\n";
 
-/// The initiator's empty greeting (beep.md §13.1): payload 52.
+/// The initiator's empty greeting (RFC 3080 §2.3.1.1): payload 52.
 const I_GREETING: &[u8] =
     b"RPY 0 0 . 0 52\r\nContent-Type: application/beep+xml\r\n\r\n<greeting />\r\nEND\r\n";
 
@@ -45,7 +45,8 @@ const SEQ_0_AFTER_GREETING: &[u8] = b"SEQ 0 52 262144\r\n";
 /// The SEQ that opens a new channel's window to the 256 KiB buffer.
 const SEQ_1_OPEN: &[u8] = b"SEQ 1 0 262144\r\n";
 
-/// A listener refusing service (beep.md §13.1): payload 85.
+/// A listener refusing service with 421 instead of a greeting (RFC 3080 §2.3.1.5, §2.4):
+/// payload 85.
 const L_REFUSAL: &[u8] = b"ERR 0 0 . 0 85\r\nContent-Type: application/beep+xml\r\n\r\n<error code='421'>relay shutting down</error>\r\nEND\r\n";
 
 // ---------------------------------------------------------------------------------------------
@@ -456,7 +457,8 @@ fn beep_01_header_line_ends_in_crlf() {
 }
 
 /// BEEP-02: channel, msgno and size are 0..2147483647; seqno 0..4294967295; ansno accepted in
-/// 0..4294967295 on input (beep.md §2.2 note); more is `.` or `*`.
+/// 0..4294967295 on input (the prose of RFC 3080 §2.2.1.1; the ABNF of §2.2.1 stops at
+/// 2147483647); more is `.` or `*`.
 #[test]
 fn beep_02_field_ranges() {
     let ok = |wire: &[u8]| match head(wire) {
@@ -506,8 +508,9 @@ fn beep_02_field_ranges() {
     assert_eq!(ok(b"MSG 007 0 . 00052 0\r\n").seqno, 52);
 }
 
-/// BEEP-02 (beep.md §2.2 note): the longest legal header is 62 octets; header lines are bounded
-/// (128 octets including CRLF by default) and an over-long one is poorly formed (P2).
+/// BEEP-02: with the ranges of RFC 3080 §2.2.1.1 and no leading zeros, the longest legal
+/// header is 62 octets (`ANS`, five 10-digit numbers, the flag, six spaces, CRLF); header lines
+/// are bounded (128 octets including CRLF by default) and an over-long one is poorly formed (P2).
 #[test]
 fn beep_02_header_line_length() {
     let longest = b"ANS 2147483647 2147483647 * 4294967295 2147483647 4294967295\r\n";
@@ -534,8 +537,9 @@ fn beep_02_header_line_length() {
     assert_eq!(head(&endless), Err(FrameError::HeaderTooLong));
 }
 
-/// BEEP-03 (beep.md §13.4): frames are read by their size field; `END` inside or directly after
-/// the payload text is payload. The six example frames parse back exactly.
+/// BEEP-03 (RFC 3080 §2.2.1.1, §2.2.1.3): frames are read by their size field; `END` inside or
+/// directly after the payload text is payload. Six example frames on channel 3 (a MSG in two
+/// frames, then a one-to-many reply whose answers interleave) parse back exactly.
 #[test]
 fn beep_03_size_exact_parsing_of_the_13_4_examples() {
     let wire = cat(&[
@@ -658,7 +662,7 @@ fn beep_01_03_encoder_is_exact() {
         window: 4096,
     }
     .encode(&mut out);
-    assert_wire(&out, b"SEQ 1 231 4096\r\n", "beep.md §13.5");
+    assert_wire(&out, b"SEQ 1 231 4096\r\n", "SEQ, RFC 3081 §3.1.3");
 }
 
 /// BEEP-07: seqno arithmetic is modulo 2^32; after 4294967295 comes 0 (frame level: a frame
@@ -731,8 +735,8 @@ fn beep_62_seq_grammar() {
 // BEEP-17/18: greetings
 // ---------------------------------------------------------------------------------------------
 
-/// BEEP-17: each peer sends its greeting immediately (RPY 0 0 seqno 0), exactly as in
-/// beep.md §13.1/§13.3, before it has received anything.
+/// BEEP-17: each peer sends its greeting immediately (RPY 0 0 seqno 0; RFC 3080 §2.3.1.1, §2.4),
+/// byte for byte, before it has received anything.
 #[test]
 fn beep_17_greetings_are_sent_immediately() {
     let mut l = Peer::listener_with(Limits::default());
@@ -740,7 +744,7 @@ fn beep_17_greetings_are_sent_immediately() {
     let mut i = Peer::initiator();
     i.expect(checked(I_GREETING), "initiator greeting, payload 52");
 
-    // beep.md §13.1: an edge relay offering three profiles, payload 217.
+    // An edge relay offering three profiles (TLS, SASL/DIGEST-MD5, APEX): payload 217.
     let mut edge = Peer::new(
         Role::Listener,
         SessionConfig {
@@ -752,7 +756,7 @@ fn beep_17_greetings_are_sent_immediately() {
             ..SessionConfig::default()
         },
     );
-    edge.expect(checked(L_GREETING_217), "beep.md §13.1 greeting");
+    edge.expect(checked(L_GREETING_217), "edge relay greeting, payload 217");
 
     // BEEP-34: features (x- names) and localize are attributes of the greeting.
     let mut f = Peer::new(
@@ -770,7 +774,7 @@ fn beep_17_greetings_are_sent_immediately() {
     );
 }
 
-/// BEEP-17 (beep.md §5.3): the first frame must be the greeting.
+/// BEEP-17 (RFC 3080 §2.3.1.1, §2.4): the first frame must be the greeting.
 #[test]
 fn beep_17_first_frame_must_be_the_greeting() {
     let mut l = Peer::listener_with(Limits::default());
@@ -808,7 +812,7 @@ fn beep_17_second_greeting_is_a_reply_to_nothing() {
 }
 
 /// BEEP-18: a refusing listener sends ERR msgno 0 with an `error` instead of a greeting
-/// (beep.md §13.1, payload 85) and is finished once that is written.
+/// (RFC 3080 §2.3.1.5, §2.4; payload 85) and is finished once that is written.
 #[test]
 fn beep_18_refusing_listener_sends_err_instead_of_greeting() {
     let mut l = Peer {
@@ -823,7 +827,7 @@ fn beep_18_refusing_listener_sends_err_instead_of_greeting() {
         events: Vec::new(),
     };
     assert!(!l.session.is_finished(), "the ERR is not written yet");
-    l.expect(checked(L_REFUSAL), "beep.md §13.1 refusal");
+    l.expect(checked(L_REFUSAL), "refusal, payload 85");
     assert!(l.session.is_finished(), "close the transport after the ERR");
 }
 
@@ -963,7 +967,8 @@ fn beep_04_own_msgnos_are_distinct() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// BEEP-08/09/10: the twelve poorly-formed conditions of beep.md §2.6, each aborting silently
+// BEEP-08/09/10: the twelve poorly-formed-frame conditions of RFC 3080 §2.2.1.1-§2.2.1.3
+// (P1-P12 as numbered in proto/src/error.rs), each aborting silently
 // ---------------------------------------------------------------------------------------------
 
 /// BEEP-08 P1: a header that does not begin with a known keyword.
@@ -1324,8 +1329,8 @@ fn beep_11_36_sending_ans_then_nul() {
     );
 }
 
-/// A listener whose peer started channel 3 (beep.md §13.4), and which sent MSG 0 there, so the
-/// next frames the peer sends on channel 3 are its replies.
+/// A listener whose peer started channel 3 (for the one-to-many examples), and which sent MSG 0
+/// there, so the next frames the peer sends on channel 3 are its replies.
 fn awaiting_reply_on_channel_3(limits: Limits) -> Peer {
     let mut l = listener_limits(limits, SEQ_0_AFTER_GREETING);
     l.feed(checked(b"MSG 0 1 . 52 116\r\nContent-Type: application/beep+xml\r\n\r\n<start number='3'>\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</start>\r\nEND\r\n"))
@@ -1341,8 +1346,8 @@ fn awaiting_reply_on_channel_3(limits: Limits) -> Peer {
     l
 }
 
-/// BEEP-36 / BEEP-03 (beep.md §13.4): the peer's answers 0 and 1 interleave, then NUL; each
-/// answer is reassembled by ansno and delivered when complete.
+/// BEEP-36 / BEEP-03 (RFC 3080 §2.2.1.1, §2.6.1): the peer's answers 0 and 1 interleave, then
+/// NUL; each answer is reassembled by ansno and delivered when complete.
 #[test]
 fn beep_36_interleaved_answers_of_13_4() {
     let mut l = awaiting_reply_on_channel_3(Limits::default());
@@ -1374,8 +1379,8 @@ fn beep_36_interleaved_answers_of_13_4() {
     l.expect(b"", "nothing to send");
 }
 
-/// BEEP-03/BEEP-06 (beep.md §13.4): a headerless MSG in two frames, `END` right after the first
-/// payload, is reassembled and echoed in one frame.
+/// BEEP-03/BEEP-06 (RFC 3080 §2.2.1.1): a headerless MSG in two frames, `END` right after the
+/// first payload, is reassembled and echoed in one frame.
 #[test]
 fn beep_03_two_frame_message_of_13_4() {
     let mut l = listener();
@@ -1451,9 +1456,10 @@ fn beep_13_xml_restrictions_on_start() {
     l.expect(&want, "accepted, decoded content echoed");
 }
 
-/// BEEP-20 + BEEP-22 + BEEP-28 (beep.md §13.2, byte for byte): the listener offering three
-/// profiles picks APEX out of two candidates for channel 3, refuses the even channel 4 with 501,
-/// declines to close channel 3 while a MSG on it is unanswered, then accepts the close.
+/// BEEP-20 + BEEP-22 + BEEP-28 (RFC 3080 §2.3.1.2, §2.3.1.3; byte for byte): the listener
+/// offering three profiles picks APEX out of two candidates for channel 3, refuses the even
+/// channel 4 with 501, declines to close channel 3 while a MSG on it is unanswered, then accepts
+/// the close.
 #[test]
 fn beep_20_22_28_reproduce_13_2() {
     let mut l = Peer::new(
@@ -1468,7 +1474,7 @@ fn beep_20_22_28_reproduce_13_2() {
         },
     );
     l.profile.manual = true;
-    l.expect(checked(L_GREETING_217), "§13.1 greeting, 217");
+    l.expect(checked(L_GREETING_217), "edge relay greeting, 217");
     l.feed(checked(I_GREETING)).unwrap();
     l.expect(SEQ_0_AFTER_GREETING, "window of channel 0");
 
@@ -1479,14 +1485,14 @@ fn beep_20_22_28_reproduce_13_2() {
             b"RPY 0 1 . 217 83\r\nContent-Type: application/beep+xml\r\n\r\n<profile uri='http://iana.org/beep/APEX' />\r\nEND\r\n",
             b"SEQ 3 0 262144\r\n",
         ]),
-        "§13.2: one profile, the chosen one",
+        "start: one profile, the chosen one",
     );
 
     l.feed(checked(b"MSG 0 2 . 219 116\r\nContent-Type: application/beep+xml\r\n\r\n<start number='4'>\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</start>\r\nEND\r\n"))
         .unwrap();
     l.expect(
         checked(b"ERR 0 2 . 300 104\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>initiator must use odd channel numbers</error>\r\nEND\r\n"),
-        "§13.2: even channel refused",
+        "start: even channel refused",
     );
 
     // A MSG on channel 3 that we have not answered keeps the channel busy.
@@ -1497,7 +1503,7 @@ fn beep_20_22_28_reproduce_13_2() {
         .unwrap();
     l.expect(
         checked(b"ERR 0 3 . 404 87\r\nContent-Type: application/beep+xml\r\n\r\n<error code='550'>replies still pending</error>\r\nEND\r\n"),
-        "§13.2: close declined",
+        "close declined",
     );
     assert_eq!(l.session.channel_profile(3), Some(APEX));
 
@@ -2406,7 +2412,7 @@ fn beep_65_round_robin_between_channels() {
     );
 }
 
-/// beep.md §13.1: the greeting of an edge relay offering TLS, DIGEST-MD5 and APEX (217).
+/// The greeting of an edge relay offering TLS, SASL/DIGEST-MD5 and APEX (RFC 3080 §2.3.1.1): 217.
 const L_GREETING_217: &[u8] = b"RPY 0 0 . 0 217\r\nContent-Type: application/beep+xml\r\n\r\n<greeting>\r\n   <profile uri='http://iana.org/beep/TLS' />\r\n   <profile uri='http://iana.org/beep/SASL/DIGEST-MD5' />\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</greeting>\r\nEND\r\n";
 
 /// BEEP-36 with a bound: answers interleave, so a peer could keep any number of partial answers

@@ -1,4 +1,5 @@
-//! Property tests for the BEEP engine (beep.md §2, §10; checklist items cited per property).
+//! Property tests for the BEEP engine (RFC 3080 §2.2.1, RFC 3081 §3; checklist items cited per
+//! property).
 //!
 //! * Frames: any sequence of valid frames, encoded into one buffer and cut at every offset,
 //!   parses back to exactly the same frames (BEEP-01/02/03, BEEP-62).

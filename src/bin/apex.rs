@@ -471,7 +471,7 @@ fn handshake(
                     })?
                 }
                 None => {
-                    // The relay ignored the piggyback: attach with an ordinary MSG (§5.2).
+                    // The relay ignored the piggyback: attach with an ordinary MSG (RFC 3340 §4.2).
                     let msgno = peer
                         .session
                         .send_msg(channel, attach_message(name.as_str(), ATTACH_TRANS_ID))
@@ -768,7 +768,7 @@ fn run_send(
             } => match parse_incoming(&payload) {
                 Err(e) => peer.err(c, msgno, e.code, &e.text)?,
                 Ok(Incoming::Status { response, .. }) => {
-                    // The carrying data is answered ok whatever it reports (§12.3).
+                    // The carrying data is answered ok whatever it reports (RFC 3340 §6.2).
                     peer.rpy_ok(c, msgno)?;
                     if Some(response.trans_id) != opts.status {
                         continue;
@@ -1223,7 +1223,7 @@ mod tests {
         assert_eq!(status, Status::Success);
         assert_eq!(String::from_utf8(out).unwrap(), "accepted\n");
         let log = relay.join().unwrap();
-        // Byte-exact with the attach of RFC 3340 §4.4.4.
+        // Byte for byte: fred's data to barney with inline content (RFC 3340 §4.4.4).
         assert_eq!(
             &log.msgs[0][..],
             &b"Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\n"[..]

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Independent APEX endpoint (RFC 3340) for interoperability tests of the apexd relay.
 
-Written from the protocol digests (shared/spec/apex-core.md, beep.md), not from the relay's
+Written to the protocol specifications (RFC 3340, RFC 3080, RFC 3081), not from the relay's
 source.  The BEEP layer (framing, seqno and window accounting, reply ordering, channel 0) is the
 independent initiator in beep_client.py; this module adds what an APEX endpoint needs on top of
 it: MSGs initiated by the relay on APEX channels (data deliveries, status reports, terminate),
 piggybacked attach at channel creation, and the endpoint's own attach/data/terminate exchanges.
 
-Endpoint behaviour (apex-core.md §7.4.2, §9): every relay MSG is answered at once, in order;
+Endpoint behaviour (RFC 3340 §4.4.4.2, §4.4.3): every relay MSG is answered at once, in order;
 ``data`` naming one of our attached endpoints as a recipient gets RPY ``<ok />``, other data gets
 ERR 550; ``terminate`` of a live attach transID (or 0) gets RPY ``<ok />``, of an unknown transID
 ERR 550.  Anything unexpected from the relay is also recorded and fails the scenario.
@@ -68,7 +68,7 @@ def terminate_doc(trans_id: int) -> str:
 
 
 def start_attach_body(number: int, endpoint: str, trans_id: int) -> str:
-    """<start> with a piggybacked attach as CDATA (apex-core.md §5.2, §13.1)."""
+    """<start> with a piggybacked attach as CDATA (RFC 3340 §4.2)."""
     return (f"<start number='{number}'>\r\n"
             f"   <profile uri='{APEX}'>\r\n"
             f"      <![CDATA[{attach_doc(endpoint, trans_id)}]]>\r\n"
@@ -77,7 +77,7 @@ def start_attach_body(number: int, endpoint: str, trans_id: int) -> str:
 
 
 def data_doc(originator: str, recipient: str, text: str, recipient_option: str = "") -> str:
-    """A data element with inline content, laid out exactly as apex-core.md §13.1 / §13.3."""
+    """A data element with inline content (RFC 3340 §4.4.4): one element a line, 3-space indent."""
     if recipient_option:
         rcpt = (f"   <recipient identity='{esc_attr(recipient)}'>\r\n"
                 f"      {recipient_option}\r\n"
@@ -92,7 +92,7 @@ def data_doc(originator: str, recipient: str, text: str, recipient_option: str =
 
 
 def xml_payload(doc: str) -> bytes:
-    """A control-document-only APEX message (apex-core.md §5.3)."""
+    """A control-document-only APEX message (RFC 3340 §4.1)."""
     if not doc.endswith("\r\n"):
         doc += "\r\n"
     return mime(XML_CT, doc)
@@ -118,7 +118,7 @@ def parse_piggyback(profile: ET.Element, what: str) -> ET.Element:
     text = text.strip()
     if not text:
         raise BeepError(f"{what}: the relay returned no piggybacked answer to the attach "
-                        f"(profile element is empty; apex-core.md §5.2)")
+                        f"(profile element is empty; RFC 3080 §2.3.1.2, RFC 3340 §4.2)")
     try:
         root = ET.fromstring(text)
     except ET.ParseError as e:
@@ -148,7 +148,7 @@ class ApexMessage:
 
 
 def parse_apex(payload: bytes, what: str) -> ApexMessage:
-    """apex-core.md §5.3: application/beep+xml, or multipart/related whose start part is that."""
+    """RFC 3340 §4.1: application/beep+xml, or multipart/related whose start part is that."""
     headers, body = split_mime(payload)
     ctype = headers.get("content-type", "application/octet-stream")
     base = ctype.split(";")[0].strip().lower()
@@ -219,7 +219,7 @@ class Incoming:
 
 class ApexSession(Session):
     """beep_client.Session that also accepts MSGs from the relay (the relay is the BEEP client
-    for deliveries, status reports and terminate, apex-core.md §8.6) and waits through a Hub so
+    for deliveries, status reports and terminate, RFC 3340 §2.1) and waits through a Hub so
     that several sessions of one process make progress together."""
 
     def __init__(self, sock, hub, label: str):
@@ -362,7 +362,7 @@ class Endpoint:
             raise BeepError(f"{self.label}: the relay closed the connection unexpectedly")
         s.parser.feed(data)
 
-    # ---- answering the relay (apex-core.md §7.4.2, §7.3)
+    # ---- answering the relay (RFC 3340 §4.4.4.2, §4.4.3)
     def service(self):
         s = self.session
         while s.inbox:
@@ -430,8 +430,8 @@ class Endpoint:
         if r.kind == "ERR":
             code, text = parse_error(r, what)
             raise BeepError(f"{what}: relay refused the channel itself with ERR {code} {text!r}; "
-                            f"apex-core.md §5.2 says the channel is created and the attach's "
-                            f"answer goes in the profile element of the RPY")
+                            f"piggybacking (RFC 3080 §2.3.1.2, RFC 3340 §4.2) creates the channel "
+                            f"and puts the attach's answer in the profile element of the RPY")
         profile = expect_rpy(r, "profile", what)
         if profile.get("uri") != APEX:
             raise BeepError(f"{what}: relay chose profile {profile.get('uri')!r}")
@@ -493,7 +493,7 @@ class Endpoint:
         return self.received
 
     def detach_and_leave(self, channel: int, trans_id: int = 1):
-        """terminate the attachment, close its channel, release the session (apex-core.md §13.1)."""
+        """terminate the attachment, close its channel, release the session (RFC 3340 §4.4.3)."""
         self.expect_ok(self.terminate(channel, trans_id), f"terminate transID {trans_id}")
         self.leave(channel)
 
@@ -705,7 +705,7 @@ def selftest() -> int:
         return f
 
     checks = 0
-    # builders reproduce the byte-exact examples of apex-core.md §13
+    # builders reproduce the byte-exact EX_* frames above
     assert encode(Frame("MSG", 0, 1, ".", 52, mime(XML_CT, start_attach_body(
         1, "fred@example.com", 1)))) == EX_START
     assert encode(Frame("MSG", 1, 0, ".", 0, xml_payload(data_doc(
@@ -738,7 +738,7 @@ def selftest() -> int:
     ep = Endpoint(hub, s, "fred")
     s.channels[1] = ApexChannel(1)
     s.channels[1].attachments[1] = "fred@example.com"
-    s.channels[1].in_seq = 46          # the relay's earlier RPY <ok /> (apex-core.md §13.3)
+    s.channels[1].in_seq = 46          # the relay's earlier RPY <ok /> to fred's data (46 octets)
     s._process(frame(EX_REPORT))
     ep.service()
     assert bytes(s.sock.out) == encode(Frame("RPY", 1, 0, ".", 0, OK_PAYLOAD)), s.sock.out

@@ -2,8 +2,8 @@
 """Independent BEEP initiator (RFC 3080 core + RFC 3081 TCP mapping).
 
 This is a stand-alone interoperability test peer for the apexd BEEP/APEX relay.
-It was written from the RFC text (as restated in shared/spec/beep.md), not from
-the server's source, so that the two implementations check each other.
+It was written from the RFC text, not from the server's source, so that the two
+implementations check each other.
 
 It frames with the size field (never by scanning for END), verifies every
 incoming seqno, honours the peer's SEQ windows strictly (initial window 4096
@@ -568,7 +568,7 @@ SCENARIOS = {
 
 # --------------------------------------------------------------------------- self-test
 
-SELFTEST_FRAMES = [  # byte-exact examples from beep.md §13
+SELFTEST_FRAMES = [  # byte-exact frames: greetings, start and close, segmentation, ANS/NUL, SEQ
     b"RPY 0 0 . 0 217\r\nContent-Type: application/beep+xml\r\n\r\n<greeting>\r\n"
     b"   <profile uri='http://iana.org/beep/TLS' />\r\n"
     b"   <profile uri='http://iana.org/beep/SASL/DIGEST-MD5' />\r\n"

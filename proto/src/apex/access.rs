@@ -1105,7 +1105,7 @@ mod tests {
 
     #[test]
     fn acc_07_escaping() {
-        // The digest's example: endpoint `a\b*c@example.com`.
+        // Escaping a literal `*` and `\` (RFC 3341 §3): endpoint `a\b*c@example.com`.
         let endpoint = ep("a\\b*c@example.com");
         let escaped = pat("a\\\\b\\*c@example.com");
         assert!(!escaped.is_wildcard());

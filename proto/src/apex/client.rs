@@ -31,8 +31,8 @@ use crate::xml;
 
 pub use crate::apex::msg::{ok_payload, split_related, Related, RelatedPart};
 
-/// The `Name` of the `data-content` element of every data built here (`content='#Content'`),
-/// as in RFC 3340 §13.1.
+/// The `Name` of the `data-content` element of every data built here (`content='#Content'`,
+/// RFC 3340 §4.1).
 pub const CONTENT_NAME: &str = "Content";
 
 /// The start tag of the `data-content` element of every data built here.
@@ -147,7 +147,7 @@ pub fn parse_piggybacked_answer(content: &Bytes) -> Result<Answer, OpError> {
     Answer::from_operation(parse_document(content, &ApexLimits::default())?)
 }
 
-/// A MIME part to carry a data's content (RFC 3340 §4.1, §13.4), and the `multipart/related`
+/// A MIME part to carry a data's content (RFC 3340 §4.1), and the `multipart/related`
 /// framing around it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContentPart<'a> {
@@ -163,9 +163,9 @@ pub struct ContentPart<'a> {
     pub body: &'a [u8],
 }
 
-/// Builds `data` payloads (RFC 3340 §4.4.4, §9.1) laid out as RFC 3340 §13.1 and §13.4: one
-/// element a line, three-space indent, `data-content Name='Content'`. Identities are
-/// XML-escaped; options are written as given (complete `option` elements).
+/// Builds `data` payloads (RFC 3340 §4.4.4, §9.1) laid out one element a line, with a
+/// three-space indent and `data-content Name='Content'`. Identities are XML-escaped; options
+/// are written as given (complete `option` elements).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataBuilder<'a> {
     originator: &'a str,
@@ -433,13 +433,13 @@ mod tests {
         std::str::from_utf8(b).unwrap()
     }
 
-    /// RFC 3340 §13.1 (apex-core.md §13.1): fred's data to barney, inline content.
+    /// Fred's data to barney with inline content (RFC 3340 §4.4.4).
     const DATA_13_1: &str = "Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\n";
 
-    /// RFC 3340 §13.4 (apex-core.md §13.4): the content as a separate MIME part; 423 octets.
+    /// The same data with its content as a separate MIME part (RFC 3340 §4.1); 423 octets.
     const DATA_13_4: &str = "Content-Type: multipart/related; boundary=\"XX\"; start=\"<1@fred.example.com>\"; type=\"application/beep+xml\"\r\n\r\n--XX\r\nContent-Type: application/beep+xml\r\nContent-ID: <1@fred.example.com>\r\n\r\n<data content='cid:2@fred.example.com'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n</data>\r\n--XX\r\nContent-Type: text/plain\r\nContent-ID: <2@fred.example.com>\r\n\r\nhello, barney\r\n--XX--\r\n";
 
-    /// RFC 3340 §6.2 / apex-core.md §13.3: the relay's report to fred (payload 416 octets).
+    /// The relay's report to fred (RFC 3340 §6.2; payload 416 octets).
     const REPORT_13_3: &str = "Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='apex=report@example.com' />\r\n   <recipient identity='fred@example.com' />\r\n   <data-content Name='Content'>\r\n      <statusResponse transID='86'>\r\n         <destination identity='barney@example.com'>\r\n            <reply code='250' transID='86' />\r\n         </destination>\r\n      </statusResponse>\r\n   </data-content>\r\n</data>\r\n";
 
     #[test]

@@ -1395,7 +1395,7 @@ mod tests {
                 parse_simple_data_memo(&first, &LIMITS, &mut memo),
                 parse_simple_data(&first, &LIMITS).map(|data| (data, false))
             );
-            assert!(!memo.head.is_empty(), "the digest's data leaves a memo");
+            assert!(!memo.head.is_empty(), "fred's data to barney leaves a memo");
             let want = parse_simple_data(follower, &LIMITS);
             let head_kept = follower.starts_with(&memo.head);
             let got = parse_simple_data_memo(follower, &LIMITS, &mut memo);

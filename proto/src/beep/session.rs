@@ -581,7 +581,8 @@ impl Session {
 
     fn handle_close(&mut self, close: Close) -> Result<Option<Mgmt>, ErrorElement> {
         if close.number == 0 {
-            // Session release (RFC 3080 §2.4): every channel must be idle (BEEP-28, §5.6).
+            // Session release (RFC 3080 §2.4): every channel must be idle, as for closing it
+            // (BEEP-28, RFC 3080 §2.3.1.3).
             let busy = self.channels.iter().any(|(n, c)| *n != 0 && c.is_busy())
                 || !self.starts.is_empty();
             if busy {

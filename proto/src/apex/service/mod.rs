@@ -1,8 +1,8 @@
 //! The relay's own well-known endpoints (RFC 3340 §2.2: local parts starting `apex=`), one
 //! module each. Data for a service of this relay's domain is handed to it instead of to an
-//! attached application (RFC 3340 §4.4.4.1 step 5.3 leaves this to the relay; apex-core.md
-//! §8.6), after the same access check as any recipient; what a service sends is data from its
-//! endpoint, routed like any endpoint's. The access and presence services plug in here.
+//! attached application (RFC 3340 §4.4.4.1 step 5.3 leaves this to the relay), after the same
+//! access check as any recipient; what a service sends is data from its endpoint, routed like
+//! any endpoint's. The access and presence services plug in here.
 //!
 //! Services run on every shard alike (the report service holds no state); one whose state must
 //! be kept in one place routes its requests to a home shard like an endpoint's.
