@@ -1,4 +1,4 @@
-//! The per-shard APEX relay (RFC 3340 §4.4, §8): attachments and bindings, the endpoint
+//! The per-shard APEX relay (RFC 3340 §4.4, §4.5, §6): attachments and bindings, the endpoint
 //! directory, data acceptance, local delivery, forwarding decisions and status reports.
 //!
 //! Sans-IO like the rest of the core: the runtime tells the relay what happened on its
