@@ -3,7 +3,7 @@
 //! the caller drives a [`Session`](crate::Session) (bytes in, bytes out) and calls these.
 //!
 //! This module owns, for every endpoint client of apexd (the `apex` CLI, the `apex-load`
-//! generator, the loopback test client and [`crate::testing::RelayNet`]'s clients):
+//! generator, the loopback test client and `testing::RelayNet`'s clients):
 //!
 //! * the `attach` document (and a relay's `bind`, [`bind_offer`]), piggybacked on the channel `start` or sent as a MSG
 //!   ([`attach_offer`], [`attach_message`]), and reading the relay's answer to it or to a
