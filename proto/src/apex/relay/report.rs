@@ -62,26 +62,27 @@ impl Relay {
             return;
         };
         if positive {
-            self.report(report, apex_code::SUCCESS, "");
+            self.report(Some(report), apex_code::SUCCESS, "");
         } else {
             let (code, text) = match msg::parse_message(payload, &self.config.limits) {
                 Ok(Operation::Error { code, text }) => (code, text),
                 _ => (code::ACTION_NOT_TAKEN, "refused by the endpoint".to_owned()),
             };
-            self.report(report, code, &text);
+            self.report(Some(report), code, &text);
         }
     }
 
     /// Takes the relay's MSG on `channel` that `pick` chooses from those awaiting a reply;
-    /// when it was a delivery, its report request (the outcome is then known).
+    /// when it was a delivery whose originator asked for a report, that request (the outcome
+    /// is known now).
     pub(super) fn settled_delivery(
         &mut self,
         conn: ConnId,
         channel: u32,
         pick: impl FnOnce(&mut VecDeque<Sent>) -> Option<Sent>,
-    ) -> Option<Option<Report>> {
+    ) -> Option<Report> {
         match pick(&mut self.channels.get_mut(&(conn, channel))?.sent)? {
-            Sent::Delivery(report) => Some(report),
+            Sent::Delivery(report) => report,
             Sent::Notice => None,
         }
     }
@@ -95,7 +96,7 @@ impl Relay {
     pub fn send_failed(&mut self, conn: ConnId, channel: u32, reason: &str) {
         self.routes_may_change();
         if let Some(report) = self.settled_delivery(conn, channel, |sent| sent.pop_back()) {
-            self.report(report, code::ACTION_NOT_TAKEN, reason);
+            self.report(Some(report), code::ACTION_NOT_TAKEN, reason);
         }
     }
 
