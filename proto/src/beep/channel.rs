@@ -63,6 +63,7 @@ struct MsgnosInUse {
 }
 
 impl MsgnosInUse {
+    #[inline]
     fn contains(&self, msgno: u32) -> bool {
         if let Some(set) = &self.unordered {
             return set.contains(&msgno);
@@ -231,6 +232,7 @@ impl Channel {
 
     /// Checks a data header against this channel before its payload is read: P4-P10 and the
     /// window (RFC 3081 §3.1.2). Done early so a peer cannot make us buffer beyond the window.
+    #[inline]
     pub(crate) fn check_header(&self, h: &Header) -> Result<(), ProtocolError> {
         let ch = h.channel;
         if h.seqno != self.recv_next {
@@ -286,6 +288,7 @@ impl Channel {
     /// Accepts a frame whose header passed [`Channel::check_header`]. `room`: octets the
     /// session may still hold for reassembly (its share of [`Limits::max_session_assembly`]);
     /// a continued frame that needs more fails its message as too large.
+    #[inline]
     pub(crate) fn receive(
         &mut self,
         h: &Header,
@@ -364,6 +367,7 @@ impl Channel {
 
     /// Replies usually come in the order of their MSGs: the oldest is removed without
     /// shifting the rest.
+    #[inline]
     fn remove_outstanding(&mut self, idx: usize) {
         if idx == 0 {
             self.outstanding.pop_front();
@@ -372,6 +376,7 @@ impl Channel {
         }
     }
 
+    #[inline]
     fn receive_msg(
         &mut self,
         h: &Header,
@@ -674,6 +679,7 @@ impl Channel {
 
 /// Appends a frame's payload to its message. `Ok(Some)` when the message is complete,
 /// `Ok(None)` when more frames follow, `Err` when it outgrows the limit.
+#[inline]
 fn assemble(
     partial: &mut HashMap<(u32, Option<u32>), BytesMut>,
     key: (u32, Option<u32>),

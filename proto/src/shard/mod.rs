@@ -46,7 +46,7 @@ use crate::apex::relay::{domain_shard, Action};
 use crate::apex::relay::{ChannelRef, ConnId, ConnKind, Envelope, Relay, APEX_PROFILE};
 use crate::beep::mgmt::ErrorElement;
 use crate::beep::output::FrameSink;
-use crate::beep::session::{Event, Role, Session, SessionConfig};
+use crate::beep::session::{Role, Session, SessionConfig};
 use crate::error::ProtocolError;
 
 mod backpressure;
@@ -344,11 +344,7 @@ impl ShardCore {
         }
         let session = &mut c.session;
         while let Some(event) = session.poll_event() {
-            if let Some(Event::CloseRefused { channel: 0, .. }) =
-                self.relay.handle_session_event(conn, session, event)
-            {
-                tracing::debug!(%conn, "peer declined session release");
-            }
+            self.relay.handle_session_event(conn, session, event);
         }
         if session.has_output() && !c.woken {
             c.woken = true;

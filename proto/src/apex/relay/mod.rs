@@ -406,13 +406,9 @@ impl Relay {
     /// Hands one event of connection `conn`'s BEEP session to the relay: what a runtime does
     /// with every event it polls from an APEX session. A `start` for APEX without a piggyback
     /// is accepted here; with one, the relay answers later through [`Action::StartReply`];
-    /// other profiles are refused (550). Events that are not the relay's business come back.
-    pub fn handle_session_event(
-        &mut self,
-        conn: ConnId,
-        session: &mut Session,
-        event: Event,
-    ) -> Option<Event> {
+    /// other profiles are refused (550). Events that are not the relay's business (greetings,
+    /// a declined release) need nothing from it.
+    pub fn handle_session_event(&mut self, conn: ConnId, session: &mut Session, event: Event) {
         match event {
             Event::StartRequested(request) => {
                 match request.profiles.iter().find(|p| p.uri == APEX_PROFILE) {
@@ -437,7 +433,6 @@ impl Relay {
                         let _ = session.refuse_start(request.id, error);
                     }
                 }
-                None
             }
             Event::Message {
                 channel,
@@ -448,7 +443,6 @@ impl Relay {
                 self.handle_message(conn, channel, msgno, &payload);
                 self.answering_directly = None;
                 self.reply_directly(session);
-                None
             }
             Event::Reply {
                 channel,
@@ -457,13 +451,14 @@ impl Relay {
                 ..
             } => {
                 self.handle_reply(conn, channel, kind == ReplyKind::Rpy, &payload);
-                None
             }
             Event::ChannelClosed { channel, .. } => {
                 self.channel_closed(conn, channel);
-                None
             }
-            other => Some(other),
+            Event::CloseRefused { channel: 0, .. } => {
+                tracing::debug!(%conn, "peer declined session release");
+            }
+            _ => {}
         }
     }
 
