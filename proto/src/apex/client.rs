@@ -52,10 +52,7 @@ pub fn attach_document(endpoint: &str, trans_id: u32) -> String {
 
 /// The APEX profile offer for a channel `start` with the `attach` piggybacked.
 pub fn attach_offer(endpoint: &str, trans_id: u32) -> ProfileOffer {
-    ProfileOffer {
-        uri: APEX_PROFILE.to_owned(),
-        content: Some(Bytes::from(attach_document(endpoint, trans_id))),
-    }
+    apex_offer(attach_document(endpoint, trans_id))
 }
 
 /// The `attach` as a MSG payload (entity headers included), for a relay that ignored the
@@ -75,9 +72,13 @@ pub fn bind_document(domain: &str, trans_id: u32) -> String {
 
 /// The APEX profile offer for a channel `start` with the `bind` piggybacked.
 pub fn bind_offer(domain: &str, trans_id: u32) -> ProfileOffer {
+    apex_offer(bind_document(domain, trans_id))
+}
+
+fn apex_offer(piggyback: String) -> ProfileOffer {
     ProfileOffer {
         uri: APEX_PROFILE.to_owned(),
-        content: Some(Bytes::from(bind_document(domain, trans_id))),
+        content: Some(Bytes::from(piggyback)),
     }
 }
 

@@ -298,16 +298,7 @@ impl Link {
                     payload,
                     ..
                 },
-            ) if on == channel => {
-                let answer = match kind {
-                    ReplyKind::Rpy | ReplyKind::Err => client::parse_answer(&payload),
-                    _ => Err(msg::OpError {
-                        code: code::PARAMETER_ERROR,
-                        text: "not a reply to bind".to_owned(),
-                    }),
-                };
-                self.bind_answered(answer, conn, channel)
-            }
+            ) if on == channel => self.bind_answered(answer_in(kind, &payload), conn, channel),
             (
                 Phase::Bound { channel },
                 Event::Reply {
@@ -319,14 +310,7 @@ impl Link {
             ) if on == channel => {
                 if let Some(sent) = self.in_flight.pop_front() {
                     // Only an `ok` in a RPY is success (RFC 3340 §9.1).
-                    let answer = match kind {
-                        ReplyKind::Rpy | ReplyKind::Err => client::parse_answer(&payload),
-                        _ => Err(msg::OpError {
-                            code: code::PARAMETER_ERROR,
-                            text: "not a reply to data".to_owned(),
-                        }),
-                    };
-                    match answer {
+                    match answer_in(kind, &payload) {
                         Ok(Answer::Ok) if kind == ReplyKind::Rpy => {}
                         Ok(Answer::Error { code, text }) => {
                             effects
@@ -526,5 +510,16 @@ impl Link {
         for payload in self.queue.drain(..) {
             effects.failed.push((payload, reason.to_owned()));
         }
+    }
+}
+
+/// The `ok` or `error` in a reply (ANS and NUL carry none).
+fn answer_in(kind: ReplyKind, payload: &Bytes) -> Result<Answer, msg::OpError> {
+    match kind {
+        ReplyKind::Rpy | ReplyKind::Err => client::parse_answer(payload),
+        _ => Err(msg::OpError {
+            code: code::PARAMETER_ERROR,
+            text: "not a reply with an answer".to_owned(),
+        }),
     }
 }

@@ -407,13 +407,13 @@ impl ShardCore {
             return;
         };
         self.assembling = self.assembling.saturating_sub(c.session.assembling());
+        self.relay.set_now(self.ms(now));
         if let Some(key) = c.link {
             if let Some(link) = self.links.get_mut(&key) {
                 let mut effects = LinkEffects::default();
                 link.closed(self.stopping, &mut effects);
                 self.apply_link_effects(&key, effects);
             }
-            self.relay.set_now(self.ms(now));
             self.execute(now);
             return;
         }
@@ -421,7 +421,6 @@ impl ShardCore {
             let at = self.at(conn, channel);
             self.end_backlog(at, backlog);
         }
-        self.relay.set_now(self.ms(now));
         self.relay.conn_closed(conn);
         self.execute(now);
     }
@@ -486,8 +485,8 @@ impl ShardCore {
         }
         let after = link.deadline(&self.link_config);
         self.note_deadline(None, after);
-        self.apply_link_effects(&key, effects);
         self.relay.set_now(self.ms(now));
+        self.apply_link_effects(&key, effects);
         self.execute(now);
     }
 
@@ -495,6 +494,7 @@ impl ShardCore {
     /// released like every other one (the runtime asks each to close).
     pub fn stop_links(&mut self, now: Instant) {
         self.stopping = true;
+        self.relay.set_now(self.ms(now));
         let keys: Vec<String> = self.links.keys().cloned().collect();
         for key in keys {
             let mut effects = LinkEffects::default();
@@ -503,7 +503,6 @@ impl ShardCore {
             }
             self.apply_link_effects(&key, effects);
         }
-        self.relay.set_now(self.ms(now));
         self.execute(now);
     }
 

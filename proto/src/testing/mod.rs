@@ -580,10 +580,7 @@ impl RelayNet {
 
     /// Starts a channel with a piggybacked `bind` of `domain` (transID 1).
     pub fn bind(&mut self, id: ClientId, domain: &str) -> (u32, String) {
-        let doc = format!(
-            "<bind relay='{}' transID='1' />",
-            crate::xml::escape(domain)
-        );
+        let doc = client::bind_document(domain, 1);
         let (channel, reply) = self.start(id, Some(&doc));
         (channel, reply.unwrap_or_default())
     }

@@ -172,17 +172,11 @@ impl NextRelay {
         if let (Ok(Operation::Bind { relay, .. }), None) = (parsed, self.behaviour.bind_error) {
             self.bound_as = Some(relay);
         }
-        let body = match self.behaviour.bind_error {
-            None => "<ok />".to_owned(),
-            Some(code) => msg::error_xml(code, "bind refused"),
-        };
-        if with_headers {
-            match self.behaviour.bind_error {
-                None => client::ok_payload(),
-                Some(code) => msg::error_payload(code, "bind refused"),
-            }
-        } else {
-            Bytes::from(body)
+        match (self.behaviour.bind_error, with_headers) {
+            (None, true) => client::ok_payload(),
+            (None, false) => Bytes::from_static(b"<ok />"),
+            (Some(code), true) => msg::error_payload(code, "bind refused"),
+            (Some(code), false) => Bytes::from(msg::error_xml(code, "bind refused")),
         }
     }
 }

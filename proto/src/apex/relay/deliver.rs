@@ -287,12 +287,7 @@ impl Relay {
         report: Option<Report>,
         hold: Hold,
     ) -> Option<ChannelRef> {
-        let route = route(
-            &self.directory,
-            recipient,
-            self.config.shard,
-            self.config.shards,
-        );
+        let route = self.route_of(recipient);
         // The relay's services and endpoints reach each other without `core:data` entries:
         // each service decides by its own operations (RFC 3341 §3 and RFC 3340 §4.4.4.1 step
         // 5.3 leave this open).
@@ -327,6 +322,15 @@ impl Relay {
         }
     }
 
+    fn route_of(&self, recipient: &Endpoint) -> Route {
+        route(
+            &self.directory,
+            recipient,
+            self.config.shard,
+            self.config.shards,
+        )
+    }
+
     /// Delivers to the recipient's channel. A replica that does not know the recipient may be
     /// behind the home shard (the `Attached` broadcast can still be in a shard queue after the
     /// endpoint was answered), so such data goes to the home shard, which holds or reports.
@@ -337,12 +341,7 @@ impl Relay {
         report: Option<Report>,
         hold: Hold,
     ) -> Option<ChannelRef> {
-        let route = route(
-            &self.directory,
-            recipient,
-            self.config.shard,
-            self.config.shards,
-        );
+        let route = self.route_of(recipient);
         self.deliver_routed(route, None, recipient, payload, report, hold)
     }
 
