@@ -11,6 +11,7 @@ use std::str::FromStr;
 use apex_proto::apex::access::{AccessTable, Grant};
 use apex_proto::apex::msg::ApexLimits;
 use apex_proto::apex::options::HoldLimits;
+use apex_proto::apex::relay::AuthMode;
 use apex_proto::Limits;
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +75,27 @@ close_timeout_ms = 5000
 # The DNS server (ADDR:PORT) asked for the SRV records of domains without a static route, over
 # UDP (TCP for truncated answers); empty means the system's resolvers (/etc/resolv.conf).
 dns_server = ""
+
+[auth]
+# Who may attach as which endpoint (RFC 3340 §4.5.1):
+#   "required"       every apex-edge session authenticates (SASL) before it attaches;
+#   "loopback-open"  sessions from 127.0.0.0/8 or ::1 may attach as anything, others
+#                    authenticate first;
+#   "off"            anyone attaches as anything and binds as any domain (benchmarks only).
+# Empty: "required" when `users` is set, else "loopback-open".
+mode = ""
+# Credentials file: one `NAME@DOMAIN SCRAM-SHA-256$ITER:SALT$STOREDKEY:SERVERKEY` per line
+# (make lines with `apexd passwd NAME@DOMAIN`). Re-read on SIGHUP.
+users = ""
+
+[tls]
+# PEM certificate chain and private key of this relay: both ports then offer the BEEP TLS
+# profile (RFC 3080 §3), and outbound relay links start TLS. Empty: no TLS.
+cert = ""
+key = ""
+# PEM roots that verify other relays' certificates (outbound links, and inbound relays that
+# present a client certificate) and endpoints' certificates for SASL EXTERNAL.
+ca = ""
 
 [hold]
 # Data held for endpoints that are not attached yet, when the data asks for it with the
@@ -149,6 +171,10 @@ pub struct Config {
     pub access: AccessConfig,
     /// Relay-to-relay settings.
     pub mesh: MeshConfig,
+    /// Authentication policy and credentials.
+    pub auth: AuthConfig,
+    /// TLS certificate, key and roots.
+    pub tls: TlsConfig,
     /// The hold4Endpoint queue.
     pub hold: HoldConfig,
     /// Shard-wide bounds of backpressure.
@@ -257,6 +283,48 @@ impl From<&HoldConfig> for HoldLimits {
     }
 }
 
+/// Authentication settings (`[auth]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `required`, `loopback-open`, `off`, or empty for the default.
+    pub mode: String,
+    /// Path of the credentials file; empty: no users.
+    pub users: String,
+}
+
+/// TLS settings (`[tls]`); all paths, empty when unused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+    /// PEM roots for peers' certificates.
+    pub ca: String,
+}
+
+impl Config {
+    /// The authentication mode in force: the configured one, else `required` with users and
+    /// `loopback-open` without.
+    pub fn auth_mode(&self) -> Result<AuthMode> {
+        if self.auth.mode.is_empty() {
+            return Ok(if self.auth.users.is_empty() {
+                AuthMode::LoopbackOpen
+            } else {
+                AuthMode::Required
+            });
+        }
+        AuthMode::parse(&self.auth.mode).ok_or_else(|| {
+            anyhow::anyhow!(
+                "field `auth.mode`: '{}' is not required, loopback-open or off",
+                self.auth.mode
+            )
+        })
+    }
+}
+
 /// Access entries from configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -352,6 +420,16 @@ pub struct Overrides {
     pub trusted: Vec<String>,
     /// `--dns-server`.
     pub dns_server: Option<SocketAddr>,
+    /// `--auth`.
+    pub auth_mode: Option<String>,
+    /// `--users`.
+    pub users: Option<String>,
+    /// `--tls-cert`.
+    pub tls_cert: Option<String>,
+    /// `--tls-key`.
+    pub tls_key: Option<String>,
+    /// `--tls-ca`.
+    pub tls_ca: Option<String>,
 }
 
 impl Config {
@@ -414,6 +492,17 @@ impl Config {
         self.mesh.trusted.extend(o.trusted.iter().cloned());
         if let Some(v) = o.dns_server {
             self.mesh.dns_server = v.to_string();
+        }
+        for (value, field) in [
+            (&o.auth_mode, &mut self.auth.mode),
+            (&o.users, &mut self.auth.users),
+            (&o.tls_cert, &mut self.tls.cert),
+            (&o.tls_key, &mut self.tls.key),
+            (&o.tls_ca, &mut self.tls.ca),
+        ] {
+            if let Some(v) = value {
+                field.clone_from(v);
+            }
         }
     }
 
@@ -485,6 +574,10 @@ impl Config {
 
     /// Checks values that parse but cannot work, naming the field.
     pub fn validate(&self) -> Result<()> {
+        self.auth_mode()?;
+        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
+            bail!("fields `tls.cert` and `tls.key` go together: give both or neither");
+        }
         if self.domain.contains(char::is_whitespace) || self.domain.contains('@') {
             bail!("field `domain`: '{}' is not a domain name", self.domain);
         }

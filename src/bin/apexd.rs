@@ -46,6 +46,22 @@ struct Args {
     /// without a static route, instead of the system's resolvers, e.g. `--dns-server 127.0.0.1:53`.
     #[arg(long, value_name = "ADDR:PORT")]
     dns_server: Option<std::net::SocketAddr>,
+    /// Who must authenticate to attach: required, loopback-open or off (default: required
+    /// with --users, else loopback-open).
+    #[arg(long = "auth", value_name = "MODE")]
+    auth_mode: Option<String>,
+    /// Credentials file (lines made by `apexd passwd NAME@DOMAIN`).
+    #[arg(long, value_name = "FILE")]
+    users: Option<String>,
+    /// PEM certificate chain: both ports offer TLS, relay links start it.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<String>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<String>,
+    /// PEM roots verifying other relays' and endpoints' certificates.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<String>,
     /// Do not pin shards to CPUs.
     #[arg(long)]
     no_pin: bool,
@@ -74,6 +90,11 @@ fn run() -> Result<()> {
         peers: args.peer,
         trusted: args.trust,
         dns_server: args.dns_server,
+        auth_mode: args.auth_mode,
+        users: args.users,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        tls_ca: args.tls_ca,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     if args.print_config {

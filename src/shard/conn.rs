@@ -49,7 +49,7 @@ pub async fn drive(stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind) -> 
             let error = ErrorElement::new(code::SERVICE_NOT_AVAILABLE, "too many connections");
             core.open_refusing(kind, error, now)
         } else {
-            core.open(kind, now)
+            core.open(kind, peer.map(|p| p.ip()), now)
         }
     };
     let Some(conn) = opened else {

@@ -18,7 +18,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
-use apex_proto::apex::relay::{ConnId, ConnKind, Envelope, Relay, RelayConfig};
+use apex_proto::apex::relay::{AuthPolicy, ConnId, ConnKind, Envelope, Relay, RelayConfig};
 use apex_proto::shard::{Output, ShardCore};
 use apex_proto::{Limits, SessionConfig};
 use glommio::net::TcpListener;
@@ -90,6 +90,7 @@ impl ShardContext {
                 }
                 Output::ToShard { shard, envelope } => self.post(shard, envelope),
                 Output::Connect { domain } => peer::connect(self, domain),
+                Output::ResolveRelay { domain } => peer::resolve_relay(self, domain),
             }
         }
     }
@@ -256,6 +257,16 @@ pub fn run(config: Config, stop: Arc<AtomicBool>, on_ready: impl FnOnce(Bound)) 
     failed.map_or(Ok(()), Err)
 }
 
+/// The addresses each statically routed domain's relay is reached at: a connection from one of
+/// them may bind as that domain without TLS.
+fn relay_addresses(routes: &[(String, SocketAddr)]) -> FxHashMap<String, Vec<std::net::IpAddr>> {
+    let mut addresses: FxHashMap<String, Vec<std::net::IpAddr>> = FxHashMap::default();
+    for (domain, addr) in routes {
+        addresses.entry(domain.clone()).or_default().push(addr.ip());
+    }
+    addresses
+}
+
 fn sys_cpus() -> usize {
     crate::config::online_cpus()
 }
@@ -310,6 +321,10 @@ async fn shard_main(
         access: config.access_table()?,
         trusted: config.mesh.trusted.clone(),
         hold: (&config.hold).into(),
+        auth: AuthPolicy {
+            mode: config.auth_mode()?,
+            relay_addresses: relay_addresses(&routes),
+        },
     });
     let outbox_limit = config.runtime.mesh_queue;
     let session_config = SessionConfig {

@@ -65,6 +65,26 @@ pub fn connect(ctx: &Rc<ShardContext>, domain: String) {
     .detach();
 }
 
+/// Looks up the addresses of `domain`'s relay for a bind as `domain` waiting on them
+/// (RFC 3340 §4.5.1: a relay without TLS is recognised by where it connects from).
+pub fn resolve_relay(ctx: &Rc<ShardContext>, domain: String) {
+    let ctx = ctx.clone();
+    glommio::spawn_local(async move {
+        let found: Vec<std::net::IpAddr> = match addresses(&ctx, &domain).await {
+            Ok(addrs) => addrs.iter().map(SocketAddr::ip).collect(),
+            Err(reason) => {
+                info!(shard = ctx.id, %domain, %reason, "bind: no relay addresses for the domain");
+                Vec::new()
+            }
+        };
+        ctx.core
+            .borrow_mut()
+            .relay_addresses_found(&domain, &found, Instant::now());
+        ctx.dispatch();
+    })
+    .detach();
+}
+
 /// The addresses of `domain`'s relay: its static route, else its SRV records.
 async fn addresses(ctx: &ShardContext, domain: &str) -> Result<Vec<SocketAddr>, String> {
     if let Some(addr) = ctx.route(domain) {

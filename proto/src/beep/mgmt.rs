@@ -24,6 +24,12 @@ pub mod code {
     pub const PARAMETER_ERROR: u16 = 501;
     /// Parameter not implemented.
     pub const NOT_IMPLEMENTED: u16 = 504;
+    /// Authentication required.
+    pub const AUTHENTICATION_REQUIRED: u16 = 530;
+    /// Authentication failure: a SASL exchange did not prove the identity.
+    pub const AUTHENTICATION_FAILED: u16 = 535;
+    /// Authentication mechanism requires encryption (PLAIN before TLS).
+    pub const ENCRYPTION_REQUIRED: u16 = 538;
     /// Requested action not taken (e.g. no requested profile acceptable).
     pub const ACTION_NOT_TAKEN: u16 = 550;
     /// Parameter invalid.

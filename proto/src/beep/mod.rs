@@ -7,3 +7,4 @@ pub mod mgmt;
 pub mod mime;
 pub mod output;
 pub mod session;
+pub mod tuning;

@@ -29,6 +29,7 @@ use crate::beep::mgmt::{
 };
 use crate::beep::mime::Entity;
 use crate::beep::output::FrameSink;
+use crate::beep::tuning;
 use crate::error::{Misuse, ProtocolError};
 use crate::limits::{Limits, MAX_31BIT};
 
@@ -201,6 +202,13 @@ pub struct Session {
     /// Most octets of partial messages this session may hold: [`Limits::max_session_assembly`]
     /// unless the application lowers it ([`Session::set_assembly_allowance`]).
     assembly_allowance: usize,
+    /// The channel running a tuning profile (TLS or SASL), if one exists: only one may at a
+    /// time (RFC 3080 §2, BEEP-43).
+    tuning_channel: Option<u32>,
+    /// A tuning request arrived: input stops there until the application decides
+    /// ([`Session::resume_input`]), because after a TLS `ready` the peer's next octets may be
+    /// a TLS handshake rather than frames (RFC 3080 §3.1.3).
+    input_paused: bool,
 }
 
 impl Session {
@@ -254,6 +262,8 @@ impl Session {
             queued_replies: 0,
             unpolled: 0,
             assembly_allowance: config.limits.max_session_assembly,
+            tuning_channel: None,
+            input_paused: false,
             config,
         }
     }
@@ -318,6 +328,9 @@ impl Session {
     /// incomplete frame in place. Payloads are split off without copying.
     pub fn handle_input(&mut self, buf: &mut BytesMut, now: Instant) -> Result<(), ProtocolError> {
         self.last_input = Some(now);
+        if self.input_paused {
+            return Ok(());
+        }
         if self.state == State::Dead || self.refusing {
             // A refusing listener ignores the initiator's greeting and everything after it.
             buf.clear();
@@ -398,6 +411,9 @@ impl Session {
                 buf.clear();
                 return Ok(());
             }
+            if self.input_paused {
+                return Ok(());
+            }
         }
     }
 
@@ -445,6 +461,9 @@ impl Session {
                 Ok(())
             }
             Received::Msg { msgno, payload } => {
+                if self.tuning_channel == Some(h.channel) {
+                    self.input_paused = true;
+                }
                 self.unpolled += payload.len();
                 self.events.push_back(Event::Message {
                     channel: h.channel,
@@ -469,6 +488,9 @@ impl Session {
             } => {
                 if h.channel == 0 {
                     return self.handle_mgmt_reply(keyword, msgno, payload);
+                }
+                if self.tuning_channel == Some(h.channel) {
+                    self.input_paused = true;
                 }
                 let kind = match (keyword, ansno) {
                     (Keyword::Rpy, _) => ReplyKind::Rpy,
@@ -568,6 +590,15 @@ impl Session {
                 "no requested profile is acceptable",
             ));
         }
+        if profiles.iter().any(|p| tuning::is_tuning(&p.uri)) {
+            if self.tuning_channel.is_some() {
+                return Err(ErrorElement::new(
+                    code::ACTION_NOT_TAKEN,
+                    "a tuning channel is already open",
+                ));
+            }
+            self.input_paused = true;
+        }
         self.reserved.insert(start.number);
         self.starts.insert(msgno, start.number);
         self.events.push_back(Event::StartRequested(StartRequest {
@@ -619,6 +650,9 @@ impl Session {
             .saturating_sub(channel.queued_reply_octets);
         self.recently_closed.insert(number);
         self.ready.retain(|c| *c != number);
+        if self.tuning_channel == Some(number) {
+            self.tuning_channel = None;
+        }
         self.events.push_back(Event::ChannelClosed {
             channel: number,
             profile: channel.profile,
@@ -660,6 +694,9 @@ impl Session {
                         "peer chose a profile we did not offer",
                     ));
                 }
+                if tuning::is_tuning(&profile.uri) {
+                    self.input_paused = true;
+                }
                 self.open_channel(channel, profile.uri.clone());
                 self.events.push_back(Event::ChannelStarted {
                     channel,
@@ -699,12 +736,21 @@ impl Session {
 
     fn open_channel(&mut self, number: u32, profile: String) {
         self.settle_released();
-        let mut channel = Channel::new(profile, &self.config.limits, 0);
-        // Advertise the configured window as soon as the channel may speak.
-        channel.seq_dirty = true;
+        let tuning = tuning::is_tuning(&profile);
+        let channel = Channel::new(profile, &self.config.limits, 0);
         self.channels.insert(number, channel);
         self.recently_closed.remove(&number);
-        self.seq_dirty.push(number);
+        if tuning {
+            // Its few small messages fit the initial window, and after a TLS `proceed` not
+            // even a SEQ may follow the reply (RFC 3080 §3.1.3.1).
+            self.tuning_channel = Some(number);
+        } else {
+            // Advertise the configured window as soon as the channel may speak.
+            if let Some(c) = self.channels.get_mut(&number) {
+                c.seq_dirty = true;
+            }
+            self.seq_dirty.push(number);
+        }
     }
 
     fn queue_reply(&mut self, channel: u32, keyword: Keyword, msgno: u32, payload: Bytes) {
@@ -1002,6 +1048,35 @@ impl Session {
             content: None,
         });
         Ok(channel)
+    }
+
+    /// Whether input stopped at a tuning request (a `start` offering a tuning profile, or a
+    /// message or reply on the tuning channel): what follows it in the read buffer is left
+    /// there until [`Session::resume_input`].
+    pub fn input_paused(&self) -> bool {
+        self.input_paused
+    }
+
+    /// Reads frames again after a tuning request was dealt with without a tuning reset (a
+    /// refused `ready`, a SASL step).
+    pub fn resume_input(&mut self) {
+        self.input_paused = false;
+    }
+
+    /// The channel running a tuning profile, if any (BEEP-43).
+    pub fn tuning_channel(&self) -> Option<u32> {
+        self.tuning_channel
+    }
+
+    /// Whether `channel` is the only channel besides 0 and nothing else is being started or
+    /// closed: a tuning reset would then discard nothing the application knows of.
+    pub fn alone_with(&self, channel: u32) -> bool {
+        self.channels.keys().all(|c| *c == 0 || *c == channel)
+            && self.reserved.iter().all(|c| *c == channel)
+            && self
+                .requests
+                .values()
+                .all(|r| matches!(r, Request::Start { channel: c, .. } if *c == channel))
     }
 
     /// Records the serverName of the first successful start (BEEP-23).

@@ -37,13 +37,16 @@
 //! unanswered delivery.
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 
 use crate::apex::relay::{domain_shard, Action};
-use crate::apex::relay::{ChannelRef, ConnId, ConnKind, Envelope, Relay, APEX_PROFILE};
+use crate::apex::relay::{
+    ChannelRef, ConnId, ConnKind, Credentials, Envelope, Relay, APEX_PROFILE,
+};
 use crate::beep::mgmt::ErrorElement;
 use crate::beep::output::FrameSink;
 use crate::beep::session::{Role, Session, SessionConfig};
@@ -107,6 +110,13 @@ pub enum Output {
         /// The remote domain.
         domain: String,
     },
+    /// A peer binds as `domain` without a certificate or static route naming it: find the
+    /// addresses of `domain`'s relay (its `_apex-mesh._tcp` SRV targets), then
+    /// [`ShardCore::relay_addresses_found`].
+    ResolveRelay {
+        /// The domain bound as.
+        domain: String,
+    },
 }
 
 #[derive(Debug)]
@@ -141,6 +151,8 @@ pub struct ShardCore {
     link_config: LinkConfig,
     /// Domains whose link needs a connection, for the runtime.
     connects: VecDeque<String>,
+    /// Domains whose relay addresses a bind waits for, for the runtime.
+    resolves: VecDeque<String>,
     /// Shutting down: links take no more data.
     stopping: bool,
     /// A deadline earlier than any [`ShardCore::poll_timeout`] gave before may have appeared.
@@ -181,6 +193,7 @@ impl ShardCore {
             links: FxHashMap::default(),
             link_config,
             connects: VecDeque::new(),
+            resolves: VecDeque::new(),
             stopping: false,
             deadline_moved: false,
             backlog_octets: 0,
@@ -220,6 +233,11 @@ impl ShardCore {
         &self.relay
     }
 
+    /// The relay, to change its policies (a configuration reload).
+    pub fn relay_mut(&mut self) -> &mut Relay {
+        &mut self.relay
+    }
+
     /// The session of `conn`.
     pub fn session(&self, conn: ConnId) -> Option<&Session> {
         self.conns.get(&conn).map(|c| &c.session)
@@ -244,11 +262,14 @@ impl ShardCore {
         now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
-    /// A connection was accepted: its listener session greets the peer. Returns the
-    /// connection's id, or `None` when the shard holds [`MAX_SLOTS`] already (close it).
-    pub fn open(&mut self, kind: ConnKind, now: Instant) -> Option<ConnId> {
+    /// A connection from `peer` was accepted: its listener session greets the peer. Returns
+    /// the connection's id, or `None` when the shard holds [`MAX_SLOTS`] already (close it).
+    pub fn open(&mut self, kind: ConnKind, peer: Option<IpAddr>, now: Instant) -> Option<ConnId> {
         let session = Session::new(Role::Listener, self.session_config.clone());
-        self.insert(kind, session, now)
+        let conn = self.insert(kind, session, now)?;
+        self.relay
+            .set_credentials(conn, Credentials::from_address(peer));
+        Some(conn)
     }
 
     /// A connection was accepted but is refused service: its session answers the greeting
@@ -647,9 +668,20 @@ impl ShardCore {
         if let Some((shard, envelope)) = self.to_shards.pop_front() {
             return Some(Output::ToShard { shard, envelope });
         }
-        self.connects
+        if let Some(domain) = self.connects.pop_front() {
+            return Some(Output::Connect { domain });
+        }
+        self.resolves
             .pop_front()
-            .map(|domain| Output::Connect { domain })
+            .map(|domain| Output::ResolveRelay { domain })
+    }
+
+    /// The addresses `domain`'s relay is reached at, after [`Output::ResolveRelay`] (empty
+    /// when the lookup failed): the binds that waited for them are answered.
+    pub fn relay_addresses_found(&mut self, domain: &str, addresses: &[IpAddr], now: Instant) {
+        self.relay.set_now(self.ms(now));
+        self.relay.relay_addresses_found(domain, addresses);
+        self.execute(now);
     }
 
     fn at(&self, conn: ConnId, channel: u32) -> ChannelRef {
@@ -699,6 +731,7 @@ impl ShardCore {
                 } => self.send(conn, channel, payload, source, now),
                 Action::ToShard { shard, envelope } => self.to_shards.push_back((shard, envelope)),
                 Action::Forward { domain, payload } => self.forward(domain, payload),
+                Action::ResolveRelay { domain } => self.resolves.push_back(domain),
             }
         }
         if let Some((at, octets)) = self.withholding.take() {

@@ -401,6 +401,11 @@ pub struct RelayNet {
     pub initiator_config: SessionConfig,
     /// The relays' clock, ms since the net started.
     pub now_ms: u64,
+    /// The simulated DNS of relays' addresses (lower-cased domain -> addresses), answering
+    /// [`Output::ResolveRelay`]; a domain missing here has none.
+    pub relay_dns: HashMap<String, Vec<std::net::IpAddr>>,
+    /// The address connections opened from now on come from (127.0.0.1 at first).
+    pub peer_address: std::net::IpAddr,
     /// While set, envelopes between shards stay queued (a slow shard queue): lets a test
     /// interleave connection events with cross-shard exchanges.
     pub pause_mesh: bool,
@@ -409,6 +414,13 @@ pub struct RelayNet {
 }
 
 impl RelayNet {
+    /// Every shard's relay decides attach and bind with `policy` from now on.
+    pub fn set_auth(&mut self, policy: crate::apex::relay::AuthPolicy) {
+        for core in &mut self.shards {
+            core.relay_mut().set_auth(policy.clone());
+        }
+    }
+
     /// `shards` relays for `domain` with only the default access entries and no trusted relay.
     pub fn new(domain: &str, shards: usize) -> Self {
         Self::with(domain, shards, AccessTable::new(), Vec::new())
@@ -443,6 +455,12 @@ impl RelayNet {
                     access: access.clone(),
                     trusted: trusted.clone(),
                     hold: crate::apex::options::HoldLimits::default(),
+                    // The simulated network is a closed box: tests about who may attach
+                    // or bind choose a policy with `RelayNet::set_auth`.
+                    auth: crate::apex::relay::AuthPolicy {
+                        mode: crate::apex::relay::AuthMode::Off,
+                        ..Default::default()
+                    },
                 });
                 ShardCore::new(
                     relay,
@@ -461,6 +479,8 @@ impl RelayNet {
             next_relays: Vec::new(),
             next_relay_behaviour: HashMap::new(),
             envelopes_sent: 0,
+            relay_dns: HashMap::new(),
+            peer_address: std::net::Ipv4Addr::LOCALHOST.into(),
             listener_config,
             // Tests pipeline freely from the client side.
             initiator_config: SessionConfig {
@@ -488,7 +508,7 @@ impl RelayNet {
         let now = self.instant();
         let core = &mut self.shards[shard];
         core.set_session_config(self.listener_config.clone());
-        let Some(conn) = core.open(kind, now) else {
+        let Some(conn) = core.open(kind, Some(self.peer_address), now) else {
             panic!("shard {shard} has no room for another connection");
         };
         self.clients.push(RelayClient {
@@ -912,6 +932,14 @@ impl RelayNet {
                             self.envelopes.push_back((to, envelope));
                         }
                         Output::Connect { domain } => self.connect_link(shard, domain),
+                        Output::ResolveRelay { domain } => {
+                            let found = self
+                                .relay_dns
+                                .get(&domain.to_ascii_lowercase())
+                                .cloned()
+                                .unwrap_or_default();
+                            self.shards[shard].relay_addresses_found(&domain, &found, now);
+                        }
                     }
                 }
             }

@@ -64,6 +64,12 @@ pub enum Action {
         /// The data message, carrying only the recipients routed there.
         payload: Bytes,
     },
+    /// Find the addresses `domain`'s relay is reached at (its `_apex-mesh._tcp` SRV
+    /// targets) and tell [`Relay::relay_addresses_found`]: a bind as `domain` waits for them.
+    ResolveRelay {
+        /// The domain a peer binds as.
+        domain: String,
+    },
 }
 
 /// Messages between shards. Payloads are `Bytes`: crossing shards moves a reference.

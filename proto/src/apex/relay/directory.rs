@@ -5,6 +5,10 @@
 
 use super::*;
 
+/// Most binds a shard keeps waiting for their domain's relay addresses: each costs a DNS
+/// lookup, so a peer binding as many domains at once is refused transiently past it.
+const MAX_PENDING_BINDS: usize = 256;
+
 impl Relay {
     /// Where `endpoint` is attached, per this shard's replica.
     pub fn lookup(&self, endpoint: &Endpoint) -> Option<ChannelRef> {
@@ -34,6 +38,12 @@ impl Relay {
         // Step 3 (APEX-12): attach only on apex-edge sessions, and never as a service.
         if self.connections.get(&conn) != Some(&ConnKind::Edge) || endpoint.is_service() {
             return self.answer(conn, channel, answer, Err(ApexError::MayNotAttach));
+        }
+        // RFC 3340 §4.5.1 (APEX-47): the session's identity must cover the endpoint. This
+        // also decides attachOverride: only a session that may attach as the endpoint can
+        // evict its current attachment.
+        if let Err(refused) = self.may_attach(conn, &endpoint) {
+            return self.answer(conn, channel, answer, Err(refused));
         }
         // Step 4 (APEX-13, APEX-37): options before the duplicate check.
         let overriding = match options::attach_options(options) {
@@ -191,12 +201,72 @@ impl Relay {
         {
             return self.answer(conn, channel, answer, Err(ApexError::MayNotBind));
         }
+        match self.may_bind(conn, relay) {
+            BindCheck::Allowed => self.bound(conn, channel, answer, relay, trans_id),
+            BindCheck::Refused => {
+                tracing::info!(%conn, domain = relay, "bind refused: not that domain's relay");
+                self.answer(conn, channel, answer, Err(ApexError::MayNotBind));
+            }
+            BindCheck::Lookup if self.pending_binds.len() >= MAX_PENDING_BINDS => {
+                let busy = ApexError::malformed(
+                    code::ACTION_NOT_TAKEN_TRANSIENT,
+                    "too many binds waiting for DNS",
+                );
+                self.answer(conn, channel, answer, Err(busy));
+            }
+            BindCheck::Lookup => {
+                let asked = self
+                    .pending_binds
+                    .iter()
+                    .any(|p| p.domain.eq_ignore_ascii_case(relay));
+                self.pending_binds.push(PendingBind {
+                    conn,
+                    channel,
+                    answer,
+                    domain: relay.to_owned(),
+                    trans_id,
+                });
+                if !asked {
+                    self.actions.push_back(Action::ResolveRelay {
+                        domain: relay.to_owned(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn bound(&mut self, conn: ConnId, channel: u32, answer: Answer, relay: &str, trans_id: u32) {
         self.channels
             .entry((conn, channel))
             .or_default()
             .associations
             .insert(trans_id, Association::Bound(relay.to_owned()));
         self.answer(conn, channel, answer, Ok(()));
+    }
+
+    /// The addresses `domain`'s relay is reached at (after [`Action::ResolveRelay`]; empty
+    /// when it has none): the binds waiting for them are answered, accepted from one of them.
+    pub fn relay_addresses_found(&mut self, domain: &str, addresses: &[std::net::IpAddr]) {
+        let (ready, waiting): (Vec<PendingBind>, Vec<PendingBind>) =
+            std::mem::take(&mut self.pending_binds)
+                .into_iter()
+                .partition(|p| p.domain.eq_ignore_ascii_case(domain));
+        self.pending_binds = waiting;
+        for p in ready {
+            if !self.connections.contains_key(&p.conn) {
+                continue; // the peer left meanwhile
+            }
+            let from_relay = self
+                .credentials
+                .get(&p.conn)
+                .is_some_and(|c| addresses.iter().any(|a| c.same_address(a)));
+            if from_relay {
+                self.bound(p.conn, p.channel, p.answer, &p.domain, p.trans_id);
+            } else {
+                tracing::info!(conn = %p.conn, domain = p.domain, "bind refused: not from that domain's relay");
+                self.answer(p.conn, p.channel, p.answer, Err(ApexError::MayNotBind));
+            }
+        }
     }
 
     /// RFC 3340 §4.4.3 (APEX-18, APEX-19).

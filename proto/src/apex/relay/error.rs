@@ -36,6 +36,8 @@ pub enum ApexError {
     ForeignOriginator,
     /// The only recipient has taken nothing for too long: try later (backpressure).
     RecipientNotTaking,
+    /// An attach before the session authenticated, where the policy requires it (530).
+    AuthenticationRequired,
 }
 
 impl ApexError {
@@ -58,6 +60,7 @@ impl ApexError {
                 apex_code::NOT_AUTHORIZED
             }
             Self::AlreadyAttached => code::TRANSACTION_FAILED,
+            Self::AuthenticationRequired => code::AUTHENTICATION_REQUIRED,
             Self::UnknownTransaction => code::ACTION_NOT_TAKEN,
             Self::RecipientNotTaking => code::ACTION_NOT_TAKEN_TRANSIENT,
         }
@@ -75,6 +78,7 @@ impl ApexError {
             Self::AlreadyAttached => "endpoint is already attached",
             Self::MayNotBind => "not authorized to bind for this domain",
             Self::UnknownTransaction => "unknown transaction-identifier",
+            Self::AuthenticationRequired => "authentication required",
             Self::ForeignOriginator => "not authorized to send as the originator",
             Self::RecipientNotTaking => RECIPIENT_NOT_TAKING,
         }

@@ -48,6 +48,7 @@ use crate::beep::session::{Event, ReplyKind, Session};
 use crate::error::Misuse;
 
 mod actions;
+mod auth;
 mod deliver;
 mod directory;
 mod error;
@@ -58,6 +59,8 @@ mod route;
 mod tests;
 
 pub use actions::{Action, Envelope, Hold, MsgReply, Report, ReportRequest};
+use auth::BindCheck;
+pub use auth::{may_act_as, AuthMode, AuthPolicy, Credentials};
 pub use error::ApexError;
 use error::RECIPIENT_NOT_TAKING;
 use hold::Held;
@@ -130,6 +133,8 @@ pub struct RelayConfig {
     pub trusted: Vec<String>,
     /// Bounds of the hold4Endpoint queue (RFC 3342 §3).
     pub hold: options::HoldLimits,
+    /// Who may attach and bind as what.
+    pub auth: AuthPolicy,
 }
 
 /// How to answer an attach or bind once it is settled.
@@ -178,6 +183,16 @@ struct SimpleRoute {
     at: ChannelRef,
 }
 
+/// A bind waiting for the addresses of its domain's relay.
+#[derive(Debug)]
+struct PendingBind {
+    conn: ConnId,
+    channel: u32,
+    answer: Answer,
+    domain: String,
+    trans_id: u32,
+}
+
 #[derive(Debug)]
 struct PendingAttach {
     endpoint: Endpoint,
@@ -192,6 +207,8 @@ pub struct Relay {
     config: RelayConfig,
     directory: EndpointMap<ChannelRef>,
     connections: FxHashMap<ConnId, ConnKind>,
+    /// What each connection proved about its peer; consulted only by attach and bind.
+    credentials: FxHashMap<ConnId, Credentials>,
     /// Keyed by our connection ids and channel numbers bounded per connection: a fast hash is
     /// safe here (the directory, keyed by names peers choose, keeps the default hasher).
     channels: FxHashMap<(ConnId, u32), ChannelState>,
@@ -200,6 +217,8 @@ pub struct Relay {
     /// channel limit).
     conn_channels: FxHashMap<ConnId, Vec<u32>>,
     pending: HashMap<u64, PendingAttach>,
+    /// Binds waiting for their domain's relay addresses ([`Action::ResolveRelay`]).
+    pending_binds: Vec<PendingBind>,
     next_request: u64,
     actions: VecDeque<Action>,
     /// Milliseconds on the runtime's monotonic clock, as last told ([`Relay::set_now`]).
@@ -255,9 +274,11 @@ impl Relay {
             config,
             directory: EndpointMap::default(),
             connections: FxHashMap::default(),
+            credentials: FxHashMap::default(),
             channels: FxHashMap::default(),
             conn_channels: FxHashMap::default(),
             pending: HashMap::new(),
+            pending_binds: Vec::new(),
             next_request: 0,
             actions: VecDeque::new(),
             now_ms: 0,
@@ -352,6 +373,7 @@ impl Relay {
             self.channel_closed(conn, channel);
         }
         self.connections.remove(&conn);
+        self.credentials.remove(&conn);
         // Attaches still waiting for their home shard's verdict stay pending: when the verdict
         // arrives the channel is gone and the attachment is undone everywhere (APEX-16).
     }

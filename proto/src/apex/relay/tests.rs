@@ -9,6 +9,11 @@ fn relay() -> Relay {
         access: AccessTable::new(),
         trusted: Vec::new(),
         hold: options::HoldLimits::default(),
+        // Attach policy has its own tests (auth.rs, tests/security.rs).
+        auth: AuthPolicy {
+            mode: AuthMode::Off,
+            ..AuthPolicy::default()
+        },
     })
 }
 
