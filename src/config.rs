@@ -525,6 +525,8 @@ impl Config {
             connect_attempts: self.mesh.connect_attempts,
             max_backoff: std::time::Duration::from_millis(self.mesh.max_backoff_ms),
             close_timeout: std::time::Duration::from_millis(self.mesh.close_timeout_ms),
+            // Links start TLS when there are roots to verify the next relay with.
+            tls: !self.tls.ca.is_empty(),
         }
     }
 

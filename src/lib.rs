@@ -7,5 +7,6 @@
 pub mod apex_profile;
 pub mod config;
 pub mod dns;
+pub mod security;
 pub mod shard;
 pub mod sys;

@@ -135,6 +135,10 @@ pub enum ProtocolError {
     /// sent more than [`crate::Limits::max_unanswered_octets`] of messages meanwhile.
     #[error("the peer does not take its replies and keeps sending")]
     RepliesNotTaken,
+    /// The TLS layer failed (a handshake that did not verify, a corrupt record): the
+    /// session ends (RFC 3080 §3.1.3: a failed negotiation may terminate it).
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The peer pipelined more MSGs than [`crate::Limits::max_pending_replies`].
     #[error("too many MSGs awaiting reply on channel {0}")]
     TooManyPendingReplies(u32),

@@ -15,12 +15,14 @@
 #![forbid(unsafe_code)]
 
 pub mod apex;
+pub mod auth;
 pub mod beep;
 pub mod error;
 pub mod limits;
 pub mod shard;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod tls;
 pub mod xml;
 
 pub use beep::session::{Event, ReplyKind, Role, Session, SessionConfig, StartRequest};

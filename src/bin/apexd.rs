@@ -70,6 +70,26 @@ struct Args {
     print_config: bool,
 }
 
+/// SIGHUP re-reads the users file and the TLS files; a bad file leaves the old ones in force.
+fn reload_on_sighup(
+    config: apexd::config::Config,
+    security: Arc<apexd::security::SharedSecurity>,
+) -> Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+    std::thread::Builder::new()
+        .name("apexd-reload".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                if let Err(e) = security.reload(&config) {
+                    tracing::error!(
+                        "reload failed, the previous users and TLS files stay in force: {e:#}"
+                    );
+                }
+            }
+        })?;
+    Ok(())
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("apexd: {e:#}");
@@ -109,7 +129,11 @@ fn run() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
+    let security = Arc::new(apexd::security::SharedSecurity::new(apexd::security::load(
+        &config,
+    )?));
     let stop = Arc::new(AtomicBool::new(false));
+    reload_on_sighup(config.clone(), security.clone())?;
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())?;
     }
@@ -118,7 +142,7 @@ fn run() -> Result<()> {
         tracing::warn!("{e:#}; a shard will try again when it needs DNS");
     }
     let domain = config.domain.clone();
-    apexd::shard::run(config, stop, |bound| {
+    apexd::shard::run(config, stop, security, |bound| {
         // One machine-readable line for scripts and tests.
         println!(
             "apexd ready domain={domain} edge={} mesh={} shards={}",

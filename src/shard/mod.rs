@@ -28,6 +28,7 @@ use tracing::{info, warn};
 
 use crate::apex_profile::APEX_PROFILE;
 use crate::config::Config;
+use crate::security::SharedSecurity;
 use crate::sys;
 use mesh::{ShardMesh, ShardMsg};
 use notify::Notify;
@@ -194,7 +195,12 @@ fn reserve(addr: SocketAddr, what: &str, flag: &str) -> Result<(socket2::Socket,
 
 /// Runs the relay until SIGINT/SIGTERM (or `stop` is set) and every shard has drained.
 /// `on_ready` is called once every shard listens.
-pub fn run(config: Config, stop: Arc<AtomicBool>, on_ready: impl FnOnce(Bound)) -> Result<()> {
+pub fn run(
+    config: Config,
+    stop: Arc<AtomicBool>,
+    security: Arc<SharedSecurity>,
+    on_ready: impl FnOnce(Bound),
+) -> Result<()> {
     let shards = config.shard_count();
     check_environment(&config, shards)?;
     let (_edge_reservation, edge) = reserve(config.edge_listen, "edge", "--edge-listen")?;
@@ -227,9 +233,10 @@ pub fn run(config: Config, stop: Arc<AtomicBool>, on_ready: impl FnOnce(Bound)) 
                 let config = config.clone();
                 let stop = stop.clone();
                 let bound_tx = bound_tx.clone();
+                let security = security.clone();
                 let index = next_index.fetch_add(1, Ordering::Relaxed);
                 let mesh_ends = mesh_plan.as_ref().and_then(|plan| plan.take(index));
-                async move { shard_main(index, config, stop, bound_tx, mesh_ends).await }
+                async move { shard_main(index, config, stop, security, bound_tx, mesh_ends).await }
             }
         })
         .map_err(|e| anyhow!("cannot start the shard executors: {e}. {}", glommio_hint()))?;
@@ -280,6 +287,7 @@ async fn shard_main(
     id: usize,
     config: Config,
     stop: Arc<AtomicBool>,
+    security: Arc<SharedSecurity>,
     bound_tx: mpsc::Sender<Result<()>>,
     mesh_ends: Option<mesh::ShardEnds>,
 ) -> Result<()> {
@@ -341,6 +349,8 @@ async fn shard_main(
         std::time::Instant::now(),
     );
     core.set_link_config(config.link_config());
+    let (generation, in_force) = security.get();
+    core.set_security(in_force);
     let ctx = Rc::new(ShardContext {
         id,
         session_config,
@@ -378,6 +388,7 @@ async fn shard_main(
     }
 
     glommio::spawn_local(run_timer(ctx.clone())).detach();
+    glommio::spawn_local(follow_security(ctx.clone(), security, generation)).detach();
     let edge_task = glommio::spawn_local(accept_loop(edge, ctx.clone(), ConnKind::Edge));
     let mesh_task = glommio::spawn_local(accept_loop(mesh_listener, ctx.clone(), ConnKind::Mesh));
     info!(shard = id, edge = %ctx.config.edge_listen, mesh = %ctx.config.mesh_listen, "shard listening");
@@ -420,6 +431,19 @@ async fn shard_main(
 /// The core's timers (held data expires, stalled recipients refuse, links back off and give
 /// up waiting for a close): sleeps until the core's next timeout, and sleeps again when an
 /// earlier one appears ([`ShardContext::dispatch`] wakes it). An idle shard does not wake.
+/// Applies a reloaded security configuration (SIGHUP) to this shard, checking for one once a
+/// second: an atomic load, not a wake-up per message.
+async fn follow_security(ctx: Rc<ShardContext>, security: Arc<SharedSecurity>, mut seen: u64) {
+    while !ctx.stopping() {
+        glommio::timer::sleep(Duration::from_secs(1)).await;
+        if security.generation() != seen {
+            let (generation, in_force) = security.get();
+            seen = generation;
+            ctx.core.borrow_mut().set_security(in_force);
+        }
+    }
+}
+
 async fn run_timer(ctx: Rc<ShardContext>) {
     while !ctx.stopping() {
         let now = std::time::Instant::now();

@@ -214,6 +214,12 @@ impl Channel {
         }
     }
 
+    /// A channel whose receive window stays at the initial 4096 octets: a tuning channel,
+    /// which must not send a SEQ after a TLS `proceed` (RFC 3080 §3.1.3.1).
+    pub(crate) fn keep_initial_window(&mut self) {
+        self.recv_buffer = INITIAL_WINDOW;
+    }
+
     /// Work that keeps the channel from being closed (BEEP-28): replies we owe, replies owed
     /// to us, or queued output.
     pub(crate) fn is_busy(&self) -> bool {

@@ -47,6 +47,9 @@ pub enum Role {
 pub struct SessionConfig {
     /// Profiles offered in the greeting: the ones the peer may start.
     pub profiles: Vec<String>,
+    /// Tuning profiles the peer may ask for though the greeting does not list them, so that
+    /// the application can say why it refuses them (SASL PLAIN before TLS gets 538).
+    pub unlisted_profiles: Vec<String>,
     /// Channel-management features announced in the greeting.
     pub features: Vec<String>,
     /// Languages we prefer for diagnostics, most preferred first.
@@ -582,7 +585,10 @@ impl Session {
         let profiles: Vec<ProfileOffer> = start
             .profiles
             .into_iter()
-            .filter(|p| self.config.profiles.contains(&p.uri))
+            .filter(|p| {
+                self.config.profiles.contains(&p.uri)
+                    || self.config.unlisted_profiles.contains(&p.uri)
+            })
             .collect();
         if profiles.is_empty() {
             return Err(ErrorElement::new(
@@ -737,7 +743,10 @@ impl Session {
     fn open_channel(&mut self, number: u32, profile: String) {
         self.settle_released();
         let tuning = tuning::is_tuning(&profile);
-        let channel = Channel::new(profile, &self.config.limits, 0);
+        let mut channel = Channel::new(profile, &self.config.limits, 0);
+        if tuning {
+            channel.keep_initial_window();
+        }
         self.channels.insert(number, channel);
         self.recently_closed.remove(&number);
         if tuning {

@@ -23,8 +23,9 @@ use bytes::Bytes;
 use crate::apex::client::{self, Answer};
 use crate::apex::msg::{self};
 use crate::apex::relay::{ConnId, APEX_PROFILE};
-use crate::beep::mgmt::code;
+use crate::beep::mgmt::{code, ProfileOffer};
 use crate::beep::session::{Event, ReplyKind, Session};
+use crate::beep::tuning;
 
 /// The wait before the second connection attempt; it doubles with every failed one.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -45,6 +46,9 @@ pub struct LinkConfig {
     /// How long a link that asked to release its session waits for the next relay's answer
     /// before its transport is closed anyway.
     pub close_timeout: Duration,
+    /// Start TLS before binding, and give up on a next relay that does not offer it (a
+    /// greeting without TLS may be a man in the middle's, RFC 3080 §9).
+    pub tls: bool,
 }
 
 impl LinkConfig {
@@ -57,6 +61,7 @@ impl LinkConfig {
             connect_attempts: 5,
             max_backoff: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
+            tls: false,
         }
     }
 }
@@ -76,6 +81,11 @@ pub enum ConnectFailure {
 pub enum Phase {
     /// Waiting for the next relay's greeting.
     Greeting,
+    /// Asked for a TLS channel with `ready` piggybacked (or sent on it): waiting for
+    /// `proceed` (RFC 3080 §3.1).
+    StartingTls,
+    /// The TLS handshake runs; the next relay greets again once it is done.
+    Securing,
     /// Asked for an APEX channel with our `bind` piggybacked.
     Starting,
     /// The channel exists and our `bind` was sent on it as a MSG.
@@ -125,6 +135,8 @@ pub(super) struct LinkEffects {
     pub(super) failed: Vec<(Bytes, String)>,
     /// Ask the runtime for a connection.
     pub(super) connect: bool,
+    /// The next relay said `proceed`: begin the TLS handshake on the connection.
+    pub(super) start_tls: bool,
 }
 
 /// The link to one remote domain.
@@ -141,6 +153,8 @@ pub(super) struct Link {
     ending: Option<String>,
     /// Whether the current connection got bound.
     bound: bool,
+    /// Whether the current connection runs TLS.
+    secured: bool,
 }
 
 /// The transaction number of our `bind` (the only transaction a link starts).
@@ -157,6 +171,7 @@ impl Link {
             backoff: FIRST_BACKOFF,
             ending: None,
             bound: false,
+            secured: false,
         }
     }
 
@@ -205,10 +220,24 @@ impl Link {
         self.backoff = FIRST_BACKOFF;
         self.ending = None;
         self.bound = false;
+        self.secured = false;
         self.state = LinkState::Open {
             conn,
             phase: Phase::Greeting,
         };
+    }
+
+    /// The TLS handshake completed: the session starts over (beep.md §9), and the next
+    /// relay greets again.
+    pub(super) fn secured(&mut self) {
+        if let LinkState::Open {
+            conn,
+            phase: Phase::Securing,
+        } = self.state
+        {
+            self.secured = true;
+            self.set_phase(conn, Phase::Greeting);
+        }
     }
 
     /// The runtime could not connect.
@@ -251,6 +280,52 @@ impl Link {
             return;
         };
         let failure = match (phase, event) {
+            (Phase::Greeting, Event::Greeting(greeting)) if config.tls && !self.secured => {
+                if !greeting.profiles.iter().any(|p| p == tuning::TLS_PROFILE) {
+                    Some("the next relay does not offer TLS".to_owned())
+                } else {
+                    let ready = ProfileOffer {
+                        uri: tuning::TLS_PROFILE.to_owned(),
+                        content: Some(Bytes::from_static(tuning::READY.as_bytes())),
+                    };
+                    match session.start_channel(vec![ready], None) {
+                        Ok(_) => {
+                            self.set_phase(conn, Phase::StartingTls);
+                            None
+                        }
+                        Err(e) => Some(format!("cannot start TLS: {e}")),
+                    }
+                }
+            }
+            (
+                Phase::StartingTls,
+                Event::ChannelStarted {
+                    channel, content, ..
+                },
+            ) => {
+                match content {
+                    // Accepted without an answer to the piggybacked ready: send it.
+                    None => match session.send_msg(channel, tuning::entity(tuning::READY)) {
+                        Ok(_) => None,
+                        Err(e) => Some(format!("cannot send ready: {e}")),
+                    },
+                    Some(content) => self.tls_answered(&content, conn, effects),
+                }
+            }
+            (Phase::StartingTls, Event::Reply { kind, payload, .. }) => {
+                if kind == ReplyKind::Rpy {
+                    self.tls_answered(&payload, conn, effects)
+                } else {
+                    Some(format!(
+                        "the next relay refused TLS: {}",
+                        String::from_utf8_lossy(&payload)
+                    ))
+                }
+            }
+            (Phase::StartingTls, Event::StartRefused { error, .. }) => Some(format!(
+                "the next relay refused TLS: {} {}",
+                error.code, error.text
+            )),
             (Phase::Greeting, Event::Greeting(greeting)) => {
                 if !greeting.profiles.iter().any(|p| p == APEX_PROFILE) {
                     Some("the next relay does not offer APEX".to_owned())
@@ -355,6 +430,25 @@ impl Link {
             Some(reason) => self.end(session, conn, reason, now),
             // Newly bound, or a reply made room: what is queued goes out.
             None => self.pump(session, config),
+        }
+    }
+
+    fn tls_answered(
+        &mut self,
+        content: &Bytes,
+        conn: ConnId,
+        effects: &mut LinkEffects,
+    ) -> Option<String> {
+        match tuning::parse(content, 4, 4) {
+            Ok(tuning::TuningElement::Proceed) => {
+                effects.start_tls = true;
+                self.set_phase(conn, Phase::Securing);
+                None
+            }
+            Ok(tuning::TuningElement::Error(e)) => {
+                Some(format!("the next relay refused TLS: {} {}", e.code, e.text))
+            }
+            _ => Some("the next relay answered ready oddly".to_owned()),
         }
     }
 

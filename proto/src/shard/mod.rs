@@ -54,10 +54,13 @@ use crate::error::ProtocolError;
 
 mod backpressure;
 mod link;
+mod secure;
 mod slab;
 use backpressure::Backlog;
 pub use link::{ConnectFailure, LinkConfig, LinkState, Phase as LinkPhase, FIRST_BACKOFF};
 use link::{Link, LinkEffects};
+use secure::Secured;
+pub use secure::{Security, EXTERNAL, MAX_SASL_FAILURES, PLAIN, SCRAM};
 use slab::Slab;
 pub use slab::MAX_SLOTS;
 
@@ -130,6 +133,8 @@ struct Conn {
     link: Option<String>,
     /// The link gave up waiting for its peer to release the session: close the transport.
     abandoned: bool,
+    /// TLS and SASL state, once the peer asked for either.
+    secured: Option<Box<Secured>>,
 }
 
 /// Why a delivery the session refused failed, in the report its originator asked for.
@@ -167,6 +172,10 @@ pub struct ShardCore {
     relay_deadline: Option<u64>,
     /// Window octets to hold back, not yet applied: a run from one sending channel.
     withholding: Option<(ChannelRef, u32)>,
+    /// TLS configurations and users.
+    security: Security,
+    /// A tuning request paused a session's input and was answered: read the rest now.
+    retry_input: bool,
 }
 
 impl ShardCore {
@@ -201,6 +210,8 @@ impl ShardCore {
             epoch: now,
             relay_deadline: None,
             withholding: None,
+            security: Security::default(),
+            retry_input: false,
         }
     }
 
@@ -265,7 +276,13 @@ impl ShardCore {
     /// A connection from `peer` was accepted: its listener session greets the peer. Returns
     /// the connection's id, or `None` when the shard holds [`MAX_SLOTS`] already (close it).
     pub fn open(&mut self, kind: ConnKind, peer: Option<IpAddr>, now: Instant) -> Option<ConnId> {
-        let session = Session::new(Role::Listener, self.session_config.clone());
+        let config = if self.security.tls_server.is_none() && self.security.users.is_empty() {
+            self.session_config.clone()
+        } else {
+            self.security
+                .listener_config(&self.session_config, kind, false, false)
+        };
+        let session = Session::new(Role::Listener, config);
         let conn = self.insert(kind, session, now)?;
         self.relay
             .set_credentials(conn, Credentials::from_address(peer));
@@ -291,6 +308,7 @@ impl ShardCore {
             woken: false,
             link: None,
             abandoned: false,
+            secured: None,
         })?;
         self.relay.set_now(self.ms(now));
         self.relay.conn_opened(conn, kind);
@@ -303,6 +321,38 @@ impl ShardCore {
     /// polls `conn`'s output afterwards ([`ShardCore::poll_transmit`]): no [`Output::Wake`] is
     /// given for `conn` itself.
     pub fn handle_input(
+        &mut self,
+        conn: ConnId,
+        read_buf: &mut BytesMut,
+        now: Instant,
+    ) -> Result<(), ProtocolError> {
+        if self.conns.get(&conn).is_some_and(|c| c.secured.is_some()) {
+            return self.handle_secured_input(conn, read_buf, now);
+        }
+        self.feed(conn, read_buf, now)?;
+        if !read_buf.is_empty() && self.conns.get(&conn).is_some_and(|c| c.secured.is_some()) {
+            // A tuning request stopped the session mid-buffer; TLS may have begun.
+            return self.handle_secured_input(conn, read_buf, now);
+        }
+        Ok(())
+    }
+
+    /// Octets of `conn`'s session (plaintext) to the session, and what they lead to.
+    fn feed(
+        &mut self,
+        conn: ConnId,
+        read_buf: &mut BytesMut,
+        now: Instant,
+    ) -> Result<(), ProtocolError> {
+        loop {
+            self.feed_once(conn, read_buf, now)?;
+            if !std::mem::take(&mut self.retry_input) || read_buf.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn feed_once(
         &mut self,
         conn: ConnId,
         read_buf: &mut BytesMut,
@@ -352,6 +402,10 @@ impl ShardCore {
             while let Some(event) = c.session.poll_event() {
                 link.handle_event(&mut c.session, event, &self.link_config, now, &mut effects);
             }
+            if !effects.start_tls && c.session.input_paused() {
+                c.session.resume_input();
+                self.retry_input = true;
+            }
             let after = link.deadline(&self.link_config);
             if c.session.has_output() && !c.woken {
                 c.woken = true;
@@ -359,14 +413,43 @@ impl ShardCore {
             }
             let key = key.clone();
             self.note_deadline(before, after);
+            if effects.start_tls {
+                let domain = self.links.get(&key).map(|l| l.domain.clone());
+                self.link_begins_tls(conn, &domain.unwrap_or_default());
+            }
             self.apply_link_effects(&key, effects);
             self.execute(now);
             return;
         }
         let session = &mut c.session;
+        let mut tuning = Vec::new();
         while let Some(event) = session.poll_event() {
+            if secure::is_tuning_event(session, &event) {
+                tuning.push(event);
+                continue;
+            }
             self.relay.handle_session_event(conn, session, event);
         }
+        if !tuning.is_empty() {
+            for event in tuning {
+                self.handle_tuning_event(conn, event);
+            }
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return;
+            };
+            if !c.woken
+                && (c.session.has_output() || c.secured.as_ref().is_some_and(|s| s.has_output()))
+            {
+                c.woken = true;
+                self.woken.push_back(conn);
+            }
+            self.execute(now);
+            return;
+        }
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let session = &mut c.session;
         if session.has_output() && !c.woken {
             c.woken = true;
             self.woken.push_back(conn);
@@ -384,7 +467,10 @@ impl ShardCore {
         let Some(c) = self.conns.get_mut(&conn) else {
             return 0;
         };
-        let written = c.session.poll_transmit(out);
+        let written = match c.secured.as_deref_mut() {
+            Some(secured) if secured.encrypting() => secured.transmit(&mut c.session, out.buffer()),
+            _ => c.session.poll_transmit(out),
+        };
         if written > 0 {
             if c.session.has_events() {
                 // Replies drained below `max_queued_replies`: the peer's messages held back
@@ -401,16 +487,17 @@ impl ShardCore {
 
     /// Whether `conn`'s session has output to poll.
     pub fn has_output(&self, conn: ConnId) -> bool {
-        self.conns
-            .get(&conn)
-            .is_some_and(|c| c.session.has_output())
+        self.conns.get(&conn).is_some_and(|c| {
+            c.session.has_output() || c.secured.as_ref().is_some_and(|s| s.has_output())
+        })
     }
 
     /// Whether `conn`'s session is over and its output written: close the transport.
     pub fn is_finished(&self, conn: ConnId) -> bool {
-        self.conns
-            .get(&conn)
-            .is_none_or(|c| c.abandoned || c.session.is_finished())
+        self.conns.get(&conn).is_none_or(|c| {
+            c.abandoned
+                || (c.session.is_finished() && c.secured.as_ref().is_none_or(|s| !s.has_output()))
+        })
     }
 
     /// Asks the peer of `conn` to release the session (shutdown).
@@ -484,6 +571,7 @@ impl ShardCore {
             woken: false,
             link: Some(key),
             abandoned: false,
+            secured: None,
         })?;
         link.connected(conn);
         self.wake(conn);

@@ -421,6 +421,13 @@ impl RelayNet {
         }
     }
 
+    /// Every shard offers TLS and SASL with `security` to connections opened from now on.
+    pub fn set_security(&mut self, security: crate::shard::Security) {
+        for core in &mut self.shards {
+            core.set_security(security.clone());
+        }
+    }
+
     /// `shards` relays for `domain` with only the default access entries and no trusted relay.
     pub fn new(domain: &str, shards: usize) -> Self {
         Self::with(domain, shards, AccessTable::new(), Vec::new())

@@ -124,6 +124,11 @@ impl Relay {
         self.credentials.insert(conn, credentials);
     }
 
+    /// Which port `conn` came in on.
+    pub fn conn_kind(&self, conn: ConnId) -> Option<ConnKind> {
+        self.connections.get(&conn).copied()
+    }
+
     /// The credentials of `conn`.
     pub fn credentials(&self, conn: ConnId) -> Option<&Credentials> {
         self.credentials.get(&conn)
