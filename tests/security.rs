@@ -89,10 +89,52 @@ impl Lab {
     }
 }
 
-/// One line of a users file for `name` with `password` (as `apexd passwd` prints it).
+/// One line of a users file for `name` with `password`, made by `apexd passwd`.
 fn user_line(name: &str, password: &str) -> String {
-    let verifier = ScramVerifier::from_password(password, b"a fixed test salt", 4096);
-    format!("{name} {verifier}\n")
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apexd"))
+        .args(["passwd", name])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "apexd passwd failed");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// `apexd passwd` prints a line the users file takes, whose verifier accepts the password
+/// (a SCRAM exchange with our client) and nothing else; each run salts afresh.
+#[test]
+fn apexd_passwd_prints_a_verifier_that_accepts_only_the_password() {
+    use apex_proto::auth::scram::{SaslStep, ScramClient, ScramServer};
+    use apex_proto::auth::users::Users;
+    let line = user_line("fred@example.com", "yabba dabba");
+    assert!(
+        line.starts_with("fred@example.com SCRAM-SHA-256$4096:"),
+        "{line}"
+    );
+    assert_ne!(
+        line,
+        user_line("fred@example.com", "yabba dabba"),
+        "the salt is random"
+    );
+    let users = Users::parse(&line, "passwd output").unwrap();
+    let exchange = |password: &str| {
+        let lookup = |name: &str| users.verifier(name).cloned();
+        let mut client = ScramClient::new("fred@example.com", password, "client-nonce");
+        let mut server = ScramServer::new("server-nonce".into());
+        let SaslStep::Challenge(first) = server.step(&client.first(), lookup) else {
+            panic!("no challenge");
+        };
+        let last = client.handle_server_first(&first).unwrap();
+        server.step(&last, lookup)
+    };
+    assert!(matches!(exchange("yabba dabba"), SaslStep::Success { .. }));
+    assert!(matches!(exchange("yabba"), SaslStep::Failure(_)));
+    let verifier = ScramVerifier::parse(line.split_whitespace().nth(1).unwrap()).unwrap();
+    assert!(verifier.matches("yabba dabba"));
 }
 
 /// Runs `tests/tls_client.py MODE ...` against `port`; returns its output lines.
@@ -492,4 +534,66 @@ fn sighup_reloads_users_and_keeps_the_old_set_on_a_bad_file() {
     );
     kept.pump();
     assert!(!kept.eof, "a session was dropped by the reload");
+}
+
+/// The converse of the test above: a receiving relay that cannot verify client certificates
+/// (no `--tls-ca`) has nothing that proves example.com's bind, so it refuses it (537), and
+/// fred's data is reported failed rather than delivered.
+#[test]
+fn without_a_verifiable_certificate_the_bind_is_refused() {
+    let scratch = Scratch::new("mesh-refused");
+    let lab = Lab::new();
+    let (cert_a, key_a, ca) = lab.files(&scratch, "example.com");
+    let (cert_b, key_b, _) = lab.files(&scratch, "rubble.com");
+    let mesh_b = free_port();
+    let route = format!("rubble.com=127.0.0.1:{mesh_b}");
+    let a = Relay::start_with(&[
+        "--domain",
+        "example.com",
+        "--shards",
+        "1",
+        "--peer",
+        &route,
+        "--tls-cert",
+        &cert_a,
+        "--tls-key",
+        &key_a,
+        "--tls-ca",
+        &ca,
+        "--grant",
+        "*@rubble.com=core:data",
+    ]);
+    let mesh_listen = format!("127.0.0.1:{mesh_b}");
+    let b = Relay::start_with(&[
+        "--domain",
+        "rubble.com",
+        "--shards",
+        "1",
+        "--mesh-listen",
+        &mesh_listen,
+        "--tls-cert",
+        &cert_b,
+        "--tls-key",
+        &key_b,
+        "--grant",
+        "*@example.com=core:data",
+    ]);
+    let mut barney = Client::connect(b.edge);
+    barney.greet();
+    assert_eq!(barney.attach("barney@rubble.com").1, "<ok />");
+    let mut fred = Client::connect(a.edge);
+    fred.greet();
+    let (channel, _) = fred.attach("fred@example.com");
+    let data = DataBuilder::new("fred@example.com")
+        .to("barney@rubble.com")
+        .status_request(5)
+        .text("who are you?");
+    assert!(fred.request(channel, data).0, "accepted by our own relay");
+    let report = String::from_utf8(fred.receive().to_vec()).unwrap();
+    assert!(report.contains("transID='5'"), "{report}");
+    assert!(!report.contains("code='250'"), "{report}");
+    assert!(
+        barney.drain_messages().is_empty(),
+        "delivered without a proven bind"
+    );
 }

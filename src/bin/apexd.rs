@@ -68,6 +68,46 @@ struct Args {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Read one password line from standard input and print the users-file line for
+    /// NAME@DOMAIN (a SCRAM-SHA-256 verifier: the file never holds the password).
+    Passwd {
+        /// The user, as NAME@DOMAIN.
+        user: String,
+        /// PBKDF2 iterations (at least 4096).
+        #[arg(long, default_value_t = apex_proto::auth::scram::DEFAULT_ITERATIONS)]
+        iterations: u32,
+    },
+}
+
+/// `apexd passwd`: the users-file line for `user` with the password on standard input.
+fn passwd(user: &str, iterations: u32) -> Result<()> {
+    use apex_proto::auth::scram::{random_octets, ScramVerifier, DEFAULT_ITERATIONS};
+    let Some((local, domain)) = user.rsplit_once('@') else {
+        anyhow::bail!("'{user}' is not NAME@DOMAIN");
+    };
+    if local.is_empty() || domain.is_empty() || user.contains(char::is_whitespace) {
+        anyhow::bail!("'{user}' is not NAME@DOMAIN");
+    }
+    if iterations < DEFAULT_ITERATIONS {
+        anyhow::bail!("--iterations {iterations}: at least {DEFAULT_ITERATIONS} (RFC 7677)");
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        anyhow::bail!("no password on standard input (one line is read)");
+    }
+    let salt = random_octets(16).ok_or_else(|| anyhow::anyhow!("no random salt"))?;
+    let verifier = ScramVerifier::from_password(password, &salt, iterations);
+    println!("{user} {verifier}");
+    Ok(())
 }
 
 /// SIGHUP re-reads the users file and the TLS files; a bad file leaves the old ones in force.
@@ -99,6 +139,9 @@ fn main() {
 
 fn run() -> Result<()> {
     let args = Args::parse();
+    if let Some(Command::Passwd { user, iterations }) = &args.command {
+        return passwd(user, *iterations);
+    }
     let overrides = Overrides {
         domain: args.domain,
         edge_listen: args.edge_listen,
