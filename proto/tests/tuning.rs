@@ -338,3 +338,38 @@ fn failed_authentication_is_535_and_plain_before_tls_is_538() {
         "{reply}"
     );
 }
+
+/// Failed exchanges are bounded per session, also when a client keeps sending blobs on the
+/// channel of a failed exchange (each PLAIN attempt costs the relay a PBKDF2 computation).
+#[test]
+fn a_session_gets_three_attempts_in_all() {
+    let (mut net, id) = relay(None);
+    let scram = start(1, "http://iana.org/beep/SASL/SCRAM-SHA-256", None);
+    net.inject(id, &frame("MSG", 0, 1, 52, &scram));
+    let (mut msgno, mut seqno) = (0, 0);
+    let mut send = |net: &mut RelayNet, octets: &[u8]| {
+        let payload = beep_xml(&blob(octets));
+        net.inject(id, &frame("MSG", 1, msgno, seqno, &payload));
+        msgno += 1;
+        seqno += payload.len() as u32;
+        frames(net, id, 0).pop().unwrap()
+    };
+    for attempt in 1..=3 {
+        let mut client = ScramClient::new("fred@example.com", "dabba", "nonce");
+        let challenge = send(&mut net, &client.first());
+        assert!(
+            challenge.starts_with("RPY 1 "),
+            "attempt {attempt}: {challenge}"
+        );
+        let last = client.handle_server_first(&blob_data(&challenge)).unwrap();
+        let reply = send(&mut net, &last);
+        assert!(reply.contains("code='535'"), "attempt {attempt}: {reply}");
+    }
+    // A fourth exchange, with the right password, does not even begin.
+    let client = ScramClient::new("fred@example.com", "yabba", "nonce");
+    let reply = send(&mut net, &client.first());
+    assert!(
+        reply.starts_with("ERR 1 ") && reply.contains("code='535'"),
+        "{reply}"
+    );
+}

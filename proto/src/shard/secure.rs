@@ -364,6 +364,12 @@ impl ShardCore {
             return Step::Failed;
         };
         let secured = c.secured.get_or_insert_with(Box::default);
+        if secured.authenticated || secured.failures >= MAX_SASL_FAILURES {
+            // Another round on a channel whose exchange ended: no new exchange starts here
+            // (BEEP-52), and failures stay counted.
+            secured.sasl = None;
+            return Step::Failed;
+        }
         let lookup = |name: &str| users.verifier(name).cloned();
         let outcome = match mechanism {
             SCRAM => {
