@@ -16,6 +16,10 @@ use subtle::ConstantTimeEq as _;
 /// PBKDF2 iterations `apexd passwd` uses (RFC 7677 §4's minimum).
 pub const DEFAULT_ITERATIONS: u32 = 4096;
 
+/// The most iterations a client computes for a server: a hostile server must not make it
+/// spend minutes of CPU (a few seconds at this count).
+pub const MAX_CLIENT_ITERATIONS: u32 = 10_000_000;
+
 /// What a server stores for one user (RFC 5802 §3): enough to check a proof, not to make one.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ScramVerifier {
@@ -465,7 +469,7 @@ impl ScramClient {
         let iterations: u32 = iterations
             .parse()
             .ok()
-            .filter(|i| *i > 0)
+            .filter(|i| (1..=MAX_CLIENT_ITERATIONS).contains(i))
             .ok_or(ClientError("bad iteration count"))?;
         let salted = salted_password(self.password.as_bytes(), &salt, iterations);
         let client_key = hmac_sha256(&salted, b"Client Key");
@@ -559,6 +563,9 @@ mod tests {
         );
         client.verify_server_final(SERVER_FINAL.as_bytes()).unwrap();
         assert!(client.verify_server_final(b"v=AAAA").is_err());
+        let mut greedy = ScramClient::new("user", "pencil", "rOprNGfwEbeRWgbNEkqO");
+        let too_many = SERVER_FIRST.replace("i=4096", "i=4000000000");
+        assert!(greedy.handle_server_first(too_many.as_bytes()).is_err());
     }
 
     #[test]

@@ -176,6 +176,8 @@ pub struct ShardCore {
     security: Security,
     /// A tuning request paused a session's input and was answered: read the rest now.
     retry_input: bool,
+    /// TLS began on a connection during the current input.
+    tls_began: bool,
 }
 
 impl ShardCore {
@@ -212,6 +214,7 @@ impl ShardCore {
             withholding: None,
             security: Security::default(),
             retry_input: false,
+            tls_began: false,
         }
     }
 
@@ -329,9 +332,10 @@ impl ShardCore {
         if self.conns.get(&conn).is_some_and(|c| c.secured.is_some()) {
             return self.handle_secured_input(conn, read_buf, now);
         }
+        self.tls_began = false;
         self.feed(conn, read_buf, now)?;
-        if !read_buf.is_empty() && self.conns.get(&conn).is_some_and(|c| c.secured.is_some()) {
-            // A tuning request stopped the session mid-buffer; TLS may have begun.
+        if std::mem::take(&mut self.tls_began) && !read_buf.is_empty() {
+            // TLS began in the middle of the buffer: the rest is the handshake.
             return self.handle_secured_input(conn, read_buf, now);
         }
         Ok(())
@@ -430,27 +434,27 @@ impl ShardCore {
             }
             self.relay.handle_session_event(conn, session, event);
         }
-        if !tuning.is_empty() {
-            for event in tuning {
-                self.handle_tuning_event(conn, event);
-            }
-            let Some(c) = self.conns.get_mut(&conn) else {
-                return;
-            };
-            if !c.woken
-                && (c.session.has_output() || c.secured.as_ref().is_some_and(|s| s.has_output()))
-            {
+        if tuning.is_empty() {
+            if session.has_output() && !c.woken {
                 c.woken = true;
                 self.woken.push_back(conn);
+            }
+            if !c.backlogs.is_empty() {
+                // Replies may have made room for what waits.
+                self.drain(conn, now);
             }
             self.execute(now);
             return;
         }
+        for event in tuning {
+            self.handle_tuning_event(conn, event);
+        }
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        let session = &mut c.session;
-        if session.has_output() && !c.woken {
+        if !c.woken
+            && (c.session.has_output() || c.secured.as_ref().is_some_and(|s| s.has_output()))
+        {
             c.woken = true;
             self.woken.push_back(conn);
         }

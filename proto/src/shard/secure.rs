@@ -536,6 +536,7 @@ impl ShardCore {
         while c.session.poll_transmit(&mut secured.preamble) > 0 {}
         secured.tls = Some(tls);
         secured.handshaking = true;
+        self.tls_began = true;
         self.wake(conn);
     }
 
@@ -624,7 +625,9 @@ impl ShardCore {
         };
         let old = std::mem::replace(&mut c.session, Session::new(role, config));
         self.assembling = self.assembling.saturating_sub(old.assembling());
-        if let Some(names) = names {
+        if let Some(names) = names.filter(|_| c.link.is_none()) {
+            // A peer's client certificate (a link's peer is the server, verified by rustls
+            // against the domain the link routes to).
             secured.certified = true;
             secured.certificate_emails = names.emails;
             self.relay.certified(conn, names.domains);
