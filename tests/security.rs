@@ -597,3 +597,64 @@ fn without_a_verifiable_certificate_the_bind_is_refused() {
         "delivered without a proven bind"
     );
 }
+
+/// Misbehaving TLS peers beside a healthy pair: clients that stop in the middle of the
+/// handshake and clients that send garbage instead of TLS records. The garbage ends only its
+/// own sessions; the healthy pair's messages flow meanwhile.
+#[test]
+fn broken_tls_peers_do_not_disturb_a_healthy_pair() {
+    use std::io::{Read, Write};
+    let scratch = Scratch::new("broken-tls");
+    let lab = Lab::new();
+    let (cert, key, _) = lab.files(&scratch, "example.com");
+    let relay = Relay::start_with(&[
+        "--domain", "example.com", "--shards", "2", "--tls-cert", &cert, "--tls-key", &key,
+    ]);
+    let ready = |stream: &mut std::net::TcpStream| {
+        let start = "Content-Type: application/beep+xml\r\n\r\n<start number='1'><profile uri='http://iana.org/beep/TLS'><![CDATA[<ready />]]></profile></start>";
+        let greeting = "RPY 0 0 . 0 52\r\nContent-Type: application/beep+xml\r\n\r\n<greeting />\r\nEND\r\n";
+        let frame = format!("{greeting}MSG 0 1 . 52 {}\r\n{start}END\r\n", start.len());
+        stream.write_all(frame.as_bytes()).unwrap();
+    };
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        let mut s = std::net::TcpStream::connect(relay.edge).unwrap();
+        ready(&mut s);
+        // Half of a TLS record header, then nothing.
+        s.write_all(&[0x16, 0x03]).unwrap();
+        stalled.push(s);
+    }
+    let mut garbage = Vec::new();
+    for _ in 0..10 {
+        let mut s = std::net::TcpStream::connect(relay.edge).unwrap();
+        ready(&mut s);
+        std::thread::sleep(Duration::from_millis(5));
+        s.write_all(b"MSG 0 2 . 200 10\r\nnot TLS at all\r\nEND\r\n").unwrap();
+        garbage.push(s);
+    }
+    let mut barney = Client::connect(relay.edge);
+    barney.greet();
+    assert_eq!(barney.attach("barney@example.com").1, "<ok />");
+    let mut fred = Client::connect(relay.edge);
+    fred.greet();
+    let (channel, _) = fred.attach("fred@example.com");
+    for i in 0..200 {
+        let data = DataBuilder::new("fred@example.com")
+            .to("barney@example.com")
+            .text(&format!("message {i}"));
+        assert!(fred.request(channel, data.clone()).0);
+        assert_eq!(barney.receive(), data);
+    }
+    for mut s in garbage {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 4096];
+        let ended = loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break true,
+                Ok(_) => continue,
+            }
+        };
+        assert!(ended, "a session sending garbage for TLS was not ended");
+    }
+    drop(stalled);
+}
