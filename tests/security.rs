@@ -1,7 +1,8 @@
 //! TLS, SASL and authorization end to end (issue "Security"; RFC 3080 §3-4, RFC 3340 §4.5,
 //! APEX-47): the real binary with certificates and a users file, driven by an independent
 //! client (Python's ssl and a hand-written SCRAM in `tests/tls_client.py`; OpenSSL's
-//! `s_client`) and by the protocol core's own client for byte-level refusals.
+//! `s_client`), by the protocol core's own client for byte-level refusals, and by the `apex`
+//! command-line client.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -608,11 +609,19 @@ fn broken_tls_peers_do_not_disturb_a_healthy_pair() {
     let lab = Lab::new();
     let (cert, key, _) = lab.files(&scratch, "example.com");
     let relay = Relay::start_with(&[
-        "--domain", "example.com", "--shards", "2", "--tls-cert", &cert, "--tls-key", &key,
+        "--domain",
+        "example.com",
+        "--shards",
+        "2",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
     ]);
     let ready = |stream: &mut std::net::TcpStream| {
         let start = "Content-Type: application/beep+xml\r\n\r\n<start number='1'><profile uri='http://iana.org/beep/TLS'><![CDATA[<ready />]]></profile></start>";
-        let greeting = "RPY 0 0 . 0 52\r\nContent-Type: application/beep+xml\r\n\r\n<greeting />\r\nEND\r\n";
+        let greeting =
+            "RPY 0 0 . 0 52\r\nContent-Type: application/beep+xml\r\n\r\n<greeting />\r\nEND\r\n";
         let frame = format!("{greeting}MSG 0 1 . 52 {}\r\n{start}END\r\n", start.len());
         stream.write_all(frame.as_bytes()).unwrap();
     };
@@ -629,7 +638,8 @@ fn broken_tls_peers_do_not_disturb_a_healthy_pair() {
         let mut s = std::net::TcpStream::connect(relay.edge).unwrap();
         ready(&mut s);
         std::thread::sleep(Duration::from_millis(5));
-        s.write_all(b"MSG 0 2 . 200 10\r\nnot TLS at all\r\nEND\r\n").unwrap();
+        s.write_all(b"MSG 0 2 . 200 10\r\nnot TLS at all\r\nEND\r\n")
+            .unwrap();
         garbage.push(s);
     }
     let mut barney = Client::connect(relay.edge);
@@ -657,4 +667,164 @@ fn broken_tls_peers_do_not_disturb_a_healthy_pair() {
         assert!(ended, "a session sending garbage for TLS was not ended");
     }
     drop(stalled);
+}
+
+/// Runs the `apex` command-line client with `args` (`APEX_PASSWORD` set to `password` when
+/// given); returns whether it exited 0, its standard output and its standard error.
+fn apex_cli(args: &[&str], password: Option<&str>) -> (bool, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_apex"));
+    command.args(args).env_remove("APEX_PASSWORD");
+    if let Some(password) = password {
+        command.env("APEX_PASSWORD", password);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The `apex` client against a relay that requires authentication: barney attaches and fred
+/// sends to him, both over TLS (verified against the lab CA) after SCRAM-SHA-256, fred asking
+/// for the status; then fred again with PLAIN under TLS and the password from `APEX_PASSWORD`.
+#[test]
+fn apex_cli_attaches_and_sends_over_tls_after_scram() {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::Stdio;
+    let scratch = Scratch::new("cli");
+    let lab = Lab::new();
+    let (relay, ca) = secured_relay(&scratch, &lab, &[]);
+    let edge = relay.edge.to_string();
+    let barney_password = scratch.write("barney.password", "rubble\n");
+    let fred_password = scratch.write("fred.password", "fred's secret\nnot this line\n");
+
+    let mut barney = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["--relay", &edge, "--tls-ca", &ca])
+        .args(["--user", "barney@example.com"])
+        .args(["--password-file", &barney_password])
+        .args([
+            "attach",
+            "barney@example.com",
+            "--count",
+            "2",
+            "--timeout",
+            "20",
+        ])
+        .env_remove("APEX_PASSWORD")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(barney.stdout.take().unwrap()).lines();
+    let mut next_line = || lines.next().and_then(Result::ok).unwrap_or_default();
+    assert_eq!(next_line(), "attached barney@example.com");
+
+    let fred = [
+        "--relay",
+        &edge,
+        "--tls-ca",
+        &ca,
+        "--user",
+        "fred@example.com",
+    ];
+    let mut args = fred.to_vec();
+    args.extend([
+        "--password-file",
+        &fred_password,
+        "send",
+        "--from",
+        "fred@example.com",
+        "--to",
+        "barney@example.com",
+        "--status",
+        "hello, barney",
+    ]);
+    let (ok, out, err) = apex_cli(&args, None);
+    assert!(ok, "{out}{err}");
+    assert_eq!(out, "accepted\nstatus barney@example.com 250\n", "{err}");
+    assert_eq!(
+        next_line(),
+        "from=fred@example.com to=barney@example.com content=hello, barney"
+    );
+
+    let mut args = fred.to_vec();
+    args.extend([
+        "--mechanism",
+        "PLAIN",
+        "send",
+        "--from",
+        "fred/appl=cli@example.com",
+        "--to",
+        "barney@example.com",
+        "over PLAIN",
+    ]);
+    let (ok, out, err) = apex_cli(&args, Some("fred's secret"));
+    assert!(ok, "{out}{err}");
+    assert_eq!(out, "accepted\n", "{err}");
+    assert_eq!(
+        next_line(),
+        "from=fred/appl=cli@example.com to=barney@example.com content=over PLAIN"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = barney.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = barney.kill();
+            let _ = barney.wait();
+            panic!("apex attach did not exit after --count 2");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
+
+/// How the `apex` client reports what a secured relay refuses: a wrong password (535), no
+/// authentication (530), a certificate for another name, and `--tls` against a relay without
+/// TLS; each exits with status 1.
+#[test]
+fn apex_cli_reports_refusals_with_their_codes() {
+    let scratch = Scratch::new("cli-refusals");
+    let lab = Lab::new();
+    let (relay, ca) = secured_relay(&scratch, &lab, &[]);
+    let edge = relay.edge.to_string();
+    let tls = ["--relay", edge.as_str(), "--tls-ca", ca.as_str()];
+    let attach = ["attach", "fred@example.com", "--timeout", "0.2"];
+
+    let mut args = tls.to_vec();
+    args.extend(["--user", "fred@example.com"]);
+    args.extend(attach);
+    let (ok, out, err) = apex_cli(&args, Some("guess"));
+    assert!(!ok);
+    assert_eq!(out, "error 535 authentication failed\n", "{err}");
+    assert!(
+        err.contains("the relay refused to authenticate fred@example.com"),
+        "{err}"
+    );
+
+    let mut args = tls.to_vec();
+    args.extend(attach);
+    let (ok, out, err) = apex_cli(&args, None);
+    assert!(!ok);
+    assert_eq!(out, "error 530 authentication required\n", "{err}");
+
+    let mut args = tls.to_vec();
+    args.extend(["--tls-name", "rubble.com"]);
+    args.extend(attach);
+    let (ok, out, err) = apex_cli(&args, None);
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(
+        err.contains("'rubble.com'") && err.contains("certificate not valid for name"),
+        "{err}"
+    );
+
+    let plain = Relay::start_with(&["--domain", "example.com", "--shards", "1"]);
+    let plain_edge = plain.edge.to_string();
+    let mut args = vec!["--relay", plain_edge.as_str(), "--tls-ca", ca.as_str()];
+    args.extend(attach);
+    let (ok, out, err) = apex_cli(&args, None);
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(err.contains("the relay does not offer TLS"), "{err}");
 }

@@ -1,19 +1,38 @@
 //! `apex`: a command-line APEX endpoint (RFC 3340) for talking to a relay over BEEP.
 //!
 //! ```text
-//! apex --relay HOST:PORT attach NAME [--count N] [--timeout SECS]
-//! apex --relay HOST:PORT send --from NAME --to NAME [--to NAME...] [--status] [--timeout SECS] TEXT|-
+//! apex --relay HOST:PORT [SECURITY] attach NAME [--count N] [--timeout SECS]
+//! apex --relay HOST:PORT [SECURITY] send --from NAME --to NAME [--to NAME...] [--status] [--timeout SECS] TEXT|-
+//!
+//! SECURITY: [--tls] [--tls-ca PEM] [--tls-name NAME]
+//!           [--user NAME@DOMAIN [--password-file FILE] [--mechanism SCRAM-SHA-256|PLAIN]]
 //! ```
 //!
-//! Both commands connect, exchange greetings and start channel 1 with the APEX profile,
+//! Both commands connect, exchange greetings and start a channel with the APEX profile,
 //! piggybacking `<attach endpoint='NAME' transID='1' />` (RFC 3340 §4.2). `attach` then
 //! prints `attached NAME` and one line per delivered `data`; `send` sends one `data` and prints
 //! `accepted` or `error CODE TEXT`, then, with `--status`, one `status IDENTITY CODE TEXT` line per
 //! destination of the relay's statusResponse (RFC 3340 §5.1, §6.2). Blocking std
 //! networking over the sans-IO session of `apex-proto`; no async runtime.
+//!
+//! Before the attach, the session can be tuned (RFC 3080 §3-4), as a relay with `--users`
+//! requires (an attach without authentication gets 530):
+//!
+//! - `--tls` (implied by `--tls-ca` and `--tls-name`) starts TLS right after the greetings
+//!   (`<ready />` piggybacked on the TLS profile's `start`, `<proceed />` in its reply), as the
+//!   TLS client, and greets again over it; it fails when the relay does not offer TLS. The
+//!   relay's certificate must name `--tls-name` (default: the domain of the endpoint attached
+//!   as, or the host of `--relay` when that domain is an address literal) and be signed by a
+//!   root in `--tls-ca` (default: the system's roots).
+//! - `--user NAME@DOMAIN` authenticates with SASL SCRAM-SHA-256, checking the relay's server
+//!   signature too (mutual authentication), or with `--mechanism PLAIN` (only with TLS). The
+//!   password is the first line of `--password-file FILE`, else the environment variable
+//!   `APEX_PASSWORD`, never an argument. A refusal prints `error CODE TEXT` (e.g.
+//!   `error 535 authentication failed`) and exits with status 1.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,6 +45,10 @@ use apex_proto::apex::client::{
     parse_piggybacked_answer, Answer, Content, DataBuilder, Incoming,
 };
 use apex_proto::apex::msg::{error_payload, Data};
+use apex_proto::auth::scram::{fresh_nonce, ScramClient};
+use apex_proto::beep::mgmt::{ErrorElement, Greeting, ProfileOffer};
+use apex_proto::beep::tuning::{self, BlobStatus, TuningElement};
+use apex_proto::tls::{crypto_provider, TlsLayer};
 use apex_proto::{xml, Event, ReplyKind, Role, Session, SessionConfig};
 use bytes::{Bytes, BytesMut};
 use clap::{Parser, Subcommand};
@@ -61,8 +84,52 @@ struct Cli {
     /// (default: 10).
     #[arg(long, global = true, value_name = "SECS", value_parser = parse_secs)]
     timeout: Option<Duration>,
+    /// Start TLS right after the greetings and greet again over it (RFC 3080 §3.1); fails when
+    /// the relay does not offer TLS.
+    #[arg(long, global = true)]
+    tls: bool,
+    /// PEM file of the root certificates that verify the relay's certificate (implies --tls;
+    /// default: the system's roots).
+    #[arg(long, global = true, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// The name the relay's certificate must carry (implies --tls; default: the domain of the
+    /// endpoint attached as, or the host of --relay when that domain is an address literal).
+    #[arg(long, global = true, value_name = "NAME")]
+    tls_name: Option<String>,
+    /// Authenticate as this user with SASL before attaching. The password is the first line of
+    /// --password-file, else the environment variable APEX_PASSWORD.
+    #[arg(long, global = true, value_name = "NAME@DOMAIN")]
+    user: Option<String>,
+    /// File whose first line is --user's password.
+    #[arg(long, global = true, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// SASL mechanism for --user: SCRAM-SHA-256 (the default; the relay proves it knows the
+    /// credentials too) or PLAIN (sends the password, so only under TLS).
+    #[arg(long, global = true, value_enum, value_name = "MECHANISM")]
+    mechanism: Option<Mechanism>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// A SASL mechanism `apex` can authenticate with (RFC 3080 §4.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mechanism {
+    /// SCRAM-SHA-256 (RFC 5802, RFC 7677).
+    #[value(name = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// PLAIN (RFC 4616).
+    #[value(name = "PLAIN")]
+    Plain,
+}
+
+impl Mechanism {
+    /// Its IANA name, which ends its BEEP profile URI.
+    fn name(self) -> &'static str {
+        match self {
+            Mechanism::ScramSha256 => "SCRAM-SHA-256",
+            Mechanism::Plain => "PLAIN",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,11 +202,14 @@ fn run(cli: Cli) -> Result<Status> {
     }
     let io_timeout = cli.connect_timeout;
     let stdout = std::io::stdout();
-    match cli.command {
+    let env_password = std::env::var("APEX_PASSWORD").ok();
+    match &cli.command {
         Command::Attach { name, count } => {
+            let name = endpoint(name)?;
             let opts = AttachOpts {
-                name: endpoint(&name)?,
-                count,
+                security: resolve_security(&cli, &name, env_password)?,
+                name,
+                count: *count,
                 idle: cli.timeout,
                 io_timeout,
             };
@@ -152,12 +222,19 @@ fn run(cli: Cli) -> Result<Status> {
             status,
             text,
         } => {
-            let text = if text == "-" { read_stdin()? } else { text };
+            let from = endpoint(from)?;
+            let security = resolve_security(&cli, &from, env_password)?;
+            let text = if text == "-" {
+                read_stdin()?
+            } else {
+                text.clone()
+            };
             check_xml_chars(&text)?;
             let opts = SendOpts {
-                from: endpoint(&from)?,
+                from,
                 to: to.iter().map(|t| endpoint(t)).collect::<Result<_>>()?,
                 status: status.then(status_trans_id),
+                security,
                 text,
                 status_timeout: cli.timeout.unwrap_or(DEFAULT_STATUS_TIMEOUT),
                 io_timeout,
@@ -166,6 +243,165 @@ fn run(cli: Cli) -> Result<Status> {
             run_send(stream, &opts, stop, &mut stdout.lock())
         }
     }
+}
+
+/// How a session is tuned before the attach.
+#[derive(Debug, Default)]
+struct Security {
+    /// TLS right after the greetings.
+    tls: Option<TlsOpts>,
+    /// SASL authentication (after TLS, when both are asked for).
+    auth: Option<Credentials>,
+}
+
+/// What TLS with the relay verifies.
+#[derive(Debug)]
+struct TlsOpts {
+    config: Arc<rustls::ClientConfig>,
+    /// The name the relay's certificate must carry.
+    name: String,
+}
+
+/// Who `--user` is.
+struct Credentials {
+    user: String,
+    password: String,
+    mechanism: Mechanism,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("mechanism", &self.mechanism)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The tuning the command line asks for when attaching as `me`; `env_password` is
+/// `APEX_PASSWORD`.
+fn resolve_security(cli: &Cli, me: &Endpoint, env_password: Option<String>) -> Result<Security> {
+    let tls = cli.tls || cli.tls_ca.is_some() || cli.tls_name.is_some();
+    let auth = match &cli.user {
+        None => {
+            if cli.password_file.is_some() || cli.mechanism.is_some() {
+                bail!("--password-file and --mechanism go with --user");
+            }
+            None
+        }
+        Some(user) => {
+            let user = endpoint(user)
+                .map_err(|_| anyhow!("--user must be NAME@DOMAIN, not '{user}'"))?
+                .as_str()
+                .to_owned();
+            let mechanism = cli.mechanism.unwrap_or(Mechanism::ScramSha256);
+            if mechanism == Mechanism::Plain && !tls {
+                bail!("--mechanism PLAIN sends the password, so it needs --tls (or use SCRAM-SHA-256)");
+            }
+            let password = password(cli.password_file.as_deref(), env_password)?;
+            Some(Credentials {
+                user,
+                password,
+                mechanism,
+            })
+        }
+    };
+    let tls = if tls {
+        let name = match &cli.tls_name {
+            Some(name) => name.clone(),
+            None => default_tls_name(me, &cli.relay)?,
+        };
+        rustls::pki_types::ServerName::try_from(name.as_str())
+            .map_err(|e| anyhow!("'{name}' cannot name a TLS server: {e}"))?;
+        Some(TlsOpts {
+            config: tls_config(cli.tls_ca.as_deref())?,
+            name,
+        })
+    } else {
+        None
+    };
+    Ok(Security { tls, auth })
+}
+
+/// The first line of `file`, else `env` (`APEX_PASSWORD`).
+fn password(file: Option<&Path>, env: Option<String>) -> Result<String> {
+    let password = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the password file {}", path.display()))?;
+            text.lines().next().unwrap_or_default().to_owned()
+        }
+        None => env.ok_or_else(|| {
+            anyhow!("--user needs a password: --password-file FILE or the environment variable APEX_PASSWORD")
+        })?,
+    };
+    if password.is_empty() {
+        match file {
+            Some(path) => bail!(
+                "the password file {} starts with an empty line",
+                path.display()
+            ),
+            None => bail!("APEX_PASSWORD is empty"),
+        }
+    }
+    Ok(password)
+}
+
+/// The name the relay's certificate is checked for by default: the endpoint's domain (a
+/// relay's certificate names the APEX domain it serves), or, for an address literal, the host
+/// of `relay` when that is a name.
+fn default_tls_name(me: &Endpoint, relay: &str) -> Result<String> {
+    if !me.is_domain_literal() {
+        return Ok(me.domain().to_owned());
+    }
+    let host = match relay.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => relay,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.parse::<IpAddr>().is_ok() {
+        bail!(
+            "cannot tell which name the relay's certificate carries ({} and {relay} are addresses): give --tls-name",
+            me.domain()
+        );
+    }
+    Ok(host.to_owned())
+}
+
+/// A TLS client configuration trusting the roots in `ca`, else the system's.
+fn tls_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("cannot read the CA file {}", path.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow!("{}: not a PEM certificate: {e}", path.display()))?;
+            if certs.is_empty() {
+                bail!("{}: no PEM certificate in it", path.display());
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| anyhow!("{}: unusable root certificate: {e}", path.display()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                bail!("no root certificates found on this system: give the relay's CA with --tls-ca PEM");
+            }
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .context("configuring TLS")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 fn endpoint(text: &str) -> Result<Endpoint> {
@@ -242,10 +478,15 @@ enum Wait {
     Interrupted,
 }
 
-/// One BEEP session over a blocking TCP stream.
+/// One BEEP session over a blocking TCP stream, through TLS once it began.
 struct Peer {
     stream: TcpStream,
     session: Session,
+    /// TLS between the socket and the session, once `proceed` came.
+    tls: Option<TlsLayer>,
+    /// Octets read and not yet taken by TLS.
+    cipher: BytesMut,
+    /// Plaintext for the session.
     inbox: BytesMut,
     stop: Arc<AtomicBool>,
     /// Whether `wait` reports a raised stop flag (not while detaching).
@@ -266,6 +507,8 @@ impl Peer {
         Ok(Self {
             stream,
             session,
+            tls: None,
+            cipher: BytesMut::new(),
             inbox: BytesMut::with_capacity(16 * 1024),
             stop,
             interruptible: true,
@@ -281,10 +524,18 @@ impl Peer {
         )
     }
 
-    /// Writes everything the session has to send.
+    /// Writes everything the session has to send (encrypted, under TLS), and what TLS itself
+    /// has to send.
     fn flush(&mut self) -> Result<()> {
         let mut out = BytesMut::new();
         while self.session.poll_transmit(&mut out) > 0 {}
+        if let Some(tls) = self.tls.as_mut() {
+            if !out.is_empty() {
+                tls.send(&out).map_err(|e| anyhow!("TLS failed: {}", e.0))?;
+                out.clear();
+            }
+            tls.transmit(&mut out);
+        }
         if !out.is_empty() {
             self.stream
                 .write_all(&out)
@@ -319,12 +570,7 @@ impl Peer {
                 .context("configuring the socket")?;
             match self.stream.read(&mut buf) {
                 Ok(0) => bail!("connection closed by the relay"),
-                Ok(n) => {
-                    self.inbox.extend_from_slice(&buf[..n]);
-                    self.session
-                        .handle_input(&mut self.inbox, Instant::now())
-                        .map_err(|e| anyhow!("BEEP protocol error from the relay: {e}"))?;
-                }
+                Ok(n) => self.input(&buf[..n])?,
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -333,6 +579,51 @@ impl Peer {
                 Err(e) => return Err(e).context("reading from the relay"),
             }
         }
+    }
+
+    /// Takes octets read from the socket: through TLS when it runs, then to the session.
+    fn input(&mut self, octets: &[u8]) -> Result<()> {
+        match self.tls.as_mut() {
+            None => self.inbox.extend_from_slice(octets),
+            Some(tls) => {
+                self.cipher.extend_from_slice(octets);
+                if let Err(e) = tls.receive(&mut self.cipher, &mut self.inbox) {
+                    // Tell the relay why (a TLS alert), as far as the socket lets us.
+                    let mut alert = BytesMut::new();
+                    tls.transmit(&mut alert);
+                    let _ = self.stream.write_all(&alert);
+                    bail!("TLS failed: {}", e.0);
+                }
+            }
+        }
+        self.feed()
+    }
+
+    /// Hands the plaintext received to the session.
+    fn feed(&mut self) -> Result<()> {
+        self.session
+            .handle_input(&mut self.inbox, Instant::now())
+            .map_err(|e| anyhow!("BEEP protocol error from the relay: {e}"))
+    }
+
+    /// Reads on after a tuning step (the session stops at each, RFC 3080 §3-4).
+    fn resume(&mut self) -> Result<()> {
+        if self.session.input_paused() {
+            self.session.resume_input();
+            self.feed()?;
+        }
+        Ok(())
+    }
+
+    /// `proceed` came: TLS begins on the stream, as its client, under a fresh session
+    /// (RFC 3080 §3.1.3). What the relay sent after `proceed` is its TLS already.
+    fn begin_tls(&mut self, opts: &TlsOpts) -> Result<()> {
+        let tls = TlsLayer::client(opts.config.clone(), &opts.name)
+            .map_err(|e| anyhow!("cannot begin TLS: {}", e.0))?;
+        self.cipher = std::mem::take(&mut self.inbox);
+        self.tls = Some(tls);
+        self.session = Session::new(Role::Initiator, SessionConfig::default());
+        self.input(&[])
     }
 
     fn rpy_ok(&mut self, channel: u32, msgno: u32) -> Result<()> {
@@ -399,6 +690,9 @@ impl Peer {
                 _ => {}
             }
         }
+        if let Some(tls) = self.tls.as_mut() {
+            tls.close();
+        }
         self.flush()?;
         let _ = self.stream.shutdown(Shutdown::Write);
         Ok(())
@@ -423,31 +717,297 @@ enum Attach {
     Refused,
 }
 
-/// Greets, starts the APEX channel with a piggybacked attach as `name` and checks the answer.
-/// A refusal prints `error CODE TEXT` on `out`, detaches and returns [`Attach::Refused`].
-fn handshake(
-    peer: &mut Peer,
-    name: &Endpoint,
-    io: Duration,
-    out: &mut impl Write,
-) -> Result<Attach> {
+/// Waits for the relay's greeting.
+fn greet(peer: &mut Peer, io: Duration) -> Result<Greeting> {
     let deadline = Instant::now() + io;
     loop {
         match peer.wait(Some(deadline))? {
-            Wait::Event(Event::Greeting(greeting)) => {
-                if !greeting.profiles.iter().any(|p| p == APEX) {
-                    bail!(
-                        "the relay does not offer the APEX profile (it offers: {})",
-                        greeting.profiles.join(" ")
-                    );
-                }
-                break;
-            }
+            Wait::Event(Event::Greeting(greeting)) => return Ok(greeting),
             Wait::Event(_) => {}
             Wait::Timeout => bail!("timed out waiting for the relay's BEEP greeting"),
             Wait::Interrupted => bail!("interrupted"),
         }
     }
+}
+
+/// The profiles of a greeting, for messages.
+fn offered(greeting: &Greeting) -> String {
+    if greeting.profiles.is_empty() {
+        "nothing".to_owned()
+    } else {
+        greeting.profiles.join(" ")
+    }
+}
+
+/// Starts TLS (RFC 3080 §3.1): a channel with the TLS profile and `<ready />` piggybacked,
+/// `<proceed />` in the reply, the handshake verifying the relay's certificate, then the
+/// greetings again, over TLS. Returns the new greeting.
+fn start_tls(
+    peer: &mut Peer,
+    greeting: &Greeting,
+    opts: &TlsOpts,
+    io: Duration,
+) -> Result<Greeting> {
+    if !greeting.profiles.iter().any(|p| p == tuning::TLS_PROFILE) {
+        bail!(
+            "the relay does not offer TLS (it offers: {})",
+            offered(greeting)
+        );
+    }
+    let offer = ProfileOffer {
+        uri: tuning::TLS_PROFILE.to_owned(),
+        content: Some(Bytes::from_static(tuning::READY.as_bytes())),
+    };
+    let channel = peer
+        .session
+        .start_channel(vec![offer], None)
+        .map_err(|e| anyhow!("cannot start a channel: {e}"))?;
+    let deadline = Instant::now() + io;
+    let mut ready_msgno = None;
+    // The answer to `ready`: proceed, or why not.
+    let answer = loop {
+        match peer.wait(Some(deadline))? {
+            Wait::Event(Event::ChannelStarted {
+                channel: c,
+                content,
+                ..
+            }) if c == channel => match content {
+                Some(content) => break content,
+                None => {
+                    // The relay ignored the piggyback: `ready` as a MSG (RFC 3080 §3.1.1).
+                    peer.resume()?;
+                    let ready = tuning::entity(tuning::READY);
+                    let msgno = peer
+                        .session
+                        .send_msg(channel, ready)
+                        .map_err(|e| anyhow!("cannot send ready: {e}"))?;
+                    ready_msgno = Some(msgno);
+                }
+            },
+            Wait::Event(Event::StartRefused { channel: c, error }) if c == channel => bail!(
+                "the relay refused to start TLS: {}",
+                code_text(error.code, &error.text)
+            ),
+            Wait::Event(Event::Reply {
+                channel: c,
+                msgno,
+                payload,
+                ..
+            }) if c == channel && Some(msgno) == ready_msgno => break payload,
+            Wait::Event(_) => {}
+            Wait::Timeout => bail!("timed out waiting for the relay to answer TLS ready"),
+            Wait::Interrupted => bail!("interrupted"),
+        }
+    };
+    match tuning::parse(&answer, XML_DEPTH, XML_ATTRIBUTES) {
+        Ok(TuningElement::Proceed) => {}
+        Ok(TuningElement::Error(error)) => bail!(
+            "the relay refused to start TLS: {}",
+            code_text(error.code, &error.text)
+        ),
+        _ => bail!(
+            "unexpected answer to TLS ready: {}",
+            String::from_utf8_lossy(&answer)
+        ),
+    }
+    peer.begin_tls(opts)?;
+    greet(peer, io).with_context(|| {
+        format!(
+            "TLS with the relay, its certificate checked for '{}'",
+            opts.name
+        )
+    })
+}
+
+/// The first message of `credentials`' mechanism, and the SCRAM exchange it began.
+fn sasl_initial(credentials: &Credentials) -> Result<(Vec<u8>, Option<ScramClient>)> {
+    match credentials.mechanism {
+        Mechanism::ScramSha256 => {
+            let nonce = fresh_nonce().ok_or_else(|| anyhow!("no randomness for a SCRAM nonce"))?;
+            let client = ScramClient::new(&credentials.user, &credentials.password, &nonce);
+            Ok((client.first(), Some(client)))
+        }
+        Mechanism::Plain => {
+            // RFC 4616: authzid (empty: the user) NUL authcid NUL password.
+            let mut message = vec![0];
+            message.extend_from_slice(credentials.user.as_bytes());
+            message.push(0);
+            message.extend_from_slice(credentials.password.as_bytes());
+            Ok((message, None))
+        }
+    }
+}
+
+/// Authenticates with SASL (RFC 3080 §4.1): the initial response piggybacked in the `start`,
+/// for SCRAM-SHA-256 the challenge in its reply and the final response as a MSG, then
+/// `<blob status='complete'>`, whose server signature SCRAM checks. A refusal prints
+/// `error CODE TEXT` on `out`, releases the session and returns false.
+fn authenticate(
+    peer: &mut Peer,
+    greeting: &Greeting,
+    credentials: &Credentials,
+    io: Duration,
+    out: &mut impl Write,
+) -> Result<bool> {
+    let mechanism = credentials.mechanism.name();
+    let uri = tuning::sasl_profile(mechanism);
+    if !greeting.profiles.contains(&uri) {
+        bail!(
+            "the relay does not offer SASL {mechanism} (it offers: {})",
+            offered(greeting)
+        );
+    }
+    let (initial, mut scram) = sasl_initial(credentials)?;
+    let offer = ProfileOffer {
+        uri,
+        content: Some(Bytes::from(tuning::blob(BlobStatus::Continue, &initial))),
+    };
+    let channel = peer
+        .session
+        .start_channel(vec![offer], None)
+        .map_err(|e| anyhow!("cannot start a channel: {e}"))?;
+    let mut deadline = Instant::now() + io;
+    let mut step_msgno = None;
+    let mut challenged = false;
+    let send_step = |peer: &mut Peer, octets: &[u8]| -> Result<u32> {
+        let msg = tuning::entity(&tuning::blob(BlobStatus::Continue, octets));
+        peer.session
+            .send_msg(channel, msg)
+            .map_err(|e| anyhow!("cannot send a SASL step: {e}"))
+    };
+    let refusal = loop {
+        let (answer, positive) = match peer.wait(Some(deadline))? {
+            Wait::Event(Event::ChannelStarted {
+                channel: c,
+                content,
+                ..
+            }) if c == channel => {
+                peer.resume()?;
+                match content {
+                    Some(content) => (content, true),
+                    None => {
+                        // The relay ignored the piggyback: the initial response as a MSG.
+                        step_msgno = Some(send_step(peer, &initial)?);
+                        deadline = Instant::now() + io;
+                        continue;
+                    }
+                }
+            }
+            Wait::Event(Event::StartRefused { channel: c, error }) if c == channel => {
+                break error;
+            }
+            Wait::Event(Event::Reply {
+                channel: c,
+                msgno,
+                kind,
+                payload,
+            }) if c == channel && Some(msgno) == step_msgno => {
+                peer.resume()?;
+                (payload, kind == ReplyKind::Rpy)
+            }
+            Wait::Event(_) => continue,
+            Wait::Timeout => bail!("timed out waiting for the relay to answer SASL {mechanism}"),
+            Wait::Interrupted => bail!("interrupted"),
+        };
+        let element = tuning::parse(&answer, XML_DEPTH, XML_ATTRIBUTES).map_err(|e| {
+            anyhow!(
+                "unparsable SASL answer ({}): {}",
+                e.text,
+                String::from_utf8_lossy(&answer)
+            )
+        })?;
+        match element {
+            TuningElement::Error(error) => break error,
+            TuningElement::Blob {
+                status: BlobStatus::Complete,
+                data,
+            } if positive => {
+                if let Some(client) = &scram {
+                    // Mutual authentication: the server signature proves the relay holds the
+                    // verifier of this password (RFC 5802 §3).
+                    client.verify_server_final(&data).map_err(|e| {
+                        anyhow!(
+                            "the relay did not prove that it knows {}'s credentials ({}): not attaching",
+                            credentials.user,
+                            e.0
+                        )
+                    })?;
+                }
+                return Ok(true);
+            }
+            TuningElement::Blob {
+                status: BlobStatus::Continue,
+                data,
+            } if positive && !challenged => {
+                let Some(client) = scram.as_mut() else {
+                    bail!("the relay sent a challenge to SASL {mechanism}, which has none");
+                };
+                challenged = true;
+                let last = client
+                    .handle_server_first(&data)
+                    .map_err(|e| anyhow!("the relay's SCRAM challenge: {}", e.0))?;
+                step_msgno = Some(send_step(peer, &last)?);
+                deadline = Instant::now() + io;
+            }
+            _ => bail!(
+                "unexpected SASL answer: {}",
+                String::from_utf8_lossy(&answer)
+            ),
+        }
+    };
+    sasl_refused(peer, credentials, &refusal, io, out)?;
+    Ok(false)
+}
+
+/// Prints a refused authentication as `error CODE TEXT` and releases the session.
+fn sasl_refused(
+    peer: &mut Peer,
+    credentials: &Credentials,
+    error: &ErrorElement,
+    io: Duration,
+    out: &mut impl Write,
+) -> Result<()> {
+    let text = if error.text.is_empty() {
+        "authentication failed"
+    } else {
+        &error.text
+    };
+    writeln!(out, "error {}", code_text(error.code, text))?;
+    out.flush()?;
+    eprintln!(
+        "apex: the relay refused to authenticate {}",
+        credentials.user
+    );
+    let _ = peer.close(None, Instant::now() + io);
+    Ok(())
+}
+
+/// Greets, tunes the session as `security` asks (TLS, then SASL), starts the APEX channel with
+/// a piggybacked attach as `name` and checks the answer. A refusal (of the authentication or
+/// the attach) prints `error CODE TEXT` on `out`, detaches and returns [`Attach::Refused`].
+fn handshake(
+    peer: &mut Peer,
+    name: &Endpoint,
+    security: &Security,
+    io: Duration,
+    out: &mut impl Write,
+) -> Result<Attach> {
+    let mut greeting = greet(peer, io)?;
+    if let Some(tls) = &security.tls {
+        greeting = start_tls(peer, &greeting, tls, io)?;
+    }
+    if let Some(credentials) = &security.auth {
+        if !authenticate(peer, &greeting, credentials, io, out)? {
+            return Ok(Attach::Refused);
+        }
+    }
+    if !greeting.profiles.iter().any(|p| p == APEX) {
+        bail!(
+            "the relay does not offer the APEX profile (it offers: {})",
+            offered(&greeting)
+        );
+    }
+    let deadline = Instant::now() + io;
     let offer = attach_offer(name.as_str(), ATTACH_TRANS_ID);
     let channel = peer
         .session
@@ -526,6 +1086,7 @@ fn handshake(
 #[derive(Debug)]
 struct AttachOpts {
     name: Endpoint,
+    security: Security,
     count: Option<u64>,
     idle: Option<Duration>,
     io_timeout: Duration,
@@ -616,7 +1177,7 @@ fn run_attach(
 ) -> Result<Status> {
     let io = opts.io_timeout;
     let mut peer = Peer::initiator(stream, stop, io)?;
-    let channel = match handshake(&mut peer, &opts.name, io, out)? {
+    let channel = match handshake(&mut peer, &opts.name, &opts.security, io, out)? {
         Attach::Attached(channel) => channel,
         Attach::Refused => return Ok(Status::Failed),
     };
@@ -676,6 +1237,7 @@ struct SendOpts {
     to: Vec<Endpoint>,
     /// The statusRequest transID, when `--status` was given.
     status: Option<u32>,
+    security: Security,
     text: String,
     status_timeout: Duration,
     io_timeout: Duration,
@@ -700,7 +1262,7 @@ fn run_send(
 ) -> Result<Status> {
     let io = opts.io_timeout;
     let mut peer = Peer::initiator(stream, stop, io)?;
-    let channel = match handshake(&mut peer, &opts.from, io, out)? {
+    let channel = match handshake(&mut peer, &opts.from, &opts.security, io, out)? {
         Attach::Attached(channel) => channel,
         Attach::Refused => return Ok(Status::Failed),
     };
@@ -993,6 +1555,7 @@ mod tests {
     fn attach_opts(name: &str, count: Option<u64>, idle: Option<Duration>) -> AttachOpts {
         AttachOpts {
             name: ep(name),
+            security: Security::default(),
             count,
             idle,
             io_timeout: IO,
@@ -1145,6 +1708,7 @@ mod tests {
             from: ep("fred@example.com"),
             to: to.iter().map(|t| ep(t)).collect(),
             status,
+            security: Security::default(),
             text: text.to_owned(),
             status_timeout: Duration::from_secs(5),
             io_timeout: IO,
@@ -1346,6 +1910,346 @@ mod tests {
         assert!(check_xml_chars("nul\0").is_err());
         let id = status_trans_id();
         assert!((1..=0x7FFF_FFFF).contains(&id));
+    }
+
+    /// What the fake SCRAM relay saw, in order.
+    type Steps = Vec<String>;
+
+    /// A one-connection relay offering SASL SCRAM-SHA-256 with user fred (password "yabba"),
+    /// as apexd runs it: the client-first message piggybacked in the `start`, the challenge
+    /// in its reply, the client-final as a MSG answered with `<blob status='complete'>` (with
+    /// a wrong server signature when `forge`) or ERR 535; then the attach, answered `ok` only
+    /// after success.
+    fn fake_scram_relay(forge: bool) -> (SocketAddr, JoinHandle<Steps>) {
+        use apex_proto::auth::scram::{SaslStep, ScramServer, ScramVerifier};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let scram = tuning::sasl_profile("SCRAM-SHA-256");
+            let config = SessionConfig {
+                profiles: vec![APEX.to_owned(), scram.clone()],
+                ..SessionConfig::default()
+            };
+            let verifier = ScramVerifier::from_password("yabba", b"salt", 4096);
+            let lookup = |name: &str| (name == "fred@example.com").then(|| verifier.clone());
+            let session = Session::new(Role::Listener, config);
+            let mut peer = Peer::new(stream, session, stop(), IO).unwrap();
+            let mut server = ScramServer::new("server-nonce".to_owned());
+            let mut authenticated = false;
+            let mut steps = Steps::new();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let event = match peer.wait(Some(deadline)) {
+                    Ok(Wait::Event(event)) => event,
+                    _ => break,
+                };
+                match event {
+                    Event::StartRequested(request) if request.profiles[0].uri == scram => {
+                        let content = request.profiles[0].content.clone().unwrap();
+                        let Ok(TuningElement::Blob { data, .. }) = tuning::parse(&content, 8, 8)
+                        else {
+                            panic!("no blob in the start")
+                        };
+                        steps.push(format!("start {}", String::from_utf8_lossy(&data)));
+                        let SaslStep::Challenge(challenge) = server.step(&data, lookup) else {
+                            panic!("no challenge")
+                        };
+                        let reply = tuning::blob(BlobStatus::Continue, &challenge);
+                        peer.session
+                            .accept_start(request.id, &scram, Some(reply.into()))
+                            .unwrap();
+                        peer.resume().unwrap();
+                    }
+                    Event::StartRequested(request) => {
+                        let content = request.profiles[0].content.clone().unwrap();
+                        steps.push(format!("attach {}", String::from_utf8_lossy(&content)));
+                        let answer = if authenticated {
+                            "<ok />"
+                        } else {
+                            "<error code='530'>authentication required</error>"
+                        };
+                        peer.session
+                            .accept_start(request.id, APEX, Some(Bytes::from(answer)))
+                            .unwrap();
+                    }
+                    Event::Message {
+                        channel,
+                        msgno,
+                        payload,
+                    } => {
+                        let Ok(TuningElement::Blob { data, .. }) = tuning::parse(&payload, 8, 8)
+                        else {
+                            panic!("no blob in the MSG")
+                        };
+                        match server.step(&data, lookup) {
+                            SaslStep::Success {
+                                identity,
+                                additional,
+                            } => {
+                                steps.push(format!("authenticated {identity}"));
+                                authenticated = true;
+                                let mut last = additional.unwrap();
+                                if forge {
+                                    last =
+                                        b"v=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_vec();
+                                }
+                                let reply = tuning::blob(BlobStatus::Complete, &last);
+                                peer.session
+                                    .send_rpy(channel, msgno, tuning::entity(&reply))
+                                    .unwrap();
+                            }
+                            _ => {
+                                steps.push("failed".to_owned());
+                                let refusal = error_payload(535, "authentication failed");
+                                peer.session.send_err(channel, msgno, refusal).unwrap();
+                            }
+                        }
+                        peer.resume().unwrap();
+                    }
+                    Event::SessionReleased => {
+                        steps.push("released".to_owned());
+                        peer.flush().unwrap();
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            steps
+        });
+        (addr, handle)
+    }
+
+    fn scram_opts(password: &str) -> AttachOpts {
+        let mut opts = attach_opts("fred@example.com", None, Some(Duration::from_millis(100)));
+        opts.security.auth = Some(Credentials {
+            user: "fred@example.com".to_owned(),
+            password: password.to_owned(),
+            mechanism: Mechanism::ScramSha256,
+        });
+        opts
+    }
+
+    #[test]
+    fn scram_authenticates_before_the_attach() {
+        let (addr, relay) = fake_scram_relay(false);
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut out = Vec::new();
+        let status = run_attach(stream, &scram_opts("yabba"), stop(), &mut out).unwrap();
+        assert_eq!(status, Status::Success);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "attached fred@example.com\n"
+        );
+        let steps = relay.join().unwrap();
+        assert!(
+            steps[0].starts_with("start n,,n=fred@example.com,r="),
+            "{steps:?}"
+        );
+        assert_eq!(
+            steps[1..],
+            [
+                "authenticated fred@example.com",
+                "attach <attach endpoint='fred@example.com' transID='1' />",
+                "released"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refused_authentication_prints_the_code_and_releases() {
+        let (addr, relay) = fake_scram_relay(false);
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut out = Vec::new();
+        let status = run_attach(stream, &scram_opts("dabba"), stop(), &mut out).unwrap();
+        assert_eq!(status, Status::Failed);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "error 535 authentication failed\n"
+        );
+        let steps = relay.join().unwrap();
+        assert_eq!(steps[1..], ["failed", "released"], "no attach: {steps:?}");
+    }
+
+    /// Mutual authentication: a relay that accepts the proof without knowing the verifier
+    /// cannot compute the server signature, and `apex` does not attach through it.
+    #[test]
+    fn a_relay_without_the_right_server_signature_is_not_trusted() {
+        let (addr, relay) = fake_scram_relay(true);
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut out = Vec::new();
+        let err = run_attach(stream, &scram_opts("yabba"), stop(), &mut out).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the relay did not prove that it knows fred@example.com's credentials"),
+            "{err}"
+        );
+        assert!(out.is_empty());
+        let steps = relay.join().unwrap();
+        assert!(!steps.iter().any(|s| s.starts_with("attach")), "{steps:?}");
+    }
+
+    /// A greeting without TLS fails `--tls` before anything is sent in the clear.
+    #[test]
+    fn tls_fails_clearly_when_the_relay_does_not_offer_it() {
+        let (addr, relay) = fake_relay(Some("<ok />"), Vec::new(), no_msgs());
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut opts = attach_opts("barney@example.com", None, None);
+        opts.security.tls = Some(TlsOpts {
+            // Nothing gets as far as verifying: no roots are needed.
+            config: Arc::new(
+                rustls::ClientConfig::builder_with_provider(crypto_provider())
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            ),
+            name: "example.com".to_owned(),
+        });
+        let mut out = Vec::new();
+        let err = run_attach(stream, &opts, stop(), &mut out).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the relay does not offer TLS (it offers: http://iana.org/beep/APEX)"
+        );
+        assert!(relay.join().unwrap().start_content.is_none());
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn security_options() {
+        let dir = std::env::temp_dir().join(format!("apex-cli-security-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("pw");
+        std::fs::write(&pw, "yabba dabba\r\nsecond line\n").unwrap();
+        let pw = pw.to_str().unwrap();
+        let me = ep("fred@example.com");
+
+        // No options: the plaintext path as it was.
+        let cli = parse(&["apex", "--relay", "r:1", "attach", "fred@example.com"]);
+        let security = resolve_security(&cli, &me, Some("ignored".into())).unwrap();
+        assert!(security.tls.is_none() && security.auth.is_none());
+
+        // The options may follow the command; the password file's first line is the password.
+        let cli = parse(&[
+            "apex",
+            "--relay",
+            "relay.rubble.com:913",
+            "attach",
+            "fred@example.com",
+            "--user",
+            "fred@example.com",
+            "--password-file",
+            pw,
+            "--mechanism",
+            "SCRAM-SHA-256",
+        ]);
+        let security = resolve_security(&cli, &me, Some("from the environment".into())).unwrap();
+        let auth = security.auth.unwrap();
+        assert_eq!(auth.user, "fred@example.com");
+        assert_eq!(auth.password, "yabba dabba");
+        assert_eq!(auth.mechanism, Mechanism::ScramSha256);
+        assert!(
+            !format!("{auth:?}").contains("yabba"),
+            "Debug shows no password"
+        );
+
+        // APEX_PASSWORD without a file; PLAIN needs TLS, which --tls-name implies.
+        let base = ["apex", "--relay", "r:1", "--user", "fred@example.com"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            args.extend(["attach", "fred@example.com"]);
+            parse(&args)
+        };
+        let cli = with(&[]);
+        let auth = resolve_security(&cli, &me, Some("pebbles".into()))
+            .unwrap()
+            .auth
+            .unwrap();
+        assert_eq!(auth.password, "pebbles");
+        let err = resolve_security(&cli, &me, None).unwrap_err().to_string();
+        assert!(err.contains("APEX_PASSWORD"), "{err}");
+        let err = resolve_security(&cli, &me, Some(String::new()))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "APEX_PASSWORD is empty");
+        let cli = with(&["--mechanism", "PLAIN"]);
+        let err = resolve_security(&cli, &me, Some("x".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs --tls"), "{err}");
+        assert!(Cli::try_parse_from([
+            "apex",
+            "--relay",
+            "r:1",
+            "--mechanism",
+            "MD5",
+            "attach",
+            "a@x"
+        ])
+        .is_err());
+        let cli = parse(&[
+            "apex",
+            "--relay",
+            "r:1",
+            "--password-file",
+            pw,
+            "attach",
+            "fred@example.com",
+        ]);
+        let err = resolve_security(&cli, &me, None).unwrap_err().to_string();
+        assert_eq!(err, "--password-file and --mechanism go with --user");
+        let cli = parse(&[
+            "apex",
+            "--relay",
+            "r:1",
+            "--user",
+            "not an identity",
+            "attach",
+            "fred@example.com",
+        ]);
+        assert!(resolve_security(&cli, &me, Some("x".into())).is_err());
+
+        // --tls-ca implies --tls and reads the roots; a file without certificates is refused.
+        let cli = with(&["--tls-ca", pw]);
+        let err = resolve_security(&cli, &me, Some("x".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no PEM certificate"), "{err}");
+        let cli = with(&["--tls-name", "not a name!", "--mechanism", "PLAIN"]);
+        let err = resolve_security(&cli, &me, Some("x".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot name a TLS server"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_tls_name_defaults_to_the_endpoint_domain() {
+        let fred = ep("fred@example.com");
+        assert_eq!(
+            default_tls_name(&fred, "relay.rubble.com:913").unwrap(),
+            "example.com"
+        );
+        assert_eq!(
+            default_tls_name(&fred, "127.0.0.1:913").unwrap(),
+            "example.com"
+        );
+        let literal = ep("fred@[192.0.2.1]");
+        assert_eq!(
+            default_tls_name(&literal, "relay.example.com:913").unwrap(),
+            "relay.example.com"
+        );
+        assert_eq!(
+            default_tls_name(&literal, "relay.example.com").unwrap(),
+            "relay.example.com"
+        );
+        assert!(default_tls_name(&literal, "127.0.0.1:913").is_err());
+        assert!(default_tls_name(&literal, "[::1]:913").is_err());
     }
 
     #[test]
