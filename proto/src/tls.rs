@@ -67,6 +67,11 @@ impl TlsLayer {
                 .map_err(|e| TlsError(e.to_string()))?;
             let _ = cipher.split_to(taken);
             let state = self.conn.process_new_packets()?;
+            if state.peer_has_closed() && !cipher.is_empty() {
+                // Octets after close_notify would never be read: end the connection rather
+                // than hold them.
+                return Err(TlsError("data after the peer's close_notify".to_owned()));
+            }
             let mut waiting = state.plaintext_bytes_to_read();
             while waiting > 0 {
                 let start = plain.len();
@@ -82,9 +87,9 @@ impl TlsLayer {
                 }
                 waiting -= n;
             }
-            if taken == 0 {
-                // rustls takes nothing more until its plaintext is read, and it was.
-                break;
+            if taken == 0 && !cipher.is_empty() {
+                // Its plaintext was read, so rustls refusing more means it never will.
+                return Err(TlsError("TLS input not taken".to_owned()));
             }
         }
         Ok(())
@@ -267,6 +272,24 @@ mod tests {
         }
         let failed = failed.expect("handshake with a certificate for example.com succeeded");
         assert!(failed.0.contains("certificate"), "{failed}");
+    }
+
+    /// Octets after the peer's close_notify end the connection: nothing would read them.
+    #[test]
+    fn data_after_close_notify_is_an_error() {
+        let (server_config, client_config) = configs();
+        let mut server = TlsLayer::server(server_config).unwrap();
+        let mut client = TlsLayer::client(client_config, "example.com").unwrap();
+        for _ in 0..4 {
+            pass(&mut client, &mut server).unwrap();
+            pass(&mut server, &mut client).unwrap();
+        }
+        client.close();
+        pass(&mut client, &mut server).unwrap();
+        let mut wire = BytesMut::from(&[0x17u8, 0x03, 0x03, 0x00, 0x10][..]);
+        wire.extend_from_slice(&[0u8; 16]);
+        let mut plain = BytesMut::new();
+        assert!(server.receive(&mut wire, &mut plain).is_err());
     }
 
     /// Garbage instead of a ClientHello ends the connection with an error, not a panic.

@@ -373,3 +373,57 @@ fn a_session_gets_three_attempts_in_all() {
         "{reply}"
     );
 }
+
+/// A `start` offering APEX first and a tuning profile second starts APEX, and the session
+/// goes on reading: only a tuning profile the relay will take stops input (BEEP-43).
+#[test]
+fn a_start_preferring_apex_over_tls_does_not_stop_input() {
+    let lab = lab();
+    let (mut net, id) = relay(Some(&lab));
+    let both = beep_xml(
+        "<start number='1'><profile uri='http://iana.org/beep/APEX' />\
+         <profile uri='http://iana.org/beep/TLS' /></start>",
+    );
+    net.inject(id, &frame("MSG", 0, 1, 52, &both));
+    let reply = frames(&net, id, 0).pop().unwrap();
+    assert!(reply.contains("beep/APEX"), "{reply}");
+    let next = start(3, "http://iana.org/beep/APEX", None);
+    net.inject(id, &frame("MSG", 0, 2, 52 + both.len() as u32, &next));
+    let reply = frames(&net, id, 0).pop().unwrap();
+    assert!(
+        reply.starts_with("RPY 0 2 ."),
+        "input stopped after the first start: {reply}"
+    );
+}
+
+/// An exchange lives and dies with its channel (beep.md §9): a client-final message sent on
+/// a new channel after the first was closed does not complete the old exchange.
+#[test]
+fn a_scram_exchange_ends_with_its_channel() {
+    let (mut net, id) = relay(None);
+    let mut client = ScramClient::new("fred@example.com", "yabba", "nonce");
+    let first = start(
+        1,
+        "http://iana.org/beep/SASL/SCRAM-SHA-256",
+        Some(&blob(&client.first())),
+    );
+    net.inject(id, &frame("MSG", 0, 1, 52, &first));
+    let challenge = blob_data(&frames(&net, id, 0).pop().unwrap());
+    let last = client.handle_server_first(&challenge).unwrap();
+    let mut seqno = 52 + first.len() as u32;
+    let close = beep_xml("<close number='1' code='200' />");
+    net.inject(id, &frame("MSG", 0, 2, seqno, &close));
+    seqno += close.len() as u32;
+    let again = start(
+        3,
+        "http://iana.org/beep/SASL/SCRAM-SHA-256",
+        Some(&blob(&last)),
+    );
+    net.inject(id, &frame("MSG", 0, 3, seqno, &again));
+    let reply = frames(&net, id, 0).pop().unwrap();
+    assert!(!reply.contains("status='complete'"), "{reply}");
+    assert!(
+        reply.starts_with("ERR 0 3 .") && reply.contains("code='535'"),
+        "{reply}"
+    );
+}

@@ -126,6 +126,11 @@ impl ScramVerifier {
         })
     }
 
+    /// The PBKDF2 iteration count.
+    pub fn iterations(&self) -> u32 {
+        self.iterations
+    }
+
     /// Whether `password` is the one this verifier was made from (PLAIN, RFC 4616): costs
     /// the PBKDF2 iterations.
     pub fn matches(&self, password: &str) -> bool {

@@ -5,6 +5,10 @@ use std::collections::HashMap;
 
 use super::scram::ScramVerifier;
 
+/// The most PBKDF2 iterations a users-file verifier may ask for: PLAIN (RFC 4616) makes the
+/// relay compute them for every attempt, on the shard's thread (about 40 ms at this count).
+pub const MAX_ITERATIONS: u32 = 100_000;
+
 /// The users who may authenticate, by canonical identity.
 #[derive(Debug, Clone, Default)]
 pub struct Users {
@@ -67,6 +71,13 @@ impl Users {
             let key =
                 canonical(name).ok_or_else(|| error(format!("'{name}' is not NAME@DOMAIN")))?;
             let verifier = ScramVerifier::parse(verifier).map_err(|e| error(e.to_string()))?;
+            if verifier.iterations() > MAX_ITERATIONS {
+                return Err(error(format!(
+                    "{} iterations: at most {MAX_ITERATIONS} (checking a PLAIN password costs \
+                     the relay that many, on a shard's thread)",
+                    verifier.iterations()
+                )));
+            }
             if let Some(first) = lines_of.insert(key.clone(), line) {
                 return Err(error(format!("{name} is already on line {first}")));
             }
@@ -148,6 +159,13 @@ mod tests {
             (
                 "@b SCRAM-SHA-256$1:AA==$x:y".to_owned(),
                 "is not NAME@DOMAIN",
+            ),
+            (
+                format!(
+                    "a@b {}",
+                    ScramVerifier::from_password("pw", b"salt", 100_001)
+                ),
+                "users.txt:1: 100001 iterations: at most 100000",
             ),
         ];
         for (text, expected) in cases {

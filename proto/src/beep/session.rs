@@ -596,7 +596,9 @@ impl Session {
                 "no requested profile is acceptable",
             ));
         }
-        if profiles.iter().any(|p| tuning::is_tuning(&p.uri)) {
+        // The application takes the first acceptable profile (shard::secure does the same
+        // test): only a tuning one stops input.
+        if profiles.first().is_some_and(|p| tuning::is_tuning(&p.uri)) {
             if self.tuning_channel.is_some() {
                 return Err(ErrorElement::new(
                     code::ACTION_NOT_TAKEN,

@@ -348,6 +348,7 @@ impl ShardCore {
         read_buf: &mut BytesMut,
         now: Instant,
     ) -> Result<(), ProtocolError> {
+        self.retry_input = false;
         loop {
             self.feed_once(conn, read_buf, now)?;
             if !std::mem::take(&mut self.retry_input) || read_buf.is_empty() {

@@ -210,6 +210,19 @@ impl ShardCore {
                 msgno,
                 payload,
             } => self.tuning_message(conn, channel, msgno, &payload),
+            Event::ChannelClosed { channel, .. } => {
+                // An exchange lives and dies with its channel.
+                if let Some(secured) = self
+                    .conns
+                    .get_mut(&conn)
+                    .and_then(|c| c.secured.as_deref_mut())
+                {
+                    if secured.sasl.as_ref().is_some_and(|(on, _)| *on == channel) {
+                        secured.sasl = None;
+                    }
+                }
+                After::Resume
+            }
             _ => After::Resume,
         };
         let Some(c) = self.conns.get_mut(&conn) else {
@@ -224,6 +237,9 @@ impl ShardCore {
             }
             After::Tls => {
                 let Some(config) = self.security.tls_server.clone() else {
+                    // A reload took TLS away after this session was offered it: `proceed` went
+                    // out, so the session cannot go on in plaintext.
+                    c.abandoned = true;
                     return;
                 };
                 match TlsLayer::server(config) {
@@ -610,6 +626,7 @@ impl ShardCore {
             return;
         };
         secured.handshaking = false;
+        secured.sasl = None;
         let names = tls.peer_certificate().map(|der| CertificateNames::of(der));
         tracing::debug!(%conn, tls = %tls.describe(), "TLS established");
         let role = c.session.role();

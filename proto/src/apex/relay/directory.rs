@@ -9,6 +9,10 @@ use super::*;
 /// lookup, so a peer binding as many domains at once is refused transiently past it.
 const MAX_PENDING_BINDS: usize = 256;
 
+/// Most binds one connection keeps waiting for DNS: one peer cannot fill the shard's table and
+/// keep other relays' binds waiting.
+const MAX_PENDING_BINDS_PER_CONN: usize = 4;
+
 impl Relay {
     /// Where `endpoint` is attached, per this shard's replica.
     pub fn lookup(&self, endpoint: &Endpoint) -> Option<ChannelRef> {
@@ -207,7 +211,11 @@ impl Relay {
                 tracing::info!(%conn, domain = relay, "bind refused: not that domain's relay");
                 self.answer(conn, channel, answer, Err(ApexError::MayNotBind));
             }
-            BindCheck::Lookup if self.pending_binds.len() >= MAX_PENDING_BINDS => {
+            BindCheck::Lookup
+                if self.pending_binds.len() >= MAX_PENDING_BINDS
+                    || self.pending_binds.iter().filter(|p| p.conn == conn).count()
+                        >= MAX_PENDING_BINDS_PER_CONN =>
+            {
                 let busy = ApexError::malformed(
                     code::ACTION_NOT_TAKEN_TRANSIENT,
                     "too many binds waiting for DNS",
