@@ -9,8 +9,17 @@
 //! records the one-way latency. Output is coalesced: every step drains `poll_transmit` into one
 //! buffer and writes it whole.
 //!
+//! With TLS (`--tls-ca`), each connection first runs the BEEP TLS profile (RFC 3080 §3.1): the
+//! relay's greeting, a `start` of the TLS profile with `ready` piggybacked, the relay's
+//! `proceed`, the TLS handshake (verifying the relay's certificate names `--tls-name`), and a
+//! new session that greets again; then the attach and the load as usual, all through the
+//! protocol core's sans-IO [`TlsLayer`](apex_proto::tls::TlsLayer): a read's ciphertext is
+//! decrypted into the session's input, and each step's output is sealed at once into records
+//! of up to 16 KiB.
+//!
 //! ```text
 //!   main: connect all ──► spawn threads ──► wait until every endpoint attached ──► schedule
+//!   (TLS:     greeting ─► start TLS + ready ─► proceed ─► handshake ─► then as below)
 //!   sender:   greeting ─► attach ─► (schedule) send ≤ depth ... measure_end ─► drain acks ─► release
 //!   receiver: greeting ─► attach ─► answer ok, check seq, latency ... all acked seen ─► release
 //! ```
@@ -26,6 +35,9 @@ use apex_proto::apex::client::{
     attach_offer, ok_payload, parse_answer, parse_piggybacked_answer, Answer, DataBuilder,
     DATA_CONTENT_OPEN,
 };
+use apex_proto::beep::mgmt::ProfileOffer;
+use apex_proto::beep::tuning::{self, TuningElement};
+use apex_proto::tls::TlsLayer;
 use apex_proto::{Event, Limits, ReplyKind, Role, Session, SessionConfig};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
@@ -34,6 +46,7 @@ use crate::driver::{self, Schedule, Task};
 use crate::payload::{self, Stamp};
 use crate::stats::{self, Report};
 use crate::stream::Pattern;
+use crate::tls::TlsClient;
 
 /// How long a blocking read waits before the task looks at the clock again.
 const READ_TIMEOUT: Duration = Duration::from_millis(10);
@@ -91,6 +104,8 @@ pub(crate) struct Config {
     pub(crate) cpus: Vec<usize>,
     /// Print a progress line on stderr each second.
     pub(crate) progress: bool,
+    /// Speak TLS to the relay (the BEEP TLS profile), verifying its certificate.
+    pub(crate) tls: Option<TlsClient>,
 }
 
 /// The in-flight bound of an apex sender: `depth` messages, bounded like the nats and mqtt
@@ -161,6 +176,8 @@ struct Shared {
     finished: Vec<AtomicU64>,
     /// The progress line's live figures.
     progress: stats::Progress,
+    /// The TLS version and cipher suite of the first connection secured.
+    tls: OnceLock<String>,
 }
 
 impl Shared {
@@ -180,6 +197,7 @@ pub(crate) fn run(config: &Config) -> Result<Report> {
             .map(|_| AtomicU64::new(u64::MAX))
             .collect(),
         progress: stats::Progress::default(),
+        tls: OnceLock::new(),
     });
     // Every endpoint attaches before any sender sends (the barrier below); a receiver and its
     // sender land on different threads whenever there are two or more.
@@ -307,6 +325,7 @@ fn report(
     r.threads = threads;
     r.warmup_s = config.warmup.as_secs_f64();
     r.duration_s = config.duration.as_secs_f64();
+    r.tls = shared.tls.get().cloned();
     if let Some(e) = setup_error {
         r.errors += 1;
         r.error_samples.push(e);
@@ -387,9 +406,19 @@ fn report(
 struct Conn {
     stream: TcpStream,
     session: Session,
+    /// Plaintext input for the session.
     inbox: BytesMut,
+    /// Octets to write: the session's frames, or TLS records once secured.
     outbox: BytesMut,
     scratch: Box<[u8]>,
+    /// TLS, once the relay said `proceed`.
+    tls: Option<TlsLayer>,
+    /// Ciphertext read and not yet decrypted (a record's tail).
+    cipher_in: BytesMut,
+    /// Under TLS: the session's frames of one step, sealed together.
+    staging: BytesMut,
+    /// The MSGs a sender keeps unanswered, which its session (and the one after TLS) allows.
+    depth: usize,
     eof: bool,
     /// Octets written and read so far.
     moved: u64,
@@ -416,24 +445,48 @@ impl Conn {
         }
         Ok(Self {
             stream,
-            session: Session::new(
-                Role::Initiator,
-                SessionConfig {
-                    limits: Limits {
-                        max_outstanding_msgs: depth.max(Limits::default().max_outstanding_msgs),
-                        ..Limits::default()
-                    },
-                    ..SessionConfig::default()
-                },
-            ),
+            session: Self::session(depth),
             inbox: BytesMut::with_capacity(READ_CHUNK),
             outbox: BytesMut::with_capacity(64 * 1024),
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+            tls: None,
+            cipher_in: BytesMut::new(),
+            staging: BytesMut::new(),
+            depth,
             eof: false,
             moved: 0,
             blocking,
             read_wait: READ_TIMEOUT,
         })
+    }
+
+    /// A new initiator session allowing `depth` unanswered MSGs.
+    fn session(depth: usize) -> Session {
+        Session::new(
+            Role::Initiator,
+            SessionConfig {
+                limits: Limits {
+                    max_outstanding_msgs: depth.max(Limits::default().max_outstanding_msgs),
+                    ..Limits::default()
+                },
+                ..SessionConfig::default()
+            },
+        )
+    }
+
+    /// The relay said `proceed`: from here on every octet is TLS, and a new session greets
+    /// (RFC 3080 §3.1). What the old session had still to send (a SEQ) is dropped: nothing in
+    /// plaintext may follow the `proceed`. Octets already in the outbox went before it.
+    fn begin_tls(&mut self, tls: TlsLayer) -> Result<()> {
+        if !self.inbox.is_empty() {
+            bail!("the relay sent octets after proceed, before the TLS handshake");
+        }
+        self.session = Self::session(self.depth);
+        self.tls = Some(tls);
+        self.outbox.reserve(READ_CHUNK);
+        self.staging.reserve(READ_CHUNK);
+        self.cipher_in.reserve(READ_CHUNK);
+        Ok(())
     }
 
     /// Sets how long the next blocking read may wait (one system call when it changes).
@@ -450,7 +503,26 @@ impl Conn {
     /// Drains the session's output into the outbox and writes as much as the socket takes (on a
     /// blocking socket: all of it). Returns true when anything was written.
     fn flush(&mut self) -> Result<bool> {
-        while self.outbox.len() < MAX_OUTBOX && self.session.poll_transmit(&mut self.outbox) > 0 {}
+        match &mut self.tls {
+            None => {
+                while self.outbox.len() < MAX_OUTBOX
+                    && self.session.poll_transmit(&mut self.outbox) > 0
+                {}
+            }
+            Some(tls) => {
+                // The step's frames sealed in one go: full records, not one per frame.
+                while self.outbox.len() + self.staging.len() < MAX_OUTBOX
+                    && self.session.poll_transmit(&mut self.staging) > 0
+                {}
+                if !self.staging.is_empty() {
+                    tls.send(&self.staging)
+                        .map_err(|e| anyhow!("sealing for the relay: {e}"))?;
+                    self.staging.clear();
+                }
+                // Records, and during the handshake the handshake's messages.
+                tls.transmit(&mut self.outbox);
+            }
+        }
         let mut wrote = false;
         while !self.outbox.is_empty() {
             match self.stream.write(&self.outbox) {
@@ -478,7 +550,14 @@ impl Conn {
             }
             Ok(n) => {
                 self.moved += n as u64;
-                self.inbox.extend_from_slice(&self.scratch[..n]);
+                match &mut self.tls {
+                    None => self.inbox.extend_from_slice(&self.scratch[..n]),
+                    Some(tls) => {
+                        self.cipher_in.extend_from_slice(&self.scratch[..n]);
+                        tls.receive(&mut self.cipher_in, &mut self.inbox)
+                            .map_err(|e| anyhow!("from the relay: {e}"))?;
+                    }
+                }
                 self.session
                     .handle_input(&mut self.inbox, now)
                     .map_err(|e| anyhow!("the relay broke the BEEP protocol: {e}"))?;
@@ -499,8 +578,12 @@ impl Conn {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Waiting for the relay's greeting.
+    /// Waiting for the relay's greeting (under TLS: its second one).
     Greeting,
+    /// The `start` of the TLS profile with the piggybacked `ready` is out.
+    StartingTls {
+        channel: u32,
+    },
     /// The `start` with the piggybacked `attach` is out.
     Attaching {
         channel: u32,
@@ -580,6 +663,8 @@ struct Endpoint {
     /// Messages per second this sender offers (open loop), if any.
     rate: Option<f64>,
     size: usize,
+    /// Speak TLS to the relay before attaching.
+    tls: Option<TlsClient>,
     part: Part,
     shared: Arc<Shared>,
     errors: u64,
@@ -686,6 +771,7 @@ impl Endpoint {
             depth: config.depth,
             rate: config.rate.map(|r| r / config.pairs.max(1) as f64),
             size: config.size,
+            tls: config.tls.clone(),
             part,
             shared: Arc::clone(shared),
             errors: 0,
@@ -935,7 +1021,50 @@ impl Endpoint {
 
     fn on_event(&mut self, event: Event, now_ns: u64, measuring: bool) -> Result<()> {
         match event {
+            Event::Greeting(greeting)
+                if self.phase == Phase::Greeting
+                    && self.tls.is_some()
+                    && self.conn.tls.is_none() =>
+            {
+                if !greeting.profiles.iter().any(|p| p == tuning::TLS_PROFILE) {
+                    bail!("the relay does not offer TLS (is apexd running with --tls-cert and --tls-key?)");
+                }
+                let ready = ProfileOffer {
+                    uri: tuning::TLS_PROFILE.to_owned(),
+                    content: Some(Bytes::from_static(tuning::READY.as_bytes())),
+                };
+                let channel = self
+                    .conn
+                    .session
+                    .start_channel(vec![ready], None)
+                    .map_err(|e| anyhow!("starting the TLS profile: {e}"))?;
+                self.phase = Phase::StartingTls { channel };
+            }
+            Event::ChannelStarted {
+                channel, content, ..
+            } if self.phase == (Phase::StartingTls { channel }) => {
+                let content = content.unwrap_or_default();
+                match tuning::parse(&content, 4, 4) {
+                    Ok(TuningElement::Proceed) => {}
+                    Ok(TuningElement::Error(e)) => {
+                        bail!("the relay refused TLS: {} {}", e.code, e.text)
+                    }
+                    _ => bail!(
+                        "the relay answered the piggybacked ready with {:?}",
+                        String::from_utf8_lossy(&content).trim()
+                    ),
+                }
+                let Some(client) = &self.tls else {
+                    bail!("TLS started without a TLS configuration");
+                };
+                let layer = client.layer()?;
+                self.conn.begin_tls(layer)?;
+                self.phase = Phase::Greeting;
+            }
             Event::Greeting(_) if self.phase == Phase::Greeting => {
+                if let Some(tls) = &self.conn.tls {
+                    let _ = self.shared.tls.set(tls.describe());
+                }
                 let offer = attach_offer(&self.name, 1);
                 let channel = self
                     .conn
@@ -1113,6 +1242,7 @@ mod tests {
             threads: 1,
             cpus: Vec::new(),
             progress: false,
+            tls: None,
         }
     }
 

@@ -4,16 +4,23 @@
 //! apex-load apex --relay 127.0.0.1:PORT [--domain example.com] [--pairs 1] [--size 128]
 //!                [--duration 5] [--warmup 1] [--depth 1000] [--rate MSGS_PER_S] [--threads N]
 //!                [--pattern pairs|fan-in|fan-out] [--cpus LIST] [--quiet] [--json FILE]
-//!                [--svg FILE]
+//!                [--svg FILE] [--tls-ca CA.pem [--tls-name NAME]]
 //! apex-load raw|nats|mqtt --relay 127.0.0.1:PORT [--pairs 1] [--size 128] [--duration 5]
 //!                [--warmup 1] [--rate MSGS_PER_S] [--pattern pairs|fan-in|fan-out]
 //!                [--window 1000] [--cpus LIST] [--quiet] [--json FILE] [--svg FILE]
+//!                [--tls-ca CA.pem [--tls-name NAME]]   (nats only)
 //! apex-load null-relay --listen 127.0.0.1:PORT
 //! ```
 //!
 //! `raw` speaks to the null relay (a 16-octet hello, then u32 BE length-prefixed frames),
 //! `nats` to nats-server (text protocol, subject `load.I`), `mqtt` to an MQTT 3.1.1 broker
 //! (QoS 0, topic `load/I`). The null relay forwards sender I's bytes to receiver I unparsed.
+//!
+//! `--tls-ca` puts every connection under TLS, trusting the CA certificates in the PEM file and
+//! verifying that the server's certificate names `--tls-name` (default: `--domain` for apex,
+//! `example.com` for nats). apex: the BEEP TLS profile (greeting, `start` with a piggybacked
+//! `ready`, `proceed`, handshake, a new greeting) before the attach; nats: the upgrade after the
+//! server's INFO (`tls_required`), before CONNECT.
 //!
 //! Load goes to loopback addresses only (127.0.0.0/8 and ::1). The run lasts warm-up plus
 //! duration, and never longer than that plus a 10 s grace to drain. The report gives the
@@ -28,10 +35,11 @@ mod payload;
 mod stats;
 mod stream;
 mod svg;
+mod tls;
 mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -66,7 +74,36 @@ struct StreamArgs {
     #[arg(long, alias = "server", value_name = "HOST:PORT")]
     relay: String,
     #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
     load: LoadArgs,
+}
+
+/// TLS to the target.
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// Speak TLS, trusting the CA certificates in this PEM file (apex: the BEEP TLS profile
+    /// before the attach; nats: the upgrade after the server's INFO).
+    #[arg(long, value_name = "CA.pem")]
+    tls_ca: Option<PathBuf>,
+    /// The name the server's certificate must carry (default: --domain for apex, example.com
+    /// for nats).
+    #[arg(long, value_name = "NAME")]
+    tls_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The TLS client, if asked for; `name` when --tls-name is not given.
+    fn client(&self, name: &str) -> Result<Option<tls::TlsClient>> {
+        match (&self.tls_ca, &self.tls_name) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => bail!("--tls-name needs --tls-ca"),
+            (Some(ca), given) => Ok(Some(tls::TlsClient::load(
+                Path::new(ca),
+                given.as_deref().unwrap_or(name),
+            )?)),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +121,8 @@ struct ApexArgs {
     /// Administrative domain of the endpoints (the relay's --domain).
     #[arg(long, default_value = "example.com")]
     domain: String,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(flatten)]
     load: LoadArgs,
 }
@@ -186,6 +225,7 @@ fn run(cli: Cli) -> Result<bool> {
                     .map_or_else(|| default_threads(pairs * 2, &cpus), |t| t as usize),
                 cpus,
                 progress: !load.quiet,
+                tls: args.tls.client(&args.domain)?,
             };
             let report = apex::run(&config)?;
             finish(&report, load)
@@ -210,7 +250,12 @@ fn run_stream(proto: wire::Proto, args: &StreamArgs) -> Result<bool> {
     let load = &args.load;
     let cpus = load_cpus(load)?;
     let rate = check_rate(load.rate)?;
+    let tls = args.tls.client("example.com")?;
+    if tls.is_some() && proto != wire::Proto::Nats {
+        bail!("--tls-ca: TLS is supported for the apex and nats targets only");
+    }
     let config = stream::Config {
+        tls,
         proto,
         addr: loopback_addr(&args.relay)?,
         pairs: load.pairs as usize,
@@ -413,6 +458,27 @@ mod tests {
             Cli::try_parse_from(["apex-load", "null-relay", "--listen", "127.0.0.1:0"]).is_ok()
         );
         assert!(loopback_listen("127.0.0.1:0").is_ok());
+        let cli = Cli::try_parse_from([
+            "apex-load",
+            "apex",
+            "--relay",
+            "127.0.0.1:9",
+            "--tls-ca",
+            "/tmp/ca.pem",
+            "--tls-name",
+            "relay.example.com",
+        ])
+        .unwrap();
+        let Target::Apex(a) = cli.target else {
+            panic!("not apex");
+        };
+        assert_eq!(a.tls.tls_ca, Some(PathBuf::from("/tmp/ca.pem")));
+        assert_eq!(a.tls.tls_name.as_deref(), Some("relay.example.com"));
+        let no_ca = TlsArgs {
+            tls_ca: None,
+            tls_name: Some("example.com".into()),
+        };
+        assert!(no_ca.client("example.com").is_err());
         assert!(loopback_listen("0.0.0.0:1").is_err());
     }
 }

@@ -217,6 +217,8 @@ pub(crate) struct Report {
     pub(crate) warmup_s: f64,
     /// Measured window, seconds.
     pub(crate) duration_s: f64,
+    /// The TLS version and cipher suite the connections negotiated (`None`: plaintext).
+    pub(crate) tls: Option<String>,
     /// Messages sent over the whole run.
     pub(crate) sent: u64,
     /// Messages the target acknowledged over the whole run.
@@ -271,6 +273,7 @@ impl Report {
             threads: 0,
             warmup_s: 0.0,
             duration_s: 0.0,
+            tls: None,
             sent: 0,
             acknowledged: 0,
             delivered: 0,
@@ -326,9 +329,12 @@ impl fmt::Display for Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} @ {}: {} x{}{}, {} B payload, depth {}, {} thread(s), {:.1} s measured after {:.1} s warm-up",
+            "{} @ {}{}: {} x{}{}, {} B payload, depth {}, {} thread(s), {:.1} s measured after {:.1} s warm-up",
             self.target,
             self.address,
+            self.tls
+                .as_ref()
+                .map_or_else(String::new, |t| format!(" over {t}")),
             self.pattern,
             self.pairs,
             self.rate.map_or_else(|| " (throughput)".to_owned(), |r| format!(" at {r:.0} msg/s")),
@@ -390,6 +396,7 @@ mod tests {
             address: "127.0.0.1:1".into(),
             pattern: "pairs".into(),
             rate: None,
+            tls: None,
             wire_mb_per_sec: 0.0,
             wire_bytes_per_msg: 0.0,
             curve: Vec::new(),

@@ -16,8 +16,11 @@
 //! Patterns: `pairs` (sender i to receiver i on channel i), `fan-in` (N senders, one receiver,
 //! channel 0; the payload's sequence field carries `k * N + sender`), `fan-out` (one sender,
 //! N receivers subscribed to channel 0).
+//!
+//! TLS (`nats` only): the server's INFO arrives in plaintext and says `tls_required`; the
+//! client then runs the TLS handshake and sends its CONNECT, and everything after, through it.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -31,6 +34,7 @@ use hdrhistogram::Histogram;
 use crate::driver::Schedule;
 use crate::payload::{self, Stamp};
 use crate::stats::{self, Report};
+use crate::tls::{not_ready, TlsClient, TlsStream};
 use crate::wire::{self, Item, Proto};
 
 /// How long a blocking read or write waits before the thread looks at the clock again.
@@ -110,6 +114,8 @@ pub(crate) struct Config {
     pub(crate) cpus: Vec<usize>,
     /// Print a progress line on stderr each second.
     pub(crate) progress: bool,
+    /// TLS to the target (nats), verifying its certificate.
+    pub(crate) tls: Option<TlsClient>,
 }
 
 /// A sender's place in the topology.
@@ -193,6 +199,8 @@ struct Shared {
     finished: Vec<AtomicU64>,
     /// The progress line's live figures.
     progress: stats::Progress,
+    /// The TLS version and cipher suite of the first connection secured.
+    tls: OnceLock<String>,
 }
 
 impl Shared {
@@ -278,7 +286,7 @@ impl InBuf {
     }
 
     /// Reads once; `Ok(None)` on timeout, `Ok(Some(0))` at end of stream.
-    fn fill(&mut self, stream: &mut TcpStream) -> Result<Option<usize>> {
+    fn fill(&mut self, stream: &mut impl Read) -> Result<Option<usize>> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -314,6 +322,86 @@ impl InBuf {
     }
 }
 
+/// A connection to the target: TCP, or TLS over it.
+#[derive(Debug)]
+enum Link {
+    Plain(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.read(buf),
+            Self::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.write(buf),
+            Self::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Plain(s) => s.flush(),
+            Self::Tls(s) => s.flush(),
+        }
+    }
+}
+
+impl Link {
+    /// Ends the sending side (under TLS: close_notify first).
+    fn shutdown(&mut self) {
+        match self {
+            Self::Plain(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            }
+            Self::Tls(s) => s.shutdown(),
+        }
+    }
+}
+
+/// Connects to the target; with TLS, reads the server's INFO (NATS: plaintext, asking for TLS)
+/// and runs the handshake before anything else is sent.
+fn open(config: &Config, input: &mut InBuf, shared: &Shared) -> Result<Link> {
+    let mut stream = connect(config.addr)?;
+    let Some(client) = &config.tls else {
+        return Ok(Link::Plain(stream));
+    };
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    loop {
+        if let Some(eol) = memchr::memmem::find(input.data(), b"\r\n") {
+            let line = &input.data()[..eol];
+            if !line.starts_with(b"INFO ") {
+                let text = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
+                bail!("expected the server's INFO before TLS, got {text:?}");
+            }
+            if memchr::memmem::find(line, b"\"tls_required\":true").is_none() {
+                bail!("the server does not ask for TLS (nats-server needs a tls block)");
+            }
+            input.start += eol + 2;
+            if !input.data().is_empty() {
+                bail!("the server sent more than its INFO before the TLS handshake");
+            }
+            break;
+        }
+        if Instant::now() > deadline || shared.abort.load(Ordering::Acquire) {
+            bail!("no INFO within {} s", SETUP_TIMEOUT.as_secs());
+        }
+        if input.fill(&mut stream)? == Some(0) {
+            bail!("the target closed the connection before its INFO");
+        }
+    }
+    let tls = TlsStream::handshake(stream, client, deadline)?;
+    let _ = shared.tls.set(tls.describe());
+    Ok(Link::Tls(Box::new(tls)))
+}
+
 fn connect(addr: SocketAddr) -> Result<TcpStream> {
     let stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true).context("setting TCP_NODELAY")?;
@@ -326,31 +414,31 @@ fn connect(addr: SocketAddr) -> Result<TcpStream> {
     Ok(stream)
 }
 
-/// Writes all of `data`, retrying on timeouts until `deadline` or an abort.
-fn write_all(
-    stream: &mut TcpStream,
-    mut data: &[u8],
-    deadline: Instant,
-    shared: &Shared,
-) -> Result<()> {
+/// Writes all of `data` (under TLS: and the records it made), retrying on timeouts until
+/// `deadline` or an abort.
+fn write_all(stream: &mut Link, mut data: &[u8], deadline: Instant, shared: &Shared) -> Result<()> {
+    let retry = |e: io::Error| -> Result<()> {
+        if !not_ready(&e) {
+            return Err(e).context("writing to the target");
+        }
+        if Instant::now() > deadline {
+            bail!("the target accepted no data until the deadline");
+        }
+        if shared.abort.load(Ordering::Acquire) {
+            bail!("aborted");
+        }
+        Ok(())
+    };
     while !data.is_empty() {
         match stream.write(data) {
             Ok(0) => bail!("the target stopped accepting data"),
             Ok(n) => data = &data[n..],
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) =>
-            {
-                if Instant::now() > deadline {
-                    bail!("the target accepted no data until the deadline");
-                }
-                if shared.abort.load(Ordering::Acquire) {
-                    bail!("aborted");
-                }
-            }
-            Err(e) => return Err(e).context("writing to the target"),
+            Err(e) => retry(e)?,
+        }
+    }
+    if let Link::Tls(_) = stream {
+        while let Err(e) = stream.flush() {
+            retry(e)?;
         }
     }
     Ok(())
@@ -358,7 +446,7 @@ fn write_all(
 
 /// Sends `hello`, then reads until `want` arrives (answering PINGs).
 fn handshake(
-    stream: &mut TcpStream,
+    stream: &mut Link,
     input: &mut InBuf,
     proto: Proto,
     hello: &[u8],
@@ -417,8 +505,8 @@ fn sender(
     out: &mut SenderOutcome,
 ) -> Result<()> {
     let proto = config.proto;
-    let mut stream = connect(config.addr)?;
     let mut input = InBuf::new();
+    let mut stream = open(config, &mut input, shared)?;
     let mut hello = BytesMut::new();
     wire::sender_hello(&mut hello, proto, spec.channel, &client_id("s", spec.index));
     handshake(
@@ -531,7 +619,7 @@ fn sender(
             }
         }
     }
-    let _ = stream.shutdown(std::net::Shutdown::Write);
+    stream.shutdown();
     Ok(())
 }
 
@@ -605,8 +693,8 @@ fn receiver(
     name: &str,
 ) -> Result<()> {
     let proto = config.proto;
-    let mut stream = connect(config.addr)?;
     let mut input = InBuf::new();
+    let mut stream = open(config, &mut input, shared)?;
     let mut hello = BytesMut::new();
     wire::receiver_hello(&mut hello, proto, spec.channel, &client_id("r", spec.index));
     handshake(
@@ -780,6 +868,7 @@ pub(crate) fn run(config: &Config) -> Result<Report> {
             .map(|_| AtomicU64::new(u64::MAX))
             .collect(),
         progress: stats::Progress::default(),
+        tls: OnceLock::new(),
     });
     let cpu = |i: usize| (!config.cpus.is_empty()).then(|| config.cpus[i % config.cpus.len()]);
     let mut rx_handles = Vec::new();
@@ -851,7 +940,9 @@ pub(crate) fn run(config: &Config) -> Result<Report> {
         }
         bail!("setup failed: {}", reasons.join("; "));
     }
-    Ok(report(config, total, sent_out, rcv_out))
+    let mut r = report(config, total, sent_out, rcv_out);
+    r.tls = shared.tls.get().cloned();
+    Ok(r)
 }
 
 fn report(
@@ -940,6 +1031,7 @@ mod tests {
             window: 1000,
             cpus: Vec::new(),
             progress: false,
+            tls: None,
         }
     }
 
