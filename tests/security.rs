@@ -367,14 +367,13 @@ fn plain_before_tls_gets_538() {
     assert_eq!(error_code(&reply), Some(530), "{reply}");
 }
 
-/// Two relays with certificates from one CA relay to each other over TLS; the receiving relay
-/// has no route to the sender and no DNS, so only the certificate can make the bind good.
-#[test]
-fn two_relays_with_certificates_relay_over_tls() {
-    let scratch = Scratch::new("mesh");
+/// example.com's relay (1 shard, a static route to rubble.com, links over TLS) and
+/// rubble.com's (2 shards, no route back), both with certificates from one lab CA; rubble.com
+/// verifies client certificates only when `verifying`.
+fn tls_relay_pair(scratch: &Scratch, verifying: bool) -> (Relay, Relay) {
     let lab = Lab::new();
-    let (cert_a, key_a, ca) = lab.files(&scratch, "example.com");
-    let (cert_b, key_b, _) = lab.files(&scratch, "rubble.com");
+    let (cert_a, key_a, ca) = lab.files(scratch, "example.com");
+    let (cert_b, key_b, _) = lab.files(scratch, "rubble.com");
     let mesh_b = free_port();
     let route = format!("rubble.com=127.0.0.1:{mesh_b}");
     let a = Relay::start_with(&[
@@ -394,7 +393,7 @@ fn two_relays_with_certificates_relay_over_tls() {
         "*@rubble.com=core:data",
     ]);
     let mesh_listen = format!("127.0.0.1:{mesh_b}");
-    let b = Relay::start_with(&[
+    let mut args = vec![
         "--domain",
         "rubble.com",
         "--shards",
@@ -405,11 +404,21 @@ fn two_relays_with_certificates_relay_over_tls() {
         &cert_b,
         "--tls-key",
         &key_b,
-        "--tls-ca",
-        &ca,
         "--grant",
         "*@example.com=core:data",
-    ]);
+    ];
+    if verifying {
+        args.extend(["--tls-ca", ca.as_str()]);
+    }
+    (a, Relay::start_with(&args))
+}
+
+/// Two relays with certificates from one CA relay to each other over TLS; the receiving relay
+/// has no route to the sender and no DNS, so only the certificate can make the bind good.
+#[test]
+fn two_relays_with_certificates_relay_over_tls() {
+    let scratch = Scratch::new("mesh");
+    let (a, b) = tls_relay_pair(&scratch, true);
     let mut barney = Client::connect(b.edge);
     barney.greet();
     assert_eq!(barney.attach("barney@rubble.com").1, "<ok />");
@@ -543,42 +552,7 @@ fn sighup_reloads_users_and_keeps_the_old_set_on_a_bad_file() {
 #[test]
 fn without_a_verifiable_certificate_the_bind_is_refused() {
     let scratch = Scratch::new("mesh-refused");
-    let lab = Lab::new();
-    let (cert_a, key_a, ca) = lab.files(&scratch, "example.com");
-    let (cert_b, key_b, _) = lab.files(&scratch, "rubble.com");
-    let mesh_b = free_port();
-    let route = format!("rubble.com=127.0.0.1:{mesh_b}");
-    let a = Relay::start_with(&[
-        "--domain",
-        "example.com",
-        "--shards",
-        "1",
-        "--peer",
-        &route,
-        "--tls-cert",
-        &cert_a,
-        "--tls-key",
-        &key_a,
-        "--tls-ca",
-        &ca,
-        "--grant",
-        "*@rubble.com=core:data",
-    ]);
-    let mesh_listen = format!("127.0.0.1:{mesh_b}");
-    let b = Relay::start_with(&[
-        "--domain",
-        "rubble.com",
-        "--shards",
-        "1",
-        "--mesh-listen",
-        &mesh_listen,
-        "--tls-cert",
-        &cert_b,
-        "--tls-key",
-        &key_b,
-        "--grant",
-        "*@example.com=core:data",
-    ]);
+    let (a, b) = tls_relay_pair(&scratch, false);
     let mut barney = Client::connect(b.edge);
     barney.greet();
     assert_eq!(barney.attach("barney@rubble.com").1, "<ok />");
