@@ -795,6 +795,11 @@ impl AccessTable {
         self.entries(owner).iter().find(|e| e.actor == *actor)
     }
 
+    /// Every stored entry, of every owner.
+    pub fn all_entries(&self) -> impl Iterator<Item = &AccessEntry> {
+        self.owners.values().flatten()
+    }
+
     /// The entries stored for `owner`.
     pub fn entries(&self, owner: &Endpoint) -> &[AccessEntry] {
         self.owners.get(owner).map_or(&[], Vec::as_slice)

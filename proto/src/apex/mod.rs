@@ -8,3 +8,4 @@ pub mod options;
 pub mod relay;
 mod scan;
 pub mod service;
+pub mod timestamp;
