@@ -42,7 +42,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use apex_proto::apex::addr::Endpoint;
 use apex_proto::apex::client::{
     self, attach_message, attach_offer, ok_payload, parse_answer, parse_incoming,
-    parse_piggybacked_answer, Answer, Content, DataBuilder, Incoming,
+    parse_piggybacked_answer, Answer, Content, DataBuilder, Incoming, StatusResponse,
 };
 use apex_proto::apex::msg::{error_payload, Data};
 use apex_proto::auth::scram::{fresh_nonce, ScramClient};
@@ -1082,6 +1082,67 @@ fn handshake(
     }
 }
 
+/// Opens a session over `stream` and attaches as `name` ([`handshake`]), the start of every
+/// command: the session and its APEX channel, or `None` when the relay refused (printed).
+fn attach_session(
+    stream: TcpStream,
+    name: &Endpoint,
+    security: &Security,
+    stop: Arc<AtomicBool>,
+    io: Duration,
+    out: &mut impl Write,
+) -> Result<Option<(Peer, u32)>> {
+    let mut peer = Peer::initiator(stream, stop, io)?;
+    Ok(match handshake(&mut peer, name, security, io, out)? {
+        Attach::Attached(channel) => Some((peer, channel)),
+        Attach::Refused => None,
+    })
+}
+
+/// A MSG from the relay, once the cases every command answers alike are answered.
+// `Data` is what nearly every MSG is; boxing it would allocate per delivery.
+#[allow(clippy::large_enum_variant)]
+enum Msg {
+    /// A `data` delivery (with the statusResponse it carries, from a report service), not
+    /// answered yet: what to answer depends on the command.
+    Data(Data, Option<StatusResponse>),
+    /// A `terminate` that ended our attachment, answered `ok`.
+    Terminated { code: u16, text: String },
+    /// Already answered: unparsable (its error), an operation no endpoint takes (500), a
+    /// terminate of another attachment (550).
+    Answered,
+}
+
+/// Reads MSG `msgno` on `channel` and answers it unless it is a delivery (see [`Msg`]).
+fn read_msg(peer: &mut Peer, channel: u32, msgno: u32, payload: &Bytes) -> Result<Msg> {
+    match parse_incoming(payload) {
+        Err(e) => peer.err(channel, msgno, e.code, &e.text)?,
+        Ok(Incoming::Data(data)) => return Ok(Msg::Data(data, None)),
+        Ok(Incoming::Status { data, response }) => return Ok(Msg::Data(data, Some(response))),
+        Ok(Incoming::Terminate {
+            trans_id,
+            code,
+            text,
+        }) => {
+            if answer_terminate(peer, channel, msgno, trans_id)? {
+                return Ok(Msg::Terminated { code, text });
+            }
+        }
+        Ok(Incoming::Other(_)) => {
+            peer.err(channel, msgno, 500, "unexpected operation for an endpoint")?
+        }
+    }
+    Ok(Msg::Answered)
+}
+
+/// Whether `me` is among `data`'s recipients; an application fails the others (RFC 3340
+/// §4.4.4.2, APEX-29).
+fn addressed_to(data: &Data, me: &Endpoint) -> bool {
+    data.recipients
+        .iter()
+        .any(|r| Endpoint::parse(&r.identity).is_ok_and(|e| e == *me))
+}
+
 /// Options of `apex attach`.
 #[derive(Debug)]
 struct AttachOpts {
@@ -1123,48 +1184,31 @@ fn on_attach_msg(
     me: &Endpoint,
     out: &mut impl Write,
 ) -> Result<AttachMsg> {
-    match parse_incoming(payload) {
-        Err(e) => peer.err(channel, msgno, e.code, &e.text)?,
-        Ok(Incoming::Data(data) | Incoming::Status { data, .. }) => {
-            let ours = data
-                .recipients
-                .iter()
-                .any(|r| Endpoint::parse(&r.identity).is_ok_and(|e| e == *me));
-            let to: Vec<&str> = data
-                .recipients
-                .iter()
-                .map(|r| r.identity.as_str())
-                .collect();
-            if !ours {
-                let text = format!("not attached as {}", to.join(", "));
-                peer.err(channel, msgno, 550, &text)?;
-                return Ok(AttachMsg::Other);
-            }
-            writeln!(
-                out,
-                "from={} to={} content={}",
-                data.originator.identity,
-                to.join(","),
-                content_text(&data)
-            )?;
-            out.flush()?;
-            peer.rpy_ok(channel, msgno)?;
-            return Ok(AttachMsg::Data);
-        }
-        Ok(Incoming::Terminate {
-            trans_id,
-            code,
-            text,
-        }) => {
-            if answer_terminate(peer, channel, msgno, trans_id)? {
-                return Ok(AttachMsg::Terminated { code, text });
-            }
-        }
-        Ok(Incoming::Other(_)) => {
-            peer.err(channel, msgno, 500, "unexpected operation for an endpoint")?
-        }
+    let data = match read_msg(peer, channel, msgno, payload)? {
+        Msg::Data(data, _) => data,
+        Msg::Terminated { code, text } => return Ok(AttachMsg::Terminated { code, text }),
+        Msg::Answered => return Ok(AttachMsg::Other),
+    };
+    let to: Vec<&str> = data
+        .recipients
+        .iter()
+        .map(|r| r.identity.as_str())
+        .collect();
+    if !addressed_to(&data, me) {
+        let text = format!("not attached as {}", to.join(", "));
+        peer.err(channel, msgno, 550, &text)?;
+        return Ok(AttachMsg::Other);
     }
-    Ok(AttachMsg::Other)
+    writeln!(
+        out,
+        "from={} to={} content={}",
+        data.originator.identity,
+        to.join(","),
+        content_text(&data)
+    )?;
+    out.flush()?;
+    peer.rpy_ok(channel, msgno)?;
+    Ok(AttachMsg::Data)
 }
 
 /// `apex attach`: attaches, prints deliveries until `--count`, `--timeout`, a signal, or the
@@ -1176,10 +1220,10 @@ fn run_attach(
     out: &mut impl Write,
 ) -> Result<Status> {
     let io = opts.io_timeout;
-    let mut peer = Peer::initiator(stream, stop, io)?;
-    let channel = match handshake(&mut peer, &opts.name, &opts.security, io, out)? {
-        Attach::Attached(channel) => channel,
-        Attach::Refused => return Ok(Status::Failed),
+    let Some((mut peer, channel)) =
+        attach_session(stream, &opts.name, &opts.security, stop, io, out)?
+    else {
+        return Ok(Status::Failed);
     };
     writeln!(out, "attached {}", opts.name)?;
     out.flush()?;
@@ -1261,10 +1305,10 @@ fn run_send(
     out: &mut impl Write,
 ) -> Result<Status> {
     let io = opts.io_timeout;
-    let mut peer = Peer::initiator(stream, stop, io)?;
-    let channel = match handshake(&mut peer, &opts.from, &opts.security, io, out)? {
-        Attach::Attached(channel) => channel,
-        Attach::Refused => return Ok(Status::Failed),
+    let Some((mut peer, channel)) =
+        attach_session(stream, &opts.from, &opts.security, stop, io, out)?
+    else {
+        return Ok(Status::Failed);
     };
     let payload = data_document(&opts.from, &opts.to, opts.status, &opts.text);
     let data_msgno = peer
@@ -1327,9 +1371,8 @@ fn run_send(
                 channel: c,
                 msgno,
                 payload,
-            } => match parse_incoming(&payload) {
-                Err(e) => peer.err(c, msgno, e.code, &e.text)?,
-                Ok(Incoming::Status { response, .. }) => {
+            } => match read_msg(&mut peer, c, msgno, &payload)? {
+                Msg::Data(_, Some(response)) => {
                     // The carrying data is answered ok whatever it reports (RFC 3340 §6.2).
                     peer.rpy_ok(c, msgno)?;
                     if Some(response.trans_id) != opts.status {
@@ -1348,24 +1391,14 @@ fn run_send(
                     }
                     out.flush()?;
                 }
-                Ok(Incoming::Data(_)) => {
+                Msg::Data(_, None) => {
                     peer.err(c, msgno, 550, "this endpoint only sends (apex send)")?
                 }
-                Ok(Incoming::Terminate {
-                    trans_id,
-                    code,
-                    text,
-                }) => {
-                    if answer_terminate(&mut peer, c, msgno, trans_id)? {
-                        bail!(
-                            "the relay terminated the attachment: {}",
-                            code_text(code, &text)
-                        );
-                    }
-                }
-                Ok(Incoming::Other(_)) => {
-                    peer.err(c, msgno, 500, "unexpected operation for an endpoint")?
-                }
+                Msg::Terminated { code, text } => bail!(
+                    "the relay terminated the attachment: {}",
+                    code_text(code, &text)
+                ),
+                Msg::Answered => {}
             },
             Event::ChannelClosed { channel: c, .. } if c == channel => {
                 bail!("the relay closed the APEX channel")
