@@ -3,6 +3,10 @@
 //! ```text
 //! apex --relay HOST:PORT [SECURITY] attach NAME [--count N] [--timeout SECS]
 //! apex --relay HOST:PORT [SECURITY] send --from NAME --to NAME [--to NAME...] [--status] [--timeout SECS] TEXT|-
+//! apex --relay HOST:PORT [SECURITY] access --as NAME [--timeout SECS] query OWNER ACTOR ACTION...
+//! apex --relay HOST:PORT [SECURITY] access --as NAME [--timeout SECS] get [--literal] OWNER ACTOR
+//! apex --relay HOST:PORT [SECURITY] access --as NAME [--timeout SECS] set [--literal] OWNER ACTOR ACTION... [--last-update TS]
+//! apex --relay HOST:PORT [SECURITY] access --as NAME [--timeout SECS] delete [--literal] OWNER ACTOR [--last-update TS]
 //!
 //! SECURITY: [--tls] [--tls-ca PEM] [--tls-name NAME]
 //!           [--user NAME@DOMAIN [--password-file FILE] [--mechanism SCRAM-SHA-256|PLAIN]]
@@ -14,6 +18,23 @@
 //! `accepted` or `error CODE TEXT`, then, with `--status`, one `status IDENTITY CODE TEXT` line per
 //! destination of the relay's statusResponse (RFC 3340 §5.1, §6.2). Blocking std
 //! networking over the sans-IO session of `apex-proto`; no async runtime.
+//!
+//! `access` attaches as `--as NAME` and talks to the access service of OWNER's domain,
+//! `apex=access@DOMAIN` (RFC 3341): each request is a `data` from NAME with the element inline,
+//! each answer a `data` from the service, matched by transID (a fresh one per request); other
+//! deliveries are acknowledged and ignored. OWNER and ACTOR are typed as a person writes them:
+//! `'*@example.com'` is the wildcard pattern; `--literal` escapes `*` and `\` (`\*`, `\\`,
+//! RFC 3341 §3) so that an endpoint whose name holds them can be named. `query`'s ACTOR is an
+//! address, never escaped. ACTION is a `service:operation` token (`core:data`).
+//!
+//! - `query` prints `allow` or `deny`;
+//! - `get` prints `OWNER ACTOR ACTIONS lastUpdate=TS` (ACTOR as the service writes it, escaped);
+//! - `set` prints `250 set`, `delete` prints `250 deleted`. Without `--last-update` they first
+//!   `get` the entry for its lastUpdate, as RFC 3341 §2.3 asks of clients; a 551 answer (no
+//!   such entry) makes `set` create it, and ends `delete` with that error.
+//!
+//! A refusal prints `error CODE TEXT`, no answer within `--timeout` (default 10 s) prints
+//! `error timeout waiting for apex=access`; both exit with status 1.
 //!
 //! Before the attach, the session can be tuned (RFC 3080 §3-4), as a relay with `--users`
 //! requires (an attach without authentication gets 530):
@@ -39,15 +60,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use apex_proto::apex::access::{escape, format_actions, parse_actions, Action, ActorPattern};
+use apex_proto::apex::access_ops::{
+    carried_element, element_data, format_answer, format_request,
+    parse_answer as parse_access_answer, service_endpoint, AccessAnswer, AccessElement,
+    AccessRequest, ACCESS_SERVICE,
+};
 use apex_proto::apex::addr::Endpoint;
 use apex_proto::apex::client::{
     self, attach_message, attach_offer, ok_payload, parse_answer, parse_incoming,
     parse_piggybacked_answer, Answer, Content, DataBuilder, Incoming, StatusResponse,
 };
 use apex_proto::apex::msg::{error_payload, Data};
+use apex_proto::apex::timestamp::Timestamp;
 use apex_proto::auth::scram::{fresh_nonce, ScramClient};
 use apex_proto::beep::mgmt::{ErrorElement, Greeting, ProfileOffer};
 use apex_proto::beep::tuning::{self, BlobStatus, TuningElement};
+use apex_proto::limits::MAX_31BIT;
 use apex_proto::tls::{crypto_provider, TlsLayer};
 use apex_proto::{xml, Event, ReplyKind, Role, Session, SessionConfig};
 use bytes::{Bytes, BytesMut};
@@ -63,6 +92,9 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// How long `send --status` waits for the report by default.
 const DEFAULT_STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `access` waits for each answer of the service by default.
+const DEFAULT_ACCESS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bounds for XML we parse ourselves (data-content bodies).
 const XML_DEPTH: usize = 32;
@@ -81,7 +113,7 @@ struct Cli {
     connect_timeout: Duration,
     /// attach: detach and exit (status 0) after SECS without traffic from the relay (default:
     /// never). send: seconds to wait for the status report once the relay accepted the data
-    /// (default: 10).
+    /// (default: 10). access: seconds to wait for each answer of the service (default: 10).
     #[arg(long, global = true, value_name = "SECS", value_parser = parse_secs)]
     timeout: Option<Duration>,
     /// Start TLS right after the greetings and greet again over it (RFC 3080 §3.1); fails when
@@ -158,6 +190,79 @@ enum Command {
         /// (one trailing newline is dropped).
         #[arg(value_name = "TEXT|-")]
         text: String,
+    },
+    /// Attach as --as and ask the access service of OWNER's domain (apex=access@DOMAIN,
+    /// RFC 3341) to query, read, set or delete an access entry.
+    Access {
+        /// The endpoint to attach as: the originator of the requests.
+        #[arg(long = "as", value_name = "NAME")]
+        name: String,
+        #[command(subcommand)]
+        op: AccessCommand,
+    },
+}
+
+/// One request (or, for set and delete, a get and a set) to the access service.
+#[derive(Debug, Subcommand)]
+enum AccessCommand {
+    /// Whether ACTOR may do every ACTION to OWNER: prints `allow` or `deny`.
+    Query {
+        /// The entries' owner, e.g. fred@example.com.
+        #[arg(value_name = "OWNER")]
+        owner: String,
+        /// The address asked about (an address, not a pattern; never escaped).
+        #[arg(value_name = "ACTOR")]
+        actor: String,
+        /// Action tokens, e.g. core:data presence:subscribe.
+        #[arg(value_name = "ACTION", required = true)]
+        actions: Vec<String>,
+    },
+    /// OWNER's entry whose actor is exactly ACTOR: prints `OWNER ACTOR ACTIONS lastUpdate=TS`.
+    Get {
+        /// The entries' owner.
+        #[arg(value_name = "OWNER")]
+        owner: String,
+        /// The entry's actor: an address or a pattern such as '*@example.com'.
+        #[arg(value_name = "ACTOR")]
+        actor: String,
+        /// ACTOR is an endpoint name: its `*` and `\` are literal characters, not wildcards.
+        #[arg(long)]
+        literal: bool,
+    },
+    /// Creates or replaces OWNER's entry for ACTOR: prints `250 set`.
+    Set {
+        /// The entries' owner.
+        #[arg(value_name = "OWNER")]
+        owner: String,
+        /// The entry's actor: an address or a pattern such as '*@example.com'.
+        #[arg(value_name = "ACTOR")]
+        actor: String,
+        /// Action tokens to grant, e.g. core:data (all:none grants nothing).
+        #[arg(value_name = "ACTION", required = true)]
+        actions: Vec<String>,
+        /// The entry's current lastUpdate, which the service checks; without it the entry is
+        /// read first (and created when there is none).
+        #[arg(long, value_name = "TS")]
+        last_update: Option<String>,
+        /// ACTOR is an endpoint name: its `*` and `\` are literal characters, not wildcards.
+        #[arg(long)]
+        literal: bool,
+    },
+    /// Deletes OWNER's entry for ACTOR: prints `250 deleted`.
+    Delete {
+        /// The entries' owner.
+        #[arg(value_name = "OWNER")]
+        owner: String,
+        /// The entry's actor: an address or a pattern such as '*@example.com'.
+        #[arg(value_name = "ACTOR")]
+        actor: String,
+        /// The entry's current lastUpdate, which the service checks; without it the entry is
+        /// read first.
+        #[arg(long, value_name = "TS")]
+        last_update: Option<String>,
+        /// ACTOR is an endpoint name: its `*` and `\` are literal characters, not wildcards.
+        #[arg(long)]
+        literal: bool,
     },
 }
 
@@ -241,6 +346,21 @@ fn run(cli: Cli) -> Result<Status> {
             };
             let stream = connect(&cli.relay, io_timeout)?;
             run_send(stream, &opts, stop, &mut stdout.lock())
+        }
+        Command::Access { name, op } => {
+            let name = endpoint(name)?;
+            let (service, op) = access_op(op)?;
+            let opts = AccessOpts {
+                security: resolve_security(&cli, &name, env_password)?,
+                name,
+                service,
+                op,
+                answer_timeout: cli.timeout.unwrap_or(DEFAULT_ACCESS_TIMEOUT),
+                io_timeout,
+                first_trans_id: status_trans_id(),
+            };
+            let stream = connect(&cli.relay, io_timeout)?;
+            run_access(stream, &opts, stop, &mut stdout.lock())
         }
     }
 }
@@ -491,6 +611,10 @@ struct Peer {
     stop: Arc<AtomicBool>,
     /// Whether `wait` reports a raised stop flag (not while detaching).
     interruptible: bool,
+    /// Deliveries to this endpoint that arrive while closing are acknowledged rather than
+    /// refused with 421: set by a command that ignores deliveries anyway (`access`, which
+    /// otherwise would refuse the owner's notice of its own change).
+    accept_while_closing: Option<Endpoint>,
 }
 
 impl Peer {
@@ -512,6 +636,7 @@ impl Peer {
             inbox: BytesMut::with_capacity(16 * 1024),
             stop,
             interruptible: true,
+            accept_while_closing: None,
         })
     }
 
@@ -657,9 +782,22 @@ impl Peer {
             };
             match event {
                 Event::Message {
-                    channel: c, msgno, ..
+                    channel: c,
+                    msgno,
+                    payload,
                 } => {
-                    self.err(c, msgno, 421, "endpoint is detaching")?;
+                    let accept = self.accept_while_closing.as_ref().is_some_and(|me| {
+                        matches!(
+                            parse_incoming(&payload),
+                            Ok(Incoming::Data(data) | Incoming::Status { data, .. })
+                                if addressed_to(&data, me)
+                        )
+                    });
+                    if accept {
+                        self.rpy_ok(c, msgno)?;
+                    } else {
+                        self.err(c, msgno, 421, "endpoint is detaching")?;
+                    }
                 }
                 Event::ChannelClosed { channel: c, .. } if Some(c) == channel => {
                     channel = None;
@@ -1411,6 +1549,472 @@ fn run_send(
     Ok(Status::Success)
 }
 
+/// What `apex access` asks the service, as the command line gave it, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AccessOp {
+    /// `query`: whether `actor` (an address) may do every one of `actions` to `owner`.
+    Query {
+        owner: String,
+        actor: String,
+        actions: Vec<Action>,
+    },
+    /// `get`: the entry of `owner` whose actor is `actor` (written escaped, ACC-07).
+    Get { owner: String, actor: String },
+    /// `set` (`actions`) or `delete` (`None`) of the entry of `owner` for `actor` (escaped).
+    /// Without `last_update` the entry is read first (RFC 3341 §2.3, ACC-16).
+    Set {
+        owner: String,
+        actor: String,
+        actions: Option<Vec<Action>>,
+        last_update: Option<String>,
+    },
+}
+
+/// Options of `apex access`.
+#[derive(Debug)]
+struct AccessOpts {
+    /// The endpoint attached as, the originator of every request.
+    name: Endpoint,
+    /// `apex=access@DOMAIN`, DOMAIN being the owner's.
+    service: Endpoint,
+    op: AccessOp,
+    security: Security,
+    /// How long each answer of the service may take.
+    answer_timeout: Duration,
+    io_timeout: Duration,
+    /// The first request's transID; each further request takes the next.
+    first_trans_id: u32,
+}
+
+/// Checks an `access` command line: the service to ask (that of OWNER's domain) and what.
+fn access_op(command: &AccessCommand) -> Result<(Endpoint, AccessOp)> {
+    let owner_of = |owner: &str| -> Result<Endpoint> {
+        Endpoint::parse(owner).map_err(|e| anyhow!("invalid owner '{owner}': {e}"))
+    };
+    let (owner, op) = match command {
+        AccessCommand::Query {
+            owner,
+            actor,
+            actions,
+        } => {
+            let owner = owner_of(owner)?;
+            // The actor of a query is an address, written as it is (ACC-07).
+            let actor = Endpoint::parse(actor).map_err(|e| {
+                anyhow!("invalid actor '{actor}': {e} (a query names an address, not a pattern)")
+            })?;
+            let op = AccessOp::Query {
+                owner: owner.as_str().to_owned(),
+                actor: actor.as_str().to_owned(),
+                actions: action_list(actions)?,
+            };
+            (owner, op)
+        }
+        AccessCommand::Get {
+            owner,
+            actor,
+            literal,
+        } => {
+            let owner = owner_of(owner)?;
+            let op = AccessOp::Get {
+                owner: owner.as_str().to_owned(),
+                actor: actor_value(actor, *literal)?,
+            };
+            (owner, op)
+        }
+        AccessCommand::Set {
+            owner,
+            actor,
+            actions,
+            last_update,
+            literal,
+        } => {
+            let owner = owner_of(owner)?;
+            let op = AccessOp::Set {
+                owner: owner.as_str().to_owned(),
+                actor: actor_value(actor, *literal)?,
+                actions: Some(action_list(actions)?),
+                last_update: last_update.as_deref().map(timestamp).transpose()?,
+            };
+            (owner, op)
+        }
+        AccessCommand::Delete {
+            owner,
+            actor,
+            last_update,
+            literal,
+        } => {
+            let owner = owner_of(owner)?;
+            let op = AccessOp::Set {
+                owner: owner.as_str().to_owned(),
+                actor: actor_value(actor, *literal)?,
+                actions: None,
+                last_update: last_update.as_deref().map(timestamp).transpose()?,
+            };
+            (owner, op)
+        }
+    };
+    let service = service_endpoint(owner.domain());
+    let service = Endpoint::parse(&service)
+        .map_err(|e| anyhow!("no access service address for '{owner}' ({service}): {e}"))?;
+    Ok((service, op))
+}
+
+/// The ACTION arguments as one list; an argument may hold several tokens.
+fn action_list(actions: &[String]) -> Result<Vec<Action>> {
+    parse_actions(&actions.join(" "))
+        .map_err(|e| anyhow!("{e} (an action is service:operation, e.g. core:data)"))
+}
+
+/// The `actor` of get and set as written on the wire: the pattern as typed, or with
+/// `--literal` the endpoint name with its `*` and `\` escaped (RFC 3341 §3, ACC-07). Checked
+/// here so that a typing mistake is not sent.
+fn actor_value(actor: &str, literal: bool) -> Result<String> {
+    let written = if literal {
+        escape(actor).into_owned()
+    } else {
+        actor.to_owned()
+    };
+    ActorPattern::parse(&written).map_err(|e| {
+        let hint = if literal {
+            ""
+        } else {
+            " (--literal: an endpoint name whose * and \\ are not wildcards)"
+        };
+        anyhow!("invalid actor '{actor}': {e}{hint}")
+    })?;
+    Ok(written)
+}
+
+/// `--last-update`: an RFC 3339 timestamp, sent as typed (the service compares instants).
+fn timestamp(text: &str) -> Result<String> {
+    Timestamp::parse(text).map_err(|e| anyhow!("--last-update: {e}"))?;
+    Ok(text.to_owned())
+}
+
+/// The transID after `id`, within 1..=2^31-1 (RFC 3340 §6.1.1).
+fn next_trans_id(id: u32) -> u32 {
+    if id >= MAX_31BIT {
+        1
+    } else {
+        id + 1
+    }
+}
+
+/// How one request to the access service ended.
+#[derive(Debug)]
+enum Asked {
+    /// The service's answer.
+    Answer(AccessAnswer),
+    /// The relay refused the data carrying the request.
+    Refused { code: u16, text: String },
+    /// No answer within the timeout.
+    Timeout,
+}
+
+/// An attachment talking to the access service.
+struct AccessClient<'a> {
+    peer: Peer,
+    channel: u32,
+    opts: &'a AccessOpts,
+    next_trans_id: u32,
+}
+
+impl AccessClient<'_> {
+    /// A transID for the next request, distinct from the previous ones.
+    fn trans_id(&mut self) -> u32 {
+        let id = self.next_trans_id;
+        self.next_trans_id = next_trans_id(id);
+        id
+    }
+
+    /// Sends `request` as a data to the service, and waits for the relay to accept it and for
+    /// the service's answer with its transID: an `allow`, `deny` or `reply` to a query, a `set`
+    /// or `reply` to a get, a `reply` to a set (the owner's notice is a `set` with the same
+    /// transID, and it is not the answer). Every delivery to NAME is acknowledged, whatever it
+    /// is; one to another endpoint is refused with 550, as `attach` does (APEX-29).
+    fn ask(&mut self, request: &AccessRequest) -> Result<Asked> {
+        let opts = self.opts;
+        let payload = element_data(
+            opts.name.as_str(),
+            opts.service.as_str(),
+            &format_request(request),
+        );
+        let msgno = self
+            .peer
+            .session
+            .send_msg(self.channel, payload)
+            .map_err(|e| anyhow!("cannot send data: {e}"))?;
+        let sent = Instant::now();
+        let relay_deadline = sent + opts.io_timeout;
+        let answer_deadline = sent + opts.answer_timeout;
+        let mut accepted = false;
+        let mut answer = None;
+        loop {
+            if accepted {
+                if let Some(answer) = answer.take() {
+                    return Ok(Asked::Answer(answer));
+                }
+            }
+            let deadline = if accepted {
+                answer_deadline
+            } else {
+                relay_deadline.min(answer_deadline)
+            };
+            let event = match self.peer.wait(Some(deadline))? {
+                Wait::Event(event) => event,
+                Wait::Timeout if accepted || Instant::now() >= answer_deadline => {
+                    return Ok(Asked::Timeout)
+                }
+                Wait::Timeout => bail!("timed out waiting for the relay to answer the data"),
+                Wait::Interrupted => bail!("interrupted"),
+            };
+            match event {
+                Event::Reply {
+                    channel: c,
+                    msgno: m,
+                    kind,
+                    payload,
+                } if c == self.channel && m == msgno => match parse_answer(&payload) {
+                    Ok(Answer::Ok) if kind == ReplyKind::Rpy => accepted = true,
+                    Ok(Answer::Error { code, text }) => return Ok(Asked::Refused { code, text }),
+                    _ => bail!(
+                        "unexpected reply to data: {}",
+                        String::from_utf8_lossy(&payload)
+                    ),
+                },
+                Event::Message {
+                    channel: c,
+                    msgno: m,
+                    payload,
+                } => match read_msg(&mut self.peer, c, m, &payload)? {
+                    Msg::Data(data, _) if !addressed_to(&data, &opts.name) => {
+                        let text = format!("not attached as {}", recipients(&data));
+                        self.peer.err(c, m, 550, &text)?;
+                    }
+                    Msg::Data(data, _) => {
+                        self.peer.rpy_ok(c, m)?;
+                        if let Some(found) = self.answer_in(&data, request) {
+                            answer = Some(found);
+                        }
+                    }
+                    Msg::Terminated { code, text } => bail!(
+                        "the relay terminated the attachment: {}",
+                        code_text(code, &text)
+                    ),
+                    Msg::Answered => {}
+                },
+                Event::ChannelClosed { channel: c, .. } if c == self.channel => {
+                    bail!("the relay closed the APEX channel")
+                }
+                Event::SessionReleased => bail!("the relay released the session"),
+                _ => {}
+            }
+        }
+    }
+
+    /// The answer to `request` that `data` carries, if it is one: from the service, with the
+    /// request's transID, of a kind that answers it.
+    fn answer_in(&self, data: &Data, request: &AccessRequest) -> Option<AccessAnswer> {
+        let from = Endpoint::parse(&data.originator.identity).ok()?;
+        if from != self.opts.service {
+            return None;
+        }
+        let element = carried_element(data)?;
+        let answer = match parse_access_answer(&element) {
+            Ok(answer) => answer,
+            Err(e) => {
+                eprintln!(
+                    "apex: ignoring an unreadable element from {}: {e}",
+                    self.opts.service
+                );
+                return None;
+            }
+        };
+        if answer.trans_id() != request.trans_id() {
+            return None;
+        }
+        let answers = match request {
+            AccessRequest::Query { .. } => matches!(
+                answer,
+                AccessAnswer::Allow { .. } | AccessAnswer::Deny { .. } | AccessAnswer::Reply { .. }
+            ),
+            AccessRequest::Get { .. } => {
+                matches!(
+                    answer,
+                    AccessAnswer::Set { .. } | AccessAnswer::Reply { .. }
+                )
+            }
+            AccessRequest::Set { .. } => matches!(answer, AccessAnswer::Reply { .. }),
+        };
+        answers.then_some(answer)
+    }
+}
+
+/// The recipients of `data`, for messages.
+fn recipients(data: &Data) -> String {
+    let to: Vec<&str> = data
+        .recipients
+        .iter()
+        .map(|r| r.identity.as_str())
+        .collect();
+    to.join(", ")
+}
+
+/// The reply code of RFC 3341 §4.3 step 5: `get` found no entry with that actor.
+const NO_ENTRY: u16 = 551;
+
+/// `apex access`: attaches as `--as`, asks the access service and prints its answer. A set or
+/// delete without `--last-update` reads the entry first (ACC-16).
+fn run_access(
+    stream: TcpStream,
+    opts: &AccessOpts,
+    stop: Arc<AtomicBool>,
+    out: &mut impl Write,
+) -> Result<Status> {
+    let io = opts.io_timeout;
+    let Some((mut peer, channel)) =
+        attach_session(stream, &opts.name, &opts.security, stop, io, out)?
+    else {
+        return Ok(Status::Failed);
+    };
+    peer.accept_while_closing = Some(opts.name.clone());
+    let mut client = AccessClient {
+        peer,
+        channel,
+        opts,
+        next_trans_id: opts.first_trans_id,
+    };
+    let (status, line) = access_exchange(&mut client)?;
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    client.peer.close(Some(channel), Instant::now() + io)?;
+    Ok(status)
+}
+
+/// The requests of `apex access` and the line that reports how they ended.
+fn access_exchange(client: &mut AccessClient<'_>) -> Result<(Status, String)> {
+    let failed =
+        |code: u16, text: &str| (Status::Failed, format!("error {}", code_text(code, text)));
+    let timeout = (
+        Status::Failed,
+        format!("error timeout waiting for {ACCESS_SERVICE}"),
+    );
+    let unexpected = |answer: &AccessAnswer| {
+        anyhow!(
+            "unexpected answer from the access service: {}",
+            format_answer(answer)
+        )
+    };
+    let op = client.opts.op.clone();
+    match op {
+        AccessOp::Query {
+            owner,
+            actor,
+            actions,
+        } => {
+            let request = AccessRequest::Query {
+                owner,
+                actor,
+                actions,
+                trans_id: client.trans_id(),
+            };
+            Ok(match client.ask(&request)? {
+                Asked::Answer(AccessAnswer::Allow { .. }) => (Status::Success, "allow".to_owned()),
+                Asked::Answer(AccessAnswer::Deny { .. }) => (Status::Success, "deny".to_owned()),
+                Asked::Answer(AccessAnswer::Reply { code, text, .. }) => failed(code, &text),
+                Asked::Answer(other) => return Err(unexpected(&other)),
+                Asked::Refused { code, text } => failed(code, &text),
+                Asked::Timeout => timeout,
+            })
+        }
+        AccessOp::Get { owner, actor } => {
+            let request = AccessRequest::Get {
+                owner,
+                actor,
+                trans_id: client.trans_id(),
+            };
+            Ok(match client.ask(&request)? {
+                Asked::Answer(AccessAnswer::Set { access, .. }) => {
+                    (Status::Success, entry_line(&access))
+                }
+                Asked::Answer(AccessAnswer::Reply { code, text, .. }) => failed(code, &text),
+                Asked::Answer(other) => return Err(unexpected(&other)),
+                Asked::Refused { code, text } => failed(code, &text),
+                Asked::Timeout => timeout,
+            })
+        }
+        AccessOp::Set {
+            owner,
+            actor,
+            actions,
+            last_update,
+        } => {
+            let deleting = actions.is_none();
+            let last_update = match last_update {
+                Some(last_update) => Some(last_update),
+                None => {
+                    // Read the entry for its lastUpdate first (RFC 3341 §2.3, ACC-16).
+                    let get = AccessRequest::Get {
+                        owner: owner.clone(),
+                        actor: actor.clone(),
+                        trans_id: client.trans_id(),
+                    };
+                    match client.ask(&get)? {
+                        Asked::Answer(AccessAnswer::Set { access, .. }) => access.last_update,
+                        // No entry: a set creates one; there is nothing to delete.
+                        Asked::Answer(AccessAnswer::Reply { code, .. })
+                            if code == NO_ENTRY && !deleting =>
+                        {
+                            None
+                        }
+                        Asked::Answer(AccessAnswer::Reply { code, text, .. }) => {
+                            return Ok(failed(code, &text))
+                        }
+                        Asked::Answer(other) => return Err(unexpected(&other)),
+                        Asked::Refused { code, text } => return Ok(failed(code, &text)),
+                        Asked::Timeout => return Ok(timeout),
+                    }
+                }
+            };
+            let set = AccessRequest::Set {
+                trans_id: client.trans_id(),
+                access: AccessElement {
+                    owner,
+                    actor,
+                    actions,
+                    last_update,
+                },
+            };
+            Ok(match client.ask(&set)? {
+                Asked::Answer(AccessAnswer::Reply { code, .. }) if (200..300).contains(&code) => {
+                    let done = if deleting { "deleted" } else { "set" };
+                    (Status::Success, format!("{code} {done}"))
+                }
+                Asked::Answer(AccessAnswer::Reply { code, text, .. }) => failed(code, &text),
+                Asked::Answer(other) => return Err(unexpected(&other)),
+                Asked::Refused { code, text } => failed(code, &text),
+                Asked::Timeout => timeout,
+            })
+        }
+    }
+}
+
+/// `OWNER ACTOR ACTIONS lastUpdate=TS`: an entry as `get` prints it, the actor as the service
+/// wrote it (escaped), `-` for absent actions.
+fn entry_line(access: &AccessElement) -> String {
+    let actions = match &access.actions {
+        Some(actions) => format_actions(actions),
+        None => "-".to_owned(),
+    };
+    format!(
+        "{} {} {} lastUpdate={}",
+        access.owner,
+        access.actor,
+        actions,
+        access.last_update.as_deref().unwrap_or_default()
+    )
+}
+
 /// The content of a received data as one line of text: the `data-content` body (unescaped
 /// text, or its markup when it holds elements), the body of the `cid:` MIME part, or the
 /// content URI itself.
@@ -1480,7 +2084,8 @@ fn compact_markup(markup: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use apex_proto::apex::client::{Destination, StatusResponse};
+    use apex_proto::apex::access_ops::parse_request;
+    use apex_proto::apex::client::Destination;
     use apex_proto::apex::msg::{parse_document, parse_message, ApexLimits, Operation};
     use std::net::TcpListener;
     use std::thread::JoinHandle;
@@ -2146,6 +2751,615 @@ mod tests {
             "the relay does not offer TLS (it offers: http://iana.org/beep/APEX)"
         );
         assert!(relay.join().unwrap().start_content.is_none());
+    }
+
+    // ---- apex access ----
+
+    /// The `access` subcommand of `args` (after `apex --relay r:1 access --as NAME`).
+    fn access_command(args: &[&str]) -> Result<AccessCommand, clap::Error> {
+        let mut all = vec![
+            "apex",
+            "--relay",
+            "r:1",
+            "access",
+            "--as",
+            "wilma@example.com",
+        ];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).map(|cli| match cli.command {
+            Command::Access { op, .. } => op,
+            other => panic!("not access: {other:?}"),
+        })
+    }
+
+    fn access_args(args: &[&str]) -> Result<(Endpoint, AccessOp)> {
+        access_op(&access_command(args).unwrap())
+    }
+
+    fn access_err(args: &[&str]) -> String {
+        format!("{:#}", access_args(args).unwrap_err())
+    }
+
+    #[test]
+    fn access_arguments() {
+        let (service, op) = access_args(&[
+            "query",
+            "fred@example.com",
+            "barney@example.com",
+            "core:data",
+            "presence:subscribe",
+        ])
+        .unwrap();
+        assert_eq!(service, ep("apex=access@example.com"));
+        assert_eq!(
+            op,
+            AccessOp::Query {
+                owner: "fred@example.com".into(),
+                actor: "barney@example.com".into(),
+                actions: parse_actions("core:data presence:subscribe").unwrap(),
+            }
+        );
+        // Several tokens in one argument; the service is that of the owner's domain.
+        let (service, op) = access_args(&[
+            "set",
+            "fred@rubble.com",
+            "*@example.com",
+            "core:data presence:watch",
+        ])
+        .unwrap();
+        assert_eq!(service, ep("apex=access@rubble.com"));
+        assert_eq!(
+            op,
+            AccessOp::Set {
+                owner: "fred@rubble.com".into(),
+                actor: "*@example.com".into(),
+                actions: Some(parse_actions("core:data presence:watch").unwrap()),
+                last_update: None,
+            }
+        );
+        let (_, op) = access_args(&[
+            "delete",
+            "fred@example.com",
+            "barney/*@*.example.com",
+            "--last-update",
+            "2024-03-01T10:00:00-08:00",
+        ])
+        .unwrap();
+        assert_eq!(
+            op,
+            AccessOp::Set {
+                owner: "fred@example.com".into(),
+                actor: "barney/*@*.example.com".into(),
+                actions: None,
+                last_update: Some("2024-03-01T10:00:00-08:00".into()),
+            }
+        );
+        // A query's actor is an address, written as typed, never escaped (ACC-07).
+        let (_, op) = access_args(&[
+            "query",
+            "fred@example.com",
+            r"a\b*c@example.com",
+            "core:data",
+        ])
+        .unwrap();
+        assert!(matches!(op, AccessOp::Query { ref actor, .. } if actor == r"a\b*c@example.com"));
+    }
+
+    #[test]
+    fn access_literal_escapes_the_actor() {
+        // Typed as a pattern, `*` is a wildcard ...
+        let (_, op) = access_args(&["get", "fred@example.com", "*@example.com"]).unwrap();
+        assert_eq!(
+            op,
+            AccessOp::Get {
+                owner: "fred@example.com".into(),
+                actor: "*@example.com".into()
+            }
+        );
+        // ... and with --literal an endpoint name: `a\b*c` is written `a\\b\*c` (ACC-07).
+        let (_, op) =
+            access_args(&["get", "--literal", "fred@example.com", r"a\b*c@example.com"]).unwrap();
+        assert!(matches!(op, AccessOp::Get { ref actor, .. } if actor == r"a\\b\*c@example.com"));
+        let (_, op) = access_args(&[
+            "set",
+            "fred@example.com",
+            "*@example.com",
+            "core:data",
+            "--literal",
+        ])
+        .unwrap();
+        assert!(matches!(op, AccessOp::Set { ref actor, .. } if actor == r"\*@example.com"));
+        // A literal name that is no pattern says how to write it.
+        let err = access_err(&["get", "fred@example.com", "a*b@example.com"]);
+        assert!(err.contains("invalid actor 'a*b@example.com'"), "{err}");
+        assert!(err.contains("--literal"), "{err}");
+        let err = access_err(&["delete", "fred@example.com", r"a\b@example.com"]);
+        assert!(err.contains("--literal"), "{err}");
+        let err = access_err(&["get", "--literal", "fred@example.com", "no-domain"]);
+        assert!(err.starts_with("invalid actor 'no-domain'"), "{err}");
+        assert!(!err.contains("--literal"), "{err}");
+    }
+
+    #[test]
+    fn access_argument_errors() {
+        let err = access_err(&["get", "fred", "*@example.com"]);
+        assert!(err.starts_with("invalid owner 'fred'"), "{err}");
+        let err = access_err(&["query", "fred@example.com", "barney", "core:data"]);
+        assert!(err.starts_with("invalid actor 'barney'"), "{err}");
+        let err = access_err(&["query", "fred@example.com", "b@example.com", "core"]);
+        assert!(err.contains("service:operation"), "{err}");
+        let err = access_err(&["set", "fred@example.com", "b@example.com", "core:data :x"]);
+        assert!(err.contains("invalid action token"), "{err}");
+        let err = access_err(&["set", "fred@example.com", "b@example.com", " "]);
+        assert!(err.contains("empty action list"), "{err}");
+        let err = access_err(&[
+            "set",
+            "fred@example.com",
+            "b@example.com",
+            "core:data",
+            "--last-update",
+            "yesterday",
+        ]);
+        assert!(err.starts_with("--last-update: not an RFC 3339"), "{err}");
+        // What clap refuses: no action, no actor, an action list for delete, options out of place.
+        for args in [
+            &["query", "fred@example.com", "b@example.com"][..],
+            &["set", "fred@example.com", "b@example.com"],
+            &["get", "fred@example.com"],
+            &["delete", "fred@example.com", "b@example.com", "core:data"],
+            &[
+                "query",
+                "--literal",
+                "fred@example.com",
+                "b@example.com",
+                "core:data",
+            ],
+            &[
+                "query",
+                "fred@example.com",
+                "b@example.com",
+                "core:data",
+                "--last-update",
+                "x",
+            ],
+            &["list", "fred@example.com"],
+        ] {
+            assert!(access_command(args).is_err(), "{args:?}");
+        }
+        assert!(Cli::try_parse_from([
+            "apex",
+            "--relay",
+            "r:1",
+            "access",
+            "get",
+            "fred@example.com",
+            "b@example.com"
+        ])
+        .is_err());
+        // --timeout may be given after the subcommand too.
+        let cli = Cli::try_parse_from([
+            "apex",
+            "--relay",
+            "r:1",
+            "access",
+            "--as",
+            "w@x",
+            "get",
+            "f@x",
+            "b@x",
+            "--timeout",
+            "1.5",
+        ])
+        .unwrap();
+        assert_eq!(cli.timeout, Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn access_trans_ids_stay_in_range() {
+        assert_eq!(next_trans_id(1), 2);
+        assert_eq!(next_trans_id(MAX_31BIT - 1), MAX_31BIT);
+        assert_eq!(next_trans_id(MAX_31BIT), 1);
+        let id = status_trans_id();
+        assert!((1..=MAX_31BIT).contains(&id));
+    }
+
+    const SERVICE: &str = "apex=access@example.com";
+
+    /// The request a data from the client carries (checking where it goes).
+    fn access_request(payload: &Bytes) -> AccessRequest {
+        let Ok(Operation::Data(data)) = parse_message(payload, &limits()) else {
+            panic!("not a data")
+        };
+        assert_eq!(data.recipients.len(), 1);
+        assert_eq!(data.recipients[0].identity, SERVICE);
+        assert_eq!(data.content, "#Content");
+        parse_request(&carried_element(&data).unwrap()).unwrap()
+    }
+
+    /// A data from the service to `to` carrying `answer`.
+    fn from_service(to: &str, answer: &AccessAnswer) -> Bytes {
+        element_data(SERVICE, to, &format_answer(answer))
+    }
+
+    fn reply(code: u16, trans_id: u32, text: &str) -> AccessAnswer {
+        AccessAnswer::Reply {
+            code,
+            trans_id,
+            text: text.to_owned(),
+        }
+    }
+
+    fn access_opts(name: &str, args: &[&str]) -> AccessOpts {
+        let (service, op) = access_args(args).unwrap();
+        AccessOpts {
+            name: ep(name),
+            service,
+            op,
+            security: Security::default(),
+            answer_timeout: Duration::from_secs(5),
+            io_timeout: IO,
+            first_trans_id: 7001,
+        }
+    }
+
+    /// Runs `apex access` as `name` against a fake relay whose service answers with `respond`;
+    /// returns the status, what was printed and what the relay saw.
+    fn run_access_with(
+        name: &str,
+        args: &[&str],
+        respond: Respond,
+        answer_timeout: Option<Duration>,
+    ) -> (Status, String, Log) {
+        let (addr, relay) = fake_relay(Some("<ok />"), Vec::new(), respond);
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut opts = access_opts(name, args);
+        if let Some(timeout) = answer_timeout {
+            opts.answer_timeout = timeout;
+        }
+        let mut out = Vec::new();
+        let status = run_access(stream, &opts, stop(), &mut out).unwrap();
+        let log = relay.join().unwrap();
+        assert!(log.released, "channel closed and session released");
+        (status, String::from_utf8(out).unwrap(), log)
+    }
+
+    #[test]
+    fn access_query_prints_the_answer_and_ignores_other_deliveries() {
+        let respond: Respond = Box::new(|payload| {
+            let request = access_request(payload);
+            let id = request.trans_id();
+            // Before the answer: someone else's data, an answer to another transaction, and an
+            // answer with this transID from someone other than the service: all acknowledged,
+            // none taken for the answer.
+            let other = data_payload("barney@example.com", "fred@example.com", "hello");
+            let stale = from_service(
+                "fred@example.com",
+                &AccessAnswer::Allow { trans_id: id + 1 },
+            );
+            let forged = element_data(
+                "barney@example.com",
+                "fred@example.com",
+                &format_answer(&AccessAnswer::Allow { trans_id: id }),
+            );
+            let answer = from_service("fred@example.com", &AccessAnswer::Deny { trans_id: id });
+            (true, ok_payload(), vec![other, stale, forged, answer])
+        });
+        let (status, out, log) = run_access_with(
+            "fred@example.com",
+            &[
+                "query",
+                "fred@example.com",
+                "barney@example.com",
+                "core:data",
+                "presence:subscribe",
+            ],
+            respond,
+            None,
+        );
+        assert_eq!((status, out.as_str()), (Status::Success, "deny\n"));
+        // The digest's §6 request, the element inline in data-content (content='#Content').
+        assert_eq!(log.msgs.len(), 1);
+        assert_eq!(
+            &log.msgs[0][..],
+            &b"Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='apex=access@example.com' />\r\n   <data-content Name='Content'><query owner='fred@example.com' actor='barney@example.com' actions='core:data presence:subscribe' transID='7001' /></data-content>\r\n</data>\r\n"[..]
+        );
+        assert_eq!(log.replies.len(), 4);
+        assert!(log
+            .replies
+            .iter()
+            .all(|r| *r == (ReplyKind::Rpy, ok_payload())));
+    }
+
+    #[test]
+    fn access_query_allow_and_refusals() {
+        let answer_with = |answer: fn(u32) -> AccessAnswer| -> Respond {
+            Box::new(move |payload| {
+                let id = access_request(payload).trans_id();
+                (
+                    true,
+                    ok_payload(),
+                    vec![from_service("wilma@example.com", &answer(id))],
+                )
+            })
+        };
+        let args = [
+            "query",
+            "fred@example.com",
+            "barney@example.com",
+            "core:data",
+        ];
+        let (status, out, _) = run_access_with(
+            "wilma@example.com",
+            &args,
+            answer_with(|trans_id| AccessAnswer::Allow { trans_id }),
+            None,
+        );
+        assert_eq!((status, out.as_str()), (Status::Success, "allow\n"));
+        let (status, out, _) = run_access_with(
+            "wilma@example.com",
+            &args,
+            answer_with(|id| reply(537, id, "access:query not granted")),
+            None,
+        );
+        assert_eq!(
+            (status, out.as_str()),
+            (Status::Failed, "error 537 access:query not granted\n")
+        );
+        // The relay refuses the data itself.
+        let refuse: Respond =
+            Box::new(|_| (false, error_payload(550, "unknown endpoint"), Vec::new()));
+        let (status, out, _) = run_access_with("wilma@example.com", &args, refuse, None);
+        assert_eq!(
+            (status, out.as_str()),
+            (Status::Failed, "error 550 unknown endpoint\n")
+        );
+    }
+
+    #[test]
+    fn access_timeout_prints_an_error_and_detaches() {
+        let silent: Respond = Box::new(|_| (true, ok_payload(), Vec::new()));
+        let started = Instant::now();
+        let (status, out, log) = run_access_with(
+            "fred@example.com",
+            &["get", "fred@example.com", "*@example.com"],
+            silent,
+            Some(Duration::from_millis(300)),
+        );
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(
+            (status, out.as_str()),
+            (Status::Failed, "error timeout waiting for apex=access\n")
+        );
+        assert_eq!(log.msgs.len(), 1);
+    }
+
+    #[test]
+    fn access_get_prints_the_entry() {
+        let respond: Respond = Box::new(|payload| {
+            let request = access_request(payload);
+            assert!(matches!(
+                request,
+                AccessRequest::Get { ref owner, ref actor, trans_id: 7001 }
+                    if owner == "fred@example.com" && actor == r"a\*b@example.com"
+            ));
+            let entry = AccessAnswer::Set {
+                trans_id: 7001,
+                access: AccessElement {
+                    owner: "fred@example.com".into(),
+                    actor: r"a\*b@example.com".into(),
+                    actions: Some(parse_actions("core:data presence:watch").unwrap()),
+                    last_update: Some("2024-03-01T10:00:00Z".into()),
+                },
+            };
+            (
+                true,
+                ok_payload(),
+                vec![from_service("wilma@example.com", &entry)],
+            )
+        });
+        let (status, out, _) = run_access_with(
+            "wilma@example.com",
+            &["get", "--literal", "fred@example.com", "a*b@example.com"],
+            respond,
+            None,
+        );
+        assert_eq!(
+            (status, out.as_str()),
+            (
+                Status::Success,
+                "fred@example.com a\\*b@example.com core:data presence:watch lastUpdate=2024-03-01T10:00:00Z\n"
+            )
+        );
+        let missing: Respond = Box::new(|payload| {
+            let id = access_request(payload).trans_id();
+            let answer = reply(551, id, "no such entry");
+            (
+                true,
+                ok_payload(),
+                vec![from_service("wilma@example.com", &answer)],
+            )
+        });
+        let (status, out, _) = run_access_with(
+            "wilma@example.com",
+            &["get", "fred@example.com", "*@example.com"],
+            missing,
+            None,
+        );
+        assert_eq!(
+            (status, out.as_str()),
+            (Status::Failed, "error 551 no such entry\n")
+        );
+    }
+
+    /// A fake access service for set and delete: `get` finds `stored` (its lastUpdate) or
+    /// answers 551; `set` is answered `code`, the owner's notice (same transID) sent before
+    /// the reply and, when `notice_after`, after it too.
+    fn set_service(stored: Option<&'static str>, code: u16, notice_after: bool) -> Respond {
+        Box::new(move |payload| {
+            let answers = match access_request(payload) {
+                AccessRequest::Get {
+                    owner,
+                    actor,
+                    trans_id,
+                } => vec![match stored {
+                    Some(last_update) => AccessAnswer::Set {
+                        trans_id,
+                        access: AccessElement {
+                            owner,
+                            actor,
+                            actions: Some(vec![Action::CORE_DATA]),
+                            last_update: Some(last_update.to_owned()),
+                        },
+                    },
+                    None => reply(551, trans_id, "no entry"),
+                }],
+                AccessRequest::Set { trans_id, access } => {
+                    let notice = AccessAnswer::Set {
+                        trans_id,
+                        access: AccessElement {
+                            last_update: Some("2024-03-01T10:05:17Z".into()),
+                            ..access
+                        },
+                    };
+                    let mut answers = vec![notice.clone(), reply(code, trans_id, "")];
+                    if notice_after {
+                        answers.push(notice);
+                    }
+                    answers
+                }
+                query => panic!("unexpected {query:?}"),
+            };
+            let msgs = answers
+                .iter()
+                .map(|a| from_service("fred@example.com", a))
+                .collect();
+            (true, ok_payload(), msgs)
+        })
+    }
+
+    #[test]
+    fn access_set_reads_first_then_creates() {
+        let (status, out, log) = run_access_with(
+            "fred@example.com",
+            &["set", "fred@example.com", "*@example.com", "core:data"],
+            set_service(None, 250, false),
+            None,
+        );
+        assert_eq!((status, out.as_str()), (Status::Success, "250 set\n"));
+        let requests: Vec<AccessRequest> = log.msgs.iter().map(access_request).collect();
+        assert_eq!(
+            requests,
+            [
+                AccessRequest::Get {
+                    owner: "fred@example.com".into(),
+                    actor: "*@example.com".into(),
+                    trans_id: 7001,
+                },
+                // 551: created, without lastUpdate; a transID of its own.
+                AccessRequest::Set {
+                    trans_id: 7002,
+                    access: AccessElement {
+                        owner: "fred@example.com".into(),
+                        actor: "*@example.com".into(),
+                        actions: Some(vec![Action::CORE_DATA]),
+                        last_update: None,
+                    },
+                },
+            ]
+        );
+        // The 551 answer, the notice (which did not end the wait) and the reply: all accepted.
+        assert_eq!(log.replies.len(), 3);
+        assert!(log
+            .replies
+            .iter()
+            .all(|r| *r == (ReplyKind::Rpy, ok_payload())));
+    }
+
+    #[test]
+    fn access_set_replaces_with_the_lastupdate_read() {
+        let (status, out, log) = run_access_with(
+            "fred@example.com",
+            &[
+                "set",
+                "fred@example.com",
+                "*@example.com",
+                "core:data",
+                "presence:watch",
+            ],
+            set_service(Some("2024-03-01T10:00:00Z"), 555, false),
+            None,
+        );
+        // The service's refusal (here a stale lastUpdate) is the command's.
+        assert_eq!((status, out.as_str()), (Status::Failed, "error 555\n"));
+        let set = access_request(&log.msgs[1]);
+        assert!(matches!(
+            set,
+            AccessRequest::Set { trans_id: 7002, access: AccessElement { last_update: Some(ref ts), actions: Some(ref a), .. } }
+                if ts == "2024-03-01T10:00:00Z" && a.len() == 2
+        ));
+        // With --last-update, no get.
+        let (status, out, log) = run_access_with(
+            "fred@example.com",
+            &[
+                "set",
+                "fred@example.com",
+                "*@example.com",
+                "core:data",
+                "--last-update",
+                "2024-03-01T13:02:00-08:00",
+            ],
+            set_service(None, 250, false),
+            None,
+        );
+        assert_eq!((status, out.as_str()), (Status::Success, "250 set\n"));
+        assert_eq!(log.msgs.len(), 1);
+        assert!(matches!(
+            access_request(&log.msgs[0]),
+            AccessRequest::Set { trans_id: 7001, access: AccessElement { last_update: Some(ref ts), .. } }
+                if ts == "2024-03-01T13:02:00-08:00"
+        ));
+    }
+
+    #[test]
+    fn access_delete_and_the_owners_notice() {
+        let (status, out, log) = run_access_with(
+            "fred@example.com",
+            &["delete", "fred@example.com", "barney@example.com"],
+            set_service(Some("2024-03-01T10:00:00Z"), 250, true),
+            None,
+        );
+        assert_eq!((status, out.as_str()), (Status::Success, "250 deleted\n"));
+        assert_eq!(
+            access_request(&log.msgs[1]),
+            AccessRequest::Set {
+                trans_id: 7002,
+                access: AccessElement {
+                    owner: "fred@example.com".into(),
+                    actor: "barney@example.com".into(),
+                    actions: None,
+                    last_update: Some("2024-03-01T10:00:00Z".into()),
+                },
+            }
+        );
+        // The get's answer, the notices before and after the reply, the reply: the notice that
+        // comes while detaching is accepted too, not refused with 421.
+        assert_eq!(log.replies.len(), 4);
+        assert!(log
+            .replies
+            .iter()
+            .all(|r| *r == (ReplyKind::Rpy, ok_payload())));
+        // Nothing to delete: the get's 551 ends the command.
+        let (status, out, log) = run_access_with(
+            "fred@example.com",
+            &["delete", "fred@example.com", "barney@example.com"],
+            set_service(None, 250, false),
+            None,
+        );
+        assert_eq!(
+            (status, out.as_str()),
+            (Status::Failed, "error 551 no entry\n")
+        );
+        assert_eq!(log.msgs.len(), 1);
     }
 
     fn parse(args: &[&str]) -> Cli {
