@@ -2,8 +2,10 @@
 //! flags, merged in that order (flags win) and validated once. Errors name the file, the line and
 //! the field.
 
+use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use std::str::FromStr;
@@ -12,6 +14,7 @@ use apex_proto::apex::access::{AccessTable, Grant};
 use apex_proto::apex::msg::ApexLimits;
 use apex_proto::apex::options::HoldLimits;
 use apex_proto::apex::relay::AuthMode;
+use apex_proto::store::AccessLimits;
 use apex_proto::Limits;
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +35,10 @@ pin = true
 log = "info"
 # grace_ms: how long a shutting-down session may take to answer our BEEP close.
 shutdown_grace_ms = 2000
+# data_dir: where the durable store (apexd.redb: access entries set by endpoints, held
+# messages) lives. Empty: $STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/apexd when
+# running as root, else $XDG_STATE_HOME/apexd, else $HOME/.local/state/apexd.
+data_dir = ""
 
 [runtime]
 # Registered io_uring buffer memory per shard (bytes); counts against `ulimit -l`.
@@ -53,6 +60,10 @@ mesh_queue = 1024
 # default entries deny core:data between ordinary endpoints; this grant lets the endpoints of
 # this relay's own domain send each other data. $DOMAIN stands for `domain`.
 grants = ["*@$DOMAIN=core:data"]
+# Bounds on the entries endpoints store with the access service's `set` (RFC 3341 §4.4): per
+# owner, and over all owners; past either a new entry is refused with 554.
+max_entries_per_owner = 256
+max_entries = 1000000
 
 [mesh]
 # Static routes to other relays' apex-mesh ports, as DOMAIN=HOST:PORT. Domains without a
@@ -165,6 +176,8 @@ pub struct Config {
     pub log: String,
     /// Milliseconds a session has to answer our close at shutdown.
     pub shutdown_grace_ms: u64,
+    /// Directory of the durable store; empty: see [`Config::data_dir`].
+    pub data_dir: String,
     /// Executor and socket settings.
     pub runtime: Runtime,
     /// Access entries.
@@ -331,6 +344,10 @@ impl Config {
 pub struct AccessConfig {
     /// `ACTOR=ACTIONS` grants applied to every local endpoint.
     pub grants: Vec<String>,
+    /// Most stored entries one owner may have.
+    pub max_entries_per_owner: usize,
+    /// Most stored entries over all owners.
+    pub max_entries: usize,
 }
 
 /// Executor and socket settings.
@@ -430,6 +447,8 @@ pub struct Overrides {
     pub tls_key: Option<String>,
     /// `--tls-ca`.
     pub tls_ca: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<String>,
 }
 
 impl Config {
@@ -499,6 +518,7 @@ impl Config {
             (&o.tls_cert, &mut self.tls.cert),
             (&o.tls_key, &mut self.tls.key),
             (&o.tls_ca, &mut self.tls.ca),
+            (&o.data_dir, &mut self.data_dir),
         ] {
             if let Some(v) = value {
                 field.clone_from(v);
@@ -574,6 +594,25 @@ impl Config {
         Ok(table)
     }
 
+    /// Bounds on the access entries endpoints store.
+    pub fn access_limits(&self) -> AccessLimits {
+        AccessLimits {
+            max_entries_per_owner: self.access.max_entries_per_owner,
+            max_entries: self.access.max_entries,
+        }
+    }
+
+    /// The directory of the durable store: `data_dir` (`--data-dir`) when given, else
+    /// `$STATE_DIRECTORY` (systemd; the first when it lists several), else `/var/lib/apexd` when
+    /// running as root, else `$XDG_STATE_HOME/apexd`, else `$HOME/.local/state/apexd`.
+    pub fn data_dir(&self) -> Result<PathBuf> {
+        resolve_data_dir(
+            &self.data_dir,
+            |name| std::env::var_os(name),
+            crate::sys::effective_uid(),
+        )
+    }
+
     /// Checks values that parse but cannot work, naming the field.
     pub fn validate(&self) -> Result<()> {
         self.auth_mode()?;
@@ -634,6 +673,12 @@ impl Config {
         if self.backpressure.stall_ms == 0 {
             bail!("field `backpressure.stall_ms` must be at least 1");
         }
+        if self.access.max_entries_per_owner == 0 {
+            bail!("field `access.max_entries_per_owner` must be at least 1");
+        }
+        if self.access.max_entries == 0 {
+            bail!("field `access.max_entries` must be at least 1");
+        }
         if apex_proto::apex::addr::validate_domain(&self.domain).is_err() {
             bail!("field `domain`: '{}' is not a domain name", self.domain);
         }
@@ -673,6 +718,43 @@ impl Config {
             n => n,
         }
     }
+}
+
+/// [`Config::data_dir`] with the environment (`env`) and effective user id (`euid`) given, so
+/// that it can be tested without changing the process's environment.
+pub fn resolve_data_dir(
+    configured: &str,
+    env: impl Fn(&str) -> Option<OsString>,
+    euid: u32,
+) -> Result<PathBuf> {
+    if !configured.is_empty() {
+        return Ok(PathBuf::from(configured));
+    }
+    // systemd's StateDirectory= sets it, absolute, colon-separated when there are several.
+    if let Some(dirs) = env("STATE_DIRECTORY") {
+        if let Some(first) = dirs
+            .as_bytes()
+            .split(|&b| b == b':')
+            .find(|d| !d.is_empty())
+        {
+            return Ok(PathBuf::from(OsStr::from_bytes(first)));
+        }
+    }
+    if euid == 0 {
+        return Ok(PathBuf::from("/var/lib/apexd"));
+    }
+    // The XDG base directory specification says relative values are to be ignored.
+    let absolute = |name: &str| env(name).map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(state) = absolute("XDG_STATE_HOME") {
+        return Ok(state.join("apexd"));
+    }
+    if let Some(home) = absolute("HOME") {
+        return Ok(home.join(".local/state/apexd"));
+    }
+    bail!(
+        "no data directory: set `data_dir` or --data-dir (STATE_DIRECTORY is not set, apexd \
+         is not running as root, and neither XDG_STATE_HOME nor HOME is an absolute path)"
+    )
 }
 
 /// This host's name (gethostname(2)), when it has a non-empty one in UTF-8.
@@ -839,5 +921,123 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains("runtime.listen_backlog"), "{err}");
         }
+    }
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| OsString::from(v))
+        }
+    }
+
+    #[test]
+    fn data_dir_resolution_order() {
+        let all = [
+            ("STATE_DIRECTORY", "/run/state/apexd:/run/state/other"),
+            ("XDG_STATE_HOME", "/home/fred/.state"),
+            ("HOME", "/home/fred"),
+        ];
+        // The configured directory (file or --data-dir) wins over everything.
+        assert_eq!(
+            resolve_data_dir("/srv/apexd", env(&all), 0).unwrap(),
+            PathBuf::from("/srv/apexd")
+        );
+        // systemd's, the first of several.
+        assert_eq!(
+            resolve_data_dir("", env(&all), 1000).unwrap(),
+            PathBuf::from("/run/state/apexd")
+        );
+        // Root without systemd.
+        assert_eq!(
+            resolve_data_dir("", env(&all[1..]), 0).unwrap(),
+            PathBuf::from("/var/lib/apexd")
+        );
+        assert_eq!(
+            resolve_data_dir("", env(&all[1..]), 1000).unwrap(),
+            PathBuf::from("/home/fred/.state/apexd")
+        );
+        assert_eq!(
+            resolve_data_dir("", env(&all[2..]), 1000).unwrap(),
+            PathBuf::from("/home/fred/.local/state/apexd")
+        );
+        // Empty or relative values are not used.
+        let odd = [
+            ("STATE_DIRECTORY", ""),
+            ("XDG_STATE_HOME", "state"),
+            ("HOME", "/home/wilma"),
+        ];
+        assert_eq!(
+            resolve_data_dir("", env(&odd), 1000).unwrap(),
+            PathBuf::from("/home/wilma/.local/state/apexd")
+        );
+        let err = resolve_data_dir("", env(&[("HOME", "")]), 1000)
+            .unwrap_err()
+            .to_string();
+        for name in [
+            "data_dir",
+            "--data-dir",
+            "STATE_DIRECTORY",
+            "XDG_STATE_HOME",
+            "HOME",
+        ] {
+            assert!(err.contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn data_dir_from_file_and_flag() {
+        let config = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(config.data_dir, "");
+        let mut config = Config::from_toml(
+            "domain = \"example.com\"\ndata_dir = \"/srv/a\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(config.data_dir().unwrap(), PathBuf::from("/srv/a"));
+        config.apply(&Overrides {
+            data_dir: Some("/srv/b".into()),
+            ..Overrides::default()
+        });
+        assert_eq!(config.data_dir().unwrap(), PathBuf::from("/srv/b"));
+        let again = Config::from_toml(&config.to_toml(), "printed").unwrap();
+        assert_eq!(again.data_dir, "/srv/b");
+    }
+
+    #[test]
+    fn access_limits_from_file_and_validated() {
+        let config = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(config.access_limits(), AccessLimits::default());
+        let config = Config::from_toml(
+            "domain = \"example.com\"\n[access]\nmax_entries_per_owner = 8\nmax_entries = 100\n",
+            "t.toml",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.access_limits(),
+            AccessLimits {
+                max_entries_per_owner: 8,
+                max_entries: 100
+            }
+        );
+        // The grants stay the default's when only the limits are given.
+        assert_eq!(config.access.grants, vec!["*@$DOMAIN=core:data".to_owned()]);
+        for field in ["max_entries_per_owner", "max_entries"] {
+            let config = Config::from_toml(
+                &format!("domain = \"example.com\"\n[access]\n{field} = 0\n"),
+                "t.toml",
+            )
+            .unwrap();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("`access.{field}`")), "{err}");
+        }
+        let err = Config::from_toml("[access]\nmax_entries = -1\n", "r.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("r.toml:2:") && err.contains("access.max_entries"),
+            "{err}"
+        );
     }
 }

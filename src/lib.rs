@@ -9,4 +9,5 @@ pub mod config;
 pub mod dns;
 pub mod security;
 pub mod shard;
+pub mod store;
 pub mod sys;

@@ -5,7 +5,8 @@
 //! Socket options and calls go through socket2 on a borrowed descriptor.
 //!
 //! The only `unsafe` in apexd lives here: handing a new listening socket to glommio, lending a
-//! glommio stream's descriptor, and growing a read buffer by what the kernel wrote into it.
+//! glommio stream's descriptor, growing a read buffer by what the kernel wrote into it, and
+//! asking for the effective user id.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -19,6 +20,16 @@ use socket2::SockRef;
 pub fn memlock_limit() -> io::Result<Option<u64>> {
     let (soft, _hard) = rlimit::getrlimit(rlimit::Resource::MEMLOCK)?;
     Ok((soft != rlimit::INFINITY).then_some(soft))
+}
+
+/// The process's effective user id (geteuid(2)): whether apexd runs as root decides where its
+/// data lives by default.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments, touches no memory of ours and cannot fail.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::geteuid()
+    }
 }
 
 /// Explains why io_uring cannot be used, if the kernel says so.

@@ -62,6 +62,11 @@ struct Args {
     /// PEM roots verifying other relays' and endpoints' certificates.
     #[arg(long, value_name = "PEM")]
     tls_ca: Option<String>,
+    /// Directory of the durable store (access entries, held messages); default
+    /// $STATE_DIRECTORY, else /var/lib/apexd as root, else $XDG_STATE_HOME/apexd or
+    /// ~/.local/state/apexd.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<String>,
     /// Do not pin shards to CPUs.
     #[arg(long)]
     no_pin: bool,
@@ -158,6 +163,7 @@ fn run() -> Result<()> {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         tls_ca: args.tls_ca,
+        data_dir: args.data_dir,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     if args.print_config {
