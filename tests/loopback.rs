@@ -286,8 +286,13 @@ fn privileged_port_error_says_how_to_choose_another() {
         .map(|o| o.stdout == b"0\n")
         .unwrap_or(false)
     {
-        // Root may bind 913; run the check as an unprivileged user when one exists.
-        let Ok(out) = Command::new("setpriv")
+        // Root may bind 913; run the check as an unprivileged user when one exists, with a
+        // store directory that user can create.
+        let nobody_state = std::env::temp_dir()
+            .join(format!("apexd-test-nobody-{}", std::process::id()))
+            .to_string_lossy()
+            .into_owned();
+        let out = Command::new("setpriv")
             .args([
                 "--reuid=65534",
                 "--regid=65534",
@@ -296,9 +301,12 @@ fn privileged_port_error_says_how_to_choose_another() {
                 "--shards",
                 "1",
                 "--no-pin",
+                "--data-dir",
+                &nobody_state,
             ])
-            .output()
-        else {
+            .output();
+        let _ = std::fs::remove_dir_all(&nobody_state);
+        let Ok(out) = out else {
             return;
         };
         let err = String::from_utf8_lossy(&out.stderr);
@@ -309,8 +317,9 @@ fn privileged_port_error_says_how_to_choose_another() {
         );
         return;
     }
+    let state = common::ScratchDir::new("state");
     let out = Command::new(env!("CARGO_BIN_EXE_apexd"))
-        .args(["--shards", "1", "--no-pin"])
+        .args(["--shards", "1", "--no-pin", "--data-dir", state.as_str()])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -344,8 +353,10 @@ fn a_restarted_relay_binds_the_port_its_closed_connections_hold() {
 #[test]
 fn a_port_another_relay_listens_on_is_refused() {
     let first = Relay::start_with(&["--shards", "1"]);
+    let state = common::ScratchDir::new("state");
     let out = Command::new(env!("CARGO_BIN_EXE_apexd"))
         .args(["--shards", "1", "--no-pin", "--mesh-listen", "127.0.0.1:0"])
+        .args(["--data-dir", state.as_str()])
         .args(["--edge-listen", &first.edge.to_string()])
         .output()
         .unwrap();
