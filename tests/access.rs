@@ -50,7 +50,8 @@ fn barney_to_fred(relay: &Relay, text: &str) -> String {
 /// A 2-shard relay for example.com keeping its store in `dir`, with the RFC's default entries
 /// alone (no `access.grants`): ordinary endpoints may not send each other data until an
 /// owner's entry says so.
-fn start(dir: &ScratchDir) -> Relay {
+/// The relay listens on `edge`, so that it is restarted where its clients find it.
+fn start(dir: &ScratchDir, edge: &str) -> Relay {
     let config = dir.path.join("strict.toml");
     std::fs::write(&config, "[access]\ngrants = []\n").unwrap();
     Relay::spawn(
@@ -59,6 +60,8 @@ fn start(dir: &ScratchDir) -> Relay {
             "2",
             "--domain",
             "example.com",
+            "--edge-listen",
+            edge,
             "--config",
             config.to_str().unwrap(),
         ],
@@ -77,7 +80,8 @@ fn kill_9(relay: &mut Relay) {
 #[test]
 fn entries_and_held_data_survive_kill_9() {
     let dir = ScratchDir::new("access");
-    let mut relay = start(&dir);
+    let edge = format!("127.0.0.1:{}", common::free_port());
+    let mut relay = start(&dir, &edge);
 
     // ACC-19 with the defaults: barney holds nothing on fred.
     let out = barney_to_fred(&relay, "before");
@@ -146,8 +150,10 @@ fn entries_and_held_data_survive_kill_9() {
     }
     drop(barney);
 
+    // Restarted at once on the same port, as a supervisor would: the killed relay's listeners
+    // outlive it for a moment (io_uring teardown), which must not stop the new one.
     kill_9(&mut relay);
-    let relay = start(&dir);
+    let relay = start(&dir, &edge);
 
     let (ok, out) = apex(
         &relay,

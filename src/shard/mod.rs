@@ -146,6 +146,9 @@ pub struct Bound {
 /// be): a core that keeps asking for time it already had cannot spin the executor.
 const TIMER_MIN_SLEEP: Duration = Duration::from_millis(1);
 
+/// How long a port in use is tried again at start (see [`reserve`]).
+const PORT_RELEASE_WAIT: Duration = Duration::from_secs(2);
+
 /// Glommio needs at least this much lockable memory per executor besides `io_memory`.
 const RING_MEMLOCK_ALLOWANCE: u64 = 512 * 1024;
 
@@ -176,16 +179,28 @@ pub fn check_environment(config: &Config, shards: usize) -> Result<()> {
 /// SO_REUSEPORT would also let a second apexd (or any process of the same user) share the port
 /// and silently take half the connections, so an explicit port is first bound without it: if
 /// anything else holds the port, that fails and apexd refuses to start.
+///
+/// A relay that was killed (`kill -9`, a crash) leaves its listeners open for a moment after
+/// it is gone: the kernel tears its io_uring instances down, and the sockets with them, after
+/// the process has been reaped. So a port in use is tried again for [`PORT_RELEASE_WAIT`]
+/// before apexd gives up: a restart right after a crash starts, a live listener still stops it.
 fn reserve(addr: SocketAddr, what: &str, flag: &str) -> Result<(socket2::Socket, SocketAddr)> {
     use socket2::{Domain, Socket, Type};
     if addr.port() != 0 {
-        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-        // Without SO_REUSEPORT a live listener anywhere on the port makes this fail; with
-        // SO_REUSEADDR the connections an earlier apexd closed (TIME_WAIT) do not.
-        probe.set_reuse_address(true)?;
-        if let Err(e) = probe.bind(&addr.into()) {
-            if e.kind() == std::io::ErrorKind::AddrInUse {
-                bail!("the {what} address {addr} is already in use by another process (choose another with {flag})");
+        let give_up = std::time::Instant::now() + PORT_RELEASE_WAIT;
+        loop {
+            let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            // Without SO_REUSEPORT a live listener anywhere on the port makes this fail; with
+            // SO_REUSEADDR the connections an earlier apexd closed (TIME_WAIT) do not.
+            probe.set_reuse_address(true)?;
+            match probe.bind(&addr.into()) {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    if std::time::Instant::now() >= give_up {
+                        bail!("the {what} address {addr} is already in use by another process (choose another with {flag})");
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => break,
             }
         }
     }
