@@ -153,7 +153,8 @@ impl SetRefused {
 /// Bounds on the stored access entries (each `set` may add one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AccessLimits {
-    /// Most explicit entries one owner may have.
+    /// Most explicit entries one owner may have, its subaddresses' entries included (an
+    /// endpoint may attach as any subaddress of itself, each an owner of its own).
     pub max_entries_per_owner: usize,
     /// Most explicit entries over all owners.
     pub max_entries: usize,
@@ -213,6 +214,8 @@ struct StoredHold {
 pub struct StoreState {
     access: AccessTable,
     entries: usize,
+    /// Stored entries by owner endpoint without subaddress (see [`owner_base`]).
+    per_owner: std::collections::HashMap<String, usize>,
     limits: AccessLimits,
     held: std::collections::BTreeMap<HoldId, StoredHold>,
     next_hold: HoldId,
@@ -225,6 +228,7 @@ impl StoreState {
         Self {
             access,
             entries: 0,
+            per_owner: Default::default(),
             limits,
             held: Default::default(),
             next_hold: 1,
@@ -314,10 +318,23 @@ impl StoreState {
         if !matches {
             return (Outcome::Access(Err(SetRefused::Stale)), None);
         }
+        // An entry keeps the spelling it was created with (domains compare case-insensitively),
+        // so that its record is the one replaced or deleted.
+        let (owner, actor) = match existing {
+            Some(e) => (e.owner.clone(), e.actor.clone()),
+            None => (owner, actor),
+        };
         let key = access_key(&owner, &actor);
+        let base = owner_base(&owner);
         let Some(actions) = actions else {
             self.access.remove(&owner, &actor);
             self.entries -= 1;
+            if let Some(count) = self.per_owner.get_mut(&base) {
+                *count -= 1;
+                if *count == 0 {
+                    self.per_owner.remove(&base);
+                }
+            }
             return (
                 Outcome::Access(Ok(AccessWritten::Deleted { owner, actor })),
                 Some(Mutation::Access { key, value: None }),
@@ -326,7 +343,8 @@ impl StoreState {
         let replacing = existing.is_some();
         if !replacing
             && (self.entries >= self.limits.max_entries
-                || self.access.entries(&owner).len() >= self.limits.max_entries_per_owner)
+                || self.per_owner.get(&base).copied().unwrap_or(0)
+                    >= self.limits.max_entries_per_owner)
         {
             return (Outcome::Access(Err(SetRefused::TooMany)), None);
         }
@@ -347,6 +365,7 @@ impl StoreState {
         self.access.set(entry.clone());
         if !replacing {
             self.entries += 1;
+            *self.per_owner.entry(base).or_default() += 1;
         }
         (
             Outcome::Access(Ok(AccessWritten::Written(entry))),
@@ -360,8 +379,10 @@ impl StoreState {
     /// Reads back one persisted access record.
     pub fn load_access(&mut self, key: &[u8], value: &[u8]) -> Result<(), RecordError> {
         let entry = decode_access(key, value)?;
+        let base = owner_base(&entry.owner);
         if self.access.set(entry).is_none() {
             self.entries += 1;
+            *self.per_owner.entry(base).or_default() += 1;
         }
         Ok(())
     }
@@ -395,6 +416,16 @@ impl StoreState {
             })
             .collect()
     }
+}
+
+/// The owner an entry counts against for [`AccessLimits::max_entries_per_owner`]: the
+/// endpoint without subaddress, its domain lower-cased.
+fn owner_base(owner: &Endpoint) -> String {
+    format!(
+        "{}@{}",
+        owner.address(),
+        owner.domain().to_ascii_lowercase()
+    )
 }
 
 /// `owner NUL actor` (the actor in its escaped form, which is unique per actor value).
@@ -637,6 +668,25 @@ mod tests {
             state.apply(other, at(2)).0,
             Outcome::Access(Err(SetRefused::TooMany))
         );
+        // A subaddress of the owner counts against the same owner.
+        let sub = StoreOp::SetAccess(AccessChange {
+            owner: endpoint("fred/appl=wb@EXAMPLE.com"),
+            actor: ActorPattern::parse("wilma@example.com").unwrap(),
+            actions: Some(vec![Action::CORE_DATA]),
+            expect: None,
+        });
+        assert_eq!(
+            state.apply(sub, at(3)).0,
+            Outcome::Access(Err(SetRefused::TooMany))
+        );
+        // Another owner has room.
+        let barney = StoreOp::SetAccess(AccessChange {
+            owner: endpoint("barney@example.com"),
+            actor: ActorPattern::parse("wilma@example.com").unwrap(),
+            actions: Some(vec![Action::CORE_DATA]),
+            expect: None,
+        });
+        written(state.apply(barney, at(4)).0);
     }
 
     #[test]

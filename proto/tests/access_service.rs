@@ -487,3 +487,238 @@ fn a_set_the_store_cannot_keep_is_answered_451() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(reply_code(&got[0]), Some(451));
 }
+
+fn grants() -> AccessTable {
+    let mut grants = AccessTable::new();
+    grants.grant_all_local(
+        ActorPattern::parse("*@example.com").unwrap(),
+        vec![Action::CORE_DATA],
+    );
+    grants
+}
+
+fn held_count(net: &RelayNet, shard: usize) -> String {
+    let dbg = format!("{:?}", net.relay(shard));
+    let at = dbg.find("held_messages: ").unwrap();
+    dbg[at..].split(',').next().unwrap().to_owned()
+}
+
+/// The recipient attaches while its held data is being written to the store: once stored,
+/// the data goes to its channel, not into the hold queue of an attached endpoint.
+#[test]
+fn held_data_reaches_a_recipient_that_attached_while_it_was_being_stored() {
+    let mut net = RelayNet::with("example.com", 1, grants(), Vec::new());
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    net.pause_store = true;
+    let msgno = net.send_nowait(
+        fred,
+        ch,
+        data("fred@example.com", &["wilma@example.com"], HOLD, "kept"),
+    );
+    net.drive();
+    // wilma attaches while the write is in flight.
+    let (wilma, wch) = attached(&mut net, 0, "wilma@example.com");
+    net.pause_store = false;
+    net.drive();
+    assert!(net.clients[fred].reply_to(ch, msgno).is_some());
+    assert_eq!(
+        deliveries(&net, wilma, wch),
+        vec!["kept".to_owned()],
+        "held for an attached endpoint: {}",
+        held_count(&net, 0)
+    );
+}
+
+/// ACC-02: entries compare domains case-insensitively; a delete spelled otherwise than the
+/// create removes the entry's record too, so it does not come back after a restart.
+#[test]
+fn acc_02_an_entry_deleted_in_another_spelling_stays_deleted_after_a_restart() {
+    use apex_proto::apex::access::parse_actions;
+    use apex_proto::apex::timestamp::Timestamp;
+    use apex_proto::store::*;
+    use std::collections::BTreeMap;
+    let mut disk: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut state = StoreState::new(AccessTable::new(), AccessLimits::default());
+    let fred = Endpoint::parse("fred@example.com").unwrap();
+    let op = |actor: &str, actions: Option<&str>, expect: Option<&str>| {
+        StoreOp::SetAccess(AccessChange {
+            owner: fred.clone(),
+            actor: ActorPattern::parse(actor).unwrap(),
+            actions: actions.map(|a| parse_actions(a).unwrap()),
+            expect: expect.map(|t| Timestamp::parse(t).unwrap()),
+        })
+    };
+    let mut persist = |m: Option<Mutation>| {
+        let m = m.unwrap();
+        match m.value() {
+            Some(v) => disk.insert(m.key(), v.to_vec()),
+            None => disk.remove(&m.key()),
+        };
+    };
+    let (outcome, m) = state.apply(
+        op("*@EXAMPLE.COM", Some("core:data"), None),
+        Timestamp::from_unix_millis(1000),
+    );
+    persist(m);
+    let Outcome::Access(Ok(AccessWritten::Written(entry))) = outcome else {
+        panic!()
+    };
+    let (outcome, m) = state.apply(
+        op("*@example.com", None, entry.last_update.as_deref()),
+        Timestamp::from_unix_millis(2000),
+    );
+    assert!(matches!(
+        outcome,
+        Outcome::Access(Ok(AccessWritten::Deleted { .. }))
+    ));
+    persist(m);
+    assert_eq!(state.access_entries(), 0);
+    // Restart: read the records back.
+    let mut loaded = StoreState::new(AccessTable::new(), AccessLimits::default());
+    for (k, v) in &disk {
+        loaded.load_access(k, v).unwrap();
+    }
+    assert_eq!(
+        loaded.access_entries(),
+        0,
+        "deleted entry resurrected: {disk:?}"
+    );
+}
+
+/// A release the store fails to make (a transient disk error while the recipient's ok is
+/// handled) is asked again with the next change: data delivered and acknowledged before a
+/// restart is not delivered again after it.
+#[test]
+fn a_release_the_store_failed_is_asked_again_so_nothing_is_delivered_twice() {
+    let mut net = RelayNet::with("example.com", 1, grants(), Vec::new());
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    assert!(
+        net.send(
+            fred,
+            ch,
+            data("fred@example.com", &["wilma@example.com"], HOLD, "kept")
+        )
+        .0
+    );
+    assert_eq!(net.store.held_messages(), 1);
+    net.store_failing = true; // a transient disk error while wilma's ok is handled
+    let (wilma, wch) = attached(&mut net, 0, "wilma@example.com");
+    assert_eq!(deliveries(&net, wilma, wch), vec!["kept".to_owned()]);
+    net.store_failing = false;
+    // Later commits succeed; the release is never retried.
+    assert!(
+        net.send(
+            fred,
+            ch,
+            data("fred@example.com", &["barney@example.com"], HOLD, "other")
+        )
+        .0
+    );
+    let mut net = net.restart();
+    let (wilma, wch) = attached(&mut net, 0, "wilma@example.com");
+    assert!(
+        deliveries(&net, wilma, wch).is_empty(),
+        "delivered and acknowledged before the restart, delivered again after it"
+    );
+}
+
+/// Held data handed to a recipient whose channel goes away before it answers is held again
+/// (and keeps its record): data the relay acknowledged with hold4Endpoint is not dropped.
+#[test]
+fn held_data_whose_delivery_is_not_answered_is_held_again() {
+    let mut net = RelayNet::with("example.com", 1, grants(), Vec::new());
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    assert!(
+        net.send(
+            fred,
+            ch,
+            data("fred@example.com", &["wilma@example.com"], HOLD, "kept")
+        )
+        .0
+    );
+    let wilma = net.connect(0, ConnKind::Edge);
+    net.clients[wilma].auto_reply = false;
+    let (wch, reply) = net.attach(wilma, "wilma@example.com");
+    assert_eq!(reply, "<ok />");
+    assert_eq!(deliveries(&net, wilma, wch), vec!["kept".to_owned()]);
+    net.disconnect(wilma); // gone before its ok
+    assert_eq!(
+        net.store.held_messages(),
+        1,
+        "released though never acknowledged"
+    );
+    // ...and it reaches wilma when she is back.
+    let (wilma, wch) = attached(&mut net, 0, "wilma@example.com");
+    assert_eq!(deliveries(&net, wilma, wch), vec!["kept".to_owned()]);
+    assert_eq!(net.store.held_messages(), 0);
+}
+
+/// The owner notice of a change to an entry owned by the access service itself is data to
+/// the service: it is not taken as a request (it would rewrite the entry and notify again,
+/// forever).
+#[test]
+fn a_change_to_an_entry_the_service_owns_settles() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut grants = grants();
+        grants.grant_all_local(
+            ActorPattern::parse("admin@example.com").unwrap(),
+            vec![Action::parse("access:all").unwrap()],
+        );
+        let mut net = RelayNet::with("example.com", 1, grants, Vec::new());
+        let (admin, ch) = attached(&mut net, 0, "admin@example.com");
+        let set = "<set transID='9'><access owner='apex=access@example.com' actor='*@example.com' actions='access:query' /></set>";
+        net.send(
+            admin,
+            ch,
+            data("admin@example.com", &["apex=access@example.com"], "", set),
+        );
+        let _ = tx.send(net.store_requests);
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+        Ok(requests) => assert!(requests < 10, "{requests} store requests for one set"),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("one set to an entry owned by apex=access never settles")
+        }
+        Err(e) => panic!("scenario failed: {e}"),
+    }
+}
+
+/// Data with hold4Endpoint none of whose recipients the hold queue has room for is refused
+/// with 450 instead of acknowledged and dropped; with a recipient that takes it, it is
+/// accepted and the one not held is reported (550).
+#[test]
+fn data_the_hold_queue_has_no_room_for_is_refused_not_dropped() {
+    let mut net = RelayNet::with("example.com", 1, grants(), Vec::new());
+    net.shards[0]
+        .relay_mut()
+        .set_hold_limits(apex_proto::apex::options::HoldLimits {
+            max_messages: 1,
+            ..Default::default()
+        });
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (_barney, _) = attached(&mut net, 0, "barney@example.com");
+    let held = data("fred@example.com", &["wilma@example.com"], HOLD, "first");
+    assert!(net.send(fred, ch, held).0, "room for one");
+    let (positive, reply) = net.send(
+        fred,
+        ch,
+        data("fred@example.com", &["wilma@example.com"], HOLD, "second"),
+    );
+    assert!(!positive);
+    assert!(text(&reply).contains("code='450'"), "{}", text(&reply));
+    let options = format!("{HOLD}{}", status_request(12));
+    let both = data(
+        "fred@example.com",
+        &["wilma@example.com", "barney@example.com"],
+        &options,
+        "third",
+    );
+    assert!(net.send(fred, ch, both).0);
+    assert!(
+        report_codes(&net, fred, ch).contains(&(12, 550)),
+        "{:?}",
+        report_codes(&net, fred, ch)
+    );
+    assert_eq!(net.store.held_messages(), 1);
+}

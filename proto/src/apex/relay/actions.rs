@@ -150,8 +150,9 @@ pub enum Envelope {
         payload: Bytes,
         /// Report the outcome to the originator when set.
         report: Option<Report>,
-        /// The data's record in the store, released once the recipient takes it.
-        stored: Option<HoldId>,
+        /// The data's record in the store, released once the recipient takes it (and held
+        /// again should the delivery not complete).
+        stored: Option<Box<Stored>>,
         /// The channel the data came from (see [`Action::Send`]).
         source: Option<ChannelRef>,
     },
@@ -175,6 +176,41 @@ pub enum Envelope {
         /// Refusing from now on, or no longer.
         refusing: bool,
     },
+}
+
+/// A delivery of data kept in the store (hold4Endpoint): what holds it again should the
+/// delivery not complete (the recipient's channel goes away before it answers), so that data
+/// the relay acknowledged is never dropped on the way. Boxed where it travels, like reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Its record in the store.
+    pub id: HoldId,
+    /// Whom it was held for.
+    pub recipient: Endpoint,
+    /// The data, to hold again.
+    pub payload: Bytes,
+    /// Relay-clock millisecond after which it expires (`None`: no bound).
+    pub deadline: Option<u64>,
+}
+
+impl Stored {
+    /// How long it may still be held, as a [`Hold`].
+    pub fn hold(&self) -> Hold {
+        match self.deadline {
+            Some(at) => Hold::Until(at),
+            None => Hold::Indefinitely,
+        }
+    }
+}
+
+impl Hold {
+    /// The deadline a hold sets, if any.
+    pub fn deadline(self) -> Option<u64> {
+        match self {
+            Hold::Until(at) => Some(at),
+            Hold::No | Hold::Indefinitely => None,
+        }
+    }
 }
 
 /// A [`ReportRequest`] travelling with a data message. Boxed: reports are rarely asked for,

@@ -164,6 +164,8 @@ impl Relay {
         let holding = options::hold_requested(&data.options, Hop::Final);
         if !holding {
             self.answer(conn, channel, answer, Ok(()));
+        } else if self.store_busy() {
+            return self.answer(conn, channel, answer, Err(ApexError::StoreBusy));
         }
         // Steps 4-5: each recipient, routed on its own.
         let mut remote: HashMap<String, Vec<usize>> = HashMap::new();
@@ -350,7 +352,16 @@ impl Relay {
             self.send_from_service(&from, outgoing);
         }
         if let Some((op, then)) = store {
-            self.ask_store(vec![op], durable::AwaitingStore::Service { from, then });
+            if self.store_busy() {
+                let mut out = Vec::new();
+                let busy = crate::store::StoreFailure("too many changes waiting".into());
+                self.services.stored(then, Err(busy), &mut out);
+                for outgoing in out {
+                    self.send_from_service(&from, outgoing);
+                }
+            } else {
+                self.ask_store(vec![op], durable::AwaitingStore::Service { from, then });
+            }
         }
     }
 
@@ -408,6 +419,14 @@ impl Relay {
                 None
             }
             Route::Channel(at) => {
+                let stored = stored.map(|id| {
+                    Box::new(Stored {
+                        id,
+                        recipient: recipient.clone(),
+                        payload: payload.clone(),
+                        deadline: hold.deadline(),
+                    })
+                });
                 self.deliver_at(at, payload, report, stored);
                 Some(at)
             }
@@ -477,10 +496,12 @@ impl Relay {
         at: ChannelRef,
         payload: Bytes,
         report: Option<Report>,
-        stored: Option<HoldId>,
+        stored: Option<Box<Stored>>,
     ) {
         if self.is_refusing(&at) {
-            self.release(stored);
+            // Reported as not delivered (450) like any data for a recipient that does not
+            // read: its fate is known, so its record goes.
+            self.release(stored.map(|s| s.id));
             return self.report(
                 report,
                 code::ACTION_NOT_TAKEN_TRANSIENT,
@@ -503,10 +524,7 @@ impl Relay {
         match self.channels.get_mut(&(at.conn, at.channel)) {
             Some(state) if !state.ready => state.waiting.push((payload, report, stored)),
             Some(state) => {
-                state.sent.push_back(match stored {
-                    Some(id) => Sent::Stored(report, id),
-                    None => Sent::Delivery(report),
-                });
+                state.sent.push_back(Sent::delivery(report, stored));
                 self.actions.push_back(Action::Send {
                     conn: at.conn,
                     channel: at.channel,
@@ -514,10 +532,11 @@ impl Relay {
                     source: self.current_source,
                 });
             }
-            None => {
-                self.release(stored);
-                self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached")
-            }
+            // The channel went away meanwhile: stored data waits for the endpoint again.
+            None => match stored {
+                Some(stored) => self.hold_again(report, *stored),
+                None => self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached"),
+            },
         }
     }
 }

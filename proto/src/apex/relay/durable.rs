@@ -1,13 +1,19 @@
 //! What the relay keeps in the store and how it waits for it (see [`crate::store`]): data
 //! held for an endpoint that is not attached is stored before the data is acknowledged
-//! (RFC 3342 §3: the relay accepted it, so a restart must not lose it) and released once its
-//! fate is settled; a service's change (the access service's `set`) is answered once durable.
+//! (RFC 3342 §3: the relay accepted it, so a restart must not lose it), held again when a
+//! delivery of it does not complete, and released once the endpoint answered it (or it
+//! expired); a service's change (the access service's `set`) is answered once durable.
 //! Nothing here blocks: the relay asks with [`Action::Store`] and carries on where
-//! [`Relay::store_done`] says.
+//! [`Relay::store_done`] says. At most [`MAX_AWAITING_STORE`] requests wait per shard.
 
 use super::*;
 use crate::apex::service::Continuation;
-use crate::store::{HeldMessage, Outcome};
+use crate::store::{HeldMessage, Outcome, StoreFailure};
+
+/// Most store requests one shard keeps waiting for their answer: past it, data to hold is
+/// refused with 450 and a service's change answered 451, rather than queued without bound
+/// behind a store that does not keep up (a stalled disk).
+pub const MAX_AWAITING_STORE: usize = 4096;
 
 /// Data for a recipient that is not attached, to store before it is held (or handed to the
 /// recipient's home shard, which holds it).
@@ -41,9 +47,17 @@ pub(super) enum AwaitingStore {
         /// What the service does next.
         then: Continuation,
     },
+    /// Records of settled data: asked again should the store fail to remove them (a record
+    /// left behind would be delivered again after a restart).
+    Release(Vec<HoldId>),
 }
 
 impl Relay {
+    /// Whether the store has as many requests of this shard to answer as it may.
+    pub(super) fn store_busy(&self) -> bool {
+        self.awaiting_store.len() >= MAX_AWAITING_STORE
+    }
+
     /// Data for `recipient` to hold (hold4Endpoint) and not stored yet: stored before the data
     /// is acknowledged, then held here (`home` = `None`) or handed to its home shard.
     pub(super) fn persist_hold(
@@ -60,7 +74,9 @@ impl Relay {
                 .hold
                 .admits(self.held_messages, self.held_bytes, payload.len())
             {
-                return self.report(report, code::ACTION_NOT_TAKEN, "hold queue is full");
+                // Reported, or the data refused, once every recipient is routed.
+                self.hold_full.push(report);
+                return;
             }
             // Counted from now, so that data stored meanwhile cannot overfill the queue.
             self.held_messages += 1;
@@ -76,9 +92,19 @@ impl Relay {
     }
 
     /// Asks the store to keep what [`Relay::persist_hold`] collected; `answer` is the MSG to
-    /// acknowledge once it is (acknowledged now when nothing was collected).
-    /// `recipients`: how many the data had.
+    /// acknowledge once it is (answered now when nothing was collected). `recipients`: how
+    /// many the data had. Data none of whose recipients could be held (the queue is full) is
+    /// refused with 450 instead of acknowledged and dropped.
     pub(super) fn store_holds(&mut self, answer: Option<(ConnId, u32, u32)>, recipients: usize) {
+        let full = std::mem::take(&mut self.hold_full);
+        if !full.is_empty() && full.len() == recipients && self.persisting.is_empty() {
+            if let Some((conn, channel, msgno)) = answer {
+                return self.answer(conn, channel, Answer::Msg(msgno), Err(ApexError::HoldFull));
+            }
+        }
+        for report in full {
+            self.report(report, code::ACTION_NOT_TAKEN, error::HOLD_FULL);
+        }
         if self.persisting.is_empty() {
             if let Some((conn, channel, msgno)) = answer {
                 self.answer(conn, channel, Answer::Msg(msgno), Ok(()));
@@ -93,10 +119,7 @@ impl Relay {
                     recipient: h.recipient.clone(),
                     payload: h.payload.clone(),
                     report: h.report.as_deref().cloned(),
-                    remaining_ms: match h.hold {
-                        Hold::Until(at) => Some(at.saturating_sub(self.now_ms)),
-                        Hold::No | Hold::Indefinitely => None,
-                    },
+                    remaining_ms: h.hold.deadline().map(|at| at.saturating_sub(self.now_ms)),
                 })
             })
             .collect();
@@ -111,8 +134,20 @@ impl Relay {
         );
     }
 
-    /// Asks the store to make `ops` durable; `then` goes on when it has.
+    /// Asks the store to make `ops` durable; `then` goes on when it has. Releases that failed
+    /// before are asked again first.
     pub(super) fn ask_store(&mut self, ops: Vec<StoreOp>, then: AwaitingStore) {
+        if !self.release_retry.is_empty() {
+            let ids = std::mem::take(&mut self.release_retry);
+            self.ask_store_once(
+                ids.iter().map(|&id| StoreOp::Release(id)).collect(),
+                AwaitingStore::Release(ids),
+            );
+        }
+        self.ask_store_once(ops, then);
+    }
+
+    fn ask_store_once(&mut self, ops: Vec<StoreOp>, then: AwaitingStore) {
         let token = self.next_store_token;
         self.next_store_token += 1;
         self.awaiting_store.insert(token, then);
@@ -120,15 +155,25 @@ impl Relay {
             .push_back(Action::Store(StoreRequest { token, ops }));
     }
 
-    /// The stored message `stored` (if any) is settled: delivered, refused, expired or given
-    /// up. Nobody waits for its release.
+    /// The stored message `stored` (if any) is settled: delivered, refused or expired.
     pub(super) fn release(&mut self, stored: Option<HoldId>) {
         if let Some(id) = stored {
-            self.actions.push_back(Action::Store(StoreRequest {
-                token: 0,
-                ops: vec![StoreOp::Release(id)],
-            }));
+            self.ask_store(vec![StoreOp::Release(id)], AwaitingStore::Release(vec![id]));
         }
+    }
+
+    /// A delivery of stored data did not complete (the recipient's channel went away, or the
+    /// session refused the MSG): it waits for the endpoint again, for the time it had left,
+    /// and keeps its record.
+    pub(super) fn hold_again(&mut self, report: Option<Report>, stored: Stored) {
+        let hold = stored.hold();
+        let Stored {
+            id,
+            recipient,
+            payload,
+            ..
+        } = stored;
+        self.as_own(|relay| relay.deliver_to(&recipient, payload, report, hold, Some(id)));
     }
 
     /// The store answered the request with this token.
@@ -146,13 +191,19 @@ impl Relay {
             AwaitingStore::Service { from, then } => {
                 let outcome = match done.result {
                     Ok(mut outcomes) if !outcomes.is_empty() => Ok(outcomes.swap_remove(0)),
-                    Ok(_) => Err(crate::store::StoreFailure("no outcome".into())),
+                    Ok(_) => Err(StoreFailure("no outcome".into())),
                     Err(failure) => Err(failure),
                 };
                 let mut out = Vec::new();
                 self.services.stored(then, outcome, &mut out);
                 for outgoing in out {
                     self.send_from_service(&from, outgoing);
+                }
+            }
+            AwaitingStore::Release(ids) => {
+                if let Err(failure) = done.result {
+                    tracing::warn!(%failure, records = ids.len(), "releasing held data failed; asked again with the next change");
+                    self.release_retry.extend(ids);
                 }
             }
         }
@@ -163,13 +214,22 @@ impl Relay {
         answer: Option<(ConnId, u32, u32)>,
         holds: Vec<PersistHold>,
         all_held: bool,
-        result: Result<Vec<Outcome>, crate::store::StoreFailure>,
+        result: Result<Vec<Outcome>, StoreFailure>,
     ) {
-        let outcomes = match result {
-            Ok(outcomes) => outcomes,
+        let mut outcomes = match result {
+            Ok(outcomes) => outcomes.into_iter(),
             Err(failure) => {
                 tracing::warn!(%failure, "data to hold could not be stored");
-                for hold in holds {
+                Vec::new().into_iter()
+            }
+        };
+        let mut failed = false;
+        for hold in holds {
+            let id = match outcomes.next() {
+                Some(Outcome::Held(id)) => id,
+                // No record (a failed batch, or an answer that does not fit): not held.
+                _ => {
+                    failed = true;
                     if hold.home.is_none() {
                         self.held_messages -= 1;
                         self.held_bytes -= hold.payload.len();
@@ -178,30 +238,24 @@ impl Relay {
                     if !all_held {
                         self.report(hold.report, code::LOCAL_ERROR, error::STORE_FAILED);
                     }
+                    continue;
                 }
-                if let Some((conn, channel, msgno)) = answer {
-                    let result = if all_held {
-                        Err(ApexError::StoreFailed)
-                    } else {
-                        Ok(())
-                    };
-                    self.reply_later(conn, channel, msgno, result);
-                }
-                return;
-            }
-        };
-        for (hold, outcome) in holds.into_iter().zip(outcomes) {
-            let Outcome::Held(id) = outcome else {
-                continue;
             };
-            match hold.home {
+            let PersistHold {
+                recipient,
+                payload,
+                report,
+                hold,
+                home,
+            } = hold;
+            match home {
                 Some(home) => self.actions.push_back(Action::ToShard {
                     shard: home,
                     envelope: Envelope::DeliverHome {
-                        recipient: hold.recipient,
-                        payload: hold.payload,
-                        report: hold.report,
-                        hold: hold.hold,
+                        recipient,
+                        payload,
+                        report,
+                        hold,
                         stored: Some(id),
                         source: None,
                     },
@@ -209,23 +263,21 @@ impl Relay {
                 None => {
                     // Counted when it was stored: counted again by `hold`.
                     self.held_messages -= 1;
-                    self.held_bytes -= hold.payload.len();
-                    let deadline = match hold.hold {
-                        Hold::Until(at) => Some(at),
-                        Hold::No | Hold::Indefinitely => None,
-                    };
-                    self.hold(
-                        &hold.recipient,
-                        hold.payload,
-                        hold.report,
-                        deadline,
-                        Some(id),
-                    );
+                    self.held_bytes -= payload.len();
+                    // The endpoint may have attached while its data was being stored.
+                    self.as_own(|relay| {
+                        relay.deliver_to(&recipient, payload, report, hold, Some(id))
+                    });
                 }
             }
         }
         if let Some((conn, channel, msgno)) = answer {
-            self.reply_later(conn, channel, msgno, Ok(()));
+            let result = if failed && all_held {
+                Err(ApexError::StoreFailed)
+            } else {
+                Ok(())
+            };
+            self.reply_later(conn, channel, msgno, result);
         }
     }
 
@@ -248,20 +300,12 @@ impl Relay {
     pub fn restore_held(&mut self, held: Vec<(HoldId, HeldMessage)>) {
         self.routes_may_change();
         for (id, message) in held {
-            let deadline = message
-                .remaining_ms
-                .map(|ms| self.now_ms.saturating_add(ms));
+            let hold = match message.remaining_ms {
+                Some(ms) => Hold::Until(self.now_ms.saturating_add(ms)),
+                None => Hold::Indefinitely,
+            };
             let report = message.report.map(Box::new);
-            match self.route_of(&message.recipient) {
-                Route::Channel(at) => self.deliver_at(at, message.payload, report, Some(id)),
-                _ => self.hold(
-                    &message.recipient,
-                    message.payload,
-                    report,
-                    deadline,
-                    Some(id),
-                ),
-            }
+            self.deliver_to(&message.recipient, message.payload, report, hold, Some(id));
         }
     }
 }

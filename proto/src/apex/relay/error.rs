@@ -40,6 +40,11 @@ pub enum ApexError {
     AuthenticationRequired,
     /// Data to hold could not be kept in the store (a full disk, an I/O error): try later.
     StoreFailed,
+    /// Data to hold while the store has as many of this shard's requests as it may
+    /// ([`super::durable::MAX_AWAITING_STORE`]): try later.
+    StoreBusy,
+    /// Data none of whose recipients could be held: the hold queue is full.
+    HoldFull,
 }
 
 impl ApexError {
@@ -66,6 +71,7 @@ impl ApexError {
             Self::UnknownTransaction => code::ACTION_NOT_TAKEN,
             Self::RecipientNotTaking => code::ACTION_NOT_TAKEN_TRANSIENT,
             Self::StoreFailed => code::LOCAL_ERROR,
+            Self::StoreBusy | Self::HoldFull => code::ACTION_NOT_TAKEN_TRANSIENT,
         }
     }
 
@@ -85,11 +91,16 @@ impl ApexError {
             Self::ForeignOriginator => "not authorized to send as the originator",
             Self::RecipientNotTaking => RECIPIENT_NOT_TAKING,
             Self::StoreFailed => STORE_FAILED,
+            Self::StoreBusy => "too many changes waiting for the store",
+            Self::HoldFull => HOLD_FULL,
         }
     }
 }
 
 /// Why data for a recipient that takes nothing is refused or reported (450, transient).
+/// Why data to hold was refused or reported: the hold queue has no room.
+pub(super) const HOLD_FULL: &str = "hold queue is full";
+
 /// Why data to hold was refused or reported: the store could not keep it.
 pub(super) const STORE_FAILED: &str = "the relay could not store the data to hold";
 

@@ -33,7 +33,7 @@ impl Relay {
             .admits(self.held_messages, self.held_bytes, payload.len())
         {
             self.release(stored);
-            return self.report(report, code::ACTION_NOT_TAKEN, "hold queue is full");
+            return self.report(report, code::ACTION_NOT_TAKEN, error::HOLD_FULL);
         }
         self.held_messages += 1;
         self.held_bytes += payload.len();
@@ -58,7 +58,15 @@ impl Relay {
                 for held in queue {
                     relay.held_messages -= 1;
                     relay.held_bytes -= held.payload.len();
-                    relay.deliver_at(at, held.payload, held.report, held.stored);
+                    let stored = held.stored.map(|id| {
+                        Box::new(Stored {
+                            id,
+                            recipient: endpoint.clone(),
+                            payload: held.payload.clone(),
+                            deadline: held.deadline,
+                        })
+                    });
+                    relay.deliver_at(at, held.payload, held.report, stored);
                 }
             });
         }

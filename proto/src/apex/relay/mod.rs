@@ -61,9 +61,10 @@ mod route;
 #[cfg(test)]
 mod tests;
 
-pub use actions::{Action, Envelope, Hold, MsgReply, Report, ReportRequest};
+pub use actions::{Action, Envelope, Hold, MsgReply, Report, ReportRequest, Stored};
 use auth::BindCheck;
 pub use auth::{may_act_as, AuthMode, AuthPolicy, Credentials};
+pub use durable::MAX_AWAITING_STORE;
 use durable::{AwaitingStore, PersistHold};
 pub use error::ApexError;
 use error::RECIPIENT_NOT_TAKING;
@@ -156,12 +157,23 @@ enum Association {
     Bound(String),
 }
 
+impl Sent {
+    /// A delivery, of data kept in the store or not.
+    fn delivery(report: Option<Report>, stored: Option<Box<Stored>>) -> Self {
+        match stored {
+            Some(stored) => Sent::Stored(report, stored),
+            None => Sent::Delivery(report),
+        }
+    }
+}
+
 /// What the relay's own MSGs on a channel were, in order, to match the replies.
 #[derive(Debug)]
 enum Sent {
     Delivery(Option<Report>),
-    /// A delivery of data kept in the store (hold4Endpoint): released when it is settled.
-    Stored(Option<Report>, HoldId),
+    /// A delivery of data kept in the store (hold4Endpoint): released when it is answered,
+    /// held again when it is not.
+    Stored(Option<Report>, Box<Stored>),
     Notice,
 }
 
@@ -174,7 +186,7 @@ struct ChannelState {
     /// The session knows the channel: false while the reply to its `start` (carrying a
     /// piggybacked attach) is still to be sent. MSGs for it wait in `waiting` until then.
     ready: bool,
-    waiting: Vec<(Bytes, Option<Report>, Option<HoldId>)>,
+    waiting: Vec<(Bytes, Option<Report>, Option<Box<Stored>>)>,
     /// The head of the last simple data received on the channel (see
     /// [`msg::parse_simple_data_memo`]).
     simple_memo: msg::SimpleMemo,
@@ -272,6 +284,10 @@ pub struct Relay {
     /// Data for recipients that are not attached, routed while a data with hold4Endpoint is
     /// handled: kept in the store before the data is acknowledged.
     persisting: Vec<PersistHold>,
+    /// The report requests of recipients of that data the hold queue had no room for.
+    hold_full: Vec<Option<Report>>,
+    /// Records whose release the store failed to make: asked again with the next request.
+    release_retry: Vec<HoldId>,
 }
 
 /// Most cached access decisions before the cache starts over.
@@ -314,6 +330,8 @@ impl Relay {
             awaiting_store: FxHashMap::default(),
             next_store_token: 1,
             persisting: Vec::new(),
+            hold_full: Vec::new(),
+            release_retry: Vec::new(),
         }
     }
 
@@ -324,6 +342,11 @@ impl Relay {
         self.config.access = access;
         self.access_cache.clear();
         self.access_cached = 0;
+    }
+
+    /// Bounds the hold4Endpoint queue with `limits` from now on.
+    pub fn set_hold_limits(&mut self, limits: options::HoldLimits) {
+        self.config.hold = limits;
     }
 
     /// The access table in force.
@@ -443,7 +466,7 @@ impl Relay {
             // Deliveries the endpoint never answered failed; say so when a report was asked.
             let unanswered = state.sent.into_iter().filter_map(|s| match s {
                 Sent::Delivery(report) => Some((report, None)),
-                Sent::Stored(report, id) => Some((report, Some(id))),
+                Sent::Stored(report, stored) => Some((report, Some(stored))),
                 Sent::Notice => None,
             });
             let unsent = state
@@ -451,12 +474,15 @@ impl Relay {
                 .into_iter()
                 .map(|(_, report, stored)| (report, stored));
             for (report, stored) in unanswered.chain(unsent).collect::<Vec<_>>() {
-                self.release(stored);
-                self.report(
-                    report,
-                    code::ACTION_NOT_TAKEN,
-                    "the endpoint went away before answering",
-                );
+                match stored {
+                    // Acknowledged with hold4Endpoint: it waits for the endpoint again.
+                    Some(stored) => self.hold_again(report, *stored),
+                    None => self.report(
+                        report,
+                        code::ACTION_NOT_TAKEN,
+                        "the endpoint went away before answering",
+                    ),
+                }
             }
         }
     }
@@ -693,10 +719,7 @@ impl Relay {
             if let Some(state) = self.channels.get_mut(&(conn, channel)) {
                 state.ready = true;
                 for (payload, report, stored) in std::mem::take(&mut state.waiting) {
-                    state.sent.push_back(match stored {
-                        Some(id) => Sent::Stored(report, id),
-                        None => Sent::Delivery(report),
-                    });
+                    state.sent.push_back(Sent::delivery(report, stored));
                     self.actions.push_back(Action::Send {
                         conn,
                         channel,

@@ -87,8 +87,8 @@ impl Relay {
     ) -> Option<Option<Report>> {
         match pick(&mut self.channels.get_mut(&(conn, channel))?.sent)? {
             Sent::Delivery(report) => Some(report),
-            Sent::Stored(report, id) => {
-                self.release(Some(id));
+            Sent::Stored(report, stored) => {
+                self.release(Some(stored.id));
                 Some(report)
             }
             Sent::Notice => Some(None),
@@ -103,8 +103,14 @@ impl Relay {
     /// queued before it may still be answered.
     pub fn send_failed(&mut self, conn: ConnId, channel: u32, reason: &str) {
         self.routes_may_change();
-        if let Some(report) = self.settled_delivery(conn, channel, |sent| sent.pop_back()) {
-            self.report(report, code::ACTION_NOT_TAKEN, reason);
+        let Some(channel_state) = self.channels.get_mut(&(conn, channel)) else {
+            return;
+        };
+        match channel_state.sent.pop_back() {
+            Some(Sent::Delivery(report)) => self.report(report, code::ACTION_NOT_TAKEN, reason),
+            // Acknowledged with hold4Endpoint: it waits for the endpoint again.
+            Some(Sent::Stored(report, stored)) => self.hold_again(report, *stored),
+            Some(Sent::Notice) | None => {}
         }
     }
 

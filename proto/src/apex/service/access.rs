@@ -263,6 +263,13 @@ impl Service for AccessService {
             code: code::SYNTAX_ERROR,
             text: "the access service takes a query, get or set element as inline content",
         };
+        // What this service sends its own endpoint (the notice of a change to an entry it
+        // owns) is not a request: taken and dropped, or it would change the entry again.
+        if self.endpoint.as_ref().is_some_and(|me| {
+            me.address() == originator.address() && me.same_domain(originator.domain())
+        }) {
+            return Ok(());
+        }
         let Ok(Operation::Data(data)) = msg::parse_message(payload, &ApexLimits::default()) else {
             return Err(not_for_us);
         };
