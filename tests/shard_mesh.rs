@@ -15,6 +15,7 @@ fn deliver(payload: Bytes) -> ShardMsg {
         },
         payload,
         report: None,
+        stored: None,
         source: None,
     })
 }

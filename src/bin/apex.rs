@@ -1281,6 +1281,28 @@ fn addressed_to(data: &Data, me: &Endpoint) -> bool {
         .any(|r| Endpoint::parse(&r.identity).is_ok_and(|e| e == *me))
 }
 
+/// Refuses delivery `msgno` with 550 unless `me` is among its recipients (RFC 3340 §4.4.4.2,
+/// APEX-29: an application fails the recipients it is not attached as); true when refused.
+fn refuse_unless_for(
+    peer: &mut Peer,
+    channel: u32,
+    msgno: u32,
+    data: &Data,
+    me: &Endpoint,
+) -> Result<bool> {
+    if addressed_to(data, me) {
+        return Ok(false);
+    }
+    let to: Vec<&str> = data
+        .recipients
+        .iter()
+        .map(|r| r.identity.as_str())
+        .collect();
+    let text = format!("not attached as {}", to.join(", "));
+    peer.err(channel, msgno, 550, &text)?;
+    Ok(true)
+}
+
 /// Options of `apex attach`.
 #[derive(Debug)]
 struct AttachOpts {
@@ -1327,16 +1349,14 @@ fn on_attach_msg(
         Msg::Terminated { code, text } => return Ok(AttachMsg::Terminated { code, text }),
         Msg::Answered => return Ok(AttachMsg::Other),
     };
+    if refuse_unless_for(peer, channel, msgno, &data, me)? {
+        return Ok(AttachMsg::Other);
+    }
     let to: Vec<&str> = data
         .recipients
         .iter()
         .map(|r| r.identity.as_str())
         .collect();
-    if !addressed_to(&data, me) {
-        let text = format!("not attached as {}", to.join(", "));
-        peer.err(channel, msgno, 550, &text)?;
-        return Ok(AttachMsg::Other);
-    }
     writeln!(
         out,
         "from={} to={} content={}",
@@ -1700,15 +1720,23 @@ fn next_trans_id(id: u32) -> u32 {
     }
 }
 
-/// How one request to the access service ended.
+/// How `apex access` ends when the relay or the service says no, or nothing in time: the line
+/// it prints (`error CODE TEXT`, `error timeout waiting for apex=access`), with exit status 1.
+/// Carried as an error so that every request can end the command with `?`.
 #[derive(Debug)]
-enum Asked {
-    /// The service's answer.
-    Answer(AccessAnswer),
-    /// The relay refused the data carrying the request.
-    Refused { code: u16, text: String },
-    /// No answer within the timeout.
-    Timeout,
+struct Refusal(String);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// The refusal `error CODE TEXT`.
+fn refused(code: u16, text: &str) -> anyhow::Error {
+    Refusal(format!("error {}", code_text(code, text))).into()
 }
 
 /// An attachment talking to the access service.
@@ -1731,8 +1759,9 @@ impl AccessClient<'_> {
     /// the service's answer with its transID: an `allow`, `deny` or `reply` to a query, a `set`
     /// or `reply` to a get, a `reply` to a set (the owner's notice is a `set` with the same
     /// transID, and it is not the answer). Every delivery to NAME is acknowledged, whatever it
-    /// is; one to another endpoint is refused with 550, as `attach` does (APEX-29).
-    fn ask(&mut self, request: &AccessRequest) -> Result<Asked> {
+    /// is; one to another endpoint is refused with 550, as `attach` does (APEX-29). The relay's
+    /// refusal of the data, or no answer within the timeout, is a [`Refusal`].
+    fn ask(&mut self, request: &AccessRequest) -> Result<AccessAnswer> {
         let opts = self.opts;
         let payload = element_data(
             opts.name.as_str(),
@@ -1752,7 +1781,7 @@ impl AccessClient<'_> {
         loop {
             if accepted {
                 if let Some(answer) = answer.take() {
-                    return Ok(Asked::Answer(answer));
+                    return Ok(answer);
                 }
             }
             let deadline = if accepted {
@@ -1763,7 +1792,9 @@ impl AccessClient<'_> {
             let event = match self.peer.wait(Some(deadline))? {
                 Wait::Event(event) => event,
                 Wait::Timeout if accepted || Instant::now() >= answer_deadline => {
-                    return Ok(Asked::Timeout)
+                    return Err(
+                        Refusal(format!("error timeout waiting for {ACCESS_SERVICE}")).into(),
+                    )
                 }
                 Wait::Timeout => bail!("timed out waiting for the relay to answer the data"),
                 Wait::Interrupted => bail!("interrupted"),
@@ -1776,7 +1807,7 @@ impl AccessClient<'_> {
                     payload,
                 } if c == self.channel && m == msgno => match parse_answer(&payload) {
                     Ok(Answer::Ok) if kind == ReplyKind::Rpy => accepted = true,
-                    Ok(Answer::Error { code, text }) => return Ok(Asked::Refused { code, text }),
+                    Ok(Answer::Error { code, text }) => return Err(refused(code, &text)),
                     _ => bail!(
                         "unexpected reply to data: {}",
                         String::from_utf8_lossy(&payload)
@@ -1787,14 +1818,12 @@ impl AccessClient<'_> {
                     msgno: m,
                     payload,
                 } => match read_msg(&mut self.peer, c, m, &payload)? {
-                    Msg::Data(data, _) if !addressed_to(&data, &opts.name) => {
-                        let text = format!("not attached as {}", recipients(&data));
-                        self.peer.err(c, m, 550, &text)?;
-                    }
                     Msg::Data(data, _) => {
-                        self.peer.rpy_ok(c, m)?;
-                        if let Some(found) = self.answer_in(&data, request) {
-                            answer = Some(found);
+                        if !refuse_unless_for(&mut self.peer, c, m, &data, &opts.name)? {
+                            self.peer.rpy_ok(c, m)?;
+                            if let Some(found) = self.answer_in(&data, request) {
+                                answer = Some(found);
+                            }
                         }
                     }
                     Msg::Terminated { code, text } => bail!(
@@ -1850,16 +1879,6 @@ impl AccessClient<'_> {
     }
 }
 
-/// The recipients of `data`, for messages.
-fn recipients(data: &Data) -> String {
-    let to: Vec<&str> = data
-        .recipients
-        .iter()
-        .map(|r| r.identity.as_str())
-        .collect();
-    to.join(", ")
-}
-
 /// The reply code of RFC 3341 §4.3 step 5: `get` found no entry with that actor.
 const NO_ENTRY: u16 = 551;
 
@@ -1884,64 +1903,57 @@ fn run_access(
         opts,
         next_trans_id: opts.first_trans_id,
     };
-    let (status, line) = access_exchange(&mut client)?;
+    let (status, line) = match access_exchange(&mut client) {
+        Ok(line) => (Status::Success, line),
+        Err(e) => match e.downcast::<Refusal>() {
+            Ok(Refusal(line)) => (Status::Failed, line),
+            Err(e) => return Err(e),
+        },
+    };
     writeln!(out, "{line}")?;
     out.flush()?;
     client.peer.close(Some(channel), Instant::now() + io)?;
     Ok(status)
 }
 
-/// The requests of `apex access` and the line that reports how they ended.
-fn access_exchange(client: &mut AccessClient<'_>) -> Result<(Status, String)> {
-    let failed =
-        |code: u16, text: &str| (Status::Failed, format!("error {}", code_text(code, text)));
-    let timeout = (
-        Status::Failed,
-        format!("error timeout waiting for {ACCESS_SERVICE}"),
-    );
+/// The requests of `apex access`, and the line that reports their success.
+fn access_exchange(client: &mut AccessClient<'_>) -> Result<String> {
     let unexpected = |answer: &AccessAnswer| {
         anyhow!(
             "unexpected answer from the access service: {}",
             format_answer(answer)
         )
     };
-    let op = client.opts.op.clone();
-    match op {
+    match client.opts.op.clone() {
         AccessOp::Query {
             owner,
             actor,
             actions,
         } => {
-            let request = AccessRequest::Query {
+            let query = AccessRequest::Query {
                 owner,
                 actor,
                 actions,
                 trans_id: client.trans_id(),
             };
-            Ok(match client.ask(&request)? {
-                Asked::Answer(AccessAnswer::Allow { .. }) => (Status::Success, "allow".to_owned()),
-                Asked::Answer(AccessAnswer::Deny { .. }) => (Status::Success, "deny".to_owned()),
-                Asked::Answer(AccessAnswer::Reply { code, text, .. }) => failed(code, &text),
-                Asked::Answer(other) => return Err(unexpected(&other)),
-                Asked::Refused { code, text } => failed(code, &text),
-                Asked::Timeout => timeout,
-            })
+            match client.ask(&query)? {
+                AccessAnswer::Allow { .. } => Ok("allow".to_owned()),
+                AccessAnswer::Deny { .. } => Ok("deny".to_owned()),
+                AccessAnswer::Reply { code, text, .. } => Err(refused(code, &text)),
+                other => Err(unexpected(&other)),
+            }
         }
         AccessOp::Get { owner, actor } => {
-            let request = AccessRequest::Get {
+            let get = AccessRequest::Get {
                 owner,
                 actor,
                 trans_id: client.trans_id(),
             };
-            Ok(match client.ask(&request)? {
-                Asked::Answer(AccessAnswer::Set { access, .. }) => {
-                    (Status::Success, entry_line(&access))
-                }
-                Asked::Answer(AccessAnswer::Reply { code, text, .. }) => failed(code, &text),
-                Asked::Answer(other) => return Err(unexpected(&other)),
-                Asked::Refused { code, text } => failed(code, &text),
-                Asked::Timeout => timeout,
-            })
+            match client.ask(&get)? {
+                AccessAnswer::Set { access, .. } => Ok(entry_line(&access)),
+                AccessAnswer::Reply { code, text, .. } => Err(refused(code, &text)),
+                other => Err(unexpected(&other)),
+            }
         }
         AccessOp::Set {
             owner,
@@ -1960,19 +1972,11 @@ fn access_exchange(client: &mut AccessClient<'_>) -> Result<(Status, String)> {
                         trans_id: client.trans_id(),
                     };
                     match client.ask(&get)? {
-                        Asked::Answer(AccessAnswer::Set { access, .. }) => access.last_update,
+                        AccessAnswer::Set { access, .. } => access.last_update,
                         // No entry: a set creates one; there is nothing to delete.
-                        Asked::Answer(AccessAnswer::Reply { code, .. })
-                            if code == NO_ENTRY && !deleting =>
-                        {
-                            None
-                        }
-                        Asked::Answer(AccessAnswer::Reply { code, text, .. }) => {
-                            return Ok(failed(code, &text))
-                        }
-                        Asked::Answer(other) => return Err(unexpected(&other)),
-                        Asked::Refused { code, text } => return Ok(failed(code, &text)),
-                        Asked::Timeout => return Ok(timeout),
+                        AccessAnswer::Reply { code, .. } if code == NO_ENTRY && !deleting => None,
+                        AccessAnswer::Reply { code, text, .. } => return Err(refused(code, &text)),
+                        other => return Err(unexpected(&other)),
                     }
                 }
             };
@@ -1985,16 +1989,14 @@ fn access_exchange(client: &mut AccessClient<'_>) -> Result<(Status, String)> {
                     last_update,
                 },
             };
-            Ok(match client.ask(&set)? {
-                Asked::Answer(AccessAnswer::Reply { code, .. }) if (200..300).contains(&code) => {
+            match client.ask(&set)? {
+                AccessAnswer::Reply { code, .. } if (200..300).contains(&code) => {
                     let done = if deleting { "deleted" } else { "set" };
-                    (Status::Success, format!("{code} {done}"))
+                    Ok(format!("{code} {done}"))
                 }
-                Asked::Answer(AccessAnswer::Reply { code, text, .. }) => failed(code, &text),
-                Asked::Answer(other) => return Err(unexpected(&other)),
-                Asked::Refused { code, text } => failed(code, &text),
-                Asked::Timeout => timeout,
-            })
+                AccessAnswer::Reply { code, text, .. } => Err(refused(code, &text)),
+                other => Err(unexpected(&other)),
+            }
         }
     }
 }

@@ -191,7 +191,15 @@ fn run() -> Result<()> {
         tracing::warn!("{e:#}; a shard will try again when it needs DNS");
     }
     let domain = config.domain.clone();
-    apexd::shard::run(config, stop, security, |bound| {
+    let data_dir = config.data_dir()?;
+    let grants = config.access_table()?;
+    let access_limits = config.access_limits();
+    let open_store: apexd::shard::OpenStore<'_> = Box::new(move |shards| {
+        let opened = apexd::store::Store::open(&data_dir, grants, access_limits, shards)?;
+        tracing::info!(path = %opened.0.path().display(), "store open");
+        Ok(opened)
+    });
+    let store = apexd::shard::run(config, stop, security, open_store, |bound| {
         // One machine-readable line for scripts and tests.
         println!(
             "apexd ready domain={domain} edge={} mesh={} shards={}",
@@ -199,6 +207,8 @@ fn run() -> Result<()> {
         );
         let _ = std::io::stdout().flush();
     })?;
+    // What the shards asked to store before they stopped is committed before exit.
+    store.close();
     tracing::info!("apexd stopped");
     Ok(())
 }

@@ -340,6 +340,9 @@ const MIN_DIRECT_ROOM: usize = 4096;
 /// Feeds what was read to the shard core and carries out what it leads to. `Err` when the
 /// session must be terminated.
 fn handle_input(conn: ConnId, ctx: &Rc<ShardContext>, read_buf: &mut BytesMut) -> Result<(), ()> {
+    // What was read arrived after everything the store had published when the read
+    // completed: an access change acknowledged before it is in force for it.
+    ctx.follow_access();
     let input = ctx
         .core
         .borrow_mut()

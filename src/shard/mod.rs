@@ -29,7 +29,10 @@ use tracing::{info, warn};
 use crate::apex_profile::APEX_PROFILE;
 use crate::config::Config;
 use crate::security::SharedSecurity;
+use crate::store::{SharedAccess, Store};
 use crate::sys;
+use apex_proto::apex::relay::home_shard;
+use apex_proto::store::{HeldMessage, HoldId, StoreDone};
 use mesh::{ShardMesh, ShardMsg};
 use notify::Notify;
 
@@ -64,6 +67,12 @@ pub struct ShardContext {
     /// Outboxes over their limit (`runtime.mesh_queue` envelopes); while there are any the
     /// shard's connections pause reading.
     pub outbox_backlog: notify::Backlog,
+    /// The durable store, which takes the core's [`Output::Store`] requests.
+    pub store: Store,
+    /// The access table the store publishes.
+    pub access: Arc<SharedAccess>,
+    /// The generation of that table in force on this shard.
+    pub access_seen: Cell<u64>,
 }
 
 impl ShardContext {
@@ -92,7 +101,18 @@ impl ShardContext {
                 Output::ToShard { shard, envelope } => self.post(shard, envelope),
                 Output::Connect { domain } => peer::connect(self, domain),
                 Output::ResolveRelay { domain } => peer::resolve_relay(self, domain),
+                Output::Store(request) => self.store.submit(self.id, request),
             }
+        }
+    }
+
+    /// Puts the store's latest access table in force, if it changed: one atomic load when
+    /// it did not.
+    pub fn follow_access(&self) {
+        if self.access.generation() != self.access_seen.get() {
+            let (generation, table) = self.access.get();
+            self.access_seen.set(generation);
+            self.core.borrow_mut().set_access(table);
         }
     }
 
@@ -126,6 +146,9 @@ pub struct Bound {
 /// be): a core that keeps asking for time it already had cannot spin the executor.
 const TIMER_MIN_SLEEP: Duration = Duration::from_millis(1);
 
+/// How long a port in use is tried again at start (see [`reserve`]).
+const PORT_RELEASE_WAIT: Duration = Duration::from_secs(2);
+
 /// Glommio needs at least this much lockable memory per executor besides `io_memory`.
 const RING_MEMLOCK_ALLOWANCE: u64 = 512 * 1024;
 
@@ -156,16 +179,28 @@ pub fn check_environment(config: &Config, shards: usize) -> Result<()> {
 /// SO_REUSEPORT would also let a second apexd (or any process of the same user) share the port
 /// and silently take half the connections, so an explicit port is first bound without it: if
 /// anything else holds the port, that fails and apexd refuses to start.
+///
+/// A relay that was killed (`kill -9`, a crash) leaves its listeners open for a moment after
+/// it is gone: the kernel tears its io_uring instances down, and the sockets with them, after
+/// the process has been reaped. So a port in use is tried again for [`PORT_RELEASE_WAIT`]
+/// before apexd gives up: a restart right after a crash starts, a live listener still stops it.
 fn reserve(addr: SocketAddr, what: &str, flag: &str) -> Result<(socket2::Socket, SocketAddr)> {
     use socket2::{Domain, Socket, Type};
     if addr.port() != 0 {
-        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-        // Without SO_REUSEPORT a live listener anywhere on the port makes this fail; with
-        // SO_REUSEADDR the connections an earlier apexd closed (TIME_WAIT) do not.
-        probe.set_reuse_address(true)?;
-        if let Err(e) = probe.bind(&addr.into()) {
-            if e.kind() == std::io::ErrorKind::AddrInUse {
-                bail!("the {what} address {addr} is already in use by another process (choose another with {flag})");
+        let give_up = std::time::Instant::now() + PORT_RELEASE_WAIT;
+        loop {
+            let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            // Without SO_REUSEPORT a live listener anywhere on the port makes this fail; with
+            // SO_REUSEADDR the connections an earlier apexd closed (TIME_WAIT) do not.
+            probe.set_reuse_address(true)?;
+            match probe.bind(&addr.into()) {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    if std::time::Instant::now() >= give_up {
+                        bail!("the {what} address {addr} is already in use by another process (choose another with {flag})");
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => break,
             }
         }
     }
@@ -193,18 +228,44 @@ fn reserve(addr: SocketAddr, what: &str, flag: &str) -> Result<(socket2::Socket,
     Ok((socket, local))
 }
 
+/// What [`run`] opens the store with, once the listen addresses are known to be usable: the
+/// store and one completion queue per shard.
+pub type OpenStore<'a> =
+    Box<dyn FnOnce(usize) -> Result<(Store, Vec<flume::Receiver<StoreDone>>)> + 'a>;
+
 /// Runs the relay until SIGINT/SIGTERM (or `stop` is set) and every shard has drained.
-/// `on_ready` is called once every shard listens.
+/// `open_store` is called once the listen addresses are reserved (a relay that cannot listen
+/// creates no files); `on_ready` once every shard listens. Returns the store, still open.
 pub fn run(
     config: Config,
     stop: Arc<AtomicBool>,
     security: Arc<SharedSecurity>,
+    open_store: OpenStore<'_>,
     on_ready: impl FnOnce(Bound),
-) -> Result<()> {
+) -> Result<Store> {
     let shards = config.shard_count();
     check_environment(&config, shards)?;
     let (_edge_reservation, edge) = reserve(config.edge_listen, "edge", "--edge-listen")?;
     let (_mesh_reservation, mesh_addr) = reserve(config.mesh_listen, "mesh", "--mesh-listen")?;
+    let (store, completions) = open_store(shards)?;
+    if completions.len() != shards {
+        bail!(
+            "the store answers {} shard(s) but {shards} are configured",
+            completions.len()
+        );
+    }
+    // Held data kept from before a restart goes to each recipient's home shard.
+    let mut held: Vec<Vec<(HoldId, HeldMessage)>> = (0..shards).map(|_| Vec::new()).collect();
+    for (id, message) in store.held_at_open() {
+        held[home_shard(&message.recipient, shards)].push((id, message));
+    }
+    store.forget_held_at_open();
+    let completions: Vec<std::sync::Mutex<Option<ShardStoreParts>>> = completions
+        .into_iter()
+        .zip(held)
+        .map(|parts| std::sync::Mutex::new(Some(parts)))
+        .collect();
+    let completions = Arc::new(completions);
     let mut config = config;
     config.edge_listen = edge;
     config.mesh_listen = mesh_addr;
@@ -220,6 +281,7 @@ pub fn run(
     } else {
         PoolPlacement::Unbound(shards)
     };
+    let shard_store = store.clone();
     let mesh_plan = (shards > 1).then(|| mesh::plan(shards, config.runtime.mesh_queue));
     let (bound_tx, bound_rx) = mpsc::channel::<Result<()>>();
     let next_index = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -236,7 +298,30 @@ pub fn run(
                 let security = security.clone();
                 let index = next_index.fetch_add(1, Ordering::Relaxed);
                 let mesh_ends = mesh_plan.as_ref().and_then(|plan| plan.take(index));
-                async move { shard_main(index, config, stop, security, bound_tx, mesh_ends).await }
+                let store = shard_store.clone();
+                let parts = completions
+                    .get(index)
+                    .and_then(|slot| slot.lock().ok().and_then(|mut parts| parts.take()));
+                async move {
+                    let Some((completion, held)) = parts else {
+                        bail!("shard {index} has no store completion queue");
+                    };
+                    let shard_store = ShardStore {
+                        store,
+                        completion,
+                        held,
+                    };
+                    shard_main(
+                        index,
+                        config,
+                        stop,
+                        security,
+                        shard_store,
+                        bound_tx,
+                        mesh_ends,
+                    )
+                    .await
+                }
             }
         })
         .map_err(|e| anyhow!("cannot start the shard executors: {e}. {}", glommio_hint()))?;
@@ -261,7 +346,7 @@ pub fn run(
             Err(e) => failed = Some(anyhow!("shard failed: {e}")),
         }
     }
-    failed.map_or(Ok(()), Err)
+    failed.map_or(Ok(store), Err)
 }
 
 /// The addresses each statically routed domain's relay is reached at: a connection from one of
@@ -283,11 +368,23 @@ fn glommio_hint() -> &'static str {
      enough locked memory (ulimit -l; see runtime.io_memory)"
 }
 
+/// A shard's end of the store: where its requests go, where its answers come from, and the
+/// held data it holds again after a restart.
+struct ShardStore {
+    store: Store,
+    completion: flume::Receiver<StoreDone>,
+    held: Vec<(HoldId, HeldMessage)>,
+}
+
+/// What [`run`] hands each shard of the store: its answers and its held data.
+type ShardStoreParts = (flume::Receiver<StoreDone>, Vec<(HoldId, HeldMessage)>);
+
 async fn shard_main(
     id: usize,
     config: Config,
     stop: Arc<AtomicBool>,
     security: Arc<SharedSecurity>,
+    shard_store: ShardStore,
     bound_tx: mpsc::Sender<Result<()>>,
     mesh_ends: Option<mesh::ShardEnds>,
 ) -> Result<()> {
@@ -321,12 +418,19 @@ async fn shard_main(
         .unwrap_or_default();
     let routes = config.static_routes()?;
     let shard_count = config.shard_count();
+    let ShardStore {
+        store,
+        completion,
+        held,
+    } = shard_store;
+    let access = store.access();
+    let (access_generation, access_table) = access.get();
     let relay = Relay::new(RelayConfig {
         domain: config.domain.clone(),
         shard: id,
         shards: config.shard_count(),
         limits: (&config.apex).into(),
-        access: config.access_table()?,
+        access: access_table,
         trusted: config.mesh.trusted.clone(),
         hold: (&config.hold).into(),
         auth: AuthPolicy {
@@ -367,7 +471,23 @@ async fn shard_main(
             .map(|_| outbox::Outbox::new(outbox_limit))
             .collect(),
         outbox_backlog: notify::Backlog::default(),
+        store,
+        access,
+        access_seen: Cell::new(access_generation),
     });
+    // Held data the store kept from before a restart, for the endpoints whose home is here.
+    if !held.is_empty() {
+        info!(
+            shard = id,
+            held = held.len(),
+            "holding data kept from before the restart"
+        );
+        ctx.core
+            .borrow_mut()
+            .restore_held(held, std::time::Instant::now());
+        ctx.dispatch();
+    }
+    glommio::spawn_local(follow_store(ctx.clone(), completion)).detach();
     if ctx.mesh.is_some() {
         for peer in (0..shard_count).filter(|p| *p != id) {
             glommio::spawn_local(flush_outbox(ctx.clone(), peer)).detach();
@@ -378,6 +498,7 @@ async fn shard_main(
         glommio::spawn_local(async move {
             while let Some(ShardMsg::Relay(envelope)) = receiver.recv().await {
                 tracing::trace!(peer, ?envelope, "envelope from shard");
+                ctx.follow_access();
                 ctx.core
                     .borrow_mut()
                     .handle_envelope(envelope, std::time::Instant::now());
@@ -441,6 +562,19 @@ async fn follow_security(ctx: Rc<ShardContext>, security: Arc<SharedSecurity>, m
             seen = generation;
             ctx.core.borrow_mut().set_security(in_force);
         }
+    }
+}
+
+/// Hands the store's answers to the core: what waited for durability goes on.
+async fn follow_store(ctx: Rc<ShardContext>, completion: flume::Receiver<StoreDone>) {
+    while let Ok(done) = completion.recv_async().await {
+        // The store publishes an access change before it answers: in force before the answer
+        // (a `set`'s 250) goes out.
+        ctx.follow_access();
+        ctx.core
+            .borrow_mut()
+            .store_done(done, std::time::Instant::now());
+        ctx.dispatch();
     }
 }
 

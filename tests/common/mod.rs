@@ -18,11 +18,43 @@ pub mod dns_server;
 /// The APEX profile URI (RFC 3340 §4.2).
 pub use apex_proto::apex::relay::APEX_PROFILE as APEX;
 
+/// A directory of its own for one test (a relay's store), removed when dropped.
+pub struct ScratchDir {
+    pub path: std::path::PathBuf,
+}
+
+impl ScratchDir {
+    pub fn new(what: &str) -> ScratchDir {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "apexd-test-{what}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        ScratchDir { path }
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 /// A running relay, stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Relay {
     pub child: Child,
     pub edge: SocketAddr,
     pub mesh: SocketAddr,
+    /// The relay's store directory, unless the test chose one with --data-dir.
+    pub state: Option<ScratchDir>,
 }
 
 impl Relay {
@@ -30,7 +62,18 @@ impl Relay {
         Self::start_with(&["--shards", &shards.to_string()])
     }
 
+    /// Starts apexd with `extra` arguments; without `--data-dir`, its store is in a fresh
+    /// directory of its own (so that no two relays, and no two tests, share one).
     pub fn start_with(extra: &[&str]) -> Relay {
+        let state = (!extra.contains(&"--data-dir")).then(|| ScratchDir::new("state"));
+        let mut relay = Self::spawn(extra, state.as_ref().map(ScratchDir::as_str));
+        relay.state = state;
+        relay
+    }
+
+    /// Starts apexd with `extra` arguments and the store in `data_dir` (`None`: as given in
+    /// `extra`).
+    pub fn spawn(extra: &[&str], data_dir: Option<&str>) -> Relay {
         // APEXD_TEST_BIN runs another build (e.g. one with a sanitizer) under the same tests;
         // APEXD_TEST_LOG raises the relay's log level when a test needs investigating.
         let log = std::env::var("APEXD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
@@ -39,6 +82,9 @@ impl Relay {
             if !extra.contains(&flag) {
                 defaults.extend([flag, "127.0.0.1:0"]);
             }
+        }
+        if let Some(dir) = data_dir {
+            defaults.extend(["--data-dir", dir]);
         }
         let mut child = Command::new(
             std::env::var_os("APEXD_TEST_BIN")
@@ -74,6 +120,7 @@ impl Relay {
             edge: field("edge="),
             mesh: field("mesh="),
             child,
+            state: None,
         }
     }
 

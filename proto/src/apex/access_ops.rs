@@ -521,17 +521,32 @@ impl<'a> Parser<'a> {
                 Event::Empty(start) => Node::Empty(start),
                 Event::End(_) => Node::Close,
                 Event::Text(text) => Node::Text(
-                    text.unescape()
-                        .map_err(|e| self.syntax(format!("bad character data: {e}")))?
-                        .into_owned(),
+                    self.xml_chars(
+                        text.unescape()
+                            .map_err(|e| self.syntax(format!("bad character data: {e}")))?
+                            .into_owned(),
+                    )?,
                 ),
                 Event::CData(data) => Node::Text(
-                    std::str::from_utf8(&data)
-                        .map_err(|_| self.syntax("CDATA is not UTF-8"))?
-                        .to_owned(),
+                    self.xml_chars(
+                        std::str::from_utf8(&data)
+                            .map_err(|_| self.syntax("CDATA is not UTF-8"))?
+                            .to_owned(),
+                    )?,
                 ),
                 Event::Eof => Node::Eof,
             });
+        }
+    }
+
+    /// `text` when every character of it is one XML 1.0 allows (written directly or as a
+    /// character reference): a control character other than tab, CR and LF cannot be written
+    /// back, so it is refused rather than changed.
+    fn xml_chars(&self, text: String) -> Result<String, AccessParseError> {
+        if text.chars().all(is_xml_char) {
+            Ok(text)
+        } else {
+            Err(self.syntax("a character XML 1.0 does not allow"))
         }
     }
 
@@ -589,7 +604,7 @@ impl<'a> Parser<'a> {
             if root && attribute.key.as_ref() == b"transID" {
                 self.trans_id = valid_trans_id(&value);
             }
-            *slot = Some(value.into_owned());
+            *slot = Some(self.xml_chars(value.into_owned())?);
         }
         Ok(found)
     }
@@ -999,6 +1014,24 @@ mod tests {
         let text = format_request(&get);
         assert!(text.contains("owner='a\u{FFFD}b@example.com'"), "{text}");
         assert!(parse_request(text.as_bytes()).is_ok());
+    }
+
+    /// Found by fuzzing: a control character (raw or as a character reference) in text or in
+    /// an attribute was read, then written back as U+FFFD, so the answer changed on its way.
+    #[test]
+    fn characters_xml_forbids_are_refused_not_changed() {
+        for text in [
+            "<reply code='555' transID='9'>stale \u{4}d</reply>",
+            "<reply code='555' transID='9'>stale &#4;d</reply>",
+            "<reply code='555' transID='9'><![CDATA[\u{1}]]></reply>",
+        ] {
+            let err = parse_answer(text.as_bytes()).unwrap_err();
+            assert_eq!(err.code, 500, "{text:?}: {err:?}");
+        }
+        let err =
+            parse_request("<get transID='3' owner='a&#1;b@example.com' actor='*@*' />".as_bytes())
+                .unwrap_err();
+        assert_eq!((err.code, err.trans_id), (500, Some(3)));
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub mod apex_code {
     pub const NOT_AUTHORIZED: u16 = 537;
     /// Transaction already in progress.
     pub const IN_PROGRESS: u16 = 555;
+    /// get: no access entry with that owner and actor (RFC 3341 §4.3).
+    pub const NO_ENTRY: u16 = 551;
     /// Attachment terminated by an override (RFC 3342).
     pub const OVERRIDDEN: u16 = 556;
 }

@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 
+use crate::apex::access::AccessTable;
 use crate::apex::relay::{domain_shard, Action};
 use crate::apex::relay::{
     ChannelRef, ConnId, ConnKind, Credentials, Envelope, Relay, APEX_PROFILE,
@@ -51,6 +52,8 @@ use crate::beep::mgmt::ErrorElement;
 use crate::beep::output::FrameSink;
 use crate::beep::session::{Role, Session, SessionConfig};
 use crate::error::ProtocolError;
+use crate::store::{HeldMessage, HoldId, StoreDone, StoreRequest};
+use std::sync::Arc;
 
 mod backpressure;
 mod link;
@@ -120,6 +123,9 @@ pub enum Output {
         /// The domain bound as.
         domain: String,
     },
+    /// Make these changes durable, then [`ShardCore::store_done`] with the request's token
+    /// (unless it is 0). Requests of one shard are applied in the order given.
+    Store(StoreRequest),
 }
 
 #[derive(Debug)]
@@ -158,6 +164,8 @@ pub struct ShardCore {
     connects: VecDeque<String>,
     /// Domains whose relay addresses a bind waits for, for the runtime.
     resolves: VecDeque<String>,
+    /// Store requests for the runtime ([`Output::Store`]).
+    stores: VecDeque<StoreRequest>,
     /// Shutting down: links take no more data.
     stopping: bool,
     /// A deadline earlier than any [`ShardCore::poll_timeout`] gave before may have appeared.
@@ -205,6 +213,7 @@ impl ShardCore {
             link_config,
             connects: VecDeque::new(),
             resolves: VecDeque::new(),
+            stores: VecDeque::new(),
             stopping: false,
             deadline_moved: false,
             backlog_octets: 0,
@@ -764,9 +773,32 @@ impl ShardCore {
         if let Some(domain) = self.connects.pop_front() {
             return Some(Output::Connect { domain });
         }
+        if let Some(request) = self.stores.pop_front() {
+            return Some(Output::Store(request));
+        }
         self.resolves
             .pop_front()
             .map(|domain| Output::ResolveRelay { domain })
+    }
+
+    /// The store made the request with this token durable (or could not): what waited for it
+    /// goes on.
+    pub fn store_done(&mut self, done: StoreDone, now: Instant) {
+        self.relay.set_now(self.ms(now));
+        self.relay.store_done(done);
+        self.execute(now);
+    }
+
+    /// The store's access table changed: in force from the next input on.
+    pub fn set_access(&mut self, access: Arc<AccessTable>) {
+        self.relay.set_access(access);
+    }
+
+    /// Data the store kept from before a restart, for recipients whose home shard this is.
+    pub fn restore_held(&mut self, held: Vec<(HoldId, HeldMessage)>, now: Instant) {
+        self.relay.set_now(self.ms(now));
+        self.relay.restore_held(held);
+        self.execute(now);
     }
 
     /// The addresses `domain`'s relay is reached at, after [`Output::ResolveRelay`] (empty
@@ -825,6 +857,7 @@ impl ShardCore {
                 Action::ToShard { shard, envelope } => self.to_shards.push_back((shard, envelope)),
                 Action::Forward { domain, payload } => self.forward(domain, payload),
                 Action::ResolveRelay { domain } => self.resolves.push_back(domain),
+                Action::Store(request) => self.stores.push_back(request),
             }
         }
         if let Some((at, octets)) = self.withholding.take() {

@@ -409,9 +409,35 @@ pub struct RelayNet {
     /// While set, envelopes between shards stay queued (a slow shard queue): lets a test
     /// interleave connection events with cross-shard exchanges.
     pub pause_mesh: bool,
+    /// The relay's durable state, as the runtime's store keeps it: [`Output::Store`] requests
+    /// are applied to it, and the shards get its access table after every change.
+    pub store: crate::store::StoreState,
+    /// While set, store requests stay queued (a slow disk): lets a test see what waits for
+    /// durability.
+    pub pause_store: bool,
+    /// While set, the store fails every request (a full disk).
+    pub store_failing: bool,
+    /// Store requests answered so far.
+    pub store_requests: usize,
+    store_queue: VecDeque<(usize, crate::store::StoreRequest)>,
     envelopes: VecDeque<(usize, Envelope)>,
     epoch: Instant,
+    /// What the net was built with, to build it again ([`RelayNet::restart`]).
+    built_with: BuiltWith,
 }
+
+/// What a [`RelayNet`] was built with.
+#[derive(Debug, Clone)]
+struct BuiltWith {
+    domain: String,
+    shards: usize,
+    trusted: Vec<String>,
+    budgets: Budgets,
+}
+
+/// The wall clock of the simulated store at the net's start: 2024-03-01T10:00:00Z, so that
+/// `lastUpdate`s are the same in every run.
+pub const STORE_EPOCH_UNIX_MS: i64 = 1_709_287_200_000;
 
 impl RelayNet {
     /// Every shard's relay decides attach and bind with `policy` from now on.
@@ -448,6 +474,8 @@ impl RelayNet {
         budgets: Budgets,
     ) -> Self {
         let epoch = Instant::now();
+        let store = crate::store::StoreState::new(access.clone(), Default::default());
+        let access = std::sync::Arc::new(access);
         let listener_config = SessionConfig {
             profiles: vec![APEX_PROFILE.to_owned()],
             ..SessionConfig::default()
@@ -480,6 +508,17 @@ impl RelayNet {
             })
             .collect();
         Self {
+            built_with: BuiltWith {
+                domain: domain.to_owned(),
+                shards,
+                trusted,
+                budgets,
+            },
+            store,
+            pause_store: false,
+            store_failing: false,
+            store_requests: 0,
+            store_queue: VecDeque::new(),
             shards: cores,
             clients: Vec::new(),
             forwards: Vec::new(),
@@ -908,6 +947,77 @@ impl RelayNet {
         moved
     }
 
+    /// What the runtime's store does with one request: applies it, makes it durable (or
+    /// fails), publishes the access table when it changed, then answers.
+    fn apply_store(&mut self, shard: usize, request: crate::store::StoreRequest, now: Instant) {
+        use crate::store::{Mutation, StoreDone, StoreFailure};
+        self.store_requests += 1;
+        let result = if self.store_failing {
+            Err(StoreFailure("simulated full disk".into()))
+        } else {
+            let wall = crate::apex::timestamp::Timestamp::from_unix_millis(
+                STORE_EPOCH_UNIX_MS + self.now_ms as i64,
+            );
+            let mut outcomes = Vec::new();
+            let mut access_changed = false;
+            for op in request.ops {
+                let (outcome, mutation) = self.store.apply(op, wall);
+                access_changed |= matches!(mutation, Some(Mutation::Access { .. }));
+                outcomes.push(outcome);
+            }
+            if access_changed {
+                let table = std::sync::Arc::new(self.store.access().clone());
+                for core in &mut self.shards {
+                    core.set_access(table.clone());
+                }
+            }
+            Ok(outcomes)
+        };
+        if request.token != 0 {
+            let done = StoreDone {
+                token: request.token,
+                result,
+            };
+            self.shards[shard].store_done(done, now);
+        }
+    }
+
+    /// The relay restarts (as after `kill -9`): every connection is gone, what was queued for
+    /// the store but not applied is lost, and the new shards start from the store, holding
+    /// again what it kept.
+    pub fn restart(self) -> Self {
+        let built = self.built_with.clone();
+        let mut net = Self::with_budgets(
+            &built.domain,
+            built.shards,
+            crate::apex::access::AccessTable::new(),
+            built.trusted.clone(),
+            built.budgets.clone(),
+        );
+        net.store = self.store;
+        // The clock goes on from where it was.
+        net.now_ms = self.now_ms;
+        let table = std::sync::Arc::new(net.store.access().clone());
+        let wall = crate::apex::timestamp::Timestamp::from_unix_millis(
+            STORE_EPOCH_UNIX_MS + net.now_ms as i64,
+        );
+        let held = net.store.held(wall);
+        let now = net.instant();
+        for (shard, core) in net.shards.iter_mut().enumerate() {
+            core.set_access(table.clone());
+            let mine = held
+                .iter()
+                .filter(|(_, m)| {
+                    crate::apex::relay::home_shard(&m.recipient, built.shards) == shard
+                })
+                .cloned()
+                .collect();
+            core.restore_held(mine, now);
+        }
+        net.drive();
+        net
+    }
+
     /// The next relay of link `index` drops the connection (as a crash would).
     pub fn drop_link(&mut self, index: usize) {
         let now = self.instant();
@@ -939,6 +1049,7 @@ impl RelayNet {
                             self.envelopes.push_back((to, envelope));
                         }
                         Output::Connect { domain } => self.connect_link(shard, domain),
+                        Output::Store(request) => self.store_queue.push_back((shard, request)),
                         Output::ResolveRelay { domain } => {
                             let found = self
                                 .relay_dns
@@ -948,6 +1059,12 @@ impl RelayNet {
                             self.shards[shard].relay_addresses_found(&domain, &found, now);
                         }
                     }
+                }
+            }
+            if !self.pause_store {
+                if let Some((shard, request)) = self.store_queue.pop_front() {
+                    round = true;
+                    self.apply_store(shard, request, now);
                 }
             }
             let next = if self.pause_mesh {

@@ -70,6 +70,9 @@ pub enum Action {
         /// The domain a peer binds as.
         domain: String,
     },
+    /// Make these changes durable and answer [`Relay::store_done`] with the request's token
+    /// (token 0: nobody waits).
+    Store(StoreRequest),
 }
 
 /// Messages between shards. Payloads are `Bytes`: crossing shards moves a reference.
@@ -133,6 +136,9 @@ pub enum Envelope {
         report: Option<Report>,
         /// What to do if the recipient is not attached.
         hold: Hold,
+        /// The data's record in the store, when the sending shard kept it there (hold4Endpoint):
+        /// released once the recipient takes it.
+        stored: Option<HoldId>,
         /// The channel the data came from (see [`Action::Send`]).
         source: Option<ChannelRef>,
     },
@@ -144,6 +150,8 @@ pub enum Envelope {
         payload: Bytes,
         /// Report the outcome to the originator when set.
         report: Option<Report>,
+        /// The data's record in the store, released once the recipient takes it.
+        stored: Option<HoldId>,
         /// The channel the data came from (see [`Action::Send`]).
         source: Option<ChannelRef>,
     },

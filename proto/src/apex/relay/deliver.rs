@@ -159,8 +159,12 @@ impl Relay {
                 return self.answer(conn, channel, answer, Err(ApexError::RecipientNotTaking));
             }
         }
-        // Step 3: accepted (not yet delivered).
-        self.answer(conn, channel, answer, Ok(()));
+        // Step 3: accepted (not yet delivered). Data that may be held is acknowledged only
+        // once what is held of it is in the store (see `durable`).
+        let holding = options::hold_requested(&data.options, Hop::Final);
+        if !holding {
+            self.answer(conn, channel, answer, Ok(()));
+        }
         // Steps 4-5: each recipient, routed on its own.
         let mut remote: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, recipient) in data.recipients.iter().enumerate() {
@@ -255,6 +259,9 @@ impl Relay {
                 }
             }
         }
+        if holding {
+            self.store_holds(Some((conn, channel, msgno)), data.recipients.len());
+        }
     }
 
     /// Sends the reports options asked for (dataTiming, dataHopping) to the originator.
@@ -298,7 +305,15 @@ impl Relay {
             self.report(report, apex_code::NOT_AUTHORIZED, "access denied");
             return None;
         }
-        self.deliver_routed(route, Some(originator), recipient, payload, report, hold)
+        self.deliver_routed(
+            route,
+            Some(originator),
+            recipient,
+            payload,
+            report,
+            hold,
+            None,
+        )
     }
 
     /// Hands data to the relay's service at `recipient`, and sends what it answers.
@@ -310,19 +325,36 @@ impl Relay {
         report: Option<Report>,
     ) {
         let mut out = Vec::new();
-        match self
+        let access = self.config.access.clone();
+        let mut ctx = ServiceContext {
+            access: &access,
+            out: &mut out,
+            store: None,
+        };
+        let result = self
             .services
-            .receive(recipient, originator, payload, &mut out)
-        {
+            .receive(recipient, originator, payload, &mut ctx);
+        let store = ctx.store.take();
+        match result {
             Ok(()) => self.report(report, apex_code::SUCCESS, ""),
             Err(refused) => self.report(report, refused.code, refused.text),
         }
+        // What a service sends comes from its endpoint proper, whatever subaddress the data
+        // was for.
+        let from = self
+            .services
+            .endpoint_of(recipient)
+            .cloned()
+            .unwrap_or_else(|| recipient.clone());
         for outgoing in out {
-            self.send_from_service(recipient, outgoing);
+            self.send_from_service(&from, outgoing);
+        }
+        if let Some((op, then)) = store {
+            self.ask_store(vec![op], durable::AwaitingStore::Service { from, then });
         }
     }
 
-    fn route_of(&self, recipient: &Endpoint) -> Route {
+    pub(super) fn route_of(&self, recipient: &Endpoint) -> Route {
         route(
             &self.directory,
             recipient,
@@ -340,13 +372,20 @@ impl Relay {
         payload: Bytes,
         report: Option<Report>,
         hold: Hold,
+        stored: Option<HoldId>,
     ) -> Option<ChannelRef> {
         let route = self.route_of(recipient);
-        self.deliver_routed(route, None, recipient, payload, report, hold)
+        let delivered = self.deliver_routed(route, None, recipient, payload, report, hold, stored);
+        // Data to hold from another shard is stored there first; should some not be, it is
+        // stored now (nobody waits for an answer).
+        self.store_holds(None, 0);
+        delivered
     }
 
     /// Delivers as `route` says. `originator` is known except for data handed on by another
-    /// shard, which is never for a service.
+    /// shard, which is never for a service. Data to hold that is not in the store yet
+    /// (`stored`) is collected to be stored first ([`Relay::persist_hold`]).
+    #[allow(clippy::too_many_arguments)]
     fn deliver_routed(
         &mut self,
         route: Route,
@@ -355,7 +394,9 @@ impl Relay {
         payload: Bytes,
         report: Option<Report>,
         hold: Hold,
+        stored: Option<HoldId>,
     ) -> Option<ChannelRef> {
+        let to_store = hold != Hold::No && stored.is_none();
         match route {
             Route::Service => {
                 match originator {
@@ -367,8 +408,12 @@ impl Relay {
                 None
             }
             Route::Channel(at) => {
-                self.deliver_at(at, payload, report);
+                self.deliver_at(at, payload, report, stored);
                 Some(at)
+            }
+            Route::HomeShard(home) if to_store => {
+                self.persist_hold(recipient, payload, report, hold, Some(home));
+                None
             }
             Route::HomeShard(home) => {
                 self.actions.push_back(Action::ToShard {
@@ -378,18 +423,24 @@ impl Relay {
                         payload,
                         report,
                         hold,
+                        stored,
                         source: self.current_source,
                     },
                 });
                 None
             }
+            Route::Absent if to_store => {
+                self.persist_hold(recipient, payload, report, hold, None);
+                None
+            }
             Route::Absent => {
                 match hold {
                     Hold::No => {
+                        self.release(stored);
                         self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached")
                     }
-                    Hold::Indefinitely => self.hold(recipient, payload, report, None),
-                    Hold::Until(at) => self.hold(recipient, payload, report, Some(at)),
+                    Hold::Indefinitely => self.hold(recipient, payload, report, None, stored),
+                    Hold::Until(at) => self.hold(recipient, payload, report, Some(at), stored),
                 }
                 None
             }
@@ -421,8 +472,15 @@ impl Relay {
         allowed
     }
 
-    pub(super) fn deliver_at(&mut self, at: ChannelRef, payload: Bytes, report: Option<Report>) {
+    pub(super) fn deliver_at(
+        &mut self,
+        at: ChannelRef,
+        payload: Bytes,
+        report: Option<Report>,
+        stored: Option<HoldId>,
+    ) {
         if self.is_refusing(&at) {
+            self.release(stored);
             return self.report(
                 report,
                 code::ACTION_NOT_TAKEN_TRANSIENT,
@@ -436,15 +494,19 @@ impl Relay {
                     at,
                     payload,
                     report,
+                    stored,
                     source: self.current_source,
                 },
             });
             return;
         }
         match self.channels.get_mut(&(at.conn, at.channel)) {
-            Some(state) if !state.ready => state.waiting.push((payload, report)),
+            Some(state) if !state.ready => state.waiting.push((payload, report, stored)),
             Some(state) => {
-                state.sent.push_back(Sent::Delivery(report));
+                state.sent.push_back(match stored {
+                    Some(id) => Sent::Stored(report, id),
+                    None => Sent::Delivery(report),
+                });
                 self.actions.push_back(Action::Send {
                     conn: at.conn,
                     channel: at.channel,
@@ -452,7 +514,10 @@ impl Relay {
                     source: self.current_source,
                 });
             }
-            None => self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached"),
+            None => {
+                self.release(stored);
+                self.report(report, code::ACTION_NOT_TAKEN, "endpoint is not attached")
+            }
         }
     }
 }

@@ -38,6 +38,8 @@ pub enum ApexError {
     RecipientNotTaking,
     /// An attach before the session authenticated, where the policy requires it (530).
     AuthenticationRequired,
+    /// Data to hold could not be kept in the store (a full disk, an I/O error): try later.
+    StoreFailed,
 }
 
 impl ApexError {
@@ -63,6 +65,7 @@ impl ApexError {
             Self::AuthenticationRequired => code::AUTHENTICATION_REQUIRED,
             Self::UnknownTransaction => code::ACTION_NOT_TAKEN,
             Self::RecipientNotTaking => code::ACTION_NOT_TAKEN_TRANSIENT,
+            Self::StoreFailed => code::LOCAL_ERROR,
         }
     }
 
@@ -81,11 +84,15 @@ impl ApexError {
             Self::AuthenticationRequired => "authentication required",
             Self::ForeignOriginator => "not authorized to send as the originator",
             Self::RecipientNotTaking => RECIPIENT_NOT_TAKING,
+            Self::StoreFailed => STORE_FAILED,
         }
     }
 }
 
 /// Why data for a recipient that takes nothing is refused or reported (450, transient).
+/// Why data to hold was refused or reported: the store could not keep it.
+pub(super) const STORE_FAILED: &str = "the relay could not store the data to hold";
+
 pub(super) const RECIPIENT_NOT_TAKING: &str = "the recipient is not taking its messages";
 
 impl std::fmt::Display for ApexError {

@@ -1,5 +1,7 @@
 //! The hold queue (hold4Endpoint, RFC 3342 §3): data for an endpoint that is not attached yet
-//! waits here, within `hold.*`, until it attaches or its deadline passes (then reported).
+//! waits here, within `hold.*`, until it attaches or its deadline passes (then reported). What
+//! waits here is also in the store (see `durable`), from before it was acknowledged until its
+//! fate is settled, so a restart does not lose it.
 
 use super::*;
 
@@ -10,6 +12,8 @@ pub(super) struct Held {
     report: Option<Report>,
     /// Relay-clock millisecond after which it is dropped; `None`: no bound.
     deadline: Option<u64>,
+    /// Its record in the store.
+    stored: Option<HoldId>,
 }
 
 impl Relay {
@@ -21,12 +25,14 @@ impl Relay {
         payload: Bytes,
         report: Option<Report>,
         deadline: Option<u64>,
+        stored: Option<HoldId>,
     ) {
         if !self
             .config
             .hold
             .admits(self.held_messages, self.held_bytes, payload.len())
         {
+            self.release(stored);
             return self.report(report, code::ACTION_NOT_TAKEN, "hold queue is full");
         }
         self.held_messages += 1;
@@ -41,6 +47,7 @@ impl Relay {
                 payload,
                 report,
                 deadline,
+                stored,
             });
     }
 
@@ -51,7 +58,7 @@ impl Relay {
                 for held in queue {
                     relay.held_messages -= 1;
                     relay.held_bytes -= held.payload.len();
-                    relay.deliver_at(at, held.payload, held.report);
+                    relay.deliver_at(at, held.payload, held.report, held.stored);
                 }
             });
         }
@@ -71,7 +78,7 @@ impl Relay {
             queue.retain_mut(|held| {
                 let keep = held.deadline.is_none_or(|d| d > now_ms);
                 if !keep {
-                    expired.push((held.payload.len(), held.report.take()));
+                    expired.push((held.payload.len(), held.report.take(), held.stored));
                 }
                 keep
             });
@@ -83,9 +90,10 @@ impl Relay {
             .flatten()
             .filter_map(|held| held.deadline)
             .min();
-        for (size, report) in expired {
+        for (size, report, stored) in expired {
             self.held_messages -= 1;
             self.held_bytes -= size;
+            self.release(stored);
             self.report(
                 report,
                 code::ACTION_NOT_TAKEN,

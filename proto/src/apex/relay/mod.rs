@@ -28,6 +28,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use std::hash::Hasher;
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
@@ -42,15 +43,17 @@ use crate::apex::access::AccessTable;
 use crate::apex::addr::Endpoint;
 use crate::apex::msg::{self, apex_code, ApexLimits, ApexOption, Data, Operation, SimpleData};
 use crate::apex::options::{self, Edit, Hop};
-use crate::apex::service::{Outgoing, Services};
+use crate::apex::service::{Outgoing, ServiceContext, Services};
 use crate::beep::mgmt::{code, ErrorElement};
 use crate::beep::session::{Event, ReplyKind, Session};
 use crate::error::Misuse;
+use crate::store::{HoldId, StoreDone, StoreOp, StoreRequest};
 
 mod actions;
 mod auth;
 mod deliver;
 mod directory;
+mod durable;
 mod error;
 mod hold;
 mod report;
@@ -61,6 +64,7 @@ mod tests;
 pub use actions::{Action, Envelope, Hold, MsgReply, Report, ReportRequest};
 use auth::BindCheck;
 pub use auth::{may_act_as, AuthMode, AuthPolicy, Credentials};
+use durable::{AwaitingStore, PersistHold};
 pub use error::ApexError;
 use error::RECIPIENT_NOT_TAKING;
 use hold::Held;
@@ -126,8 +130,10 @@ pub struct RelayConfig {
     pub shards: usize,
     /// Bounds on control documents.
     pub limits: ApexLimits,
-    /// Access entries consulted for local delivery (`core:data`).
-    pub access: AccessTable,
+    /// Access entries consulted for local delivery (`core:data`) and by the access service:
+    /// the store's current table, replaced as a whole when it changes
+    /// ([`Relay::set_access`]).
+    pub access: Arc<AccessTable>,
     /// Domains whose relays are trusted intermediaries: data they send is accepted whatever the
     /// originator's domain (RFC 3340 §4.5.2, APEX-32). `*` trusts every bound relay.
     pub trusted: Vec<String>,
@@ -154,6 +160,8 @@ enum Association {
 #[derive(Debug)]
 enum Sent {
     Delivery(Option<Report>),
+    /// A delivery of data kept in the store (hold4Endpoint): released when it is settled.
+    Stored(Option<Report>, HoldId),
     Notice,
 }
 
@@ -166,7 +174,7 @@ struct ChannelState {
     /// The session knows the channel: false while the reply to its `start` (carrying a
     /// piggybacked attach) is still to be sent. MSGs for it wait in `waiting` until then.
     ready: bool,
-    waiting: Vec<(Bytes, Option<Report>)>,
+    waiting: Vec<(Bytes, Option<Report>, Option<HoldId>)>,
     /// The head of the last simple data received on the channel (see
     /// [`msg::parse_simple_data_memo`]).
     simple_memo: msg::SimpleMemo,
@@ -231,8 +239,8 @@ pub struct Relay {
     held_bytes: usize,
     /// The earliest deadline of held data (relay-clock ms), if any has one.
     hold_deadline: Option<u64>,
-    /// `core:data` decisions by recipient then originator: the access table is fixed for the
-    /// relay's life, so a decision once made stands. Bounded by [`ACCESS_CACHE_ENTRIES`].
+    /// `core:data` decisions by recipient then originator, for the access table in force
+    /// (emptied when it is replaced). Bounded by [`ACCESS_CACHE_ENTRIES`].
     access_cache: EndpointMap<EndpointMap<bool>>,
     access_cached: usize,
     /// Identities of data originators and recipients already parsed: the same few names come
@@ -258,6 +266,12 @@ pub struct Relay {
     current_source: Option<ChannelRef>,
     /// The relay's own well-known endpoints.
     services: Services,
+    /// What waits for a [`StoreDone`], by token.
+    awaiting_store: FxHashMap<u64, AwaitingStore>,
+    next_store_token: u64,
+    /// Data for recipients that are not attached, routed while a data with hold4Endpoint is
+    /// handled: kept in the store before the data is acknowledged.
+    persisting: Vec<PersistHold>,
 }
 
 /// Most cached access decisions before the cache starts over.
@@ -297,7 +311,24 @@ impl Relay {
             refusing: rustc_hash::FxHashSet::default(),
             current_source: None,
             services: Services::new(&domain),
+            awaiting_store: FxHashMap::default(),
+            next_store_token: 1,
+            persisting: Vec::new(),
         }
+    }
+
+    /// Puts a new access table in force (the store changed it): the very next data is checked
+    /// against it, on this shard's every path.
+    pub fn set_access(&mut self, access: Arc<AccessTable>) {
+        self.routes_may_change();
+        self.config.access = access;
+        self.access_cache.clear();
+        self.access_cached = 0;
+    }
+
+    /// The access table in force.
+    pub fn access(&self) -> &AccessTable {
+        &self.config.access
     }
 
     /// Marks the recipient channel `at` as refusing data (it has taken nothing for too long)
@@ -411,13 +442,18 @@ impl Relay {
             }
             // Deliveries the endpoint never answered failed; say so when a report was asked.
             let unanswered = state.sent.into_iter().filter_map(|s| match s {
-                Sent::Delivery(report) => report,
+                Sent::Delivery(report) => Some((report, None)),
+                Sent::Stored(report, id) => Some((report, Some(id))),
                 Sent::Notice => None,
             });
-            let unsent = state.waiting.into_iter().filter_map(|(_, report)| report);
-            for report in unanswered.chain(unsent).collect::<Vec<_>>() {
+            let unsent = state
+                .waiting
+                .into_iter()
+                .map(|(_, report, stored)| (report, stored));
+            for (report, stored) in unanswered.chain(unsent).collect::<Vec<_>>() {
+                self.release(stored);
                 self.report(
-                    Some(report),
+                    report,
                     code::ACTION_NOT_TAKEN,
                     "the endpoint went away before answering",
                 );
@@ -532,7 +568,7 @@ impl Relay {
                     msg::parse_simple_data_memo(payload, &limits, &mut state.simple_memo)
                 {
                     self.answer(conn, channel, Answer::Msg(msgno), Ok(()));
-                    self.deliver_at(route.at, payload.clone(), None);
+                    self.deliver_at(route.at, payload.clone(), None, None);
                     return;
                 }
                 // Another head, which the memo now holds, or no simple data at all: handled
@@ -656,8 +692,11 @@ impl Relay {
             // The channel exists for the peer once this reply is out: release what waited.
             if let Some(state) = self.channels.get_mut(&(conn, channel)) {
                 state.ready = true;
-                for (payload, report) in std::mem::take(&mut state.waiting) {
-                    state.sent.push_back(Sent::Delivery(report));
+                for (payload, report, stored) in std::mem::take(&mut state.waiting) {
+                    state.sent.push_back(match stored {
+                        Some(id) => Sent::Stored(report, id),
+                        None => Sent::Delivery(report),
+                    });
                     self.actions.push_back(Action::Send {
                         conn,
                         channel,
@@ -716,20 +755,22 @@ impl Relay {
                 payload,
                 report,
                 hold,
+                stored,
                 source,
             } => {
                 self.current_source = source;
-                self.deliver_to(&recipient, payload, report, hold);
+                self.deliver_to(&recipient, payload, report, hold, stored);
                 self.current_source = None;
             }
             Envelope::Deliver {
                 at,
                 payload,
                 report,
+                stored,
                 source,
             } => {
                 self.current_source = source;
-                self.deliver_at(at, payload, report);
+                self.deliver_at(at, payload, report, stored);
                 self.current_source = None;
             }
             Envelope::Refusing { at, refusing } => self.set_refusing(at, refusing),

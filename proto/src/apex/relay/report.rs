@@ -61,6 +61,9 @@ impl Relay {
         let Some(report) = self.settled_delivery(conn, channel, |sent| sent.pop_front()) else {
             return;
         };
+        let Some(report) = report else {
+            return;
+        };
         if positive {
             self.report(Some(report), apex_code::SUCCESS, "");
         } else {
@@ -72,18 +75,23 @@ impl Relay {
         }
     }
 
-    /// Takes the relay's MSG on `channel` that `pick` chooses from those awaiting a reply;
-    /// when it was a delivery whose originator asked for a report, that request (the outcome
-    /// is known now).
+    /// Takes the relay's MSG on `channel` that `pick` chooses from those awaiting a reply.
+    /// `None` when there was none; otherwise, for a delivery whose originator asked for a
+    /// report, that request (the outcome is known now). A delivery of data kept in the store
+    /// is settled whatever the outcome (reported when asked): its record is released.
     pub(super) fn settled_delivery(
         &mut self,
         conn: ConnId,
         channel: u32,
         pick: impl FnOnce(&mut VecDeque<Sent>) -> Option<Sent>,
-    ) -> Option<Report> {
+    ) -> Option<Option<Report>> {
         match pick(&mut self.channels.get_mut(&(conn, channel))?.sent)? {
-            Sent::Delivery(report) => report,
-            Sent::Notice => None,
+            Sent::Delivery(report) => Some(report),
+            Sent::Stored(report, id) => {
+                self.release(Some(id));
+                Some(report)
+            }
+            Sent::Notice => Some(None),
         }
     }
 
@@ -96,7 +104,7 @@ impl Relay {
     pub fn send_failed(&mut self, conn: ConnId, channel: u32, reason: &str) {
         self.routes_may_change();
         if let Some(report) = self.settled_delivery(conn, channel, |sent| sent.pop_back()) {
-            self.report(Some(report), code::ACTION_NOT_TAKEN, reason);
+            self.report(report, code::ACTION_NOT_TAKEN, reason);
         }
     }
 

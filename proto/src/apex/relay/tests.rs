@@ -6,7 +6,7 @@ fn relay() -> Relay {
         shard: 0,
         shards: 1,
         limits: ApexLimits::default(),
-        access: AccessTable::new(),
+        access: AccessTable::new().into(),
         trusted: Vec::new(),
         hold: options::HoldLimits::default(),
         // Attach policy has its own tests (auth.rs, tests/security.rs).
@@ -28,7 +28,7 @@ fn granted_relay() -> Relay {
         )
         .unwrap();
     Relay::new(RelayConfig {
-        access,
+        access: access.into(),
         ..relay().config
     })
 }

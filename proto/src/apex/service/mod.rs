@@ -4,14 +4,18 @@
 //! access check as any recipient; what a service sends is data from its endpoint, routed like
 //! any endpoint's. The access and presence services plug in here.
 //!
-//! Services run on every shard alike (the report service holds no state); one whose state must
-//! be kept in one place routes its requests to a home shard like an endpoint's.
+//! Services run on every shard alike: the report service holds no state, and the access
+//! service reads the access table every shard has and leaves its changes to the store, which
+//! decides them in one place ([`crate::store`]).
 
 use bytes::Bytes;
 
+use crate::apex::access::AccessTable;
 use crate::apex::addr::Endpoint;
 use crate::beep::mgmt::code;
+use crate::store::{Outcome, StoreFailure, StoreOp};
 
+pub mod access;
 pub mod report;
 
 /// Why a service did not take a data: reported to the originator when it asked (APEX-38).
@@ -32,18 +36,36 @@ pub struct Outgoing {
     pub payload: Bytes,
 }
 
+/// What a service goes on with once the store made its change durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Continuation {
+    /// The access service's `set`: answer it.
+    AccessSet(access::SetPending),
+}
+
+/// What a service works with while it handles one data.
+#[derive(Debug)]
+pub struct ServiceContext<'a> {
+    /// The access table in force.
+    pub access: &'a AccessTable,
+    /// What the service sends, as data from its endpoint.
+    pub out: &'a mut Vec<Outgoing>,
+    /// A change to make durable, and what to do once it is (at most one per data).
+    pub store: Option<(StoreOp, Continuation)>,
+}
+
 /// One well-known endpoint's behaviour.
 pub trait Service {
     /// The service's address (`apex=report`): its endpoint and every subaddress of it.
     fn address(&self) -> &'static str;
 
     /// A `data` for the service from `originator`. `Ok` when taken; what the service sends in
-    /// return goes in `out`.
+    /// return goes in the context.
     fn receive(
         &mut self,
         originator: &Endpoint,
         payload: &Bytes,
-        out: &mut Vec<Outgoing>,
+        ctx: &mut ServiceContext<'_>,
     ) -> Result<(), Refused>;
 }
 
@@ -51,6 +73,7 @@ pub trait Service {
 #[derive(Debug)]
 pub struct Services {
     report: report::ReportService,
+    access: access::AccessService,
 }
 
 impl Services {
@@ -58,6 +81,28 @@ impl Services {
     pub fn new(domain: &str) -> Self {
         Self {
             report: report::ReportService::new(domain),
+            access: access::AccessService::new(domain),
+        }
+    }
+
+    /// The endpoint of the service at `recipient`'s address, the originator of what it sends.
+    pub fn endpoint_of(&self, recipient: &Endpoint) -> Option<&Endpoint> {
+        match recipient.address() {
+            a if a.eq_ignore_ascii_case(self.access.address()) => self.access.endpoint(),
+            a if a.eq_ignore_ascii_case(self.report.address()) => self.report.endpoint(),
+            _ => None,
+        }
+    }
+
+    /// The store decided a service's change: the service goes on.
+    pub fn stored(
+        &self,
+        then: Continuation,
+        outcome: Result<Outcome, StoreFailure>,
+        out: &mut Vec<Outgoing>,
+    ) {
+        match then {
+            Continuation::AccessSet(pending) => self.access.stored(pending, outcome, out),
         }
     }
 
@@ -73,10 +118,11 @@ impl Services {
         recipient: &Endpoint,
         originator: &Endpoint,
         payload: &Bytes,
-        out: &mut Vec<Outgoing>,
+        ctx: &mut ServiceContext<'_>,
     ) -> Result<(), Refused> {
         let service: &mut dyn Service = match recipient.address() {
             a if a.eq_ignore_ascii_case(self.report.address()) => &mut self.report,
+            a if a.eq_ignore_ascii_case(self.access.address()) => &mut self.access,
             _ => {
                 return Err(Refused {
                     code: code::ACTION_NOT_TAKEN,
@@ -84,7 +130,7 @@ impl Services {
                 })
             }
         };
-        service.receive(originator, payload, out)
+        service.receive(originator, payload, ctx)
     }
 }
 
@@ -100,11 +146,17 @@ mod tests {
     fn an_address_no_service_has_is_refused_with_550() {
         let mut services = Services::new("example.com");
         let mut out = Vec::new();
+        let access = AccessTable::new();
+        let mut ctx = ServiceContext {
+            access: &access,
+            out: &mut out,
+            store: None,
+        };
         let refused = services.receive(
             &endpoint("apex=nothing@example.com"),
             &endpoint("fred@example.com"),
             &Bytes::from_static(b"x"),
-            &mut out,
+            &mut ctx,
         );
         assert_eq!(
             refused,

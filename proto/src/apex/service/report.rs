@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use super::{Outgoing, Refused, Service};
+use super::{Outgoing, Refused, Service, ServiceContext};
 use crate::apex::addr::Endpoint;
 use crate::apex::client::DataBuilder;
 use crate::apex::options;
@@ -66,7 +66,7 @@ impl Service for ReportService {
         &mut self,
         _originator: &Endpoint,
         _payload: &Bytes,
-        _out: &mut Vec<Outgoing>,
+        _ctx: &mut ServiceContext<'_>,
     ) -> Result<(), Refused> {
         Err(Refused {
             code: code::ACTION_NOT_TAKEN,
@@ -109,7 +109,13 @@ mod tests {
         let mut service = ReportService::new("example.com");
         let fred = Endpoint::parse("fred@example.com").unwrap();
         let mut out = Vec::new();
-        let refused = service.receive(&fred, &Bytes::from_static(b"x"), &mut out);
+        let access = crate::apex::access::AccessTable::new();
+        let mut ctx = ServiceContext {
+            access: &access,
+            out: &mut out,
+            store: None,
+        };
+        let refused = service.receive(&fred, &Bytes::from_static(b"x"), &mut ctx);
         assert_eq!(refused.map_err(|r| r.code), Err(550));
         assert!(out.is_empty());
     }
