@@ -36,6 +36,10 @@ pub(crate) const NOTICE_WAIT_NS: u64 = 1_000_000_000;
 /// The reply code of a set that succeeded (RFC 3341 §4.4).
 pub(crate) const SET_OK: u16 = 250;
 
+/// The reply code of a set whose lastUpdate does not match the entry's, or that creates an
+/// entry that exists (RFC 3341 §4.4 steps 5 and 7).
+const STALE: u16 = 555;
+
 /// The reply code of a get that found no entry (RFC 3341 §4.3 step 5).
 const NO_ENTRY: u16 = 551;
 
@@ -56,8 +60,8 @@ enum Entry {
 /// What a request in progress is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// A `set` (counted as load).
-    Set,
+    /// A `set` (counted as load); `create` when sent without lastUpdate.
+    Set { create: bool },
     /// A `get` to learn an entry's lastUpdate (not counted as a set).
     Get,
 }
@@ -78,8 +82,13 @@ struct Pending {
 /// What an answer from the service meant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Answered {
-    /// The reply to a set: its code and latency (ns).
-    Set { code: u16, latency_ns: u64 },
+    /// The reply to a set: its code and latency (ns). `existed`: a create answered 555, the
+    /// entry was there already (a store kept from an earlier run); it is read back and replaced.
+    Set {
+        code: u16,
+        latency_ns: u64,
+        existed: bool,
+    },
     /// The answer to a get, or an owner notice: bookkeeping only.
     Other,
     /// An answer with a transID no request in progress has (a late notice, say).
@@ -172,6 +181,7 @@ impl SetBook {
                     Entry::Known(lu) => Some(lu.clone()),
                     _ => None,
                 };
+                let create = last_update.is_none();
                 let actions = self.actions[(self.sets_sent[actor] % 2) as usize].clone();
                 self.sets_sent[actor] += 1;
                 (
@@ -184,7 +194,7 @@ impl SetBook {
                             last_update,
                         },
                     },
-                    Kind::Set,
+                    Kind::Set { create },
                 )
             }
         };
@@ -200,7 +210,7 @@ impl SetBook {
             },
         );
         self.awaiting_reply += 1;
-        Some((request, matches!(kind, Kind::Set)))
+        Some((request, matches!(kind, Kind::Set { .. })))
     }
 
     /// Ends request `trans_id`, freeing its actor.
@@ -218,7 +228,10 @@ impl SetBook {
     /// The relay refused the data carrying request `trans_id` (an ERR): the service never saw
     /// it, so the entry is as it was. Returns whether it was a set.
     pub(crate) fn refused(&mut self, trans_id: u32) -> bool {
-        let was_set = matches!(self.pending.get(&trans_id).map(|p| p.kind), Some(Kind::Set));
+        let was_set = matches!(
+            self.pending.get(&trans_id).map(|p| p.kind),
+            Some(Kind::Set { .. })
+        );
         self.finish(trans_id);
         was_set
     }
@@ -230,7 +243,7 @@ impl SetBook {
             return Answered::Stray;
         };
         match (p.kind, answer) {
-            (Kind::Set, AccessAnswer::Reply { code, .. }) if p.replied_ns.is_none() => {
+            (Kind::Set { create }, AccessAnswer::Reply { code, .. }) if p.replied_ns.is_none() => {
                 let latency_ns = now_ns.saturating_sub(p.sent_ns);
                 if *code == SET_OK && !p.noticed {
                     // Wait for the owner notice and its lastUpdate.
@@ -248,9 +261,10 @@ impl SetBook {
                 Answered::Set {
                     code: *code,
                     latency_ns,
+                    existed: create && *code == STALE,
                 }
             }
-            (Kind::Set, AccessAnswer::Set { access, .. })
+            (Kind::Set { .. }, AccessAnswer::Set { access, .. })
                 if !p.noticed && access.owner == self.owner =>
             {
                 self.entries[p.actor] = entry_after(access);
@@ -322,8 +336,11 @@ pub(crate) struct SetReport {
     pub(crate) sent: u64,
     /// Sets answered 250 over the whole run.
     pub(crate) ok: u64,
-    /// Sets answered with another code (per code in `codes`).
+    /// Sets answered with another code (per code in `codes`), except `existed`.
     pub(crate) failed: u64,
+    /// Creates answered 555 because the entry existed already (a store kept from an earlier
+    /// run against the same relay): read back and replaced, not a failure.
+    pub(crate) existed: u64,
     /// Sets whose data the relay refused (ERR), never seen by the service.
     pub(crate) refused: u64,
     /// Replies per code.
@@ -401,7 +418,8 @@ mod tests {
             book.on_answer(&reply(250, t0), 1_100),
             Answered::Set {
                 code: 250,
-                latency_ns: 1_000
+                latency_ns: 1_000,
+                existed: false
             }
         );
         assert_eq!(book.in_flight(), 1);
@@ -446,7 +464,8 @@ mod tests {
             book.on_answer(&reply(555, t), 10),
             Answered::Set {
                 code: 555,
-                latency_ns: 10
+                latency_ns: 10,
+                existed: true
             }
         );
         assert!(book.settled());
@@ -468,6 +487,18 @@ mod tests {
         );
         let (r, _) = book.next_request(40).unwrap();
         assert_eq!(set_parts(&r).1.last_update.as_deref(), Some(lu));
+        // A replace answered 555 is a failure (someone else changed the entry), not an entry
+        // found in an old store.
+        assert_eq!(
+            book.on_answer(&reply(555, r.trans_id()), 50),
+            Answered::Set {
+                code: 555,
+                latency_ns: 10,
+                existed: false
+            }
+        );
+        let (get, set) = book.next_request(60).unwrap();
+        assert!(!set && matches!(get, AccessRequest::Get { .. }));
 
         // A get that finds nothing (551): the next set creates.
         let mut book = SetBook::new(OWNER, "example.com", 1);

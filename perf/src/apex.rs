@@ -786,6 +786,7 @@ struct SetterStats {
     sent: u64,
     ok: u64,
     failed: u64,
+    existed: u64,
     refused: u64,
     codes: BTreeMap<u16, u64>,
     ok_in_window: u64,
@@ -802,6 +803,7 @@ impl SetterStats {
             sent: 0,
             ok: 0,
             failed: 0,
+            existed: 0,
             refused: 0,
             codes: BTreeMap::new(),
             ok_in_window: 0,
@@ -817,6 +819,7 @@ impl SetterStats {
         r.sent += self.sent;
         r.ok += self.ok;
         r.failed += self.failed;
+        r.existed += self.existed;
         r.refused += self.refused;
         for (code, n) in &self.codes {
             *r.codes.entry(*code).or_default() += n;
@@ -827,10 +830,13 @@ impl SetterStats {
         r.unanswered += self.unanswered;
     }
 
-    /// Counts the reply `code` to a set that took `latency_ns`.
-    fn record(&mut self, code: u16, latency_ns: u64, measuring: bool) {
+    /// Counts the reply `code` to a set that took `latency_ns` (`existed`: a create of an entry
+    /// that was there already).
+    fn record(&mut self, code: u16, latency_ns: u64, existed: bool, measuring: bool) {
         *self.codes.entry(code).or_default() += 1;
-        if code == SET_OK {
+        if existed {
+            self.existed += 1;
+        } else if code == SET_OK {
             self.ok += 1;
             if measuring {
                 self.ok_in_window += 1;
@@ -1484,7 +1490,11 @@ impl Endpoint {
         };
         match answer {
             Some(Ok(answer)) => match s.book.on_answer(&answer, now_ns) {
-                Answered::Set { code, latency_ns } => s.stats.record(code, latency_ns, measuring),
+                Answered::Set {
+                    code,
+                    latency_ns,
+                    existed,
+                } => s.stats.record(code, latency_ns, existed, measuring),
                 Answered::Other => {}
                 Answered::Stray => s.stats.stray += 1,
             },
@@ -1783,15 +1793,16 @@ mod tests {
     #[test]
     fn setter_stats_count_codes_and_window() {
         let mut st = SetterStats::new();
-        st.record(250, 2_000_000, true);
-        st.record(250, 1_000_000, false);
-        st.record(555, 500_000, true);
+        st.record(250, 2_000_000, false, true);
+        st.record(250, 1_000_000, false, false);
+        st.record(555, 500_000, false, true);
+        st.record(555, 500_000, true, true);
         let mut r = SetReport::default();
         st.add_to(&mut r);
         st.add_to(&mut r);
-        assert_eq!((r.ok, r.failed, r.ok_in_window), (4, 2, 2));
+        assert_eq!((r.ok, r.failed, r.ok_in_window, r.existed), (4, 2, 2, 2));
         assert_eq!(r.codes.get(&250), Some(&4));
-        assert_eq!(r.codes.get(&555), Some(&2));
+        assert_eq!(r.codes.get(&555), Some(&4));
         // Latency only of 250 replies in the window.
         assert_eq!(st.latency.len(), 1);
         assert!(st.latency.value_at_quantile(0.5).abs_diff(2_000) <= 2);

@@ -471,13 +471,14 @@ fn write_sets(out: &mut String, sets: &crate::access::SetReport) {
     );
     let _ = writeln!(
         out,
-        "  set totals  sent {}  answered 250 {}  other codes {}  refused by the relay {}  unanswered {}  (replies {{{}}}; gets {}, stray answers {})",
+        "  set totals  sent {}  answered 250 {}  other codes {}  refused by the relay {}  unanswered {}  (replies {{{}}}; creates of entries already stored {}; gets {}, stray answers {})",
         sets.sent,
         sets.ok,
         sets.failed,
         sets.refused,
         sets.unanswered,
         codes.join(", "),
+        sets.existed,
         sets.gets,
         sets.stray
     );
