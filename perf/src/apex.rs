@@ -17,13 +17,28 @@
 //! decrypted into the session's input, and each step's output is sealed at once into records
 //! of up to 16 KiB.
 //!
+//! Sender-side, the time from writing a data (its stamp: the due time in open loop) to reading
+//! the relay's reply is the `ok` latency; replies other than `ok` are counted apart. With
+//! `hold`, every data carries a per-data `hold4Endpoint` option (RFC 3342 §3); with
+//! `absent_receivers`, no receiver attaches (the data goes to endpoints that are not attached,
+//! held or dropped by the relay) and the run ends when every data has its reply.
+//!
+//! Setters (see [`crate::access`]) are endpoints that change their own access entries through
+//! `apex=access@DOMAIN` with `set` data, and read the service's `reply` and the owner notice
+//! that come back as data: one `setter@DOMAIN` on a thread of its own beside the pairs (open
+//! loop, `--sets-per-sec`; its failure ends only itself), or `setter{i}@DOMAIN` alone
+//! (`apex-load access`, closed loop).
+//!
 //! ```text
 //!   main: connect all ──► spawn threads ──► wait until every endpoint attached ──► schedule
 //!   (TLS:     greeting ─► start TLS + ready ─► proceed ─► handshake ─► then as below)
 //!   sender:   greeting ─► attach ─► (schedule) send ≤ depth ... measure_end ─► drain acks ─► release
 //!   receiver: greeting ─► attach ─► answer ok, check seq, latency ... all acked seen ─► release
+//!   setter:   greeting ─► attach ─► (schedule) set ≤ depth, answer ok to replies and notices
+//!             ... measure_end ─► every request answered ─► release
 //! ```
 
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -31,9 +46,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use apex_proto::apex::access_ops::{
+    carried_element, element_data, format_request, parse_answer as parse_access_answer,
+    service_endpoint,
+};
 use apex_proto::apex::client::{
-    attach_offer, ok_payload, parse_answer, parse_piggybacked_answer, Answer, DataBuilder,
-    DATA_CONTENT_OPEN,
+    attach_offer, ok_payload, parse_answer, parse_incoming, parse_piggybacked_answer, Answer,
+    DataBuilder, Incoming, DATA_CONTENT_OPEN,
 };
 use apex_proto::beep::mgmt::ProfileOffer;
 use apex_proto::beep::tuning::{self, TuningElement};
@@ -42,6 +61,7 @@ use apex_proto::{Event, Limits, ReplyKind, Role, Session, SessionConfig};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
 
+use crate::access::{Answered, SetBook, SetReport, MAX_ACTORS, SET_OK};
 use crate::driver::{self, Schedule, Task};
 use crate::payload::{self, Stamp};
 use crate::stats::{self, Report};
@@ -106,6 +126,47 @@ pub(crate) struct Config {
     pub(crate) progress: bool,
     /// Speak TLS to the relay (the BEEP TLS profile), verifying its certificate.
     pub(crate) tls: Option<TlsClient>,
+    /// Every data carries a per-data `hold4Endpoint` option (RFC 3342 §3).
+    pub(crate) hold: bool,
+    /// The receivers never attach: the data goes to endpoints that are not attached, and the
+    /// run ends when every data got its reply.
+    pub(crate) absent_receivers: bool,
+    /// Endpoints that change their own access entries through `apex=access@DOMAIN`.
+    pub(crate) setters: Option<SetterConfig>,
+}
+
+/// The setters of a run: connections attached as `setter@DOMAIN` (beside pairs) or
+/// `setter{i}@DOMAIN` (alone), each making access `set`s (see [`crate::access`]).
+#[derive(Debug, Clone)]
+pub(crate) struct SetterConfig {
+    /// Setter connections.
+    pub(crate) connections: usize,
+    /// Most requests in flight per connection (capped at the actors per owner).
+    pub(crate) depth: usize,
+    /// Open loop: sets per second in total; `None`: closed loop, `depth` in flight.
+    pub(crate) rate: Option<f64>,
+    /// Beside the pairs: one setter, `setter@DOMAIN`, on a thread of its own, whose failure
+    /// ends only itself (it touches the pairs only through the relay).
+    pub(crate) background: bool,
+}
+
+impl SetterConfig {
+    /// The endpoint setter `i` attaches as.
+    fn name(&self, i: usize, domain: &str) -> String {
+        if self.background {
+            format!("setter@{domain}")
+        } else {
+            format!("setter{i}@{domain}")
+        }
+    }
+}
+
+/// What an endpoint does in the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Receiver,
+    Sender,
+    Setter,
 }
 
 /// The in-flight bound of an apex sender: `depth` messages, bounded like the nats and mqtt
@@ -122,6 +183,20 @@ impl Config {
             Pattern::FanOut => 1,
             Pattern::Pairs | Pattern::FanIn => self.pairs,
         }
+    }
+
+    /// Number of receiving endpoints that attach (none with `absent_receivers`).
+    fn attached_receivers(&self) -> usize {
+        if self.absent_receivers {
+            0
+        } else {
+            self.receivers()
+        }
+    }
+
+    /// Number of setter connections.
+    fn setter_count(&self) -> usize {
+        self.setters.as_ref().map_or(0, |s| s.connections)
     }
 
     /// Number of receiving endpoints.
@@ -201,29 +276,42 @@ pub(crate) fn run(config: &Config) -> Result<Report> {
     });
     // Every endpoint attaches before any sender sends (the barrier below); a receiver and its
     // sender land on different threads whenever there are two or more.
-    let mut endpoints = Vec::with_capacity(config.senders() + config.receivers());
-    for i in 0..config.senders().max(config.receivers()) {
-        if i < config.receivers() {
-            endpoints.push((i, true));
+    let receivers = config.attached_receivers();
+    let mut endpoints = Vec::with_capacity(config.senders() + receivers + config.setter_count());
+    for i in 0..config.senders().max(receivers) {
+        if i < receivers {
+            endpoints.push((i, Kind::Receiver));
         }
         if i < config.senders() {
-            endpoints.push((i, false));
+            endpoints.push((i, Kind::Sender));
         }
+    }
+    // A background setter gets a thread of its own; setters alone are dealt like endpoints.
+    let background = config.setters.as_ref().is_some_and(|s| s.background);
+    let setters: Vec<(usize, Kind)> = (0..config.setter_count())
+        .map(|i| (i, Kind::Setter))
+        .collect();
+    let mut own_thread = Vec::new();
+    if background {
+        own_thread = setters;
+    } else {
+        endpoints.extend(setters);
     }
     let groups = driver::deal(endpoints, config.threads);
     let threads = groups.len();
     let mut tasks = Vec::with_capacity(threads);
-    for group in groups {
+    for group in groups
+        .into_iter()
+        .chain([own_thread].into_iter().filter(|g| !g.is_empty()))
+    {
         let blocking = group.len() == 1;
         let mut list = Vec::with_capacity(group.len());
-        for (pair, receiver) in group {
-            list.push(Endpoint::connect(
-                config, &shared, pair, receiver, blocking,
-            )?);
+        for (index, role) in group {
+            list.push(Endpoint::connect(config, &shared, index, role, blocking)?);
         }
         tasks.push(list);
     }
-    let total = config.senders() + config.receivers();
+    let total = config.senders() + receivers + config.setter_count();
     let handles = driver::spawn(tasks, &config.cpus)?;
 
     let mut setup_error = None;
@@ -293,7 +381,12 @@ enum PartOutcome {
         answered: u64,
         acked: u64,
         acked_in_window: u64,
+        /// Replies other than `ok` (ERR, or a RPY that is no `ok`).
+        refused: u64,
+        /// Time from writing a data to reading the relay's `ok`, measured window.
+        ok_latency: Box<Histogram<u64>>,
     },
+    Setter(Box<SetterStats>),
     Receiver {
         delivered: u64,
         in_window: u64,
@@ -316,7 +409,24 @@ fn report(
 ) -> Report {
     let aborted = shared.abort.load(Ordering::Acquire);
     let mut latency = stats::latency_histogram();
-    let mut r = Report::empty("apex", &config.relay.to_string());
+    let mut ok_latency = stats::latency_histogram();
+    let mut set_latency = stats::latency_histogram();
+    let target = if config.senders() == 0 && config.setters.is_some() {
+        "access"
+    } else {
+        "apex"
+    };
+    let mut r = Report::empty(target, &config.relay.to_string());
+    r.hold = config.hold;
+    r.absent_receivers = config.absent_receivers;
+    if let Some(s) = &config.setters {
+        r.sets = Some(SetReport {
+            connections: s.connections,
+            depth: s.depth,
+            rate: s.rate,
+            ..SetReport::default()
+        });
+    }
     r.pattern = config.pattern.name().to_owned();
     r.rate = config.rate;
     r.pairs = config.pairs;
@@ -352,11 +462,27 @@ fn report(
                 sent,
                 acked,
                 acked_in_window,
+                refused,
+                ok_latency: h,
                 ..
             } => {
                 r.sent += sent;
                 r.acknowledged += acked;
+                r.refused += refused;
                 acked_in_window_total += acked_in_window;
+                if ok_latency.add(&*h).is_err() {
+                    r.notes
+                        .push(format!("{}: ok latency histogram not merged", o.name));
+                }
+            }
+            PartOutcome::Setter(st) => {
+                if set_latency.add(&st.latency).is_err() {
+                    r.notes
+                        .push(format!("{}: set latency histogram not merged", o.name));
+                }
+                if let Some(sets) = &mut r.sets {
+                    st.add_to(sets);
+                }
             }
             PartOutcome::Receiver {
                 delivered,
@@ -391,6 +517,15 @@ fn report(
         }
     }
     let secs = config.duration.as_secs_f64();
+    r.ok_latency_us = stats::LatencySummary::of(&ok_latency);
+    if let Some(sets) = &mut r.sets {
+        sets.latency_us = stats::LatencySummary::of(&set_latency);
+        if secs > 0.0 {
+            sets.sets_per_sec = sets.ok_in_window as f64 / secs;
+        }
+        // A set not answered 250, or never seen by the service, is a failed operation.
+        r.errors += sets.failed + sets.refused + sets.unanswered;
+    }
     if secs > 0.0 {
         r.msgs_per_sec = r.delivered_in_window as f64 / secs;
         r.acks_per_sec = acked_in_window_total as f64 / secs;
@@ -617,8 +752,100 @@ struct Sender {
     acked: u64,
     /// `ok` replies received in the measured window.
     acked_in_window: u64,
+    /// Replies other than `ok`.
+    refused: u64,
+    /// Send time (ns, the stamp's) of each data not yet answered, oldest first: the relay
+    /// answers a channel's MSGs in order.
+    sent_at: VecDeque<u64>,
+    /// Time from writing a data to reading its `ok`, replies in the measured window.
+    ok_latency: Box<Histogram<u64>>,
     /// Past the measured window: no new messages.
     draining: bool,
+}
+
+/// A setter's state: the bookkeeping of its access entries and what it counted.
+#[derive(Debug)]
+struct Setter {
+    book: SetBook,
+    /// `apex=access@DOMAIN`.
+    service: String,
+    /// The transID each data sent carries, oldest first (the relay answers in order).
+    data_sent: VecDeque<u32>,
+    /// Open loop: sets per second of this setter.
+    rate: Option<f64>,
+    /// Requests sent so far (in open loop, request k is due at start + k / rate).
+    issued: u64,
+    depth: usize,
+    draining: bool,
+    stats: Box<SetterStats>,
+}
+
+/// What one setter counted.
+#[derive(Debug)]
+struct SetterStats {
+    sent: u64,
+    ok: u64,
+    failed: u64,
+    existed: u64,
+    refused: u64,
+    codes: BTreeMap<u16, u64>,
+    ok_in_window: u64,
+    gets: u64,
+    stray: u64,
+    unanswered: u64,
+    /// Set latency (sent or due to reply 250), replies in the measured window.
+    latency: Histogram<u64>,
+}
+
+impl SetterStats {
+    fn new() -> Self {
+        Self {
+            sent: 0,
+            ok: 0,
+            failed: 0,
+            existed: 0,
+            refused: 0,
+            codes: BTreeMap::new(),
+            ok_in_window: 0,
+            gets: 0,
+            stray: 0,
+            unanswered: 0,
+            latency: stats::latency_histogram(),
+        }
+    }
+
+    /// Adds the counts (not the latency) to the report's.
+    fn add_to(&self, r: &mut SetReport) {
+        r.sent += self.sent;
+        r.ok += self.ok;
+        r.failed += self.failed;
+        r.existed += self.existed;
+        r.refused += self.refused;
+        for (code, n) in &self.codes {
+            *r.codes.entry(*code).or_default() += n;
+        }
+        r.ok_in_window += self.ok_in_window;
+        r.gets += self.gets;
+        r.stray += self.stray;
+        r.unanswered += self.unanswered;
+    }
+
+    /// Counts the reply `code` to a set that took `latency_ns` (`existed`: a create of an entry
+    /// that was there already).
+    fn record(&mut self, code: u16, latency_ns: u64, existed: bool, measuring: bool) {
+        *self.codes.entry(code).or_default() += 1;
+        if existed {
+            self.existed += 1;
+        } else if code == SET_OK {
+            self.ok += 1;
+            if measuring {
+                self.ok_in_window += 1;
+                stats::record_ns(&mut self.latency, latency_ns);
+            }
+        } else {
+            self.failed += 1;
+        }
+    }
 }
 
 /// A receiver's state.
@@ -648,6 +875,7 @@ struct Receiver {
 enum Part {
     Sender(Sender),
     Receiver(Receiver),
+    Setter(Box<Setter>),
 }
 
 /// One APEX endpoint on its own connection.
@@ -673,6 +901,8 @@ struct Endpoint {
     /// Octets moved while measuring, and the connection's count when last looked at.
     wire_in_window: u64,
     wire_seen: u64,
+    /// A failure ends this endpoint only, not the run (the background setter).
+    alone: bool,
 }
 
 /// When message `seq` of an open-loop sender offering `rate` messages per second is due.
@@ -680,11 +910,33 @@ fn due_at(schedule: &Schedule, seq: u64, rate: f64) -> Instant {
     schedule.start + Duration::from_secs_f64(seq as f64 / rate)
 }
 
-/// The `data` message around a payload: (prefix, suffix).
-fn data_frame(originator: &str, recipients: &[String]) -> (Bytes, &'static [u8]) {
-    DataBuilder::new(originator)
-        .to_all(recipients.iter().map(String::as_str))
-        .inline_frame()
+/// The `data` message around a payload: (prefix, suffix); with `hold`, a per-data
+/// `hold4Endpoint` option with that transID.
+fn data_frame(
+    originator: &str,
+    recipients: &[String],
+    hold: Option<u32>,
+) -> (Bytes, &'static [u8]) {
+    let builder = DataBuilder::new(originator).to_all(recipients.iter().map(String::as_str));
+    match hold {
+        Some(trans_id) => builder.option(hold_option(trans_id)),
+        None => builder,
+    }
+    .inline_frame()
+}
+
+/// The per-data `hold4Endpoint` option (RFC 3342 §3, §5.3): no content, no attributes of its
+/// own; the relay queues the data for a recipient that is not attached.
+fn hold_option(trans_id: u32) -> String {
+    format!("<option internal='hold4Endpoint' transID='{trans_id}' />")
+}
+
+/// The transID of sender `s`'s `hold4Endpoint` option: the same on each of its data, so every
+/// data of a sender has the same length (the option asks for no report that would need it).
+fn hold_trans_id(config: &Config, s: usize) -> Option<u32> {
+    config
+        .hold
+        .then(|| u32::try_from(s + 1).unwrap_or(u32::MAX).min(2_147_483_647))
 }
 
 /// Finds the payload in a delivered `data` message and decodes its stamp. `hint` is where the
@@ -711,19 +963,41 @@ impl Endpoint {
         config: &Config,
         shared: &Arc<Shared>,
         index: usize,
-        receiver: bool,
+        role: Kind,
         blocking: bool,
     ) -> Result<Self> {
         let rcv = |r: usize| format!("rcv{r}@{}", config.domain);
         let snd = |s: usize| format!("snd{s}@{}", config.domain);
         let body = config.size.max(payload::MIN_SIZE);
-        let (name, part) = if receiver {
-            // What the relay delivers: the data with this recipient only.
+        let mut depth = config.depth;
+        let mut rate = config.rate.map(|r| r / config.pairs.max(1) as f64);
+        let (name, part) = if role == Kind::Setter {
+            let Some(setters) = &config.setters else {
+                bail!("a setter without a setter configuration");
+            };
+            let name = setters.name(index, &config.domain);
+            depth = setters.depth.clamp(1, MAX_ACTORS);
+            rate = setters.rate.map(|r| r / setters.connections.max(1) as f64);
+            let part = Part::Setter(Box::new(Setter {
+                book: SetBook::new(&name, &config.domain, MAX_ACTORS),
+                service: service_endpoint(&config.domain),
+                data_sent: VecDeque::new(),
+                rate,
+                issued: 0,
+                depth,
+                draining: false,
+                stats: Box::new(SetterStats::new()),
+            }));
+            (name, part)
+        } else if role == Kind::Receiver {
+            // What the relay delivers: the data with this recipient only (a final-hop option
+            // such as hold4Endpoint stays in it).
             let senders = config.senders_of(index);
             let message_lens = senders
                 .iter()
                 .map(|&s| {
-                    let (prefix, suffix) = data_frame(&snd(s), &[rcv(index)]);
+                    let (prefix, suffix) =
+                        data_frame(&snd(s), &[rcv(index)], hold_trans_id(config, s));
                     prefix.len() + body + suffix.len()
                 })
                 .collect();
@@ -744,7 +1018,8 @@ impl Endpoint {
         } else {
             let recipients: Vec<String> =
                 config.recipients_of(index).into_iter().map(rcv).collect();
-            let (prefix, suffix) = data_frame(&snd(index), &recipients);
+            let (prefix, suffix) =
+                data_frame(&snd(index), &recipients, hold_trans_id(config, index));
             let part = Part::Sender(Sender {
                 prefix,
                 suffix,
@@ -756,20 +1031,24 @@ impl Endpoint {
                 answered: 0,
                 acked: 0,
                 acked_in_window: 0,
+                refused: 0,
+                sent_at: VecDeque::with_capacity(config.depth),
+                ok_latency: Box::new(stats::latency_histogram()),
                 draining: false,
             });
             (snd(index), part)
         };
-        let conn = Conn::connect(config.relay, blocking, config.depth)
+        let conn = Conn::connect(config.relay, blocking, depth)
             .with_context(|| format!("endpoint {name}"))?;
+        let alone = role == Kind::Setter && config.setters.as_ref().is_some_and(|s| s.background);
         Ok(Self {
             name,
             index,
             conn,
             phase: Phase::Greeting,
             channel: 0,
-            depth: config.depth,
-            rate: config.rate.map(|r| r / config.pairs.max(1) as f64),
+            depth,
+            rate,
             size: config.size,
             tls: config.tls.clone(),
             part,
@@ -779,6 +1058,7 @@ impl Endpoint {
             notes: Vec::new(),
             wire_in_window: 0,
             wire_seen: 0,
+            alone,
         })
     }
 
@@ -797,7 +1077,13 @@ impl Endpoint {
                 answered: s.answered,
                 acked: s.acked,
                 acked_in_window: s.acked_in_window,
+                refused: s.refused,
+                ok_latency: s.ok_latency,
             },
+            Part::Setter(mut s) => {
+                s.stats.unanswered += s.book.in_flight() as u64;
+                PartOutcome::Setter(s.stats)
+            }
             Part::Receiver(r) => PartOutcome::Receiver {
                 delivered: r.delivered,
                 in_window: r.in_window,
@@ -885,12 +1171,58 @@ impl Endpoint {
         {
             tally.merge_into(&self.shared.progress, now);
         }
+        if let Part::Setter(s) = &mut self.part {
+            s.book.expire(now_ns);
+        }
         self.check_finished(now);
         Ok(progress)
     }
 
+    /// A setter tops up to `depth` requests in flight (open loop: as they fall due) until the
+    /// window ends, then drains.
+    fn produce_sets(&mut self, now: Instant, schedule: &Schedule) -> Result<()> {
+        let Part::Setter(s) = &mut self.part else {
+            return Ok(());
+        };
+        if now >= schedule.measure_end {
+            s.draining = true;
+        }
+        let now_ns = self.shared.now_ns(now);
+        while !s.draining && s.book.in_flight() < s.depth {
+            let sent_ns = match s.rate {
+                Some(rate) => {
+                    let due = due_at(schedule, s.issued, rate);
+                    if due > now {
+                        break;
+                    }
+                    self.shared.now_ns(due)
+                }
+                None => now_ns,
+            };
+            let Some((request, is_set)) = s.book.next_request(sent_ns) else {
+                break;
+            };
+            s.issued += 1;
+            if is_set {
+                s.stats.sent += 1;
+            } else {
+                s.stats.gets += 1;
+            }
+            let payload = element_data(&self.name, &s.service, &format_request(&request));
+            self.conn
+                .session
+                .send_msg(self.channel, payload)
+                .map_err(|e| anyhow!("queueing an access request: {e}"))?;
+            s.data_sent.push_back(request.trans_id());
+        }
+        Ok(())
+    }
+
     /// A sender tops up to `depth` outstanding messages until the window ends, then drains.
     fn produce(&mut self, now: Instant, schedule: &Schedule) -> Result<()> {
+        if matches!(self.part, Part::Setter(_)) {
+            return self.produce_sets(now, schedule);
+        }
         let Part::Sender(s) = &mut self.part else {
             return Ok(());
         };
@@ -934,6 +1266,7 @@ impl Endpoint {
                 .map_err(|e| anyhow!("queueing data: {e}"))?;
             s.outstanding += 1;
             s.next_seq += 1;
+            s.sent_at.push_back(sent_ns);
         }
         Ok(())
     }
@@ -943,6 +1276,11 @@ impl Endpoint {
         match (&self.part, self.rate, self.shared.schedule.get()) {
             (Part::Sender(s), Some(rate), Some(schedule)) if !s.draining => {
                 due_at(schedule, s.next_seq, rate)
+                    .saturating_duration_since(now)
+                    .clamp(MIN_READ_WAIT, READ_TIMEOUT)
+            }
+            (Part::Setter(s), Some(rate), Some(schedule)) if !s.draining => {
+                due_at(schedule, s.issued, rate)
                     .saturating_duration_since(now)
                     .clamp(MIN_READ_WAIT, READ_TIMEOUT)
             }
@@ -974,6 +1312,15 @@ impl Endpoint {
                     r.finished_at = Some(now);
                 }
                 all_seen && !self.conn.session.has_output() && self.conn.outbox.is_empty()
+            }
+            // Every request answered, every owner notice in (or overdue), every ok on the
+            // wire.
+            Part::Setter(s) => {
+                s.draining
+                    && s.data_sent.is_empty()
+                    && s.book.settled()
+                    && !self.conn.session.has_output()
+                    && self.conn.outbox.is_empty()
             }
         };
         if finished {
@@ -1015,7 +1362,13 @@ impl Endpoint {
                     seen.join(", ")
                 ));
             }
-            Part::Sender(_) => {}
+            Part::Setter(s) if s.book.in_flight() > 0 || !s.data_sent.is_empty() => {
+                let (in_flight, data) = (s.book.in_flight(), s.data_sent.len());
+                self.notes.push(format!(
+                    "hard stop: {in_flight} access requests unanswered ({data} unacknowledged by the relay)"
+                ));
+            }
+            Part::Sender(_) | Part::Setter(_) => {}
         }
     }
 
@@ -1104,7 +1457,9 @@ impl Endpoint {
                     .send_rpy(channel, msgno, ok_payload())
                     .map_err(|e| anyhow!("answering MSG {msgno}: {e}"))?;
             }
-            Event::Reply { kind, payload, .. } => self.on_reply(kind, &payload, measuring),
+            Event::Reply { kind, payload, .. } => {
+                self.on_reply(kind, &payload, now_ns, measuring);
+            }
             Event::ChannelClosed { channel, .. }
                 if channel == self.channel && !matches!(self.phase, Phase::Releasing { .. }) =>
             {
@@ -1122,8 +1477,40 @@ impl Endpoint {
         Ok(())
     }
 
+    /// A MSG from the relay to a setter: an answer of the access service (or an owner notice).
+    fn on_service_message(&mut self, message: &Bytes, now_ns: u64, measuring: bool) {
+        let Part::Setter(s) = &mut self.part else {
+            return;
+        };
+        let answer = match parse_incoming(message) {
+            Ok(Incoming::Data(data)) if data.originator.identity == s.service => {
+                carried_element(&data).map(|element| parse_access_answer(&element))
+            }
+            _ => None,
+        };
+        match answer {
+            Some(Ok(answer)) => match s.book.on_answer(&answer, now_ns) {
+                Answered::Set {
+                    code,
+                    latency_ns,
+                    existed,
+                } => s.stats.record(code, latency_ns, existed, measuring),
+                Answered::Other => {}
+                Answered::Stray => s.stats.stray += 1,
+            },
+            Some(Err(e)) => self.error(|| format!("unreadable answer of the access service: {e}")),
+            None => {
+                let text = String::from_utf8_lossy(&message[..message.len().min(200)]).into_owned();
+                self.error(|| format!("unexpected message from the relay: {text:?}"));
+            }
+        }
+    }
+
     /// A MSG from the relay: for a receiver, one delivered `data`.
     fn on_message(&mut self, message: &Bytes, now_ns: u64, measuring: bool) {
+        if matches!(self.part, Part::Setter(_)) {
+            return self.on_service_message(message, now_ns, measuring);
+        }
         let Part::Receiver(r) = &mut self.part else {
             let text = String::from_utf8_lossy(&message[..message.len().min(200)]).into_owned();
             self.error(|| format!("unexpected message from the relay: {text:?}"));
@@ -1184,17 +1571,45 @@ impl Endpoint {
     }
 
     /// A reply to one of our MSGs: for a sender, the relay's answer to a `data`.
-    fn on_reply(&mut self, kind: ReplyKind, payload: &Bytes, measuring: bool) {
-        let Part::Sender(s) = &mut self.part else {
-            self.error(|| "reply to a MSG a receiver never sent".to_owned());
-            return;
-        };
-        s.outstanding = s.outstanding.saturating_sub(1);
-        s.answered += 1;
-        if kind == ReplyKind::Rpy && is_ok_reply(payload) {
-            s.acked += 1;
-            s.acked_in_window += u64::from(measuring);
-            return;
+    fn on_reply(&mut self, kind: ReplyKind, payload: &Bytes, now_ns: u64, measuring: bool) {
+        let ok = kind == ReplyKind::Rpy && is_ok_reply(payload);
+        match &mut self.part {
+            Part::Sender(s) => {
+                s.outstanding = s.outstanding.saturating_sub(1);
+                s.answered += 1;
+                let sent_ns = s.sent_at.pop_front();
+                if ok {
+                    s.acked += 1;
+                    s.acked_in_window += u64::from(measuring);
+                    if let (true, Some(sent_ns)) = (measuring, sent_ns) {
+                        stats::record_ns(&mut s.ok_latency, now_ns.saturating_sub(sent_ns));
+                    }
+                    return;
+                }
+                s.refused += 1;
+            }
+            Part::Setter(s) => {
+                let Some(trans_id) = s.data_sent.pop_front() else {
+                    self.error(|| "reply to a MSG the setter never sent".to_owned());
+                    return;
+                };
+                if ok {
+                    return;
+                }
+                if s.book.refused(trans_id) {
+                    s.stats.refused += 1;
+                }
+                let text = String::from_utf8_lossy(payload).trim().to_owned();
+                self.notes.push(format!(
+                    "the relay answered an access request with {kind:?}: {text}"
+                ));
+                self.notes.truncate(MAX_SAMPLES);
+                return;
+            }
+            Part::Receiver(_) => {
+                self.error(|| "reply to a MSG a receiver never sent".to_owned());
+                return;
+            }
         }
         let text = String::from_utf8_lossy(payload).trim().to_owned();
         self.error(|| format!("the relay answered data with {kind:?}: {text}"));
@@ -1212,7 +1627,9 @@ impl Task for Endpoint {
                 let text = format!("{e:#}");
                 self.error(|| text);
                 self.phase = Phase::Done;
-                self.shared.abort.store(true, Ordering::Release);
+                if !self.alone {
+                    self.shared.abort.store(true, Ordering::Release);
+                }
                 true
             }
         }
@@ -1243,6 +1660,9 @@ mod tests {
             cpus: Vec::new(),
             progress: false,
             tls: None,
+            hold: false,
+            absent_receivers: false,
+            setters: None,
         }
     }
 
@@ -1278,6 +1698,7 @@ mod tests {
         let (prefix, suffix) = data_frame(
             "snd0@example.com",
             &["rcv0@example.com".to_owned(), "rcv1@example.com".to_owned()],
+            None,
         );
         let mut m = BytesMut::new();
         m.put_slice(&prefix);
@@ -1307,6 +1728,84 @@ mod tests {
         let mut wrong = 7;
         assert_eq!(stamp_of(&m, &mut wrong), Some(stamp));
         assert_eq!(wrong, hint);
+    }
+
+    #[test]
+    fn hold_puts_one_option_in_every_data() {
+        let mut c = config(Pattern::Pairs, 3);
+        assert_eq!(hold_trans_id(&c, 2), None);
+        c.hold = true;
+        assert_eq!(hold_trans_id(&c, 0), Some(1));
+        assert_eq!(hold_trans_id(&c, 2), Some(3));
+        let (prefix, suffix) = data_frame(
+            "snd2@example.com",
+            &["rcv2@example.com".to_owned()],
+            hold_trans_id(&c, 2),
+        );
+        let mut m = BytesMut::new();
+        m.put_slice(&prefix);
+        payload::encode(&mut m, Stamp { seq: 1, sent_ns: 2 }, 128);
+        m.put_slice(suffix);
+        let m = m.freeze();
+        assert!(
+            memchr::memmem::find(&m, b"<option internal='hold4Endpoint' transID='3' />").is_some()
+        );
+        let Ok(Operation::Data(data)) = parse_message(&m, &ApexLimits::default()) else {
+            panic!("not a data: {}", String::from_utf8_lossy(&m));
+        };
+        assert_eq!(data.options.len(), 1);
+        assert_eq!(data.options[0].name(), "hold4Endpoint");
+        assert_eq!(data.options[0].trans_id, 3);
+        assert!(apex_proto::apex::options::hold_requested(
+            &data.options,
+            apex_proto::apex::options::Hop::Final
+        ));
+        let mut hint = 0;
+        assert_eq!(stamp_of(&m, &mut hint), Some(Stamp { seq: 1, sent_ns: 2 }));
+    }
+
+    #[test]
+    fn absent_receivers_and_setters_change_who_attaches() {
+        let mut c = config(Pattern::Pairs, 4);
+        assert_eq!((c.attached_receivers(), c.setter_count()), (4, 0));
+        c.absent_receivers = true;
+        assert_eq!((c.senders(), c.attached_receivers()), (4, 0));
+        // The data still names the receivers.
+        assert_eq!(c.recipients_of(3), vec![3]);
+        let background = SetterConfig {
+            connections: 1,
+            depth: 8,
+            rate: Some(10.0),
+            background: true,
+        };
+        assert_eq!(background.name(0, "example.com"), "setter@example.com");
+        c.setters = Some(background);
+        assert_eq!(c.setter_count(), 1);
+        let alone = SetterConfig {
+            connections: 4,
+            depth: 1,
+            rate: None,
+            background: false,
+        };
+        assert_eq!(alone.name(3, "example.com"), "setter3@example.com");
+    }
+
+    #[test]
+    fn setter_stats_count_codes_and_window() {
+        let mut st = SetterStats::new();
+        st.record(250, 2_000_000, false, true);
+        st.record(250, 1_000_000, false, false);
+        st.record(555, 500_000, false, true);
+        st.record(555, 500_000, true, true);
+        let mut r = SetReport::default();
+        st.add_to(&mut r);
+        st.add_to(&mut r);
+        assert_eq!((r.ok, r.failed, r.ok_in_window, r.existed), (4, 2, 2, 2));
+        assert_eq!(r.codes.get(&250), Some(&4));
+        assert_eq!(r.codes.get(&555), Some(&4));
+        // Latency only of 250 replies in the window.
+        assert_eq!(st.latency.len(), 1);
+        assert!(st.latency.value_at_quantile(0.5).abs_diff(2_000) <= 2);
     }
 
     #[test]

@@ -5,12 +5,29 @@
 //!                [--duration 5] [--warmup 1] [--depth 1000] [--rate MSGS_PER_S] [--threads N]
 //!                [--pattern pairs|fan-in|fan-out] [--cpus LIST] [--quiet] [--json FILE]
 //!                [--svg FILE] [--tls-ca CA.pem [--tls-name NAME]]
+//!                [--hold] [--absent-receivers] [--sets-per-sec R]
+//! apex-load access --relay 127.0.0.1:PORT [--domain example.com] [--conns 4] [--depth 1]
+//!                [--duration 5] [--warmup 1] [--threads N] [--cpus LIST] [--quiet] [--json FILE]
+//!                [--tls-ca CA.pem [--tls-name NAME]]
 //! apex-load raw|nats|mqtt --relay 127.0.0.1:PORT [--pairs 1] [--size 128] [--duration 5]
 //!                [--warmup 1] [--rate MSGS_PER_S] [--pattern pairs|fan-in|fan-out]
 //!                [--window 1000] [--cpus LIST] [--quiet] [--json FILE] [--svg FILE]
 //!                [--tls-ca CA.pem [--tls-name NAME]]   (nats only)
 //! apex-load null-relay --listen 127.0.0.1:PORT
 //! ```
+//!
+//! `apex --hold` puts a per-data `hold4Endpoint` option (RFC 3342 §3) in every data;
+//! `--absent-receivers` never attaches the receivers, so the data goes to endpoints that are not
+//! attached (with `--hold` the relay holds it; the run ends when every data got its reply). The
+//! apex report adds the sender-side `ok` latency (writing a data to reading the relay's reply)
+//! and the ERR replies. `--sets-per-sec R` adds a background connection attached as
+//! `setter@DOMAIN` that makes R access `set`s per second on its own entries through
+//! `apex=access@DOMAIN` (RFC 3341 §4.4), with their replies and latency in the report.
+//!
+//! `access` measures the access service alone: `--conns` connections attached as
+//! `setter{i}@DOMAIN`, each keeping `--depth` sets in flight on its own entries (at most 200
+//! actors per owner, replaced with the lastUpdate of the owner notice), and reports the sets
+//! answered 250 per second and their latency.
 //!
 //! `raw` speaks to the null relay (a 16-octet hello, then u32 BE length-prefixed frames),
 //! `nats` to nats-server (text protocol, subject `load.I`), `mqtt` to an MQTT 3.1.1 broker
@@ -28,6 +45,7 @@
 //! percentiles, and errors, lost and reordered messages. The exit status is 1 when any of
 //! those last three is not zero, and 2 when the run could not be set up.
 
+mod access;
 mod apex;
 mod driver;
 mod nullrelay;
@@ -58,6 +76,8 @@ struct Cli {
 enum Target {
     /// APEX endpoints through a relay: in pair i, sndI@DOMAIN sends data to rcvI@DOMAIN.
     Apex(ApexArgs),
+    /// The access service alone: setters change their own entries through apex=access@DOMAIN.
+    Access(AccessArgs),
     /// Length-prefixed frames through the null relay (`apex-load null-relay`).
     Raw(StreamArgs),
     /// NATS text protocol against nats-server: pair i publishes and subscribes on `load.i`.
@@ -125,6 +145,53 @@ struct ApexArgs {
     tls: TlsArgs,
     #[command(flatten)]
     load: LoadArgs,
+    /// Every data carries a per-data hold4Endpoint option (RFC 3342 §3).
+    #[arg(long)]
+    hold: bool,
+    /// The receivers never attach: data goes to endpoints that are not attached; the run ends
+    /// when every data got its reply.
+    #[arg(long)]
+    absent_receivers: bool,
+    /// A background connection attached as setter@DOMAIN makes this many access `set`s per
+    /// second on its own entries (0: none).
+    #[arg(long, default_value_t = 0.0, value_name = "R")]
+    sets_per_sec: f64,
+}
+
+#[derive(Debug, Args)]
+struct AccessArgs {
+    /// The relay's apex-edge address; loopback only (127.0.0.0/8, ::1).
+    #[arg(long, value_name = "HOST:PORT")]
+    relay: String,
+    /// Administrative domain of the setters (the relay's --domain).
+    #[arg(long, default_value = "example.com")]
+    domain: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Setter connections, each attached as setter{i}@DOMAIN.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    conns: u32,
+    /// Sets in flight per connection (at most the 200 actors each setter uses).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=200))]
+    depth: u32,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Load threads (default: two per CPU the load runs on, at most one per connection).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+    /// CPUs to pin the load threads to, round-robin, e.g. `1` or `2-3`.
+    #[arg(long, value_name = "LIST")]
+    cpus: Option<String>,
+    /// Also write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
 }
 
 /// Options every target shares.
@@ -210,6 +277,12 @@ fn run(cli: Cli) -> Result<bool> {
             check_domain(&args.domain)?;
             let cpus = load_cpus(load)?;
             let pairs = load.pairs as usize;
+            // Absent receivers are no connections to drive.
+            let connections = if args.absent_receivers {
+                pairs
+            } else {
+                pairs * 2
+            };
             let config = apex::Config {
                 relay,
                 domain: args.domain.clone(),
@@ -222,15 +295,76 @@ fn run(cli: Cli) -> Result<bool> {
                 duration: seconds("--duration", load.duration, false)?,
                 threads: load
                     .threads
-                    .map_or_else(|| default_threads(pairs * 2, &cpus), |t| t as usize),
+                    .map_or_else(|| default_threads(connections, &cpus), |t| t as usize),
                 cpus,
                 progress: !load.quiet,
                 tls: args.tls.client(&args.domain)?,
+                hold: args.hold,
+                absent_receivers: args.absent_receivers,
+                setters: background_setter(args.sets_per_sec)?,
             };
             let report = apex::run(&config)?;
             finish(&report, load)
         }
+        Target::Access(args) => {
+            let relay = loopback_addr(&args.relay)?;
+            check_domain(&args.domain)?;
+            let cpus = match &args.cpus {
+                Some(list) => driver::parse_cpus(list)?,
+                None => Vec::new(),
+            };
+            driver::check_cpus(&cpus)?;
+            let conns = args.conns as usize;
+            let config = apex::Config {
+                relay,
+                domain: args.domain.clone(),
+                pairs: 0,
+                pattern: stream::Pattern::Pairs,
+                size: payload::MIN_SIZE,
+                depth: 1,
+                rate: None,
+                warmup: seconds("--warmup", args.warmup, true)?,
+                duration: seconds("--duration", args.duration, false)?,
+                threads: args
+                    .threads
+                    .map_or_else(|| default_threads(conns, &cpus), |t| t as usize),
+                cpus,
+                progress: false,
+                tls: args.tls.client(&args.domain)?,
+                hold: false,
+                absent_receivers: false,
+                setters: Some(apex::SetterConfig {
+                    connections: conns,
+                    depth: args.depth as usize,
+                    rate: None,
+                    background: false,
+                }),
+            };
+            let report = apex::run(&config)?;
+            println!("{report}");
+            if let Some(path) = &args.json {
+                report.write_json(path)?;
+            }
+            Ok(report.passed())
+        }
     }
+}
+
+/// Most sets in flight of the background setter: enough to ride out a slow commit at the
+/// rates it is meant for (tens per second).
+const BACKGROUND_SET_DEPTH: usize = 8;
+
+/// `--sets-per-sec`: the background setter, if any (finite, 0..=10000; 0: none).
+fn background_setter(rate: f64) -> Result<Option<apex::SetterConfig>> {
+    if !(rate.is_finite() && (0.0..=10_000.0).contains(&rate)) {
+        bail!("--sets-per-sec {rate}: want sets per second, 0..=10000");
+    }
+    Ok((rate > 0.0).then_some(apex::SetterConfig {
+        connections: 1,
+        depth: BACKGROUND_SET_DEPTH,
+        rate: Some(rate),
+        background: true,
+    }))
 }
 
 /// Prints the report and writes the files asked for; returns whether the run passed.
@@ -480,5 +614,116 @@ mod tests {
         };
         assert!(no_ca.client("example.com").is_err());
         assert!(loopback_listen("0.0.0.0:1").is_err());
+    }
+
+    #[test]
+    fn apex_hold_absent_receivers_and_sets() {
+        let cli = Cli::try_parse_from(["apex-load", "apex", "--relay", "127.0.0.1:9"]).unwrap();
+        let Target::Apex(a) = cli.target else {
+            panic!("not apex");
+        };
+        assert!(!a.hold && !a.absent_receivers);
+        assert_eq!(a.sets_per_sec, 0.0);
+        assert!(background_setter(a.sets_per_sec).unwrap().is_none());
+        let cli = Cli::try_parse_from([
+            "apex-load",
+            "apex",
+            "--relay",
+            "127.0.0.1:9",
+            "--hold",
+            "--absent-receivers",
+            "--sets-per-sec",
+            "10",
+            "--rate",
+            "500",
+        ])
+        .unwrap();
+        let Target::Apex(a) = cli.target else {
+            panic!("not apex");
+        };
+        assert!(a.hold && a.absent_receivers);
+        let setter = background_setter(a.sets_per_sec).unwrap().unwrap();
+        assert_eq!(
+            (setter.connections, setter.rate, setter.background),
+            (1, Some(10.0), true)
+        );
+        assert!(setter.depth >= 1);
+        for bad in [-1.0, f64::NAN, f64::INFINITY, 10_001.0] {
+            assert!(background_setter(bad).is_err(), "{bad}");
+        }
+        assert!(Cli::try_parse_from([
+            "apex-load",
+            "apex",
+            "--relay",
+            "127.0.0.1:9",
+            "--sets-per-sec",
+            "ten"
+        ])
+        .is_err());
+        assert!(
+            Cli::try_parse_from(["apex-load", "apex", "--relay", "x", "--hold", "yes"]).is_err()
+        );
+    }
+
+    #[test]
+    fn access_arguments() {
+        let cli = Cli::try_parse_from(["apex-load", "access", "--relay", "127.0.0.1:9"]).unwrap();
+        let Target::Access(a) = cli.target else {
+            panic!("not access");
+        };
+        assert_eq!((a.conns, a.depth), (4, 1));
+        assert_eq!((a.duration, a.warmup), (5.0, 1.0));
+        assert_eq!(a.domain, "example.com");
+        let cli = Cli::try_parse_from([
+            "apex-load",
+            "access",
+            "--relay",
+            "127.0.0.1:9",
+            "--conns",
+            "8",
+            "--depth",
+            "200",
+            "--duration",
+            "2",
+            "--warmup",
+            "0",
+            "--cpus",
+            "0",
+            "--json",
+            "/tmp/a.json",
+        ])
+        .unwrap();
+        let Target::Access(a) = cli.target else {
+            panic!("not access");
+        };
+        assert_eq!((a.conns, a.depth), (8, 200));
+        assert_eq!(a.json, Some(PathBuf::from("/tmp/a.json")));
+        // Each setter stays under the relay's 256 entries per owner: at most 200 in flight.
+        for bad in [
+            ["--depth", "0"],
+            ["--depth", "201"],
+            ["--conns", "0"],
+            ["--conns", "1025"],
+        ] {
+            let args = [
+                "apex-load",
+                "access",
+                "--relay",
+                "127.0.0.1:9",
+                bad[0],
+                bad[1],
+            ];
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+        // Pair options are not access options.
+        assert!(Cli::try_parse_from([
+            "apex-load",
+            "access",
+            "--relay",
+            "127.0.0.1:9",
+            "--pairs",
+            "2"
+        ])
+        .is_err());
     }
 }

@@ -146,7 +146,7 @@ pub(crate) fn percentile_curve(histogram: &Histogram<u64>) -> Vec<(f64, u64)> {
 }
 
 /// Percentiles of a latency histogram, in microseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub(crate) struct LatencySummary {
     /// Number of recorded latencies.
     pub(crate) samples: u64,
@@ -244,6 +244,20 @@ pub(crate) struct Report {
     pub(crate) drain_s: f64,
     /// One-way latency, sender to receiver, in microseconds (measured window only).
     pub(crate) latency_us: LatencySummary,
+    /// apex: every data carried the `hold4Endpoint` option.
+    pub(crate) hold: bool,
+    /// apex: the receivers never attached (data to endpoints that are not attached).
+    pub(crate) absent_receivers: bool,
+    /// apex: time from writing a data to reading the relay's `ok` for it, at the sender, in
+    /// microseconds (replies in the measured window; open loop: from the data's due time).
+    pub(crate) ok_latency_us: LatencySummary,
+    /// apex: data the relay answered with something other than `ok` (ERR), over the run (also
+    /// counted in `errors`).
+    pub(crate) refused: u64,
+    /// apex: the access `set`s made beside the pairs (`--sets-per-sec`), or alone
+    /// (`apex-load access`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) sets: Option<crate::access::SetReport>,
     /// Failed operations, refused messages and unexpected input.
     pub(crate) errors: u64,
     /// Messages that never arrived (sequence gaps, and acknowledged messages missing at the end).
@@ -285,6 +299,11 @@ impl Report {
             wire_bytes_per_msg: 0.0,
             drain_s: 0.0,
             latency_us: LatencySummary::of(&latency_histogram()),
+            hold: false,
+            absent_receivers: false,
+            ok_latency_us: LatencySummary::of(&latency_histogram()),
+            refused: 0,
+            sets: None,
             errors: 0,
             lost: 0,
             reordered: 0,
@@ -327,6 +346,29 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let l = &self.latency_us;
         let mut out = String::new();
+        if let (Some(sets), "access") = (&self.sets, self.target.as_str()) {
+            let _ = writeln!(
+                out,
+                "access @ {}{}: {} setter connection(s), depth {}, {:.1} s measured after {:.1} s warm-up",
+                self.address,
+                self.tls
+                    .as_ref()
+                    .map_or_else(String::new, |t| format!(" over {t}")),
+                sets.connections,
+                sets.depth,
+                self.duration_s,
+                self.warmup_s
+            );
+            write_sets(&mut out, sets);
+            let _ = write!(
+                out,
+                "  errors {}  => {}",
+                self.errors,
+                if self.passed() { "PASS" } else { "FAIL" }
+            );
+            write_samples(&mut out, self);
+            return f.write_str(&out);
+        }
         let _ = writeln!(
             out,
             "{} @ {}{}: {} x{}{}, {} B payload, depth {}, {} thread(s), {:.1} s measured after {:.1} s warm-up",
@@ -344,6 +386,22 @@ impl fmt::Display for Report {
             self.duration_s,
             self.warmup_s
         );
+        if self.hold || self.absent_receivers {
+            let _ = writeln!(
+                out,
+                "  options     {}{}",
+                if self.hold {
+                    "hold4Endpoint on every data; "
+                } else {
+                    ""
+                },
+                if self.absent_receivers {
+                    "receivers absent (never attached)"
+                } else {
+                    "receivers attached"
+                }
+            );
+        }
         let _ = writeln!(
             out,
             "  throughput  {:.0} msg/s  {:.2} MB/s payload  ({} delivered in the window; acknowledged {:.0}/s; drained {:.3} s after the window)",
@@ -363,6 +421,15 @@ impl fmt::Display for Report {
             "  latency us  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (min {}, mean {:.1}, {} samples)",
             l.p50, l.p90, l.p99, l.p999, l.max, l.min, l.mean, l.samples
         );
+        let o = &self.ok_latency_us;
+        let _ = writeln!(
+            out,
+            "  ok latency  p50 {}  p90 {}  p99 {}  p99.9 {}  max {} us  ({} samples; data to the relay's ok, at the sender; ERR replies {})",
+            o.p50, o.p90, o.p99, o.p999, o.max, o.samples, self.refused
+        );
+        if let Some(sets) = &self.sets {
+            write_sets(&mut out, sets);
+        }
         let _ = writeln!(
             out,
             "  totals      sent {}  acknowledged {}  delivered {}",
@@ -376,13 +443,54 @@ impl fmt::Display for Report {
             self.reordered,
             if self.passed() { "PASS" } else { "FAIL" }
         );
-        for e in &self.error_samples {
-            let _ = write!(out, "\n  error: {e}");
-        }
-        for n in &self.notes {
-            let _ = write!(out, "\n  note: {n}");
-        }
+        write_samples(&mut out, self);
         f.write_str(&out)
+    }
+}
+
+/// The lines of the access sets.
+fn write_sets(out: &mut String, sets: &crate::access::SetReport) {
+    let l = &sets.latency_us;
+    let codes: Vec<String> = sets
+        .codes
+        .iter()
+        .map(|(c, n)| format!("{c}: {n}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "  sets        {:.1}/s answered 250 in the window ({}){}",
+        sets.sets_per_sec,
+        sets.ok_in_window,
+        sets.rate
+            .map_or_else(String::new, |r| format!(", {r} asked for"))
+    );
+    let _ = writeln!(
+        out,
+        "  set latency p50 {}  p90 {}  p99 {}  p99.9 {}  max {} us  ({} samples; set to its reply)",
+        l.p50, l.p90, l.p99, l.p999, l.max, l.samples
+    );
+    let _ = writeln!(
+        out,
+        "  set totals  sent {}  answered 250 {}  other codes {}  refused by the relay {}  unanswered {}  (replies {{{}}}; creates of entries already stored {}; gets {}, stray answers {})",
+        sets.sent,
+        sets.ok,
+        sets.failed,
+        sets.refused,
+        sets.unanswered,
+        codes.join(", "),
+        sets.existed,
+        sets.gets,
+        sets.stray
+    );
+}
+
+/// The error and note lines.
+fn write_samples(out: &mut String, r: &Report) {
+    for e in &r.error_samples {
+        let _ = write!(out, "\n  error: {e}");
+    }
+    for n in &r.notes {
+        let _ = write!(out, "\n  note: {n}");
     }
 }
 
@@ -415,6 +523,11 @@ mod tests {
             payload_mb_per_sec: 0.0,
             drain_s: 0.0,
             latency_us: LatencySummary::of(&latency_histogram()),
+            hold: false,
+            absent_receivers: false,
+            ok_latency_us: LatencySummary::of(&latency_histogram()),
+            refused: 0,
+            sets: None,
             errors,
             lost,
             reordered,
