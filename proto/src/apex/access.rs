@@ -18,7 +18,6 @@
 //! 4. the winner's actions decide.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -741,7 +740,10 @@ struct DomainGrants {
 /// `grant(apex=presence@example.com, *@*, core:data)`.
 #[derive(Debug, Clone, Default)]
 pub struct AccessTable {
-    owners: HashMap<Endpoint, Vec<AccessEntry>>,
+    /// A persistent map: the store publishes a new table to every shard after each change,
+    /// and cloning this one shares all but the changed owner's entries (a std `HashMap` of a
+    /// million entries took 0.3-0.5 s to clone, stalling every acknowledgement behind it).
+    owners: imbl::HashMap<Endpoint, Vec<AccessEntry>>,
     domains: Vec<DomainGrants>,
     all_local: Vec<Grant>,
 }
