@@ -418,6 +418,22 @@ impl StoreState {
     }
 }
 
+/// Held messages by the shard that holds them again after a restart: each recipient's home
+/// shard ([`crate::apex::relay::home_shard`]), of `shards`.
+pub fn by_home_shard(
+    held: Vec<(HoldId, HeldMessage)>,
+    shards: usize,
+) -> Vec<Vec<(HoldId, HeldMessage)>> {
+    let mut by_shard: Vec<Vec<(HoldId, HeldMessage)>> = (0..shards).map(|_| Vec::new()).collect();
+    for (id, message) in held {
+        let home = crate::apex::relay::home_shard(&message.recipient, shards);
+        if let Some(mine) = by_shard.get_mut(home) {
+            mine.push((id, message));
+        }
+    }
+    by_shard
+}
+
 /// The owner an entry counts against for [`AccessLimits::max_entries_per_owner`]: the
 /// endpoint without subaddress, its domain lower-cased.
 fn owner_base(owner: &Endpoint) -> String {

@@ -31,7 +31,6 @@ use crate::config::Config;
 use crate::security::SharedSecurity;
 use crate::store::{SharedAccess, Store};
 use crate::sys;
-use apex_proto::apex::relay::home_shard;
 use apex_proto::store::{HeldMessage, HoldId, StoreDone};
 use mesh::{ShardMesh, ShardMsg};
 use notify::Notify;
@@ -255,10 +254,7 @@ pub fn run(
         );
     }
     // Held data kept from before a restart goes to each recipient's home shard.
-    let mut held: Vec<Vec<(HoldId, HeldMessage)>> = (0..shards).map(|_| Vec::new()).collect();
-    for (id, message) in store.held_at_open() {
-        held[home_shard(&message.recipient, shards)].push((id, message));
-    }
+    let held = apex_proto::store::by_home_shard(store.held_at_open(), shards);
     store.forget_held_at_open();
     let completions: Vec<std::sync::Mutex<Option<ShardStoreParts>>> = completions
         .into_iter()

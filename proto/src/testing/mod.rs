@@ -1001,17 +1001,10 @@ impl RelayNet {
         let wall = crate::apex::timestamp::Timestamp::from_unix_millis(
             STORE_EPOCH_UNIX_MS + net.now_ms as i64,
         );
-        let held = net.store.held(wall);
+        let held = crate::store::by_home_shard(net.store.held(wall), built.shards);
         let now = net.instant();
-        for (shard, core) in net.shards.iter_mut().enumerate() {
+        for (core, mine) in net.shards.iter_mut().zip(held) {
             core.set_access(table.clone());
-            let mine = held
-                .iter()
-                .filter(|(_, m)| {
-                    crate::apex::relay::home_shard(&m.recipient, built.shards) == shard
-                })
-                .cloned()
-                .collect();
             core.restore_held(mine, now);
         }
         net.drive();
