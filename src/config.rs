@@ -54,6 +54,9 @@ read_chunk = 65536
 listen_backlog = 1024
 # Capacity of each shard-to-shard queue (messages).
 mesh_queue = 1024
+# Store requests (held data, access changes) a shard may have waiting for the store; past
+# it, data to hold gets 450 and an access set 451 until the store catches up.
+store_queue = 4096
 
 [access]
 # Access entries granted for every local endpoint (RFC 3341), as ACTOR=ACTIONS. The RFC's
@@ -366,6 +369,8 @@ pub struct Runtime {
     pub listen_backlog: i32,
     /// Capacity of each shard-to-shard queue.
     pub mesh_queue: usize,
+    /// Store requests a shard may have waiting for the store.
+    pub store_queue: usize,
 }
 
 /// The protocol limits, mirrored here so the protocol core stays free of serde.
@@ -652,8 +657,11 @@ impl Config {
                 self.runtime.listen_backlog
             );
         }
-        if self.runtime.max_connections == 0 || self.runtime.mesh_queue == 0 {
-            bail!("fields `runtime.max_connections` and `runtime.mesh_queue` must be at least 1");
+        if self.runtime.max_connections == 0
+            || self.runtime.mesh_queue == 0
+            || self.runtime.store_queue == 0
+        {
+            bail!("fields `runtime.max_connections`, `runtime.mesh_queue` and `runtime.store_queue` must be at least 1");
         }
         // Refused sessions take a slot too while they are answered: leave room for them.
         if self.runtime.max_connections > apex_proto::shard::MAX_SLOTS / 2 {

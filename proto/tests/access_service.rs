@@ -722,3 +722,44 @@ fn data_the_hold_queue_has_no_room_for_is_refused_not_dropped() {
     );
     assert_eq!(net.store.held_messages(), 1);
 }
+
+/// A store that does not keep up (paused here) holds at most `runtime.store_queue` requests
+/// of a shard: past it, data to hold is refused with 450 and a set answered 451, and what
+/// waited goes on once the store answers.
+#[test]
+fn store_requests_waiting_are_bounded() {
+    let mut net = RelayNet::with("example.com", 1, grants(), Vec::new());
+    net.shards[0].relay_mut().set_store_queue(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    net.pause_store = true;
+    let first = net.send_nowait(
+        fred,
+        ch,
+        data("fred@example.com", &["wilma@example.com"], HOLD, "one"),
+    );
+    let second = net.send_nowait(
+        fred,
+        ch,
+        data("fred@example.com", &["wilma@example.com"], HOLD, "two"),
+    );
+    let set = "<set transID='70'><access owner='fred@example.com' actor='*@*' actions='core:data' /></set>";
+    net.send_nowait(fred, ch, request("fred@example.com", set));
+    net.drive();
+    // The set's answer is data, sent at once; the replies on the channel keep their order
+    // (BEEP-35), so the 450 goes out after the first data's ok.
+    assert_eq!(reply_code(&answers(&net, fred, ch)[0]), Some(451));
+    assert!(net.clients[fred].reply_to(ch, first).is_none());
+    net.pause_store = false;
+    net.drive();
+    let accepted = net.clients[fred]
+        .reply_to(ch, first)
+        .expect("answered once stored");
+    assert!(text(&accepted.1).contains("<ok />"));
+    let refused = net.clients[fred].reply_to(ch, second).expect("answered");
+    assert!(
+        text(&refused.1).contains("code='450'"),
+        "{}",
+        text(&refused.1)
+    );
+    assert_eq!(net.store.held_messages(), 1);
+}

@@ -429,6 +429,7 @@ async fn shard_main(
         access: access_table,
         trusted: config.mesh.trusted.clone(),
         hold: (&config.hold).into(),
+        store_queue: config.runtime.store_queue,
         auth: AuthPolicy {
             mode: config.auth_mode()?,
             relay_addresses: relay_addresses(&routes),

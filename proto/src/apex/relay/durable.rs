@@ -4,16 +4,14 @@
 //! delivery of it does not complete, and released once the endpoint answered it (or it
 //! expired); a service's change (the access service's `set`) is answered once durable.
 //! Nothing here blocks: the relay asks with [`Action::Store`] and carries on where
-//! [`Relay::store_done`] says. At most [`MAX_AWAITING_STORE`] requests wait per shard.
+//! [`Relay::store_done`] says. At most [`RelayConfig::store_queue`] requests wait per shard.
 
 use super::*;
 use crate::apex::service::Continuation;
 use crate::store::{HeldMessage, Outcome, StoreFailure};
 
-/// Most store requests one shard keeps waiting for their answer: past it, data to hold is
-/// refused with 450 and a service's change answered 451, rather than queued without bound
-/// behind a store that does not keep up (a stalled disk).
-pub const MAX_AWAITING_STORE: usize = 4096;
+/// The default of [`RelayConfig::store_queue`] (`runtime.store_queue`).
+pub const DEFAULT_STORE_QUEUE: usize = 4096;
 
 /// Data for a recipient that is not attached, to store before it is held (or handed to the
 /// recipient's home shard, which holds it).
@@ -55,7 +53,7 @@ pub(super) enum AwaitingStore {
 impl Relay {
     /// Whether the store has as many requests of this shard to answer as it may.
     pub(super) fn store_busy(&self) -> bool {
-        self.awaiting_store.len() >= MAX_AWAITING_STORE
+        self.awaiting_store.len() >= self.config.store_queue
     }
 
     /// Data for `recipient` to hold (hold4Endpoint) and not stored yet: stored before the data

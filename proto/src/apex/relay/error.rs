@@ -41,7 +41,7 @@ pub enum ApexError {
     /// Data to hold could not be kept in the store (a full disk, an I/O error): try later.
     StoreFailed,
     /// Data to hold while the store has as many of this shard's requests as it may
-    /// ([`super::durable::MAX_AWAITING_STORE`]): try later.
+    /// ([`super::RelayConfig::store_queue`]): try later.
     StoreBusy,
     /// Data none of whose recipients could be held: the hold queue is full.
     HoldFull,

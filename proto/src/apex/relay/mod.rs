@@ -64,7 +64,7 @@ mod tests;
 pub use actions::{Action, Envelope, Hold, MsgReply, Report, ReportRequest, Stored};
 use auth::BindCheck;
 pub use auth::{may_act_as, AuthMode, AuthPolicy, Credentials};
-pub use durable::MAX_AWAITING_STORE;
+pub use durable::DEFAULT_STORE_QUEUE;
 use durable::{AwaitingStore, PersistHold};
 pub use error::ApexError;
 use error::RECIPIENT_NOT_TAKING;
@@ -142,6 +142,11 @@ pub struct RelayConfig {
     pub hold: options::HoldLimits,
     /// Who may attach and bind as what.
     pub auth: AuthPolicy,
+    /// Most store requests the relay keeps waiting for their answer (default
+    /// [`DEFAULT_STORE_QUEUE`]): past it, data to hold is refused with 450 and a service's
+    /// change answered 451, rather than queued without bound behind a store that does not
+    /// keep up (a stalled disk).
+    pub store_queue: usize,
 }
 
 /// How to answer an attach or bind once it is settled.
@@ -342,6 +347,12 @@ impl Relay {
         self.config.access = access;
         self.access_cache.clear();
         self.access_cached = 0;
+    }
+
+    /// Keeps at most `requests` store requests waiting from now on (see
+    /// [`RelayConfig::store_queue`]).
+    pub fn set_store_queue(&mut self, requests: usize) {
+        self.config.store_queue = requests;
     }
 
     /// Bounds the hold4Endpoint queue with `limits` from now on.

@@ -9,6 +9,7 @@ fn relay() -> Relay {
         access: AccessTable::new().into(),
         trusted: Vec::new(),
         hold: options::HoldLimits::default(),
+        store_queue: DEFAULT_STORE_QUEUE,
         // Attach policy has its own tests (auth.rs, tests/security.rs).
         auth: AuthPolicy {
             mode: AuthMode::Off,
