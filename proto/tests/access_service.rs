@@ -356,12 +356,7 @@ fn acc_19_a_set_on_one_shard_is_in_force_on_the_other_at_once() {
 /// itself) while every other owner keeps the grant.
 #[test]
 fn acc_08_an_owner_entry_replaces_the_relay_wide_grant_for_that_owner() {
-    let mut grants = AccessTable::new();
-    grants.grant_all_local(
-        ActorPattern::parse("*@example.com").unwrap(),
-        vec![Action::CORE_DATA],
-    );
-    let mut net = RelayNet::with("example.com", 1, grants, Vec::new());
+    let mut net = RelayNet::with("example.com", 1, grants(), Vec::new());
     let (fred, fch) = attached(&mut net, 0, "fred@example.com");
     let (barney, bch) = attached(&mut net, 0, "barney@example.com");
     let (wilma, wch) = attached(&mut net, 0, "wilma@example.com");
@@ -401,12 +396,7 @@ fn acc_08_an_owner_entry_replaces_the_relay_wide_grant_for_that_owner() {
 fn held_data_is_acknowledged_once_stored_and_survives_a_restart() {
     for shards in [1, 2] {
         let wilma_ep = homed("wilma", shards, shards - 1);
-        let mut grants = AccessTable::new();
-        grants.grant_all_local(
-            ActorPattern::parse("*@example.com").unwrap(),
-            vec![Action::CORE_DATA],
-        );
-        let mut net = RelayNet::with("example.com", shards, grants, Vec::new());
+        let mut net = RelayNet::with("example.com", shards, grants(), Vec::new());
         let (fred, ch) = attached(&mut net, 0, "fred@example.com");
         net.pause_store = true;
         let msgno = net.send_nowait(
@@ -443,12 +433,7 @@ fn held_data_is_acknowledged_once_stored_and_survives_a_restart() {
 /// accepted and the held one reported.
 #[test]
 fn held_data_the_store_cannot_keep_is_refused_or_reported() {
-    let mut grants = AccessTable::new();
-    grants.grant_all_local(
-        ActorPattern::parse("*@example.com").unwrap(),
-        vec![Action::CORE_DATA],
-    );
-    let mut net = RelayNet::with("example.com", 1, grants, Vec::new());
+    let mut net = RelayNet::with("example.com", 1, grants(), Vec::new());
     let (fred, ch) = attached(&mut net, 0, "fred@example.com");
     let (_barney, _) = attached(&mut net, 0, "barney@example.com");
     net.store_failing = true;

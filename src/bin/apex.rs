@@ -71,7 +71,7 @@ use apex_proto::apex::client::{
     self, attach_message, attach_offer, ok_payload, parse_answer, parse_incoming,
     parse_piggybacked_answer, Answer, Content, DataBuilder, Incoming, StatusResponse,
 };
-use apex_proto::apex::msg::{error_payload, Data};
+use apex_proto::apex::msg::{apex_code, error_payload, Data};
 use apex_proto::apex::timestamp::Timestamp;
 use apex_proto::auth::scram::{fresh_nonce, ScramClient};
 use apex_proto::beep::mgmt::{ErrorElement, Greeting, ProfileOffer};
@@ -1879,9 +1879,6 @@ impl AccessClient<'_> {
     }
 }
 
-/// The reply code of RFC 3341 §4.3 step 5: `get` found no entry with that actor.
-const NO_ENTRY: u16 = 551;
-
 /// `apex access`: attaches as `--as`, asks the access service and prints its answer. A set or
 /// delete without `--last-update` reads the entry first (ACC-16).
 fn run_access(
@@ -1974,7 +1971,11 @@ fn access_exchange(client: &mut AccessClient<'_>) -> Result<String> {
                     match client.ask(&get)? {
                         AccessAnswer::Set { access, .. } => access.last_update,
                         // No entry: a set creates one; there is nothing to delete.
-                        AccessAnswer::Reply { code, .. } if code == NO_ENTRY && !deleting => None,
+                        AccessAnswer::Reply { code, .. }
+                            if code == apex_code::NO_ENTRY && !deleting =>
+                        {
+                            None
+                        }
                         AccessAnswer::Reply { code, text, .. } => return Err(refused(code, &text)),
                         other => return Err(unexpected(&other)),
                     }

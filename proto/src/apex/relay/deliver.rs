@@ -348,17 +348,11 @@ impl Relay {
             .endpoint_of(recipient)
             .cloned()
             .unwrap_or_else(|| recipient.clone());
-        for outgoing in out {
-            self.send_from_service(&from, outgoing);
-        }
+        self.send_all_from_service(&from, out);
         if let Some((op, then)) = store {
             if self.store_busy() {
-                let mut out = Vec::new();
                 let busy = crate::store::StoreFailure("too many changes waiting".into());
-                self.services.stored(then, Err(busy), &mut out);
-                for outgoing in out {
-                    self.send_from_service(&from, outgoing);
-                }
+                self.service_goes_on(&from, then, Err(busy));
             } else {
                 self.ask_store(vec![op], durable::AwaitingStore::Service { from, then });
             }

@@ -192,11 +192,7 @@ impl Relay {
                     Ok(_) => Err(StoreFailure("no outcome".into())),
                     Err(failure) => Err(failure),
                 };
-                let mut out = Vec::new();
-                self.services.stored(then, outcome, &mut out);
-                for outgoing in out {
-                    self.send_from_service(&from, outgoing);
-                }
+                self.service_goes_on(&from, then, outcome);
             }
             AwaitingStore::Release(ids) => {
                 if let Err(failure) = done.result {
@@ -205,6 +201,18 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// The store decided a service's change (or could not): the service at `from` answers.
+    pub(super) fn service_goes_on(
+        &mut self,
+        from: &Endpoint,
+        then: Continuation,
+        outcome: Result<Outcome, StoreFailure>,
+    ) {
+        let mut out = Vec::new();
+        self.services.stored(then, outcome, &mut out);
+        self.send_all_from_service(from, out);
     }
 
     fn holds_stored(

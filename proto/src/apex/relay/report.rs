@@ -40,6 +40,14 @@ impl Relay {
         self.send_from_service(&reporter, outgoing);
     }
 
+    /// Sends everything in `out` from the service at `from` (see
+    /// [`Relay::send_from_service`]).
+    pub(super) fn send_all_from_service(&mut self, from: &Endpoint, out: Vec<Outgoing>) {
+        for outgoing in out {
+            self.send_from_service(from, outgoing);
+        }
+    }
+
     /// Sends what the service at `from` sends: data routed like any endpoint's, here or to
     /// the recipient's relay.
     pub(super) fn send_from_service(&mut self, from: &Endpoint, outgoing: Outgoing) {

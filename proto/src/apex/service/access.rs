@@ -15,10 +15,10 @@ use bytes::Bytes;
 use super::{Continuation, Outgoing, Refused, Service, ServiceContext};
 use crate::apex::access::{AccessEntry, Action, ActorPattern};
 use crate::apex::access_ops::{
-    carried_element, format_answer, parse_request, AccessAnswer, AccessElement, AccessRequest,
+    carried_element, element_data, format_answer, parse_request, service_endpoint, AccessAnswer,
+    AccessElement, AccessRequest,
 };
 use crate::apex::addr::{self, Endpoint};
-use crate::apex::client::DataBuilder;
 use crate::apex::msg::{self, apex_code, ApexLimits, Operation};
 use crate::apex::timestamp::Timestamp;
 use crate::beep::mgmt::code;
@@ -44,7 +44,7 @@ impl AccessService {
     pub fn new(domain: &str) -> Self {
         Self {
             domain: domain.to_owned(),
-            endpoint: Endpoint::parse(&format!("apex=access@{domain}")).ok(),
+            endpoint: Endpoint::parse(&service_endpoint(domain)).ok(),
         }
     }
 
@@ -58,9 +58,7 @@ impl AccessService {
         let Some(from) = &self.endpoint else { return };
         out.push(Outgoing {
             recipient: to.clone(),
-            payload: DataBuilder::new(from.as_str())
-                .to(to.as_str())
-                .markup(&format_answer(answer)),
+            payload: element_data(from.as_str(), to.as_str(), &format_answer(answer)),
         });
     }
 
