@@ -17,6 +17,7 @@ fn deliver(payload: Bytes) -> ShardMsg {
         report: None,
         stored: None,
         source: None,
+        accepted_us: 0,
     })
 }
 

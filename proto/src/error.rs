@@ -160,6 +160,31 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
+    /// A short name for the kind of violation, as metrics label it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProtocolError::Frame(_) => "frame",
+            ProtocolError::UnknownChannel(_) => "unknown_channel",
+            ProtocolError::MsgnoInUse { .. } => "msgno_in_use",
+            ProtocolError::UnexpectedReply { .. } => "unexpected_reply",
+            ProtocolError::KeywordChanged(_) => "keyword_changed",
+            ProtocolError::NulNotAfterAns(_) => "nul_not_after_ans",
+            ProtocolError::ContinuationMismatch(_) => "continuation_mismatch",
+            ProtocolError::SeqnoMismatch { .. } => "seqno_mismatch",
+            ProtocolError::WindowOverrun(_) => "window_overrun",
+            ProtocolError::InvalidSeq(_) => "invalid_seq",
+            ProtocolError::AnsnoInUse { .. } => "ansno_in_use",
+            ProtocolError::GreetingExpected => "greeting_expected",
+            ProtocolError::BadManagementReply(_) => "bad_management_reply",
+            ProtocolError::RepliesNotTaken => "replies_not_taken",
+            ProtocolError::Tls(_) => "tls",
+            ProtocolError::TooManyPendingReplies(_) => "too_many_pending_replies",
+            ProtocolError::TooManyAnswers(_) => "too_many_answers",
+            ProtocolError::MessageTooLarge(_) => "message_too_large",
+            ProtocolError::SessionRefused { .. } => "session_refused",
+        }
+    }
+
     /// Every protocol error ends the session without a reply (RFC 3080 §2.2.1.1).
     pub fn disposition(&self) -> Disposition {
         Disposition::AbortSession

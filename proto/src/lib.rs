@@ -20,6 +20,7 @@ pub mod beep;
 pub mod error;
 pub mod limits;
 pub mod shard;
+pub mod stats;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

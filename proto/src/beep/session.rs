@@ -147,6 +147,17 @@ pub enum Event {
     SessionReleased,
 }
 
+/// Where a session is in its life, as status displays show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Waiting for the peer's greeting.
+    Greeting,
+    /// Greeted, exchanging messages.
+    Open,
+    /// Its release was asked for or agreed, or service was refused.
+    Closing,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     AwaitingGreeting,
@@ -316,6 +327,24 @@ impl Session {
     /// Time of the last `handle_input` call.
     pub fn last_input(&self) -> Option<Instant> {
         self.last_input
+    }
+
+    /// Where the session is in its life (for status displays).
+    pub fn lifecycle(&self) -> Lifecycle {
+        match self.state {
+            State::AwaitingGreeting => Lifecycle::Greeting,
+            State::Open
+                if self.deferred_closes.iter().any(|(c, _)| *c == 0)
+                    || self
+                        .requests
+                        .values()
+                        .any(|r| matches!(r, Request::Close { channel: 0 })) =>
+            {
+                Lifecycle::Closing
+            }
+            State::Open => Lifecycle::Open,
+            State::Releasing | State::Dead => Lifecycle::Closing,
+        }
     }
 
     /// True once the session has been released and all output polled: close the transport.

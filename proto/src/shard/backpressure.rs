@@ -213,6 +213,9 @@ impl ShardCore {
             return;
         }
         backlog.refusing = refusing;
+        if refusing {
+            self.counts.overflows += 1;
+        }
         let mut released = Vec::new();
         for waiting in backlog.queue.iter_mut() {
             if let Some(source) = waiting.source.take() {

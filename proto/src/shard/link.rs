@@ -128,6 +128,18 @@ pub enum LinkState {
     },
 }
 
+impl LinkState {
+    /// The state's name, as status displays show it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LinkState::Idle => "idle",
+            LinkState::Connecting => "connecting",
+            LinkState::Backoff { .. } => "backoff",
+            LinkState::Open { .. } => "open",
+        }
+    }
+}
+
 /// What a link asks of the shard core after an input.
 #[derive(Debug, Default)]
 pub(super) struct LinkEffects {

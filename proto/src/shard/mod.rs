@@ -50,8 +50,9 @@ use crate::apex::relay::{
 };
 use crate::beep::mgmt::ErrorElement;
 use crate::beep::output::FrameSink;
-use crate::beep::session::{Role, Session, SessionConfig};
+use crate::beep::session::{Lifecycle, Role, Session, SessionConfig};
 use crate::error::ProtocolError;
+use crate::stats::{KindCounts, LinkStates, SessionStates, ShardSnapshot};
 use crate::store::{HeldMessage, HoldId, StoreDone, StoreRequest};
 use std::sync::Arc;
 
@@ -186,6 +187,19 @@ pub struct ShardCore {
     retry_input: bool,
     /// TLS began on a connection during the current input.
     tls_began: bool,
+    /// What the shard counts beside the relay's counts (see [`ShardCore::snapshot`]).
+    counts: CoreCounts,
+}
+
+/// The shard core's own counters (the relay keeps its own).
+#[derive(Debug, Default)]
+struct CoreCounts {
+    sessions_accepted: u64,
+    protocol_errors: KindCounts,
+    tls_handshakes: u64,
+    sasl_failures: u64,
+    overflows: u64,
+    data_forwarded: u64,
 }
 
 impl ShardCore {
@@ -224,6 +238,7 @@ impl ShardCore {
             security: Security::default(),
             retry_input: false,
             tls_began: false,
+            counts: CoreCounts::default(),
         }
     }
 
@@ -281,8 +296,67 @@ impl ShardCore {
         self.conns.len()
     }
 
+    /// The shard's counters and gauges now: the runtime sums every shard's for its metrics.
+    /// Walks the shard's sessions, directory and links (a scrape's cost, not a message's).
+    pub fn snapshot(&self) -> ShardSnapshot {
+        let mut snapshot = ShardSnapshot {
+            endpoints: self.relay.attached_here().count() as u64,
+            relays_bound: self.relay.bound_relays().len() as u64,
+            held_now: self.relay.held_count() as u64,
+            queued_octets: self.backlog_octets as u64,
+            overflows: self.counts.overflows,
+            sessions_accepted: self.counts.sessions_accepted,
+            protocol_errors: self.counts.protocol_errors.clone(),
+            tls_handshakes: self.counts.tls_handshakes,
+            sasl_failures: self.counts.sasl_failures,
+            relay: self.relay.stats().clone(),
+            ..ShardSnapshot::default()
+        };
+        snapshot.relay.data_forwarded = self.counts.data_forwarded;
+        let mut states = SessionStates::default();
+        for (conn, c) in self.conns.iter() {
+            if c.link.is_some() {
+                snapshot.sessions_link += 1;
+            } else if self.relay.conn_kind(conn) == Some(ConnKind::Mesh) {
+                snapshot.sessions_mesh += 1;
+            } else {
+                snapshot.sessions_edge += 1;
+            }
+            match c.session.lifecycle() {
+                Lifecycle::Greeting => states.greeting += 1,
+                Lifecycle::Open => states.open += 1,
+                Lifecycle::Closing => states.closing += 1,
+            }
+        }
+        snapshot.session_states = states;
+        let mut links = LinkStates::default();
+        for link in self.links.values() {
+            snapshot.link_queued += link.queued() as u64;
+            match link.state {
+                LinkState::Idle => links.idle += 1,
+                LinkState::Connecting => links.connecting += 1,
+                LinkState::Backoff { .. } => links.backoff += 1,
+                LinkState::Open { .. } => links.open += 1,
+            }
+        }
+        snapshot.links = links;
+        snapshot
+    }
+
+    /// The outbound links of this shard: domain, state and data queued.
+    pub fn links(&self) -> Vec<(&str, LinkState, usize)> {
+        self.links
+            .values()
+            .map(|link| (link.domain.as_str(), link.state, link.queued()))
+            .collect()
+    }
+
     fn ms(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    fn us(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_micros() as u64
     }
 
     /// A connection from `peer` was accepted: its listener session greets the peer. Returns
@@ -296,6 +370,7 @@ impl ShardCore {
         };
         let session = Session::new(Role::Listener, config);
         let conn = self.insert(kind, session, now)?;
+        self.counts.sessions_accepted += 1;
         self.relay
             .set_credentials(conn, Credentials::from_address(peer));
         Some(conn)
@@ -322,7 +397,7 @@ impl ShardCore {
             abandoned: false,
             secured: None,
         })?;
-        self.relay.set_now(self.ms(now));
+        self.relay.set_clock(self.us(now));
         self.relay.conn_opened(conn, kind);
         self.wake(conn);
         Some(conn)
@@ -333,6 +408,19 @@ impl ShardCore {
     /// polls `conn`'s output afterwards ([`ShardCore::poll_transmit`]): no [`Output::Wake`] is
     /// given for `conn` itself.
     pub fn handle_input(
+        &mut self,
+        conn: ConnId,
+        read_buf: &mut BytesMut,
+        now: Instant,
+    ) -> Result<(), ProtocolError> {
+        let result = self.take_input(conn, read_buf, now);
+        if let Err(e) = &result {
+            self.counts.protocol_errors.add(e.kind());
+        }
+        result
+    }
+
+    fn take_input(
         &mut self,
         conn: ConnId,
         read_buf: &mut BytesMut,
@@ -372,7 +460,7 @@ impl ShardCore {
         read_buf: &mut BytesMut,
         now: Instant,
     ) -> Result<(), ProtocolError> {
-        let now_ms = self.ms(now);
+        let now_us = self.us(now);
         let Some(c) = self.conns.get_mut(&conn) else {
             read_buf.clear();
             return Ok(());
@@ -392,7 +480,7 @@ impl ShardCore {
         // The caller polls this connection's output next: what its input leads to does not
         // wake it (marked as woken, it is not listed).
         let listed = std::mem::replace(&mut c.woken, true);
-        self.relay.set_now(now_ms);
+        self.relay.set_clock(now_us);
         self.handle_events(conn, now);
         if !listed {
             if let Some(c) = self.conns.get_mut(&conn) {
@@ -489,7 +577,7 @@ impl ShardCore {
             if c.session.has_events() {
                 // Replies drained below `max_queued_replies`: the peer's messages held back
                 // meanwhile are handled now.
-                self.relay.set_now(self.ms(now));
+                self.relay.set_clock(self.us(now));
                 self.handle_events(conn, now);
             } else if !c.backlogs.is_empty() {
                 self.drain(conn, now);
@@ -529,7 +617,7 @@ impl ShardCore {
             return;
         };
         self.assembling = self.assembling.saturating_sub(c.session.assembling());
-        self.relay.set_now(self.ms(now));
+        self.relay.set_clock(self.us(now));
         if let Some(key) = c.link {
             if let Some(link) = self.links.get_mut(&key) {
                 let mut effects = LinkEffects::default();
@@ -556,7 +644,7 @@ impl ShardCore {
                 withhold,
             } => self.adjust_window(at, octets, withhold),
             envelope => {
-                self.relay.set_now(self.ms(now));
+                self.relay.set_clock(self.us(now));
                 self.relay.handle_envelope(envelope);
             }
         }
@@ -608,7 +696,7 @@ impl ShardCore {
         }
         let after = link.deadline(&self.link_config);
         self.note_deadline(None, after);
-        self.relay.set_now(self.ms(now));
+        self.relay.set_clock(self.us(now));
         self.apply_link_effects(&key, effects);
         self.execute(now);
     }
@@ -617,7 +705,7 @@ impl ShardCore {
     /// released like every other one (the runtime asks each to close).
     pub fn stop_links(&mut self, now: Instant) {
         self.stopping = true;
-        self.relay.set_now(self.ms(now));
+        self.relay.set_clock(self.us(now));
         let keys: Vec<String> = self.links.keys().cloned().collect();
         for key in keys {
             let mut effects = LinkEffects::default();
@@ -784,7 +872,7 @@ impl ShardCore {
     /// The store made the request with this token durable (or could not): what waited for it
     /// goes on.
     pub fn store_done(&mut self, done: StoreDone, now: Instant) {
-        self.relay.set_now(self.ms(now));
+        self.relay.set_clock(self.us(now));
         self.relay.store_done(done);
         self.execute(now);
     }
@@ -796,7 +884,7 @@ impl ShardCore {
 
     /// Data the store kept from before a restart, for recipients whose home shard this is.
     pub fn restore_held(&mut self, held: Vec<(HoldId, HeldMessage)>, now: Instant) {
-        self.relay.set_now(self.ms(now));
+        self.relay.set_clock(self.us(now));
         self.relay.restore_held(held);
         self.execute(now);
     }
@@ -804,7 +892,7 @@ impl ShardCore {
     /// The addresses `domain`'s relay is reached at, after [`Output::ResolveRelay`] (empty
     /// when the lookup failed): the binds that waited for them are answered.
     pub fn relay_addresses_found(&mut self, domain: &str, addresses: &[IpAddr], now: Instant) {
-        self.relay.set_now(self.ms(now));
+        self.relay.set_clock(self.us(now));
         self.relay.relay_addresses_found(domain, addresses);
         self.execute(now);
     }
@@ -855,7 +943,10 @@ impl ShardCore {
                     source,
                 } => self.send(conn, channel, payload, source, now),
                 Action::ToShard { shard, envelope } => self.to_shards.push_back((shard, envelope)),
-                Action::Forward { domain, payload } => self.forward(domain, payload),
+                Action::Forward { domain, payload } => {
+                    self.counts.data_forwarded += 1;
+                    self.forward(domain, payload)
+                }
                 Action::ResolveRelay { domain } => self.resolves.push_back(domain),
                 Action::Store(request) => self.stores.push_back(request),
             }

@@ -424,6 +424,7 @@ impl ShardCore {
             }
             Err(reason) => {
                 secured.failures += 1;
+                self.counts.sasl_failures += 1;
                 secured.sasl = None;
                 tracing::info!(%conn, mechanism, %reason, "authentication failed");
                 Step::Failed
@@ -627,6 +628,7 @@ impl ShardCore {
         };
         secured.handshaking = false;
         secured.sasl = None;
+        self.counts.tls_handshakes += 1;
         let names = tls.peer_certificate().map(|der| CertificateNames::of(der));
         tracing::debug!(%conn, tls = %tls.describe(), "TLS established");
         let role = c.session.role();

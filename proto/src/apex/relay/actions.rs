@@ -155,6 +155,8 @@ pub enum Envelope {
         stored: Option<Box<Stored>>,
         /// The channel the data came from (see [`Action::Send`]).
         source: Option<ChannelRef>,
+        /// When the data was accepted (relay-clock microseconds), for delivery latency.
+        accepted_us: u64,
     },
     /// To the shard owning `at`: hold back (`withhold`) or give back `octets` of that channel's
     /// receive window, for data from it that waits for a recipient on the sending shard.

@@ -123,7 +123,7 @@ impl Relay {
             self.answer(conn, channel, answer, Err(ApexError::RecipientNotTaking));
             return None;
         }
-        self.answer(conn, channel, answer, Ok(()));
+        self.accept_data(conn, channel, msgno);
         // An invalid recipient is only ever reported when a statusRequest asks (APEX-38).
         let target = self.parse_endpoint(data.recipient).ok()?;
         if self.serves(target.domain()) {
@@ -163,7 +163,7 @@ impl Relay {
         // once what is held of it is in the store (see `durable`).
         let holding = options::hold_requested(&data.options, Hop::Final);
         if !holding {
-            self.answer(conn, channel, answer, Ok(()));
+            self.accept_data(conn, channel, msgno);
         } else if self.store_busy() {
             return self.answer(conn, channel, answer, Err(ApexError::StoreBusy));
         }
@@ -502,6 +502,8 @@ impl Relay {
                 RECIPIENT_NOT_TAKING,
             );
         }
+        // Data from another shard was accepted there; data released from the hold queue, now.
+        let since = self.accepted_us.unwrap_or(self.now_us);
         if at.shard != self.config.shard {
             self.actions.push_back(Action::ToShard {
                 shard: at.shard,
@@ -511,14 +513,20 @@ impl Relay {
                     report,
                     stored,
                     source: self.current_source,
+                    accepted_us: since,
                 },
             });
             return;
         }
         match self.channels.get_mut(&(at.conn, at.channel)) {
-            Some(state) if !state.ready => state.waiting.push((payload, report, stored)),
+            Some(state) if !state.ready => state.waiting.push(Waiting {
+                payload,
+                report,
+                stored,
+                since,
+            }),
             Some(state) => {
-                state.sent.push_back(Sent::delivery(report, stored));
+                state.sent.push_back(Sent::delivery(report, stored, since));
                 self.actions.push_back(Action::Send {
                     conn: at.conn,
                     channel: at.channel,

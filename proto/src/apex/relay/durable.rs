@@ -105,7 +105,7 @@ impl Relay {
         }
         if self.persisting.is_empty() {
             if let Some((conn, channel, msgno)) = answer {
-                self.answer(conn, channel, Answer::Msg(msgno), Ok(()));
+                self.accept_data(conn, channel, msgno);
             }
             return;
         }
@@ -283,6 +283,9 @@ impl Relay {
             } else {
                 Ok(())
             };
+            if result.is_ok() {
+                self.stats.data_accepted += 1;
+            }
             self.reply_later(conn, channel, msgno, result);
         }
     }

@@ -37,6 +37,7 @@ impl Relay {
         }
         self.held_messages += 1;
         self.held_bytes += payload.len();
+        self.stats.data_held += 1;
         if let Some(at) = deadline {
             self.hold_deadline = Some(self.hold_deadline.map_or(at, |d| d.min(at)));
         }

@@ -47,6 +47,7 @@ use crate::apex::service::{Outgoing, ServiceContext, Services};
 use crate::beep::mgmt::{code, ErrorElement};
 use crate::beep::session::{Event, ReplyKind, Session};
 use crate::error::Misuse;
+use crate::stats::RelayStats;
 use crate::store::{HoldId, StoreDone, StoreOp, StoreRequest};
 
 mod actions;
@@ -163,11 +164,12 @@ enum Association {
 }
 
 impl Sent {
-    /// A delivery, of data kept in the store or not.
-    fn delivery(report: Option<Report>, stored: Option<Box<Stored>>) -> Self {
+    /// A delivery, of data kept in the store or not, accepted at relay-clock microsecond
+    /// `since`.
+    fn delivery(report: Option<Report>, stored: Option<Box<Stored>>, since: u64) -> Self {
         match stored {
-            Some(stored) => Sent::Stored(report, stored),
-            None => Sent::Delivery(report),
+            Some(stored) => Sent::Stored(report, stored, since),
+            None => Sent::Delivery(report, since),
         }
     }
 }
@@ -175,10 +177,12 @@ impl Sent {
 /// What the relay's own MSGs on a channel were, in order, to match the replies.
 #[derive(Debug)]
 enum Sent {
-    Delivery(Option<Report>),
+    /// A delivery and when its data was accepted (relay-clock microseconds), for the latency
+    /// [`RelayStats`] keeps.
+    Delivery(Option<Report>, u64),
     /// A delivery of data kept in the store (hold4Endpoint): released when it is answered,
     /// held again when it is not.
-    Stored(Option<Report>, Box<Stored>),
+    Stored(Option<Report>, Box<Stored>, u64),
     Notice,
 }
 
@@ -191,12 +195,22 @@ struct ChannelState {
     /// The session knows the channel: false while the reply to its `start` (carrying a
     /// piggybacked attach) is still to be sent. MSGs for it wait in `waiting` until then.
     ready: bool,
-    waiting: Vec<(Bytes, Option<Report>, Option<Box<Stored>>)>,
+    waiting: Vec<Waiting>,
     /// The head of the last simple data received on the channel (see
     /// [`msg::parse_simple_data_memo`]).
     simple_memo: msg::SimpleMemo,
     /// Where that head's data went, while nothing that routes could have changed since.
     simple_route: Option<SimpleRoute>,
+}
+
+/// A delivery waiting for its channel to be ready.
+#[derive(Debug)]
+struct Waiting {
+    payload: Bytes,
+    report: Option<Report>,
+    stored: Option<Box<Stored>>,
+    /// When its data was accepted (relay-clock microseconds).
+    since: u64,
 }
 
 /// A simple data's way to its recipient's channel, remembered with the sender's memo of its
@@ -248,6 +262,13 @@ pub struct Relay {
     actions: VecDeque<Action>,
     /// Milliseconds on the runtime's monotonic clock, as last told ([`Relay::set_now`]).
     now_ms: u64,
+    /// The same clock in microseconds ([`Relay::set_clock`]): delivery latencies.
+    now_us: u64,
+    /// While an [`Envelope::Deliver`] is handled: when its data was accepted, on the other
+    /// shard (the shards' clocks share their start).
+    accepted_us: Option<u64>,
+    /// What the relay counts, for metrics.
+    stats: RelayStats,
     /// transIDs for the relay's own reports.
     next_report_trans: u32,
     /// Data held for endpoints not attached yet (hold4Endpoint), in arrival order.
@@ -317,6 +338,9 @@ impl Relay {
             next_request: 0,
             actions: VecDeque::new(),
             now_ms: 0,
+            now_us: 0,
+            accepted_us: None,
+            stats: RelayStats::default(),
             next_report_trans: 1,
             held: EndpointMap::default(),
             held_messages: 0,
@@ -395,7 +419,51 @@ impl Relay {
 
     /// Tells the relay the time (milliseconds of a monotonic clock); used by `dataTiming`.
     pub fn set_now(&mut self, now_ms: u64) {
-        self.now_ms = now_ms;
+        self.set_clock(now_ms.saturating_mul(1000));
+    }
+
+    /// Tells the relay the time in microseconds of a monotonic clock (the shard core's; every
+    /// shard's starts at the same instant, so times carried between shards compare).
+    pub fn set_clock(&mut self, now_us: u64) {
+        self.now_us = now_us;
+        self.now_ms = now_us / 1000;
+    }
+
+    /// What the relay counted so far.
+    pub fn stats(&self) -> &RelayStats {
+        &self.stats
+    }
+
+    /// The endpoints attached on this shard and their channels.
+    pub fn attached_here(&self) -> impl Iterator<Item = (&Endpoint, ChannelRef)> + '_ {
+        self.directory
+            .iter()
+            .filter(|(_, at)| at.shard == self.config.shard)
+            .map(|(endpoint, at)| (endpoint, *at))
+    }
+
+    /// The relays bound on this shard's sessions: domain and connection.
+    pub fn bound_relays(&self) -> Vec<(&str, ConnId)> {
+        self.channels
+            .iter()
+            .flat_map(|((conn, _), state)| {
+                state.associations.values().filter_map(move |a| match a {
+                    Association::Bound(domain) => Some((domain.as_str(), *conn)),
+                    Association::Attached(_) => None,
+                })
+            })
+            .collect()
+    }
+
+    /// Data in the hold queue.
+    pub fn held_count(&self) -> usize {
+        self.held_messages
+    }
+
+    /// Acknowledges a data message (`ok`, RFC 3340 §4.4.4.1 step 3), counting it.
+    fn accept_data(&mut self, conn: ConnId, channel: u32, msgno: u32) {
+        self.stats.data_accepted += 1;
+        self.answer(conn, channel, Answer::Msg(msgno), Ok(()));
     }
 
     /// The domain served.
@@ -476,14 +544,14 @@ impl Relay {
             }
             // Deliveries the endpoint never answered failed; say so when a report was asked.
             let unanswered = state.sent.into_iter().filter_map(|s| match s {
-                Sent::Delivery(report) => Some((report, None)),
-                Sent::Stored(report, stored) => Some((report, Some(stored))),
+                Sent::Delivery(report, _) => Some((report, None)),
+                Sent::Stored(report, stored, _) => Some((report, Some(stored))),
                 Sent::Notice => None,
             });
             let unsent = state
                 .waiting
                 .into_iter()
-                .map(|(_, report, stored)| (report, stored));
+                .map(|waiting| (waiting.report, waiting.stored));
             for (report, stored) in unanswered.chain(unsent).collect::<Vec<_>>() {
                 match stored {
                     // Acknowledged with hold4Endpoint: it waits for the endpoint again.
@@ -604,7 +672,7 @@ impl Relay {
                 if let Some((_, true)) =
                     msg::parse_simple_data_memo(payload, &limits, &mut state.simple_memo)
                 {
-                    self.answer(conn, channel, Answer::Msg(msgno), Ok(()));
+                    self.accept_data(conn, channel, msgno);
                     self.deliver_at(route.at, payload.clone(), None, None);
                     return;
                 }
@@ -695,6 +763,9 @@ impl Relay {
         answer: Answer,
         result: Result<(), ApexError>,
     ) {
+        if let Err(e) = &result {
+            self.stats.errors.add(e.code());
+        }
         let action = match (answer, result) {
             (Answer::Msg(msgno), result) => {
                 let (positive, payload) = match result {
@@ -729,8 +800,14 @@ impl Relay {
             // The channel exists for the peer once this reply is out: release what waited.
             if let Some(state) = self.channels.get_mut(&(conn, channel)) {
                 state.ready = true;
-                for (payload, report, stored) in std::mem::take(&mut state.waiting) {
-                    state.sent.push_back(Sent::delivery(report, stored));
+                for waiting in std::mem::take(&mut state.waiting) {
+                    let Waiting {
+                        payload,
+                        report,
+                        stored,
+                        since,
+                    } = waiting;
+                    state.sent.push_back(Sent::delivery(report, stored, since));
                     self.actions.push_back(Action::Send {
                         conn,
                         channel,
@@ -802,9 +879,12 @@ impl Relay {
                 report,
                 stored,
                 source,
+                accepted_us,
             } => {
                 self.current_source = source;
+                self.accepted_us = Some(accepted_us);
                 self.deliver_at(at, payload, report, stored);
+                self.accepted_us = None;
                 self.current_source = None;
             }
             Envelope::Refusing { at, refusing } => self.set_refusing(at, refusing),

@@ -12,6 +12,7 @@ impl Relay {
     }
 
     pub(super) fn send_report(&mut self, request: &ReportRequest, reply_code: u16, text: &str) {
+        self.stats.reports.add(reply_code);
         let report = self.services.report();
         let (Some(reporter), Some(outgoing)) = (
             report.endpoint().cloned(),
@@ -66,9 +67,17 @@ impl Relay {
 
     /// A reply to one of the relay's MSGs on `channel` (replies come in order, BEEP-35).
     pub fn handle_reply(&mut self, conn: ConnId, channel: u32, positive: bool, payload: &Bytes) {
-        let Some(report) = self.settled_delivery(conn, channel, |sent| sent.pop_front()) else {
+        let Some((report, since)) = self.settled_delivery(conn, channel) else {
             return;
         };
+        if let Some(since) = since {
+            if positive {
+                self.stats.data_delivered += 1;
+                self.stats.latency.record(self.now_us.saturating_sub(since));
+            } else {
+                self.stats.deliveries_refused += 1;
+            }
+        }
         let Some(report) = report else {
             return;
         };
@@ -83,23 +92,23 @@ impl Relay {
         }
     }
 
-    /// Takes the relay's MSG on `channel` that `pick` chooses from those awaiting a reply.
-    /// `None` when there was none; otherwise, for a delivery whose originator asked for a
-    /// report, that request (the outcome is known now). A delivery of data kept in the store
-    /// is settled whatever the outcome (reported when asked): its record is released.
-    pub(super) fn settled_delivery(
+    /// Takes the oldest of the relay's MSGs on `channel` awaiting a reply (replies come in
+    /// order). `None` when there was none; otherwise, for a delivery whose originator asked
+    /// for a report, that request (the outcome is known now), and for a delivery when its
+    /// data was accepted. A delivery of data kept in the store is settled whatever the
+    /// outcome (reported when asked): its record is released.
+    fn settled_delivery(
         &mut self,
         conn: ConnId,
         channel: u32,
-        pick: impl FnOnce(&mut VecDeque<Sent>) -> Option<Sent>,
-    ) -> Option<Option<Report>> {
-        match pick(&mut self.channels.get_mut(&(conn, channel))?.sent)? {
-            Sent::Delivery(report) => Some(report),
-            Sent::Stored(report, stored) => {
+    ) -> Option<(Option<Report>, Option<u64>)> {
+        match self.channels.get_mut(&(conn, channel))?.sent.pop_front()? {
+            Sent::Delivery(report, since) => Some((report, Some(since))),
+            Sent::Stored(report, stored, since) => {
                 self.release(Some(stored.id));
-                Some(report)
+                Some((report, Some(since)))
             }
-            Sent::Notice => Some(None),
+            Sent::Notice => Some((None, None)),
         }
     }
 
@@ -115,9 +124,9 @@ impl Relay {
             return;
         };
         match channel_state.sent.pop_back() {
-            Some(Sent::Delivery(report)) => self.report(report, code::ACTION_NOT_TAKEN, reason),
+            Some(Sent::Delivery(report, _)) => self.report(report, code::ACTION_NOT_TAKEN, reason),
             // Acknowledged with hold4Endpoint: it waits for the endpoint again.
-            Some(Sent::Stored(report, stored)) => self.hold_again(report, *stored),
+            Some(Sent::Stored(report, stored, _)) => self.hold_again(report, *stored),
             Some(Sent::Notice) | None => {}
         }
     }
