@@ -39,6 +39,10 @@ shutdown_grace_ms = 2000
 # messages) lives. Empty: $STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/apexd when
 # running as root, else $XDG_STATE_HOME/apexd, else $HOME/.local/state/apexd.
 data_dir = ""
+# metrics_listen: HTTP address of the monitoring endpoint (/metrics for Prometheus, /healthz,
+# /status for `apex status`), e.g. "127.0.0.1:9914"; empty: off. It tells anyone who reaches
+# it about the relay's traffic and endpoints: keep it on loopback or an admin network.
+metrics_listen = ""
 
 [runtime]
 # Registered io_uring buffer memory per shard (bytes); counts against `ulimit -l`.
@@ -181,6 +185,8 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Directory of the durable store; empty: see [`Config::data_dir`].
     pub data_dir: String,
+    /// The monitoring endpoint's address; empty: off (see [`Config::metrics_listen`]).
+    pub metrics_listen: String,
     /// Executor and socket settings.
     pub runtime: Runtime,
     /// Access entries.
@@ -221,6 +227,21 @@ pub struct MeshConfig {
     pub close_timeout_ms: u64,
     /// `ADDR:PORT` of the one DNS server to ask; empty: the system's.
     pub dns_server: String,
+}
+
+impl Config {
+    /// The monitoring endpoint's address, if it is on.
+    pub fn metrics_listen(&self) -> Result<Option<SocketAddr>> {
+        if self.metrics_listen.is_empty() {
+            return Ok(None);
+        }
+        self.metrics_listen.parse().map(Some).map_err(|_| {
+            anyhow::anyhow!(
+                "field `metrics_listen`: '{}' is not ADDR:PORT (e.g. 127.0.0.1:9914)",
+                self.metrics_listen
+            )
+        })
+    }
 }
 
 impl MeshConfig {
@@ -454,6 +475,8 @@ pub struct Overrides {
     pub tls_ca: Option<String>,
     /// `--data-dir`.
     pub data_dir: Option<String>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -516,6 +539,9 @@ impl Config {
         self.mesh.trusted.extend(o.trusted.iter().cloned());
         if let Some(v) = o.dns_server {
             self.mesh.dns_server = v.to_string();
+        }
+        if let Some(v) = o.metrics_listen {
+            self.metrics_listen = v.to_string();
         }
         for (value, field) in [
             (&o.auth_mode, &mut self.auth.mode),
@@ -621,6 +647,7 @@ impl Config {
     /// Checks values that parse but cannot work, naming the field.
     pub fn validate(&self) -> Result<()> {
         self.auth_mode()?;
+        self.metrics_listen()?;
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {
             bail!("fields `tls.cert` and `tls.key` go together: give both or neither");
         }
@@ -852,6 +879,30 @@ mod tests {
             ..Overrides::default()
         });
         assert_eq!((config.domain.as_str(), config.shards), ("rubble.com", 2));
+    }
+
+    #[test]
+    fn metrics_listen_is_off_by_default_and_validated() {
+        let config = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(config.metrics_listen().unwrap(), None);
+        let mut config =
+            Config::from_toml("metrics_listen = \"127.0.0.1:9914\"\n", "t.toml").unwrap();
+        assert_eq!(
+            config.metrics_listen().unwrap(),
+            Some("127.0.0.1:9914".parse().unwrap())
+        );
+        config.apply(&Overrides {
+            metrics_listen: Some("127.0.0.2:1".parse().unwrap()),
+            ..Overrides::default()
+        });
+        let again = Config::from_toml(&config.to_toml(), "printed").unwrap();
+        assert_eq!(again.metrics_listen, "127.0.0.2:1");
+        let config = Config::from_toml("metrics_listen = \"localhost\"\n", "t.toml").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("metrics_listen") && err.contains("localhost"),
+            "{err}"
+        );
     }
 
     #[test]

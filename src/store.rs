@@ -120,6 +120,9 @@ struct Inner {
     done: Vec<flume::Sender<StoreDone>>,
     access: Arc<SharedAccess>,
     commits: Arc<AtomicU64>,
+    /// Commit failures and write latencies (the store thread's; a lock per batch, never a
+    /// shard's).
+    stats: Arc<Mutex<WriteStats>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Kept (with their payloads) until the runtime says it took them.
     held_at_open: Mutex<Vec<(HoldId, HeldMessage)>>,
@@ -185,6 +188,7 @@ impl Store {
 
         let access = Arc::new(SharedAccess::new(state.access().clone()));
         let commits = Arc::new(AtomicU64::new(0));
+        let stats = Arc::new(Mutex::new(WriteStats::default()));
         let (queue, requests) = flume::unbounded();
         let (done, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::unbounded()).unzip();
         let worker = Worker {
@@ -197,6 +201,7 @@ impl Store {
             access: access.clone(),
             done: done.clone(),
             commits: commits.clone(),
+            stats: stats.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("apexd-store".into())
@@ -208,6 +213,7 @@ impl Store {
             done,
             access,
             commits,
+            stats,
             thread: Mutex::new(Some(thread)),
             held_at_open: Mutex::new(held_at_open),
             opened_ms,
@@ -301,6 +307,20 @@ impl Store {
         self.inner.commits.load(Ordering::Acquire)
     }
 
+    /// The file's size, commits, failures and write latencies.
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            file_octets: std::fs::metadata(&self.inner.path).map_or(0, |m| m.len()),
+            commits: self.commits(),
+            writes: self
+                .inner
+                .stats
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default(),
+        }
+    }
+
     /// Stops the thread after committing (and answering) what was queued; waits for it. Later
     /// requests are answered with a failure. Also done when the last handle is dropped.
     pub fn close(&self) {
@@ -366,6 +386,27 @@ struct Worker {
     access: Arc<SharedAccess>,
     done: Vec<flume::Sender<StoreDone>>,
     commits: Arc<AtomicU64>,
+    stats: Arc<Mutex<WriteStats>>,
+}
+
+/// How the store's writes went, for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct WriteStats {
+    /// Batches whose commit failed.
+    pub failures: u64,
+    /// How long each committed transaction took to write and make durable.
+    pub latency: apex_proto::stats::Latency,
+}
+
+/// The store as metrics show it.
+#[derive(Debug, Clone, Default)]
+pub struct StoreStats {
+    /// Size of the database file in octets.
+    pub file_octets: u64,
+    /// Transactions committed since open.
+    pub commits: u64,
+    /// Commit failures and write latencies.
+    pub writes: WriteStats,
 }
 
 impl Worker {
@@ -458,11 +499,15 @@ impl Worker {
         if !mutations.is_empty() {
             // redb is not expected to panic, but a panic here must not take the relay's
             // store down with it: it is treated as a failed commit.
+            let started = std::time::Instant::now();
             let written = catch_unwind(AssertUnwindSafe(|| write(db, &mutations)))
                 .unwrap_or_else(|_| Err(anyhow!("the database library panicked")));
             if let Err(e) = written {
                 let failure =
                     StoreFailure(format!("cannot commit to {}: {e:#}", self.path.display()));
+                if let Ok(mut stats) = self.stats.lock() {
+                    stats.failures += 1;
+                }
                 tracing::error!("{failure}; the batch's requests fail");
                 // The state now holds the batch, which is not on disk: go back to what is
                 // committed by reading the file again. (The alternative, applying each batch
@@ -480,6 +525,9 @@ impl Worker {
                 return;
             }
             self.commits.fetch_add(1, Ordering::Release);
+            if let Ok(mut stats) = self.stats.lock() {
+                stats.latency.record(started.elapsed().as_micros() as u64);
+            }
         }
         if access_changed || self.grants_changed {
             self.publish();
@@ -981,6 +1029,11 @@ mod tests {
             commits >= N.div_ceil(MAX_BATCH as u64) && commits <= N / 2,
             "{commits} commits for {N} requests"
         );
+        // Each commit's write is timed, and the file has grown.
+        let stats = store.stats();
+        assert_eq!(stats.writes.latency.count(), stats.commits);
+        assert_eq!(stats.writes.failures, 0);
+        assert!(stats.file_octets > N * 50, "{} octets", stats.file_octets);
         drop(store);
         let (store, _done) = open(&dir.0);
         assert_eq!(store.held_at_open().len(), N as usize);

@@ -67,6 +67,10 @@ struct Args {
     /// ~/.local/state/apexd.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<String>,
+    /// Serve Prometheus metrics (/metrics), /healthz and /status (for `apex status`) over
+    /// HTTP at ADDR, e.g. 127.0.0.1:9914 (default: off).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Do not pin shards to CPUs.
     #[arg(long)]
     no_pin: bool,
@@ -164,6 +168,7 @@ fn run() -> Result<()> {
         tls_key: args.tls_key,
         tls_ca: args.tls_ca,
         data_dir: args.data_dir,
+        metrics_listen: args.metrics_listen,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     if args.print_config {
@@ -194,15 +199,37 @@ fn run() -> Result<()> {
     let data_dir = config.data_dir()?;
     let grants = config.access_table()?;
     let access_limits = config.access_limits();
+    // The monitoring endpoint listens before the shards start, so that a busy address stops
+    // apexd at once; /healthz answers 503 until every shard listens.
+    let (monitor, probes, metrics_addr) = match config.metrics_listen()? {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+                anyhow::anyhow!("cannot listen for metrics on {addr} (--metrics-listen): {e}")
+            })?;
+            let bound = listener.local_addr()?;
+            let (monitor, probes) = apexd::monitor::Monitor::new(&config, config.shard_count());
+            apexd::monitor::serve(monitor.clone(), listener)?;
+            (Some(monitor), probes, Some(bound))
+        }
+        None => (None, Vec::new(), None),
+    };
+    let store_monitor = monitor.clone();
     let open_store: apexd::shard::OpenStore<'_> = Box::new(move |shards| {
         let opened = apexd::store::Store::open(&data_dir, grants, access_limits, shards)?;
         tracing::info!(path = %opened.0.path().display(), "store open");
+        if let Some(monitor) = &store_monitor {
+            monitor.set_store(opened.0.clone());
+        }
         Ok(opened)
     });
-    let store = apexd::shard::run(config, stop, security, open_store, |bound| {
+    let store = apexd::shard::run(config, stop, security, open_store, probes, |bound| {
+        if let Some(monitor) = &monitor {
+            monitor.set_ready(bound.edge, bound.mesh);
+        }
+        let metrics = metrics_addr.map_or_else(String::new, |a| format!(" metrics={a}"));
         // One machine-readable line for scripts and tests.
         println!(
-            "apexd ready domain={domain} edge={} mesh={} shards={}",
+            "apexd ready domain={domain} edge={} mesh={} shards={}{metrics}",
             bound.edge, bound.mesh, bound.shards
         );
         let _ = std::io::stdout().flush();

@@ -125,8 +125,11 @@ async fn run(
         };
         // Writing may have made room for what waited for this connection.
         ctx.dispatch();
-        if !out.is_empty() && write_out(stream, &mut out, &mut parts).await.is_err() {
-            return Ending::PeerClosed;
+        if !out.is_empty() {
+            match write_out(stream, &mut out, &mut parts).await {
+                Ok(written) => ctx.count_out(written),
+                Err(_) => return Ending::PeerClosed,
+            }
         }
         if finished {
             return Ending::Released;
@@ -154,6 +157,7 @@ async fn run(
             match receive(stream, &mut read_buf, read_chunk) {
                 Ok(Some((0, _))) | Err(_) => return Ending::PeerClosed,
                 Ok(Some((n, room))) => {
+                    ctx.count_in(n);
                     let yield_first = pacing.after_direct_read(n, room);
                     if handle_input(conn, ctx, &mut read_buf).is_err() {
                         return Ending::Aborted;
@@ -216,8 +220,10 @@ async fn run(
                 _ => (0, 1), // nothing more: as a short read
             };
             pacing.after_read(n + more, wait_room + room);
+            ctx.count_in(n + more);
         } else {
             pacing.after_read(n, wait_room);
+            ctx.count_in(n);
         }
         if handle_input(conn, ctx, &mut read_buf).is_err() {
             return Ending::Aborted;
@@ -361,17 +367,18 @@ pub const SHARED_PAYLOAD_MIN: usize = 1024;
 
 /// Writes everything `out` holds: headers and small frames coalesced, large payloads from
 /// their own memory, in one vectored send when the socket takes it all. `parts` is scratch
-/// space kept between calls.
+/// space kept between calls. Returns the octets written.
 pub(crate) async fn write_out(
     stream: &mut TcpStream,
     out: &mut Vectored,
     parts: &mut Vec<Bytes>,
-) -> std::io::Result<()> {
+) -> std::io::Result<usize> {
     out.take(parts);
     let mut offset = 0;
+    let mut written = 0;
     let result = loop {
         let sent = match parts.len() {
-            0 => break Ok(()),
+            0 => break Ok(written),
             1 => stream.write(&parts[0][offset..]).await,
             _ => match sys::send_vectored(stream.as_fd(), &output::io_slices(parts, offset)) {
                 Ok(Some(n)) => Ok(n),
@@ -382,7 +389,10 @@ pub(crate) async fn write_out(
         };
         match sent {
             Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => output::advance(parts, &mut offset, n),
+            Ok(n) => {
+                written += n;
+                output::advance(parts, &mut offset, n)
+            }
             Err(e) => break Err(e),
         }
     };

@@ -28,6 +28,7 @@ use tracing::{info, warn};
 
 use crate::apex_profile::APEX_PROFILE;
 use crate::config::Config;
+use crate::monitor::{EndpointList, LinkList, Probe, ShardReport};
 use crate::security::SharedSecurity;
 use crate::store::{SharedAccess, Store};
 use crate::sys;
@@ -72,6 +73,11 @@ pub struct ShardContext {
     pub access: Arc<SharedAccess>,
     /// The generation of that table in force on this shard.
     pub access_seen: Cell<u64>,
+    /// Octets read from this shard's connections (plain counters: only this shard's thread
+    /// touches them; the monitoring endpoint gets them in a snapshot).
+    pub octets_in: Cell<u64>,
+    /// Octets written to them.
+    pub octets_out: Cell<u64>,
 }
 
 impl ShardContext {
@@ -118,6 +124,16 @@ impl ShardContext {
     /// True once shutdown began.
     pub fn stopping(&self) -> bool {
         self.stopping.get()
+    }
+
+    /// Counts `n` octets read from a connection.
+    pub fn count_in(&self, n: usize) {
+        self.octets_in.set(self.octets_in.get() + n as u64);
+    }
+
+    /// Counts `n` octets written to a connection.
+    pub fn count_out(&self, n: usize) {
+        self.octets_out.set(self.octets_out.get() + n as u64);
     }
 
     /// Queues `envelope` for shard `to` and wakes its flusher.
@@ -234,15 +250,30 @@ pub type OpenStore<'a> =
 
 /// Runs the relay until SIGINT/SIGTERM (or `stop` is set) and every shard has drained.
 /// `open_store` is called once the listen addresses are reserved (a relay that cannot listen
-/// creates no files); `on_ready` once every shard listens. Returns the store, still open.
+/// creates no files); `on_ready` once every shard listens. `probes` are the shards' queues
+/// from the monitoring endpoint, one per shard ([`crate::monitor::Monitor::new`]), or none
+/// when it is off. Returns the store, still open.
 pub fn run(
     config: Config,
     stop: Arc<AtomicBool>,
     security: Arc<SharedSecurity>,
     open_store: OpenStore<'_>,
+    probes: Vec<flume::Receiver<Probe>>,
     on_ready: impl FnOnce(Bound),
 ) -> Result<Store> {
     let shards = config.shard_count();
+    if !probes.is_empty() && probes.len() != shards {
+        bail!("{} probe queues for {shards} shard(s)", probes.len());
+    }
+    let probes: Arc<Vec<std::sync::Mutex<Option<flume::Receiver<Probe>>>>> = Arc::new(
+        probes
+            .into_iter()
+            .map(|p| std::sync::Mutex::new(Some(p)))
+            .collect(),
+    );
+    // Every shard's clock starts here, so that times carried between shards compare
+    // (delivery latency from acceptance on one shard to the ok on another).
+    let epoch = std::time::Instant::now();
     check_environment(&config, shards)?;
     let (_edge_reservation, edge) = reserve(config.edge_listen, "edge", "--edge-listen")?;
     let (_mesh_reservation, mesh_addr) = reserve(config.mesh_listen, "mesh", "--mesh-listen")?;
@@ -298,6 +329,9 @@ pub fn run(
                 let parts = completions
                     .get(index)
                     .and_then(|slot| slot.lock().ok().and_then(|mut parts| parts.take()));
+                let probe = probes
+                    .get(index)
+                    .and_then(|slot| slot.lock().ok().and_then(|mut probe| probe.take()));
                 async move {
                     let Some((completion, held)) = parts else {
                         bail!("shard {index} has no store completion queue");
@@ -307,8 +341,13 @@ pub fn run(
                         completion,
                         held,
                     };
+                    let start = ShardStart {
+                        id: index,
+                        epoch,
+                        probe,
+                    };
                     shard_main(
-                        index,
+                        start,
                         config,
                         stop,
                         security,
@@ -375,8 +414,17 @@ struct ShardStore {
 /// What [`run`] hands each shard of the store: its answers and its held data.
 type ShardStoreParts = (flume::Receiver<StoreDone>, Vec<(HoldId, HeldMessage)>);
 
-async fn shard_main(
+/// What a shard starts with besides its configuration, security, store and mesh ends.
+struct ShardStart {
     id: usize,
+    /// The instant every shard's clock counts from.
+    epoch: std::time::Instant,
+    /// Its queue from the monitoring endpoint, when that is on.
+    probe: Option<flume::Receiver<Probe>>,
+}
+
+async fn shard_main(
+    start: ShardStart,
     config: Config,
     stop: Arc<AtomicBool>,
     security: Arc<SharedSecurity>,
@@ -384,6 +432,7 @@ async fn shard_main(
     bound_tx: mpsc::Sender<Result<()>>,
     mesh_ends: Option<mesh::ShardEnds>,
 ) -> Result<()> {
+    let ShardStart { id, epoch, probe } = start;
     let backlog = config.runtime.listen_backlog;
     let listeners = sys::listen(config.edge_listen, backlog)
         .map_err(|e| anyhow!("binding edge {}: {e}", config.edge_listen))
@@ -447,7 +496,7 @@ async fn shard_main(
         shard_count,
         session_config.clone(),
         config.budgets(),
-        std::time::Instant::now(),
+        epoch,
     );
     core.set_link_config(config.link_config());
     let (generation, in_force) = security.get();
@@ -471,6 +520,8 @@ async fn shard_main(
         store,
         access,
         access_seen: Cell::new(access_generation),
+        octets_in: Cell::new(0),
+        octets_out: Cell::new(0),
     });
     // Held data the store kept from before a restart, for the endpoints whose home is here.
     if !held.is_empty() {
@@ -485,6 +536,9 @@ async fn shard_main(
         ctx.dispatch();
     }
     glommio::spawn_local(follow_store(ctx.clone(), completion)).detach();
+    if let Some(probe) = probe {
+        glommio::spawn_local(answer_probes(ctx.clone(), probe)).detach();
+    }
     if ctx.mesh.is_some() {
         for peer in (0..shard_count).filter(|p| *p != id) {
             glommio::spawn_local(flush_outbox(ctx.clone(), peer)).detach();
@@ -558,6 +612,54 @@ async fn follow_security(ctx: Rc<ShardContext>, security: Arc<SharedSecurity>, m
             let (generation, in_force) = security.get();
             seen = generation;
             ctx.core.borrow_mut().set_security(in_force);
+        }
+    }
+}
+
+/// Answers the monitoring endpoint's probes with snapshots of this shard's counts. A snapshot
+/// walks the shard's sessions and directory: a scrape's cost, paid between two of the shard's
+/// tasks, never on a message's path.
+async fn answer_probes(ctx: Rc<ShardContext>, probes: flume::Receiver<Probe>) {
+    while let Ok(probe) = probes.recv_async().await {
+        match probe {
+            Probe::Report(reply) => {
+                let report = ShardReport {
+                    core: ctx.core.borrow().snapshot(),
+                    octets_in: ctx.octets_in.get(),
+                    octets_out: ctx.octets_out.get(),
+                    shard_queue_overflows: ctx.outbox_backlog.overflows(),
+                };
+                let _ = reply.try_send((ctx.id, report));
+            }
+            Probe::Endpoints { limit, reply } => {
+                let core = ctx.core.borrow();
+                let mut list = EndpointList::default();
+                for (endpoint, at) in core.relay().attached_here() {
+                    list.total += 1;
+                    if list.endpoints.len() < limit {
+                        list.endpoints
+                            .push((endpoint.to_string(), at.conn.raw(), at.channel));
+                    }
+                }
+                let _ = reply.try_send((ctx.id, list));
+            }
+            Probe::Links(reply) => {
+                let core = ctx.core.borrow();
+                let list = LinkList {
+                    links: core
+                        .links()
+                        .into_iter()
+                        .map(|(domain, state, queued)| (domain.to_owned(), state.name(), queued))
+                        .collect(),
+                    bound: core
+                        .relay()
+                        .bound_relays()
+                        .into_iter()
+                        .map(|(domain, conn)| (domain.to_owned(), conn.raw()))
+                        .collect(),
+                };
+                let _ = reply.try_send((ctx.id, list));
+            }
         }
     }
 }

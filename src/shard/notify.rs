@@ -64,13 +64,21 @@ pub struct Backlog {
     /// list holds each task at most once without being searched.
     wakes: Cell<u64>,
     waiters: RefCell<Vec<Waker>>,
+    /// How many times something became backlogged, since the start.
+    added: Cell<u64>,
 }
 
 impl Backlog {
     /// One more connection is backlogged.
     pub fn add(&self) {
         self.count.set(self.count.get() + 1);
+        self.added.set(self.added.get() + 1);
         self.wake_all();
+    }
+
+    /// How many times something became backlogged since the start (metrics).
+    pub fn overflows(&self) -> u64 {
+        self.added.get()
     }
 
     /// One connection is no longer backlogged.

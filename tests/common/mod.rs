@@ -53,6 +53,8 @@ pub struct Relay {
     pub child: Child,
     pub edge: SocketAddr,
     pub mesh: SocketAddr,
+    /// The monitoring endpoint, when the relay was started with --metrics-listen.
+    pub metrics: Option<SocketAddr>,
     /// The relay's store directory, unless the test chose one with --data-dir.
     pub state: Option<ScratchDir>,
 }
@@ -119,6 +121,10 @@ impl Relay {
         Relay {
             edge: field("edge="),
             mesh: field("mesh="),
+            metrics: line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("metrics="))
+                .map(|a| a.parse().unwrap()),
             child,
             state: None,
         }
@@ -160,6 +166,48 @@ impl Drop for Relay {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `GET path` from an HTTP server on loopback: the status code and the body. Bounded: 5 s
+/// to connect and for each read.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The sum over every series of `family` (a Prometheus text exposition), e.g.
+/// `apexd_data_accepted_total`: the total over shards.
+pub fn metric_sum(exposition: &str, family: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let name = series.split('{').next()?;
+            (name == family)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 /// A BEEP initiator over loopback, driven by the protocol core. Reads and writes wait at most
