@@ -46,7 +46,7 @@ use rustc_hash::FxHashMap;
 use crate::apex::access::AccessTable;
 use crate::apex::relay::{domain_shard, Action};
 use crate::apex::relay::{
-    ChannelRef, ConnId, ConnKind, Credentials, Envelope, Relay, APEX_PROFILE,
+    ChannelRef, ConnId, ConnKind, Credentials, Envelope, Relay, SessionIdentity, APEX_PROFILE,
 };
 use crate::beep::mgmt::ErrorElement;
 use crate::beep::output::FrameSink;
@@ -126,6 +126,20 @@ pub enum Output {
     /// Make these changes durable, then [`ShardCore::store_done`] with the request's token
     /// (unless it is 0). Requests of one shard are applied in the order given.
     Store(StoreRequest),
+}
+
+/// What the core knows about one connection's session, for the line the runtime logs when it
+/// ends ([`ShardCore::session_summary`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionSummary {
+    /// Complete BEEP messages received ([`Session::messages_received`]).
+    pub messages_in: u64,
+    /// Complete BEEP messages sent ([`Session::messages_sent`]).
+    pub messages_out: u64,
+    /// What the peer proved and attached or bound as.
+    pub identity: SessionIdentity,
+    /// For an outbound relay link: the domain whose relay it connects to.
+    pub link: Option<String>,
 }
 
 #[derive(Debug)]
@@ -264,6 +278,22 @@ impl ShardCore {
     /// The session of `conn`.
     pub fn session(&self, conn: ConnId) -> Option<&Session> {
         self.conns.get(&conn).map(|c| &c.session)
+    }
+
+    /// What the core knows about `conn`'s session so far: its message counts, and who its
+    /// peer was. Ask before [`ShardCore::close`], which forgets it.
+    pub fn session_summary(&self, conn: ConnId) -> Option<SessionSummary> {
+        let c = self.conns.get(&conn)?;
+        Some(SessionSummary {
+            messages_in: c.session.messages_received(),
+            messages_out: c.session.messages_sent(),
+            identity: self.relay.session_identity(conn),
+            link: c
+                .link
+                .as_ref()
+                .and_then(|key| self.links.get(key))
+                .map(|link| link.domain.clone()),
+        })
     }
 
     /// Octets of relay MSGs waiting in backlogs over the shard.
