@@ -61,6 +61,15 @@ mesh_queue = 1024
 # it, data to hold gets 450 and an access set 451 until the store catches up.
 store_queue = 4096
 
+[warnings]
+# Warnings one peer address causes on one shard (a session terminated for a protocol error, no
+# room for a connection): `burst` at once, then one per `interval_ms`; the rest are counted
+# and summarised ("suppressed K similar warnings from ADDR") once per interval. Each shard
+# remembers at most `max_peers` addresses (the oldest is forgotten first).
+burst = 3
+interval_ms = 10000
+max_peers = 4096
+
 [access]
 # Access entries granted for every local endpoint (RFC 3341), as ACTOR=ACTIONS. The RFC's
 # default entries deny core:data between ordinary endpoints; this grant lets the endpoints of
@@ -188,6 +197,8 @@ pub struct Config {
     pub data_dir: String,
     /// Executor and socket settings.
     pub runtime: Runtime,
+    /// The rate limit on warnings per peer address.
+    pub warnings: WarningsConfig,
     /// Access entries.
     pub access: AccessConfig,
     /// Relay-to-relay settings.
@@ -237,6 +248,28 @@ impl FromStr for LogFormat {
             other => Err(format!(
                 "unknown log format '{other}': expected text or json"
             )),
+        }
+    }
+}
+
+/// The rate limit on warnings per peer address (`shard::warnings`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarningsConfig {
+    /// Warnings let through at once.
+    pub burst: u32,
+    /// Then one per this many milliseconds.
+    pub interval_ms: u64,
+    /// Addresses remembered per shard.
+    pub max_peers: usize,
+}
+
+impl From<&WarningsConfig> for crate::shard::warnings::WarnLimits {
+    fn from(c: &WarningsConfig) -> Self {
+        Self {
+            burst: c.burst,
+            interval: std::time::Duration::from_millis(c.interval_ms),
+            max_peers: c.max_peers,
         }
     }
 }
@@ -723,6 +756,12 @@ impl Config {
                 self.limits.max_message_size
             );
         }
+        if self.warnings.burst == 0
+            || self.warnings.interval_ms == 0
+            || self.warnings.max_peers == 0
+        {
+            bail!("fields `warnings.burst`, `warnings.interval_ms` and `warnings.max_peers` must be at least 1");
+        }
         if self.backpressure.stall_ms == 0 {
             bail!("field `backpressure.stall_ms` must be at least 1");
         }
@@ -878,6 +917,10 @@ mod tests {
         assert_eq!(Limits::from(&config.limits), Limits::default());
         assert_eq!(ApexLimits::from(&config.apex), ApexLimits::default());
         assert_eq!(HoldLimits::from(&config.hold), HoldLimits::default());
+        assert_eq!(
+            crate::shard::warnings::WarnLimits::from(&config.warnings),
+            crate::shard::warnings::WarnLimits::default()
+        );
     }
 
     #[test]
@@ -1002,6 +1045,10 @@ mod tests {
             "{err}"
         );
         assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        let config =
+            Config::from_toml("domain = \"x.org\"\n[warnings]\nburst = 0\n", "t.toml").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("warnings.burst"), "{err}");
         let err = "yaml".parse::<LogFormat>().unwrap_err();
         assert!(
             err.contains("yaml") && err.contains("text or json"),

@@ -3,6 +3,8 @@
 //! (`shard::session_log` for sessions); the ready line on standard output is not a log line
 //! and never goes through here.
 
+use std::io::IsTerminal;
+
 use anyhow::{anyhow, Result};
 use tracing_subscriber::EnvFilter;
 
@@ -14,8 +16,10 @@ use crate::config::LogFormat;
 pub fn init(filter: &str, format: LogFormat) -> Result<()> {
     let filter =
         EnvFilter::try_new(filter).map_err(|e| anyhow!("invalid --log filter '{filter}': {e}"))?;
+    // Colours only for a person at a terminal: a file, a pipe or the journal gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let installed = match format {
         LogFormat::Text => builder.try_init(),

@@ -483,6 +483,7 @@ async fn shard_main(
     core.set_link_config(config.link_config());
     let (generation, in_force) = security.get();
     core.set_security(in_force);
+    let warn_limits = warnings::WarnLimits::from(&config.warnings);
     let ctx = Rc::new(ShardContext {
         id,
         session_config,
@@ -502,7 +503,7 @@ async fn shard_main(
         store,
         access,
         access_seen: Cell::new(access_generation),
-        warnings: RefCell::new(warnings::WarnLimiter::new(warnings::WarnLimits::default())),
+        warnings: RefCell::new(warnings::WarnLimiter::new(warn_limits)),
         warnings_suppressed: Notify::default(),
     });
     // Held data the store kept from before a restart, for the endpoints whose home is here.
