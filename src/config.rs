@@ -33,6 +33,9 @@ shards = 0
 pin = true
 # log: error, warn, info, debug or trace (or a tracing filter such as "apexd=debug").
 log = "info"
+# log_format: "text" (one human-readable line per event) or "json" (one JSON object per line:
+# timestamp, level, target, fields, message).
+log_format = "text"
 # grace_ms: how long a shutting-down session may take to answer our BEEP close.
 shutdown_grace_ms = 2000
 # data_dir: where the durable store (apexd.redb: access entries set by endpoints, held
@@ -61,6 +64,15 @@ mesh_queue = 1024
 # Store requests (held data, access changes) a shard may have waiting for the store; past
 # it, data to hold gets 450 and an access set 451 until the store catches up.
 store_queue = 4096
+
+[warnings]
+# Warnings one peer address causes on one shard (a session terminated for a protocol error, no
+# room for a connection): `burst` at once, then one per `interval_ms`; the rest are counted
+# and summarised ("suppressed K similar warnings from ADDR") once per interval. Each shard
+# remembers at most `max_peers` addresses (the oldest is forgotten first).
+burst = 3
+interval_ms = 10000
+max_peers = 4096
 
 [access]
 # Access entries granted for every local endpoint (RFC 3341), as ACTOR=ACTIONS. The RFC's
@@ -181,6 +193,8 @@ pub struct Config {
     pub pin: bool,
     /// Log filter.
     pub log: String,
+    /// How log lines are written.
+    pub log_format: LogFormat,
     /// Milliseconds a session has to answer our close at shutdown.
     pub shutdown_grace_ms: u64,
     /// Directory of the durable store; empty: see [`Config::data_dir`].
@@ -189,6 +203,8 @@ pub struct Config {
     pub metrics_listen: String,
     /// Executor and socket settings.
     pub runtime: Runtime,
+    /// The rate limit on warnings per peer address.
+    pub warnings: WarningsConfig,
     /// Access entries.
     pub access: AccessConfig,
     /// Relay-to-relay settings.
@@ -205,6 +221,63 @@ pub struct Config {
     pub apex: ApexConfig,
     /// Protocol limits.
     pub limits: LimitsConfig,
+}
+
+/// How log lines are written to standard error.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl LogFormat {
+    /// The name the configuration and `--log-format` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!(
+                "unknown log format '{other}': expected text or json"
+            )),
+        }
+    }
+}
+
+/// The rate limit on warnings per peer address (`shard::warnings`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarningsConfig {
+    /// Warnings let through at once.
+    pub burst: u32,
+    /// Then one per this many milliseconds.
+    pub interval_ms: u64,
+    /// Addresses remembered per shard.
+    pub max_peers: usize,
+}
+
+impl From<&WarningsConfig> for crate::shard::warnings::WarnLimits {
+    fn from(c: &WarningsConfig) -> Self {
+        Self {
+            burst: c.burst,
+            interval: std::time::Duration::from_millis(c.interval_ms),
+            max_peers: c.max_peers,
+        }
+    }
 }
 
 /// Relay-to-relay settings.
@@ -455,6 +528,8 @@ pub struct Overrides {
     pub no_pin: bool,
     /// `--log`.
     pub log: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<LogFormat>,
     /// `--grant`, repeatable: added to `access.grants`.
     pub grants: Vec<String>,
     /// `--peer`, repeatable: added to `mesh.peers`.
@@ -533,6 +608,9 @@ impl Config {
         }
         if let Some(v) = &o.log {
             self.log = v.clone();
+        }
+        if let Some(v) = o.log_format {
+            self.log_format = v;
         }
         self.access.grants.extend(o.grants.iter().cloned());
         self.mesh.peers.extend(o.peers.iter().cloned());
@@ -705,6 +783,12 @@ impl Config {
                 self.limits.max_message_size
             );
         }
+        if self.warnings.burst == 0
+            || self.warnings.interval_ms == 0
+            || self.warnings.max_peers == 0
+        {
+            bail!("fields `warnings.burst`, `warnings.interval_ms` and `warnings.max_peers` must be at least 1");
+        }
         if self.backpressure.stall_ms == 0 {
             bail!("field `backpressure.stall_ms` must be at least 1");
         }
@@ -860,6 +944,10 @@ mod tests {
         assert_eq!(Limits::from(&config.limits), Limits::default());
         assert_eq!(ApexLimits::from(&config.apex), ApexLimits::default());
         assert_eq!(HoldLimits::from(&config.hold), HoldLimits::default());
+        assert_eq!(
+            crate::shard::warnings::WarnLimits::from(&config.warnings),
+            crate::shard::warnings::WarnLimits::default()
+        );
     }
 
     #[test]
@@ -980,6 +1068,43 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains("runtime.listen_backlog"), "{err}");
         }
+    }
+
+    #[test]
+    fn log_format_from_file_and_flag() {
+        let config = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(config.log_format, LogFormat::Text);
+        let mut config =
+            Config::from_toml("domain = \"x.org\"\nlog_format = \"json\"\n", "t.toml").unwrap();
+        assert_eq!(config.log_format, LogFormat::Json);
+        config.apply(&Overrides {
+            log_format: Some(LogFormat::Text),
+            ..Overrides::default()
+        });
+        assert_eq!(config.log_format, LogFormat::Text);
+        // --print-config shows it, and reads back the same.
+        config.log_format = LogFormat::Json;
+        let printed = config.to_toml();
+        assert!(printed.contains("log_format = \"json\""), "{printed}");
+        let again = Config::from_toml(&printed, "printed").unwrap();
+        assert_eq!(again.log_format, LogFormat::Json);
+        let err = Config::from_toml("domain = \"x.org\"\n\nlog_format = \"xml\"\n", "relay.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("relay.toml:3: field `log_format`") && err.contains("xml"),
+            "{err}"
+        );
+        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        let config =
+            Config::from_toml("domain = \"x.org\"\n[warnings]\nburst = 0\n", "t.toml").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("warnings.burst"), "{err}");
+        let err = "yaml".parse::<LogFormat>().unwrap_err();
+        assert!(
+            err.contains("yaml") && err.contains("text or json"),
+            "{err}"
+        );
     }
 
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {

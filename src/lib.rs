@@ -7,6 +7,7 @@
 pub mod apex_profile;
 pub mod config;
 pub mod dns;
+pub mod logs;
 pub mod monitor;
 pub mod security;
 pub mod shard;

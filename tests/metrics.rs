@@ -70,6 +70,12 @@ fn a_hundred_messages_move_the_counters_by_a_hundred() {
         assert_eq!(moved("apexd_data_delivered_total"), 100.0);
         assert_eq!(moved("apexd_delivery_latency_seconds_count"), 100.0);
         assert_eq!(moved("apexd_apex_errors_total"), 1.0);
+        // Since both attached: 101 data MSGs from barney and 100 oks from fred in; 101 replies
+        // to barney and 100 deliveries to fred out.
+        let since_attached =
+            |family: &str| metric_sum(&after, family) - metric_sum(&middle, family);
+        assert_eq!(since_attached("apexd_messages_received_total"), 201.0);
+        assert_eq!(since_attached("apexd_messages_sent_total"), 201.0);
         // Every message is at least its 100-odd octets of XML each way.
         assert!(
             metric_sum(&after, "apexd_octets_received_total") - octets_before > 100.0 * 100.0,

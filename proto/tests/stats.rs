@@ -62,6 +62,10 @@ fn data_is_counted_where_it_is_accepted_and_where_it_is_delivered() {
         assert!(ok);
     }
     let (zero, one) = (net.shards[0].snapshot(), net.shards[1].snapshot());
+    // Barney's session: the greetings, the attach's start and its reply, ten data and their
+    // ten oks (and a SEQ is no message).
+    assert_eq!((one.messages_in, one.messages_out), (12, 12), "{one:?}");
+    assert_eq!(zero.messages_in, 12, "fred's greeting, start, and oks");
     assert_eq!(one.relay.data_accepted, 10, "accepted by barney's shard");
     assert_eq!(zero.relay.data_accepted, 0);
     assert_eq!(zero.relay.data_delivered, 10, "delivered by fred's shard");
@@ -128,8 +132,11 @@ fn a_protocol_error_is_counted_by_kind() {
     let mut net = net(1);
     let raw = net.connect_raw(0, ConnKind::Edge);
     assert_eq!(net.shards[0].snapshot().session_states.greeting, 1);
+    let before = net.shards[0].snapshot().messages_out;
+    assert_eq!(before, 1, "the relay's greeting");
     net.inject(raw, b"XYZ this is no frame\r\n");
     let snapshot = net.shards[0].snapshot();
+    assert_eq!(snapshot.messages_out, 1, "an ended session's count stays");
     assert_eq!(snapshot.protocol_errors.get("frame"), 1, "{snapshot:?}");
     assert_eq!(snapshot.sessions_edge, 0, "the session was ended");
 }

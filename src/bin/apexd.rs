@@ -31,6 +31,9 @@ struct Args {
     /// Log filter: error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL")]
     log: Option<String>,
+    /// Log line format on standard error: text or json (one object per line).
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<apexd::config::LogFormat>,
     /// Grant ACTIONS to ACTOR for every local endpoint (repeatable), e.g.
     /// `--grant '*@example.com=core:data'`.
     #[arg(long, value_name = "ACTOR=ACTIONS")]
@@ -158,6 +161,7 @@ fn run() -> Result<()> {
         shards: args.shards,
         no_pin: args.no_pin,
         log: args.log,
+        log_format: args.log_format,
         grants: args.grant,
         peers: args.peer,
         trusted: args.trust,
@@ -175,13 +179,7 @@ fn run() -> Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log)
-                .map_err(|e| anyhow::anyhow!("invalid --log filter '{}': {e}", config.log))?,
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    apexd::logs::init(&config.log, config.log_format)?;
 
     let security = Arc::new(apexd::security::SharedSecurity::new(apexd::security::load(
         &config,

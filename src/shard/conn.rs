@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 use apex_proto::apex::relay::{ConnId, ConnKind};
 use apex_proto::beep::mgmt::{code, ErrorElement};
 use apex_proto::beep::output::{self, Vectored};
+use apex_proto::ProtocolError;
 use bytes::{Bytes, BytesMut};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::shard::notify::Notify;
+use crate::shard::session_log::{self, Port, Traffic};
 use crate::shard::ShardContext;
 use crate::sys::{self, StreamFd as _};
 
@@ -54,29 +56,37 @@ pub async fn drive(stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind) -> 
     };
     let Some(conn) = opened else {
         // Every slot of the shard is taken: nothing to say to the peer.
-        warn!(shard = ctx.id, ?peer, "no room for another connection");
+        if ctx.may_warn(peer) {
+            warn!(shard = ctx.id, ?peer, "no room for another connection");
+        }
         let _ = sys::reset_on_close(stream.as_fd());
         return Ending::Aborted;
     };
-    serve(stream, ctx, conn, peer).await
+    serve(stream, ctx, conn, peer, Port::accepted(kind)).await
 }
 
 /// Drives `conn`, the shard core's session of `stream` (an accepted connection, or an
-/// outbound relay link's), until it ends; then tells the core and closes the transport.
+/// outbound relay link's, as `port` says), until it ends; then tells the core and closes the
+/// transport. The session's start and end are logged (`session_log`).
 pub async fn serve(
     mut stream: TcpStream,
     ctx: Rc<ShardContext>,
     conn: ConnId,
     peer: Option<SocketAddr>,
+    port: Port,
 ) -> Ending {
+    let started = Instant::now();
+    session_log::started(ctx.id, conn, port, peer);
     let _ = stream.set_nodelay(true);
     let wake = Rc::new(Notify::default());
     ctx.wakers.borrow_mut().insert(conn, wake.clone());
     ctx.dispatch();
 
-    let ending = run(&mut stream, conn, &wake, &ctx).await;
+    let mut traffic = Traffic::default();
+    let ending = run(&mut stream, conn, &wake, &ctx, &mut traffic).await;
 
     ctx.wakers.borrow_mut().remove(&conn);
+    let summary = ctx.core.borrow().session_summary(conn);
     ctx.core.borrow_mut().close(conn, Instant::now());
     ctx.dispatch();
     match ending {
@@ -87,7 +97,21 @@ pub async fn serve(
             let _ = stream.shutdown(std::net::Shutdown::Both).await;
         }
     }
-    debug!(?peer, ?ending, shard = ctx.id, %conn, "connection ended");
+    if let Some(error) = &traffic.error {
+        if ctx.may_warn(peer) {
+            warn!(shard = ctx.id, %conn, ?peer, %error, "terminating session");
+        }
+    }
+    session_log::ended(&session_log::Ended {
+        shard: ctx.id,
+        conn,
+        port,
+        peer,
+        ending: &ending,
+        duration: started.elapsed(),
+        traffic: &traffic,
+        summary: summary.as_ref(),
+    });
     ending
 }
 
@@ -96,6 +120,7 @@ async fn run(
     conn: ConnId,
     wake: &Notify,
     ctx: &Rc<ShardContext>,
+    traffic: &mut Traffic,
 ) -> Ending {
     let read_chunk = ctx.config.runtime.read_chunk;
     let mut read_buf = BytesMut::with_capacity(read_chunk);
@@ -127,7 +152,7 @@ async fn run(
         ctx.dispatch();
         if !out.is_empty() {
             match write_out(stream, &mut out, &mut parts).await {
-                Ok(written) => ctx.count_out(written),
+                Ok(written) => sent(ctx, traffic, written),
                 Err(_) => return Ending::PeerClosed,
             }
         }
@@ -157,9 +182,10 @@ async fn run(
             match receive(stream, &mut read_buf, read_chunk) {
                 Ok(Some((0, _))) | Err(_) => return Ending::PeerClosed,
                 Ok(Some((n, room))) => {
-                    ctx.count_in(n);
+                    received(ctx, traffic, n);
                     let yield_first = pacing.after_direct_read(n, room);
-                    if handle_input(conn, ctx, &mut read_buf).is_err() {
+                    if let Err(error) = handle_input(conn, ctx, &mut read_buf) {
+                        traffic.error = Some(error);
                         return Ending::Aborted;
                     }
                     if yield_first {
@@ -211,6 +237,7 @@ async fn run(
             }
         };
         read_buf.extend_from_slice(&scratch[..n]);
+        received(ctx, traffic, n);
         if wait_room < scratch.len() {
             // A probe: the rest is received in place, and handled with it. There may be no
             // rest (the octet may complete a frame), or the peer may have closed right after
@@ -219,16 +246,28 @@ async fn run(
                 Ok(Some((more, room))) if more > 0 => (more, room),
                 _ => (0, 1), // nothing more: as a short read
             };
+            received(ctx, traffic, more);
             pacing.after_read(n + more, wait_room + room);
-            ctx.count_in(n + more);
         } else {
             pacing.after_read(n, wait_room);
-            ctx.count_in(n);
         }
-        if handle_input(conn, ctx, &mut read_buf).is_err() {
+        if let Err(error) = handle_input(conn, ctx, &mut read_buf) {
+            traffic.error = Some(error);
             return Ending::Aborted;
         }
     }
+}
+
+/// Counts `n` octets read: for the connection's end-of-session line and the shard's metrics.
+fn received(ctx: &ShardContext, traffic: &mut Traffic, n: usize) {
+    traffic.octets_in += n as u64;
+    ctx.count_in(n);
+}
+
+/// Counts `n` octets written.
+fn sent(ctx: &ShardContext, traffic: &mut Traffic, n: usize) {
+    traffic.octets_out += n as u64;
+    ctx.count_out(n);
 }
 
 /// Receives what is waiting on `stream` into `read_buf`, without waiting: `Some((n, room))`,
@@ -344,8 +383,12 @@ pub(crate) const WRITE_ROOM: usize = 32 * 1024;
 const MIN_DIRECT_ROOM: usize = 4096;
 
 /// Feeds what was read to the shard core and carries out what it leads to. `Err` when the
-/// session must be terminated.
-fn handle_input(conn: ConnId, ctx: &Rc<ShardContext>, read_buf: &mut BytesMut) -> Result<(), ()> {
+/// session must be terminated (the driver warns, within the peer's warning budget).
+fn handle_input(
+    conn: ConnId,
+    ctx: &Rc<ShardContext>,
+    read_buf: &mut BytesMut,
+) -> Result<(), ProtocolError> {
     // What was read arrived after everything the store had published when the read
     // completed: an access change acknowledged before it is in force for it.
     ctx.follow_access();
@@ -354,11 +397,7 @@ fn handle_input(conn: ConnId, ctx: &Rc<ShardContext>, read_buf: &mut BytesMut) -
         .borrow_mut()
         .handle_input(conn, read_buf, Instant::now());
     ctx.dispatch();
-    if let Err(error) = input {
-        warn!(shard = ctx.id, %conn, %error, "terminating session");
-        return Err(());
-    }
-    Ok(())
+    input
 }
 
 /// Payloads from this size on are written from where they were received rather than copied

@@ -7,6 +7,8 @@ pub mod mesh;
 pub mod notify;
 pub mod outbox;
 pub mod peer;
+pub mod session_log;
+pub mod warnings;
 
 use std::cell::{Cell, RefCell};
 
@@ -78,6 +80,10 @@ pub struct ShardContext {
     pub octets_in: Cell<u64>,
     /// Octets written to them.
     pub octets_out: Cell<u64>,
+    /// How many warnings each peer address may still cause ([`ShardContext::may_warn`]).
+    pub warnings: RefCell<warnings::WarnLimiter>,
+    /// Wakes the task that writes the summaries of suppressed warnings.
+    pub warnings_suppressed: Notify,
 }
 
 impl ShardContext {
@@ -118,6 +124,31 @@ impl ShardContext {
             let (generation, table) = self.access.get();
             self.access_seen.set(generation);
             self.core.borrow_mut().set_access(table);
+        }
+    }
+
+    /// Whether a warning caused by `peer` may be written now: within the address's budget
+    /// ([`warnings::WarnLimiter`]). When it may, the count of its warnings left out since the
+    /// last one is written first.
+    pub fn may_warn(&self, peer: Option<SocketAddr>) -> bool {
+        let Some(peer) = peer.map(|p| p.ip()) else {
+            return true;
+        };
+        let verdict = self
+            .warnings
+            .borrow_mut()
+            .check(peer, std::time::Instant::now());
+        match verdict {
+            warnings::Verdict::Warn { suppressed } => {
+                if suppressed > 0 {
+                    warn_suppressed(self.id, peer, suppressed);
+                }
+                true
+            }
+            warnings::Verdict::Suppress => {
+                self.warnings_suppressed.notify();
+                false
+            }
         }
     }
 
@@ -501,6 +532,7 @@ async fn shard_main(
     core.set_link_config(config.link_config());
     let (generation, in_force) = security.get();
     core.set_security(in_force);
+    let warn_limits = warnings::WarnLimits::from(&config.warnings);
     let ctx = Rc::new(ShardContext {
         id,
         session_config,
@@ -522,6 +554,8 @@ async fn shard_main(
         access_seen: Cell::new(access_generation),
         octets_in: Cell::new(0),
         octets_out: Cell::new(0),
+        warnings: RefCell::new(warnings::WarnLimiter::new(warn_limits)),
+        warnings_suppressed: Notify::default(),
     });
     // Held data the store kept from before a restart, for the endpoints whose home is here.
     if !held.is_empty() {
@@ -560,6 +594,7 @@ async fn shard_main(
     }
 
     glommio::spawn_local(run_timer(ctx.clone())).detach();
+    glommio::spawn_local(summarise_warnings(ctx.clone())).detach();
     glommio::spawn_local(follow_security(ctx.clone(), security, generation)).detach();
     let edge_task = glommio::spawn_local(accept_loop(edge, ctx.clone(), ConnKind::Edge));
     let mesh_task = glommio::spawn_local(accept_loop(mesh_listener, ctx.clone(), ConnKind::Mesh));
@@ -674,6 +709,41 @@ async fn follow_store(ctx: Rc<ShardContext>, completion: flume::Receiver<StoreDo
             .borrow_mut()
             .store_done(done, std::time::Instant::now());
         ctx.dispatch();
+    }
+}
+
+fn warn_suppressed(shard: usize, peer: std::net::IpAddr, suppressed: u64) {
+    warn!(
+        shard,
+        %peer,
+        suppressed,
+        "suppressed {suppressed} similar warnings from {peer}"
+    );
+}
+
+/// Writes the summaries of the warnings [`ShardContext::may_warn`] left out, one interval
+/// after the first of them. Sleeps while nothing is suppressed.
+async fn summarise_warnings(ctx: Rc<ShardContext>) {
+    let stop = || async {
+        let _ = ctx.shutdown.acquire(1).await;
+    };
+    while !ctx.stopping() {
+        let due = ctx.warnings.borrow().poll_timeout();
+        match due {
+            Some(at) => {
+                let wait = at.saturating_duration_since(std::time::Instant::now());
+                futures_lite::future::or(glommio::timer::sleep(wait), stop()).await;
+            }
+            None => futures_lite::future::or(ctx.warnings_suppressed.notified(), stop()).await,
+        }
+        let now = std::time::Instant::now();
+        loop {
+            let summary = ctx.warnings.borrow_mut().poll_summary(now);
+            let Some((peer, suppressed)) = summary else {
+                break;
+            };
+            warn_suppressed(ctx.id, peer, suppressed);
+        }
     }
 }
 

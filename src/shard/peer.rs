@@ -17,6 +17,7 @@ use glommio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::shard::conn;
+use crate::shard::session_log::Port;
 use crate::shard::ShardContext;
 
 /// Finds and connects the relay of `domain` for this shard's link to it, then drives the
@@ -47,7 +48,8 @@ pub fn connect(ctx: &Rc<ShardContext>, domain: String) {
                 match conn {
                     Some(conn) => {
                         info!(shard = ctx.id, %domain, %addr, %conn, "relay link connected");
-                        let ending = conn::serve(stream, ctx.clone(), conn, Some(addr)).await;
+                        let ending =
+                            conn::serve(stream, ctx.clone(), conn, Some(addr), Port::Link).await;
                         info!(shard = ctx.id, %domain, ?ending, "relay link ended");
                     }
                     None => drop(stream),

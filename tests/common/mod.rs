@@ -73,13 +73,30 @@ impl Relay {
         relay
     }
 
+    /// [`Relay::start_with`], with the relay's standard error written to `stderr` (a file in
+    /// a [`ScratchDir`]) for the test to read its log lines.
+    pub fn start_logging(extra: &[&str], stderr: &std::path::Path) -> Relay {
+        let state = ScratchDir::new("state");
+        let file = std::fs::File::create(stderr).unwrap();
+        let mut relay = Self::spawn_to(extra, Some(state.as_str()), Stdio::from(file));
+        relay.state = Some(state);
+        relay
+    }
+
     /// Starts apexd with `extra` arguments and the store in `data_dir` (`None`: as given in
     /// `extra`).
     pub fn spawn(extra: &[&str], data_dir: Option<&str>) -> Relay {
+        Self::spawn_to(extra, data_dir, Stdio::inherit())
+    }
+
+    fn spawn_to(extra: &[&str], data_dir: Option<&str>, stderr: Stdio) -> Relay {
         // APEXD_TEST_BIN runs another build (e.g. one with a sanitizer) under the same tests;
         // APEXD_TEST_LOG raises the relay's log level when a test needs investigating.
         let log = std::env::var("APEXD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
-        let mut defaults = vec!["--no-pin", "--log", log.as_str()];
+        let mut defaults = vec!["--no-pin"];
+        if !extra.contains(&"--log") {
+            defaults.extend(["--log", log.as_str()]);
+        }
         for flag in ["--edge-listen", "--mesh-listen"] {
             if !extra.contains(&flag) {
                 defaults.extend([flag, "127.0.0.1:0"]);
@@ -97,7 +114,7 @@ impl Relay {
         // A lookup that would leave loopback (no loopback --dns-server) fails, naming the domain.
         .env("APEXD_DNS_LOOPBACK_ONLY", "1")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("spawn apexd");
         let stdout = child.stdout.take().unwrap();

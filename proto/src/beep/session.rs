@@ -223,6 +223,10 @@ pub struct Session {
     /// ([`Session::resume_input`]), because after a TLS `ready` the peer's next octets may be
     /// a TLS handshake rather than frames (RFC 3080 §3.1.3).
     input_paused: bool,
+    /// Complete messages (MSG, RPY, ERR, ANS, NUL; channel 0's included) received and sent,
+    /// for the session's end-of-life log line: plain counters, bumped once per message.
+    messages_in: u64,
+    messages_out: u64,
 }
 
 impl Session {
@@ -278,6 +282,8 @@ impl Session {
             assembly_allowance: config.limits.max_session_assembly,
             tuning_channel: None,
             input_paused: false,
+            messages_in: 0,
+            messages_out: 0,
             config,
         }
     }
@@ -322,6 +328,24 @@ impl Session {
         let mut list: Vec<u32> = self.channels.keys().copied().filter(|c| *c != 0).collect();
         list.sort_unstable();
         list
+    }
+
+    /// Complete messages received so far (MSG, RPY, ERR, each ANS, NUL), on every channel
+    /// including channel 0; a MSG answered pre-emptively for its size counts too.
+    pub fn messages_received(&self) -> u64 {
+        self.messages_in
+    }
+
+    /// Complete messages sent so far: those whose last frame `poll_transmit` wrote.
+    pub fn messages_sent(&self) -> u64 {
+        self.messages_out
+    }
+
+    /// Carries the message counts of `earlier`, the session this one replaced on the same
+    /// transport (TLS restarts the session, RFC 3080 §3.1.3), into this one.
+    pub fn count_from(&mut self, earlier: &Session) {
+        self.messages_in += earlier.messages_in;
+        self.messages_out += earlier.messages_out;
     }
 
     /// Time of the last `handle_input` call.
@@ -475,6 +499,9 @@ impl Session {
     }
 
     fn handle_received(&mut self, h: &Header, received: Received) -> Result<(), ProtocolError> {
+        if !matches!(received, Received::Nothing) {
+            self.messages_in += 1;
+        }
         match received {
             Received::Nothing => Ok(()),
             Received::MsgTooLarge { msgno } => {
@@ -913,7 +940,12 @@ impl Session {
             let mut announced_now = None;
             let replies_before = channel.queued_reply_octets;
             loop {
+                let queued = channel.queue.len();
                 let wrote = channel.write_frame(number, max_frame, out);
+                // A message leaves the queue with its last frame.
+                if channel.queue.len() < queued {
+                    self.messages_out += 1;
+                }
                 if let Some(Some(announced)) = wrote {
                     announced_now = Some(announced);
                 }
@@ -1345,5 +1377,99 @@ fn check_size(payload: &Bytes) -> Result<(), Misuse> {
         Err(Misuse::PayloadTooLarge)
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const APEX: &str = "http://iana.org/beep/APEX";
+
+    fn feed(session: &mut Session, octets: &[u8]) {
+        let mut buf = BytesMut::from(octets);
+        session.handle_input(&mut buf, Instant::now()).unwrap();
+        assert!(buf.is_empty(), "every frame was taken");
+    }
+
+    fn flush(session: &mut Session) -> BytesMut {
+        let mut out = BytesMut::new();
+        while session.poll_transmit(&mut out) > 0 {}
+        out
+    }
+
+    /// The end-of-session counts are of messages, not frames: a MSG in two frames is one, each
+    /// ANS of a one-to-many reply is one, and channel 0's greeting, start and reply count too.
+    #[test]
+    fn messages_are_counted_once_each_however_they_are_framed() {
+        let mut session = Session::new(
+            Role::Listener,
+            SessionConfig {
+                profiles: vec![APEX.to_owned()],
+                ..SessionConfig::default()
+            },
+        );
+        assert_eq!(
+            (session.messages_received(), session.messages_sent()),
+            (0, 0)
+        );
+        flush(&mut session);
+        assert_eq!(session.messages_sent(), 1, "our greeting");
+
+        // The peer's greeting and a start on channel 0 (RFC 3080 §2.3.1).
+        feed(
+            &mut session,
+            b"RPY 0 0 . 0 50\r\nContent-Type: application/beep+xml\r\n\r\n<greeting />END\r\n\
+              MSG 0 1 . 50 107\r\nContent-Type: application/beep+xml\r\n\r\n<start number='1'><profile uri='http://iana.org/beep/APEX' /></start>END\r\n",
+        );
+        assert_eq!(session.messages_received(), 2);
+        let start = std::iter::from_fn(|| session.poll_event())
+            .find_map(|e| match e {
+                Event::StartRequested(request) => Some(request.id),
+                _ => None,
+            })
+            .unwrap();
+        session.accept_start(start, APEX, None).unwrap();
+        flush(&mut session);
+        assert_eq!(session.messages_sent(), 2, "greeting and the start's reply");
+
+        // One MSG in two frames, then one in a single frame: two messages, and a frame that
+        // only begins a message counts nothing.
+        feed(&mut session, b"MSG 1 0 * 0 3\r\nabcEND\r\n");
+        assert_eq!(session.messages_received(), 2);
+        feed(
+            &mut session,
+            b"MSG 1 0 . 3 2\r\ndeEND\r\nMSG 1 1 . 5 1\r\nfEND\r\n",
+        );
+        assert_eq!(session.messages_received(), 4);
+        while session.poll_event().is_some() {}
+
+        // A RPY to the first, two ANS and a NUL to the second: four messages sent.
+        session.send_rpy(1, 0, Bytes::from_static(b"ok")).unwrap();
+        session.send_ans(1, 1, Bytes::from_static(b"one")).unwrap();
+        session.send_ans(1, 1, Bytes::from_static(b"two")).unwrap();
+        session.send_nul(1, 1).unwrap();
+        let out = flush(&mut session);
+        assert!(
+            out.windows(b"NUL 1 1 . ".len()).any(|w| w == b"NUL 1 1 . "),
+            "{out:?}"
+        );
+        assert_eq!(session.messages_sent(), 6);
+        assert_eq!(session.messages_received(), 4, "sending receives nothing");
+
+        // The peer's reply to a MSG of ours arrives in two frames: one message.
+        let msgno = session.send_msg(1, Bytes::from_static(b"hi")).unwrap();
+        flush(&mut session);
+        assert_eq!(session.messages_sent(), 7);
+        feed(
+            &mut session,
+            format!("RPY 1 {msgno} * 6 1\r\nyEND\r\nRPY 1 {msgno} . 7 1\r\nzEND\r\n").as_bytes(),
+        );
+        assert_eq!(session.messages_received(), 5);
+
+        // A session that replaces this one on the same transport (after TLS) counts on.
+        let mut next = Session::new(Role::Listener, SessionConfig::default());
+        next.count_from(&session);
+        assert_eq!((next.messages_received(), next.messages_sent()), (5, 7));
     }
 }

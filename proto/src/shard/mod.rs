@@ -46,7 +46,7 @@ use rustc_hash::FxHashMap;
 use crate::apex::access::AccessTable;
 use crate::apex::relay::{domain_shard, Action};
 use crate::apex::relay::{
-    ChannelRef, ConnId, ConnKind, Credentials, Envelope, Relay, APEX_PROFILE,
+    ChannelRef, ConnId, ConnKind, Credentials, Envelope, Relay, SessionIdentity, APEX_PROFILE,
 };
 use crate::beep::mgmt::ErrorElement;
 use crate::beep::output::FrameSink;
@@ -129,6 +129,20 @@ pub enum Output {
     Store(StoreRequest),
 }
 
+/// What the core knows about one connection's session, for the line the runtime logs when it
+/// ends ([`ShardCore::session_summary`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionSummary {
+    /// Complete BEEP messages received ([`Session::messages_received`]).
+    pub messages_in: u64,
+    /// Complete BEEP messages sent ([`Session::messages_sent`]).
+    pub messages_out: u64,
+    /// What the peer proved and attached or bound as.
+    pub identity: SessionIdentity,
+    /// For an outbound relay link: the domain whose relay it connects to.
+    pub link: Option<String>,
+}
+
 #[derive(Debug)]
 struct Conn {
     session: Session,
@@ -200,6 +214,10 @@ struct CoreCounts {
     sasl_failures: u64,
     overflows: u64,
     data_forwarded: u64,
+    /// BEEP messages received and sent by sessions that have ended (the live ones count
+    /// their own).
+    ended_messages_in: u64,
+    ended_messages_out: u64,
 }
 
 impl ShardCore {
@@ -281,6 +299,22 @@ impl ShardCore {
         self.conns.get(&conn).map(|c| &c.session)
     }
 
+    /// What the core knows about `conn`'s session so far: its message counts, and who its
+    /// peer was. Ask before [`ShardCore::close`], which forgets it.
+    pub fn session_summary(&self, conn: ConnId) -> Option<SessionSummary> {
+        let c = self.conns.get(&conn)?;
+        Some(SessionSummary {
+            messages_in: c.session.messages_received(),
+            messages_out: c.session.messages_sent(),
+            identity: self.relay.session_identity(conn),
+            link: c
+                .link
+                .as_ref()
+                .and_then(|key| self.links.get(key))
+                .map(|link| link.domain.clone()),
+        })
+    }
+
     /// Octets of relay MSGs waiting in backlogs over the shard.
     pub fn backlog_octets(&self) -> usize {
         self.backlog_octets
@@ -313,8 +347,12 @@ impl ShardCore {
             ..ShardSnapshot::default()
         };
         snapshot.relay.data_forwarded = self.counts.data_forwarded;
+        snapshot.messages_in = self.counts.ended_messages_in;
+        snapshot.messages_out = self.counts.ended_messages_out;
         let mut states = SessionStates::default();
         for (conn, c) in self.conns.iter() {
+            snapshot.messages_in += c.session.messages_received();
+            snapshot.messages_out += c.session.messages_sent();
             if c.link.is_some() {
                 snapshot.sessions_link += 1;
             } else if self.relay.conn_kind(conn) == Some(ConnKind::Mesh) {
@@ -616,6 +654,8 @@ impl ShardCore {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        self.counts.ended_messages_in += c.session.messages_received();
+        self.counts.ended_messages_out += c.session.messages_sent();
         self.assembling = self.assembling.saturating_sub(c.session.assembling());
         self.relay.set_clock(self.us(now));
         if let Some(key) = c.link {

@@ -643,6 +643,7 @@ impl ShardCore {
             },
         };
         let old = std::mem::replace(&mut c.session, Session::new(role, config));
+        c.session.count_from(&old);
         self.assembling = self.assembling.saturating_sub(old.assembling());
         if let Some(names) = names.filter(|_| c.link.is_none()) {
             // A peer's client certificate (a link's peer is the server, verified by rustls

@@ -102,6 +102,46 @@ impl Credentials {
     }
 }
 
+/// Most names a connection's [`ActedAs`] keeps; further ones are only counted, so that a peer
+/// attaching as thousands of endpoints over one session costs no more memory than a few.
+pub const MAX_NAMES_RECORDED: usize = 4;
+
+/// What a connection attached or bound as during its life (kept after the attachment ends,
+/// for the session's end-of-life log line).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActedAs {
+    /// Endpoints it attached as, the first [`MAX_NAMES_RECORDED`] of them.
+    pub attached: Vec<String>,
+    /// Relay domains it bound as, the first [`MAX_NAMES_RECORDED`] of them.
+    pub bound: Vec<String>,
+    /// Names not kept in `attached` or `bound` (past the bound).
+    pub more: usize,
+}
+
+impl ActedAs {
+    fn note(list: &mut Vec<String>, more: &mut usize, name: &str) {
+        if list.iter().any(|known| known.eq_ignore_ascii_case(name)) {
+            return;
+        }
+        if list.len() < MAX_NAMES_RECORDED {
+            list.push(name.to_owned());
+        } else {
+            *more += 1;
+        }
+    }
+}
+
+/// Who a connection's peer was, as far as the relay knows: what it proved and what it acted as.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionIdentity {
+    /// The identity a SASL exchange authenticated.
+    pub sasl: Option<String>,
+    /// The DNS names of its verified client certificate.
+    pub certificate_domains: Vec<String>,
+    /// What it attached and bound as.
+    pub acted_as: ActedAs,
+}
+
 /// Whether `identity` may act as `endpoint`: itself and its subaddresses (RFC 3340 §4.5.1:
 /// `fred@example.com` may attach as `fred/appl=wb@example.com`).
 pub fn may_act_as(identity: &str, endpoint: &Endpoint) -> bool {
@@ -132,6 +172,31 @@ impl Relay {
     /// The credentials of `conn`.
     pub fn credentials(&self, conn: ConnId) -> Option<&Credentials> {
         self.credentials.get(&conn)
+    }
+
+    /// Who `conn`'s peer was: what it proved and what it attached or bound as so far. Ask
+    /// before the connection is closed: [`Relay::conn_closed`] forgets it.
+    pub fn session_identity(&self, conn: ConnId) -> SessionIdentity {
+        let credentials = self.credentials.get(&conn);
+        SessionIdentity {
+            sasl: credentials.and_then(|c| c.identity.clone()),
+            certificate_domains: credentials
+                .map(|c| c.certificate_domains.clone())
+                .unwrap_or_default(),
+            acted_as: self.acted_as.get(&conn).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// `conn` attached as `endpoint`.
+    pub(super) fn note_attached(&mut self, conn: ConnId, endpoint: &str) {
+        let acted = self.acted_as.entry(conn).or_default();
+        ActedAs::note(&mut acted.attached, &mut acted.more, endpoint);
+    }
+
+    /// `conn` bound as `domain`.
+    pub(super) fn note_bound(&mut self, conn: ConnId, domain: &str) {
+        let acted = self.acted_as.entry(conn).or_default();
+        ActedAs::note(&mut acted.bound, &mut acted.more, domain);
     }
 
     /// Adds a SASL identity to `conn`'s credentials (RFC 3080 §4: it applies to every

@@ -168,6 +168,7 @@ impl Relay {
     ) {
         match result {
             Ok(()) => {
+                self.note_attached(at.conn, endpoint.as_str());
                 self.now_attached(endpoint.clone(), at);
                 self.channels
                     .entry((at.conn, at.channel))
@@ -244,6 +245,7 @@ impl Relay {
     }
 
     fn bound(&mut self, conn: ConnId, channel: u32, answer: Answer, relay: &str, trans_id: u32) {
+        self.note_bound(conn, relay);
         self.channels
             .entry((conn, channel))
             .or_default()

@@ -64,7 +64,9 @@ mod tests;
 
 pub use actions::{Action, Envelope, Hold, MsgReply, Report, ReportRequest, Stored};
 use auth::BindCheck;
-pub use auth::{may_act_as, AuthMode, AuthPolicy, Credentials};
+pub use auth::{
+    may_act_as, ActedAs, AuthMode, AuthPolicy, Credentials, SessionIdentity, MAX_NAMES_RECORDED,
+};
 pub use durable::DEFAULT_STORE_QUEUE;
 use durable::{AwaitingStore, PersistHold};
 pub use error::ApexError;
@@ -248,6 +250,9 @@ pub struct Relay {
     connections: FxHashMap<ConnId, ConnKind>,
     /// What each connection proved about its peer; consulted only by attach and bind.
     credentials: FxHashMap<ConnId, Credentials>,
+    /// What each connection attached and bound as, for its end-of-life log line (bounded per
+    /// connection by [`MAX_NAMES_RECORDED`]).
+    acted_as: FxHashMap<ConnId, ActedAs>,
     /// Keyed by our connection ids and channel numbers bounded per connection: a fast hash is
     /// safe here (the directory, keyed by names peers choose, keeps the default hasher).
     channels: FxHashMap<(ConnId, u32), ChannelState>,
@@ -331,6 +336,7 @@ impl Relay {
             directory: EndpointMap::default(),
             connections: FxHashMap::default(),
             credentials: FxHashMap::default(),
+            acted_as: FxHashMap::default(),
             channels: FxHashMap::default(),
             conn_channels: FxHashMap::default(),
             pending: HashMap::new(),
@@ -507,6 +513,7 @@ impl Relay {
         }
         self.connections.remove(&conn);
         self.credentials.remove(&conn);
+        self.acted_as.remove(&conn);
         // Attaches still waiting for their home shard's verdict stay pending: when the verdict
         // arrives the channel is gone and the attachment is undone everywhere (APEX-16).
     }
