@@ -7,6 +7,9 @@
 //! apex --relay HOST:PORT [SECURITY] access --as NAME [--timeout SECS] get [--literal] OWNER ACTOR
 //! apex --relay HOST:PORT [SECURITY] access --as NAME [--timeout SECS] set [--literal] OWNER ACTOR ACTION... [--last-update TS]
 //! apex --relay HOST:PORT [SECURITY] access --as NAME [--timeout SECS] delete [--literal] OWNER ACTOR [--last-update TS]
+//! apex status [--metrics ADDR] [--interval SECS] [--json] [--timeout SECS]
+//! apex endpoints [--metrics ADDR] [--limit N] [--json] [--timeout SECS]
+//! apex links [--metrics ADDR] [--json] [--timeout SECS]
 //!
 //! SECURITY: [--tls] [--tls-ca PEM] [--tls-name NAME]
 //!           [--user NAME@DOMAIN [--password-file FILE] [--mechanism SCRAM-SHA-256|PLAIN]]
@@ -50,6 +53,9 @@
 //!   password is the first line of `--password-file FILE`, else the environment variable
 //!   `APEX_PASSWORD`, never an argument. A refusal prints `error CODE TEXT` (e.g.
 //!   `error 535 authentication failed`) and exits with status 1.
+//!
+//! `status`, `endpoints` and `links` need no `--relay`: they read apexd's monitoring endpoint
+//! (`apexd --metrics-listen ADDR`) over HTTP; see the `status` module.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
@@ -84,6 +90,9 @@ use clap::{Parser, Subcommand};
 
 use apex_proto::apex::relay::APEX_PROFILE as APEX;
 
+#[path = "apex/status.rs"]
+mod status;
+
 /// The transaction identifier of our (only) attach on the channel.
 const ATTACH_TRANS_ID: u32 = 1;
 
@@ -104,9 +113,9 @@ const XML_ATTRIBUTES: usize = 16;
 #[derive(Debug, Parser)]
 #[command(name = "apex", version)]
 struct Cli {
-    /// The relay's endpoint (apex-edge) address.
+    /// The relay's endpoint (apex-edge) address (attach, send and access).
     #[arg(long, value_name = "HOST:PORT")]
-    relay: String,
+    relay: Option<String>,
     /// Seconds allowed for connecting, each handshake step, the relay's answer to our data and
     /// closing the session.
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs)]
@@ -114,6 +123,8 @@ struct Cli {
     /// attach: detach and exit (status 0) after SECS without traffic from the relay (default:
     /// never). send: seconds to wait for the status report once the relay accepted the data
     /// (default: 10). access: seconds to wait for each answer of the service (default: 10).
+    /// status, endpoints, links: seconds allowed for connecting to the monitoring endpoint and
+    /// for its whole answer (default: 5).
     #[arg(long, global = true, value_name = "SECS", value_parser = parse_secs)]
     timeout: Option<Duration>,
     /// Start TLS right after the greetings and greet again over it (RFC 3080 §3.1); fails when
@@ -199,6 +210,30 @@ enum Command {
         name: String,
         #[command(subcommand)]
         op: AccessCommand,
+    },
+    /// The relay at a glance, from its monitoring endpoint: a header, then sessions,
+    /// endpoints, links and message rates per shard and in total.
+    Status {
+        #[command(flatten)]
+        metrics: status::MetricsArgs,
+        /// Seconds between the two reads the rates come from (0: read once, no rates;
+        /// --json reads once).
+        #[arg(long, value_name = "SECS", default_value = "1", value_parser = status::parse_interval)]
+        interval: Duration,
+    },
+    /// The endpoints attached to the relay, from its monitoring endpoint.
+    Endpoints {
+        #[command(flatten)]
+        metrics: status::MetricsArgs,
+        /// List at most N endpoints.
+        #[arg(long, value_name = "N", default_value_t = status::DEFAULT_ENDPOINT_LIMIT,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
+    },
+    /// The relay's outbound links and the relays bound to it, from its monitoring endpoint.
+    Links {
+        #[command(flatten)]
+        metrics: status::MetricsArgs,
     },
 }
 
@@ -308,7 +343,27 @@ fn run(cli: Cli) -> Result<Status> {
     let io_timeout = cli.connect_timeout;
     let stdout = std::io::stdout();
     let env_password = std::env::var("APEX_PASSWORD").ok();
+    let monitoring = |metrics, query| {
+        let timeout = cli.timeout.unwrap_or(status::DEFAULT_METRICS_TIMEOUT);
+        Ok(status::run(
+            metrics,
+            query,
+            timeout,
+            &stop,
+            &mut stdout.lock(),
+        ))
+    };
     match &cli.command {
+        Command::Status { metrics, interval } => monitoring(
+            metrics,
+            status::Query::Status {
+                interval: *interval,
+            },
+        ),
+        Command::Endpoints { metrics, limit } => {
+            monitoring(metrics, status::Query::Endpoints { limit: *limit })
+        }
+        Command::Links { metrics } => monitoring(metrics, status::Query::Links),
         Command::Attach { name, count } => {
             let name = endpoint(name)?;
             let opts = AttachOpts {
@@ -318,7 +373,7 @@ fn run(cli: Cli) -> Result<Status> {
                 idle: cli.timeout,
                 io_timeout,
             };
-            let stream = connect(&cli.relay, io_timeout)?;
+            let stream = connect(relay_addr(&cli)?, io_timeout)?;
             run_attach(stream, &opts, stop, &mut stdout.lock())
         }
         Command::Send {
@@ -344,7 +399,7 @@ fn run(cli: Cli) -> Result<Status> {
                 status_timeout: cli.timeout.unwrap_or(DEFAULT_STATUS_TIMEOUT),
                 io_timeout,
             };
-            let stream = connect(&cli.relay, io_timeout)?;
+            let stream = connect(relay_addr(&cli)?, io_timeout)?;
             run_send(stream, &opts, stop, &mut stdout.lock())
         }
         Command::Access { name, op } => {
@@ -359,10 +414,17 @@ fn run(cli: Cli) -> Result<Status> {
                 io_timeout,
                 first_trans_id: status_trans_id(),
             };
-            let stream = connect(&cli.relay, io_timeout)?;
+            let stream = connect(relay_addr(&cli)?, io_timeout)?;
             run_access(stream, &opts, stop, &mut stdout.lock())
         }
     }
+}
+
+/// `--relay`, which the commands that talk BEEP to the relay need.
+fn relay_addr(cli: &Cli) -> Result<&str> {
+    cli.relay
+        .as_deref()
+        .ok_or_else(|| anyhow!("--relay HOST:PORT is required for attach, send and access"))
 }
 
 /// How a session is tuned before the attach.
@@ -429,7 +491,7 @@ fn resolve_security(cli: &Cli, me: &Endpoint, env_password: Option<String>) -> R
     let tls = if tls {
         let name = match &cli.tls_name {
             Some(name) => name.clone(),
-            None => default_tls_name(me, &cli.relay)?,
+            None => default_tls_name(me, relay_addr(cli)?)?,
         };
         rustls::pki_types::ServerName::try_from(name.as_str())
             .map_err(|e| anyhow!("'{name}' cannot name a TLS server: {e}"))?;
