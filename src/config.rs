@@ -476,19 +476,29 @@ impl Config {
     }
 
     /// Reads `path`, or the embedded default when `None`, then applies `overrides`.
+    ///
+    /// A value that parses but cannot work is reported against the file's line that sets it
+    /// ("FILE:LINE: field `x`: ..."), or against the file alone when a flag or the default
+    /// gave it.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config> {
-        let mut config = match path {
+        let (mut config, file) = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| {
                     format!("cannot read configuration file {}", path.display())
                 })?;
-                Config::from_toml(&text, &path.display().to_string())?
+                let origin = path.display().to_string();
+                (Config::from_toml(&text, &origin)?, Some((origin, text)))
             }
-            None => Config::from_toml("", "embedded default")?,
+            None => (Config::from_toml("", "embedded default")?, None),
         };
         config.apply(overrides);
         config.resolve_domain();
-        config.validate()?;
+        if let Err(e) = config.validate() {
+            return Err(match file {
+                Some((origin, text)) => locate_invalid(&origin, &text, e),
+                None => e,
+            });
+        }
         Ok(config)
     }
 
@@ -817,6 +827,57 @@ fn located(origin: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
     }
 }
 
+/// A validation error (which names the field as "field `table.key`") prefixed with the origin
+/// and, when the file sets that field, its line.
+fn locate_invalid(origin: &str, text: &str, e: anyhow::Error) -> anyhow::Error {
+    let message = e.to_string();
+    let line = message
+        .split('`')
+        .nth(1)
+        // `mesh.peers[2]` is set by the line of `mesh.peers`.
+        .map(|field| field.split('[').next().unwrap_or(field))
+        .and_then(|field| field_line(text, field));
+    match line {
+        Some(line) => anyhow::anyhow!("{origin}:{line}: {message}"),
+        None => anyhow::anyhow!("{origin}: {message}"),
+    }
+}
+
+/// The line (from 1) of `text` that sets `field` ("table.key"), under a `[table]` header or as
+/// a dotted key.
+pub fn field_line(text: &str, field: &str) -> Option<usize> {
+    let dotted = |key: &str| {
+        key.split('.')
+            .map(|part| part.trim().trim_matches(['"', '\'']))
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    let mut table = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            table = dotted(line.trim_matches(['[', ']']));
+            continue;
+        }
+        let Some((key, _)) = line.split_once('=') else {
+            continue;
+        };
+        if line.starts_with('#') {
+            continue;
+        }
+        let key = dotted(key);
+        let path = if table.is_empty() {
+            key
+        } else {
+            format!("{table}.{key}")
+        };
+        if path == field {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -929,6 +990,54 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains("runtime.listen_backlog"), "{err}");
         }
+    }
+
+    /// A value that parses but cannot work is reported at the line of the file that sets it,
+    /// under a table header or as a dotted key; one given by a flag names the file only.
+    #[test]
+    fn invalid_values_name_the_file_line_and_field() {
+        let dir = std::env::temp_dir().join(format!("apexd-config-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        let origin = path.display().to_string();
+        for (text, line, field) in [
+            (
+                "domain = \"x.org\"\n\n[mesh]\npeers = [\"nowhere\"]\n",
+                4,
+                "mesh.peers[0]",
+            ),
+            (
+                "domain = \"x.org\"\nmesh.peers = [\"nowhere\"]\n",
+                2,
+                "mesh.peers[0]",
+            ),
+            (
+                "# c\n[runtime]\n# ring_depth = 8\nring_depth = 100\n",
+                4,
+                "runtime.ring_depth",
+            ),
+            ("[ tls ]\ncert = \"c.pem\"\n", 2, "tls.cert"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load(Some(&path), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("{origin}:{line}: ")) && err.contains(field),
+                "{text}: {err}"
+            );
+        }
+        std::fs::write(&path, "domain = \"x.org\"\n").unwrap();
+        let flagged = Overrides {
+            peers: vec!["nowhere".into()],
+            ..Overrides::default()
+        };
+        let err = Config::load(Some(&path), &flagged).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{origin}: field `mesh.peers[0]`")),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
