@@ -7,6 +7,7 @@
 pub mod apex_profile;
 pub mod config;
 pub mod dns;
+pub mod reload;
 pub mod security;
 pub mod shard;
 pub mod store;

@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use apexd::config::{Config, Overrides};
+use apexd::reload::{Reloader, Settings, SharedSettings};
 use clap::Parser;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// APEX relay (RFC 3340) on thread-per-core io_uring shards.
 #[derive(Debug, Parser)]
@@ -115,21 +118,15 @@ fn passwd(user: &str, iterations: u32) -> Result<()> {
     Ok(())
 }
 
-/// SIGHUP re-reads the users file and the TLS files; a bad file leaves the old ones in force.
-fn reload_on_sighup(
-    config: apexd::config::Config,
-    security: Arc<apexd::security::SharedSecurity>,
-) -> Result<()> {
+/// SIGHUP reloads: the configuration file under the same flags, the users file and the TLS
+/// files (see `apexd::reload`); a bad file leaves everything in force.
+fn reload_on_sighup(reloader: Arc<Reloader>) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
     std::thread::Builder::new()
         .name("apexd-reload".into())
         .spawn(move || {
             for _ in signals.forever() {
-                if let Err(e) = security.reload(&config) {
-                    tracing::error!(
-                        "reload failed, the previous users and TLS files stay in force: {e:#}"
-                    );
-                }
+                reloader.reload_and_log();
             }
         })?;
     Ok(())
@@ -170,19 +167,37 @@ fn run() -> Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log)
-                .map_err(|e| anyhow::anyhow!("invalid --log filter '{}': {e}", config.log))?,
-        )
-        .with_writer(std::io::stderr)
+    // The filter sits behind a reload layer so that SIGHUP can change it.
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(
+        tracing_subscriber::EnvFilter::try_new(&config.log)
+            .map_err(|e| anyhow::anyhow!("invalid --log filter '{}': {e}", config.log))?,
+    );
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
+    let set_log: apexd::reload::SetLogFilter = Box::new(move |log| {
+        let filter = tracing_subscriber::EnvFilter::try_new(log)
+            .map_err(|e| anyhow::anyhow!("'{log}' is not a log filter: {e}"))?;
+        filter_handle
+            .reload(filter)
+            .map_err(|e| anyhow::anyhow!("cannot change the log filter: {e}"))
+    });
 
     let security = Arc::new(apexd::security::SharedSecurity::new(apexd::security::load(
         &config,
     )?));
+    let settings = Arc::new(SharedSettings::new(Settings::from_config(&config)?));
+    let reloader = Arc::new(Reloader::new(
+        args.config.as_deref(),
+        overrides,
+        config.clone(),
+        security.clone(),
+        settings.clone(),
+        set_log,
+    ));
     let stop = Arc::new(AtomicBool::new(false));
-    reload_on_sighup(config.clone(), security.clone())?;
+    reload_on_sighup(reloader.clone())?;
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())?;
     }
@@ -192,14 +207,16 @@ fn run() -> Result<()> {
     }
     let domain = config.domain.clone();
     let data_dir = config.data_dir()?;
-    let grants = config.access_table()?;
     let access_limits = config.access_limits();
     let open_store: apexd::shard::OpenStore<'_> = Box::new(move |shards| {
-        let opened = apexd::store::Store::open(&data_dir, grants, access_limits, shards)?;
+        // The grants in force when it opens: a reload may have come since the start.
+        let opened = reloader.open_store(|grants| {
+            apexd::store::Store::open(&data_dir, grants, access_limits, shards)
+        })?;
         tracing::info!(path = %opened.0.path().display(), "store open");
         Ok(opened)
     });
-    let store = apexd::shard::run(config, stop, security, open_store, |bound| {
+    let store = apexd::shard::run(config, stop, security, settings, open_store, |bound| {
         // One machine-readable line for scripts and tests.
         println!(
             "apexd ready domain={domain} edge={} mesh={} shards={}",
