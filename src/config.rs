@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 /// The configuration apexd runs with when given no file: every field explicit, so
 /// `--print-config` shows what is in force.
 pub const EMBEDDED_DEFAULT: &str = r#"# apexd embedded default configuration.
+# SIGHUP re-reads the --config file (flags still override it) and applies, without dropping
+# sessions, the settings marked "(reload)"; the others need a restart, and a reload that finds
+# one changed names it in a warning and keeps the value in force.
 # domain: the administrative domain this relay serves; empty means "this host's name".
 domain = ""
 # apex-edge: endpoints attach here (RFC 3340 §3: TCP port 913).
@@ -31,7 +34,7 @@ mesh_listen = "0.0.0.0:912"
 shards = 0
 # pin: pin each shard to its own CPU (production); false lets the kernel place them (tests).
 pin = true
-# log: error, warn, info, debug or trace (or a tracing filter such as "apexd=debug").
+# log: error, warn, info, debug or trace (or a tracing filter such as "apexd=debug"). (reload)
 log = "info"
 # grace_ms: how long a shutting-down session may take to answer our BEEP close.
 shutdown_grace_ms = 2000
@@ -55,13 +58,14 @@ listen_backlog = 1024
 # Capacity of each shard-to-shard queue (messages).
 mesh_queue = 1024
 # Store requests (held data, access changes) a shard may have waiting for the store; past
-# it, data to hold gets 450 and an access set 451 until the store catches up.
+# it, data to hold gets 450 and an access set 451 until the store catches up. (reload)
 store_queue = 4096
 
 [access]
 # Access entries granted for every local endpoint (RFC 3341), as ACTOR=ACTIONS. The RFC's
 # default entries deny core:data between ordinary endpoints; this grant lets the endpoints of
-# this relay's own domain send each other data. $DOMAIN stands for `domain`.
+# this relay's own domain send each other data. $DOMAIN stands for `domain`. (reload: put in
+# force like an access `set`)
 grants = ["*@$DOMAIN=core:data"]
 # Bounds on the entries endpoints store with the access service's `set` (RFC 3341 §4.4): per
 # owner, and over all owners; past either a new entry is refused with 554.
@@ -71,10 +75,12 @@ max_entries = 1000000
 [mesh]
 # Static routes to other relays' apex-mesh ports, as DOMAIN=HOST:PORT. Domains without a
 # static route are looked up in DNS (SRV _apex-mesh._tcp.DOMAIN, then port 912 of DOMAIN).
+# (reload: a link's next connection, and the addresses a bind is accepted from)
 peers = []
 # Domains whose relays may relay data for originators of other domains (trusted
-# intermediaries, RFC 3340 §4.5.2); "*" trusts every relay that binds.
+# intermediaries, RFC 3340 §4.5.2); "*" trusts every relay that binds. (reload)
 trusted = []
+# Link settings, down to close_timeout_ms (reload).
 # Data messages queued per outbound link while it connects; beyond it recipients fail.
 link_queue = 4096
 # Data messages in flight (awaiting the next relay's reply) per link.
@@ -88,9 +94,11 @@ connect_attempts = 5
 close_timeout_ms = 5000
 # The DNS server (ADDR:PORT) asked for the SRV records of domains without a static route, over
 # UDP (TCP for truncated answers); empty means the system's resolvers (/etc/resolv.conf).
+# (restart: one resolver serves the process)
 dns_server = ""
 
 [auth]
+# (reload: new attaches and binds, new sessions)
 # Who may attach as which endpoint (RFC 3340 §4.5.1):
 #   "required"       every apex-edge session authenticates (SASL) before it attaches;
 #   "loopback-open"  sessions from 127.0.0.0/8 or ::1 may attach as anything, others
@@ -103,6 +111,7 @@ mode = ""
 users = ""
 
 [tls]
+# (reload: new sessions, links' next connections)
 # PEM certificate chain and private key of this relay: both ports then offer the BEEP TLS
 # profile (RFC 3080 §3), and outbound relay links start TLS. Empty: no TLS.
 cert = ""
@@ -112,6 +121,7 @@ key = ""
 ca = ""
 
 [hold]
+# (reload)
 # Data held for endpoints that are not attached yet, when the data asks for it with the
 # hold4Endpoint option (RFC 3342): most messages and octets held per shard, and the longest
 # hold in milliseconds (0: as long as the data's dataTiming allows, forever without one).
@@ -120,6 +130,7 @@ max_bytes = 16777216
 max_hold_ms = 0
 
 [backpressure]
+# (reload)
 # A recipient that does not take its messages holds back only the channels that send to it
 # (their BEEP windows). Octets of messages waiting for such recipients, per shard: past it,
 # every recipient with messages waiting refuses new data (450) until it takes them.
@@ -134,6 +145,7 @@ stall_ms = 5000
 backlog_slack = 65536
 
 [apex]
+# (reload)
 # Bounds on APEX control documents from peers (apex_proto::apex::msg::ApexLimits).
 max_depth = 32
 max_attributes = 16
@@ -142,7 +154,7 @@ max_recipients = 256
 max_options = 64
 
 [limits]
-# See apex_proto::Limits for the meaning of each bound.
+# See apex_proto::Limits for the meaning of each bound. (reload: sessions from then on)
 max_header_line = 128
 recv_window = 262144
 max_message_size = 4194304
