@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 /// The configuration apexd runs with when given no file: every field explicit, so
 /// `--print-config` shows what is in force.
 pub const EMBEDDED_DEFAULT: &str = r#"# apexd embedded default configuration.
+# SIGHUP re-reads the --config file (flags still override it) and applies, without dropping
+# sessions, the settings marked "(reload)"; the others need a restart, and a reload that finds
+# one changed names it in a warning and keeps the value in force.
 # domain: the administrative domain this relay serves; empty means "this host's name".
 domain = ""
 # apex-edge: endpoints attach here (RFC 3340 §3: TCP port 913).
@@ -31,7 +34,7 @@ mesh_listen = "0.0.0.0:912"
 shards = 0
 # pin: pin each shard to its own CPU (production); false lets the kernel place them (tests).
 pin = true
-# log: error, warn, info, debug or trace (or a tracing filter such as "apexd=debug").
+# log: error, warn, info, debug or trace (or a tracing filter such as "apexd=debug"). (reload)
 log = "info"
 # log_format: "text" (one human-readable line per event) or "json" (one JSON object per line:
 # timestamp, level, target, fields, message).
@@ -62,7 +65,7 @@ listen_backlog = 1024
 # Capacity of each shard-to-shard queue (messages).
 mesh_queue = 1024
 # Store requests (held data, access changes) a shard may have waiting for the store; past
-# it, data to hold gets 450 and an access set 451 until the store catches up.
+# it, data to hold gets 450 and an access set 451 until the store catches up. (reload)
 store_queue = 4096
 
 [warnings]
@@ -77,7 +80,8 @@ max_peers = 4096
 [access]
 # Access entries granted for every local endpoint (RFC 3341), as ACTOR=ACTIONS. The RFC's
 # default entries deny core:data between ordinary endpoints; this grant lets the endpoints of
-# this relay's own domain send each other data. $DOMAIN stands for `domain`.
+# this relay's own domain send each other data. $DOMAIN stands for `domain`. (reload: put in
+# force like an access `set`)
 grants = ["*@$DOMAIN=core:data"]
 # Bounds on the entries endpoints store with the access service's `set` (RFC 3341 §4.4): per
 # owner, and over all owners; past either a new entry is refused with 554.
@@ -87,10 +91,12 @@ max_entries = 1000000
 [mesh]
 # Static routes to other relays' apex-mesh ports, as DOMAIN=HOST:PORT. Domains without a
 # static route are looked up in DNS (SRV _apex-mesh._tcp.DOMAIN, then port 912 of DOMAIN).
+# (reload: a link's next connection, and the addresses a bind is accepted from)
 peers = []
 # Domains whose relays may relay data for originators of other domains (trusted
-# intermediaries, RFC 3340 §4.5.2); "*" trusts every relay that binds.
+# intermediaries, RFC 3340 §4.5.2); "*" trusts every relay that binds. (reload)
 trusted = []
+# Link settings, down to close_timeout_ms (reload).
 # Data messages queued per outbound link while it connects; beyond it recipients fail.
 link_queue = 4096
 # Data messages in flight (awaiting the next relay's reply) per link.
@@ -104,9 +110,11 @@ connect_attempts = 5
 close_timeout_ms = 5000
 # The DNS server (ADDR:PORT) asked for the SRV records of domains without a static route, over
 # UDP (TCP for truncated answers); empty means the system's resolvers (/etc/resolv.conf).
+# (restart: one resolver serves the process)
 dns_server = ""
 
 [auth]
+# (reload: new attaches and binds, new sessions)
 # Who may attach as which endpoint (RFC 3340 §4.5.1):
 #   "required"       every apex-edge session authenticates (SASL) before it attaches;
 #   "loopback-open"  sessions from 127.0.0.0/8 or ::1 may attach as anything, others
@@ -119,6 +127,7 @@ mode = ""
 users = ""
 
 [tls]
+# (reload: new sessions, links' next connections)
 # PEM certificate chain and private key of this relay: both ports then offer the BEEP TLS
 # profile (RFC 3080 §3), and outbound relay links start TLS. Empty: no TLS.
 cert = ""
@@ -128,6 +137,7 @@ key = ""
 ca = ""
 
 [hold]
+# (reload)
 # Data held for endpoints that are not attached yet, when the data asks for it with the
 # hold4Endpoint option (RFC 3342): most messages and octets held per shard, and the longest
 # hold in milliseconds (0: as long as the data's dataTiming allows, forever without one).
@@ -136,6 +146,7 @@ max_bytes = 16777216
 max_hold_ms = 0
 
 [backpressure]
+# (reload)
 # A recipient that does not take its messages holds back only the channels that send to it
 # (their BEEP windows). Octets of messages waiting for such recipients, per shard: past it,
 # every recipient with messages waiting refuses new data (450) until it takes them.
@@ -150,6 +161,7 @@ stall_ms = 5000
 backlog_slack = 65536
 
 [apex]
+# (reload)
 # Bounds on APEX control documents from peers (apex_proto::apex::msg::ApexLimits).
 max_depth = 32
 max_attributes = 16
@@ -158,7 +170,7 @@ max_recipients = 256
 max_options = 64
 
 [limits]
-# See apex_proto::Limits for the meaning of each bound.
+# See apex_proto::Limits for the meaning of each bound. (reload: sessions from then on)
 max_header_line = 128
 recv_window = 262144
 max_message_size = 4194304
@@ -574,19 +586,29 @@ impl Config {
     }
 
     /// Reads `path`, or the embedded default when `None`, then applies `overrides`.
+    ///
+    /// A value that parses but cannot work is reported against the file's line that sets it
+    /// ("FILE:LINE: field `x`: ..."), or against the file alone when a flag or the default
+    /// gave it.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config> {
-        let mut config = match path {
+        let (mut config, file) = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| {
                     format!("cannot read configuration file {}", path.display())
                 })?;
-                Config::from_toml(&text, &path.display().to_string())?
+                let origin = path.display().to_string();
+                (Config::from_toml(&text, &origin)?, Some((origin, text)))
             }
-            None => Config::from_toml("", "embedded default")?,
+            None => (Config::from_toml("", "embedded default")?, None),
         };
         config.apply(overrides);
         config.resolve_domain();
-        config.validate()?;
+        if let Err(e) = config.validate() {
+            return Err(match file {
+                Some((origin, text)) => locate_invalid(&origin, &text, e),
+                None => e,
+            });
+        }
         Ok(config)
     }
 
@@ -928,6 +950,57 @@ fn located(origin: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
     }
 }
 
+/// A validation error (which names the field as "field `table.key`") prefixed with the origin
+/// and, when the file sets that field, its line.
+fn locate_invalid(origin: &str, text: &str, e: anyhow::Error) -> anyhow::Error {
+    let message = e.to_string();
+    let line = message
+        .split('`')
+        .nth(1)
+        // `mesh.peers[2]` is set by the line of `mesh.peers`.
+        .map(|field| field.split('[').next().unwrap_or(field))
+        .and_then(|field| field_line(text, field));
+    match line {
+        Some(line) => anyhow::anyhow!("{origin}:{line}: {message}"),
+        None => anyhow::anyhow!("{origin}: {message}"),
+    }
+}
+
+/// The line (from 1) of `text` that sets `field` ("table.key"), under a `[table]` header or as
+/// a dotted key.
+pub fn field_line(text: &str, field: &str) -> Option<usize> {
+    let dotted = |key: &str| {
+        key.split('.')
+            .map(|part| part.trim().trim_matches(['"', '\'']))
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    let mut table = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            table = dotted(line.trim_matches(['[', ']']));
+            continue;
+        }
+        let Some((key, _)) = line.split_once('=') else {
+            continue;
+        };
+        if line.starts_with('#') {
+            continue;
+        }
+        let key = dotted(key);
+        let path = if table.is_empty() {
+            key
+        } else {
+            format!("{table}.{key}")
+        };
+        if path == field {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1105,6 +1178,54 @@ mod tests {
             err.contains("yaml") && err.contains("text or json"),
             "{err}"
         );
+    }
+
+    /// A value that parses but cannot work is reported at the line of the file that sets it,
+    /// under a table header or as a dotted key; one given by a flag names the file only.
+    #[test]
+    fn invalid_values_name_the_file_line_and_field() {
+        let dir = std::env::temp_dir().join(format!("apexd-config-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        let origin = path.display().to_string();
+        for (text, line, field) in [
+            (
+                "domain = \"x.org\"\n\n[mesh]\npeers = [\"nowhere\"]\n",
+                4,
+                "mesh.peers[0]",
+            ),
+            (
+                "domain = \"x.org\"\nmesh.peers = [\"nowhere\"]\n",
+                2,
+                "mesh.peers[0]",
+            ),
+            (
+                "# c\n[runtime]\n# ring_depth = 8\nring_depth = 100\n",
+                4,
+                "runtime.ring_depth",
+            ),
+            ("[ tls ]\ncert = \"c.pem\"\n", 2, "tls.cert"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load(Some(&path), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("{origin}:{line}: ")) && err.contains(field),
+                "{text}: {err}"
+            );
+        }
+        std::fs::write(&path, "domain = \"x.org\"\n").unwrap();
+        let flagged = Overrides {
+            peers: vec!["nowhere".into()],
+            ..Overrides::default()
+        };
+        let err = Config::load(Some(&path), &flagged).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{origin}: field `mesh.peers[0]`")),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dns;
 pub mod logs;
 pub mod monitor;
+pub mod reload;
 pub mod security;
 pub mod shard;
 pub mod store;

@@ -6,24 +6,40 @@
 use std::io::IsTerminal;
 
 use anyhow::{anyhow, Result};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
 use crate::config::LogFormat;
+use crate::reload::SetLogFilter;
 
 /// Installs the process's subscriber: events passing `filter` (a tracing filter such as
 /// `info` or `apexd=debug`) go to standard error as `format` says. JSON lines carry
 /// `timestamp`, `level`, `target`, `fields` (the message among them) and the span's fields.
-pub fn init(filter: &str, format: LogFormat) -> Result<()> {
+/// Returns what changes the filter later (a reload: SIGHUP).
+pub fn init(filter: &str, format: LogFormat) -> Result<SetLogFilter> {
     let filter =
         EnvFilter::try_new(filter).map_err(|e| anyhow!("invalid --log filter '{filter}': {e}"))?;
     // Colours only for a person at a terminal: a file, a pipe or the journal gets plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let text = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let installed = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(false).try_init(),
+    let lines: Box<dyn Layer<Registry> + Send + Sync> = match format {
+        LogFormat::Text => Box::new(text),
+        LogFormat::Json => Box::new(text.json().flatten_event(false)),
     };
-    installed.map_err(|e| anyhow!("cannot install the log subscriber: {e}"))
+    // The filter sits behind a reload layer so that SIGHUP can change it.
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(lines)
+        .with(filter)
+        .try_init()
+        .map_err(|e| anyhow!("cannot install the log subscriber: {e}"))?;
+    Ok(Box::new(move |log: &str| {
+        let filter =
+            EnvFilter::try_new(log).map_err(|e| anyhow!("'{log}' is not a log filter: {e}"))?;
+        handle
+            .reload(filter)
+            .map_err(|e| anyhow!("cannot change the log filter: {e}"))
+    }))
 }

@@ -132,7 +132,8 @@ fn client_config(
     }
 }
 
-/// The security configuration every shard uses, replaced as a whole by a reload (SIGHUP):
+/// The security configuration every shard uses, replaced as a whole by a reload (SIGHUP,
+/// `crate::reload`):
 /// shards notice the new generation and take it for new sessions and new SASL exchanges;
 /// sessions keep the identity and TLS they negotiated.
 #[derive(Debug, Default)]
@@ -172,15 +173,5 @@ impl SharedSecurity {
         }
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    }
-
-    /// Re-reads the files `config` names (users, certificate, key, roots). On an error the
-    /// configuration in force stays, and the error says which file and line is wrong.
-    pub fn reload(&self, config: &Config) -> Result<()> {
-        let security = load(config)?;
-        let users = security.users.len();
-        self.replace(security);
-        tracing::info!(users, "reloaded users and TLS files");
-        Ok(())
     }
 }

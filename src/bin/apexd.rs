@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use apexd::config::{Config, Overrides};
+use apexd::reload::{Reloader, Settings, SharedSettings};
 use clap::Parser;
 
 /// APEX relay (RFC 3340) on thread-per-core io_uring shards.
@@ -122,21 +123,15 @@ fn passwd(user: &str, iterations: u32) -> Result<()> {
     Ok(())
 }
 
-/// SIGHUP re-reads the users file and the TLS files; a bad file leaves the old ones in force.
-fn reload_on_sighup(
-    config: apexd::config::Config,
-    security: Arc<apexd::security::SharedSecurity>,
-) -> Result<()> {
+/// SIGHUP reloads: the configuration file under the same flags, the users file and the TLS
+/// files (see `apexd::reload`); a bad file leaves everything in force.
+fn reload_on_sighup(reloader: Arc<Reloader>) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
     std::thread::Builder::new()
         .name("apexd-reload".into())
         .spawn(move || {
             for _ in signals.forever() {
-                if let Err(e) = security.reload(&config) {
-                    tracing::error!(
-                        "reload failed, the previous users and TLS files stay in force: {e:#}"
-                    );
-                }
+                reloader.reload_and_log();
             }
         })?;
     Ok(())
@@ -179,13 +174,22 @@ fn run() -> Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
-    apexd::logs::init(&config.log, config.log_format)?;
+    let set_log = apexd::logs::init(&config.log, config.log_format)?;
 
     let security = Arc::new(apexd::security::SharedSecurity::new(apexd::security::load(
         &config,
     )?));
+    let settings = Arc::new(SharedSettings::new(Settings::from_config(&config)?));
+    let reloader = Arc::new(Reloader::new(
+        args.config.as_deref(),
+        overrides,
+        config.clone(),
+        security.clone(),
+        settings.clone(),
+        set_log,
+    ));
     let stop = Arc::new(AtomicBool::new(false));
-    reload_on_sighup(config.clone(), security.clone())?;
+    reload_on_sighup(reloader.clone())?;
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())?;
     }
@@ -195,7 +199,6 @@ fn run() -> Result<()> {
     }
     let domain = config.domain.clone();
     let data_dir = config.data_dir()?;
-    let grants = config.access_table()?;
     let access_limits = config.access_limits();
     // The monitoring endpoint listens before the shards start, so that a busy address stops
     // apexd at once; /healthz answers 503 until every shard listens.
@@ -213,25 +216,36 @@ fn run() -> Result<()> {
     };
     let store_monitor = monitor.clone();
     let open_store: apexd::shard::OpenStore<'_> = Box::new(move |shards| {
-        let opened = apexd::store::Store::open(&data_dir, grants, access_limits, shards)?;
+        // The grants in force when it opens: a reload may have come since the start.
+        let opened = reloader.open_store(|grants| {
+            apexd::store::Store::open(&data_dir, grants, access_limits, shards)
+        })?;
         tracing::info!(path = %opened.0.path().display(), "store open");
         if let Some(monitor) = &store_monitor {
             monitor.set_store(opened.0.clone());
         }
         Ok(opened)
     });
-    let store = apexd::shard::run(config, stop, security, open_store, probes, |bound| {
-        if let Some(monitor) = &monitor {
-            monitor.set_ready(bound.edge, bound.mesh);
-        }
-        let metrics = metrics_addr.map_or_else(String::new, |a| format!(" metrics={a}"));
-        // One machine-readable line for scripts and tests.
-        println!(
-            "apexd ready domain={domain} edge={} mesh={} shards={}{metrics}",
-            bound.edge, bound.mesh, bound.shards
-        );
-        let _ = std::io::stdout().flush();
-    })?;
+    let store = apexd::shard::run(
+        config,
+        stop,
+        security,
+        settings,
+        open_store,
+        probes,
+        |bound| {
+            if let Some(monitor) = &monitor {
+                monitor.set_ready(bound.edge, bound.mesh);
+            }
+            let metrics = metrics_addr.map_or_else(String::new, |a| format!(" metrics={a}"));
+            // One machine-readable line for scripts and tests.
+            println!(
+                "apexd ready domain={domain} edge={} mesh={} shards={}{metrics}",
+                bound.edge, bound.mesh, bound.shards
+            );
+            let _ = std::io::stdout().flush();
+        },
+    )?;
     // What the shards asked to store before they stopped is committed before exit.
     store.close();
     tracing::info!("apexd stopped");

@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use crate::apex_profile::APEX_PROFILE;
 use crate::config::Config;
 use crate::monitor::{EndpointList, LinkList, Probe, ShardReport};
+use crate::reload::{Settings, SharedSettings};
 use crate::security::SharedSecurity;
 use crate::store::{SharedAccess, Store};
 use crate::sys;
@@ -42,10 +43,9 @@ use notify::Notify;
 pub struct ShardContext {
     /// Shard index.
     pub id: usize,
-    /// The validated configuration.
+    /// The validated configuration the shard started with. What a reload changes is in
+    /// force in `core` and `routes` (see [`ShardContext::apply_settings`]), not here.
     pub config: Config,
-    /// Session settings derived from it.
-    pub session_config: SessionConfig,
     /// Closed when the shard shuts down: every waiter wakes.
     pub shutdown: Semaphore,
     /// Open connections on this shard.
@@ -59,8 +59,8 @@ pub struct ShardContext {
     pub timer: Notify,
     /// Queues to the other shards (none with one shard).
     pub mesh: Option<ShardMesh>,
-    /// Static routes to other relays.
-    pub routes: Vec<(String, SocketAddr)>,
+    /// Static routes to other relays, replaced by a reload.
+    pub routes: RefCell<Vec<(String, SocketAddr)>>,
     /// Set when shutdown begins (with `shutdown` closed).
     pub stopping: Cell<bool>,
     /// Envelopes waiting for each peer shard's queue, in order; one flusher task per peer
@@ -150,6 +150,22 @@ impl ShardContext {
                 false
             }
         }
+    }
+
+    /// Puts reloaded settings in force on this shard, for what it does next: sessions,
+    /// attachments, binds and open links stay as they are.
+    pub fn apply_settings(&self, settings: &Settings) {
+        self.routes.replace(settings.routes.clone());
+        let mut core = self.core.borrow_mut();
+        core.set_link_config(settings.link.clone());
+        core.set_budgets(settings.budgets.clone());
+        core.set_session_config(settings.session.clone());
+        let relay = core.relay_mut();
+        relay.set_auth(settings.auth.clone());
+        relay.set_trusted(settings.trusted.clone());
+        relay.set_hold_limits(settings.hold);
+        relay.set_apex_limits(settings.apex);
+        relay.set_store_queue(settings.store_queue);
     }
 
     /// True once shutdown began.
@@ -283,11 +299,13 @@ pub type OpenStore<'a> =
 /// `open_store` is called once the listen addresses are reserved (a relay that cannot listen
 /// creates no files); `on_ready` once every shard listens. `probes` are the shards' queues
 /// from the monitoring endpoint, one per shard ([`crate::monitor::Monitor::new`]), or none
-/// when it is off. Returns the store, still open.
+/// when it is off. `security` and `settings` are what a reload replaces; every shard follows
+/// them. Returns the store, still open.
 pub fn run(
     config: Config,
     stop: Arc<AtomicBool>,
     security: Arc<SharedSecurity>,
+    settings: Arc<SharedSettings>,
     open_store: OpenStore<'_>,
     probes: Vec<flume::Receiver<Probe>>,
     on_ready: impl FnOnce(Bound),
@@ -354,6 +372,7 @@ pub fn run(
                 let stop = stop.clone();
                 let bound_tx = bound_tx.clone();
                 let security = security.clone();
+                let settings = settings.clone();
                 let index = next_index.fetch_add(1, Ordering::Relaxed);
                 let mesh_ends = mesh_plan.as_ref().and_then(|plan| plan.take(index));
                 let store = shard_store.clone();
@@ -381,7 +400,7 @@ pub fn run(
                         start,
                         config,
                         stop,
-                        security,
+                        Reloadables { security, settings },
                         shard_store,
                         bound_tx,
                         mesh_ends,
@@ -415,16 +434,6 @@ pub fn run(
     failed.map_or(Ok(store), Err)
 }
 
-/// The addresses each statically routed domain's relay is reached at: a connection from one of
-/// them may bind as that domain without TLS.
-fn relay_addresses(routes: &[(String, SocketAddr)]) -> FxHashMap<String, Vec<std::net::IpAddr>> {
-    let mut addresses: FxHashMap<String, Vec<std::net::IpAddr>> = FxHashMap::default();
-    for (domain, addr) in routes {
-        addresses.entry(domain.clone()).or_default().push(addr.ip());
-    }
-    addresses
-}
-
 fn sys_cpus() -> usize {
     crate::config::online_cpus()
 }
@@ -445,6 +454,12 @@ struct ShardStore {
 /// What [`run`] hands each shard of the store: its answers and its held data.
 type ShardStoreParts = (flume::Receiver<StoreDone>, Vec<(HoldId, HeldMessage)>);
 
+/// What a reload replaces, which every shard follows.
+struct Reloadables {
+    security: Arc<SharedSecurity>,
+    settings: Arc<SharedSettings>,
+}
+
 /// What a shard starts with besides its configuration, security, store and mesh ends.
 struct ShardStart {
     id: usize,
@@ -458,7 +473,7 @@ async fn shard_main(
     start: ShardStart,
     config: Config,
     stop: Arc<AtomicBool>,
-    security: Arc<SharedSecurity>,
+    reloadables: Reloadables,
     shard_store: ShardStore,
     bound_tx: mpsc::Sender<Result<()>>,
     mesh_ends: Option<mesh::ShardEnds>,
@@ -492,7 +507,6 @@ async fn shard_main(
         .as_mut()
         .map(ShardMesh::take_receivers)
         .unwrap_or_default();
-    let routes = config.static_routes()?;
     let shard_count = config.shard_count();
     let ShardStore {
         store,
@@ -512,7 +526,7 @@ async fn shard_main(
         store_queue: config.runtime.store_queue,
         auth: AuthPolicy {
             mode: config.auth_mode()?,
-            relay_addresses: relay_addresses(&routes),
+            relay_addresses: FxHashMap::default(),
         },
     });
     let outbox_limit = config.runtime.mesh_queue;
@@ -525,17 +539,19 @@ async fn shard_main(
         relay,
         id,
         shard_count,
-        session_config.clone(),
+        session_config,
         config.budgets(),
         epoch,
     );
-    core.set_link_config(config.link_config());
-    let (generation, in_force) = security.get();
+    let Reloadables { security, settings } = reloadables;
+    // The settings in force may be newer than `config` when a reload came before the shard
+    // started. Read before security, applied after it (see `follow_reload`).
+    let (settings_seen, settings_in_force) = settings.get();
+    let (security_seen, in_force) = security.get();
     core.set_security(in_force);
     let warn_limits = warnings::WarnLimits::from(&config.warnings);
     let ctx = Rc::new(ShardContext {
         id,
-        session_config,
         config,
         shutdown: Semaphore::new(0),
         connections: Cell::new(0),
@@ -543,7 +559,7 @@ async fn shard_main(
         wakers: RefCell::new(FxHashMap::default()),
         timer: Notify::default(),
         mesh,
-        routes,
+        routes: RefCell::default(),
         stopping: Cell::new(false),
         outboxes: (0..shard_count)
             .map(|_| outbox::Outbox::new(outbox_limit))
@@ -557,6 +573,7 @@ async fn shard_main(
         warnings: RefCell::new(warnings::WarnLimiter::new(warn_limits)),
         warnings_suppressed: Notify::default(),
     });
+    ctx.apply_settings(&settings_in_force);
     // Held data the store kept from before a restart, for the endpoints whose home is here.
     if !held.is_empty() {
         info!(
@@ -595,7 +612,13 @@ async fn shard_main(
 
     glommio::spawn_local(run_timer(ctx.clone())).detach();
     glommio::spawn_local(summarise_warnings(ctx.clone())).detach();
-    glommio::spawn_local(follow_security(ctx.clone(), security, generation)).detach();
+    glommio::spawn_local(follow_reload(
+        ctx.clone(),
+        Reloadables { security, settings },
+        security_seen,
+        settings_seen,
+    ))
+    .detach();
     let edge_task = glommio::spawn_local(accept_loop(edge, ctx.clone(), ConnKind::Edge));
     let mesh_task = glommio::spawn_local(accept_loop(mesh_listener, ctx.clone(), ConnKind::Mesh));
     info!(shard = id, edge = %ctx.config.edge_listen, mesh = %ctx.config.mesh_listen, "shard listening");
@@ -638,15 +661,32 @@ async fn shard_main(
 /// The core's timers (held data expires, stalled recipients refuse, links back off and give
 /// up waiting for a close): sleeps until the core's next timeout, and sleeps again when an
 /// earlier one appears ([`ShardContext::dispatch`] wakes it). An idle shard does not wake.
-/// Applies a reloaded security configuration (SIGHUP) to this shard, checking for one once a
-/// second: an atomic load, not a wake-up per message.
-async fn follow_security(ctx: Rc<ShardContext>, security: Arc<SharedSecurity>, mut seen: u64) {
+/// Applies a reload (SIGHUP) to this shard: checks for one once a second (two atomic loads,
+/// not a wake-up per message), and puts the new security configuration and settings in force.
+/// The settings' generation is read first: the reload publishes security before settings, so
+/// settings are never applied with older security (a link's TLS follows both).
+async fn follow_reload(
+    ctx: Rc<ShardContext>,
+    reloadables: Reloadables,
+    mut security_seen: u64,
+    mut settings_seen: u64,
+) {
+    let Reloadables { security, settings } = reloadables;
     while !ctx.stopping() {
         glommio::timer::sleep(Duration::from_secs(1)).await;
-        if security.generation() != seen {
+        let settings_changed = settings.generation() != settings_seen;
+        if security.generation() != security_seen {
             let (generation, in_force) = security.get();
-            seen = generation;
+            security_seen = generation;
             ctx.core.borrow_mut().set_security(in_force);
+        }
+        if settings_changed {
+            let (generation, in_force) = settings.get();
+            settings_seen = generation;
+            ctx.apply_settings(&in_force);
+            tracing::debug!(target: "apexd::reload", shard = ctx.id, generation, "settings in force");
+            // Timers measured against the old settings are looked at again.
+            ctx.dispatch();
         }
     }
 }

@@ -114,9 +114,11 @@ async fn connect_first(addrs: &[SocketAddr]) -> std::io::Result<(TcpStream, Sock
 }
 
 impl ShardContext {
-    /// The address of `domain`'s relay: a static route.
+    /// The address of `domain`'s relay: a static route (the one in force since the last
+    /// reload).
     pub fn route(&self, domain: &str) -> Option<SocketAddr> {
         self.routes
+            .borrow()
             .iter()
             .find(|(d, _)| d.eq_ignore_ascii_case(domain))
             .map(|(_, a)| *a)

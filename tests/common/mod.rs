@@ -105,18 +105,39 @@ impl Relay {
         if let Some(dir) = data_dir {
             defaults.extend(["--data-dir", dir]);
         }
+        Self::launch(&[defaults.as_slice(), extra].concat(), stderr).0
+    }
+
+    /// Starts apexd with `--no-pin` and exactly `args` (no listen addresses or data directory
+    /// added), and hands its log lines (stderr) over as they come.
+    pub fn spawn_logged(args: &[&str]) -> (Relay, mpsc::Receiver<String>) {
+        let (relay, stderr) = Self::launch(&[&["--no-pin"], args].concat(), Stdio::piped());
+        let (tx, rx) = mpsc::channel();
+        if let Some(stderr) = stderr {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("{line}");
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        (relay, rx)
+    }
+
+    fn launch(args: &[&str], stderr: Stdio) -> (Relay, Option<std::process::ChildStderr>) {
         let mut child = Command::new(
             std::env::var_os("APEXD_TEST_BIN")
                 .unwrap_or_else(|| env!("CARGO_BIN_EXE_apexd").into()),
         )
-        .args(defaults)
-        .args(extra)
+        .args(args)
         // A lookup that would leave loopback (no loopback --dns-server) fails, naming the domain.
         .env("APEXD_DNS_LOOPBACK_ONLY", "1")
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()
         .expect("spawn apexd");
+        let stderr = child.stderr.take();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -135,7 +156,7 @@ impl Relay {
                 .parse()
                 .unwrap()
         };
-        Relay {
+        let relay = Relay {
             edge: field("edge="),
             mesh: field("mesh="),
             metrics: line
@@ -144,7 +165,8 @@ impl Relay {
                 .map(|a| a.parse().unwrap()),
             child,
             state: None,
-        }
+        };
+        (relay, stderr)
     }
 
     /// Sends SIGTERM and waits for the exit status.

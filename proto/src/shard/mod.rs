@@ -260,9 +260,19 @@ impl ShardCore {
         }
     }
 
-    /// How the shard's outbound relay links behave.
+    /// How the shard's outbound relay links behave. Links already open keep their connection;
+    /// the new bounds and waits apply from their next step on.
     pub fn set_link_config(&mut self, config: LinkConfig) {
         self.link_config = config;
+        // Backoff and close waits are measured against it: the timer looks again.
+        self.deadline_moved = true;
+    }
+
+    /// The shard-wide backpressure budgets from now on (a reload).
+    pub fn set_budgets(&mut self, budgets: Budgets) {
+        self.budgets = budgets;
+        // A stalled recipient's deadline is measured against it: the timer looks again.
+        self.deadline_moved = true;
     }
 
     /// The state of the link to `domain`, if the shard has one.

@@ -390,6 +390,20 @@ impl Relay {
         self.config.hold = limits;
     }
 
+    /// Trusts the relays of `domains` as intermediaries from now on (see
+    /// [`RelayConfig::trusted`]; a reload). Binds already made stay; data is checked against
+    /// the new list from the next message on.
+    pub fn set_trusted(&mut self, domains: Vec<String>) {
+        self.routes_may_change();
+        self.config.trusted = domains;
+    }
+
+    /// Bounds the control documents parsed from now on with `limits` (a reload).
+    pub fn set_apex_limits(&mut self, limits: ApexLimits) {
+        self.routes_may_change();
+        self.config.limits = limits;
+    }
+
     /// The access table in force.
     pub fn access(&self) -> &AccessTable {
         &self.config.access
