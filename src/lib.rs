@@ -8,6 +8,7 @@ pub mod apex_profile;
 pub mod config;
 pub mod dns;
 pub mod security;
+pub mod service_manager;
 pub mod shard;
 pub mod store;
 pub mod sys;

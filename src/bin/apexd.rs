@@ -186,6 +186,10 @@ fn run() -> Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())?;
     }
+    apexd::service_manager::stopping_on(&[
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     // The DNS resolver thread, started here so that it is not pinned to a shard's CPU.
     if let Err(e) = apexd::dns::shared(&apexd::dns::Settings::from_config(&config.mesh)) {
         tracing::warn!("{e:#}; a shard will try again when it needs DNS");
@@ -206,6 +210,7 @@ fn run() -> Result<()> {
             bound.edge, bound.mesh, bound.shards
         );
         let _ = std::io::stdout().flush();
+        apexd::service_manager::ready(&domain, &bound);
     })?;
     // What the shards asked to store before they stopped is committed before exit.
     store.close();

@@ -74,6 +74,15 @@ impl Relay {
     /// Starts apexd with `extra` arguments and the store in `data_dir` (`None`: as given in
     /// `extra`).
     pub fn spawn(extra: &[&str], data_dir: Option<&str>) -> Relay {
+        Self::spawn_with_env(extra, data_dir, &[])
+    }
+
+    /// As [`Relay::spawn`], with `env` added to apexd's environment.
+    pub fn spawn_with_env(
+        extra: &[&str],
+        data_dir: Option<&str>,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Relay {
         // APEXD_TEST_BIN runs another build (e.g. one with a sanitizer) under the same tests;
         // APEXD_TEST_LOG raises the relay's log level when a test needs investigating.
         let log = std::env::var("APEXD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
@@ -94,6 +103,9 @@ impl Relay {
         .args(extra)
         // A lookup that would leave loopback (no loopback --dns-server) fails, naming the domain.
         .env("APEXD_DNS_LOOPBACK_ONLY", "1")
+        // Tests run under a service manager must not notify it on the relays' behalf.
+        .env_remove("NOTIFY_SOCKET")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
