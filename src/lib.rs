@@ -7,6 +7,7 @@
 pub mod apex_profile;
 pub mod config;
 pub mod dns;
+pub mod manpages;
 pub mod security;
 pub mod service_manager;
 pub mod shard;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use apexd::config::{Config, Overrides};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 /// APEX relay (RFC 3340) on thread-per-core io_uring shards.
 #[derive(Debug, Parser)]
@@ -143,6 +143,14 @@ fn main() {
 }
 
 fn run() -> Result<()> {
+    if let Some(pages) = apexd::manpages::generate_if_asked(
+        std::env::args_os(),
+        Args::command,
+        "8",
+        apexd::manpages::APEXD_SECTIONS,
+    ) {
+        return pages.map(drop);
+    }
     let args = Args::parse();
     if let Some(Command::Passwd { user, iterations }) = &args.command {
         return passwd(user, *iterations);
