@@ -86,7 +86,7 @@ use apex_proto::limits::MAX_31BIT;
 use apex_proto::tls::{crypto_provider, TlsLayer};
 use apex_proto::{xml, Event, ReplyKind, Role, Session, SessionConfig};
 use bytes::{Bytes, BytesMut};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use apex_proto::apex::relay::APEX_PROFILE as APEX;
 
@@ -322,6 +322,20 @@ enum Status {
 }
 
 fn main() -> ExitCode {
+    if let Some(pages) = apexd::manpages::generate_if_asked(
+        std::env::args_os(),
+        Cli::command,
+        "1",
+        apexd::manpages::APEX_SECTIONS,
+    ) {
+        return match pages {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("apex: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(Status::Success) => ExitCode::SUCCESS,

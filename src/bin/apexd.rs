@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use apexd::config::{Config, Overrides};
 use apexd::reload::{Reloader, Settings, SharedSettings};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 /// APEX relay (RFC 3340) on thread-per-core io_uring shards.
 #[derive(Debug, Parser)]
@@ -145,6 +145,14 @@ fn main() {
 }
 
 fn run() -> Result<()> {
+    if let Some(pages) = apexd::manpages::generate_if_asked(
+        std::env::args_os(),
+        Args::command,
+        "8",
+        apexd::manpages::APEXD_SECTIONS,
+    ) {
+        return pages.map(drop);
+    }
     let args = Args::parse();
     if let Some(Command::Passwd { user, iterations }) = &args.command {
         return passwd(user, *iterations);
@@ -193,6 +201,10 @@ fn run() -> Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())?;
     }
+    apexd::service_manager::stopping_on(&[
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     // The DNS resolver thread, started here so that it is not pinned to a shard's CPU.
     if let Err(e) = apexd::dns::shared(&apexd::dns::Settings::from_config(&config.mesh)) {
         tracing::warn!("{e:#}; a shard will try again when it needs DNS");
@@ -244,6 +256,7 @@ fn run() -> Result<()> {
                 bound.edge, bound.mesh, bound.shards
             );
             let _ = std::io::stdout().flush();
+            apexd::service_manager::ready(&domain, &bound);
         },
     )?;
     // What the shards asked to store before they stopped is committed before exit.

@@ -78,7 +78,7 @@ impl Relay {
     pub fn start_logging(extra: &[&str], stderr: &std::path::Path) -> Relay {
         let state = ScratchDir::new("state");
         let file = std::fs::File::create(stderr).unwrap();
-        let mut relay = Self::spawn_to(extra, Some(state.as_str()), Stdio::from(file));
+        let mut relay = Self::spawn_to(extra, Some(state.as_str()), Stdio::from(file), &[]);
         relay.state = Some(state);
         relay
     }
@@ -86,10 +86,24 @@ impl Relay {
     /// Starts apexd with `extra` arguments and the store in `data_dir` (`None`: as given in
     /// `extra`).
     pub fn spawn(extra: &[&str], data_dir: Option<&str>) -> Relay {
-        Self::spawn_to(extra, data_dir, Stdio::inherit())
+        Self::spawn_to(extra, data_dir, Stdio::inherit(), &[])
     }
 
-    fn spawn_to(extra: &[&str], data_dir: Option<&str>, stderr: Stdio) -> Relay {
+    /// As [`Relay::spawn`], with `env` added to apexd's environment.
+    pub fn spawn_with_env(
+        extra: &[&str],
+        data_dir: Option<&str>,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Relay {
+        Self::spawn_to(extra, data_dir, Stdio::inherit(), env)
+    }
+
+    fn spawn_to(
+        extra: &[&str],
+        data_dir: Option<&str>,
+        stderr: Stdio,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Relay {
         // APEXD_TEST_BIN runs another build (e.g. one with a sanitizer) under the same tests;
         // APEXD_TEST_LOG raises the relay's log level when a test needs investigating.
         let log = std::env::var("APEXD_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
@@ -105,13 +119,13 @@ impl Relay {
         if let Some(dir) = data_dir {
             defaults.extend(["--data-dir", dir]);
         }
-        Self::launch(&[defaults.as_slice(), extra].concat(), stderr).0
+        Self::launch(&[defaults.as_slice(), extra].concat(), stderr, env).0
     }
 
     /// Starts apexd with `--no-pin` and exactly `args` (no listen addresses or data directory
     /// added), and hands its log lines (stderr) over as they come.
     pub fn spawn_logged(args: &[&str]) -> (Relay, mpsc::Receiver<String>) {
-        let (relay, stderr) = Self::launch(&[&["--no-pin"], args].concat(), Stdio::piped());
+        let (relay, stderr) = Self::launch(&[&["--no-pin"], args].concat(), Stdio::piped(), &[]);
         let (tx, rx) = mpsc::channel();
         if let Some(stderr) = stderr {
             std::thread::spawn(move || {
@@ -125,7 +139,11 @@ impl Relay {
         (relay, rx)
     }
 
-    fn launch(args: &[&str], stderr: Stdio) -> (Relay, Option<std::process::ChildStderr>) {
+    fn launch(
+        args: &[&str],
+        stderr: Stdio,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> (Relay, Option<std::process::ChildStderr>) {
         let mut child = Command::new(
             std::env::var_os("APEXD_TEST_BIN")
                 .unwrap_or_else(|| env!("CARGO_BIN_EXE_apexd").into()),
@@ -133,6 +151,9 @@ impl Relay {
         .args(args)
         // A lookup that would leave loopback (no loopback --dns-server) fails, naming the domain.
         .env("APEXD_DNS_LOOPBACK_ONLY", "1")
+        // Tests run under a service manager must not notify it on the relays' behalf.
+        .env_remove("NOTIFY_SOCKET")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()
