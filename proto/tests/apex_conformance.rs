@@ -323,6 +323,54 @@ fn apex_13_1_and_13_2_across_two_shards() {
     run_13_1(2, 1, 0);
 }
 
+/// BEEP-23 (RFC 3080 §2.3.1.2): a start carrying serverName and a piggybacked attach (229).
+const START_ATTACH_SERVER_NAME: &[u8] = b"MSG 0 1 . 52 229\r\nContent-Type: application/beep+xml\r\n\r\n<start number='1' serverName='apex.example.com'>\r\n   <profile uri='http://iana.org/beep/APEX'>\r\n      <![CDATA[<attach endpoint='fred@example.com' transID='1' />]]>\r\n   </profile>\r\n</start>\r\n";
+
+/// BEEP-23: the serverName of the first successful `start` holds for the session, also when
+/// that start carries a piggybacked attach (the channel is created whatever the attach meets,
+/// RFC 3080 §2.3.1.2); a later start's serverName does not replace it.
+#[test]
+fn beep_23_server_name_of_a_start_with_piggyback_is_recorded() {
+    let mut net = granted(1);
+    let fred = net.connect_raw(0, ConnKind::Edge);
+    net.inject(fred, checked(I_GREETING));
+    let mut start = START_ATTACH_SERVER_NAME.to_vec();
+    start.extend_from_slice(b"END\r\n");
+    net.inject(fred, checked(&start));
+    let frames = net.clients[fred].relay_data_frames();
+    assert_eq!(
+        text(&frames[1]),
+        "RPY 0 1 . 111 109\r\nContent-Type: application/beep+xml\r\n\r\n<profile uri='http://iana.org/beep/APEX'><![CDATA[<ok />]]></profile>\r\nEND\r\n",
+        "channel created, attach accepted"
+    );
+    let conn = net.clients[fred].conn;
+    assert_eq!(
+        net.shards[0].session(conn).unwrap().server_name(),
+        Some("apex.example.com"),
+        "BEEP-23: serverName of the first successful start"
+    );
+    // A second start (no piggyback) naming another server changes nothing.
+    let second = b"Content-Type: application/beep+xml\r\n\r\n<start number='3' serverName='other.example.com'>\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</start>\r\n";
+    let frame = apex_proto::testing::frame_bytes(
+        apex_proto::beep::frame::Keyword::Msg,
+        0,
+        2,
+        false,
+        52 + 229,
+        second,
+    );
+    net.inject(fred, &frame);
+    assert_eq!(
+        net.clients[fred].relay_data_frames().len(),
+        3,
+        "second start accepted"
+    );
+    assert_eq!(
+        net.shards[0].session(conn).unwrap().server_name(),
+        Some("apex.example.com")
+    );
+}
+
 #[test]
 fn apex_06_piggyback_reply_content() {
     let mut net = granted(1);

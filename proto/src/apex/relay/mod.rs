@@ -598,6 +598,12 @@ impl Relay {
                 match request.profiles.iter().find(|p| p.uri == APEX_PROFILE) {
                     Some(offer) => match &offer.content {
                         Some(content) => {
+                            // The start succeeds whatever the piggybacked attach or bind
+                            // meets: its reply (`Action::StartReply`) always creates the
+                            // channel, so its serverName counts (RFC 3080 §2.3.1.2, BEEP-23).
+                            if let Some(name) = &request.server_name {
+                                session.set_server_name(name);
+                            }
                             self.handle_start(conn, request.id, request.channel, content)
                         }
                         None => {
