@@ -371,6 +371,105 @@ fn beep_23_server_name_of_a_start_with_piggyback_is_recorded() {
     );
 }
 
+/// The relay's answer to a document holding a character XML 1.0 §2.2 forbids.
+const ERR_501_FORBIDDEN_CHAR: &[u8] = b"Content-Type: application/beep+xml\r\n\r\n<error code='501'>character not allowed in XML (XML 1.0 section 2.2)</error>\r\n";
+
+/// Issue 19 item 12 (XML 1.0 §2.2, RFC 3340 §9.1): NUL, the other C0 controls but tab, line
+/// feed and carriage return, U+FFFE and U+FFFF are not XML characters, written literally or
+/// as character references, in `data-content` text, attribute values or diagnostics. Such a
+/// document is refused with 501 (byte-exact) and nothing is relayed; the same channel and a
+/// healthy pair alongside go on.
+#[test]
+fn xml_forbidden_characters_are_refused_with_501() {
+    for shards in [1, 2] {
+        let mut net = granted(shards);
+        let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+        let (barney, _) = attached(&mut net, shards - 1, "barney@example.com");
+        let (wilma, wch) = attached(&mut net, 0, "wilma@example.com");
+        let (betty, _) = attached(&mut net, shards - 1, "betty@example.com");
+        // A valid data first: the channel's memo of the head is then the same as below, so
+        // the check also holds on the path that reads only what follows the head.
+        let (ok, _) = net.send(
+            fred,
+            ch,
+            data("fred@example.com", &["barney@example.com"], "", "first"),
+        );
+        assert!(ok);
+        let contents = [
+            "nul \0 here",
+            "start of heading \u{1}",
+            "unit separator \u{1F}",
+            "vertical tab \u{B}",
+            "nonchar \u{FFFE}",
+            "nonchar \u{FFFF}",
+            "reference &#0;",
+            "reference &#x1;",
+            "reference &#xFFFE;",
+            "reference &#65535;",
+        ];
+        for content in contents {
+            let (ok, reply) = net.send(
+                fred,
+                ch,
+                data("fred@example.com", &["barney@example.com"], "", content),
+            );
+            assert!(!ok, "{content:?}");
+            assert_eq!(
+                text(&reply),
+                text(&Bytes::from_static(ERR_501_FORBIDDEN_CHAR)),
+                "{content:?}"
+            );
+        }
+        // In an attribute value, literal or referenced, and with options (the full parser).
+        let in_attributes = [
+            data("fred@example.com", &["barney\u{2}@example.com"], "", "x"),
+            data("fred@example.com", &["barney&#x2;@example.com"], "", "x"),
+            data(
+                "fred@example.com",
+                &["barney@example.com"],
+                &status_request(5),
+                "with an option &#8;",
+            ),
+        ];
+        for payload in in_attributes {
+            let (ok, reply) = net.send(fred, ch, payload.clone());
+            assert!(!ok, "{}", text(&payload));
+            assert_eq!(reply, Bytes::from_static(ERR_501_FORBIDDEN_CHAR));
+        }
+        // Anywhere in APEX XML: a terminate's diagnostic.
+        let (ok, reply) = net.send(
+            fred,
+            ch,
+            xml("<terminate transID='7'>bye &#x1B;</terminate>\r\n"),
+        );
+        assert!(!ok);
+        assert_eq!(reply, Bytes::from_static(ERR_501_FORBIDDEN_CHAR));
+        assert_eq!(
+            deliveries(&net, barney).len(),
+            1,
+            "only the first was relayed"
+        );
+        // Tab, line feed and carriage return are characters, literal or referenced.
+        let fine = data(
+            "fred@example.com",
+            &["barney@example.com"],
+            "",
+            "tab\there\r\nline &#9;&#xA;&#13; \u{FFFD} \u{10000}",
+        );
+        let (ok, _) = net.send(fred, ch, fine.clone());
+        assert!(ok);
+        assert_eq!(deliveries(&net, barney).last(), Some(&fine));
+        // The healthy pair alongside was never disturbed.
+        let (ok, _) = net.send(
+            wilma,
+            wch,
+            data("wilma@example.com", &["betty@example.com"], "", "hello"),
+        );
+        assert!(ok);
+        assert_eq!(deliveries(&net, betty).len(), 1);
+    }
+}
+
 #[test]
 fn apex_06_piggyback_reply_content() {
     let mut net = granted(1);
