@@ -1777,3 +1777,222 @@ fn apex_45_the_report_service_takes_no_requests_and_unknown_services_are_550() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Replies to the relay's deliveries (BEEP-15, issue 19 item 5)
+// ---------------------------------------------------------------------------------------------
+
+/// The payload of an APEX reply with `body`.
+fn reply_body(body: &str) -> Bytes {
+    xml(body)
+}
+
+/// BEEP-15 (RFC 3080 §2.2.2.1, RFC 3340 §9.1): a RPY to a delivery that is not `ok` is not a
+/// success. A poorly formed one fails that delivery (reported, 550) and the relay closes the
+/// channel: at once it delivers nothing more there, and asks to close it (code 500, byte-exact)
+/// once its MSGs already sent there are answered; the attachment then ends. A healthy pair on
+/// the same shards goes on throughout.
+#[test]
+fn beep_15_a_poorly_formed_reply_fails_the_delivery_and_closes_the_channel() {
+    for shards in [1, 2] {
+        let mut net = granted(shards);
+        let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+        let (barney, bch) = attached(&mut net, shards - 1, "barney@example.com");
+        net.clients[barney].auto_reply = false;
+        let (wilma, wch) = attached(&mut net, 0, "wilma@example.com");
+        let (betty, _) = attached(&mut net, shards - 1, "betty@example.com");
+        for (trans_id, content) in [(21, "one"), (22, "two")] {
+            let (ok, _) = net.send(
+                fred,
+                ch,
+                data(
+                    "fred@example.com",
+                    &["barney@example.com"],
+                    &status_request(trans_id),
+                    content,
+                ),
+            );
+            assert!(ok);
+        }
+        let received = net.clients[barney].received.clone();
+        assert_eq!(received.len(), 2);
+        // The first answered with an element APEX has no reply of.
+        net.reply(barney, bch, received[0].1, true, reply_body("<okay />\r\n"));
+        let r = reports(&net, fred);
+        assert_eq!(r.len(), 1, "{:?}", r.iter().map(text).collect::<Vec<_>>());
+        assert!(
+            is_report(&r[0], "example.com", 21, "barney@example.com", 550),
+            "a failure, not 250: {}",
+            text(&r[0])
+        );
+        assert!(text(&r[0]).contains("poorly formed reply from the endpoint"));
+        assert!(
+            net.clients[barney].closed.is_empty(),
+            "not closed while the second delivery is unanswered (BEEP-25)"
+        );
+        // Nothing more is delivered on the channel.
+        let (ok, _) = net.send(
+            fred,
+            ch,
+            data(
+                "fred@example.com",
+                &["barney@example.com"],
+                &status_request(24),
+                "three",
+            ),
+        );
+        assert!(ok);
+        assert_eq!(net.clients[barney].received.len(), 2, "not delivered");
+        let r = reports(&net, fred);
+        assert!(is_report(
+            &r[1],
+            "example.com",
+            24,
+            "barney@example.com",
+            550
+        ));
+        // The healthy pair meanwhile.
+        let (ok, _) = net.send(
+            wilma,
+            wch,
+            data(
+                "wilma@example.com",
+                &["betty@example.com"],
+                &status_request(31),
+                "fine",
+            ),
+        );
+        assert!(ok);
+        assert_eq!(deliveries(&net, betty).len(), 1);
+        assert!(reports(&net, wilma).iter().any(|p| is_report(
+            p,
+            "example.com",
+            31,
+            "betty@example.com",
+            250
+        )));
+        // The second is answered properly: reported as delivered, then the channel closes.
+        net.reply(barney, bch, received[1].1, true, msg::ok_payload());
+        let r = reports(&net, fred);
+        assert_eq!(r.len(), 3);
+        assert!(is_report(
+            &r[2],
+            "example.com",
+            22,
+            "barney@example.com",
+            250
+        ));
+        let close = net.clients[barney]
+            .relay_data_frames()
+            .into_iter()
+            .filter(|f| f.starts_with(b"MSG 0 "))
+            .map(|f| text(&f))
+            .collect::<Vec<_>>();
+        assert_eq!(close.len(), 1, "{close:?}");
+        assert!(
+            close[0].ends_with(
+                "\r\nContent-Type: application/beep+xml\r\n\r\n<close number='1' code='500' />\r\nEND\r\n"
+            ),
+            "{close:?}"
+        );
+        assert_eq!(
+            net.clients[barney].closed,
+            vec![bch],
+            "closed (RFC 3080 §2.2.2.1)"
+        );
+        assert!(detached_everywhere(&net, "barney@example.com"), "APEX-16");
+        let (ok, _) = net.send(
+            wilma,
+            wch,
+            data(
+                "wilma@example.com",
+                &["betty@example.com"],
+                "",
+                "still fine",
+            ),
+        );
+        assert!(ok);
+        assert_eq!(deliveries(&net, betty).len(), 2);
+    }
+}
+
+/// BEEP-15, RFC 3340 §9.1: what else a reply to a delivery may be. An `error` is a failure
+/// with its code, also in a RPY (it was reported as 250); an `ok` in an ERR and a one-to-many
+/// reply (ANS ... NUL) are poorly formed: one failure each, and the channel is closed.
+#[test]
+fn beep_15_error_in_a_rpy_ok_in_an_err_and_answers_are_failures() {
+    // An error in a RPY: its code; the channel stays.
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (barney, bch) = attached(&mut net, 0, "barney@example.com");
+    net.clients[barney].auto_reply = false;
+    let to_barney = |trans_id| {
+        data(
+            "fred@example.com",
+            &["barney@example.com"],
+            &status_request(trans_id),
+            "x",
+        )
+    };
+    net.send(fred, ch, to_barney(41));
+    let msgno = net.clients[barney].received[0].1;
+    net.reply(
+        barney,
+        bch,
+        msgno,
+        true,
+        reply_body("<error code='537'>not from you</error>\r\n"),
+    );
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 1);
+    assert!(
+        is_report(&r[0], "example.com", 41, "barney@example.com", 537),
+        "{}",
+        text(&r[0])
+    );
+    assert!(text(&r[0]).contains("not from you"));
+    assert!(
+        net.clients[barney].closed.is_empty(),
+        "an error is a proper reply"
+    );
+
+    // An ok in an ERR.
+    net.send(fred, ch, to_barney(42));
+    let msgno = net.clients[barney].received[1].1;
+    net.reply(barney, bch, msgno, false, msg::ok_payload());
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 2);
+    assert!(is_report(
+        &r[1],
+        "example.com",
+        42,
+        "barney@example.com",
+        550
+    ));
+    assert_eq!(net.clients[barney].closed, vec![bch]);
+
+    // A one-to-many reply: one failure for the MSG, whatever number of frames.
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (barney, bch) = attached(&mut net, 0, "barney@example.com");
+    net.clients[barney].auto_reply = false;
+    net.send(fred, ch, to_barney(43));
+    let msgno = net.clients[barney].received[0].1;
+    for _ in 0..3 {
+        net.session(barney)
+            .send_ans(bch, msgno, msg::ok_payload())
+            .unwrap();
+    }
+    net.session(barney).send_nul(bch, msgno).unwrap();
+    net.drive();
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 1, "{:?}", r.iter().map(text).collect::<Vec<_>>());
+    assert!(is_report(
+        &r[0],
+        "example.com",
+        43,
+        "barney@example.com",
+        550
+    ));
+    assert_eq!(net.clients[barney].closed, vec![bch]);
+}

@@ -519,6 +519,15 @@ impl Relay {
             return;
         }
         match self.channels.get_mut(&(at.conn, at.channel)) {
+            // Its peer answered poorly: the channel is being closed (RFC 3080 §2.2.2.1).
+            Some(state) if state.answered_poorly => match stored {
+                Some(stored) => self.hold_again(report, *stored),
+                None => self.report(
+                    report,
+                    code::ACTION_NOT_TAKEN,
+                    "the endpoint's channel is closing",
+                ),
+            },
             Some(state) if !state.ready => state.waiting.push(Waiting {
                 payload,
                 report,
