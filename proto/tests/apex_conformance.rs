@@ -1996,3 +1996,157 @@ fn beep_15_error_in_a_rpy_ok_in_an_err_and_answers_are_failures() {
     ));
     assert_eq!(net.clients[barney].closed, vec![bch]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Party options: order of processing (APEX-23), mustUnderstand for remote recipients (APEX-36),
+// targetHop='this' removed when forwarding (APEX-35, OPT-01)
+// ---------------------------------------------------------------------------------------------
+
+/// A data from fred whose originator element carries `originator_options`, to `recipients`
+/// (identity, own options), with `options` per data.
+fn data_with_parties(
+    originator_options: &str,
+    recipients: &[(&str, &str)],
+    options: &str,
+    content: &str,
+) -> Bytes {
+    let mut s = format!("{HEADERS}<data content='#Content'>\r\n");
+    if originator_options.is_empty() {
+        s.push_str("   <originator identity='fred@example.com' />\r\n");
+    } else {
+        s.push_str(&format!(
+            "   <originator identity='fred@example.com'>\r\n{originator_options}   </originator>\r\n"
+        ));
+    }
+    for (identity, own) in recipients {
+        if own.is_empty() {
+            s.push_str(&format!("   <recipient identity='{identity}' />\r\n"));
+        } else {
+            s.push_str(&format!(
+                "   <recipient identity='{identity}'>\r\n{own}   </recipient>\r\n"
+            ));
+        }
+    }
+    s.push_str(options);
+    s.push_str(&format!(
+        "   <data-content Name='Content'>{content}</data-content>\r\n</data>\r\n"
+    ));
+    Bytes::from(s)
+}
+
+/// APEX-23 (RFC 3340 §4.4.4.1): per-data options, then `ok`, then per-originator options. An
+/// unknown mustUnderstand option on the originator is met after the `ok`: every recipient,
+/// local or remote, fails (504, D15) and is reported where asked; nothing is delivered or
+/// forwarded. A healthy pair alongside goes on.
+#[test]
+fn apex_23_originator_options_are_processed_after_the_ok() {
+    for shards in [1, 2] {
+        let mut net = granted(shards);
+        let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+        let (barney, _) = attached(&mut net, shards - 1, "barney@example.com");
+        let (wilma, wch) = attached(&mut net, 0, "wilma@example.com");
+        let (betty, _) = attached(&mut net, shards - 1, "betty@example.com");
+        let unknown = "      <option external='http://example.org/unknown' targetHop='all' mustUnderstand='true' transID='4' />\r\n";
+        let sent = data_with_parties(
+            unknown,
+            &[("barney@example.com", ""), ("dino@rubble.com", "")],
+            &status_request(61),
+            "x",
+        );
+        let (ok, reply) = net.send(fred, ch, sent);
+        assert!(ok, "ok first (APEX-23), not 504: {}", text(&reply));
+        assert_eq!(reply, msg::ok_payload());
+        assert!(deliveries(&net, barney).is_empty());
+        assert!(net.forwards_to("rubble.com").is_empty());
+        let r = reports(&net, fred);
+        assert_eq!(r.len(), 2, "{:?}", r.iter().map(text).collect::<Vec<_>>());
+        assert!(r
+            .iter()
+            .any(|p| is_report(p, "example.com", 61, "barney@example.com", 504)));
+        assert!(r
+            .iter()
+            .any(|p| is_report(p, "example.com", 61, "dino@rubble.com", 504)));
+        let (ok, _) = net.send(
+            wilma,
+            wch,
+            data("wilma@example.com", &["betty@example.com"], "", "fine"),
+        );
+        assert!(ok);
+        assert_eq!(deliveries(&net, betty).len(), 1);
+    }
+}
+
+/// APEX-36 (RFC 3340 §5, §4.4.4.1 step 5.1): a remote recipient's own option that applies at
+/// this relay (`this` or `all`), says mustUnderstand and is not understood fails that
+/// recipient here (504, reported); the other recipients of the same domain are forwarded
+/// without it. A `final` one is left to the relay that delivers.
+#[test]
+fn apex_36_a_remote_recipients_unknown_must_understand_option_fails_it() {
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let unknown = |hop: &str| {
+        format!("      <option external='http://example.org/unknown' targetHop='{hop}' mustUnderstand='true' transID='4' />\r\n      <option internal='statusRequest' transID='71' />\r\n")
+    };
+    let (this, all, fin) = (unknown("this"), unknown("all"), unknown("final"));
+    let sent = data_with_parties(
+        "",
+        &[
+            ("a@rubble.com", &this),
+            ("b@rubble.com", &all),
+            ("c@rubble.com", &fin),
+            ("d@rubble.com", ""),
+        ],
+        "",
+        "x",
+    );
+    let (ok, _) = net.send(fred, ch, sent);
+    assert!(ok);
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 2, "{:?}", r.iter().map(text).collect::<Vec<_>>());
+    assert!(r
+        .iter()
+        .any(|p| is_report(p, "example.com", 71, "a@rubble.com", 504)));
+    assert!(r
+        .iter()
+        .any(|p| is_report(p, "example.com", 71, "b@rubble.com", 504)));
+    let out = net.forwards_to("rubble.com");
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        recipients_of(&out[0]),
+        vec!["c@rubble.com".to_owned(), "d@rubble.com".to_owned()]
+    );
+}
+
+/// APEX-35, OPT-01 (RFC 3340 §5): options with `targetHop='this'` inside `originator` and
+/// `recipient` are handled here and removed before the data is forwarded (byte-exact: only
+/// those elements go); `all` and `final` ones travel on. Delivering locally strips nothing.
+#[test]
+fn apex_35_this_options_of_the_parties_are_removed_before_forwarding() {
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (barney, _) = attached(&mut net, 0, "barney@example.com");
+    let this_o = "      <option internal='x-note' targetHop='this' transID='1' />\r\n";
+    let all_o = "      <option internal='x-trace' targetHop='all' transID='2' />\r\n";
+    let this_r = "      <option internal='x-here' targetHop='this' transID='3' />\r\n";
+    let final_r = "      <option internal='x-there' transID='5' />\r\n";
+    let originator = format!("{this_o}{all_o}");
+    let own = format!("{this_r}{final_r}");
+    let sent = data_with_parties(
+        &originator,
+        &[("dino@rubble.com", &own), ("barney@example.com", &own)],
+        "",
+        "x",
+    );
+    let (ok, _) = net.send(fred, ch, sent);
+    assert!(ok);
+    let out = net.forwards_to("rubble.com");
+    assert_eq!(out.len(), 1);
+    let expected = format!(
+        "{HEADERS}<data content='#Content'>\r\n   <originator identity='fred@example.com'>\r\n{all_o}   </originator>\r\n   <recipient identity='dino@rubble.com'>\r\n{final_r}   </recipient>\r\n   <data-content Name='Content'>x</data-content>\r\n</data>\r\n"
+    );
+    assert_eq!(text(&out[0]), expected);
+    // The local recipient gets them all (APEX-35: the final relay strips nothing).
+    let got = deliveries(&net, barney);
+    assert_eq!(got.len(), 1);
+    assert!(text(&got[0]).contains("x-note") && text(&got[0]).contains("x-here"));
+}
