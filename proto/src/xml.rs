@@ -159,6 +159,79 @@ pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
     quick_xml::escape::escape(text)
 }
 
+/// Whether `c` is a `Char` of XML 1.0 §2.2: tab, line feed, carriage return, and every
+/// character from U+0020 up except the surrogates, U+FFFE and U+FFFF. Every other character
+/// is forbidden in a document, written literally or as a character reference.
+pub fn is_xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+}
+
+/// Where the first character XML 1.0 §2.2 forbids (see [`is_xml_char`]) starts in the UTF-8
+/// `text`, if any: a C0 control other than tab, line feed and carriage return, or U+FFFE or
+/// U+FFFF (`EF BF BE`, `EF BF BF`); surrogates cannot occur in UTF-8.
+///
+/// Runs over every control document on the data path, so it tests eight octets at a time and
+/// looks at single octets only in words holding an octet below 0x20 or an 0xEF (line ends
+/// and a few scripts' characters): the classic "has less than" word test is exact about
+/// whether a word holds such an octet.
+pub fn forbidden_char(text: &[u8]) -> Option<usize> {
+    const LOW: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_below_space = |v: u64| v.wrapping_sub(LOW * 0x20) & !v & HIGH;
+    let has_zero = |v: u64| v.wrapping_sub(LOW) & !v & HIGH;
+    let forbidden_at = |i: usize| match text[i] {
+        b'\t' | b'\n' | b'\r' => false,
+        b if b < 0x20 => true,
+        0xEF => text.get(i + 1) == Some(&0xBF) && matches!(text.get(i + 2), Some(0xBE | 0xBF)),
+        _ => false,
+    };
+    let mut chunks = text.chunks_exact(8);
+    let mut offset = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word);
+        if has_below_space(word) | has_zero(word ^ (LOW * 0xEF)) != 0 {
+            if let Some(i) = (offset..offset + 8).find(|&i| forbidden_at(i)) {
+                return Some(i);
+            }
+        }
+        offset += 8;
+    }
+    (offset..offset + chunks.remainder().len()).find(|&i| forbidden_at(i))
+}
+
+/// Checks the character references (`&#N;`, `&#xH;`) in `raw`, the text or attribute value of
+/// a document as written: each must name a character XML 1.0 §2.2 allows (§4.1 "Well-formedness
+/// constraint: Legal Character"). References that do not parse are left to the XML reader.
+pub fn references_are_chars(raw: &[u8]) -> bool {
+    let mut rest = raw;
+    while let Some(amp) = memchr::memchr(b'&', rest) {
+        rest = &rest[amp + 1..];
+        let Some(number) = rest.strip_prefix(b"#") else {
+            continue;
+        };
+        let Some(end) = memchr::memchr(b';', number) else {
+            return true;
+        };
+        let digits = &number[..end];
+        let value = match digits.strip_prefix(b"x") {
+            Some(hex) => std::str::from_utf8(hex)
+                .ok()
+                .and_then(|h| u32::from_str_radix(h, 16).ok()),
+            None => std::str::from_utf8(digits)
+                .ok()
+                .and_then(|d| d.parse::<u32>().ok()),
+        };
+        // An unparsable or overlong number names no character at all.
+        if !value.and_then(char::from_u32).is_some_and(is_xml_char) {
+            return false;
+        }
+        rest = &number[end..];
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +261,57 @@ mod tests {
         ));
         let el = p("<error code='500'>a &amp; b &#65;&#x42;</error>").unwrap();
         assert_eq!(el.text, "a & b AB");
+    }
+
+    /// XML 1.0 §2.2: the characters a document may hold, literally or by reference.
+    #[test]
+    fn xml_chars_of_xml_1_0_section_2_2() {
+        for c in [
+            '\t',
+            '\n',
+            '\r',
+            ' ',
+            'a',
+            '\u{D7FF}',
+            '\u{E000}',
+            '\u{FFFD}',
+            '\u{10000}',
+        ] {
+            assert!(is_xml_char(c), "{c:?} is allowed");
+        }
+        for c in [
+            '\0', '\u{1}', '\u{8}', '\u{B}', '\u{C}', '\u{1F}', '\u{FFFE}', '\u{FFFF}',
+        ] {
+            assert!(!is_xml_char(c), "{c:?} is forbidden");
+        }
+        assert_eq!(forbidden_char(b"plain text\r\n\twith line ends"), None);
+        assert_eq!(
+            forbidden_char("fullwidth \u{FF0C} and \u{FFFD}".as_bytes()),
+            None
+        );
+        // At every position of a long text, in a word or in the tail.
+        for at in 0..20 {
+            for bad in ["\0", "\u{1}", "\u{1F}", "\u{B}", "\u{FFFE}", "\u{FFFF}"] {
+                let text = format!("{}{bad}{}", "x".repeat(at), "y".repeat(at % 7));
+                assert_eq!(forbidden_char(text.as_bytes()), Some(at), "{bad:?} at {at}");
+            }
+        }
+        assert!(references_are_chars(
+            b"a &amp; &#65;&#x42; &#9;&#xD;&#10; &#x10FFFF;"
+        ));
+        for bad in [
+            "&#0;",
+            "&#x0;",
+            "&#1;",
+            "&#x1F;",
+            "&#xFFFE;",
+            "&#65535;",
+            "&#xD800;",
+            "&#x110000;",
+            "&#99999999999;",
+        ] {
+            assert!(!references_are_chars(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]

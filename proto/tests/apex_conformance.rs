@@ -323,6 +323,153 @@ fn apex_13_1_and_13_2_across_two_shards() {
     run_13_1(2, 1, 0);
 }
 
+/// BEEP-23 (RFC 3080 §2.3.1.2): a start carrying serverName and a piggybacked attach (229).
+const START_ATTACH_SERVER_NAME: &[u8] = b"MSG 0 1 . 52 229\r\nContent-Type: application/beep+xml\r\n\r\n<start number='1' serverName='apex.example.com'>\r\n   <profile uri='http://iana.org/beep/APEX'>\r\n      <![CDATA[<attach endpoint='fred@example.com' transID='1' />]]>\r\n   </profile>\r\n</start>\r\n";
+
+/// BEEP-23: the serverName of the first successful `start` holds for the session, also when
+/// that start carries a piggybacked attach (the channel is created whatever the attach meets,
+/// RFC 3080 §2.3.1.2); a later start's serverName does not replace it.
+#[test]
+fn beep_23_server_name_of_a_start_with_piggyback_is_recorded() {
+    let mut net = granted(1);
+    let fred = net.connect_raw(0, ConnKind::Edge);
+    net.inject(fred, checked(I_GREETING));
+    let mut start = START_ATTACH_SERVER_NAME.to_vec();
+    start.extend_from_slice(b"END\r\n");
+    net.inject(fred, checked(&start));
+    let frames = net.clients[fred].relay_data_frames();
+    assert_eq!(
+        text(&frames[1]),
+        "RPY 0 1 . 111 109\r\nContent-Type: application/beep+xml\r\n\r\n<profile uri='http://iana.org/beep/APEX'><![CDATA[<ok />]]></profile>\r\nEND\r\n",
+        "channel created, attach accepted"
+    );
+    let conn = net.clients[fred].conn;
+    assert_eq!(
+        net.shards[0].session(conn).unwrap().server_name(),
+        Some("apex.example.com"),
+        "BEEP-23: serverName of the first successful start"
+    );
+    // A second start (no piggyback) naming another server changes nothing.
+    let second = b"Content-Type: application/beep+xml\r\n\r\n<start number='3' serverName='other.example.com'>\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</start>\r\n";
+    let frame = apex_proto::testing::frame_bytes(
+        apex_proto::beep::frame::Keyword::Msg,
+        0,
+        2,
+        false,
+        52 + 229,
+        second,
+    );
+    net.inject(fred, &frame);
+    assert_eq!(
+        net.clients[fred].relay_data_frames().len(),
+        3,
+        "second start accepted"
+    );
+    assert_eq!(
+        net.shards[0].session(conn).unwrap().server_name(),
+        Some("apex.example.com")
+    );
+}
+
+/// The relay's answer to a document holding a character XML 1.0 §2.2 forbids.
+const ERR_501_FORBIDDEN_CHAR: &[u8] = b"Content-Type: application/beep+xml\r\n\r\n<error code='501'>character not allowed in XML (XML 1.0 section 2.2)</error>\r\n";
+
+/// Issue 19 item 12 (XML 1.0 §2.2, RFC 3340 §9.1): NUL, the other C0 controls but tab, line
+/// feed and carriage return, U+FFFE and U+FFFF are not XML characters, written literally or
+/// as character references, in `data-content` text, attribute values or diagnostics. Such a
+/// document is refused with 501 (byte-exact) and nothing is relayed; the same channel and a
+/// healthy pair alongside go on.
+#[test]
+fn xml_forbidden_characters_are_refused_with_501() {
+    for shards in [1, 2] {
+        let mut net = granted(shards);
+        let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+        let (barney, _) = attached(&mut net, shards - 1, "barney@example.com");
+        let (wilma, wch) = attached(&mut net, 0, "wilma@example.com");
+        let (betty, _) = attached(&mut net, shards - 1, "betty@example.com");
+        // A valid data first: the channel's memo of the head is then the same as below, so
+        // the check also holds on the path that reads only what follows the head.
+        let (ok, _) = net.send(
+            fred,
+            ch,
+            data("fred@example.com", &["barney@example.com"], "", "first"),
+        );
+        assert!(ok);
+        let contents = [
+            "nul \0 here",
+            "start of heading \u{1}",
+            "unit separator \u{1F}",
+            "vertical tab \u{B}",
+            "nonchar \u{FFFE}",
+            "nonchar \u{FFFF}",
+            "reference &#0;",
+            "reference &#x1;",
+            "reference &#xFFFE;",
+            "reference &#65535;",
+        ];
+        for content in contents {
+            let (ok, reply) = net.send(
+                fred,
+                ch,
+                data("fred@example.com", &["barney@example.com"], "", content),
+            );
+            assert!(!ok, "{content:?}");
+            assert_eq!(
+                text(&reply),
+                text(&Bytes::from_static(ERR_501_FORBIDDEN_CHAR)),
+                "{content:?}"
+            );
+        }
+        // In an attribute value, literal or referenced, and with options (the full parser).
+        let in_attributes = [
+            data("fred@example.com", &["barney\u{2}@example.com"], "", "x"),
+            data("fred@example.com", &["barney&#x2;@example.com"], "", "x"),
+            data(
+                "fred@example.com",
+                &["barney@example.com"],
+                &status_request(5),
+                "with an option &#8;",
+            ),
+        ];
+        for payload in in_attributes {
+            let (ok, reply) = net.send(fred, ch, payload.clone());
+            assert!(!ok, "{}", text(&payload));
+            assert_eq!(reply, Bytes::from_static(ERR_501_FORBIDDEN_CHAR));
+        }
+        // Anywhere in APEX XML: a terminate's diagnostic.
+        let (ok, reply) = net.send(
+            fred,
+            ch,
+            xml("<terminate transID='7'>bye &#x1B;</terminate>\r\n"),
+        );
+        assert!(!ok);
+        assert_eq!(reply, Bytes::from_static(ERR_501_FORBIDDEN_CHAR));
+        assert_eq!(
+            deliveries(&net, barney).len(),
+            1,
+            "only the first was relayed"
+        );
+        // Tab, line feed and carriage return are characters, literal or referenced.
+        let fine = data(
+            "fred@example.com",
+            &["barney@example.com"],
+            "",
+            "tab\there\r\nline &#9;&#xA;&#13; \u{FFFD} \u{10000}",
+        );
+        let (ok, _) = net.send(fred, ch, fine.clone());
+        assert!(ok);
+        assert_eq!(deliveries(&net, barney).last(), Some(&fine));
+        // The healthy pair alongside was never disturbed.
+        let (ok, _) = net.send(
+            wilma,
+            wch,
+            data("wilma@example.com", &["betty@example.com"], "", "hello"),
+        );
+        assert!(ok);
+        assert_eq!(deliveries(&net, betty).len(), 1);
+    }
+}
+
 #[test]
 fn apex_06_piggyback_reply_content() {
     let mut net = granted(1);
@@ -1629,4 +1776,377 @@ fn apex_45_the_report_service_takes_no_requests_and_unknown_services_are_550() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replies to the relay's deliveries (BEEP-15, issue 19 item 5)
+// ---------------------------------------------------------------------------------------------
+
+/// The payload of an APEX reply with `body`.
+fn reply_body(body: &str) -> Bytes {
+    xml(body)
+}
+
+/// BEEP-15 (RFC 3080 §2.2.2.1, RFC 3340 §9.1): a RPY to a delivery that is not `ok` is not a
+/// success. A poorly formed one fails that delivery (reported, 550) and the relay closes the
+/// channel: at once it delivers nothing more there, and asks to close it (code 500, byte-exact)
+/// once its MSGs already sent there are answered; the attachment then ends. A healthy pair on
+/// the same shards goes on throughout.
+#[test]
+fn beep_15_a_poorly_formed_reply_fails_the_delivery_and_closes_the_channel() {
+    for shards in [1, 2] {
+        let mut net = granted(shards);
+        let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+        let (barney, bch) = attached(&mut net, shards - 1, "barney@example.com");
+        net.clients[barney].auto_reply = false;
+        let (wilma, wch) = attached(&mut net, 0, "wilma@example.com");
+        let (betty, _) = attached(&mut net, shards - 1, "betty@example.com");
+        for (trans_id, content) in [(21, "one"), (22, "two")] {
+            let (ok, _) = net.send(
+                fred,
+                ch,
+                data(
+                    "fred@example.com",
+                    &["barney@example.com"],
+                    &status_request(trans_id),
+                    content,
+                ),
+            );
+            assert!(ok);
+        }
+        let received = net.clients[barney].received.clone();
+        assert_eq!(received.len(), 2);
+        // The first answered with an element APEX has no reply of.
+        net.reply(barney, bch, received[0].1, true, reply_body("<okay />\r\n"));
+        let r = reports(&net, fred);
+        assert_eq!(r.len(), 1, "{:?}", r.iter().map(text).collect::<Vec<_>>());
+        assert!(
+            is_report(&r[0], "example.com", 21, "barney@example.com", 550),
+            "a failure, not 250: {}",
+            text(&r[0])
+        );
+        assert!(text(&r[0]).contains("poorly formed reply from the endpoint"));
+        assert!(
+            net.clients[barney].closed.is_empty(),
+            "not closed while the second delivery is unanswered (BEEP-25)"
+        );
+        // Nothing more is delivered on the channel.
+        let (ok, _) = net.send(
+            fred,
+            ch,
+            data(
+                "fred@example.com",
+                &["barney@example.com"],
+                &status_request(24),
+                "three",
+            ),
+        );
+        assert!(ok);
+        assert_eq!(net.clients[barney].received.len(), 2, "not delivered");
+        let r = reports(&net, fred);
+        assert!(is_report(
+            &r[1],
+            "example.com",
+            24,
+            "barney@example.com",
+            550
+        ));
+        // The healthy pair meanwhile.
+        let (ok, _) = net.send(
+            wilma,
+            wch,
+            data(
+                "wilma@example.com",
+                &["betty@example.com"],
+                &status_request(31),
+                "fine",
+            ),
+        );
+        assert!(ok);
+        assert_eq!(deliveries(&net, betty).len(), 1);
+        assert!(reports(&net, wilma).iter().any(|p| is_report(
+            p,
+            "example.com",
+            31,
+            "betty@example.com",
+            250
+        )));
+        // The second is answered properly: reported as delivered, then the channel closes.
+        net.reply(barney, bch, received[1].1, true, msg::ok_payload());
+        let r = reports(&net, fred);
+        assert_eq!(r.len(), 3);
+        assert!(is_report(
+            &r[2],
+            "example.com",
+            22,
+            "barney@example.com",
+            250
+        ));
+        let close = net.clients[barney]
+            .relay_data_frames()
+            .into_iter()
+            .filter(|f| f.starts_with(b"MSG 0 "))
+            .map(|f| text(&f))
+            .collect::<Vec<_>>();
+        assert_eq!(close.len(), 1, "{close:?}");
+        assert!(
+            close[0].ends_with(
+                "\r\nContent-Type: application/beep+xml\r\n\r\n<close number='1' code='500' />\r\nEND\r\n"
+            ),
+            "{close:?}"
+        );
+        assert_eq!(
+            net.clients[barney].closed,
+            vec![bch],
+            "closed (RFC 3080 §2.2.2.1)"
+        );
+        assert!(detached_everywhere(&net, "barney@example.com"), "APEX-16");
+        let (ok, _) = net.send(
+            wilma,
+            wch,
+            data(
+                "wilma@example.com",
+                &["betty@example.com"],
+                "",
+                "still fine",
+            ),
+        );
+        assert!(ok);
+        assert_eq!(deliveries(&net, betty).len(), 2);
+    }
+}
+
+/// BEEP-15, RFC 3340 §9.1: what else a reply to a delivery may be. An `error` is a failure
+/// with its code, also in a RPY (it was reported as 250); an `ok` in an ERR and a one-to-many
+/// reply (ANS ... NUL) are poorly formed: one failure each, and the channel is closed.
+#[test]
+fn beep_15_error_in_a_rpy_ok_in_an_err_and_answers_are_failures() {
+    // An error in a RPY: its code; the channel stays.
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (barney, bch) = attached(&mut net, 0, "barney@example.com");
+    net.clients[barney].auto_reply = false;
+    let to_barney = |trans_id| {
+        data(
+            "fred@example.com",
+            &["barney@example.com"],
+            &status_request(trans_id),
+            "x",
+        )
+    };
+    net.send(fred, ch, to_barney(41));
+    let msgno = net.clients[barney].received[0].1;
+    net.reply(
+        barney,
+        bch,
+        msgno,
+        true,
+        reply_body("<error code='537'>not from you</error>\r\n"),
+    );
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 1);
+    assert!(
+        is_report(&r[0], "example.com", 41, "barney@example.com", 537),
+        "{}",
+        text(&r[0])
+    );
+    assert!(text(&r[0]).contains("not from you"));
+    assert!(
+        net.clients[barney].closed.is_empty(),
+        "an error is a proper reply"
+    );
+
+    // An ok in an ERR.
+    net.send(fred, ch, to_barney(42));
+    let msgno = net.clients[barney].received[1].1;
+    net.reply(barney, bch, msgno, false, msg::ok_payload());
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 2);
+    assert!(is_report(
+        &r[1],
+        "example.com",
+        42,
+        "barney@example.com",
+        550
+    ));
+    assert_eq!(net.clients[barney].closed, vec![bch]);
+
+    // A one-to-many reply: one failure for the MSG, whatever number of frames.
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (barney, bch) = attached(&mut net, 0, "barney@example.com");
+    net.clients[barney].auto_reply = false;
+    net.send(fred, ch, to_barney(43));
+    let msgno = net.clients[barney].received[0].1;
+    for _ in 0..3 {
+        net.session(barney)
+            .send_ans(bch, msgno, msg::ok_payload())
+            .unwrap();
+    }
+    net.session(barney).send_nul(bch, msgno).unwrap();
+    net.drive();
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 1, "{:?}", r.iter().map(text).collect::<Vec<_>>());
+    assert!(is_report(
+        &r[0],
+        "example.com",
+        43,
+        "barney@example.com",
+        550
+    ));
+    assert_eq!(net.clients[barney].closed, vec![bch]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Party options: order of processing (APEX-23), mustUnderstand for remote recipients (APEX-36),
+// targetHop='this' removed when forwarding (APEX-35, OPT-01)
+// ---------------------------------------------------------------------------------------------
+
+/// A data from fred whose originator element carries `originator_options`, to `recipients`
+/// (identity, own options), with `options` per data.
+fn data_with_parties(
+    originator_options: &str,
+    recipients: &[(&str, &str)],
+    options: &str,
+    content: &str,
+) -> Bytes {
+    let mut s = format!("{HEADERS}<data content='#Content'>\r\n");
+    if originator_options.is_empty() {
+        s.push_str("   <originator identity='fred@example.com' />\r\n");
+    } else {
+        s.push_str(&format!(
+            "   <originator identity='fred@example.com'>\r\n{originator_options}   </originator>\r\n"
+        ));
+    }
+    for (identity, own) in recipients {
+        if own.is_empty() {
+            s.push_str(&format!("   <recipient identity='{identity}' />\r\n"));
+        } else {
+            s.push_str(&format!(
+                "   <recipient identity='{identity}'>\r\n{own}   </recipient>\r\n"
+            ));
+        }
+    }
+    s.push_str(options);
+    s.push_str(&format!(
+        "   <data-content Name='Content'>{content}</data-content>\r\n</data>\r\n"
+    ));
+    Bytes::from(s)
+}
+
+/// APEX-23 (RFC 3340 §4.4.4.1): per-data options, then `ok`, then per-originator options. An
+/// unknown mustUnderstand option on the originator is met after the `ok`: every recipient,
+/// local or remote, fails (504, D15) and is reported where asked; nothing is delivered or
+/// forwarded. A healthy pair alongside goes on.
+#[test]
+fn apex_23_originator_options_are_processed_after_the_ok() {
+    for shards in [1, 2] {
+        let mut net = granted(shards);
+        let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+        let (barney, _) = attached(&mut net, shards - 1, "barney@example.com");
+        let (wilma, wch) = attached(&mut net, 0, "wilma@example.com");
+        let (betty, _) = attached(&mut net, shards - 1, "betty@example.com");
+        let unknown = "      <option external='http://example.org/unknown' targetHop='all' mustUnderstand='true' transID='4' />\r\n";
+        let sent = data_with_parties(
+            unknown,
+            &[("barney@example.com", ""), ("dino@rubble.com", "")],
+            &status_request(61),
+            "x",
+        );
+        let (ok, reply) = net.send(fred, ch, sent);
+        assert!(ok, "ok first (APEX-23), not 504: {}", text(&reply));
+        assert_eq!(reply, msg::ok_payload());
+        assert!(deliveries(&net, barney).is_empty());
+        assert!(net.forwards_to("rubble.com").is_empty());
+        let r = reports(&net, fred);
+        assert_eq!(r.len(), 2, "{:?}", r.iter().map(text).collect::<Vec<_>>());
+        assert!(r
+            .iter()
+            .any(|p| is_report(p, "example.com", 61, "barney@example.com", 504)));
+        assert!(r
+            .iter()
+            .any(|p| is_report(p, "example.com", 61, "dino@rubble.com", 504)));
+        let (ok, _) = net.send(
+            wilma,
+            wch,
+            data("wilma@example.com", &["betty@example.com"], "", "fine"),
+        );
+        assert!(ok);
+        assert_eq!(deliveries(&net, betty).len(), 1);
+    }
+}
+
+/// APEX-36 (RFC 3340 §5, §4.4.4.1 step 5.1): a remote recipient's own option that applies at
+/// this relay (`this` or `all`), says mustUnderstand and is not understood fails that
+/// recipient here (504, reported); the other recipients of the same domain are forwarded
+/// without it. A `final` one is left to the relay that delivers.
+#[test]
+fn apex_36_a_remote_recipients_unknown_must_understand_option_fails_it() {
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let unknown = |hop: &str| {
+        format!("      <option external='http://example.org/unknown' targetHop='{hop}' mustUnderstand='true' transID='4' />\r\n      <option internal='statusRequest' transID='71' />\r\n")
+    };
+    let (this, all, fin) = (unknown("this"), unknown("all"), unknown("final"));
+    let sent = data_with_parties(
+        "",
+        &[
+            ("a@rubble.com", &this),
+            ("b@rubble.com", &all),
+            ("c@rubble.com", &fin),
+            ("d@rubble.com", ""),
+        ],
+        "",
+        "x",
+    );
+    let (ok, _) = net.send(fred, ch, sent);
+    assert!(ok);
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 2, "{:?}", r.iter().map(text).collect::<Vec<_>>());
+    assert!(r
+        .iter()
+        .any(|p| is_report(p, "example.com", 71, "a@rubble.com", 504)));
+    assert!(r
+        .iter()
+        .any(|p| is_report(p, "example.com", 71, "b@rubble.com", 504)));
+    let out = net.forwards_to("rubble.com");
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        recipients_of(&out[0]),
+        vec!["c@rubble.com".to_owned(), "d@rubble.com".to_owned()]
+    );
+}
+
+/// APEX-35, OPT-01 (RFC 3340 §5): options with `targetHop='this'` inside `originator` and
+/// `recipient` are handled here and removed before the data is forwarded (byte-exact: only
+/// those elements go); `all` and `final` ones travel on. Delivering locally strips nothing.
+#[test]
+fn apex_35_this_options_of_the_parties_are_removed_before_forwarding() {
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (barney, _) = attached(&mut net, 0, "barney@example.com");
+    let this_o = "      <option internal='x-note' targetHop='this' transID='1' />\r\n";
+    let all_o = "      <option internal='x-trace' targetHop='all' transID='2' />\r\n";
+    let this_r = "      <option internal='x-here' targetHop='this' transID='3' />\r\n";
+    let final_r = "      <option internal='x-there' transID='5' />\r\n";
+    let originator = format!("{this_o}{all_o}");
+    let own = format!("{this_r}{final_r}");
+    let sent = data_with_parties(
+        &originator,
+        &[("dino@rubble.com", &own), ("barney@example.com", &own)],
+        "",
+        "x",
+    );
+    let (ok, _) = net.send(fred, ch, sent);
+    assert!(ok);
+    let out = net.forwards_to("rubble.com");
+    assert_eq!(out.len(), 1);
+    let expected = format!(
+        "{HEADERS}<data content='#Content'>\r\n   <originator identity='fred@example.com'>\r\n{all_o}   </originator>\r\n   <recipient identity='dino@rubble.com'>\r\n{final_r}   </recipient>\r\n   <data-content Name='Content'>x</data-content>\r\n</data>\r\n"
+    );
+    assert_eq!(text(&out[0]), expected);
+    // The local recipient gets them all (APEX-35: the final relay strips nothing).
+    let got = deliveries(&net, barney);
+    assert_eq!(got.len(), 1);
+    assert!(text(&got[0]).contains("x-note") && text(&got[0]).contains("x-here"));
 }

@@ -342,3 +342,61 @@ fn apex_24_one_link_per_domain_on_its_owner_shard() {
     assert_eq!(net.next_relays[0].shard, owner);
     assert!(link_state(&net, 1 - owner).is_none());
 }
+
+/// BEEP-15 (RFC 3080 §2.2.2.1), issue 19 item 5: a next relay answering data with a RPY that
+/// is neither `ok` nor `error` has not accepted it: the data fails (reported), and the link's
+/// APEX channel, its only one, is closed by releasing the session. The link to another
+/// domain alongside is untouched.
+#[test]
+fn beep_15_a_poorly_formed_reply_from_the_next_relay_fails_the_data_and_ends_the_link() {
+    let (mut net, fred, channel) = net_with(
+        1,
+        NextRelayBehaviour {
+            data_reply: Some(Bytes::from_static(
+                b"Content-Type: application/beep+xml\r\n\r\n<okay />\r\n",
+            )),
+            ..NextRelayBehaviour::default()
+        },
+    );
+    let healthy = DataBuilder::new("fred@example.com")
+        .to("wilma@other.org")
+        .status_request(8)
+        .text("fine");
+    let (ok, _) = net.send(fred, channel, healthy.clone());
+    assert!(ok);
+    let (ok, _) = net.send(fred, channel, to_barney("garbled"));
+    assert!(ok);
+    assert_eq!(
+        reports(&net, fred),
+        vec![(550, "poorly formed reply from the next relay".to_owned())],
+        "a failure, reported as a poorly formed reply"
+    );
+    assert!(net.forwards_to("rubble.com").is_empty());
+    let rubble = net
+        .next_relays
+        .iter()
+        .position(|r| r.domain == "rubble.com")
+        .unwrap();
+    assert!(
+        wire(&net, rubble).contains("<close number='0' code='421' />"),
+        "the link asked to release its session: {}",
+        wire(&net, rubble)
+    );
+    assert!(
+        !net.next_relays[rubble].connected,
+        "and its transport closed"
+    );
+    assert_eq!(link_state(&net, 0), Some(LinkState::Idle));
+    // The other domain's link delivered and stays bound.
+    assert_eq!(net.forwards_to("other.org"), vec![healthy.clone()]);
+    let (ok, _) = net.send(fred, channel, healthy);
+    assert!(ok);
+    assert_eq!(net.forwards_to("other.org").len(), 2);
+    assert!(matches!(
+        net.shards[0].link_state("other.org"),
+        Some(LinkState::Open {
+            phase: LinkPhase::Bound { .. },
+            ..
+        })
+    ));
+}

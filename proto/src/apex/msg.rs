@@ -86,7 +86,17 @@ impl OpError {
             text: text.into(),
         }
     }
+
+    /// A character XML 1.0 §2.2 forbids (NUL, another C0 control than tab, line feed and
+    /// carriage return, U+FFFE, U+FFFF), written literally or as a character reference: 501,
+    /// the document's content is refused rather than relayed.
+    fn forbidden_char() -> Self {
+        Self::invalid(FORBIDDEN_CHAR_TEXT)
+    }
 }
+
+/// The diagnostic of [`OpError::forbidden_char`].
+pub const FORBIDDEN_CHAR_TEXT: &str = "character not allowed in XML (XML 1.0 section 2.2)";
 
 /// Which relays process an option (RFC 3340 §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,6 +329,10 @@ fn simple_view<'a>(
     }
     let control = BEEP_XML_HEADERS.len()..payload.len();
     let doc = simdutf8::basic::from_utf8(&payload[control.clone()]).ok()?;
+    // The full parser refuses such a document (501).
+    if xml::forbidden_char(doc.as_bytes()).is_some() {
+        return None;
+    }
     let view = super::scan::view(payload, doc, control, limits)?;
     let [recipient] = view.recipients.as_slice() else {
         return None;
@@ -371,7 +385,10 @@ pub fn parse_simple_data_memo<'a>(
     if head != 0 && payload.get(..head) == Some(&memo.head[..]) {
         // The head ends just after a start tag's `>`: the rest starts on a character boundary.
         simdutf8::basic::from_utf8(&payload[head..]).ok()?;
-        if !super::scan::tail(payload, head, limits) {
+        // The head was checked when the memo took it.
+        if xml::forbidden_char(&payload[head..]).is_some()
+            || !super::scan::tail(payload, head, limits)
+        {
             return None;
         }
         let data = SimpleData {
@@ -609,6 +626,9 @@ impl<'a> Doc<'a> {
                 }
                 Event::End(_) => Node::Close,
                 Event::Text(t) => {
+                    if !xml::references_are_chars(&t) {
+                        return Err(OpError::forbidden_char());
+                    }
                     let text = t
                         .unescape()
                         .map_err(|e| OpError::syntax(format!("bad text: {e}")))?;
@@ -634,6 +654,9 @@ impl<'a> Doc<'a> {
             // XML 1.0 §3.1 (AttValue): a literal '<' is not allowed in an attribute value.
             if memchr::memchr(b'<', &a.value).is_some() {
                 return Err(OpError::syntax("'<' in an attribute value"));
+            }
+            if !xml::references_are_chars(&a.value) {
+                return Err(OpError::forbidden_char());
             }
         }
         Ok(())
@@ -799,6 +822,11 @@ fn parse_control(
     let text = &payload[control.clone()];
     let doc = simdutf8::basic::from_utf8(text)
         .map_err(|_| OpError::syntax("control document is not UTF-8"))?;
+    // XML 1.0 §2.2: forbidden characters written as they are, anywhere in the document
+    // (references are checked where text and attribute values are read).
+    if xml::forbidden_char(text).is_some() {
+        return Err(OpError::forbidden_char());
+    }
     if scanner == Scanner::Fast {
         if let Some(found) = super::scan::data(payload, doc, control.clone(), limits) {
             return Ok(Operation::Data(Data {
@@ -911,6 +939,9 @@ fn element_text(doc: &mut Doc<'_>) -> Result<String, OpError> {
             .map_err(|e| OpError::syntax(format!("poorly-formed XML: {e}")))?;
         match event {
             Event::Text(t) => {
+                if !xml::references_are_chars(&t) {
+                    return Err(OpError::forbidden_char());
+                }
                 text.push_str(&t.unescape().map_err(|e| OpError::syntax(e.to_string()))?)
             }
             Event::CData(c) => text.push_str(&String::from_utf8_lossy(&c)),

@@ -10,7 +10,8 @@
 //! resolves the domain and connects), then `Open` on a connection: greeting, start, bound.
 //! Data is sent pipelined, at most [`LinkConfig::in_flight`] unanswered. The next relay's `ok`
 //! is success; an `error`, a lost connection or no route is a failure, which the relay reports
-//! to the originator when asked (statusRequest). A link that must end asks the next relay to
+//! to the originator when asked (statusRequest). A reply that is neither `ok` nor `error` is a
+//! failure too, and ends the link (RFC 3080 §2.2.2.1 closes the channel, BEEP-15). A link that must end asks the next relay to
 //! release the session and waits for its answer before the transport is closed (RFC 3080
 //! §2.4), at most [`LinkConfig::close_timeout`]. Failed connection attempts back off, doubling
 //! from [`FIRST_BACKOFF`] up to [`LinkConfig::max_backoff`].
@@ -168,6 +169,9 @@ pub(super) struct Link {
     /// Whether the current connection runs TLS.
     secured: bool,
 }
+
+/// Why data fails when the next relay answers it with something that is not `ok` or `error`.
+const POORLY_FORMED_REPLY: &str = "poorly formed reply from the next relay";
 
 /// The transaction number of our `bind` (the only transaction a link starts).
 const BIND_TRANS_ID: u32 = 1;
@@ -395,21 +399,26 @@ impl Link {
                     ..
                 },
             ) if on == channel => {
-                if let Some(sent) = self.in_flight.pop_front() {
+                match self.in_flight.pop_front() {
                     // Only an `ok` in a RPY is success (RFC 3340 §9.1).
-                    match answer_in(kind, &payload) {
-                        Ok(Answer::Ok) if kind == ReplyKind::Rpy => {}
+                    Some(sent) => match answer_in(kind, &payload) {
+                        Ok(Answer::Ok) if kind == ReplyKind::Rpy => None,
                         Ok(Answer::Error { code, text }) => {
                             effects
                                 .failed
                                 .push((sent, format!("next relay: {code} {text}")));
+                            None
                         }
-                        _ => effects
-                            .failed
-                            .push((sent, "refused by the next relay".to_owned())),
-                    }
+                        // Not an APEX reply (BEEP-15): a failure, and RFC 3080 §2.2.2.1 has the
+                        // channel closed. It is the link's only one, so the link ends (its
+                        // session released): what is in flight fails, never resent (D14).
+                        _ => {
+                            effects.failed.push((sent, POORLY_FORMED_REPLY.to_owned()));
+                            Some(POORLY_FORMED_REPLY.to_owned())
+                        }
+                    },
+                    None => None,
                 }
-                None
             }
             (_, Event::Message { channel, msgno, .. }) => {
                 // A link carries our data only; the next relay sends its own on its own link.

@@ -992,6 +992,17 @@ impl ShardCore {
                     payload,
                     source,
                 } => self.send(conn, channel, payload, source, now),
+                Action::CloseChannel {
+                    conn,
+                    channel,
+                    code,
+                } => {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        // Refused only for a channel already closing or gone.
+                        let _ = c.session.close_channel(channel, code);
+                        self.wake(conn);
+                    }
+                }
                 Action::ToShard { shard, envelope } => self.to_shards.push_back((shard, envelope)),
                 Action::Forward { domain, payload } => {
                     self.counts.data_forwarded += 1;

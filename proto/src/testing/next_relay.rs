@@ -31,6 +31,9 @@ pub struct NextRelayBehaviour {
     pub answers_close: bool,
     /// Whether it keeps every `data` without answering it (a relay about to crash).
     pub holds_data: bool,
+    /// When set, it answers every `data` with a RPY carrying this payload instead of `ok`
+    /// (a broken relay's poorly formed reply, BEEP-15).
+    pub data_reply: Option<Bytes>,
 }
 
 impl Default for NextRelayBehaviour {
@@ -43,6 +46,7 @@ impl Default for NextRelayBehaviour {
             data_error: None,
             answers_close: true,
             holds_data: false,
+            data_reply: None,
         }
     }
 }
@@ -140,6 +144,10 @@ impl NextRelay {
                         };
                     }
                     Ok(Operation::Data(_)) if self.behaviour.holds_data => self.held.push(payload),
+                    Ok(Operation::Data(_)) if self.behaviour.data_reply.is_some() => {
+                        let reply = self.behaviour.data_reply.clone().unwrap_or_default();
+                        let _ = self.session.send_rpy(channel, msgno, reply);
+                    }
                     Ok(Operation::Data(_)) => match self.behaviour.data_error {
                         None => {
                             accepted.push(payload);

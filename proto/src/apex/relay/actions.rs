@@ -50,6 +50,18 @@ pub enum Action {
         /// MSGs): while the MSG waits for room, that channel's window is held back by its size.
         source: Option<ChannelRef>,
     },
+    /// Close `channel` of `conn` with `code` (BEEP `close`, RFC 3080 §2.3.1.3): its peer
+    /// answered poorly (RFC 3080 §2.2.2.1) and every MSG the relay sent there is answered. A
+    /// channel already closing or gone needs nothing more; the relay learns of the close
+    /// through [`Relay::channel_closed`].
+    CloseChannel {
+        /// Connection.
+        conn: ConnId,
+        /// The APEX channel.
+        channel: u32,
+        /// The close's reply code.
+        code: u16,
+    },
     /// Hand an envelope to another shard over the mesh queue.
     ToShard {
         /// Destination shard.

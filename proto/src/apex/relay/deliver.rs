@@ -4,10 +4,30 @@
 
 use super::*;
 
-/// The data to send onward: only `recipients`, the per-data options replaced by `options`
-/// (rewritten or removed ones edited in place), every other byte as received (APEX-28).
-pub(super) fn rebuild(data: &Data, recipients: &[usize], options: &[ApexOption]) -> Bytes {
+/// The data to send onward at `hop`: only `recipients`, the per-data options replaced by
+/// `options` (rewritten or removed ones edited in place), the options of the originator and of
+/// those recipients that must not travel further removed (`targetHop='this'` when forwarding,
+/// APEX-35), every other byte as received (APEX-28).
+pub(super) fn rebuild(
+    data: &Data,
+    recipients: &[usize],
+    options: &[ApexOption],
+    hop: Hop,
+) -> Bytes {
     let mut edits = Vec::new();
+    let mut strip = |party: &msg::Party| {
+        for option in &party.options {
+            if options::must_remove_before_sending(option, hop) {
+                edits.push(Edit::remove(&option.raw));
+            }
+        }
+    };
+    strip(&data.originator);
+    for (i, party) in data.recipients.iter().enumerate() {
+        if recipients.contains(&i) {
+            strip(party);
+        }
+    }
     for (i, party) in data.recipients.iter().enumerate() {
         if !recipients.contains(&i) {
             edits.push(Edit::remove(&party.raw));
@@ -146,9 +166,7 @@ impl Relay {
             Err(refusal) => return self.answer(conn, channel, answer, Err(refusal)),
         };
         // Step 2: per-data options that apply here (APEX-36).
-        if let Err(e) = options::check_must_understand(&data.options, Hop::Receiving)
-            .and_then(|()| options::check_must_understand(&data.originator.options, Hop::Receiving))
-        {
+        if let Err(e) = options::check_must_understand(&data.options, Hop::Receiving) {
             let malformed = ApexError::malformed(e.code, e.text);
             return self.answer(conn, channel, answer, Err(malformed));
         }
@@ -167,7 +185,12 @@ impl Relay {
         } else if self.store_busy() {
             return self.answer(conn, channel, answer, Err(ApexError::StoreBusy));
         }
-        // Steps 4-5: each recipient, routed on its own.
+        // Step 4, after the `ok` (RFC 3340 §4.4.4.1, APEX-23): per-originator options. One
+        // that applies here, says mustUnderstand and is not understood is an error in
+        // processing (APEX-36) the data cannot go past: every recipient fails.
+        let originator_refused =
+            options::check_must_understand(&data.originator.options, Hop::Receiving).err();
+        // Step 5: each recipient, routed on its own.
         let mut remote: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, recipient) in data.recipients.iter().enumerate() {
             let report = options::status_requests_for(data, i, Hop::Final)
@@ -179,6 +202,10 @@ impl Relay {
                         recipient: recipient.identity.clone(),
                     })
                 });
+            if let Some(e) = &originator_refused {
+                self.report(report, e.code, &e.text);
+                continue;
+            }
             let target = match self.parse_endpoint(&recipient.identity) {
                 Ok(t) => t,
                 Err(_) => {
@@ -191,6 +218,14 @@ impl Relay {
                 }
             };
             if !self.serves(target.domain()) {
+                // Step 5.1: the recipient's own options that apply on the way (`this`, `all`);
+                // one not understood fails this recipient before anything is sent (APEX-36).
+                if let Err(e) =
+                    options::check_must_understand(&recipient.options, Hop::Intermediate)
+                {
+                    self.report(report, e.code, &e.text);
+                    continue;
+                }
                 remote
                     .entry(target.domain().to_ascii_lowercase())
                     .or_default()
@@ -213,7 +248,7 @@ impl Relay {
                     timings,
                 }) => {
                     self.option_reports(&reports, &originator, &[recipient.identity.as_str()]);
-                    let payload = rebuild(data, &[i], &options);
+                    let payload = rebuild(data, &[i], &options, Hop::Final);
                     let hold = if options::hold_requested(&data.options, Hop::Final) {
                         match self.config.hold.deadline(self.now_ms, timings.first()) {
                             Some(at) => Hold::Until(at),
@@ -238,7 +273,7 @@ impl Relay {
             match options::prepare_forward(&data.options, self.now_ms, self.now_ms) {
                 Ok(options::Forward::Send { options, reports }) => {
                     self.option_reports(&reports, &originator, &names);
-                    let payload = rebuild(data, &recipients, &options);
+                    let payload = rebuild(data, &recipients, &options, Hop::Intermediate);
                     self.actions.push_back(Action::Forward { domain, payload });
                 }
                 Ok(options::Forward::Drop { reports }) => {
@@ -519,6 +554,15 @@ impl Relay {
             return;
         }
         match self.channels.get_mut(&(at.conn, at.channel)) {
+            // Its peer answered poorly: the channel is being closed (RFC 3080 §2.2.2.1).
+            Some(state) if state.answered_poorly => match stored {
+                Some(stored) => self.hold_again(report, *stored),
+                None => self.report(
+                    report,
+                    code::ACTION_NOT_TAKEN,
+                    "the endpoint's channel is closing",
+                ),
+            },
             Some(state) if !state.ready => state.waiting.push(Waiting {
                 payload,
                 report,

@@ -22,8 +22,9 @@
 //!
 //! Along its seams: `directory` (attach, bind, terminate, the replica), `route` (where a
 //! recipient is reached from this shard, a pure function), `deliver` (data acceptance and
-//! delivery), `hold` (hold4Endpoint), `report` (the report service), `error` (each refusal
-//! with its reply code) and `actions` (what goes to the runtime and to other shards).
+//! delivery), `hold` (hold4Endpoint), `report` (the report service), `reply` (what replies to
+//! the relay's MSGs say), `error` (each refusal with its reply code) and `actions` (what goes to
+//! the runtime and to other shards).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -57,6 +58,7 @@ mod directory;
 mod durable;
 mod error;
 mod hold;
+mod reply;
 mod report;
 mod route;
 #[cfg(test)]
@@ -72,6 +74,8 @@ use durable::{AwaitingStore, PersistHold};
 pub use error::ApexError;
 use error::RECIPIENT_NOT_TAKING;
 use hold::Held;
+use reply::ReplyOutcome;
+pub use reply::{POORLY_FORMED_REPLY, POORLY_FORMED_REPLY_CLOSE_CODE};
 pub use route::{domain_shard, home_shard};
 use route::{route, Route};
 
@@ -203,6 +207,15 @@ struct ChannelState {
     simple_memo: msg::SimpleMemo,
     /// Where that head's data went, while nothing that routes could have changed since.
     simple_route: Option<SimpleRoute>,
+    /// The peer answered one of our MSGs here with a poorly formed reply: nothing more is
+    /// delivered on the channel, which is closed once our MSGs on it are answered (RFC 3080
+    /// §2.2.2.1, see `reply`).
+    answered_poorly: bool,
+    /// That close was asked of the runtime.
+    close_asked: bool,
+    /// Our MSG whose one-to-many reply (ANS) was settled at its first frame: the rest of that
+    /// reply is not another reply.
+    one_to_many_settled: Option<u32>,
 }
 
 /// A delivery waiting for its channel to be ready.
@@ -598,6 +611,12 @@ impl Relay {
                 match request.profiles.iter().find(|p| p.uri == APEX_PROFILE) {
                     Some(offer) => match &offer.content {
                         Some(content) => {
+                            // The start succeeds whatever the piggybacked attach or bind
+                            // meets: its reply (`Action::StartReply`) always creates the
+                            // channel, so its serverName counts (RFC 3080 §2.3.1.2, BEEP-23).
+                            if let Some(name) = &request.server_name {
+                                session.set_server_name(name);
+                            }
                             self.handle_start(conn, request.id, request.channel, content)
                         }
                         None => {
@@ -630,11 +649,11 @@ impl Relay {
             }
             Event::Reply {
                 channel,
+                msgno,
                 kind,
                 payload,
-                ..
             } => {
-                self.handle_reply(conn, channel, kind == ReplyKind::Rpy, &payload);
+                self.handle_reply(conn, channel, msgno, kind, &payload);
             }
             Event::ChannelClosed { channel, .. } => {
                 self.channel_closed(conn, channel);

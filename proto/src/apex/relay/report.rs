@@ -65,13 +65,15 @@ impl Relay {
         });
     }
 
-    /// A reply to one of the relay's MSGs on `channel` (replies come in order, BEEP-35).
-    pub fn handle_reply(&mut self, conn: ConnId, channel: u32, positive: bool, payload: &Bytes) {
+    /// Settles the oldest of the relay's MSGs on `channel` with what its reply said (replies
+    /// come in order, BEEP-35; see `reply`): only an `ok` is a delivery.
+    pub(super) fn settle_reply(&mut self, conn: ConnId, channel: u32, outcome: &ReplyOutcome) {
         let Some((report, since)) = self.settled_delivery(conn, channel) else {
             return;
         };
+        let delivered = *outcome == ReplyOutcome::Ok;
         if let Some(since) = since {
-            if positive {
+            if delivered {
                 self.stats.data_delivered += 1;
                 self.stats.latency.record(self.now_us.saturating_sub(since));
             } else {
@@ -81,14 +83,12 @@ impl Relay {
         let Some(report) = report else {
             return;
         };
-        if positive {
-            self.report(Some(report), apex_code::SUCCESS, "");
-        } else {
-            let (code, text) = match msg::parse_message(payload, &self.config.limits) {
-                Ok(Operation::Error { code, text }) => (code, text),
-                _ => (code::ACTION_NOT_TAKEN, "refused by the endpoint".to_owned()),
-            };
-            self.report(Some(report), code, &text);
+        match outcome {
+            ReplyOutcome::Ok => self.report(Some(report), apex_code::SUCCESS, ""),
+            ReplyOutcome::Error { code, text } => self.report(Some(report), *code, text),
+            ReplyOutcome::PoorlyFormed => {
+                self.report(Some(report), code::ACTION_NOT_TAKEN, POORLY_FORMED_REPLY)
+            }
         }
     }
 
@@ -129,6 +129,7 @@ impl Relay {
             Some(Sent::Stored(report, stored, _)) => self.hold_again(report, *stored),
             Some(Sent::Notice) | None => {}
         }
+        self.close_if_answered_poorly(conn, channel);
     }
 
     /// The outcome of forwarding to another relay, for reports (APEX-24).

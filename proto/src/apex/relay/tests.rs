@@ -100,7 +100,7 @@ fn a_refused_send_fails_the_newest_delivery_not_the_oldest() {
     assert!(failed.contains("statusResponse transID='11'"), "{failed}");
     assert!(failed.contains("code='550'"), "{failed}");
     // Barney answers the first: its own report, a success.
-    r.handle_reply(ConnId(2), 1, true, &msg::ok_payload());
+    r.handle_reply(ConnId(2), 1, 0, ReplyKind::Rpy, &msg::ok_payload());
     let delivered = report(&mut r);
     assert!(
         delivered.contains("statusResponse transID='10'"),
