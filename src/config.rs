@@ -108,6 +108,13 @@ connect_attempts = 5
 # How long a link that asked the next relay to release the session (RFC 3080 §2.4) waits for
 # its answer before closing the connection anyway (milliseconds).
 close_timeout_ms = 5000
+# Watches on forwarded data that asks for status reports (statusRequest), for originators of
+# this domain: when no relay further on reports within report_timeout_ms (or the data's
+# dataTiming noLaterThan + returnTrip) of the data going onto the link, this relay reports 450,
+# delivery unknown (a next relay that crashed after accepting). 0: not watched. At most
+# max_report_watches watches per shard; past it, forwards go unwatched. (restart)
+report_timeout_ms = 60000
+max_report_watches = 65536
 # The DNS server (ADDR:PORT) asked for the SRV records of domains without a static route, over
 # UDP (TCP for truncated answers); empty means the system's resolvers (/etc/resolv.conf).
 # (restart: one resolver serves the process)
@@ -139,11 +146,14 @@ ca = ""
 [hold]
 # (reload)
 # Data held for endpoints that are not attached yet, when the data asks for it with the
-# hold4Endpoint option (RFC 3342): most messages and octets held per shard, and the longest
-# hold in milliseconds (0: as long as the data's dataTiming allows, forever without one).
+# hold4Endpoint option (RFC 3342): most messages and octets held per shard, most messages of
+# one originator held per shard (its share, so that one sender cannot fill the queue), and
+# the longest hold in milliseconds, one hour by default (0: as long as the data's dataTiming
+# allows, forever without one, as RFC 3342 reads).
 max_messages = 1024
 max_bytes = 16777216
-max_hold_ms = 0
+max_per_originator = 256
+max_hold_ms = 3600000
 
 [backpressure]
 # (reload)
@@ -310,6 +320,10 @@ pub struct MeshConfig {
     pub connect_attempts: u32,
     /// Wait for the next relay's answer to our session `close`, milliseconds.
     pub close_timeout_ms: u64,
+    /// Wait for a later relay's status report on forwarded data, milliseconds; 0: none.
+    pub report_timeout_ms: u64,
+    /// Most forwards watched for a later relay's report, per shard.
+    pub max_report_watches: usize,
     /// `ADDR:PORT` of the one DNS server to ask; empty: the system's.
     pub dns_server: String,
 }
@@ -391,6 +405,8 @@ pub struct HoldConfig {
     pub max_messages: usize,
     /// Most held octets per shard.
     pub max_bytes: usize,
+    /// Most held messages of one originator per shard.
+    pub max_per_originator: usize,
     /// Longest hold, ms; 0: no cap.
     pub max_hold_ms: u64,
 }
@@ -400,6 +416,7 @@ impl From<&HoldConfig> for HoldLimits {
         HoldLimits {
             max_messages: c.max_messages,
             max_bytes: c.max_bytes,
+            max_per_originator: c.max_per_originator,
             max_hold_ms: (c.max_hold_ms > 0).then_some(c.max_hold_ms),
         }
     }
@@ -667,6 +684,14 @@ impl Config {
         }
     }
 
+    /// The bounds of the relay's watches on forwarded statusRequests.
+    pub fn report_watch(&self) -> apex_proto::apex::relay::ReportWatchLimits {
+        apex_proto::apex::relay::ReportWatchLimits {
+            timeout_ms: self.mesh.report_timeout_ms,
+            max_watches: self.mesh.max_report_watches,
+        }
+    }
+
     /// How the shard core's outbound relay links behave.
     pub fn link_config(&self) -> apex_proto::shard::LinkConfig {
         apex_proto::shard::LinkConfig {
@@ -839,6 +864,12 @@ impl Config {
             || self.mesh.connect_attempts == 0
         {
             bail!("fields `mesh.link_queue`, `mesh.link_in_flight` and `mesh.connect_attempts` must be at least 1");
+        }
+        if self.hold.max_per_originator == 0 {
+            bail!("field `hold.max_per_originator` must be at least 1");
+        }
+        if self.mesh.max_report_watches == 0 {
+            bail!("field `mesh.max_report_watches` must be at least 1 (to watch nothing, set `mesh.report_timeout_ms` to 0)");
         }
         parse_dns_server(&self.mesh.dns_server)?;
         Limits::from(&self.limits)
@@ -1141,6 +1172,55 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains("runtime.listen_backlog"), "{err}");
         }
+    }
+
+    /// Issue 19 items 7 and 8: the hold queue's originator share and default expiry, and the
+    /// watches on forwarded statusRequests, come from the file with the core's defaults, and
+    /// a zero share or watch limit names its file, line and field.
+    #[test]
+    fn hold_share_expiry_and_report_watches() {
+        let config = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(config.hold.max_per_originator, 256);
+        assert_eq!(HoldLimits::from(&config.hold).max_hold_ms, Some(3_600_000));
+        assert_eq!(
+            config.report_watch(),
+            apex_proto::apex::relay::ReportWatchLimits::default()
+        );
+        // 0 is still "no administrative bound" (RFC 3342 §3 reads: indefinitely).
+        let config = Config::from_toml("[hold]\nmax_hold_ms = 0\n", "t.toml").unwrap();
+        assert_eq!(HoldLimits::from(&config.hold).max_hold_ms, None);
+        let config = Config::from_toml(
+            "[mesh]\nreport_timeout_ms = 1500\nmax_report_watches = 10\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(config.report_watch().timeout_ms, 1500);
+        assert_eq!(config.report_watch().max_watches, 10);
+        let dir = std::env::temp_dir().join(format!("apexd-hold-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (text, field, line) in [
+            (
+                "domain = \"x.org\"\n[hold]\nmax_per_originator = 0\n",
+                "hold.max_per_originator",
+                3,
+            ),
+            (
+                "domain = \"x.org\"\n\n[mesh]\nmax_report_watches = 0\n",
+                "mesh.max_report_watches",
+                4,
+            ),
+        ] {
+            let path = dir.join("relay.toml");
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load(Some(&path), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("relay.toml:{line}:")) && err.contains(field),
+                "{err}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -612,6 +612,13 @@ impl prometheus_client::collector::Collector for Scrape {
         )?;
         family(
             e,
+            "report_watches_refused",
+            "Forwarded statusRequests left unwatched: mesh.max_report_watches were running.",
+            Counter,
+            per_shard(&|r| r.core.relay.report_watches_refused),
+        )?;
+        family(
+            e,
             "held_messages",
             "Data in the hold queue now.",
             Gauge,

@@ -84,6 +84,113 @@ fn apex_24_two_relays_deliver_across_the_mesh() {
     assert_eq!(fred.receive(), back);
 }
 
+/// Two relays that route to each other: example.com (A, given the configuration file `toml_a`,
+/// none when empty) and rubble.com (B).
+fn relay_pair(toml_a: &str) -> (Relay, Relay, common::ScratchDir) {
+    let (port_a, port_b) = (free_port(), free_port());
+    let peer_b = format!("rubble.com=127.0.0.1:{port_b}");
+    let peer_a = format!("example.com=127.0.0.1:{port_a}");
+    let dir = common::ScratchDir::new("mesh-config");
+    let config = format!("{}/a.toml", dir.as_str());
+    std::fs::write(&config, toml_a).unwrap();
+    let a = relay(
+        "example.com",
+        port_a,
+        &[
+            "--config",
+            &config,
+            "--peer",
+            &peer_b,
+            "--grant",
+            "*@rubble.com=core:data",
+        ],
+    );
+    let b = relay(
+        "rubble.com",
+        port_b,
+        &["--peer", &peer_a, "--grant", "*@example.com=core:data"],
+    );
+    (a, b, dir)
+}
+
+/// The report service and reply of a report payload: (`apex=report@DOMAIN`, the `<reply`
+/// element).
+fn report_of(payload: &Bytes) -> (String, String) {
+    let text = String::from_utf8_lossy(payload);
+    let field = |start: &str, end: &str| {
+        let at = text
+            .find(start)
+            .unwrap_or_else(|| panic!("{start} in {text}"));
+        let rest = &text[at..];
+        rest[..rest.find(end).unwrap() + end.len()].to_owned()
+    };
+    (field("apex=report@", "'"), field("<reply", ">"))
+}
+
+#[test]
+fn apex_38_opt_02_every_relay_on_the_path_reports_target_hop_all() {
+    let (a, b, _dir) = relay_pair("");
+    let (mut barney, _) = attached(&b, "barney@rubble.com");
+    let (mut fred, fred_channel) = attached(&a, "fred@example.com");
+    let option = "<option internal='statusRequest' targetHop='all' transID='86' />";
+    let sent = data("fred@example.com", "barney@rubble.com", option, "hello");
+    assert!(fred.request(fred_channel, sent.clone()).0);
+    assert_eq!(barney.receive(), sent, "the option travels on unchanged");
+    // One report from each relay: the forwarding relay's on the forward, the delivering
+    // relay's on the delivery (RFC 3340 §5.1), in either order.
+    let mut reports = vec![report_of(&fred.receive()), report_of(&fred.receive())];
+    reports.sort();
+    assert_eq!(
+        reports,
+        vec![
+            (
+                "apex=report@example.com'".to_owned(),
+                "<reply code='250' transID='86'>".to_owned()
+            ),
+            (
+                "apex=report@rubble.com'".to_owned(),
+                "<reply code='250' transID='86' />".to_owned()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn issue_19_item_7_a_next_relay_killed_after_accepting_is_reported_450() {
+    let (a, mut b, _dir) = relay_pair("[mesh]\nreport_timeout_ms = 1500\n");
+    // A healthy pair on A alongside, asking for reports too.
+    let (mut betty, _) = attached(&a, "betty@example.com");
+    let (mut wilma, wilma_channel) = attached(&a, "wilma@example.com");
+    // barney takes the delivery in but never answers it: B accepted the data and holds it.
+    let (mut barney, _) = attached(&b, "barney@rubble.com");
+    let (mut fred, fred_channel) = attached(&a, "fred@example.com");
+    let option = "<option internal='statusRequest' transID='7' />";
+    let sent = data("fred@example.com", "barney@rubble.com", option, "hello");
+    assert!(fred.request(fred_channel, sent).0);
+    barney.pump_until("the delivery", |c| {
+        c.events
+            .iter()
+            .any(|e| matches!(e, apex_proto::Event::Message { .. }))
+    });
+    // B answered A's forward before it delivered; let that answer reach A, then B dies.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    for i in 0..5 {
+        let option = format!("<option internal='statusRequest' transID='{}' />", 100 + i);
+        let text = format!("healthy {i}");
+        let sent = data("wilma@example.com", "betty@example.com", &option, &text);
+        assert!(wilma.request(wilma_channel, sent.clone()).0);
+        assert_eq!(betty.receive(), sent);
+        let (_, reply) = report_of(&wilma.receive());
+        assert_eq!(reply, format!("<reply code='250' transID='{}' />", 100 + i));
+    }
+    // Nobody further on will report: A does, once the bound passed.
+    let (reporter, reply) = report_of(&fred.receive());
+    assert_eq!(reporter, "apex=report@example.com'");
+    assert_eq!(reply, "<reply code='450' transID='7'>");
+}
+
 #[test]
 fn unreachable_domain_is_reported() {
     let port_a = free_port();

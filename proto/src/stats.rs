@@ -203,6 +203,9 @@ pub struct RelayStats {
     pub reports: CodeCounts,
     /// From acceptance to the recipient's `ok`, for data this shard delivered.
     pub latency: Latency,
+    /// Forwarded statusRequests left unwatched because `mesh.max_report_watches` watches
+    /// were running (issue 19 item 7).
+    pub report_watches_refused: u64,
 }
 
 /// Sessions by what they are doing.
@@ -301,6 +304,7 @@ impl ShardSnapshot {
         mine.deliveries_refused += theirs.deliveries_refused;
         mine.data_forwarded += theirs.data_forwarded;
         mine.data_held += theirs.data_held;
+        mine.report_watches_refused += theirs.report_watches_refused;
         mine.errors.merge(&theirs.errors);
         mine.reports.merge(&theirs.reports);
         mine.latency.merge(&theirs.latency);

@@ -748,3 +748,89 @@ fn store_requests_waiting_are_bounded() {
     );
     assert_eq!(net.store.held_messages(), 1);
 }
+
+/// One originator flooding the hold queue (1,100 messages for an endpoint that never
+/// attaches, more than the queue's 1,024) gets only its share of it (`hold.max_per_originator`,
+/// 256): past it, its data is refused with 450 on one shard, reported 550 when it was accepted
+/// on another shard first. Another originator still has data held and delivered once its
+/// recipient attaches, and a pair of attached endpoints beside them exchange data throughout
+/// (issue 19 item 8).
+#[test]
+fn issue_19_item_8_one_flooding_originator_gets_only_its_share_of_the_hold_queue() {
+    use apex_proto::apex::options::DEFAULT_MAX_HELD_PER_ORIGINATOR as SHARE;
+    for (shards, flooder_shard) in [(1, 0), (2, 0), (2, 1)] {
+        let mut net = RelayNet::with("example.com", shards, grants(), Vec::new());
+        let (mallory, mch) = attached(&mut net, flooder_shard, "mallory@example.com");
+        let (fred, fch) = attached(&mut net, 0, "fred@example.com");
+        let (wilma, wch) = attached(&mut net, shards - 1, "wilma@example.com");
+        let (betty, bch) = attached(&mut net, 0, "betty@example.com");
+        let absent = homed("absent", shards, shards - 1);
+        let options = format!("{HOLD}{}", status_request(5));
+        let (mut accepted, mut refused) = (0, 0);
+        for i in 0..1100 {
+            let flood = data("mallory@example.com", &[&absent], &options, &format!("{i}"));
+            let (positive, reply) = net.send(mallory, mch, flood);
+            if positive {
+                accepted += 1;
+            } else {
+                assert!(
+                    text(&reply)
+                        .contains("<error code='450'>hold queue share of this originator is full"),
+                    "{}",
+                    text(&reply)
+                );
+                refused += 1;
+            }
+            if i % 100 == 0 {
+                let healthy = data("wilma@example.com", &["betty@example.com"], "", "hi");
+                assert!(net.send(wilma, wch, healthy).0, "the healthy pair goes on");
+            }
+        }
+        let held: usize = (0..shards).map(|s| net.relay(s).held_count()).sum();
+        assert_eq!(held, SHARE, "{shards} shard(s): the flooder's share only");
+        let dropped = report_codes(&net, mallory, mch)
+            .iter()
+            .filter(|(t, code)| *t == 5 && *code == 550)
+            .count();
+        assert_eq!(accepted + refused, 1100);
+        assert_eq!(
+            accepted - dropped,
+            SHARE,
+            "every message held, refused or reported"
+        );
+        assert_eq!(deliveries(&net, betty, bch).len(), 11);
+        // fred's data is still held, and delivered once barney attaches.
+        let barney = homed("barney", shards, shards - 1);
+        let mine = data("fred@example.com", &[&barney], HOLD, "for barney");
+        assert!(
+            net.send(fred, fch, mine).0,
+            "{shards} shard(s): room for fred"
+        );
+        let (barney_id, barney_ch) = attached(&mut net, 0, &barney);
+        assert_eq!(deliveries(&net, barney_id, barney_ch), vec!["for barney"]);
+    }
+}
+
+/// Held data without a `dataTiming` bound is no longer held for ever: after the default
+/// `hold.max_hold_ms` (one hour) it is dropped and reported (issue 19 item 8, OPT-15).
+#[test]
+fn issue_19_item_8_held_data_expires_after_the_default_bound() {
+    use apex_proto::apex::options::DEFAULT_MAX_HOLD_MS;
+    let mut net = RelayNet::with("example.com", 1, grants(), Vec::new());
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let options = format!("{HOLD}{}", status_request(31));
+    let held = data(
+        "fred@example.com",
+        &["wilma@example.com"],
+        &options,
+        "later",
+    );
+    assert!(net.send(fred, ch, held).0);
+    net.advance(DEFAULT_MAX_HOLD_MS - 1);
+    assert_eq!(net.relay(0).held_count(), 1);
+    assert!(report_codes(&net, fred, ch).is_empty());
+    net.advance(1);
+    assert_eq!(net.relay(0).held_count(), 0);
+    assert_eq!(report_codes(&net, fred, ch), vec![(31, 550)]);
+    assert_eq!(net.store.held_messages(), 0, "its record goes too");
+}

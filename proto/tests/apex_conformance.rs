@@ -2150,3 +2150,301 @@ fn apex_35_this_options_of_the_parties_are_removed_before_forwarding() {
     assert_eq!(got.len(), 1);
     assert!(text(&got[0]).contains("x-note") && text(&got[0]).contains("x-here"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reports from the relays on the path, and watches on forwards (APEX-38, OPT-02; issue 19
+// items 3 and 7)
+// ---------------------------------------------------------------------------------------------
+
+/// fred's data for barney@rubble.com with a per-data statusRequest for every relay on the path
+/// (`targetHop='all'`, RFC 3340 §5.1; 299).
+const DATA_ALL_299: &[u8] = b"MSG 1 0 . 0 299\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@rubble.com' />\r\n   <option internal='statusRequest' targetHop='all' transID='86' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\nEND\r\n";
+
+/// example.com's own report once rubble.com's relay accepted the forward (RFC 3340 §6.2; 456).
+const REPORT_FORWARDED_456: &[u8] = b"MSG 1 0 . 46 456\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='apex=report@example.com' />\r\n   <recipient identity='fred@example.com' />\r\n   <data-content Name='Content'>\r\n      <statusResponse transID='86'>\r\n         <destination identity='barney@rubble.com'>\r\n            <reply code='250' transID='86'>accepted by the relay of rubble.com</reply>\r\n         </destination>\r\n      </statusResponse>\r\n   </data-content>\r\n</data>\r\nEND\r\n";
+
+/// example.com's report when no relay further on reported within the bound: 450, transient,
+/// delivery unknown (issue 19 item 7; 483).
+const REPORT_UNKNOWN_483: &[u8] = b"MSG 1 0 . 46 483\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='apex=report@example.com' />\r\n   <recipient identity='fred@example.com' />\r\n   <data-content Name='Content'>\r\n      <statusResponse transID='86'>\r\n         <destination identity='barney@rubble.com'>\r\n            <reply code='450' transID='86'>no report from the relays further on in time: delivery unknown</reply>\r\n         </destination>\r\n      </statusResponse>\r\n   </data-content>\r\n</data>\r\nEND\r\n";
+
+/// Endpoint session with the relay's 111-octet greeting: channel created and attach accepted
+/// (109).
+const RPY_START_OK_AFTER_111: &[u8] = b"RPY 0 1 . 111 109\r\nContent-Type: application/beep+xml\r\n\r\n<profile uri='http://iana.org/beep/APEX'><![CDATA[<ok />]]></profile>\r\nEND\r\n";
+
+/// The default bound on a later relay's report (`mesh.report_timeout_ms`).
+const REPORT_TIMEOUT_MS: u64 = apex_proto::apex::relay::DEFAULT_REPORT_TIMEOUT_MS;
+
+/// fred, a raw client on `shard`, greeted and attached (channel 1), then `data` sent.
+fn raw_fred_sends(net: &mut RelayNet, shard: usize, data: &[u8]) -> ClientId {
+    let fred = net.connect_raw(shard, ConnKind::Edge);
+    net.inject(fred, checked(I_GREETING));
+    net.inject(fred, checked(START_ATTACH_FRED));
+    net.inject(fred, checked(data));
+    fred
+}
+
+/// The frames the relay wrote fred up to its `ok` to the data, then `then`.
+fn fred_frames(then: &[&[u8]]) -> Vec<String> {
+    [L_GREETING_111, RPY_START_OK_AFTER_111, RPY_1_0_OK]
+        .iter()
+        .chain(then)
+        .map(|f| String::from_utf8_lossy(checked(f)).into_owned())
+        .collect()
+}
+
+/// A report from `apex=report@<reporter>` to fred on barney@rubble.com, as a relay further on
+/// sends it over the mesh.
+fn report_from(reporter: &str, trans_id: u32, code: u16) -> Bytes {
+    Bytes::from(format!(
+        "{HEADERS}<data content='#Content'>\r\n   <originator identity='apex=report@{reporter}' />\r\n   <recipient identity='fred@example.com' />\r\n   <data-content Name='Content'>\r\n      <statusResponse transID='{trans_id}'>\r\n         <destination identity='barney@rubble.com'>\r\n            <reply code='{code}' transID='{trans_id}' />\r\n         </destination>\r\n      </statusResponse>\r\n   </data-content>\r\n</data>\r\n"
+    ))
+}
+
+#[test]
+fn apex_38_opt_02_forwarding_relay_reports_target_hop_all_byte_exact() {
+    for (shards, fred_shard) in [(1, 0), (2, 0), (2, 1)] {
+        let mut net = granted(shards);
+        let fred = raw_fred_sends(&mut net, fred_shard, DATA_ALL_299);
+        // The next relay accepted it: this relay reports the forward's outcome (RFC 3340
+        // §5.1: every relay `all` applies to), and the option travels on unchanged.
+        assert_eq!(
+            show(&net.clients[fred].relay_data_frames()),
+            fred_frames(&[REPORT_FORWARDED_456]),
+            "{shards} shard(s), fred on {fred_shard}"
+        );
+        assert_eq!(
+            net.forwards_to("rubble.com"),
+            vec![payload_of(DATA_ALL_299)]
+        );
+    }
+}
+
+#[test]
+fn apex_38_target_hop_this_is_reported_by_the_forwarding_relay_and_final_is_not() {
+    let mut net = granted(2);
+    let (fred, ch) = attached(&mut net, 1, "fred@example.com");
+    let this = "   <option internal='statusRequest' targetHop='this' transID='7' />\r\n";
+    let (ok, _) = net.send(
+        fred,
+        ch,
+        data("fred@example.com", &["barney@rubble.com"], this, "hi"),
+    );
+    assert!(ok);
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 1, "{:?}", r.iter().map(text).collect::<Vec<_>>());
+    assert!(is_report(&r[0], "example.com", 7, "barney@rubble.com", 250));
+    // Processed here and removed before passing on (APEX-35).
+    assert!(!text(&net.forwards_to("rubble.com")[0]).contains("statusRequest"));
+    // targetHop='final' (the default): only the delivering relay reports.
+    let (ok, _) = net.send(
+        fred,
+        ch,
+        data(
+            "fred@example.com",
+            &["barney@rubble.com"],
+            &status_request(8),
+            "hi",
+        ),
+    );
+    assert!(ok);
+    assert_eq!(
+        reports(&net, fred).len(),
+        1,
+        "no report of our own for final"
+    );
+}
+
+#[test]
+fn apex_38_forward_refused_by_the_next_relay_is_reported_once_per_request() {
+    let mut net = granted(1);
+    net.next_relay_behaviour.insert(
+        "rubble.com".into(),
+        apex_proto::testing::NextRelayBehaviour {
+            data_error: Some(554),
+            ..Default::default()
+        },
+    );
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let all = "   <option internal='statusRequest' targetHop='all' transID='9' />\r\n";
+    let (ok, _) = net.send(
+        fred,
+        ch,
+        data("fred@example.com", &["barney@rubble.com"], all, "hi"),
+    );
+    assert!(ok);
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 1, "{:?}", r.iter().map(text).collect::<Vec<_>>());
+    assert!(is_report(&r[0], "example.com", 9, "barney@rubble.com", 550));
+    // Reported here: nothing is watched, nothing more comes.
+    assert_eq!(net.relay(0).watched_reports(), 0);
+    net.advance(REPORT_TIMEOUT_MS + 1);
+    assert_eq!(reports(&net, fred).len(), 1);
+}
+
+#[test]
+fn issue_19_item_7_forward_without_a_later_report_is_reported_450_byte_exact() {
+    for (shards, fred_shard) in [(1, 0), (2, 0), (2, 1)] {
+        let mut net = granted(shards);
+        let fred = raw_fred_sends(&mut net, fred_shard, DATA_283);
+        // Accepted by rubble.com's relay, which then never reports (it crashed with the data
+        // in its backlog).
+        assert_eq!(net.forwards_to("rubble.com").len(), 1);
+        let watched: usize = (0..shards).map(|s| net.relay(s).watched_reports()).sum();
+        assert_eq!(watched, 1);
+        net.advance(REPORT_TIMEOUT_MS - 1);
+        assert_eq!(
+            show(&net.clients[fred].relay_data_frames()),
+            fred_frames(&[]),
+            "nothing before the bound"
+        );
+        net.advance(1);
+        assert_eq!(
+            show(&net.clients[fred].relay_data_frames()),
+            fred_frames(&[REPORT_UNKNOWN_483]),
+            "{shards} shard(s), fred on {fred_shard}"
+        );
+        let watched: usize = (0..shards).map(|s| net.relay(s).watched_reports()).sum();
+        assert_eq!(watched, 0);
+    }
+}
+
+#[test]
+fn issue_19_item_7_a_later_report_passing_through_ends_the_watch() {
+    for (shards, fred_shard, peer_shard) in [(1, 0, 0), (2, 0, 1), (2, 1, 0), (2, 1, 1)] {
+        // rubble.com's relay also passes on reports of relays beyond it (a trusted
+        // intermediary, RFC 3340 §4.5.2).
+        let mut net = RelayNet::with(
+            "example.com",
+            shards,
+            domain_grant("example.com"),
+            vec!["rubble.com".to_owned()],
+        );
+        let (fred, ch) = attached(&mut net, fred_shard, "fred@example.com");
+        let peer = net.connect(peer_shard, ConnKind::Mesh);
+        let (pch, _) = net.bind(peer, "rubble.com");
+        for trans_id in [1, 2, 3] {
+            let (ok, _) = net.send(
+                fred,
+                ch,
+                data(
+                    "fred@example.com",
+                    &["barney@rubble.com"],
+                    &status_request(trans_id),
+                    "hi",
+                ),
+            );
+            assert!(ok);
+        }
+        // 1: the delivering relay (rubble.com) reports success; 2: an intermediate relay
+        // reports a failure; 3: only an intermediate relay's trace (250) and a transient
+        // report (350), which do not end the watch.
+        for report in [
+            report_from("rubble.com", 1, 250),
+            report_from("other.org", 2, 550),
+            report_from("other.org", 3, 250),
+            report_from("rubble.com", 3, 350),
+        ] {
+            let (ok, _) = net.send(peer, pch, report);
+            assert!(ok);
+        }
+        assert_eq!(reports(&net, fred).len(), 4, "every report reaches fred");
+        net.advance(REPORT_TIMEOUT_MS);
+        let r = reports(&net, fred);
+        assert_eq!(
+            r.len(),
+            5,
+            "{shards} shard(s): only transID 3 is reported unknown: {:?}",
+            r.iter().map(text).collect::<Vec<_>>()
+        );
+        assert!(is_report(&r[4], "example.com", 3, "barney@rubble.com", 450));
+    }
+}
+
+#[test]
+fn issue_19_item_7_return_trip_bounds_the_watch_and_held_data_is_not_watched() {
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let timed = format!(
+        "{}   <option internal='dataTiming' targetHop='all' mustUnderstand='true' transID='5'><dataTiming noLaterThan='2000' returnTrip='3000' /></option>\r\n",
+        status_request(4)
+    );
+    let (ok, _) = net.send(
+        fred,
+        ch,
+        data("fred@example.com", &["barney@rubble.com"], &timed, "hi"),
+    );
+    assert!(ok);
+    // Held at the next relay for as long as it lets it: no bound this relay could know.
+    let held = format!(
+        "{}   <option internal='hold4Endpoint' transID='6' />\r\n",
+        status_request(6)
+    );
+    let (ok, _) = net.send(
+        fred,
+        ch,
+        data("fred@example.com", &["barney@rubble.com"], &held, "hi"),
+    );
+    assert!(ok);
+    assert_eq!(net.relay(0).watched_reports(), 1);
+    // Delivery within noLaterThan (2 s), then the report within returnTrip (3 s).
+    net.advance(4999);
+    assert!(reports(&net, fred).is_empty());
+    net.advance(1);
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 1);
+    assert!(is_report(&r[0], "example.com", 4, "barney@rubble.com", 450));
+}
+
+#[test]
+fn issue_19_item_7_watches_are_bounded_per_shard() {
+    let mut net = granted(1);
+    net.shards[0]
+        .relay_mut()
+        .set_report_watch(apex_proto::apex::relay::ReportWatchLimits {
+            timeout_ms: 1000,
+            max_watches: 2,
+        });
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    for trans_id in 1..=5 {
+        let (ok, _) = net.send(
+            fred,
+            ch,
+            data(
+                "fred@example.com",
+                &["barney@rubble.com"],
+                &status_request(trans_id),
+                "hi",
+            ),
+        );
+        assert!(ok);
+    }
+    assert_eq!(net.relay(0).watched_reports(), 2);
+    assert_eq!(net.relay(0).stats().report_watches_refused, 3);
+    net.advance(1000);
+    let r = reports(&net, fred);
+    assert_eq!(r.len(), 2);
+    assert!(is_report(&r[0], "example.com", 1, "barney@rubble.com", 450));
+    assert!(is_report(&r[1], "example.com", 2, "barney@rubble.com", 450));
+}
+
+#[test]
+fn issue_19_item_7_remote_originators_are_not_watched() {
+    // Data relayed for wilma@rubble.com to other.org: reports go to rubble.com directly, never
+    // back through this relay, so a watch here could only report in error.
+    let mut net = granted(1);
+    let peer = net.connect(0, ConnKind::Mesh);
+    let (pch, _) = net.bind(peer, "rubble.com");
+    let (ok, _) = net.send(
+        peer,
+        pch,
+        data(
+            "wilma@rubble.com",
+            &["x@other.org"],
+            &status_request(3),
+            "hi",
+        ),
+    );
+    assert!(ok);
+    assert_eq!(net.forwards_to("other.org").len(), 1);
+    assert_eq!(net.relay(0).watched_reports(), 0);
+}

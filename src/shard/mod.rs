@@ -524,6 +524,7 @@ async fn shard_main(
         trusted: config.mesh.trusted.clone(),
         hold: (&config.hold).into(),
         store_queue: config.runtime.store_queue,
+        report_watch: config.report_watch(),
         auth: AuthPolicy {
             mode: config.auth_mode()?,
             relay_addresses: FxHashMap::default(),

@@ -66,6 +66,15 @@ pub const DEFAULT_MAX_HELD_MESSAGES: usize = 1024;
 /// Default [`HoldLimits::max_bytes`]: octets of held payloads, all endpoints together (16 MiB).
 pub const DEFAULT_MAX_HELD_BYTES: usize = 16 * 1024 * 1024;
 
+/// Default [`HoldLimits::max_per_originator`]: data of one originator held at once, a quarter
+/// of [`DEFAULT_MAX_HELD_MESSAGES`], so that one sender cannot fill the queue (issue 19 item 8).
+pub const DEFAULT_MAX_HELD_PER_ORIGINATOR: usize = 256;
+
+/// Default [`HoldLimits::max_hold_ms`]: one hour (issue 19 item 8). RFC 3342 §3 holds data
+/// without a `dataTiming` bound indefinitely; RFC 3342 §7 lets administrators limit it
+/// (OPT-15), and an unbounded default let held data occupy the queue for ever.
+pub const DEFAULT_MAX_HOLD_MS: u64 = 3_600_000;
+
 /// The options this relay understands (OPT-01; RFC 3340 §5.1, RFC 3342 §1-§4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KnownOption {
@@ -252,6 +261,40 @@ pub fn status_requests_for(data: &Data, recipient: usize, hop: Hop) -> Vec<u32> 
         }
     }
     ids
+}
+
+/// The transIDs of the `statusRequest` options (per-data, then `recipient`'s own) that travel
+/// on with data forwarded for `recipient` (index into `data.recipients`): those with
+/// `targetHop='final'` or `'all'`, which a later relay answers (RFC 3340 §5; `this` ones are
+/// removed when forwarding, APEX-35). Empty for data carrying a `statusResponse` (OPT-03).
+pub fn status_requests_onward(data: &Data, recipient: usize) -> Vec<u32> {
+    let own = data
+        .recipients
+        .get(recipient)
+        .map(|r| &r.options[..])
+        .unwrap_or_default();
+    if (data.options.is_empty() && own.is_empty()) || carries_status_response(data) {
+        return Vec::new();
+    }
+    let mut ids: Vec<u32> = Vec::new();
+    for o in data.options.iter().chain(own) {
+        if KnownOption::of(o) == Some(KnownOption::StatusRequest)
+            && o.target_hop != TargetHop::This
+            && !ids.contains(&o.trans_id)
+        {
+            ids.push(o.trans_id);
+        }
+    }
+    ids
+}
+
+/// The per-data `dataTiming` of `options` that applies at `hop`, when there is one and it
+/// parses.
+pub fn data_timing(options: &[ApexOption], hop: Hop) -> Option<DataTiming> {
+    options
+        .iter()
+        .find(|o| KnownOption::of(o) == Some(KnownOption::DataTiming) && applies_here(o, hop))
+        .and_then(|o| DataTiming::parse(o).ok())
 }
 
 /// Whether the content of `data` is a `statusResponse` (a report, RFC 3340 §6.2): the first
@@ -990,8 +1033,10 @@ pub struct HoldLimits {
     pub max_messages: usize,
     /// Most payload octets held at once ([`DEFAULT_MAX_HELD_BYTES`]).
     pub max_bytes: usize,
-    /// Longest hold, ms, whatever `dataTiming` says; `None` (the default) holds without a
-    /// `dataTiming` bound indefinitely, as RFC 3342 §3 says.
+    /// Most data of one originator held at once ([`DEFAULT_MAX_HELD_PER_ORIGINATOR`]).
+    pub max_per_originator: usize,
+    /// Longest hold, ms, whatever `dataTiming` says ([`DEFAULT_MAX_HOLD_MS`]); `None` holds
+    /// data without a `dataTiming` bound indefinitely, as RFC 3342 §3 says.
     pub max_hold_ms: Option<u64>,
 }
 
@@ -1000,7 +1045,8 @@ impl Default for HoldLimits {
         Self {
             max_messages: DEFAULT_MAX_HELD_MESSAGES,
             max_bytes: DEFAULT_MAX_HELD_BYTES,
-            max_hold_ms: None,
+            max_per_originator: DEFAULT_MAX_HELD_PER_ORIGINATOR,
+            max_hold_ms: Some(DEFAULT_MAX_HOLD_MS),
         }
     }
 }
@@ -1011,6 +1057,12 @@ impl HoldLimits {
     /// recipient fails; 550 if a status report is due).
     pub fn admits(&self, held_messages: usize, held_bytes: usize, size: usize) -> bool {
         held_messages < self.max_messages && held_bytes.saturating_add(size) <= self.max_bytes
+    }
+
+    /// Whether one more item of an originator that has `held_from_originator` items queued
+    /// fits within its share ([`HoldLimits::max_per_originator`]).
+    pub fn admits_from(&self, held_from_originator: usize) -> bool {
+        held_from_originator < self.max_per_originator
     }
 
     /// When an item queued at `held_at_ms` must be dropped: the earlier of its `dataTiming`
@@ -1689,8 +1741,20 @@ mod tests {
         assert!(!l.admits(DEFAULT_MAX_HELD_MESSAGES, 0, 1));
         assert!(l.admits(0, DEFAULT_MAX_HELD_BYTES - 10, 10));
         assert!(!l.admits(0, DEFAULT_MAX_HELD_BYTES - 10, 11));
-        // No dataTiming bound and no admin cap: held indefinitely (OPT-14).
-        assert_eq!(l.deadline(5, None), None);
+        // One originator's share (issue 19 item 8).
+        assert_eq!(l.max_per_originator, DEFAULT_MAX_HELD_PER_ORIGINATOR);
+        assert!(l.max_per_originator < l.max_messages);
+        assert!(l.admits_from(DEFAULT_MAX_HELD_PER_ORIGINATOR - 1));
+        assert!(!l.admits_from(DEFAULT_MAX_HELD_PER_ORIGINATOR));
+        // No dataTiming bound: held for the default administrative cap, an hour (issue 19
+        // item 8, OPT-15)...
+        assert_eq!(l.deadline(5, None), Some(5 + DEFAULT_MAX_HOLD_MS));
+        // ... and, without that cap, indefinitely (OPT-14).
+        let uncapped = HoldLimits {
+            max_hold_ms: None,
+            ..l
+        };
+        assert_eq!(uncapped.deadline(5, None), None);
         let t = DataTiming {
             trans_id: 1,
             no_later_than: 60_000,

@@ -23,7 +23,7 @@ use bytes::Bytes;
 
 use crate::apex::client::{self, Answer};
 use crate::apex::msg::{self};
-use crate::apex::relay::{ConnId, APEX_PROFILE};
+use crate::apex::relay::{ConnId, ForwardReports, APEX_PROFILE};
 use crate::beep::mgmt::{code, ProfileOffer};
 use crate::beep::session::{Event, ReplyKind, Session};
 use crate::beep::tuning;
@@ -141,11 +141,25 @@ impl LinkState {
     }
 }
 
+/// The statusRequests one forwarded data answers for (see [`ForwardReports`]); `None` for
+/// data that asks for no report.
+pub(super) type Answers = Option<Box<ForwardReports>>;
+
+/// Data queued on a link.
+#[derive(Debug)]
+struct Queued {
+    payload: Bytes,
+    reports: Answers,
+}
+
 /// What a link asks of the shard core after an input.
 #[derive(Debug, Default)]
 pub(super) struct LinkEffects {
     /// Data that failed, and why: the relay reports it where asked.
-    pub(super) failed: Vec<(Bytes, String)>,
+    pub(super) failed: Vec<(Answers, String)>,
+    /// Data the next relay accepted that asked for reports: the relay answers those that
+    /// apply at this relay (APEX-38).
+    pub(super) accepted: Vec<ForwardReports>,
     /// Ask the runtime for a connection.
     pub(super) connect: bool,
     /// The next relay said `proceed`: begin the TLS handshake on the connection.
@@ -157,8 +171,9 @@ pub(super) struct LinkEffects {
 pub(super) struct Link {
     pub(super) domain: String,
     pub(super) state: LinkState,
-    queue: VecDeque<Bytes>,
-    in_flight: VecDeque<Bytes>,
+    queue: VecDeque<Queued>,
+    /// What each unanswered data answers for, in the order sent (replies come in order).
+    in_flight: VecDeque<Answers>,
     /// Failed connection attempts in a row.
     attempts: u32,
     backoff: Duration,
@@ -209,6 +224,7 @@ impl Link {
     pub(super) fn enqueue(
         &mut self,
         payload: Bytes,
+        reports: Answers,
         session: Option<&mut Session>,
         config: &LinkConfig,
         effects: &mut LinkEffects,
@@ -216,10 +232,10 @@ impl Link {
         if self.queue.len() >= config.queue {
             effects
                 .failed
-                .push((payload, "relay link queue is full".to_owned()));
+                .push((reports, "relay link queue is full".to_owned()));
             return;
         }
-        self.queue.push_back(payload);
+        self.queue.push_back(Queued { payload, reports });
         match (self.state, session) {
             (LinkState::Idle, _) => {
                 self.state = LinkState::Connecting;
@@ -402,7 +418,10 @@ impl Link {
                 match self.in_flight.pop_front() {
                     // Only an `ok` in a RPY is success (RFC 3340 §9.1).
                     Some(sent) => match answer_in(kind, &payload) {
-                        Ok(Answer::Ok) if kind == ReplyKind::Rpy => None,
+                        Ok(Answer::Ok) if kind == ReplyKind::Rpy => {
+                            effects.accepted.extend(sent.map(|reports| *reports));
+                            None
+                        }
                         Ok(Answer::Error { code, text }) => {
                             effects
                                 .failed
@@ -506,15 +525,13 @@ impl Link {
             return;
         };
         while self.in_flight.len() < config.in_flight {
-            let Some(payload) = self.queue.pop_front() else {
+            let Some(Queued { payload, reports }) = self.queue.pop_front() else {
                 break;
             };
-            // One more reference to the payload, not a copy: kept to report a failure.
-            let sent = payload.clone();
             match session.try_send_msg(channel, payload) {
-                Ok(_) => self.in_flight.push_back(sent),
+                Ok(_) => self.in_flight.push_back(reports),
                 Err((_, payload)) => {
-                    self.queue.push_front(payload);
+                    self.queue.push_front(Queued { payload, reports });
                     break;
                 }
             }
@@ -622,8 +639,8 @@ impl Link {
 
     /// Fails every queued data with `reason`.
     pub(super) fn fail_queued(&mut self, reason: &str, effects: &mut LinkEffects) {
-        for payload in self.queue.drain(..) {
-            effects.failed.push((payload, reason.to_owned()));
+        for queued in self.queue.drain(..) {
+            effects.failed.push((queued.reports, reason.to_owned()));
         }
     }
 }

@@ -44,7 +44,7 @@ use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 
 use crate::apex::access::AccessTable;
-use crate::apex::relay::{domain_shard, Action};
+use crate::apex::relay::{domain_shard, Action, ForwardReports};
 use crate::apex::relay::{
     ChannelRef, ConnId, ConnKind, Credentials, Envelope, Relay, SessionIdentity, APEX_PROFILE,
 };
@@ -769,16 +769,28 @@ impl ShardCore {
 
     /// Data for another domain (after the relay's routing): onto this shard's link to it, or
     /// to the shard that owns that link.
-    fn forward(&mut self, domain: String, payload: Bytes) {
+    fn forward(&mut self, domain: String, payload: Bytes, reports: Option<Box<ForwardReports>>) {
         let owner = domain_shard(&domain, self.shards);
         if owner != self.shard {
-            self.to_shards
-                .push_back((owner, Envelope::Forward { domain, payload }));
+            self.to_shards.push_back((
+                owner,
+                Envelope::Forward {
+                    domain,
+                    payload,
+                    reports,
+                },
+            ));
             return;
         }
         if self.stopping {
-            self.relay.forward_failed(&payload, "relay shutting down");
+            self.relay
+                .forward_failed(reports.as_deref(), "relay shutting down");
             return;
+        }
+        // Watched from before it can reach the next relay, so that no report of a relay
+        // further on can pass here before its watch exists (issue 19 item 7).
+        if let Some(reports) = &reports {
+            self.relay.forward_sending(reports);
         }
         let key = domain.to_ascii_lowercase();
         let link = self
@@ -790,7 +802,7 @@ impl ShardCore {
             .and_then(|conn| self.conns.get_mut(&conn))
             .map(|c| &mut c.session);
         let mut effects = LinkEffects::default();
-        link.enqueue(payload, session, &self.link_config, &mut effects);
+        link.enqueue(payload, reports, session, &self.link_config, &mut effects);
         if let Some(conn) = link.conn() {
             self.wake(conn);
         }
@@ -800,9 +812,12 @@ impl ShardCore {
     /// Carries out what a link asked: failed data is reported by the relay (APEX-24), and a
     /// connection is asked of the runtime. The caller executes the relay's actions.
     fn apply_link_effects(&mut self, key: &str, effects: LinkEffects) {
-        for (payload, reason) in effects.failed {
+        for (reports, reason) in effects.failed {
             tracing::debug!(domain = key, %reason, "relay link data failed");
-            self.relay.forward_failed(&payload, &reason);
+            self.relay.forward_failed(reports.as_deref(), &reason);
+        }
+        for reports in effects.accepted {
+            self.relay.forward_accepted(&reports, key);
         }
         if effects.connect {
             if let Some(link) = self.links.get(key) {
@@ -1004,9 +1019,13 @@ impl ShardCore {
                     }
                 }
                 Action::ToShard { shard, envelope } => self.to_shards.push_back((shard, envelope)),
-                Action::Forward { domain, payload } => {
+                Action::Forward {
+                    domain,
+                    payload,
+                    reports,
+                } => {
                     self.counts.data_forwarded += 1;
-                    self.forward(domain, payload)
+                    self.forward(domain, payload, reports)
                 }
                 Action::ResolveRelay { domain } => self.resolves.push_back(domain),
                 Action::Store(request) => self.stores.push_back(request),

@@ -491,6 +491,7 @@ impl RelayNet {
                     trusted: trusted.clone(),
                     hold: crate::apex::options::HoldLimits::default(),
                     store_queue: crate::apex::relay::DEFAULT_STORE_QUEUE,
+                    report_watch: Default::default(),
                     // The simulated network is a closed box: tests about who may attach
                     // or bind choose a policy with `RelayNet::set_auth`.
                     auth: crate::apex::relay::AuthPolicy {

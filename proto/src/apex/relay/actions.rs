@@ -69,12 +69,16 @@ pub enum Action {
         /// The envelope.
         envelope: Envelope,
     },
-    /// Send data towards another administrative domain over the relay mesh.
+    /// Send data towards another administrative domain over the relay mesh. Its outcome
+    /// goes to [`Relay::forward_accepted`] or [`Relay::forward_failed`] with `reports`, and
+    /// [`Relay::forward_sending`] is told when it goes onto the link.
     Forward {
         /// Destination domain.
         domain: String,
         /// The data message, carrying only the recipients routed there.
         payload: Bytes,
+        /// The statusRequests the forward answers for, when its data carries any.
+        reports: Option<Box<ForwardReports>>,
     },
     /// Find the addresses `domain`'s relay is reached at (its `_apex-mesh._tcp` SRV
     /// targets) and tell [`Relay::relay_addresses_found`]: a bind as `domain` waits for them.
@@ -135,7 +139,12 @@ pub enum Envelope {
         domain: String,
         /// The data message.
         payload: Bytes,
+        /// The statusRequests the forward answers for (see [`Action::Forward`]).
+        reports: Option<Box<ForwardReports>>,
     },
+    /// To the shard owning the link to `recipient`'s domain, which watches the forwards of
+    /// its statusRequests: a relay further on reported on `recipient` (issue 19 item 7).
+    ReportSeen(Box<ReportSeen>),
     /// To `recipient`'s home shard: this shard's replica did not know it. The home shard
     /// settles every attach before the endpoint is answered, so it is never behind; it
     /// delivers, holds or reports (access was already checked).
@@ -241,6 +250,50 @@ pub struct ReportRequest {
     pub originator: Endpoint,
     /// The recipient reported on, as the data named it.
     pub recipient: CompactString,
+}
+
+/// One statusRequest of forwarded data, for one recipient (RFC 3340 §5.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusAsked {
+    /// The option's transID.
+    pub trans_id: u32,
+    /// The recipient, as the data named it.
+    pub recipient: CompactString,
+}
+
+/// The statusRequests a forward to another relay answers for (RFC 3340 §5.1, §6.2; APEX-38),
+/// worked out when the data was routed, while its options were at hand: the forward's outcome
+/// is known only later, on the shard that owns the link. Boxed where it travels, like reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardReports {
+    /// The data's originator, to whom reports go.
+    pub originator: Endpoint,
+    /// Requests that apply at this relay (`targetHop='this'` or `'all'`): this relay reports
+    /// the forward's outcome, 250 once the next relay accepted the data.
+    pub here: Vec<StatusAsked>,
+    /// Requests that travel on (`targetHop='final'` or `'all'`): a later relay reports, unless
+    /// the forward fails here, which this relay then reports.
+    pub onward: Vec<StatusAsked>,
+    /// How long, from when the data goes onto the link, a later relay's report on `onward`
+    /// may take before this relay reports the outcome unknown (ms; issue 19 item 7). `None`:
+    /// not watched (the originator is not of this domain, so its reports do not pass here).
+    pub watch_ms: Option<u64>,
+}
+
+/// A report from another relay's report service on one recipient, seen passing through on
+/// its way to a local originator (see [`Envelope::ReportSeen`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportSeen {
+    /// The report's recipient: the originator of the data reported on.
+    pub originator: Endpoint,
+    /// The statusRequest's transID.
+    pub trans_id: u32,
+    /// The recipient reported on.
+    pub recipient: Endpoint,
+    /// The reply code reported.
+    pub code: u16,
+    /// The domain of the report service that sent it.
+    pub reporter_domain: CompactString,
 }
 
 /// The relay's answer to a peer's MSG: what an [`Action::Reply`] carries, and what the relay

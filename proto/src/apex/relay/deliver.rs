@@ -149,9 +149,11 @@ impl Relay {
         if self.serves(target.domain()) {
             self.deliver_local(&originator, &target, payload.clone(), None, Hold::No)
         } else {
+            // No options: no statusRequest to answer for.
             self.actions.push_back(Action::Forward {
                 domain: target.domain().to_ascii_lowercase(),
                 payload: payload.clone(),
+                reports: None,
             });
             None
         }
@@ -274,7 +276,12 @@ impl Relay {
                 Ok(options::Forward::Send { options, reports }) => {
                     self.option_reports(&reports, &originator, &names);
                     let payload = rebuild(data, &recipients, &options, Hop::Intermediate);
-                    self.actions.push_back(Action::Forward { domain, payload });
+                    let reports = self.forward_reports(data, &originator, &recipients);
+                    self.actions.push_back(Action::Forward {
+                        domain,
+                        payload,
+                        reports,
+                    });
                 }
                 Ok(options::Forward::Drop { reports }) => {
                     // A routing loop or an expired deadline (dataHopping, dataTiming).
@@ -299,6 +306,57 @@ impl Relay {
         if holding {
             self.store_holds(Some((conn, channel, msgno)), data.recipients.len());
         }
+    }
+
+    /// The statusRequests a forward of `data` for `recipients` answers for (APEX-38): those
+    /// that apply here, whose outcome this relay reports, and those that travel on, watched
+    /// until a later relay reports when the originator is of this domain (its reports come
+    /// back through this relay; issue 19 item 7). `None` when the data asks for no report.
+    fn forward_reports(
+        &self,
+        data: &Data,
+        originator: &Endpoint,
+        recipients: &[usize],
+    ) -> Option<Box<ForwardReports>> {
+        let mut here = Vec::new();
+        let mut onward = Vec::new();
+        for &i in recipients {
+            let recipient = &data.recipients[i].identity;
+            let asked = |trans_id| StatusAsked {
+                trans_id,
+                recipient: recipient.clone(),
+            };
+            here.extend(
+                options::status_requests_for(data, i, Hop::Intermediate)
+                    .into_iter()
+                    .map(asked),
+            );
+            onward.extend(
+                options::status_requests_onward(data, i)
+                    .into_iter()
+                    .map(asked),
+            );
+        }
+        if here.is_empty() && onward.is_empty() {
+            return None;
+        }
+        let watch_ms = if !onward.is_empty() && self.serves(originator.domain()) {
+            let timing = options::data_timing(&data.options, Hop::Intermediate);
+            let (no_later_than, return_trip) =
+                timing.map_or((0, 0), |t| (t.no_later_than, t.return_trip));
+            let held = options::hold_requested(&data.options, Hop::Final);
+            self.config
+                .report_watch
+                .bound(no_later_than, return_trip, held)
+        } else {
+            None
+        };
+        Some(Box::new(ForwardReports {
+            originator: originator.clone(),
+            here,
+            onward,
+            watch_ms,
+        }))
     }
 
     /// Sends the reports options asked for (dataTiming, dataHopping) to the originator.
@@ -341,6 +399,9 @@ impl Relay {
         if !allowed {
             self.report(report, apex_code::NOT_AUTHORIZED, "access denied");
             return None;
+        }
+        if originator.is_service() && !self.watches_off() {
+            self.note_passing_report(originator, recipient, &payload);
         }
         self.deliver_routed(
             route,

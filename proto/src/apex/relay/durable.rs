@@ -18,6 +18,8 @@ pub const DEFAULT_STORE_QUEUE: usize = 4096;
 #[derive(Debug)]
 pub(super) struct PersistHold {
     recipient: Endpoint,
+    /// Whose share of the hold queue it is counted against meanwhile (held here only).
+    originator: Option<Endpoint>,
     payload: Bytes,
     report: Option<Report>,
     hold: Hold,
@@ -66,22 +68,20 @@ impl Relay {
         hold: Hold,
         home: Option<usize>,
     ) {
+        let mut originator = None;
         if home.is_none() {
-            if !self
-                .config
-                .hold
-                .admits(self.held_messages, self.held_bytes, payload.len())
-            {
+            originator = self.held_originator(&payload);
+            if let Err(full) = self.hold_admits(originator.as_ref(), payload.len()) {
                 // Reported, or the data refused, once every recipient is routed.
-                self.hold_full.push(report);
+                self.hold_full.push((report, full));
                 return;
             }
             // Counted from now, so that data stored meanwhile cannot overfill the queue.
-            self.held_messages += 1;
-            self.held_bytes += payload.len();
+            self.count_held(originator.as_ref(), payload.len());
         }
         self.persisting.push(PersistHold {
             recipient: recipient.clone(),
+            originator,
             payload,
             report,
             hold,
@@ -97,11 +97,15 @@ impl Relay {
         let full = std::mem::take(&mut self.hold_full);
         if !full.is_empty() && full.len() == recipients && self.persisting.is_empty() {
             if let Some((conn, channel, msgno)) = answer {
-                return self.answer(conn, channel, Answer::Msg(msgno), Err(ApexError::HoldFull));
+                let refusal = match full.first() {
+                    Some((_, why)) if *why == error::HOLD_SHARE_FULL => ApexError::HoldShareFull,
+                    _ => ApexError::HoldFull,
+                };
+                return self.answer(conn, channel, Answer::Msg(msgno), Err(refusal));
             }
         }
-        for report in full {
-            self.report(report, code::ACTION_NOT_TAKEN, error::HOLD_FULL);
+        for (report, why) in full {
+            self.report(report, code::ACTION_NOT_TAKEN, why);
         }
         if self.persisting.is_empty() {
             if let Some((conn, channel, msgno)) = answer {
@@ -237,8 +241,7 @@ impl Relay {
                 _ => {
                     failed = true;
                     if hold.home.is_none() {
-                        self.held_messages -= 1;
-                        self.held_bytes -= hold.payload.len();
+                        self.uncount_held(hold.originator.as_ref(), hold.payload.len());
                     }
                     // With other recipients the data was accepted: each held one is reported.
                     if !all_held {
@@ -249,6 +252,7 @@ impl Relay {
             };
             let PersistHold {
                 recipient,
+                originator,
                 payload,
                 report,
                 hold,
@@ -268,8 +272,7 @@ impl Relay {
                 }),
                 None => {
                     // Counted when it was stored: counted again by `hold`.
-                    self.held_messages -= 1;
-                    self.held_bytes -= payload.len();
+                    self.uncount_held(originator.as_ref(), payload.len());
                     // The endpoint may have attached while its data was being stored.
                     self.as_own(|relay| {
                         relay.deliver_to(&recipient, payload, report, hold, Some(id))

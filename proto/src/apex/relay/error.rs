@@ -45,6 +45,9 @@ pub enum ApexError {
     StoreBusy,
     /// Data none of whose recipients could be held: the hold queue is full.
     HoldFull,
+    /// Data none of whose recipients could be held: its originator has its share of the hold
+    /// queue (`hold.max_per_originator`).
+    HoldShareFull,
 }
 
 impl ApexError {
@@ -71,7 +74,9 @@ impl ApexError {
             Self::UnknownTransaction => code::ACTION_NOT_TAKEN,
             Self::RecipientNotTaking => code::ACTION_NOT_TAKEN_TRANSIENT,
             Self::StoreFailed => code::LOCAL_ERROR,
-            Self::StoreBusy | Self::HoldFull => code::ACTION_NOT_TAKEN_TRANSIENT,
+            Self::StoreBusy | Self::HoldFull | Self::HoldShareFull => {
+                code::ACTION_NOT_TAKEN_TRANSIENT
+            }
         }
     }
 
@@ -93,6 +98,7 @@ impl ApexError {
             Self::StoreFailed => STORE_FAILED,
             Self::StoreBusy => "too many changes waiting for the store",
             Self::HoldFull => HOLD_FULL,
+            Self::HoldShareFull => HOLD_SHARE_FULL,
         }
     }
 }
@@ -100,6 +106,10 @@ impl ApexError {
 /// Why data for a recipient that takes nothing is refused or reported (450, transient).
 /// Why data to hold was refused or reported: the hold queue has no room.
 pub(super) const HOLD_FULL: &str = "hold queue is full";
+
+/// Why data to hold was refused or reported: its originator has as much held as one
+/// originator may (`hold.max_per_originator`).
+pub(super) const HOLD_SHARE_FULL: &str = "hold queue share of this originator is full";
 
 /// Why data to hold was refused or reported: the store could not keep it.
 pub(super) const STORE_FAILED: &str = "the relay could not store the data to hold";

@@ -9,6 +9,8 @@ use super::*;
 #[derive(Debug)]
 pub(super) struct Held {
     payload: Bytes,
+    /// Whose share of the queue it counts against (`hold.max_per_originator`).
+    originator: Option<Endpoint>,
     report: Option<Report>,
     /// Relay-clock millisecond after which it is dropped; `None`: no bound.
     deadline: Option<u64>,
@@ -17,6 +19,64 @@ pub(super) struct Held {
 }
 
 impl Relay {
+    /// The originator of data to hold, whose share of the queue it counts against. Held data
+    /// was parsed when it was accepted, so this only fails for a record of the store that no
+    /// longer parses: that counts against the queue alone.
+    pub(super) fn held_originator(&mut self, payload: &Bytes) -> Option<Endpoint> {
+        match msg::parse_message(payload, &self.config.limits) {
+            Ok(Operation::Data(data)) => self.parse_endpoint(&data.originator.identity).ok(),
+            _ => None,
+        }
+    }
+
+    /// Whether data of `size` octets from `originator` fits in the hold queue: `Err` says why
+    /// not, the whole queue (`hold.max_messages`, `hold.max_bytes`) or the originator's share
+    /// of it (`hold.max_per_originator`; issue 19 item 8).
+    pub(super) fn hold_admits(
+        &self,
+        originator: Option<&Endpoint>,
+        size: usize,
+    ) -> Result<(), &'static str> {
+        let limits = &self.config.hold;
+        if !limits.admits(self.held_messages, self.held_bytes, size) {
+            return Err(error::HOLD_FULL);
+        }
+        let from_originator = originator
+            .and_then(|o| self.held_by_originator.get(o))
+            .copied()
+            .unwrap_or(0);
+        if !limits.admits_from(from_originator) {
+            return Err(error::HOLD_SHARE_FULL);
+        }
+        Ok(())
+    }
+
+    /// Counts data of `size` octets from `originator` into the hold queue.
+    pub(super) fn count_held(&mut self, originator: Option<&Endpoint>, size: usize) {
+        self.held_messages += 1;
+        self.held_bytes += size;
+        if let Some(originator) = originator {
+            *self
+                .held_by_originator
+                .entry(originator.clone())
+                .or_default() += 1;
+        }
+    }
+
+    /// Counts data of `size` octets from `originator` out of the hold queue.
+    pub(super) fn uncount_held(&mut self, originator: Option<&Endpoint>, size: usize) {
+        self.held_messages -= 1;
+        self.held_bytes -= size;
+        if let Some(originator) = originator {
+            if let Some(count) = self.held_by_originator.get_mut(originator) {
+                *count -= 1;
+                if *count == 0 {
+                    self.held_by_originator.remove(originator);
+                }
+            }
+        }
+    }
+
     /// Holds data for `recipient` (not attached) until it attaches or `deadline` passes, if
     /// the queue has room; otherwise the data is reported as not delivered.
     pub(super) fn hold(
@@ -27,16 +87,12 @@ impl Relay {
         deadline: Option<u64>,
         stored: Option<HoldId>,
     ) {
-        if !self
-            .config
-            .hold
-            .admits(self.held_messages, self.held_bytes, payload.len())
-        {
+        let originator = self.held_originator(&payload);
+        if let Err(full) = self.hold_admits(originator.as_ref(), payload.len()) {
             self.release(stored);
-            return self.report(report, code::ACTION_NOT_TAKEN, error::HOLD_FULL);
+            return self.report(report, code::ACTION_NOT_TAKEN, full);
         }
-        self.held_messages += 1;
-        self.held_bytes += payload.len();
+        self.count_held(originator.as_ref(), payload.len());
         self.stats.data_held += 1;
         if let Some(at) = deadline {
             self.hold_deadline = Some(self.hold_deadline.map_or(at, |d| d.min(at)));
@@ -46,6 +102,7 @@ impl Relay {
             .or_default()
             .push_back(Held {
                 payload,
+                originator,
                 report,
                 deadline,
                 stored,
@@ -57,8 +114,7 @@ impl Relay {
         if let Some(queue) = self.held.remove(endpoint) {
             self.as_own(|relay| {
                 for held in queue {
-                    relay.held_messages -= 1;
-                    relay.held_bytes -= held.payload.len();
+                    relay.uncount_held(held.originator.as_ref(), held.payload.len());
                     let stored = held.stored.map(|id| {
                         Box::new(Stored {
                             id,
@@ -75,19 +131,29 @@ impl Relay {
 
     /// When the relay next needs [`Relay::handle_timeout`] (relay-clock ms), if ever.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.hold_deadline
+        match (self.hold_deadline, self.watches.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Time passed: held data past its deadline is dropped and reported (RFC 3342 §3).
+    /// Time passed: held data past its deadline is dropped and reported (RFC 3342 §3), and so
+    /// are forwards no later relay reported on in time (see `watch`).
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.routes_may_change();
         self.now_ms = now_ms;
+        self.expire_watches(now_ms);
         let mut expired = Vec::new();
         for queue in self.held.values_mut() {
             queue.retain_mut(|held| {
                 let keep = held.deadline.is_none_or(|d| d > now_ms);
                 if !keep {
-                    expired.push((held.payload.len(), held.report.take(), held.stored));
+                    expired.push((
+                        held.payload.len(),
+                        held.originator.take(),
+                        held.report.take(),
+                        held.stored,
+                    ));
                 }
                 keep
             });
@@ -99,9 +165,8 @@ impl Relay {
             .flatten()
             .filter_map(|held| held.deadline)
             .min();
-        for (size, report, stored) in expired {
-            self.held_messages -= 1;
-            self.held_bytes -= size;
+        for (size, originator, report, stored) in expired {
+            self.uncount_held(originator.as_ref(), size);
             self.release(stored);
             self.report(
                 report,

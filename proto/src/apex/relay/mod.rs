@@ -22,9 +22,10 @@
 //!
 //! Along its seams: `directory` (attach, bind, terminate, the replica), `route` (where a
 //! recipient is reached from this shard, a pure function), `deliver` (data acceptance and
-//! delivery), `hold` (hold4Endpoint), `report` (the report service), `reply` (what replies to
-//! the relay's MSGs say), `error` (each refusal with its reply code) and `actions` (what goes to
-//! the runtime and to other shards).
+//! delivery), `hold` (hold4Endpoint, each originator's share of it), `report` (the report
+//! service, and the outcome of forwards), `watch` (forwarded statusRequests waiting for a
+//! later relay's report), `reply` (what replies to the relay's MSGs say), `error` (each refusal
+//! with its reply code) and `actions` (what goes to the runtime and to other shards).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -63,8 +64,12 @@ mod report;
 mod route;
 #[cfg(test)]
 mod tests;
+mod watch;
 
-pub use actions::{Action, Envelope, Hold, MsgReply, Report, ReportRequest, Stored};
+pub use actions::{
+    Action, Envelope, ForwardReports, Hold, MsgReply, Report, ReportRequest, ReportSeen,
+    StatusAsked, Stored,
+};
 use auth::BindCheck;
 pub use auth::{
     may_act_as, ActedAs, AuthMode, AuthPolicy, Credentials, SessionIdentity, MAX_NAMES_RECORDED,
@@ -78,6 +83,7 @@ use reply::ReplyOutcome;
 pub use reply::{POORLY_FORMED_REPLY, POORLY_FORMED_REPLY_CLOSE_CODE};
 pub use route::{domain_shard, home_shard};
 use route::{route, Route};
+pub use watch::{ReportWatchLimits, DEFAULT_MAX_REPORT_WATCHES, DEFAULT_REPORT_TIMEOUT_MS};
 
 /// A connection of one shard: a slot and the generation of the connection in it (see the
 /// shard core's slab), so an id that outlived its connection names nothing.
@@ -154,6 +160,9 @@ pub struct RelayConfig {
     /// change answered 451, rather than queued without bound behind a store that does not
     /// keep up (a stalled disk).
     pub store_queue: usize,
+    /// Bounds of the watches on forwarded statusRequests (`mesh.report_timeout_ms`,
+    /// `mesh.max_report_watches`; issue 19 item 7).
+    pub report_watch: ReportWatchLimits,
 }
 
 /// How to answer an attach or bind once it is settled.
@@ -293,6 +302,9 @@ pub struct Relay {
     held: EndpointMap<VecDeque<Held>>,
     held_messages: usize,
     held_bytes: usize,
+    /// Data in the hold queue by originator, for `hold.max_per_originator` (only originators
+    /// with some held; bounded by `hold.max_messages`).
+    held_by_originator: EndpointMap<usize>,
     /// The earliest deadline of held data (relay-clock ms), if any has one.
     hold_deadline: Option<u64>,
     /// `core:data` decisions by recipient then originator, for the access table in force
@@ -328,10 +340,13 @@ pub struct Relay {
     /// Data for recipients that are not attached, routed while a data with hold4Endpoint is
     /// handled: kept in the store before the data is acknowledged.
     persisting: Vec<PersistHold>,
-    /// The report requests of recipients of that data the hold queue had no room for.
-    hold_full: Vec<Option<Report>>,
+    /// The report requests of recipients of that data the hold queue had no room for, and
+    /// why (the queue, or the originator's share of it).
+    hold_full: Vec<(Option<Report>, &'static str)>,
     /// Records whose release the store failed to make: asked again with the next request.
     release_retry: Vec<HoldId>,
+    /// Forwarded statusRequests waiting for a report from a relay further on.
+    watches: watch::Watches,
 }
 
 /// Most cached access decisions before the cache starts over.
@@ -364,6 +379,7 @@ impl Relay {
             held: EndpointMap::default(),
             held_messages: 0,
             held_bytes: 0,
+            held_by_originator: EndpointMap::default(),
             hold_deadline: None,
             access_cache: EndpointMap::default(),
             parsed: HashMap::default(),
@@ -380,6 +396,7 @@ impl Relay {
             persisting: Vec::new(),
             hold_full: Vec::new(),
             release_retry: Vec::new(),
+            watches: watch::Watches::default(),
         }
     }
 
@@ -396,6 +413,17 @@ impl Relay {
     /// [`RelayConfig::store_queue`]).
     pub fn set_store_queue(&mut self, requests: usize) {
         self.config.store_queue = requests;
+    }
+
+    /// Bounds the watches on forwarded statusRequests with `limits` from now on (watches
+    /// running keep their deadline).
+    pub fn set_report_watch(&mut self, limits: ReportWatchLimits) {
+        self.config.report_watch = limits;
+    }
+
+    /// Forwarded statusRequests waiting for a report from a relay further on.
+    pub fn watched_reports(&self) -> usize {
+        self.watches.len()
     }
 
     /// Bounds the hold4Endpoint queue with `limits` from now on.
@@ -898,9 +926,16 @@ impl Relay {
                 }
             }
             Envelope::Evict { endpoint, at } => self.end_attachment(&endpoint, at),
-            Envelope::Forward { domain, payload } => {
-                self.actions.push_back(Action::Forward { domain, payload })
-            }
+            Envelope::Forward {
+                domain,
+                payload,
+                reports,
+            } => self.actions.push_back(Action::Forward {
+                domain,
+                payload,
+                reports,
+            }),
+            Envelope::ReportSeen(seen) => self.report_seen(&seen),
             Envelope::DeliverHome {
                 recipient,
                 payload,

@@ -57,9 +57,11 @@ impl Relay {
             if relay.serves(recipient.domain()) {
                 relay.deliver_local(from, &recipient, payload, None, Hold::No);
             } else {
+                // A service's data carries no statusRequest (reports never do, OPT-03).
                 relay.actions.push_back(Action::Forward {
                     domain: recipient.domain().to_ascii_lowercase(),
                     payload,
+                    reports: None,
                 });
             }
         });
@@ -132,24 +134,46 @@ impl Relay {
         self.close_if_answered_poorly(conn, channel);
     }
 
-    /// The outcome of forwarding to another relay, for reports (APEX-24).
-    pub fn forward_failed(&mut self, payload: &Bytes, reason: &str) {
-        self.routes_may_change();
-        if let Ok(Operation::Data(data)) = msg::parse_message(payload, &self.config.limits) {
-            let Ok(originator) = Endpoint::parse(&data.originator.identity) else {
-                return;
+    /// The next relay accepted forwarded data (its `ok`, RFC 3340 §4.4.4.1 step 5.2): each
+    /// statusRequest that applies at this relay (`targetHop='this'` or `'all'`) is answered
+    /// with 250 (RFC 3340 §5.1, §6.2; APEX-38). Those that travel on stay watched.
+    pub fn forward_accepted(&mut self, reports: &ForwardReports, next_relay: &str) {
+        if reports.here.is_empty() {
+            return;
+        }
+        let text = format!("accepted by the relay of {next_relay}");
+        for asked in &reports.here {
+            let request = ReportRequest {
+                trans_id: asked.trans_id,
+                originator: reports.originator.clone(),
+                recipient: asked.recipient.clone(),
             };
-            for (i, recipient) in data.recipients.iter().enumerate() {
-                if let Some(&trans_id) = options::status_requests_for(&data, i, Hop::Final).first()
-                {
-                    let request = Box::new(ReportRequest {
-                        trans_id,
-                        originator: originator.clone(),
-                        recipient: recipient.identity.clone(),
-                    });
-                    self.report(Some(request), code::ACTION_NOT_TAKEN, reason);
-                }
+            self.as_own(|relay| relay.send_report(&request, apex_code::SUCCESS, &text));
+        }
+    }
+
+    /// Forwarded data failed (the next relay refused it, or could not be reached, or the link
+    /// dropped before it answered; APEX-24): every statusRequest it carries is answered by
+    /// this relay, where the data stops, those that apply here and those that would have
+    /// travelled on alike, each once (APEX-38); its watches end.
+    pub fn forward_failed(&mut self, reports: Option<&ForwardReports>, reason: &str) {
+        self.routes_may_change();
+        let Some(reports) = reports else {
+            return;
+        };
+        self.unwatch(reports);
+        let mut answered: Vec<(u32, &str)> = Vec::new();
+        for asked in reports.here.iter().chain(&reports.onward) {
+            if answered.contains(&(asked.trans_id, asked.recipient.as_str())) {
+                continue;
             }
+            answered.push((asked.trans_id, asked.recipient.as_str()));
+            let request = Box::new(ReportRequest {
+                trans_id: asked.trans_id,
+                originator: reports.originator.clone(),
+                recipient: asked.recipient.clone(),
+            });
+            self.report(Some(request), code::ACTION_NOT_TAKEN, reason);
         }
     }
 }

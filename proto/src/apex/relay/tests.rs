@@ -10,6 +10,7 @@ fn relay() -> Relay {
         trusted: Vec::new(),
         hold: options::HoldLimits::default(),
         store_queue: DEFAULT_STORE_QUEUE,
+        report_watch: Default::default(),
         // Attach policy has its own tests (auth.rs, tests/security.rs).
         auth: AuthPolicy {
             mode: AuthMode::Off,
