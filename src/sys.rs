@@ -232,11 +232,12 @@ mod tests {
             .io_memory(256 * 1024)
             .ring_depth(64)
             .spawn(|| async {
-                let (first, _handle) = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+                let (first, first_handle) = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
                 let addr = first.local_addr().unwrap();
                 // Another shard's listener on the same address (SO_REUSEPORT).
-                let (second, _second_handle) = listen(addr, 16).unwrap();
-                drop(second);
+                // The second descriptor is the same socket: it goes with the listener.
+                let (second, second_handle) = listen(addr, 16).unwrap();
+                drop((second, second_handle));
                 let client = std::thread::spawn(move || {
                     let mut client = TcpStream::connect(addr).unwrap();
                     client.write_all(b"ping").unwrap();
@@ -248,7 +249,7 @@ mod tests {
                     .unwrap();
                 client.join().unwrap();
                 drop(stream);
-                drop(first);
+                drop((first, first_handle));
                 (addr, got)
             })
             .unwrap()
