@@ -57,6 +57,25 @@ io_memory = 524288
 ring_depth = 128
 # Most concurrent connections per shard; beyond it new sessions get ERR 421 (BEEP-18).
 max_connections = 10000
+# Most connections one peer address may hold per shard (an IPv6 address counts by its /64);
+# beyond it its new sessions get ERR 421 instead of a greeting. 0: no bound but max_connections.
+max_connections_per_address = 64
+# How long a peer has to complete its BEEP greeting (and, after TLS begins, the handshake and
+# its new greeting), in milliseconds; then the relay sends close 421 and closes. 0: forever.
+greeting_timeout_ms = 10000
+# How long a session may have no channel open besides channel 0 (no endpoint attached, no relay
+# bound) before the relay asks its peer to release it (close 421), in milliseconds. 0: forever.
+idle_timeout_ms = 60000
+# How long the peer of an idle session has to answer that close before the connection closes
+# anyway, in milliseconds.
+release_timeout_ms = 5000
+# TCP keepalive on accepted connections: after this many milliseconds of silence the kernel
+# probes the peer, again at this interval, and drops the connection after 3 unanswered probes,
+# so the sessions of dead peers (attached endpoints too) end. 0: off.
+tcp_keepalive_ms = 30000
+# With no file descriptor left (EMFILE, ENFILE), accepting waits, doubling from 10 ms up to
+# this many milliseconds, and answers waiting connections with ERR 421 from a spare descriptor.
+accept_backoff_max_ms = 1000
 # Octets read per read call.
 read_chunk = 65536
 # Connections the kernel queues per shard and port before apexd accepts them (capped by
@@ -486,6 +505,18 @@ pub struct Runtime {
     pub ring_depth: usize,
     /// Connection limit per shard.
     pub max_connections: usize,
+    /// Connections one address (IPv6: its /64) may hold per shard; 0: no bound.
+    pub max_connections_per_address: usize,
+    /// Milliseconds a peer has to greet; 0: forever.
+    pub greeting_timeout_ms: u64,
+    /// Milliseconds a session may have no channel besides channel 0; 0: forever.
+    pub idle_timeout_ms: u64,
+    /// Milliseconds the peer of an idle session has to answer the relay's close.
+    pub release_timeout_ms: u64,
+    /// TCP keepalive time and interval on accepted connections, milliseconds; 0: off.
+    pub tcp_keepalive_ms: u64,
+    /// Longest wait between accepts while file descriptors run out, milliseconds.
+    pub accept_backoff_max_ms: u64,
     /// Octets per read call.
     pub read_chunk: usize,
     /// Accept queue length of each listening socket.
@@ -692,6 +723,19 @@ impl Config {
         }
     }
 
+    /// The deadlines and per-address bound of accepted connections.
+    pub fn conn_limits(&self) -> apex_proto::shard::ConnLimits {
+        let millis = |ms: u64| (ms > 0).then(|| std::time::Duration::from_millis(ms));
+        let runtime = &self.runtime;
+        apex_proto::shard::ConnLimits {
+            greeting_timeout: millis(runtime.greeting_timeout_ms),
+            idle_timeout: millis(runtime.idle_timeout_ms),
+            release_timeout: std::time::Duration::from_millis(runtime.release_timeout_ms),
+            max_per_address: (runtime.max_connections_per_address > 0)
+                .then_some(runtime.max_connections_per_address),
+        }
+    }
+
     /// How the shard core's outbound relay links behave.
     pub fn link_config(&self) -> apex_proto::shard::LinkConfig {
         apex_proto::shard::LinkConfig {
@@ -821,6 +865,21 @@ impl Config {
                 "field `runtime.max_connections`: {} must be at most {}",
                 self.runtime.max_connections,
                 apex_proto::shard::MAX_SLOTS / 2
+            );
+        }
+        if self.runtime.release_timeout_ms == 0 {
+            bail!("field `runtime.release_timeout_ms` must be at least 1");
+        }
+        if self.runtime.tcp_keepalive_ms != 0 && self.runtime.tcp_keepalive_ms < 1000 {
+            bail!(
+                "field `runtime.tcp_keepalive_ms`: {} must be 0 (off) or at least 1000 (the kernel counts seconds)",
+                self.runtime.tcp_keepalive_ms
+            );
+        }
+        if self.runtime.accept_backoff_max_ms < 10 {
+            bail!(
+                "field `runtime.accept_backoff_max_ms`: {} must be at least 10 (the first wait)",
+                self.runtime.accept_backoff_max_ms
             );
         }
         if self.backpressure.max_assembly_octets < self.limits.max_message_size {
@@ -1305,6 +1364,73 @@ mod tests {
             err.starts_with(&format!("{origin}: field `mesh.peers[0]`")),
             "{err}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Issue 19 item 9 and 11: the connection deadlines, the per-address bound, keepalive and
+    /// the accept backoff have defaults, reach the shard core, and a value that cannot work
+    /// names the file, the line and the field.
+    #[test]
+    fn connection_deadlines_and_bounds_from_file_and_validated() {
+        use std::time::Duration;
+        let config = Config::load(None, &Overrides::default()).unwrap();
+        let limits = config.conn_limits();
+        assert_eq!(limits.greeting_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(limits.idle_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(limits.release_timeout, Duration::from_secs(5));
+        assert_eq!(limits.max_per_address, Some(64));
+        assert_eq!(config.runtime.tcp_keepalive_ms, 30_000);
+        assert_eq!(config.runtime.accept_backoff_max_ms, 1000);
+        let config = Config::from_toml(
+            "domain = \"x.org\"\n[runtime]\ngreeting_timeout_ms = 0\nidle_timeout_ms = 0\nmax_connections_per_address = 0\n",
+            "t.toml",
+        )
+        .unwrap();
+        let limits = config.conn_limits();
+        assert_eq!(
+            (
+                limits.greeting_timeout,
+                limits.idle_timeout,
+                limits.max_per_address
+            ),
+            (None, None, None),
+            "0 turns each off"
+        );
+        let dir = std::env::temp_dir().join(format!("apexd-config-conn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        let origin = path.display().to_string();
+        for (text, line, field) in [
+            (
+                "[runtime]\ntcp_keepalive_ms = 500\n",
+                2,
+                "runtime.tcp_keepalive_ms",
+            ),
+            (
+                "[runtime]\n\nrelease_timeout_ms = 0\n",
+                3,
+                "runtime.release_timeout_ms",
+            ),
+            (
+                "[runtime]\naccept_backoff_max_ms = 1\n",
+                2,
+                "runtime.accept_backoff_max_ms",
+            ),
+            (
+                "[runtime]\nidle_timeout_ms = \"soon\"\n",
+                2,
+                "runtime.idle_timeout_ms",
+            ),
+        ] {
+            std::fs::write(&path, format!("domain = \"x.org\"\n{text}")).unwrap();
+            let err = Config::load(Some(&path), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("{origin}:{}: ", line + 1)) && err.contains(field),
+                "{text}: {err}"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

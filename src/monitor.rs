@@ -89,6 +89,12 @@ pub struct ShardReport {
     /// Times a queue to another shard went over `runtime.mesh_queue` (the shard paused
     /// reading until it drained).
     pub shard_queue_overflows: u64,
+    /// Connections refused with 421 past `runtime.max_connections`.
+    pub refused_capacity: u64,
+    /// Connections accepted while the process had no descriptor to spare, and refused.
+    pub refused_descriptors: u64,
+    /// Accepts that failed for want of a descriptor (EMFILE, ENFILE).
+    pub accept_failures: u64,
 }
 
 /// Endpoints attached on one shard.
@@ -228,6 +234,9 @@ impl Monitor {
             total.octets_in += report.octets_in;
             total.octets_out += report.octets_out;
             total.shard_queue_overflows += report.shard_queue_overflows;
+            total.refused_capacity += report.refused_capacity;
+            total.refused_descriptors += report.refused_descriptors;
+            total.accept_failures += report.accept_failures;
         }
         let all_up = shards.iter().all(Option::is_some);
         let (edge, mesh) = self
@@ -513,6 +522,55 @@ impl prometheus_client::collector::Collector for Scrape {
             "Connections accepted on both ports.",
             Counter,
             per_shard(&|r| r.core.sessions_accepted),
+        )?;
+        let timed_out: Vec<(Labels, u64)> = answered
+            .iter()
+            .flat_map(|(i, r)| {
+                [
+                    (
+                        with(*i, "reason", "greeting".into()),
+                        r.core.greeting_timeouts,
+                    ),
+                    (with(*i, "reason", "idle".into()), r.core.idle_timeouts),
+                ]
+            })
+            .collect();
+        family(
+            e,
+            "sessions_timed_out",
+            "Sessions the relay ended: no greeting within runtime.greeting_timeout_ms, or nothing on them for runtime.idle_timeout_ms.",
+            Counter,
+            timed_out,
+        )?;
+        let refused: Vec<(Labels, u64)> = answered
+            .iter()
+            .flat_map(|(i, r)| {
+                [
+                    (
+                        with(*i, "reason", "address".into()),
+                        r.core.refused_per_address,
+                    ),
+                    (with(*i, "reason", "capacity".into()), r.refused_capacity),
+                    (
+                        with(*i, "reason", "descriptors".into()),
+                        r.refused_descriptors,
+                    ),
+                ]
+            })
+            .collect();
+        family(
+            e,
+            "connections_refused",
+            "Connections answered with 421 instead of a greeting: past runtime.max_connections_per_address, runtime.max_connections, or with no file descriptor to spare.",
+            Counter,
+            refused,
+        )?;
+        family(
+            e,
+            "accept_failures",
+            "Accepts that failed for want of a file descriptor (EMFILE, ENFILE).",
+            Counter,
+            per_shard(&|r| r.accept_failures),
         )?;
         family(
             e,

@@ -44,11 +44,15 @@ pub fn io_uring_disabled() -> Option<String> {
     }
 }
 
-/// A shard's listening socket on `addr`, handed to glommio. SO_REUSEPORT gives every shard its
+/// A shard's listening socket on `addr`, handed to glommio, and a second descriptor of the same
+/// socket for [`refuse_waiting`] (glommio lends none). SO_REUSEPORT gives every shard its
 /// own accept queue on the shared address; SO_REUSEADDR lets a restarted relay bind the port
 /// while the connections it closed before wait in TIME_WAIT (glommio's own `bind` sets only
 /// the first). Must be called on a glommio executor.
-pub fn listen(addr: SocketAddr, backlog: i32) -> io::Result<glommio::net::TcpListener> {
+pub fn listen(
+    addr: SocketAddr,
+    backlog: i32,
+) -> io::Result<(glommio::net::TcpListener, socket2::Socket)> {
     use socket2::{Domain, Protocol, Socket, Type};
     use std::os::fd::{FromRawFd, IntoRawFd};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -56,12 +60,65 @@ pub fn listen(addr: SocketAddr, backlog: i32) -> io::Result<glommio::net::TcpLis
     socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
+    let handle = socket.try_clone()?;
     let fd = socket.into_raw_fd();
     // SAFETY: `fd` is the socket created just above, bound and listening; `into_raw_fd` gave up
     // its ownership, so the listener becomes its only owner and closes it once.
     #[allow(unsafe_code)]
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
-    Ok(listener)
+    Ok((listener, handle))
+}
+
+/// Unanswered keepalive probes after which the kernel drops a connection.
+pub const KEEPALIVE_PROBES: u32 = 3;
+
+/// Turns TCP keepalive on for `fd`: the first probe after `interval` of silence, then one per
+/// `interval`, and the connection is dropped after [`KEEPALIVE_PROBES`] unanswered ones. BEEP
+/// has no ping of its own: this is how the session of a peer that vanished (power cut, a NAT
+/// that forgot it) ends while it has an endpoint attached.
+pub fn set_keepalive(fd: BorrowedFd<'_>, interval: Duration) -> io::Result<()> {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(interval)
+        .with_interval(interval)
+        .with_retries(KEEPALIVE_PROBES);
+    SockRef::from(&fd).set_tcp_keepalive(&keepalive)
+}
+
+/// Whether `error` says the process or the system has no file descriptor left.
+pub fn out_of_descriptors(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Accepts what waits on `listener` without waiting, at most `max` connections, and writes
+/// `refusal` to each before closing it (a FIN, so the peer reads it). Each accepted
+/// connection is closed before the next is accepted, so one free descriptor is enough.
+/// Returns how many were answered. The listener is non-blocking only meanwhile: no accept of
+/// glommio's is in flight on it while the shard runs this.
+pub fn refuse_waiting(listener: &socket2::Socket, refusal: &[u8], max: usize) -> io::Result<usize> {
+    listener.set_nonblocking(true)?;
+    let mut answered = 0;
+    let result = loop {
+        if answered == max {
+            break Ok(answered);
+        }
+        match listener.accept() {
+            Ok((connection, _)) => {
+                // A new connection's send buffer takes a few hundred octets; if it does not,
+                // the peer gets the close alone.
+                let _ =
+                    connection.send_with_flags(refusal, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+                drop(connection);
+                answered += 1;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(answered),
+            // Connections that reset while queued: the next one may be fine.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+            Err(e) => break Err(e),
+        }
+    };
+    listener.set_nonblocking(false)?;
+    result
 }
 
 /// `as_fd` for glommio's `TcpStream`, which offers only `AsRawFd`: lends the stream's socket
@@ -175,11 +232,12 @@ mod tests {
             .io_memory(256 * 1024)
             .ring_depth(64)
             .spawn(|| async {
-                let first = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+                let (first, first_handle) = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
                 let addr = first.local_addr().unwrap();
                 // Another shard's listener on the same address (SO_REUSEPORT).
-                let second = listen(addr, 16).unwrap();
-                drop(second);
+                // The second descriptor is the same socket: it goes with the listener.
+                let (second, second_handle) = listen(addr, 16).unwrap();
+                drop((second, second_handle));
                 let client = std::thread::spawn(move || {
                     let mut client = TcpStream::connect(addr).unwrap();
                     client.write_all(b"ping").unwrap();
@@ -191,7 +249,7 @@ mod tests {
                     .unwrap();
                 client.join().unwrap();
                 drop(stream);
-                drop(first);
+                drop((first, first_handle));
                 (addr, got)
             })
             .unwrap()
@@ -210,7 +268,7 @@ mod tests {
             .io_memory(256 * 1024)
             .ring_depth(64)
             .spawn(|| async {
-                let listener = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+                let (listener, _handle) = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
                 let addr = listener.local_addr().unwrap();
                 let client = std::thread::spawn(move || {
                     let mut client = TcpStream::connect(addr).unwrap();
@@ -369,5 +427,55 @@ mod tests {
             ),
             "{kind:?}"
         );
+    }
+
+    /// Issue 19 item 9: keepalive on an accepted connection probes after the interval, at
+    /// the interval, [`KEEPALIVE_PROBES`] times.
+    #[test]
+    fn keepalive_is_set_with_the_interval_and_probes() {
+        let (_client, server) = pair();
+        let socket = SockRef::from(&server);
+        assert!(!socket.keepalive().unwrap(), "off until apexd turns it on");
+        set_keepalive(server.as_fd(), Duration::from_secs(7)).unwrap();
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(socket.keepalive_interval().unwrap(), Duration::from_secs(7));
+        assert_eq!(socket.keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+    }
+
+    /// Issue 19 item 11: connections waiting on a listener are each answered and closed;
+    /// with none waiting, the call returns at once, and the listener blocks again after.
+    #[test]
+    fn waiting_connections_are_answered_and_closed_without_blocking() {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        listener
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        listener.listen(16).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        assert_eq!(refuse_waiting(&listener, b"no", 8).unwrap(), 0);
+        let mut clients: Vec<TcpStream> =
+            (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        // The handshakes complete in the kernel; give the last one a moment to be queued.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            refuse_waiting(&listener, b"ERR refused", 2).unwrap(),
+            2,
+            "at most max"
+        );
+        assert_eq!(refuse_waiting(&listener, b"ERR refused", 8).unwrap(), 1);
+        for client in &mut clients {
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).unwrap();
+            assert_eq!(
+                got, b"ERR refused",
+                "the refusal, then the end of the stream"
+            );
+        }
+        assert!(!listener.nonblocking().unwrap());
     }
 }

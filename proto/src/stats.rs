@@ -259,6 +259,12 @@ pub struct ShardSnapshot {
     pub overflows: u64,
     /// Sessions accepted since the start.
     pub sessions_accepted: u64,
+    /// Sessions ended because the peer did not greet in time (`runtime.greeting_timeout_ms`).
+    pub greeting_timeouts: u64,
+    /// Sessions ended because nothing was on them for too long (`runtime.idle_timeout_ms`).
+    pub idle_timeouts: u64,
+    /// Connections refused because their address held `runtime.max_connections_per_address`.
+    pub refused_per_address: u64,
     /// BEEP messages received (MSG, RPY, ERR, ANS, NUL), over every session since the start.
     pub messages_in: u64,
     /// BEEP messages sent.
@@ -293,6 +299,9 @@ impl ShardSnapshot {
         self.link_queued += other.link_queued;
         self.overflows += other.overflows;
         self.sessions_accepted += other.sessions_accepted;
+        self.greeting_timeouts += other.greeting_timeouts;
+        self.idle_timeouts += other.idle_timeouts;
+        self.refused_per_address += other.refused_per_address;
         self.messages_in += other.messages_in;
         self.messages_out += other.messages_out;
         self.protocol_errors.merge(&other.protocol_errors);

@@ -49,6 +49,7 @@ pub async fn drive(stream: TcpStream, ctx: Rc<ShardContext>, kind: ConnKind) -> 
         let now = Instant::now();
         if ctx.connections.get() > ctx.config.runtime.max_connections {
             let error = ErrorElement::new(code::SERVICE_NOT_AVAILABLE, "too many connections");
+            ctx.refused_capacity.set(ctx.refused_capacity.get() + 1);
             core.open_refusing(kind, error, now)
         } else {
             core.open(kind, peer.map(|p| p.ip()), now)

@@ -2,6 +2,7 @@
 //! SO_REUSEPORT listeners on the edge (913) and mesh (912) ports, connected to the other shards
 //! by the channel mesh. Nothing about a connection is shared between shards.
 
+pub mod accept;
 pub mod conn;
 pub mod mesh;
 pub mod notify;
@@ -84,6 +85,12 @@ pub struct ShardContext {
     pub warnings: RefCell<warnings::WarnLimiter>,
     /// Wakes the task that writes the summaries of suppressed warnings.
     pub warnings_suppressed: Notify,
+    /// Connections refused with 421 past `runtime.max_connections`.
+    pub refused_capacity: Cell<u64>,
+    /// Connections refused with 421 because no descriptor was left to serve them.
+    pub refused_descriptors: Cell<u64>,
+    /// Accepts that failed for want of a descriptor.
+    pub accept_failures: Cell<u64>,
 }
 
 impl ShardContext {
@@ -487,7 +494,7 @@ async fn shard_main(
                 .map_err(|e| anyhow!("binding mesh {}: {e}", config.mesh_listen))
                 .map(|mesh| (edge, mesh))
         });
-    let (edge, mesh_listener) = match listeners {
+    let ((edge, edge_handle), (mesh_listener, mesh_handle)) = match listeners {
         Ok(l) => {
             let _ = bound_tx.send(Ok(()));
             l
@@ -573,7 +580,13 @@ async fn shard_main(
         octets_out: Cell::new(0),
         warnings: RefCell::new(warnings::WarnLimiter::new(warn_limits)),
         warnings_suppressed: Notify::default(),
+        refused_capacity: Cell::new(0),
+        refused_descriptors: Cell::new(0),
+        accept_failures: Cell::new(0),
     });
+    ctx.core
+        .borrow_mut()
+        .set_conn_limits(ctx.config.conn_limits(), std::time::Instant::now());
     ctx.apply_settings(&settings_in_force);
     // Held data the store kept from before a restart, for the endpoints whose home is here.
     if !held.is_empty() {
@@ -620,8 +633,16 @@ async fn shard_main(
         settings_seen,
     ))
     .detach();
-    let edge_task = glommio::spawn_local(accept_loop(edge, ctx.clone(), ConnKind::Edge));
-    let mesh_task = glommio::spawn_local(accept_loop(mesh_listener, ctx.clone(), ConnKind::Mesh));
+    let edge_task = glommio::spawn_local(accept_loop(
+        (edge, edge_handle),
+        ctx.clone(),
+        ConnKind::Edge,
+    ));
+    let mesh_task = glommio::spawn_local(accept_loop(
+        (mesh_listener, mesh_handle),
+        ctx.clone(),
+        ConnKind::Mesh,
+    ));
     info!(shard = id, edge = %ctx.config.edge_listen, mesh = %ctx.config.mesh_listen, "shard listening");
 
     while !stop.load(Ordering::Relaxed) {
@@ -704,6 +725,9 @@ async fn answer_probes(ctx: Rc<ShardContext>, probes: flume::Receiver<Probe>) {
                     octets_in: ctx.octets_in.get(),
                     octets_out: ctx.octets_out.get(),
                     shard_queue_overflows: ctx.outbox_backlog.overflows(),
+                    refused_capacity: ctx.refused_capacity.get(),
+                    refused_descriptors: ctx.refused_descriptors.get(),
+                    accept_failures: ctx.accept_failures.get(),
                 };
                 let _ = reply.try_send((ctx.id, report));
             }
@@ -858,11 +882,31 @@ async fn flush_outbox(ctx: Rc<ShardContext>, peer: usize) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>, kind: ConnKind) {
+/// Accepts connections on one port and spawns a driver for each, until shutdown. An accept that
+/// fails is tried again after a wait that doubles up to `runtime.accept_backoff_max_ms`, and
+/// logged once per `warnings.interval_ms` with the count of failures left out. With no
+/// descriptor left, the connections waiting in the kernel are answered 421 from the spare
+/// descriptor ([`accept::SpareDescriptor`]) instead of hanging there (issue 19 item 11).
+async fn accept_loop(
+    (listener, handle): (TcpListener, socket2::Socket),
+    ctx: Rc<ShardContext>,
+    kind: ConnKind,
+) {
     enum Accepted {
         Stream(std::io::Result<glommio::net::TcpStream>),
         Stop,
     }
+    let mut pressure = accept::AcceptPressure::new(
+        Duration::from_millis(ctx.config.runtime.accept_backoff_max_ms),
+        Duration::from_millis(ctx.config.warnings.interval_ms),
+    );
+    let mut spare = accept::SpareDescriptor::open();
+    let refusal = accept::refusal();
+    let keepalive = Duration::from_millis(ctx.config.runtime.tcp_keepalive_ms);
+    let port = match kind {
+        ConnKind::Edge => "edge",
+        ConnKind::Mesh => "mesh",
+    };
     loop {
         let next = futures_lite::future::or(
             async { Accepted::Stream(listener.accept().await.map_err(std::io::Error::from)) },
@@ -875,10 +919,48 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>, kind: ConnKin
         match next {
             Accepted::Stop => return,
             Accepted::Stream(Err(e)) => {
-                warn!(shard = ctx.id, error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
+                let mut refused = 0;
+                if sys::out_of_descriptors(&e) {
+                    ctx.accept_failures.set(ctx.accept_failures.get() + 1);
+                    let answered = spare.release(|| {
+                        sys::refuse_waiting(&handle, &refusal, accept::MAX_REFUSALS_PER_ROUND)
+                    });
+                    refused = match answered {
+                        Some(Ok(n)) => n,
+                        _ => 0,
+                    };
+                    ctx.refused_descriptors
+                        .set(ctx.refused_descriptors.get() + refused as u64);
+                }
+                let after = pressure.failed(std::time::Instant::now());
+                if let Some(suppressed) = after.log {
+                    warn!(
+                        shard = ctx.id,
+                        port,
+                        error = %e,
+                        refused,
+                        suppressed,
+                        wait_ms = after.wait.as_millis() as u64,
+                        "accept failed ({suppressed} similar failures left out of the log since the last)"
+                    );
+                }
+                futures_lite::future::or(glommio::timer::sleep(after.wait), async {
+                    let _ = ctx.shutdown.acquire(1).await;
+                })
+                .await;
             }
             Accepted::Stream(Ok(stream)) => {
+                if let Some(suppressed) = pressure.succeeded() {
+                    warn!(
+                        shard = ctx.id,
+                        port,
+                        suppressed,
+                        "accepting again ({suppressed} failures left out of the log)"
+                    );
+                }
+                if !keepalive.is_zero() {
+                    let _ = sys::set_keepalive(sys::StreamFd::as_fd(&stream), keepalive);
+                }
                 let ctx = ctx.clone();
                 ctx.connections.set(ctx.connections.get() + 1);
                 glommio::spawn_local(async move {

@@ -126,6 +126,8 @@ pub fn ended(end: &Ended<'_>) {
         // Names attached or bound as past those kept (apex_proto's MAX_NAMES_RECORDED).
         more_names = (*more > 0).then_some(*more as u64),
         ending = ending_name(end.ending),
+        // The relay ended it: no greeting in time, or nothing on it for too long.
+        timed_out = summary.timed_out.map(apex_proto::shard::Timeout::name),
         error = end.traffic.error.as_ref().map(tracing::field::display),
         duration_ms = end.duration.as_millis() as u64,
         msgs_in = summary.messages_in,

@@ -139,25 +139,57 @@ impl Relay {
         (relay, rx)
     }
 
+    /// [`Relay::start_with`] under `ulimit -n nofile` (set by a shell that then runs apexd
+    /// in its place, so the pid is apexd's).
+    pub fn start_with_nofile(nofile: u64, extra: &[&str]) -> Relay {
+        let state = ScratchDir::new("state");
+        let mut args = vec!["--no-pin", "--log", "warn", "--data-dir", state.as_str()];
+        for flag in ["--edge-listen", "--mesh-listen"] {
+            args.extend([flag, "127.0.0.1:0"]);
+        }
+        args.extend(extra);
+        let mut relay = Self::launch_limited(&args, Stdio::inherit(), &[], Some(nofile)).0;
+        relay.state = Some(state);
+        relay
+    }
+
     fn launch(
         args: &[&str],
         stderr: Stdio,
         env: &[(&str, &std::ffi::OsStr)],
     ) -> (Relay, Option<std::process::ChildStderr>) {
-        let mut child = Command::new(
-            std::env::var_os("APEXD_TEST_BIN")
-                .unwrap_or_else(|| env!("CARGO_BIN_EXE_apexd").into()),
-        )
-        .args(args)
-        // A lookup that would leave loopback (no loopback --dns-server) fails, naming the domain.
-        .env("APEXD_DNS_LOOPBACK_ONLY", "1")
-        // Tests run under a service manager must not notify it on the relays' behalf.
-        .env_remove("NOTIFY_SOCKET")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn apexd");
+        Self::launch_limited(args, stderr, env, None)
+    }
+
+    fn launch_limited(
+        args: &[&str],
+        stderr: Stdio,
+        env: &[(&str, &std::ffi::OsStr)],
+        nofile: Option<u64>,
+    ) -> (Relay, Option<std::process::ChildStderr>) {
+        let bin: std::ffi::OsString = std::env::var_os("APEXD_TEST_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_apexd").into());
+        let mut command = match nofile {
+            None => Command::new(bin),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(bin);
+                sh
+            }
+        };
+        let mut child = command
+            .args(args)
+            // A lookup that would leave loopback (no loopback --dns-server) fails, naming the domain.
+            .env("APEXD_DNS_LOOPBACK_ONLY", "1")
+            // Tests run under a service manager must not notify it on the relays' behalf.
+            .env_remove("NOTIFY_SOCKET")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn apexd");
         let stderr = child.stderr.take();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();

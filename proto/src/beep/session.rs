@@ -330,6 +330,11 @@ impl Session {
         list
     }
 
+    /// Whether any channel besides channel 0 is open or being started.
+    pub fn has_channels(&self) -> bool {
+        self.channels.len() > 1 || !self.reserved.is_empty()
+    }
+
     /// Complete messages received so far (MSG, RPY, ERR, each ANS, NUL), on every channel
     /// including channel 0; a MSG answered pre-emptively for its size counts too.
     pub fn messages_received(&self) -> u64 {

@@ -36,7 +36,8 @@
 //! silently: a backlog that dies with its connection is reported by the relay like every
 //! unanswered delivery.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,7 @@ mod backpressure;
 mod link;
 mod secure;
 mod slab;
+mod watch;
 use backpressure::Backlog;
 pub use link::{ConnectFailure, LinkConfig, LinkState, Phase as LinkPhase, FIRST_BACKOFF};
 use link::{Link, LinkEffects};
@@ -67,6 +69,8 @@ use secure::Secured;
 pub use secure::{Security, EXTERNAL, MAX_SASL_FAILURES, PLAIN, SCRAM};
 use slab::Slab;
 pub use slab::MAX_SLOTS;
+pub use watch::{address_key, ConnLimits, Timeout};
+use watch::{ConnWatch, Due};
 
 /// Shard-wide bounds on what the sessions of one shard may make it hold, beyond what each
 /// session's own [`crate::Limits`] bound.
@@ -141,6 +145,8 @@ pub struct SessionSummary {
     pub identity: SessionIdentity,
     /// For an outbound relay link: the domain whose relay it connects to.
     pub link: Option<String>,
+    /// The relay ended the session because the peer did not greet in time, or left it idle.
+    pub timed_out: Option<Timeout>,
 }
 
 #[derive(Debug)]
@@ -156,6 +162,10 @@ struct Conn {
     abandoned: bool,
     /// TLS and SASL state, once the peer asked for either.
     secured: Option<Box<Secured>>,
+    /// Deadlines of an accepted connection (a link's are its [`Link`]'s).
+    watch: ConnWatch,
+    /// What an accepted connection counts under in [`ShardCore::addresses`].
+    address: Option<IpAddr>,
 }
 
 /// Why a delivery the session refused failed, in the report its originator asked for.
@@ -203,6 +213,14 @@ pub struct ShardCore {
     tls_began: bool,
     /// What the shard counts beside the relay's counts (see [`ShardCore::snapshot`]).
     counts: CoreCounts,
+    /// Deadlines and per-address bounds of accepted connections.
+    conn_limits: ConnLimits,
+    /// One entry per accepted connection with a deadline (its [`ConnWatch::armed_at`]), plus
+    /// entries left behind when a deadline came earlier, skipped when they come up.
+    timers: BinaryHeap<Reverse<(Instant, ConnId)>>,
+    /// Accepted connections by [`address_key`]. SipHash rather than FxHash: the keys are
+    /// chosen by peers.
+    addresses: HashMap<IpAddr, usize>,
 }
 
 /// The shard core's own counters (the relay keeps its own).
@@ -218,6 +236,11 @@ struct CoreCounts {
     /// their own).
     ended_messages_in: u64,
     ended_messages_out: u64,
+    /// Sessions ended because the peer did not greet in time, or left them idle.
+    greeting_timeouts: u64,
+    idle_timeouts: u64,
+    /// Connections refused because their address held `max_per_address` already.
+    refused_per_address: u64,
 }
 
 impl ShardCore {
@@ -257,7 +280,29 @@ impl ShardCore {
             retry_input: false,
             tls_began: false,
             counts: CoreCounts::default(),
+            conn_limits: ConnLimits::default(),
+            timers: BinaryHeap::new(),
+            addresses: HashMap::new(),
         }
+    }
+
+    /// The deadlines and per-address bound of accepted connections from now on. Every
+    /// connection's deadline is measured again against them.
+    pub fn set_conn_limits(&mut self, limits: ConnLimits, now: Instant) {
+        self.conn_limits = limits;
+        self.timers.clear();
+        let conns: Vec<ConnId> = self.conns.iter().map(|(conn, _)| conn).collect();
+        for conn in conns {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.watch.armed_at = None;
+            }
+            self.watch(conn, now);
+        }
+    }
+
+    /// The deadlines and per-address bound in force.
+    pub fn conn_limits(&self) -> &ConnLimits {
+        &self.conn_limits
     }
 
     /// How the shard's outbound relay links behave. Links already open keep their connection;
@@ -322,6 +367,7 @@ impl ShardCore {
                 .as_ref()
                 .and_then(|key| self.links.get(key))
                 .map(|link| link.domain.clone()),
+            timed_out: c.watch.timed_out,
         })
     }
 
@@ -350,6 +396,9 @@ impl ShardCore {
             queued_octets: self.backlog_octets as u64,
             overflows: self.counts.overflows,
             sessions_accepted: self.counts.sessions_accepted,
+            greeting_timeouts: self.counts.greeting_timeouts,
+            idle_timeouts: self.counts.idle_timeouts,
+            refused_per_address: self.counts.refused_per_address,
             protocol_errors: self.counts.protocol_errors.clone(),
             tls_handshakes: self.counts.tls_handshakes,
             sasl_failures: self.counts.sasl_failures,
@@ -410,6 +459,19 @@ impl ShardCore {
     /// A connection from `peer` was accepted: its listener session greets the peer. Returns
     /// the connection's id, or `None` when the shard holds [`MAX_SLOTS`] already (close it).
     pub fn open(&mut self, kind: ConnKind, peer: Option<IpAddr>, now: Instant) -> Option<ConnId> {
+        let address = peer.map(address_key);
+        if let (Some(address), Some(max)) = (address, self.conn_limits.max_per_address) {
+            if self.addresses.get(&address).is_some_and(|n| *n >= max) {
+                // One address must not take every slot of the shard (RFC 3080 §2.3.1.5: the
+                // listener is not available to it, BEEP-18).
+                self.counts.refused_per_address += 1;
+                let error = ErrorElement::new(
+                    crate::beep::mgmt::code::SERVICE_NOT_AVAILABLE,
+                    "too many connections from this address",
+                );
+                return self.open_refusing(kind, error, now);
+            }
+        }
         let config = if self.security.tls_server.is_none() && self.security.users.is_empty() {
             self.session_config.clone()
         } else {
@@ -418,6 +480,14 @@ impl ShardCore {
         };
         let session = Session::new(Role::Listener, config);
         let conn = self.insert(kind, session, now)?;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.watch = ConnWatch::accepted(now);
+            c.address = address;
+        }
+        if let Some(address) = address {
+            *self.addresses.entry(address).or_default() += 1;
+        }
+        self.watch(conn, now);
         self.counts.sessions_accepted += 1;
         self.relay
             .set_credentials(conn, Credentials::from_address(peer));
@@ -444,6 +514,8 @@ impl ShardCore {
             link: None,
             abandoned: false,
             secured: None,
+            watch: ConnWatch::default(),
+            address: None,
         })?;
         self.relay.set_clock(self.us(now));
         self.relay.conn_opened(conn, kind);
@@ -465,6 +537,7 @@ impl ShardCore {
         if let Err(e) = &result {
             self.counts.protocol_errors.add(e.kind());
         }
+        self.watch(conn, now);
         result
     }
 
@@ -622,6 +695,11 @@ impl ShardCore {
             _ => c.session.poll_transmit(out),
         };
         if written > 0 {
+            // A start answered (an attach decided on another shard) opens or leaves no channel.
+            self.watch(conn, now);
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return written;
+            };
             if c.session.has_events() {
                 // Replies drained below `max_queued_replies`: the peer's messages held back
                 // meanwhile are handled now.
@@ -664,6 +742,14 @@ impl ShardCore {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        if let Some(address) = c.address {
+            if let Some(n) = self.addresses.get_mut(&address) {
+                *n -= 1;
+                if *n == 0 {
+                    self.addresses.remove(&address);
+                }
+            }
+        }
         self.counts.ended_messages_in += c.session.messages_received();
         self.counts.ended_messages_out += c.session.messages_sent();
         self.assembling = self.assembling.saturating_sub(c.session.assembling());
@@ -724,6 +810,8 @@ impl ShardCore {
             link: Some(key),
             abandoned: false,
             secured: None,
+            watch: ConnWatch::default(),
+            address: None,
         })?;
         link.connected(conn);
         self.wake(conn);
@@ -859,7 +947,8 @@ impl ShardCore {
             .values()
             .filter_map(|link| link.deadline(&self.link_config))
             .min();
-        [stalls, relay, links].into_iter().flatten().min()
+        let conns = self.timers.peek().map(|Reverse((at, _))| *at);
+        [stalls, relay, links, conns].into_iter().flatten().min()
     }
 
     /// Time passed: held data expires, and recipients that took nothing for too long refuse.
@@ -909,7 +998,91 @@ impl ShardCore {
             }
             self.apply_link_effects(&key, effects);
         }
+        self.expire_conns(now);
         self.execute(now);
+    }
+
+    /// Follows `conn`'s session after anything that may have changed it: whether it waits for
+    /// a greeting or has nothing on it, and the timer entry of its next deadline. Accepted
+    /// connections only (a link's [`Link`] keeps its own time).
+    fn watch(&mut self, conn: ConnId, now: Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.link.is_some() || c.abandoned {
+            return;
+        }
+        let lifecycle = c.session.lifecycle();
+        let handshaking = c.secured.as_ref().is_some_and(|s| s.handshaking());
+        // An attached endpoint or a bound relay lives on a channel (APEX-16): a session with
+        // no channel besides 0 (and none being started) has neither.
+        let establishing = lifecycle == Lifecycle::Greeting || handshaking;
+        let bare = lifecycle == Lifecycle::Open && !handshaking && !c.session.has_channels();
+        c.watch.follow(establishing, bare, now);
+        let Some(at) = c.watch.deadline(&self.conn_limits) else {
+            return;
+        };
+        // An entry already in the heap for an earlier time looks again when it comes up.
+        if c.watch.armed_at.is_some_and(|armed| armed <= at) {
+            return;
+        }
+        c.watch.armed_at = Some(at);
+        let before = self.timers.peek().map(|Reverse((at, _))| *at);
+        self.timers.push(Reverse((at, conn)));
+        self.note_deadline(before, Some(at));
+    }
+
+    /// Ends the accepted sessions whose deadline passed: a peer that did not greet in time
+    /// is asked to release the session (a `close` with 421, RFC 3080 §2.4, §2.3.1.5: service
+    /// not available to it) and the transport closes as soon as that is written; a session
+    /// with nothing on it for too long is asked the same and given
+    /// [`ConnLimits::release_timeout`] to answer; then its transport closes anyway.
+    fn expire_conns(&mut self, now: Instant) {
+        while let Some(Reverse((at, conn))) = self.timers.peek().copied() {
+            if at > now {
+                return;
+            }
+            self.timers.pop();
+            let limits = &self.conn_limits;
+            let Some(c) = self.conns.get_mut(&conn) else {
+                continue;
+            };
+            if c.watch.armed_at != Some(at) {
+                continue; // left behind by an earlier deadline
+            }
+            c.watch.armed_at = None;
+            match c.watch.due(limits, now) {
+                Due::Nothing => {}
+                Due::Greeting => {
+                    self.counts.greeting_timeouts += 1;
+                    c.watch.timed_out(Timeout::Greeting, None);
+                    // Mid-handshake nothing can be said in plaintext: the transport just goes.
+                    if !c.secured.as_ref().is_some_and(|s| s.handshaking()) {
+                        let _ = c
+                            .session
+                            .close_session(crate::beep::mgmt::code::SERVICE_NOT_AVAILABLE);
+                    }
+                    c.abandoned = true;
+                    tracing::debug!(%conn, "no greeting in time");
+                    self.wake(conn);
+                }
+                Due::Idle => {
+                    self.counts.idle_timeouts += 1;
+                    let release_by = now + limits.release_timeout;
+                    c.watch.timed_out(Timeout::Idle, Some(release_by));
+                    let _ = c
+                        .session
+                        .close_session(crate::beep::mgmt::code::SERVICE_NOT_AVAILABLE);
+                    tracing::debug!(%conn, "idle session asked to release");
+                    self.wake(conn);
+                }
+                Due::Release => {
+                    c.abandoned = true;
+                    self.wake(conn);
+                }
+            }
+            self.watch(conn, now);
+        }
     }
 
     /// The next thing for the runtime to do.

@@ -126,6 +126,11 @@ pub(super) struct Secured {
 }
 
 impl Secured {
+    /// Whether the TLS handshake runs (the session starts over once it completes).
+    pub(super) fn handshaking(&self) -> bool {
+        self.handshaking
+    }
+
     /// Whether output goes through this layer (TLS began).
     pub(super) fn encrypting(&self) -> bool {
         self.tls.is_some() || !self.preamble.is_empty()
