@@ -84,6 +84,10 @@ pub struct ShardContext {
     pub warnings: RefCell<warnings::WarnLimiter>,
     /// Wakes the task that writes the summaries of suppressed warnings.
     pub warnings_suppressed: Notify,
+    /// Where a read after a wait lands (`runtime.read_chunk` octets), shared by the shard's
+    /// connections: each holds it only within one poll of its read (see `conn::land`), so an
+    /// idle connection holds none of it.
+    pub landing: RefCell<Vec<u8>>,
 }
 
 impl ShardContext {
@@ -550,6 +554,7 @@ async fn shard_main(
     let (security_seen, in_force) = security.get();
     core.set_security(in_force);
     let warn_limits = warnings::WarnLimits::from(&config.warnings);
+    let read_chunk = config.runtime.read_chunk;
     let ctx = Rc::new(ShardContext {
         id,
         config,
@@ -572,6 +577,7 @@ async fn shard_main(
         octets_out: Cell::new(0),
         warnings: RefCell::new(warnings::WarnLimiter::new(warn_limits)),
         warnings_suppressed: Notify::default(),
+        landing: RefCell::new(vec![0; read_chunk]),
     });
     ctx.apply_settings(&settings_in_force);
     // Held data the store kept from before a restart, for the endpoints whose home is here.
