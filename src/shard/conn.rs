@@ -3,9 +3,18 @@
 //! carries out what the core asks (wake other connections, envelopes to other shards, data
 //! to mesh links), and writes what the core polls for this connection, coalesced into one
 //! write per round. It never parses payloads and never decides.
+//!
+//! It also owns the connection's buffers, and keeps an idle connection's small: a read after a
+//! wait lands in the shard's one landing buffer and is copied to a read buffer of its size,
+//! and before each wait the read buffer and the write buffer let go of the memory they do not
+//! hold data in (what a peer sent of a frame's start stays). A connection grows a chunk of read
+//! room only while input keeps coming.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
 use apex_proto::apex::relay::{ConnId, ConnKind};
@@ -13,7 +22,7 @@ use apex_proto::beep::mgmt::{code, ErrorElement};
 use apex_proto::beep::output::{self, Vectored};
 use apex_proto::ProtocolError;
 use bytes::{Bytes, BytesMut};
-use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use futures_lite::{future, AsyncRead, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tracing::warn;
 
@@ -124,13 +133,13 @@ async fn run(
     traffic: &mut Traffic,
 ) -> Ending {
     let read_chunk = ctx.config.runtime.read_chunk;
-    let mut read_buf = BytesMut::with_capacity(read_chunk);
+    // Empty until input arrives: an idle connection holds no read room.
+    let mut read_buf = BytesMut::new();
     // A read after a wait goes through glommio's `read`, which wants an initialised slice: it
-    // lands in this scratch buffer and what arrived is copied to `read_buf` (whose frames are
-    // then split off as `Bytes`). When a read filled all the room it had, more is probably
-    // waiting: that is received straight into `read_buf`, with no copy. After a large burst
-    // the wait reads a single octet, so that the next burst is received directly too.
-    let mut scratch = vec![0u8; read_chunk];
+    // lands in the shard's landing buffer and what arrived is copied to `read_buf` (whose
+    // frames are then split off as `Bytes`). When a read filled all the room it had, more is
+    // probably waiting: that is received straight into `read_buf`, with no copy. After a large
+    // burst the wait reads a single octet, so that the next burst is received directly too.
     let mut pacing = ReadPacing::default();
     let mut out = Vectored::new(SHARED_PAYLOAD_MIN);
     let mut parts = Vec::new();
@@ -198,7 +207,10 @@ async fn run(
             }
         }
         pacing.before_waiting();
-        let wait_room = pacing.wait_room(scratch.len());
+        // Waiting may take hours: hold only what holds data meanwhile.
+        trim_read_buffer(&mut read_buf);
+        out.release();
+        let wait_room = pacing.wait_room(read_chunk);
         // Until shutdown, the shard's stop signal ends the wait; while closing, the grace
         // period's end does.
         let stop_or_grace = async {
@@ -212,7 +224,7 @@ async fn run(
         };
         let woken = future::or(
             future::or(
-                async { Wake::Read(stream.read(&mut scratch[..wait_room]).await) },
+                async { Wake::Read(land(stream, &ctx.landing, &mut read_buf, wait_room).await) },
                 async {
                     wake.notified().await;
                     Wake::Output
@@ -237,9 +249,8 @@ async fn run(
                 continue;
             }
         };
-        read_buf.extend_from_slice(&scratch[..n]);
         received(ctx, traffic, n);
-        if wait_room < scratch.len() {
+        if wait_room < read_chunk {
             // A probe: the rest is received in place, and handled with it. There may be no
             // rest (the octet may complete a frame), or the peer may have closed right after
             // it: the octet is handled first, and the next read sees the end.
@@ -256,6 +267,43 @@ async fn run(
             traffic.error = Some(error);
             return Ending::Aborted;
         }
+    }
+}
+
+/// Waits for input and receives up to `room` octets of it into `landing`, the shard's landing
+/// buffer, then appends them to `read_buf`. The landing buffer is borrowed only within a poll
+/// (glommio's read uses the slice it is given only while it is polled, never later), so every
+/// connection of the shard lands in the same memory, which stays in the cache; `read_buf`
+/// grows by what arrived, no more.
+async fn land(
+    stream: &mut TcpStream,
+    landing: &RefCell<Vec<u8>>,
+    read_buf: &mut BytesMut,
+    room: usize,
+) -> std::io::Result<usize> {
+    future::poll_fn(|cx| {
+        let mut landing = landing.borrow_mut();
+        let room = room.min(landing.len());
+        let n = ready!(Pin::new(&mut *stream).poll_read(cx, &mut landing[..room]))?;
+        read_buf.extend_from_slice(&landing[..n]);
+        Poll::Ready(Ok(n))
+    })
+    .await
+}
+
+/// Before a wait: lets the read buffer's memory go but for what it holds. An empty buffer
+/// (every frame handled) is dropped; the start of a frame of up to [`MIN_DIRECT_ROOM`]
+/// octets, in a buffer with more room than that, is moved to a buffer of its own size (a
+/// peer that sends part of a frame and stops pins what it sent, not a chunk). A longer start
+/// stays where it is: copying it on every wait would cost the stream of large frames it
+/// belongs to, and it already holds most of its buffer.
+fn trim_read_buffer(read_buf: &mut BytesMut) {
+    if read_buf.is_empty() {
+        *read_buf = BytesMut::new();
+    } else if read_buf.len() <= MIN_DIRECT_ROOM
+        && read_buf.capacity() - read_buf.len() > MIN_DIRECT_ROOM
+    {
+        *read_buf = BytesMut::from(&read_buf[..]);
     }
 }
 
@@ -338,16 +386,16 @@ impl ReadPacing {
         self.more_waiting
     }
 
-    /// How much of the `scratch` octets a read after a wait may fill. What it gets is copied to
-    /// the read buffer, and with many connections those copies miss the cache: when the last
-    /// burst was large, the wait reads one octet and the rest is received straight into the
-    /// read buffer (one more receive, no copy). Small bursts are cheaper copied than received
-    /// twice.
-    fn wait_room(&self, scratch: usize) -> usize {
+    /// How much of the landing buffer's `chunk` octets a read after a wait may fill. What it
+    /// gets is copied to the read buffer, and large copies cost more than a second receive:
+    /// when the last burst was large, the wait reads one octet and the rest is received
+    /// straight into the read buffer (one more receive, no copy). Small bursts are cheaper
+    /// copied than received twice.
+    fn wait_room(&self, chunk: usize) -> usize {
         if self.probe {
             1
         } else {
-            scratch
+            chunk
         }
     }
 
@@ -498,6 +546,95 @@ mod tests {
             }
             check(&read_buf, &start, CHUNK);
         }
+    }
+
+    /// Before a wait, the read buffer keeps memory only for what it holds: none when every
+    /// frame was handled, the size of a short frame start, and a long start where it is.
+    #[test]
+    fn a_waiting_connection_keeps_read_memory_only_for_what_it_holds() {
+        const CHUNK: usize = 64 * 1024;
+        // Handled: nothing of the chunk is kept, whether or not its frames are alive.
+        for keep_frames in [false, true] {
+            let mut read_buf = BytesMut::with_capacity(CHUNK);
+            read_buf.extend_from_slice(&[b'x'; 3000]);
+            let frames = read_buf.split().freeze();
+            trim_read_buffer(&mut read_buf);
+            assert_eq!(read_buf.capacity(), 0, "an empty buffer is let go");
+            if keep_frames {
+                assert_eq!(frames.len(), 3000);
+            }
+        }
+
+        // The start of a frame, in a chunk: moved to a buffer of its size.
+        let mut read_buf = BytesMut::with_capacity(CHUNK);
+        read_buf.extend_from_slice(&[b'y'; 5000]);
+        let frames = read_buf.split_to(4900).freeze();
+        trim_read_buffer(&mut read_buf);
+        assert_eq!(&read_buf[..], &[b'y'; 100][..]);
+        assert_eq!(read_buf.capacity(), 100, "a short start keeps its size");
+        drop(frames);
+        // Already its size: not moved again.
+        let at = read_buf.as_ptr();
+        trim_read_buffer(&mut read_buf);
+        assert_eq!(read_buf.as_ptr(), at);
+
+        // A long start (of a large frame still arriving) stays where it is.
+        let mut read_buf = BytesMut::with_capacity(CHUNK);
+        read_buf.extend_from_slice(&[b'z'; MIN_DIRECT_ROOM + 1]);
+        let at = read_buf.as_ptr();
+        trim_read_buffer(&mut read_buf);
+        assert_eq!(read_buf.as_ptr(), at);
+        assert_eq!(read_buf.len(), MIN_DIRECT_ROOM + 1);
+    }
+
+    /// Two connections waiting at once land in the one landing buffer: each read buffer gets
+    /// its own octets and grows by them only, and the landing buffer is free between polls.
+    #[test]
+    fn connections_waiting_at_once_share_the_landing_buffer() {
+        let got = glommio::LocalExecutorBuilder::default()
+            .io_memory(256 * 1024)
+            .ring_depth(64)
+            .spawn(|| async {
+                let (listener, _socket) = sys::listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+                let addr = listener.local_addr().unwrap();
+                let first = std::net::TcpStream::connect(addr).unwrap();
+                let mut a = listener.accept().await.unwrap();
+                let second = std::net::TcpStream::connect(addr).unwrap();
+                let mut b = listener.accept().await.unwrap();
+                let landing = RefCell::new(vec![0u8; 64 * 1024]);
+                let (mut buf_a, mut buf_b) = (BytesMut::new(), BytesMut::new());
+                let client = std::thread::spawn(move || {
+                    use std::io::Write;
+                    // Both reads are pending before either connection has input.
+                    std::thread::sleep(Duration::from_millis(50));
+                    (&second).write_all(b"second").unwrap();
+                    (&first).write_all(b"first!!").unwrap();
+                    (first, second)
+                });
+                let (na, nb) = future::zip(
+                    land(&mut a, &landing, &mut buf_a, 64 * 1024),
+                    land(&mut b, &landing, &mut buf_b, 64 * 1024),
+                )
+                .await;
+                let _ = client.join().unwrap();
+                assert!(
+                    landing.try_borrow_mut().is_ok(),
+                    "the landing buffer is free"
+                );
+                (na.unwrap(), buf_a, nb.unwrap(), buf_b)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        let (na, buf_a, nb, buf_b) = got;
+        assert_eq!((na, &buf_a[..]), (7, &b"first!!"[..]));
+        assert_eq!((nb, &buf_b[..]), (6, &b"second"[..]));
+        assert!(
+            buf_a.capacity() < 64 && buf_b.capacity() < 64,
+            "read buffers grow by what arrived: {} and {} octets",
+            buf_a.capacity(),
+            buf_b.capacity()
+        );
     }
 
     #[test]

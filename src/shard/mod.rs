@@ -91,6 +91,10 @@ pub struct ShardContext {
     pub refused_descriptors: Cell<u64>,
     /// Accepts that failed for want of a descriptor.
     pub accept_failures: Cell<u64>,
+    /// Where a read after a wait lands (`runtime.read_chunk` octets), shared by the shard's
+    /// connections: each holds it only within one poll of its read (see `conn::land`), so an
+    /// idle connection holds none of it.
+    pub landing: RefCell<Vec<u8>>,
 }
 
 impl ShardContext {
@@ -558,6 +562,7 @@ async fn shard_main(
     let (security_seen, in_force) = security.get();
     core.set_security(in_force);
     let warn_limits = warnings::WarnLimits::from(&config.warnings);
+    let read_chunk = config.runtime.read_chunk;
     let ctx = Rc::new(ShardContext {
         id,
         config,
@@ -583,6 +588,7 @@ async fn shard_main(
         refused_capacity: Cell::new(0),
         refused_descriptors: Cell::new(0),
         accept_failures: Cell::new(0),
+        landing: RefCell::new(vec![0; read_chunk]),
     });
     ctx.core
         .borrow_mut()

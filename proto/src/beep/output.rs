@@ -112,6 +112,22 @@ impl Vectored {
         self.round_coalesced = 0;
     }
 
+    /// Lets the coalescing buffer's memory go while there is nothing to write, for a
+    /// connection about to wait: an idle session keeps no room (ten thousand of them would
+    /// otherwise pin a round's room each, for as long as they stay open). The parts already
+    /// taken keep what they use until they are written. The next [`Vectored::make_room`]
+    /// makes room again, as much as before.
+    pub fn release(&mut self) {
+        if self.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
+
+    /// Octets of coalescing room the buffer holds (what an idle connection keeps).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     fn seal(&mut self) {
         if !self.buf.is_empty() {
             self.round_coalesced += self.buf.len();
@@ -279,6 +295,34 @@ mod tests {
         assert!(
             (ROOM..=MAX_ROUND_ROOM).contains(&capacity),
             "{capacity} octets of room after a burst"
+        );
+    }
+
+    /// A connection that goes idle keeps no coalescing room, and its next round gets as much
+    /// room ahead of time as the largest before; one with output still to write keeps it.
+    #[test]
+    fn an_idle_connection_keeps_no_room_and_gets_it_back_for_its_next_round() {
+        const ROOM: usize = 32 * 1024;
+        let payload = Bytes::from_static(&[b'x'; 128]);
+        let mut out = Vectored::new(1024);
+        let mut parts = Vec::new();
+        out.make_room(ROOM);
+        for _ in 0..(48 * 1024) / 128 {
+            out.put_payload(&payload, 0..128);
+        }
+        out.release();
+        assert_eq!(out.len(), 48 * 1024, "output still to write is kept");
+        out.take(&mut parts);
+        let written = parts[0].clone();
+        parts.clear();
+        out.release();
+        assert_eq!(out.capacity(), 0, "an idle connection holds no room");
+        assert_eq!(written.len(), 48 * 1024, "what was taken is not touched");
+        out.make_room(ROOM);
+        assert!(
+            out.capacity() >= 48 * 1024,
+            "the next round has room for one as large as the last: {}",
+            out.capacity()
         );
     }
 
