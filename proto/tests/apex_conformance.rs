@@ -999,6 +999,32 @@ fn apex_17_32_bind_and_data_authorized_by_bound_domain() {
     }
 }
 
+/// Relay-relay session: a bind carrying an unknown `mustUnderstand` option (155), refused with
+/// 504 (109); the same bind with the option not marked `mustUnderstand` (133) and its `ok` (46).
+const BIND_MUST_UNDERSTAND_155: &[u8] = b"MSG 1 0 . 0 155\r\nContent-Type: application/beep+xml\r\n\r\n<bind relay='other.org' transID='2'>\r\n   <option internal='x-unknown' mustUnderstand='true' transID='3' />\r\n</bind>\r\nEND\r\n";
+const ERR_504_109: &[u8] = b"ERR 1 0 . 0 109\r\nContent-Type: application/beep+xml\r\n\r\n<error code='504'>option &apos;x-unknown&apos; not understood</error>\r\nEND\r\n";
+const BIND_MAY_IGNORE_133: &[u8] = b"MSG 1 1 . 155 133\r\nContent-Type: application/beep+xml\r\n\r\n<bind relay='other.org' transID='2'>\r\n   <option internal='x-unknown' transID='5' />\r\n</bind>\r\nEND\r\n";
+const RPY_1_1_OK_109: &[u8] =
+    b"RPY 1 1 . 109 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n";
+
+#[test]
+fn apex_17_bind_with_unknown_must_understand_option_is_refused_with_504_byte_exact() {
+    // RFC 3340 §4.4.2 step 3 and §5: the bind's options are processed after the 555 and 537
+    // checks; an unknown option with mustUnderstand='true' is an error in processing (504, as
+    // for attach), one without it is ignored. The refused bind leaves transID 2 free.
+    let mut net = RelayNet::with("rubble.com", 1, AccessTable::new(), Vec::new());
+    let peer = net.connect_raw(0, ConnKind::Mesh);
+    net.inject(peer, checked(I_GREETING));
+    net.inject(peer, checked(START_BIND));
+    net.inject(peer, checked(BIND_MUST_UNDERSTAND_155));
+    net.inject(peer, checked(BIND_MAY_IGNORE_133));
+    let expected: Vec<String> = [L_GREETING_111, RPY_BIND_OK, ERR_504_109, RPY_1_1_OK_109]
+        .iter()
+        .map(|f| String::from_utf8_lossy(checked(f)).into_owned())
+        .collect();
+    assert_eq!(show(&net.clients[peer].relay_data_frames()), expected);
+}
+
 #[test]
 fn apex_17_bind_on_edge_or_unbound_mesh_537() {
     let mut net = granted(1);
