@@ -1025,6 +1025,79 @@ fn apex_17_bind_with_unknown_must_understand_option_is_refused_with_504_byte_exa
     assert_eq!(show(&net.clients[peer].relay_data_frames()), expected);
 }
 
+/// APEX-34 (RFC 3340 §5): data from fred carrying one option each, and the relay's answer. An
+/// option has exactly one of `internal` and `external`, and `external` is an absolute URI
+/// (RFC 3986 §4.3: a scheme, ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ), then `:`); otherwise
+/// the data is refused with 501. A well-formed unknown option is ignored, or refused with 504
+/// when it applies here with `mustUnderstand='true'` (APEX-36).
+const APEX_34_EXCHANGES: &[(&str, &[u8], &[u8])] = &[
+        (
+            "both",
+            b"MSG 1 0 . 0 306\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <option internal='statusRequest' external='http://example.org/opt' transID='7' />\r\n   <data-content Name='Content'>hi</data-content>\r\n</data>\r\nEND\r\n",
+            b"ERR 1 0 . 0 123\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>option needs exactly one of internal or absolute external</error>\r\nEND\r\n",
+        ),
+        (
+            "neither",
+            b"MSG 1 1 . 306 247\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <option transID='7' />\r\n   <data-content Name='Content'>hi</data-content>\r\n</data>\r\nEND\r\n",
+            b"ERR 1 1 . 123 123\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>option needs exactly one of internal or absolute external</error>\r\nEND\r\n",
+        ),
+        (
+            "relative",
+            b"MSG 1 2 . 553 269\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <option external='opt/status' transID='7' />\r\n   <data-content Name='Content'>hi</data-content>\r\n</data>\r\nEND\r\n",
+            b"ERR 1 2 . 246 123\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>option needs exactly one of internal or absolute external</error>\r\nEND\r\n",
+        ),
+        (
+            "bad scheme",
+            b"MSG 1 3 . 822 270\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <option external='1opt:status' transID='7' />\r\n   <data-content Name='Content'>hi</data-content>\r\n</data>\r\nEND\r\n",
+            b"ERR 1 3 . 369 123\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>option needs exactly one of internal or absolute external</error>\r\nEND\r\n",
+        ),
+        (
+            "path before colon",
+            b"MSG 1 4 . 1092 270\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <option external='/opt:status' transID='7' />\r\n   <data-content Name='Content'>hi</data-content>\r\n</data>\r\nEND\r\n",
+            b"ERR 1 4 . 492 123\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>option needs exactly one of internal or absolute external</error>\r\nEND\r\n",
+        ),
+        (
+            "valid, may be ignored",
+            b"MSG 1 5 . 1362 283\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <option external='http://example.org/opt#x' transID='7' />\r\n   <data-content Name='Content'>hi</data-content>\r\n</data>\r\nEND\r\n",
+            b"RPY 1 5 . 615 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n",
+        ),
+        (
+            "valid, mustUnderstand here",
+            b"MSG 1 6 . 1645 315\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <option external='x-apex.test+1:opt' targetHop='this' mustUnderstand='true' transID='7' />\r\n   <data-content Name='Content'>hi</data-content>\r\n</data>\r\nEND\r\n",
+            b"ERR 1 6 . 661 117\r\nContent-Type: application/beep+xml\r\n\r\n<error code='504'>option &apos;x-apex.test+1:opt&apos; not understood</error>\r\nEND\r\n",
+        ),
+];
+
+#[test]
+fn apex_34_option_identity_is_one_internal_or_one_absolute_external_byte_exact() {
+    let mut net = granted(1);
+    attached(&mut net, 0, "barney@example.com");
+    let fred = net.connect_raw(0, ConnKind::Edge);
+    net.inject(fred, checked(I_GREETING));
+    net.inject(fred, checked(START_ATTACH_FRED));
+    for (_, request, _) in APEX_34_EXCHANGES {
+        net.inject(fred, checked(request));
+    }
+    let frames = net.clients[fred].relay_data_frames();
+    assert_eq!(
+        frames.len(),
+        2 + APEX_34_EXCHANGES.len(),
+        "{:?}",
+        show(&frames)
+    );
+    // The start's reply carries seqno 111, as the relay-relay vector does.
+    assert_eq!(
+        show(&frames[..2]),
+        show(&[
+            Bytes::from_static(L_GREETING_111),
+            Bytes::from_static(RPY_BIND_OK)
+        ])
+    );
+    for ((case, _, reply), got) in APEX_34_EXCHANGES.iter().zip(&frames[2..]) {
+        assert_eq!(text(got), String::from_utf8_lossy(checked(reply)), "{case}");
+    }
+}
+
 #[test]
 fn apex_17_bind_on_edge_or_unbound_mesh_537() {
     let mut net = granted(1);

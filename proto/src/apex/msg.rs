@@ -465,6 +465,20 @@ fn check_content(
     Ok(())
 }
 
+/// Whether `uri` is an absolute URI (RFC 3986 §4.3, with the fragment RFC 3340 §5 allows an
+/// option's `external`): a scheme, `ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )` (§3.1), then
+/// `:`. A colon alone is not enough: `/a:b` and `1a:b` are relative references. No URI holds
+/// whitespace or control characters (§2), so the rest may not either.
+fn is_absolute_uri(uri: &str) -> bool {
+    let Some((scheme, rest)) = uri.split_once(':') else {
+        return false;
+    };
+    let mut scheme_chars = scheme.bytes();
+    scheme_chars.next().is_some_and(|b| b.is_ascii_alphabetic())
+        && scheme_chars.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        && !rest.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 /// One part of a `multipart/related` entity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelatedPart {
@@ -724,7 +738,7 @@ impl<'a> Doc<'a> {
         // APEX-34: exactly one of internal/external; external is an absolute URI.
         match (&internal, &external) {
             (Some(_), None) => {}
-            (None, Some(uri)) if uri.contains(':') => {}
+            (None, Some(uri)) if is_absolute_uri(uri) => {}
             _ => {
                 return Err(OpError::invalid(
                     "option needs exactly one of internal or absolute external",
@@ -1137,6 +1151,23 @@ mod tests {
     }
 
     const DATA_13_1: &str = "Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\n";
+
+    #[test]
+    fn apex_34_absolute_uri_needs_a_scheme() {
+        for uri in [
+            "http://example.org/opt",
+            "urn:x-apex:opt#v2",
+            "x-a.b+c-1:",
+            "A:b",
+        ] {
+            assert!(is_absolute_uri(uri), "{uri}");
+        }
+        for uri in [
+            "opt", "/a:b", "1a:b", ":b", "a b:c", "a:b c", "a:b\tc", "#frag", "+a:b",
+        ] {
+            assert!(!is_absolute_uri(uri), "{uri}");
+        }
+    }
 
     #[test]
     fn apex_21_data_of_13_1() {
