@@ -1655,6 +1655,38 @@ fn beep_31_unexpected_element_gets_err() {
     );
 }
 
+/// BEEP-24 (RFC 3081 §3.1.1): a channel's 4096-octet window is reserved for it, so a
+/// listener bounds what it reserves by `limits.max_channels` and declines a `start` past it with
+/// 550. With one channel allowed and channel 1 open, the start of channel 3 is refused and no
+/// window is opened for it; the session goes on (a start while the limit has room works, see
+/// `listener_ch1`).
+#[test]
+fn beep_24_start_past_max_channels_is_declined_with_550() {
+    let limits = Limits {
+        max_channels: 1,
+        ..Limits::default()
+    };
+    let mut l = listener_ch1_limits(
+        limits,
+        SEQ_0_AFTER_GREETING,
+        &cat(&[RPY_START_1, SEQ_1_OPEN]),
+    );
+    l.feed(checked(b"MSG 0 2 . 168 116\r\nContent-Type: application/beep+xml\r\n\r\n<start number='3'>\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</start>\r\nEND\r\n"))
+        .unwrap();
+    l.expect(
+        checked(b"ERR 0 2 . 194 83\r\nContent-Type: application/beep+xml\r\n\r\n<error code='550'>too many channels</error>\r\nEND\r\n"),
+        "BEEP-24: the start past max_channels is declined",
+    );
+    assert!(l.events.is_empty(), "no channel started: {:?}", l.events);
+    // Channel 1 still carries messages (the echo profile answers).
+    l.feed(checked(b"MSG 1 0 . 0 6\r\n\r\npingEND\r\n"))
+        .unwrap();
+    l.expect(
+        checked(b"RPY 1 0 . 0 6\r\n\r\npingEND\r\n"),
+        "channel 1 goes on",
+    );
+}
+
 /// BEEP-29/BEEP-32/BEEP-58: session release accepted: RPY `<ok />` (no attributes, no content),
 /// then the session is finished once that is written.
 #[test]
