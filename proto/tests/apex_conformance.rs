@@ -1098,6 +1098,45 @@ fn apex_34_option_identity_is_one_internal_or_one_absolute_external_byte_exact()
     }
 }
 
+/// BEEP-41 (RFC 3080 §2.7; RFC 3340 §4.4: `ok` and `error` are only replies): an `ok` (46) and
+/// an `error` (79) sent as MSGs on an APEX channel are answered with ERR 501 (104 each), and
+/// the channel goes on.
+const MSG_OK_46: &[u8] =
+    b"MSG 1 0 . 0 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n";
+const ERR_1_0_501: &[u8] = b"ERR 1 0 . 0 104\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>ok and error are replies, not requests</error>\r\nEND\r\n";
+const MSG_ERROR_79: &[u8] = b"MSG 1 1 . 46 79\r\nContent-Type: application/beep+xml\r\n\r\n<error code='550'>not a request</error>\r\nEND\r\n";
+const ERR_1_1_501: &[u8] = b"ERR 1 1 . 104 104\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>ok and error are replies, not requests</error>\r\nEND\r\n";
+const DATA_1_2: &[u8] = b"MSG 1 2 . 125 231\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\nEND\r\n";
+const RPY_1_2_OK_208: &[u8] =
+    b"RPY 1 2 . 208 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n";
+
+#[test]
+fn beep_41_ok_and_error_sent_as_msg_get_501_byte_exact() {
+    let mut net = granted(1);
+    attached(&mut net, 0, "barney@example.com");
+    let fred = net.connect_raw(0, ConnKind::Edge);
+    for frame in [
+        I_GREETING,
+        START_ATTACH_FRED,
+        MSG_OK_46,
+        MSG_ERROR_79,
+        DATA_1_2,
+    ] {
+        net.inject(fred, checked(frame));
+    }
+    let expected: Vec<String> = [
+        L_GREETING_111,
+        RPY_BIND_OK, // the start's `ok`, at seqno 111
+        ERR_1_0_501,
+        ERR_1_1_501,
+        RPY_1_2_OK_208,
+    ]
+    .iter()
+    .map(|f| String::from_utf8_lossy(checked(f)).into_owned())
+    .collect();
+    assert_eq!(show(&net.clients[fred].relay_data_frames()), expected);
+}
+
 #[test]
 fn apex_17_bind_on_edge_or_unbound_mesh_537() {
     let mut net = granted(1);
