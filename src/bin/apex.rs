@@ -2493,6 +2493,51 @@ mod tests {
         assert!(log.released);
     }
 
+    /// OPT-06 (RFC 3342 §1): after an attachOverride another application's reports may reach
+    /// this one. A report whose transID `apex send` did not ask for is acknowledged with `ok`
+    /// and ignored: neither printed nor taken for the status it waits for.
+    #[test]
+    fn opt_06_send_acknowledges_and_ignores_a_report_it_did_not_ask_for() {
+        let respond: Respond = Box::new(|payload| {
+            let Ok(Operation::Data(data)) = parse_message(payload, &limits()) else {
+                return (false, error_payload(501, "not data"), Vec::new());
+            };
+            let asked = data.options[0].trans_id;
+            let stranger = data_payload(
+                "apex=report@example.com",
+                "fred@example.com",
+                &format!(
+                    "<statusResponse transID='{}'><destination identity='barney@example.com'><reply code='551' transID='{0}'>not yours</reply></destination></statusResponse>",
+                    asked + 1
+                ),
+            );
+            (true, ok_payload(), vec![stranger, status_response(asked)])
+        });
+        let (addr, relay) = fake_relay(Some("<ok />"), Vec::new(), respond);
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut out = Vec::new();
+        let opts = send_opts(&["barney@example.com", "wilma@example.com"], Some(86), "x");
+        let status = run_send(stream, &opts, stop(), &mut out).unwrap();
+        assert_eq!(status, Status::Success);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "accepted\n\
+             status barney@example.com 250\n\
+             status wilma@example.com 550 unknown endpoint identity\n",
+            "the report for transID 87 is not printed"
+        );
+        let log = relay.join().unwrap();
+        assert_eq!(
+            log.replies,
+            vec![
+                (ReplyKind::Rpy, ok_payload()),
+                (ReplyKind::Rpy, ok_payload())
+            ],
+            "both reports acknowledged"
+        );
+        assert!(log.released);
+    }
+
     #[test]
     fn send_without_status_prints_accepted() {
         let respond: Respond = Box::new(|_| (true, ok_payload(), Vec::new()));
