@@ -1137,6 +1137,32 @@ fn beep_41_ok_and_error_sent_as_msg_get_501_byte_exact() {
     assert_eq!(show(&net.clients[fred].relay_data_frames()), expected);
 }
 
+/// BEEP-30 on APEX channels (RFC 3080 §2.3.1.5; RFC 3340 §4.4 uses BEEP's `error`): to an
+/// application whose greeting asks for French first (69), the relay's English diagnostics say
+/// `xml:lang='en'`, in the `error` piggybacked on the start's reply (a refused attach: 197,
+/// 186) and in an ERR on the channel (46, 118). Unlabelled without `localize`: see
+/// `beep_41_ok_and_error_sent_as_msg_get_501_byte_exact`.
+const I_GREETING_FR_69: &[u8] = b"RPY 0 0 . 0 69\r\nContent-Type: application/beep+xml\r\n\r\n<greeting localize='fr en' />\r\nEND\r\n";
+const START_ATTACH_FOREIGN_197: &[u8] = b"MSG 0 1 . 69 197\r\nContent-Type: application/beep+xml\r\n\r\n<start number='1'>\r\n   <profile uri='http://iana.org/beep/APEX'>\r\n      <![CDATA[<attach endpoint='fred@other.org' transID='1' />]]>\r\n   </profile>\r\n</start>\r\nEND\r\n";
+const RPY_START_553_EN_186: &[u8] = b"RPY 0 1 . 111 186\r\nContent-Type: application/beep+xml\r\n\r\n<profile uri='http://iana.org/beep/APEX'><![CDATA[<error code='553' xml:lang='en'>endpoint is not in this relay&apos;s domain</error>]]></profile>\r\nEND\r\n";
+const MSG_OK_46_FR: &[u8] =
+    b"MSG 1 0 . 0 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n";
+const ERR_501_EN_118: &[u8] = b"ERR 1 0 . 0 118\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501' xml:lang='en'>ok and error are replies, not requests</error>\r\nEND\r\n";
+
+#[test]
+fn beep_30_apex_errors_say_xml_lang_to_a_peer_asking_for_another_language() {
+    let mut net = granted(1);
+    let app = net.connect_raw(0, ConnKind::Edge);
+    for frame in [I_GREETING_FR_69, START_ATTACH_FOREIGN_197, MSG_OK_46_FR] {
+        net.inject(app, checked(frame));
+    }
+    let expected: Vec<String> = [L_GREETING_111, RPY_START_553_EN_186, ERR_501_EN_118]
+        .iter()
+        .map(|f| String::from_utf8_lossy(checked(f)).into_owned())
+        .collect();
+    assert_eq!(show(&net.clients[app].relay_data_frames()), expected);
+}
+
 #[test]
 fn apex_17_bind_on_edge_or_unbound_mesh_537() {
     let mut net = granted(1);

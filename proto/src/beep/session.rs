@@ -320,10 +320,18 @@ impl Session {
     /// English; a peer without `localize` gets `i-default`, which RFC 2277 §4.5 reads as
     /// English too.
     fn error_payload(&self, mut error: ErrorElement) -> Bytes {
-        if error.lang.is_none() && !error.text.is_empty() && !self.peer_reads_english_first() {
-            error.lang = Some(DIAGNOSTIC_LANG.to_owned());
+        if error.lang.is_none() && !error.text.is_empty() {
+            error.lang = self.diagnostic_lang().map(str::to_owned);
         }
         Mgmt::Error(error).to_payload()
+    }
+
+    /// The `xml:lang` our diagnostic text must carry for this peer (BEEP-30): `Some` when the
+    /// peer's greeting asked for a language other than ours first, `None` when the text may
+    /// go unlabelled. Profiles whose replies carry diagnostics (APEX's `error`) label theirs
+    /// with it.
+    pub fn diagnostic_lang(&self) -> Option<&'static str> {
+        (!self.peer_reads_english_first()).then_some(DIAGNOSTIC_LANG)
     }
 
     /// Whether the first language in the peer's `localize` is English (any `en` tag) or
