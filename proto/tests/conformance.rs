@@ -1693,7 +1693,10 @@ fn beep_24_start_past_max_channels_is_declined_with_550() {
 /// another language its `error` says `xml:lang='en'`. Each case: the initiator's greeting,
 /// the listener's SEQ for it, an `ok` sent as a request, the listener's ERR. Without
 /// `localize` see `beep_31_unexpected_element_gets_err`.
-const BEEP_30_EXCHANGES: &[(&[u8], &[u8], &[u8], &[u8])] = &[
+/// A frame of the wire, as a literal.
+type Wire = &'static [u8];
+
+const BEEP_30_EXCHANGES: &[(Wire, Wire, Wire, Wire)] = &[
         (
             b"RPY 0 0 . 0 66\r\nContent-Type: application/beep+xml\r\n\r\n<greeting localize='fr' />\r\nEND\r\n",
             b"SEQ 0 66 262144\r\n",
