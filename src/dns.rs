@@ -1,9 +1,11 @@
-//! Finding another domain's relays when no static route names them (RFC 3340 §3.1, APEX-04):
-//! DNS SRV `_apex-mesh._tcp.<domain>`, its targets in the order RFC 2782 gives them
-//! ([`srv::order`]: priority, then weighted random), and every address of every target in that
-//! order; a lone SRV record whose target is `.` means the domain has no relay; without SRV
-//! records, the domain's own addresses on the IANA port 912. A domain literal (`[192.0.2.1]`) is
-//! its address, without DNS.
+//! Finding a domain's relays with DNS (RFC 3340 §3.1, APEX-04): another domain's relays for
+//! the relay when no static route names them (SRV `_apex-mesh._tcp.<domain>`, port 912), and
+//! the relay of an endpoint's domain for the `apex` client when `--relay` does not name it (SRV
+//! `_apex-edge._tcp.<domain>`, port 913); see [`Service`]. The SRV targets come in the order
+//! RFC 2782 gives them ([`srv::order`]: priority, then weighted random), with every address of
+//! every target in that order; a lone SRV record whose target is `.` means the domain has no
+//! relay; without SRV records, the domain's own addresses on the service's IANA port. A domain
+//! literal (`[192.0.2.1]`) is its address, on that port, without DNS.
 //!
 //! One resolver serves the whole process, off the shards: a thread running a current-thread tokio
 //! runtime and one hickory resolver (one cache), fed lookups over a channel. A caller on any
@@ -11,7 +13,7 @@
 //! that outlives its timeout, or whose caller stopped waiting, is dropped on that thread, which
 //! cancels its queries.
 //!
-//! `mesh.dns_server` sends every query to that one server (UDP, and TCP when an answer is
+//! `mesh.dns_server` (the client's `--dns-server`) sends every query to that one server (UDP, and TCP when an answer is
 //! truncated) instead of those of /etc/resolv.conf, and ignores /etc/hosts. With
 //! `APEXD_DNS_LOOPBACK_ONLY=1` in the environment (the tests and `scripts/test` set it), a lookup
 //! that would leave loopback fails with an error naming the domain: one without a `dns_server`
@@ -37,6 +39,37 @@ use crate::config::MeshConfig;
 
 /// The IANA port of apex-mesh (RFC 3340 §8.2).
 pub const APEX_MESH_PORT: u16 = 912;
+
+/// The IANA port of apex-edge (RFC 3340 §8.1).
+pub const APEX_EDGE_PORT: u16 = 913;
+
+/// Which relay a lookup finds (RFC 3340 §3.1: SRV over TCP, with the IANA port of §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// A domain's relays as other relays reach them: `_apex-mesh._tcp`, port 912.
+    Mesh,
+    /// A domain's relay as its endpoints reach it: `_apex-edge._tcp`, port 913.
+    Edge,
+}
+
+impl Service {
+    /// The SRV owner name of `domain`'s relays for this service, fully qualified.
+    pub fn srv_name(self, domain: &str) -> String {
+        let label = match self {
+            Service::Mesh => "_apex-mesh",
+            Service::Edge => "_apex-edge",
+        };
+        format!("{label}._tcp.{}.", domain.trim_end_matches('.'))
+    }
+
+    /// The IANA port, used for a domain literal and for a domain without SRV records.
+    pub fn port(self) -> u16 {
+        match self {
+            Service::Mesh => APEX_MESH_PORT,
+            Service::Edge => APEX_EDGE_PORT,
+        }
+    }
+}
 
 /// The environment variable that keeps lookups on loopback (tests).
 pub const LOOPBACK_ONLY_ENV: &str = "APEXD_DNS_LOOPBACK_ONLY";
@@ -83,8 +116,8 @@ impl Settings {
             ),
             None => bail!(
                 "DNS lookup for {domain} refused: {LOOPBACK_ONLY_ENV} is set and no loopback \
-                 `mesh.dns_server` (--dns-server) is configured, so it would ask the system's \
-                 resolver"
+                 DNS server (`mesh.dns_server`, --dns-server) is configured, so it would ask \
+                 the system's resolver"
             ),
         }
     }
@@ -105,15 +138,20 @@ fn is_loopback(ip: IpAddr) -> bool {
     ip.to_canonical().is_loopback()
 }
 
-/// The address of a domain literal such as `[192.0.2.1]` or `[IPv6:2001:db8::1]`.
+/// The apex-mesh address of a domain literal such as `[192.0.2.1]` or `[IPv6:2001:db8::1]`.
 pub fn literal_address(domain: &str) -> Option<SocketAddr> {
+    literal_address_for(Service::Mesh, domain)
+}
+
+/// The address of a domain literal for `service`: its IP on the service's IANA port.
+pub fn literal_address_for(service: Service, domain: &str) -> Option<SocketAddr> {
     let inner = domain.strip_prefix('[')?.strip_suffix(']')?;
     let text = inner
         .strip_prefix("IPv6:")
         .or_else(|| inner.strip_prefix("ipv6:"))
         .unwrap_or(inner);
     let ip: IpAddr = text.parse().ok()?;
-    Some(SocketAddr::new(ip, APEX_MESH_PORT))
+    Some(SocketAddr::new(ip, service.port()))
 }
 
 /// Resolves `domain`'s relays with the process's resolver ([`shared`]) set up from `mesh`:
@@ -150,6 +188,7 @@ pub struct Resolver {
 
 /// One lookup for the resolver thread.
 struct Request {
+    service: Service,
     domain: String,
     reply: oneshot::Sender<Result<Vec<SocketAddr>>>,
     _pending: Pending,
@@ -189,13 +228,20 @@ impl Resolver {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// `domain`'s relays: every candidate address in the order to try them, never none.
+    /// `domain`'s relays for other relays (apex-mesh): every candidate address in the order
+    /// to try them, never none.
     pub async fn resolve_mesh(&self, domain: &str) -> Result<Vec<SocketAddr>> {
-        let found = match literal_address(domain) {
+        self.resolve(Service::Mesh, domain).await
+    }
+
+    /// `domain`'s relays for `service`: every candidate address in the order to try them,
+    /// never none.
+    pub async fn resolve(&self, service: Service, domain: &str) -> Result<Vec<SocketAddr>> {
+        let found = match literal_address_for(service, domain) {
             Some(addr) => vec![addr],
             None => {
                 self.settings.check_server(domain)?;
-                self.ask(domain).await?
+                self.ask(service, domain).await?
             }
         };
         if found.is_empty() {
@@ -205,7 +251,7 @@ impl Resolver {
         Ok(found)
     }
 
-    async fn ask(&self, domain: &str) -> Result<Vec<SocketAddr>> {
+    async fn ask(&self, service: Service, domain: &str) -> Result<Vec<SocketAddr>> {
         let before = self.pending.fetch_add(1, Ordering::Relaxed);
         let pending = Pending(self.pending.clone());
         if before >= MAX_PENDING_LOOKUPS {
@@ -213,6 +259,7 @@ impl Resolver {
         }
         let (reply, answer) = oneshot::channel();
         let request = Request {
+            service,
             domain: domain.to_owned(),
             reply,
             _pending: pending,
@@ -285,6 +332,7 @@ fn build(settings: &Settings) -> std::result::Result<TokioResolver, String> {
 /// Runs one lookup until it is done, its time is up or its caller stops waiting.
 async fn answer(resolver: TokioResolver, request: Request, timeout: Duration) {
     let Request {
+        service,
         domain,
         mut reply,
         _pending: pending,
@@ -292,7 +340,7 @@ async fn answer(resolver: TokioResolver, request: Request, timeout: Duration) {
     let outcome = futures_lite::future::or(
         async {
             Some(
-                tokio::time::timeout(timeout, lookup(&resolver, &domain))
+                tokio::time::timeout(timeout, lookup(&resolver, service, &domain))
                     .await
                     .unwrap_or_else(|_| {
                         Err(anyhow!(
@@ -314,10 +362,16 @@ async fn answer(resolver: TokioResolver, request: Request, timeout: Duration) {
     }
 }
 
-/// The SRV procedure of RFC 2782 for `_apex-mesh._tcp.<domain>`.
-async fn lookup(resolver: &TokioResolver, domain: &str) -> Result<Vec<SocketAddr>> {
+/// The SRV procedure of RFC 2782 for `service` of `domain` (`_apex-mesh._tcp.<domain>` or
+/// `_apex-edge._tcp.<domain>`).
+async fn lookup(
+    resolver: &TokioResolver,
+    service: Service,
+    domain: &str,
+) -> Result<Vec<SocketAddr>> {
+    let port = service.port();
     let domain = domain.trim_end_matches('.');
-    let service = format!("_apex-mesh._tcp.{domain}.");
+    let service = service.srv_name(domain);
     let records: Vec<srv::Srv> = match resolver.srv_lookup(service.as_str()).await {
         Ok(found) => found
             .answers()
@@ -341,10 +395,7 @@ async fn lookup(resolver: &TokioResolver, domain: &str) -> Result<Vec<SocketAddr
             .lookup_ip(format!("{domain}."))
             .await
             .map_err(|e| anyhow!("no relay found for {domain} (no SRV {service}): {e}"))?;
-        return Ok(ips
-            .iter()
-            .map(|ip| SocketAddr::new(ip, APEX_MESH_PORT))
-            .collect());
+        return Ok(ips.iter().map(|ip| SocketAddr::new(ip, port)).collect());
     }
     let ordered = srv::order(records, &mut fastrand::Rng::new()).map_err(|srv::NotAvailable| {
         anyhow!("{domain} has no relay: its SRV record {service} has the target \".\"")
@@ -483,6 +534,49 @@ mod tests {
             .iter()
             .any(|(name, _, _)| name == "_apex-mesh._tcp.rubble.test"));
         assert!(queries.iter().all(|(_, _, tcp)| !tcp), "{queries:?}");
+    }
+
+    /// APEX-04 for endpoints: the `apex` client finds its domain's relay under
+    /// `_apex-edge._tcp` (never the relays' `_apex-mesh._tcp`), on port 913 without SRV
+    /// records or for a domain literal.
+    #[test]
+    fn apex_04_edge_lookups_use_apex_edge_srv_and_port_913() {
+        let server = DnsServer::start(
+            Zone::new()
+                .srv(
+                    "_apex-edge._tcp.rubble.test",
+                    0,
+                    0,
+                    7913,
+                    "edge.rubble.test",
+                )
+                .srv(
+                    "_apex-mesh._tcp.rubble.test",
+                    0,
+                    0,
+                    7912,
+                    "mesh.rubble.test",
+                )
+                .a("edge.rubble.test", [127, 0, 0, 2])
+                .a("mesh.rubble.test", [127, 0, 0, 3])
+                .srv("_apex-mesh._tcp.plain.test", 0, 0, 7912, "mesh.rubble.test")
+                .a("plain.test", [127, 0, 0, 9]),
+        );
+        let resolver = Resolver::start(settings(&server)).unwrap();
+        let edge = |domain| block_on(resolver.resolve(Service::Edge, domain));
+        assert_eq!(edge("rubble.test").unwrap(), addrs(&["127.0.0.2:7913"]));
+        assert_eq!(edge("plain.test").unwrap(), addrs(&["127.0.0.9:913"]));
+        assert_eq!(edge("[127.0.0.1]").unwrap(), addrs(&["127.0.0.1:913"]));
+        let queries = server.queries();
+        assert!(
+            queries
+                .iter()
+                .all(|(name, _, _)| !name.starts_with("_apex-mesh")),
+            "{queries:?}"
+        );
+        assert!(queries
+            .iter()
+            .any(|(name, _, _)| name == "_apex-edge._tcp.plain.test"));
     }
 
     #[test]

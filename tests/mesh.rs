@@ -1,7 +1,9 @@
 //! Relay-to-relay tests on loopback (RFC 3340 §4.4.2, §4.4.4.1 step 5.2; RFC 3342 dataHopping):
 //! two relays in different domains delivering to each other with the originator preserved,
 //! reports crossing back, an unreachable domain reported, a three-relay routing loop
-//! stopped by dataHopping, and relays found by DNS SRV (APEX-04) on a loopback DNS server.
+//! stopped by dataHopping, and relays found by DNS SRV (APEX-04) on a loopback DNS server: the
+//! next relay by apexd (`_apex-mesh._tcp`), an endpoint's relay by the `apex` client
+//! (`_apex-edge._tcp`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -533,4 +535,128 @@ fn a_link_sends_bind_as_a_msg_and_closes_by_agreement() {
         "BEEP-58: the link must not close TCP before the close is answered"
     );
     assert!(saw.closed_after_ok, "BEEP-58: closed once answered");
+}
+
+/// Runs the `apex` client with `args`, keeping its DNS lookups on loopback as apexd's are
+/// here; returns whether it exited 0 and what it printed.
+fn apex_client(args: &[&str]) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(args)
+        .env("APEXD_DNS_LOOPBACK_ONLY", "1")
+        .env_remove("APEX_PASSWORD")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
+/// APEX-04 (RFC 3340 §3.1) for endpoints: `apex` without `--relay` finds the relay of the
+/// endpoint's domain under `_apex-edge._tcp` (not the relays' `_apex-mesh._tcp`), tries the
+/// targets in RFC 2782 order (the first, by priority, refuses connections) and sends through
+/// the second, which delivers.
+#[test]
+fn apex_04_the_apex_client_finds_its_domains_relay_by_apex_edge_srv() {
+    let b = Relay::start_with(&[
+        "--shards",
+        "1",
+        "--domain",
+        "rubble.test",
+        "--grant",
+        "*@rubble.test=core:data",
+    ]);
+    let dead = free_port();
+    let dns = DnsServer::start(
+        Zone::new()
+            .srv(
+                "_apex-edge._tcp.rubble.test",
+                10,
+                0,
+                dead,
+                "down.rubble.test",
+            )
+            .srv(
+                "_apex-edge._tcp.rubble.test",
+                20,
+                0,
+                b.edge.port(),
+                "edge.rubble.test",
+            )
+            .srv(
+                "_apex-mesh._tcp.rubble.test",
+                0,
+                0,
+                dead,
+                "down.rubble.test",
+            )
+            .a("down.rubble.test", [127, 0, 0, 1])
+            .a("edge.rubble.test", [127, 0, 0, 1]),
+    );
+    let dns_server = dns.addr.to_string();
+    let (mut barney, _) = attached(&b, "barney@rubble.test");
+    let (ok, out) = apex_client(&[
+        "--dns-server",
+        &dns_server,
+        "send",
+        "--from",
+        "fred@rubble.test",
+        "--to",
+        "barney@rubble.test",
+        "found by SRV",
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(out, "accepted\n");
+    let delivered = String::from_utf8(barney.receive().to_vec()).unwrap();
+    assert!(delivered.contains("found by SRV"), "{delivered}");
+    let queries = dns.queries();
+    assert!(
+        queries
+            .iter()
+            .any(|(name, _, _)| name == "_apex-edge._tcp.rubble.test"),
+        "{queries:?}"
+    );
+    assert!(
+        queries
+            .iter()
+            .all(|(name, _, _)| !name.starts_with("_apex-mesh")),
+        "{queries:?}"
+    );
+}
+
+/// APEX-04: a lone `.` target says the domain has no relay for endpoints, so `apex` stops
+/// there with an error naming the domain (its address is not tried); and without
+/// `--dns-server` under `APEXD_DNS_LOOPBACK_ONLY` it refuses to ask the system's resolver.
+#[test]
+fn apex_04_the_apex_client_reports_a_domain_without_a_relay() {
+    let dns = DnsServer::start(
+        Zone::new()
+            .srv("_apex-edge._tcp.closed.test", 0, 0, 0, ".")
+            .a("closed.test", [127, 0, 0, 1]),
+    );
+    let dns_server = dns.addr.to_string();
+    let send = |extra: &[&str]| {
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend(["--connect-timeout", "5"]);
+        args.extend([
+            "send",
+            "--from",
+            "fred@closed.test",
+            "--to",
+            "x@closed.test",
+            "?",
+        ]);
+        apex_client(&args)
+    };
+    let (ok, out) = send(&["--dns-server", &dns_server]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("cannot find the relay of closed.test") && out.contains("has no relay"),
+        "{out}"
+    );
+    assert!(!dns.asked_addresses_of("closed.test"));
+    let (ok, out) = send(&[]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("APEXD_DNS_LOOPBACK_ONLY"), "{out}");
 }

@@ -999,6 +999,170 @@ fn apex_17_32_bind_and_data_authorized_by_bound_domain() {
     }
 }
 
+/// Relay-relay session: a bind carrying an unknown `mustUnderstand` option (155), refused with
+/// 504 (109); the same bind with the option not marked `mustUnderstand` (133) and its `ok` (46).
+const BIND_MUST_UNDERSTAND_155: &[u8] = b"MSG 1 0 . 0 155\r\nContent-Type: application/beep+xml\r\n\r\n<bind relay='other.org' transID='2'>\r\n   <option internal='x-unknown' mustUnderstand='true' transID='3' />\r\n</bind>\r\nEND\r\n";
+const ERR_504_109: &[u8] = b"ERR 1 0 . 0 109\r\nContent-Type: application/beep+xml\r\n\r\n<error code='504'>option &apos;x-unknown&apos; not understood</error>\r\nEND\r\n";
+const BIND_MAY_IGNORE_133: &[u8] = b"MSG 1 1 . 155 133\r\nContent-Type: application/beep+xml\r\n\r\n<bind relay='other.org' transID='2'>\r\n   <option internal='x-unknown' transID='5' />\r\n</bind>\r\nEND\r\n";
+const RPY_1_1_OK_109: &[u8] =
+    b"RPY 1 1 . 109 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n";
+
+#[test]
+fn apex_17_bind_with_unknown_must_understand_option_is_refused_with_504_byte_exact() {
+    // RFC 3340 §4.4.2 step 3 and §5: the bind's options are processed after the 555 and 537
+    // checks; an unknown option with mustUnderstand='true' is an error in processing (504, as
+    // for attach), one without it is ignored. The refused bind leaves transID 2 free.
+    let mut net = RelayNet::with("rubble.com", 1, AccessTable::new(), Vec::new());
+    let peer = net.connect_raw(0, ConnKind::Mesh);
+    net.inject(peer, checked(I_GREETING));
+    net.inject(peer, checked(START_BIND));
+    net.inject(peer, checked(BIND_MUST_UNDERSTAND_155));
+    net.inject(peer, checked(BIND_MAY_IGNORE_133));
+    let expected: Vec<String> = [L_GREETING_111, RPY_BIND_OK, ERR_504_109, RPY_1_1_OK_109]
+        .iter()
+        .map(|f| String::from_utf8_lossy(checked(f)).into_owned())
+        .collect();
+    assert_eq!(show(&net.clients[peer].relay_data_frames()), expected);
+}
+
+/// APEX-34 (RFC 3340 §5): data from fred carrying one option each, and the relay's answer. An
+/// option has exactly one of `internal` and `external`, and `external` is an absolute URI
+/// (RFC 3986 §4.3: a scheme, ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ), then `:`); otherwise
+/// the data is refused with 501. A well-formed unknown option is ignored, or refused with 504
+/// when it applies here with `mustUnderstand='true'` (APEX-36).
+const APEX_34_EXCHANGES: &[(&str, &[u8], &[u8])] = &[
+        (
+            "both",
+            b"MSG 1 0 . 0 306\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <option internal='statusRequest' external='http://example.org/opt' transID='7' />\r\n   <data-content Name='Content'>hi</data-content>\r\n</data>\r\nEND\r\n",
+            b"ERR 1 0 . 0 123\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>option needs exactly one of internal or absolute external</error>\r\nEND\r\n",
+        ),
+        (
+            "neither",
+            b"MSG 1 1 . 306 247\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <option transID='7' />\r\n   <data-content Name='Content'>hi</data-content>\r\n</data>\r\nEND\r\n",
+            b"ERR 1 1 . 123 123\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>option needs exactly one of internal or absolute external</error>\r\nEND\r\n",
+        ),
+        (
+            "relative",
+            b"MSG 1 2 . 553 269\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <option external='opt/status' transID='7' />\r\n   <data-content Name='Content'>hi</data-content>\r\n</data>\r\nEND\r\n",
+            b"ERR 1 2 . 246 123\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>option needs exactly one of internal or absolute external</error>\r\nEND\r\n",
+        ),
+        (
+            "bad scheme",
+            b"MSG 1 3 . 822 270\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <option external='1opt:status' transID='7' />\r\n   <data-content Name='Content'>hi</data-content>\r\n</data>\r\nEND\r\n",
+            b"ERR 1 3 . 369 123\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>option needs exactly one of internal or absolute external</error>\r\nEND\r\n",
+        ),
+        (
+            "path before colon",
+            b"MSG 1 4 . 1092 270\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <option external='/opt:status' transID='7' />\r\n   <data-content Name='Content'>hi</data-content>\r\n</data>\r\nEND\r\n",
+            b"ERR 1 4 . 492 123\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>option needs exactly one of internal or absolute external</error>\r\nEND\r\n",
+        ),
+        (
+            "valid, may be ignored",
+            b"MSG 1 5 . 1362 283\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <option external='http://example.org/opt#x' transID='7' />\r\n   <data-content Name='Content'>hi</data-content>\r\n</data>\r\nEND\r\n",
+            b"RPY 1 5 . 615 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n",
+        ),
+        (
+            "valid, mustUnderstand here",
+            b"MSG 1 6 . 1645 315\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <option external='x-apex.test+1:opt' targetHop='this' mustUnderstand='true' transID='7' />\r\n   <data-content Name='Content'>hi</data-content>\r\n</data>\r\nEND\r\n",
+            b"ERR 1 6 . 661 117\r\nContent-Type: application/beep+xml\r\n\r\n<error code='504'>option &apos;x-apex.test+1:opt&apos; not understood</error>\r\nEND\r\n",
+        ),
+];
+
+#[test]
+fn apex_34_option_identity_is_one_internal_or_one_absolute_external_byte_exact() {
+    let mut net = granted(1);
+    attached(&mut net, 0, "barney@example.com");
+    let fred = net.connect_raw(0, ConnKind::Edge);
+    net.inject(fred, checked(I_GREETING));
+    net.inject(fred, checked(START_ATTACH_FRED));
+    for (_, request, _) in APEX_34_EXCHANGES {
+        net.inject(fred, checked(request));
+    }
+    let frames = net.clients[fred].relay_data_frames();
+    assert_eq!(
+        frames.len(),
+        2 + APEX_34_EXCHANGES.len(),
+        "{:?}",
+        show(&frames)
+    );
+    // The start's reply carries seqno 111, as the relay-relay vector does.
+    assert_eq!(
+        show(&frames[..2]),
+        show(&[
+            Bytes::from_static(L_GREETING_111),
+            Bytes::from_static(RPY_BIND_OK)
+        ])
+    );
+    for ((case, _, reply), got) in APEX_34_EXCHANGES.iter().zip(&frames[2..]) {
+        assert_eq!(text(got), String::from_utf8_lossy(checked(reply)), "{case}");
+    }
+}
+
+/// BEEP-41 (RFC 3080 §2.7; RFC 3340 §4.4: `ok` and `error` are only replies): an `ok` (46) and
+/// an `error` (79) sent as MSGs on an APEX channel are answered with ERR 501 (104 each), and
+/// the channel goes on.
+const MSG_OK_46: &[u8] =
+    b"MSG 1 0 . 0 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n";
+const ERR_1_0_501: &[u8] = b"ERR 1 0 . 0 104\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>ok and error are replies, not requests</error>\r\nEND\r\n";
+const MSG_ERROR_79: &[u8] = b"MSG 1 1 . 46 79\r\nContent-Type: application/beep+xml\r\n\r\n<error code='550'>not a request</error>\r\nEND\r\n";
+const ERR_1_1_501: &[u8] = b"ERR 1 1 . 104 104\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>ok and error are replies, not requests</error>\r\nEND\r\n";
+const DATA_1_2: &[u8] = b"MSG 1 2 . 125 231\r\nContent-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\nEND\r\n";
+const RPY_1_2_OK_208: &[u8] =
+    b"RPY 1 2 . 208 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n";
+
+#[test]
+fn beep_41_ok_and_error_sent_as_msg_get_501_byte_exact() {
+    let mut net = granted(1);
+    attached(&mut net, 0, "barney@example.com");
+    let fred = net.connect_raw(0, ConnKind::Edge);
+    for frame in [
+        I_GREETING,
+        START_ATTACH_FRED,
+        MSG_OK_46,
+        MSG_ERROR_79,
+        DATA_1_2,
+    ] {
+        net.inject(fred, checked(frame));
+    }
+    let expected: Vec<String> = [
+        L_GREETING_111,
+        RPY_BIND_OK, // the start's `ok`, at seqno 111
+        ERR_1_0_501,
+        ERR_1_1_501,
+        RPY_1_2_OK_208,
+    ]
+    .iter()
+    .map(|f| String::from_utf8_lossy(checked(f)).into_owned())
+    .collect();
+    assert_eq!(show(&net.clients[fred].relay_data_frames()), expected);
+}
+
+/// BEEP-30 on APEX channels (RFC 3080 §2.3.1.5; RFC 3340 §4.4 uses BEEP's `error`): to an
+/// application whose greeting asks for French first (69), the relay's English diagnostics say
+/// `xml:lang='en'`, in the `error` piggybacked on the start's reply (a refused attach: 197,
+/// 186) and in an ERR on the channel (46, 118). Unlabelled without `localize`: see
+/// `beep_41_ok_and_error_sent_as_msg_get_501_byte_exact`.
+const I_GREETING_FR_69: &[u8] = b"RPY 0 0 . 0 69\r\nContent-Type: application/beep+xml\r\n\r\n<greeting localize='fr en' />\r\nEND\r\n";
+const START_ATTACH_FOREIGN_197: &[u8] = b"MSG 0 1 . 69 197\r\nContent-Type: application/beep+xml\r\n\r\n<start number='1'>\r\n   <profile uri='http://iana.org/beep/APEX'>\r\n      <![CDATA[<attach endpoint='fred@other.org' transID='1' />]]>\r\n   </profile>\r\n</start>\r\nEND\r\n";
+const RPY_START_553_EN_186: &[u8] = b"RPY 0 1 . 111 186\r\nContent-Type: application/beep+xml\r\n\r\n<profile uri='http://iana.org/beep/APEX'><![CDATA[<error code='553' xml:lang='en'>endpoint is not in this relay&apos;s domain</error>]]></profile>\r\nEND\r\n";
+const MSG_OK_46_FR: &[u8] =
+    b"MSG 1 0 . 0 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n";
+const ERR_501_EN_118: &[u8] = b"ERR 1 0 . 0 118\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501' xml:lang='en'>ok and error are replies, not requests</error>\r\nEND\r\n";
+
+#[test]
+fn beep_30_apex_errors_say_xml_lang_to_a_peer_asking_for_another_language() {
+    let mut net = granted(1);
+    let app = net.connect_raw(0, ConnKind::Edge);
+    for frame in [I_GREETING_FR_69, START_ATTACH_FOREIGN_197, MSG_OK_46_FR] {
+        net.inject(app, checked(frame));
+    }
+    let expected: Vec<String> = [L_GREETING_111, RPY_START_553_EN_186, ERR_501_EN_118]
+        .iter()
+        .map(|f| String::from_utf8_lossy(checked(f)).into_owned())
+        .collect();
+    assert_eq!(show(&net.clients[app].relay_data_frames()), expected);
+}
+
 #[test]
 fn apex_17_bind_on_edge_or_unbound_mesh_537() {
     let mut net = granted(1);

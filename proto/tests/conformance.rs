@@ -1655,6 +1655,92 @@ fn beep_31_unexpected_element_gets_err() {
     );
 }
 
+/// BEEP-24 (RFC 3081 §3.1.1): a channel's 4096-octet window is reserved for it, so a
+/// listener bounds what it reserves by `limits.max_channels` and declines a `start` past it with
+/// 550. With one channel allowed and channel 1 open, the start of channel 3 is refused and no
+/// window is opened for it; the session goes on (a start while the limit has room works, see
+/// `listener_ch1`).
+#[test]
+fn beep_24_start_past_max_channels_is_declined_with_550() {
+    let limits = Limits {
+        max_channels: 1,
+        ..Limits::default()
+    };
+    let mut l = listener_ch1_limits(
+        limits,
+        SEQ_0_AFTER_GREETING,
+        &cat(&[RPY_START_1, SEQ_1_OPEN]),
+    );
+    l.feed(checked(b"MSG 0 2 . 168 116\r\nContent-Type: application/beep+xml\r\n\r\n<start number='3'>\r\n   <profile uri='http://iana.org/beep/APEX' />\r\n</start>\r\nEND\r\n"))
+        .unwrap();
+    l.expect(
+        checked(b"ERR 0 2 . 194 83\r\nContent-Type: application/beep+xml\r\n\r\n<error code='550'>too many channels</error>\r\nEND\r\n"),
+        "BEEP-24: the start past max_channels is declined",
+    );
+    assert!(l.events.is_empty(), "no channel started: {:?}", l.events);
+    // Channel 1 still carries messages (the echo profile answers).
+    l.feed(checked(b"MSG 1 0 . 0 6\r\n\r\npingEND\r\n"))
+        .unwrap();
+    l.expect(
+        checked(b"RPY 1 0 . 0 6\r\n\r\npingEND\r\n"),
+        "channel 1 goes on",
+    );
+}
+
+/// BEEP-30 (RFC 3080 §2.3.1.5): diagnostic text may go without `xml:lang` only when it is in
+/// the language the peer's greeting lists first in `localize` (`i-default` when absent, which
+/// RFC 2277 §4.5 reads as English). apexd writes English: to a peer whose first choice is
+/// another language its `error` says `xml:lang='en'`. Each case: the initiator's greeting,
+/// the listener's SEQ for it, an `ok` sent as a request, the listener's ERR. Without
+/// `localize` see `beep_31_unexpected_element_gets_err`.
+/// A frame of the wire, as a literal.
+type Wire = &'static [u8];
+
+const BEEP_30_EXCHANGES: &[(Wire, Wire, Wire, Wire)] = &[
+        (
+            b"RPY 0 0 . 0 66\r\nContent-Type: application/beep+xml\r\n\r\n<greeting localize='fr' />\r\nEND\r\n",
+            b"SEQ 0 66 262144\r\n",
+            b"MSG 0 1 . 66 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n",
+            b"ERR 0 1 . 111 117\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501' xml:lang='en'>unexpected element in a channel-0 MSG</error>\r\nEND\r\n",
+        ),
+        (
+            b"RPY 0 0 . 0 72\r\nContent-Type: application/beep+xml\r\n\r\n<greeting localize='de-DE en' />\r\nEND\r\n",
+            b"SEQ 0 72 262144\r\n",
+            b"MSG 0 1 . 72 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n",
+            b"ERR 0 1 . 111 117\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501' xml:lang='en'>unexpected element in a channel-0 MSG</error>\r\nEND\r\n",
+        ),
+        (
+            b"RPY 0 0 . 0 72\r\nContent-Type: application/beep+xml\r\n\r\n<greeting localize='en-GB fr' />\r\nEND\r\n",
+            b"SEQ 0 72 262144\r\n",
+            b"MSG 0 1 . 72 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n",
+            b"ERR 0 1 . 111 103\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>unexpected element in a channel-0 MSG</error>\r\nEND\r\n",
+        ),
+        (
+            b"RPY 0 0 . 0 76\r\nContent-Type: application/beep+xml\r\n\r\n<greeting localize='i-default fr' />\r\nEND\r\n",
+            b"SEQ 0 76 262144\r\n",
+            b"MSG 0 1 . 76 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n",
+            b"ERR 0 1 . 111 103\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>unexpected element in a channel-0 MSG</error>\r\nEND\r\n",
+        ),
+        (
+            b"RPY 0 0 . 0 66\r\nContent-Type: application/beep+xml\r\n\r\n<greeting localize='EN' />\r\nEND\r\n",
+            b"SEQ 0 66 262144\r\n",
+            b"MSG 0 1 . 66 46\r\nContent-Type: application/beep+xml\r\n\r\n<ok />\r\nEND\r\n",
+            b"ERR 0 1 . 111 103\r\nContent-Type: application/beep+xml\r\n\r\n<error code='501'>unexpected element in a channel-0 MSG</error>\r\nEND\r\n",
+        ),
+];
+
+#[test]
+fn beep_30_error_text_says_xml_lang_unless_english_is_the_peers_first_choice() {
+    for (greeting, seq, request, error) in BEEP_30_EXCHANGES {
+        let mut l = Peer::listener_with(Limits::default());
+        l.expect(L_GREETING, "BEEP-17: listener greeting");
+        l.feed(checked(greeting)).unwrap();
+        l.expect(seq, "after the initiator's greeting");
+        l.feed(checked(request)).unwrap();
+        l.expect(checked(error), &lossy(greeting));
+    }
+}
+
 /// BEEP-29/BEEP-32/BEEP-58: session release accepted: RPY `<ok />` (no attributes, no content),
 /// then the session is finished once that is written.
 #[test]

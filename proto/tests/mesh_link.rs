@@ -400,3 +400,41 @@ fn beep_15_a_poorly_formed_reply_from_the_next_relay_fails_the_data_and_ends_the
         })
     ));
 }
+
+/// BEEP-41 (RFC 3080 §2.7: a profile defines the answer to a MSG it does not expect): the next
+/// relay sends a `data` as a MSG on our link's APEX channel; the link carries our data only, so
+/// it answers ERR 504 (byte-exact, after the 0-octet seqno of its own first data) and stays
+/// bound: our next data still goes out.
+#[test]
+fn beep_41_an_unexpected_msg_on_a_link_gets_err_504_and_the_link_stays() {
+    let (mut net, fred, channel) = net_with(1, NextRelayBehaviour::default());
+    let first = to_barney("first");
+    let (ok, _) = net.send(fred, channel, first.clone());
+    assert!(ok);
+    assert_eq!(net.forwards_to("rubble.com"), vec![first.clone()]);
+    let theirs = DataBuilder::new("barney@rubble.com")
+        .to("fred@example.com")
+        .text("not on your link");
+    net.next_relays[0].session.send_msg(1, theirs).unwrap();
+    net.drive();
+    let refusal = "Content-Type: application/beep+xml\r\n\r\n\
+        <error code='504'>send over your own relay link</error>\r\n";
+    let expected = format!(
+        "ERR 1 0 . {} {}\r\n{refusal}END\r\n",
+        first.len(),
+        refusal.len()
+    );
+    assert!(wire(&net, 0).ends_with(&expected), "{}", wire(&net, 0));
+    assert!(matches!(
+        link_state(&net, 0),
+        Some(LinkState::Open {
+            phase: LinkPhase::Bound { channel: 1 },
+            ..
+        })
+    ));
+    let second = to_barney("second");
+    let (ok, _) = net.send(fred, channel, second.clone());
+    assert!(ok);
+    assert_eq!(net.forwards_to("rubble.com"), vec![first, second]);
+    assert!(reports(&net, fred).is_empty(), "nothing failed");
+}

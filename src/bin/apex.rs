@@ -1,19 +1,25 @@
 //! `apex`: a command-line APEX endpoint (RFC 3340) for talking to a relay over BEEP.
 //!
 //! ```text
-//! apex --relay HOST:PORT [SECURITY] attach NAME [--count N] [--timeout SECS]
-//! apex --relay HOST:PORT [SECURITY] send --from NAME --to NAME [--to NAME...] [--status] [--timeout SECS] TEXT|-
-//! apex --relay HOST:PORT [SECURITY] access --as NAME [--timeout SECS] query OWNER ACTOR ACTION...
-//! apex --relay HOST:PORT [SECURITY] access --as NAME [--timeout SECS] get [--literal] OWNER ACTOR
-//! apex --relay HOST:PORT [SECURITY] access --as NAME [--timeout SECS] set [--literal] OWNER ACTOR ACTION... [--last-update TS]
-//! apex --relay HOST:PORT [SECURITY] access --as NAME [--timeout SECS] delete [--literal] OWNER ACTOR [--last-update TS]
+//! apex [RELAY] [SECURITY] attach NAME [--count N] [--timeout SECS]
+//! apex [RELAY] [SECURITY] send --from NAME --to NAME [--to NAME...] [--status] [--timeout SECS] TEXT|-
+//! apex [RELAY] [SECURITY] access --as NAME [--timeout SECS] query OWNER ACTOR ACTION...
+//! apex [RELAY] [SECURITY] access --as NAME [--timeout SECS] get [--literal] OWNER ACTOR
+//! apex [RELAY] [SECURITY] access --as NAME [--timeout SECS] set [--literal] OWNER ACTOR ACTION... [--last-update TS]
+//! apex [RELAY] [SECURITY] access --as NAME [--timeout SECS] delete [--literal] OWNER ACTOR [--last-update TS]
 //! apex status [--metrics ADDR] [--interval SECS] [--json] [--timeout SECS]
 //! apex endpoints [--metrics ADDR] [--limit N] [--json] [--timeout SECS]
 //! apex links [--metrics ADDR] [--json] [--timeout SECS]
 //!
+//! RELAY:    --relay HOST:PORT | [--dns-server ADDR:PORT]
 //! SECURITY: [--tls] [--tls-ca PEM] [--tls-name NAME]
 //!           [--user NAME@DOMAIN [--password-file FILE] [--mechanism SCRAM-SHA-256|PLAIN]]
 //! ```
+//!
+//! Without `--relay`, the relay is the one of the endpoint's domain (NAME, or `--from`), found
+//! as RFC 3340 §3.1 says (APEX-04): the DNS SRV records `_apex-edge._tcp.DOMAIN` in RFC 2782
+//! order, else DOMAIN's own addresses on port 913; a domain literal (`fred@[192.0.2.1]`) is
+//! its address on port 913. `--dns-server` asks that server instead of the system's.
 //!
 //! Both commands connect, exchange greetings and start a channel with the APEX profile,
 //! piggybacking `<attach endpoint='NAME' transID='1' />` (RFC 3340 §4.2). `attach` then
@@ -89,6 +95,7 @@ use bytes::{Bytes, BytesMut};
 use clap::{CommandFactory, Parser, Subcommand};
 
 use apex_proto::apex::relay::APEX_PROFILE as APEX;
+use apexd::dns;
 
 #[path = "apex/status.rs"]
 mod status;
@@ -113,9 +120,16 @@ const XML_ATTRIBUTES: usize = 16;
 #[derive(Debug, Parser)]
 #[command(name = "apex", version)]
 struct Cli {
-    /// The relay's endpoint (apex-edge) address (attach, send and access).
+    /// The relay's endpoint (apex-edge) address (attach, send and access). Default: the relay
+    /// of the endpoint's domain, found with DNS SRV `_apex-edge._tcp.DOMAIN` (RFC 3340 §3.1),
+    /// else DOMAIN's addresses on port 913; a domain literal (`[192.0.2.1]`) is its address on
+    /// port 913.
     #[arg(long, value_name = "HOST:PORT")]
     relay: Option<String>,
+    /// The DNS server to ask for the relay when --relay is not given (default: the system's,
+    /// from /etc/resolv.conf).
+    #[arg(long, value_name = "ADDR:PORT")]
+    dns_server: Option<SocketAddr>,
     /// Seconds allowed for connecting, each handshake step, the relay's answer to our data and
     /// closing the session.
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs)]
@@ -387,7 +401,7 @@ fn run(cli: Cli) -> Result<Status> {
                 idle: cli.timeout,
                 io_timeout,
             };
-            let stream = connect(relay_addr(&cli)?, io_timeout)?;
+            let stream = connect_relay(&cli, &opts.name, io_timeout)?;
             run_attach(stream, &opts, stop, &mut stdout.lock())
         }
         Command::Send {
@@ -413,7 +427,7 @@ fn run(cli: Cli) -> Result<Status> {
                 status_timeout: cli.timeout.unwrap_or(DEFAULT_STATUS_TIMEOUT),
                 io_timeout,
             };
-            let stream = connect(relay_addr(&cli)?, io_timeout)?;
+            let stream = connect_relay(&cli, &opts.from, io_timeout)?;
             run_send(stream, &opts, stop, &mut stdout.lock())
         }
         Command::Access { name, op } => {
@@ -428,17 +442,37 @@ fn run(cli: Cli) -> Result<Status> {
                 io_timeout,
                 first_trans_id: status_trans_id(),
             };
-            let stream = connect(relay_addr(&cli)?, io_timeout)?;
+            let stream = connect_relay(&cli, &opts.name, io_timeout)?;
             run_access(stream, &opts, stop, &mut stdout.lock())
         }
     }
 }
 
-/// `--relay`, which the commands that talk BEEP to the relay need.
-fn relay_addr(cli: &Cli) -> Result<&str> {
-    cli.relay
-        .as_deref()
-        .ok_or_else(|| anyhow!("--relay HOST:PORT is required for attach, send and access"))
+/// Connects to `--relay`, else to the relay of `me`'s domain as DNS names it (APEX-04).
+fn connect_relay(cli: &Cli, me: &Endpoint, timeout: Duration) -> Result<TcpStream> {
+    match &cli.relay {
+        Some(relay) => connect(relay, timeout),
+        None => {
+            let found = find_relay(me.domain(), cli.dns_server)?;
+            connect_first(&found, me.domain(), timeout)
+        }
+    }
+}
+
+/// The relay of `domain` for its endpoints (RFC 3340 §3.1): SRV `_apex-edge._tcp.<domain>` in
+/// RFC 2782 order, else the domain's addresses on port 913, or a domain literal's address on
+/// port 913; asking `dns_server` when given, and only loopback under
+/// `APEXD_DNS_LOOPBACK_ONLY` (as apexd does).
+fn find_relay(domain: &str, dns_server: Option<SocketAddr>) -> Result<Vec<SocketAddr>> {
+    let settings = dns::Settings {
+        server: dns_server,
+        timeout: dns::LOOKUP_TIMEOUT,
+        loopback_only: std::env::var_os(dns::LOOPBACK_ONLY_ENV)
+            .is_some_and(|v| !v.is_empty() && v != "0"),
+    };
+    let resolver = dns::Resolver::start(settings).context("cannot start the DNS resolver")?;
+    futures_lite::future::block_on(resolver.resolve(dns::Service::Edge, domain))
+        .with_context(|| format!("cannot find the relay of {domain} (give --relay HOST:PORT)"))
 }
 
 /// How a session is tuned before the attach.
@@ -505,7 +539,7 @@ fn resolve_security(cli: &Cli, me: &Endpoint, env_password: Option<String>) -> R
     let tls = if tls {
         let name = match &cli.tls_name {
             Some(name) => name.clone(),
-            None => default_tls_name(me, relay_addr(cli)?)?,
+            None => default_tls_name(me, cli.relay.as_deref())?,
         };
         rustls::pki_types::ServerName::try_from(name.as_str())
             .map_err(|e| anyhow!("'{name}' cannot name a TLS server: {e}"))?;
@@ -546,10 +580,16 @@ fn password(file: Option<&Path>, env: Option<String>) -> Result<String> {
 /// The name the relay's certificate is checked for by default: the endpoint's domain (a
 /// relay's certificate names the APEX domain it serves), or, for an address literal, the host
 /// of `relay` when that is a name.
-fn default_tls_name(me: &Endpoint, relay: &str) -> Result<String> {
+fn default_tls_name(me: &Endpoint, relay: Option<&str>) -> Result<String> {
     if !me.is_domain_literal() {
         return Ok(me.domain().to_owned());
     }
+    let Some(relay) = relay else {
+        bail!(
+            "cannot tell which name the relay's certificate carries ({} is an address): give --tls-name",
+            me.domain()
+        );
+    };
     let host = match relay.rsplit_once(':') {
         Some((host, port)) if port.parse::<u16>().is_ok() => host,
         _ => relay,
@@ -653,16 +693,25 @@ fn connect(relay: &str, timeout: Duration) -> Result<TcpStream> {
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve relay address '{relay}'"))?
         .collect();
+    if addrs.is_empty() {
+        bail!("relay address '{relay}' resolves to nothing");
+    }
+    connect_first(&addrs, relay, timeout)
+}
+
+/// Connects to the first of `addrs` that accepts, in order (RFC 2782: every address of every
+/// target); `relay` names them in the error.
+fn connect_first(addrs: &[SocketAddr], relay: &str, timeout: Duration) -> Result<TcpStream> {
     let mut last = None;
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
+        match TcpStream::connect_timeout(addr, timeout) {
             Ok(stream) => return Ok(stream),
-            Err(e) => last = Some(e),
+            Err(e) => last = Some((addr, e)),
         }
     }
     match last {
-        Some(e) => Err(anyhow!("cannot connect to {relay}: {e}")),
-        None => Err(anyhow!("relay address '{relay}' resolves to nothing")),
+        Some((addr, e)) => Err(anyhow!("cannot connect to {relay} at {addr}: {e}")),
+        None => Err(anyhow!("no address for the relay of {relay}")),
     }
 }
 
@@ -2493,6 +2542,51 @@ mod tests {
         assert!(log.released);
     }
 
+    /// OPT-06 (RFC 3342 §1): after an attachOverride another application's reports may reach
+    /// this one. A report whose transID `apex send` did not ask for is acknowledged with `ok`
+    /// and ignored: neither printed nor taken for the status it waits for.
+    #[test]
+    fn opt_06_send_acknowledges_and_ignores_a_report_it_did_not_ask_for() {
+        let respond: Respond = Box::new(|payload| {
+            let Ok(Operation::Data(data)) = parse_message(payload, &limits()) else {
+                return (false, error_payload(501, "not data"), Vec::new());
+            };
+            let asked = data.options[0].trans_id;
+            let stranger = data_payload(
+                "apex=report@example.com",
+                "fred@example.com",
+                &format!(
+                    "<statusResponse transID='{}'><destination identity='barney@example.com'><reply code='551' transID='{0}'>not yours</reply></destination></statusResponse>",
+                    asked + 1
+                ),
+            );
+            (true, ok_payload(), vec![stranger, status_response(asked)])
+        });
+        let (addr, relay) = fake_relay(Some("<ok />"), Vec::new(), respond);
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut out = Vec::new();
+        let opts = send_opts(&["barney@example.com", "wilma@example.com"], Some(86), "x");
+        let status = run_send(stream, &opts, stop(), &mut out).unwrap();
+        assert_eq!(status, Status::Success);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "accepted\n\
+             status barney@example.com 250\n\
+             status wilma@example.com 550 unknown endpoint identity\n",
+            "the report for transID 87 is not printed"
+        );
+        let log = relay.join().unwrap();
+        assert_eq!(
+            log.replies,
+            vec![
+                (ReplyKind::Rpy, ok_payload()),
+                (ReplyKind::Rpy, ok_payload())
+            ],
+            "both reports acknowledged"
+        );
+        assert!(log.released);
+    }
+
     #[test]
     fn send_without_status_prints_accepted() {
         let respond: Respond = Box::new(|_| (true, ok_payload(), Vec::new()));
@@ -3558,24 +3652,27 @@ mod tests {
     fn the_tls_name_defaults_to_the_endpoint_domain() {
         let fred = ep("fred@example.com");
         assert_eq!(
-            default_tls_name(&fred, "relay.rubble.com:913").unwrap(),
+            default_tls_name(&fred, Some("relay.rubble.com:913")).unwrap(),
             "example.com"
         );
         assert_eq!(
-            default_tls_name(&fred, "127.0.0.1:913").unwrap(),
+            default_tls_name(&fred, Some("127.0.0.1:913")).unwrap(),
             "example.com"
         );
         let literal = ep("fred@[192.0.2.1]");
         assert_eq!(
-            default_tls_name(&literal, "relay.example.com:913").unwrap(),
+            default_tls_name(&literal, Some("relay.example.com:913")).unwrap(),
             "relay.example.com"
         );
         assert_eq!(
-            default_tls_name(&literal, "relay.example.com").unwrap(),
+            default_tls_name(&literal, Some("relay.example.com")).unwrap(),
             "relay.example.com"
         );
-        assert!(default_tls_name(&literal, "127.0.0.1:913").is_err());
-        assert!(default_tls_name(&literal, "[::1]:913").is_err());
+        assert!(default_tls_name(&literal, Some("127.0.0.1:913")).is_err());
+        assert!(default_tls_name(&literal, Some("[::1]:913")).is_err());
+        // Found with DNS, a literal domain's relay has no name to check either.
+        assert!(default_tls_name(&literal, None).is_err());
+        assert_eq!(default_tls_name(&fred, None).unwrap(), "example.com");
     }
 
     #[test]

@@ -465,6 +465,20 @@ fn check_content(
     Ok(())
 }
 
+/// Whether `uri` is an absolute URI (RFC 3986 §4.3, with the fragment RFC 3340 §5 allows an
+/// option's `external`): a scheme, `ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )` (§3.1), then
+/// `:`. A colon alone is not enough: `/a:b` and `1a:b` are relative references. No URI holds
+/// whitespace or control characters (§2), so the rest may not either.
+fn is_absolute_uri(uri: &str) -> bool {
+    let Some((scheme, rest)) = uri.split_once(':') else {
+        return false;
+    };
+    let mut scheme_chars = scheme.bytes();
+    scheme_chars.next().is_some_and(|b| b.is_ascii_alphabetic())
+        && scheme_chars.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        && !rest.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 /// One part of a `multipart/related` entity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelatedPart {
@@ -724,7 +738,7 @@ impl<'a> Doc<'a> {
         // APEX-34: exactly one of internal/external; external is an absolute URI.
         match (&internal, &external) {
             (Some(_), None) => {}
-            (None, Some(uri)) if uri.contains(':') => {}
+            (None, Some(uri)) if is_absolute_uri(uri) => {}
             _ => {
                 return Err(OpError::invalid(
                     "option needs exactly one of internal or absolute external",
@@ -1099,6 +1113,34 @@ pub fn error_xml(code: u16, text: &str) -> String {
     }
 }
 
+/// `error` (a payload of [`error_payload`] or an element of [`error_xml`]) with its diagnostic
+/// text labelled `xml:lang='{lang}'`, for a peer whose first language is another (BEEP-30,
+/// RFC 3080 §2.3.1.5, which RFC 3340 §4.4 adopts with the element). `None` when it is not such
+/// an error with text, which then goes out as it is.
+pub fn label_error_text(error: &[u8], lang: &str) -> Option<Bytes> {
+    const OPEN: &[u8] = b"<error code='";
+    let body_at = if error.starts_with(BEEP_XML_HEADERS) {
+        BEEP_XML_HEADERS.len()
+    } else {
+        0
+    };
+    // The code is three digits (RFC 3080 §8), then `'>` and text.
+    let code_end = body_at + OPEN.len() + 3;
+    let after_code = error.get(code_end..)?;
+    if !error[body_at..].starts_with(OPEN)
+        || !after_code.starts_with(b"'>")
+        || after_code[2..].starts_with(b"</error>")
+    {
+        return None;
+    }
+    let label = format!(" xml:lang='{}'", xml::escape(lang));
+    let mut out = BytesMut::with_capacity(error.len() + label.len());
+    out.put_slice(&error[..=code_end]);
+    out.put_slice(label.as_bytes());
+    out.put_slice(&after_code[1..]);
+    Some(out.freeze())
+}
+
 /// A `terminate` payload.
 pub fn terminate_payload(trans_id: u32, code: u16, text: &str) -> Bytes {
     if text.is_empty() {
@@ -1137,6 +1179,42 @@ mod tests {
     }
 
     const DATA_13_1: &str = "Content-Type: application/beep+xml\r\n\r\n<data content='#Content'>\r\n   <originator identity='fred@example.com' />\r\n   <recipient identity='barney@example.com' />\r\n   <data-content Name='Content'>hello, barney</data-content>\r\n</data>\r\n";
+
+    #[test]
+    fn beep_30_error_text_is_labelled_in_payloads_and_piggybacked_elements() {
+        let labelled = label_error_text(&error_payload(501, "a 'b'"), "en").unwrap();
+        assert_eq!(
+            &labelled[..],
+            &b"Content-Type: application/beep+xml\r\n\r\n<error code='501' xml:lang='en'>a &apos;b&apos;</error>\r\n"[..]
+        );
+        let element = error_xml(537, "no").trim_end().to_owned();
+        assert_eq!(
+            &label_error_text(element.as_bytes(), "en").unwrap()[..],
+            b"<error code='537' xml:lang='en'>no</error>"
+        );
+        // Nothing to label: no text, already labelled, not an error.
+        assert_eq!(label_error_text(&error_payload(550, ""), "en"), None);
+        assert_eq!(label_error_text(&labelled, "en"), None);
+        assert_eq!(label_error_text(&ok_payload(), "en"), None);
+        assert_eq!(label_error_text(b"<error code='5", "en"), None);
+    }
+
+    #[test]
+    fn apex_34_absolute_uri_needs_a_scheme() {
+        for uri in [
+            "http://example.org/opt",
+            "urn:x-apex:opt#v2",
+            "x-a.b+c-1:",
+            "A:b",
+        ] {
+            assert!(is_absolute_uri(uri), "{uri}");
+        }
+        for uri in [
+            "opt", "/a:b", "1a:b", ":b", "a b:c", "a:b c", "a:b\tc", "#frag", "+a:b",
+        ] {
+            assert!(!is_absolute_uri(uri), "{uri}");
+        }
+    }
 
     #[test]
     fn apex_21_data_of_13_1() {

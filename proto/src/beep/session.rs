@@ -33,6 +33,10 @@ use crate::beep::tuning;
 use crate::error::{Misuse, ProtocolError};
 use crate::limits::{Limits, MAX_31BIT};
 
+/// The language of every diagnostic the session writes (RFC 3066 tag), sent as `xml:lang`
+/// where the peer asked for another first (BEEP-30).
+const DIAGNOSTIC_LANG: &str = "en";
+
 /// Which end of the transport this session is (RFC 3080 §2.1; RFC 3081 §2, BEEP-57).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -310,6 +314,36 @@ impl Session {
         self.peer_greeting.as_ref()
     }
 
+    /// The payload of `error`, its diagnostic text labelled as English (`xml:lang='en'`) when
+    /// the peer's greeting asked for another language first (BEEP-30, RFC 3080 §2.3.1.5: the
+    /// label may be left out only for text in the peer's first choice). Our diagnostics are
+    /// English; a peer without `localize` gets `i-default`, which RFC 2277 §4.5 reads as
+    /// English too.
+    fn error_payload(&self, mut error: ErrorElement) -> Bytes {
+        if error.lang.is_none() && !error.text.is_empty() {
+            error.lang = self.diagnostic_lang().map(str::to_owned);
+        }
+        Mgmt::Error(error).to_payload()
+    }
+
+    /// The `xml:lang` our diagnostic text must carry for this peer (BEEP-30): `Some` when the
+    /// peer's greeting asked for a language other than ours first, `None` when the text may
+    /// go unlabelled. Profiles whose replies carry diagnostics (APEX's `error`) label theirs
+    /// with it.
+    pub fn diagnostic_lang(&self) -> Option<&'static str> {
+        (!self.peer_reads_english_first()).then_some(DIAGNOSTIC_LANG)
+    }
+
+    /// Whether the first language in the peer's `localize` is English (any `en` tag) or
+    /// `i-default`; true before its greeting arrives, when nothing else is known.
+    fn peer_reads_english_first(&self) -> bool {
+        let first = self.peer_greeting.as_ref().and_then(|g| g.localize.first());
+        first.is_none_or(|tag| {
+            let primary = tag.split('-').next().unwrap_or_default();
+            primary.eq_ignore_ascii_case("en") || tag.eq_ignore_ascii_case("i-default")
+        })
+    }
+
     /// The serverName of the first successful `start` (RFC 3080 §2.3.1.2, BEEP-23).
     pub fn server_name(&self) -> Option<&str> {
         self.server_name.as_deref()
@@ -510,14 +544,14 @@ impl Session {
         match received {
             Received::Nothing => Ok(()),
             Received::MsgTooLarge { msgno } => {
-                let error = Mgmt::Error(ErrorElement::new(
+                let error = self.error_payload(ErrorElement::new(
                     code::ACTION_NOT_TAKEN,
                     "message too large",
                 ));
                 if h.channel == 0 {
                     return Err(ProtocolError::MessageTooLarge(0));
                 }
-                self.queue_reply(h.channel, Keyword::Err, msgno, error.to_payload());
+                self.queue_reply(h.channel, Keyword::Err, msgno, error);
                 Ok(())
             }
             Received::Msg { msgno, payload } if h.channel == 0 => {
@@ -610,7 +644,10 @@ impl Session {
         match outcome {
             Ok(Some(reply)) => self.queue_reply(0, Keyword::Rpy, msgno, reply.to_payload()),
             Ok(None) => {} // answered later by accept_start/refuse_start
-            Err(error) => self.queue_reply(0, Keyword::Err, msgno, Mgmt::Error(error).to_payload()),
+            Err(error) => {
+                let payload = self.error_payload(error);
+                self.queue_reply(0, Keyword::Err, msgno, payload)
+            }
         }
     }
 
@@ -1167,7 +1204,8 @@ impl Session {
     pub fn refuse_start(&mut self, id: u32, error: ErrorElement) -> Result<(), Misuse> {
         let channel = self.starts.remove(&id).ok_or(Misuse::NoSuchStart(id))?;
         self.reserved.remove(&channel);
-        self.queue_reply(0, Keyword::Err, id, Mgmt::Error(error).to_payload());
+        let payload = self.error_payload(error);
+        self.queue_reply(0, Keyword::Err, id, payload);
         Ok(())
     }
 

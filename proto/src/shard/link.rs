@@ -443,6 +443,10 @@ impl Link {
                 // A link carries our data only; the next relay sends its own on its own link.
                 let refusal =
                     msg::error_payload(code::NOT_IMPLEMENTED, "send over your own relay link");
+                let refusal = session
+                    .diagnostic_lang()
+                    .and_then(|lang| msg::label_error_text(&refusal, lang))
+                    .unwrap_or(refusal);
                 let _ = session.send_err(channel, msgno, refusal);
                 None
             }

@@ -1168,6 +1168,12 @@ impl ShardCore {
                     content,
                 } => {
                     if let Some(c) = self.conns.get_mut(&conn) {
+                        // A piggybacked `error` is labelled as a MSG's would be (BEEP-30).
+                        let content = c
+                            .session
+                            .diagnostic_lang()
+                            .and_then(|lang| crate::apex::msg::label_error_text(&content, lang))
+                            .unwrap_or(content);
                         let _ = c
                             .session
                             .accept_start(start_id, APEX_PROFILE, Some(content));

@@ -311,12 +311,16 @@ pub struct MsgReply {
 }
 
 impl MsgReply {
-    /// Queues the answer in the session of its connection.
+    /// Queues the answer in the session of its connection; an `error`'s text labelled with
+    /// its language when the peer asked for another first (BEEP-30).
     pub fn send_in(self, session: &mut Session) -> Result<(), Misuse> {
         if self.positive {
-            session.send_rpy(self.channel, self.msgno, self.payload)
-        } else {
-            session.send_err(self.channel, self.msgno, self.payload)
+            return session.send_rpy(self.channel, self.msgno, self.payload);
         }
+        let payload = session
+            .diagnostic_lang()
+            .and_then(|lang| crate::apex::msg::label_error_text(&self.payload, lang))
+            .unwrap_or(self.payload);
+        session.send_err(self.channel, self.msgno, payload)
     }
 }

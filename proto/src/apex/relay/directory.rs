@@ -192,7 +192,8 @@ impl Relay {
         });
     }
 
-    /// RFC 3340 §4.4.2 (APEX-17): binds are accepted on apex-mesh sessions.
+    /// RFC 3340 §4.4.2 (APEX-17): binds are accepted on apex-mesh sessions, in the RFC's
+    /// order: 555 (checked by the caller), 537, then the options.
     pub(super) fn bind(
         &mut self,
         conn: ConnId,
@@ -200,14 +201,18 @@ impl Relay {
         answer: Answer,
         relay: &str,
         trans_id: u32,
+        options: &[ApexOption],
     ) {
         if self.connections.get(&conn) != Some(&ConnKind::Mesh)
             || crate::apex::addr::validate_domain(relay).is_err()
         {
             return self.answer(conn, channel, answer, Err(ApexError::MayNotBind));
         }
+        let option_refusal = bind_option_refusal(options);
         match self.may_bind(conn, relay) {
-            BindCheck::Allowed => self.bound(conn, channel, answer, relay, trans_id),
+            BindCheck::Allowed => {
+                self.bound(conn, channel, answer, relay, trans_id, option_refusal)
+            }
             BindCheck::Refused => {
                 tracing::info!(%conn, domain = relay, "bind refused: not that domain's relay");
                 self.answer(conn, channel, answer, Err(ApexError::MayNotBind));
@@ -234,6 +239,7 @@ impl Relay {
                     answer,
                     domain: relay.to_owned(),
                     trans_id,
+                    option_refusal,
                 });
                 if !asked {
                     self.actions.push_back(Action::ResolveRelay {
@@ -244,7 +250,19 @@ impl Relay {
         }
     }
 
-    fn bound(&mut self, conn: ConnId, channel: u32, answer: Answer, relay: &str, trans_id: u32) {
+    /// Bind step 3 and 4: an authorized bind is refused by its options, or accepted.
+    fn bound(
+        &mut self,
+        conn: ConnId,
+        channel: u32,
+        answer: Answer,
+        relay: &str,
+        trans_id: u32,
+        option_refusal: Option<ApexError>,
+    ) {
+        if let Some(refused) = option_refusal {
+            return self.answer(conn, channel, answer, Err(refused));
+        }
         self.note_bound(conn, relay);
         self.channels
             .entry((conn, channel))
@@ -271,7 +289,14 @@ impl Relay {
                 .get(&p.conn)
                 .is_some_and(|c| addresses.iter().any(|a| c.same_address(a)));
             if from_relay {
-                self.bound(p.conn, p.channel, p.answer, &p.domain, p.trans_id);
+                self.bound(
+                    p.conn,
+                    p.channel,
+                    p.answer,
+                    &p.domain,
+                    p.trans_id,
+                    p.option_refusal,
+                );
             } else {
                 tracing::info!(conn = %p.conn, domain = p.domain, "bind refused: not from that domain's relay");
                 self.answer(p.conn, p.channel, p.answer, Err(ApexError::MayNotBind));
@@ -352,4 +377,14 @@ impl Relay {
         self.release_held(&endpoint, at);
         self.directory.insert(endpoint, at);
     }
+}
+
+/// Bind step 3 (APEX-17, RFC 3340 §4.4.2 and §5): a bind is processed by the relay receiving
+/// it, so every option in it applies here whatever its `targetHop`; one that is not understood
+/// and has `mustUnderstand='true'` refuses the bind with 504, as it refuses an attach
+/// ([`options::attach_options`]). The other options mean nothing to a bind and are ignored.
+fn bind_option_refusal(options: &[ApexOption]) -> Option<ApexError> {
+    options::attach_options(options)
+        .err()
+        .map(|e| ApexError::malformed(e.code, e.text))
 }

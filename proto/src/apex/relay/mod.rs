@@ -254,6 +254,9 @@ struct PendingBind {
     answer: Answer,
     domain: String,
     trans_id: u32,
+    /// Why the bind's options refuse it once the peer proves to be the domain's relay (step 3
+    /// comes after the 537 check of step 2).
+    option_refusal: Option<ApexError>,
 }
 
 #[derive(Debug)]
@@ -800,10 +803,12 @@ impl Relay {
             ) => self.attach(conn, channel, answer, endpoint, *trans_id, options),
             (
                 Ok(Operation::Bind {
-                    relay, trans_id, ..
+                    relay,
+                    trans_id,
+                    options,
                 }),
                 _,
-            ) => self.bind(conn, channel, answer, relay, *trans_id),
+            ) => self.bind(conn, channel, answer, relay, *trans_id, options),
             (Ok(Operation::Terminate { trans_id, .. }), Answer::Msg(msgno)) => {
                 self.terminate(conn, channel, msgno, *trans_id)
             }
