@@ -457,7 +457,7 @@ fn check_content(
         if !content_ids.iter().any(|id| id == cid) {
             return Err(OpError::invalid("content names no MIME part"));
         }
-    } else if !content.contains(':') {
+    } else if !is_absolute_uri(content) {
         return Err(OpError::invalid(
             "content must be an absolute URI or a fragment",
         ));
@@ -1344,6 +1344,13 @@ mod tests {
         assert_eq!(msg(&bad).unwrap_err().code, 501);
         let bad = DATA_13_1.replace("#Content", "relative/path");
         assert_eq!(msg(&bad).unwrap_err().code, 501);
+        // A colon does not make an absolute URI (RFC 3986 §4.3): a scheme must lead it.
+        for relative in ["/a:b", "1a:b", ":x", "a b:c"] {
+            let bad = DATA_13_1.replace("#Content", relative);
+            assert_eq!(msg(&bad).unwrap_err().code, 501, "{relative}");
+        }
+        let good = DATA_13_1.replace("#Content", "urn:x-apex:thing");
+        assert!(matches!(msg(&good), Ok(Operation::Data(_))));
         // Both parsers: `#Name` without a data-content names nothing; names compare unescaped.
         let head = "Content-Type: application/beep+xml\r\n\r\n";
         let parties = "<originator identity='a@x' /><recipient identity='b@x' />";
