@@ -64,11 +64,12 @@ mod report;
 mod route;
 #[cfg(test)]
 mod tests;
+mod timing;
 mod watch;
 
 pub use actions::{
-    Action, Envelope, ForwardReports, Hold, MsgReply, Report, ReportRequest, ReportSeen,
-    StatusAsked, Stored,
+    Action, Envelope, ForwardReports, ForwardTiming, Hold, MsgReply, Report, ReportRequest,
+    ReportSeen, StatusAsked, Stored, TimingHandle,
 };
 use auth::BindCheck;
 pub use auth::{
@@ -83,6 +84,7 @@ use reply::ReplyOutcome;
 pub use reply::{POORLY_FORMED_REPLY, POORLY_FORMED_REPLY_CLOSE_CODE};
 pub use route::{domain_shard, home_shard};
 use route::{route, Route};
+pub use timing::DEFAULT_MAX_TIMING_WATCHES;
 pub use watch::{ReportWatchLimits, DEFAULT_MAX_REPORT_WATCHES, DEFAULT_REPORT_TIMEOUT_MS};
 
 /// A connection of one shard: a slot and the generation of the connection in it (see the
@@ -347,6 +349,8 @@ pub struct Relay {
     release_retry: Vec<HoldId>,
     /// Forwarded statusRequests waiting for a report from a relay further on.
     watches: watch::Watches,
+    /// Local deliveries of data with a `dataTiming` option, waiting for their recipient.
+    timing_watches: timing::TimingWatches,
 }
 
 /// Most cached access decisions before the cache starts over.
@@ -397,6 +401,7 @@ impl Relay {
             hold_full: Vec::new(),
             release_retry: Vec::new(),
             watches: watch::Watches::default(),
+            timing_watches: timing::TimingWatches::default(),
         }
     }
 
@@ -963,6 +968,7 @@ impl Relay {
                 self.current_source = None;
             }
             Envelope::Refusing { at, refusing } => self.set_refusing(at, refusing),
+            Envelope::TimingSettled { id, delivered } => self.timing_settled(id, delivered),
             // The shard core's business: a relay handed one has nothing to do with it.
             Envelope::Window { .. } => {}
         }
