@@ -14,7 +14,7 @@
 //! | attach step 4 | [`attach_options`]; on `override_existing`, [`override_terminate_payload`] |
 //! | data step 2 (before `ok`) | [`check_must_understand`] on the per-data options (504 on failure) |
 //! | data step 4 / 5.1 | [`check_must_understand`] on originator / recipient options (recipient fails) |
-//! | 5.2 forward | [`prepare_forward`] on the per-data options; [`must_remove_before_sending`] on party options; [`edit_payload`] |
+//! | 5.2 forward | [`prepare_forward`] on the per-data options; [`must_remove_before_sending`] on party options; [`edit_payload`]; [`restamp_forward`] as the data leaves the link |
 //! | 5.3 local | [`prepare_delivery`]; [`hold_requested`] + [`HoldLimits`]; after the application's answer [`DataTiming::on_ok`] / [`DataTiming::on_deadline`] |
 //! | reports | [`status_requests_for`], [`Report::payload`], [`report_payload`] |
 //!

@@ -24,7 +24,8 @@
 //! recipient is reached from this shard, a pure function), `deliver` (data acceptance and
 //! delivery), `hold` (hold4Endpoint, each originator's share of it), `report` (the report
 //! service, and the outcome of forwards), `watch` (forwarded statusRequests waiting for a
-//! later relay's report), `reply` (what replies to the relay's MSGs say), `error` (each refusal
+//! later relay's report), `timing` (dataTiming watches on local deliveries, RFC 3342 §2),
+//! `reply` (what replies to the relay's MSGs say), `error` (each refusal
 //! with its reply code) and `actions` (what goes to the runtime and to other shards).
 
 use std::collections::{HashMap, VecDeque};
