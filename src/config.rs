@@ -134,6 +134,10 @@ close_timeout_ms = 5000
 # max_report_watches watches per shard; past it, forwards go unwatched. (restart)
 report_timeout_ms = 60000
 max_report_watches = 65536
+# Local deliveries of data carrying a dataTiming option (RFC 3342 §2) watched at once per shard
+# for its noLaterThan, reportAfter and returnTrip reports; past it, a delivery goes unwatched
+# (no timing reports) and is counted in timing_watches_refused. (restart)
+max_timing_watches = 65536
 # The DNS server (ADDR:PORT) asked for the SRV records of domains without a static route, over
 # UDP (TCP for truncated answers); empty means the system's resolvers (/etc/resolv.conf).
 # (restart: one resolver serves the process)
@@ -343,6 +347,8 @@ pub struct MeshConfig {
     pub report_timeout_ms: u64,
     /// Most forwards watched for a later relay's report, per shard.
     pub max_report_watches: usize,
+    /// Most local deliveries watched for their `dataTiming`, per shard.
+    pub max_timing_watches: usize,
     /// `ADDR:PORT` of the one DNS server to ask; empty: the system's.
     pub dns_server: String,
 }
@@ -720,6 +726,7 @@ impl Config {
         apex_proto::apex::relay::ReportWatchLimits {
             timeout_ms: self.mesh.report_timeout_ms,
             max_watches: self.mesh.max_report_watches,
+            max_timing_watches: self.mesh.max_timing_watches,
         }
     }
 
@@ -929,6 +936,9 @@ impl Config {
         }
         if self.mesh.max_report_watches == 0 {
             bail!("field `mesh.max_report_watches` must be at least 1 (to watch nothing, set `mesh.report_timeout_ms` to 0)");
+        }
+        if self.mesh.max_timing_watches == 0 {
+            bail!("field `mesh.max_timing_watches` must be at least 1");
         }
         parse_dns_server(&self.mesh.dns_server)?;
         Limits::from(&self.limits)
@@ -1255,6 +1265,8 @@ mod tests {
         .unwrap();
         assert_eq!(config.report_watch().timeout_ms, 1500);
         assert_eq!(config.report_watch().max_watches, 10);
+        let config = Config::from_toml("[mesh]\nmax_timing_watches = 7\n", "t.toml").unwrap();
+        assert_eq!(config.report_watch().max_timing_watches, 7);
         let dir = std::env::temp_dir().join(format!("apexd-hold-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         for (text, field, line) in [
@@ -1267,6 +1279,11 @@ mod tests {
                 "domain = \"x.org\"\n\n[mesh]\nmax_report_watches = 0\n",
                 "mesh.max_report_watches",
                 4,
+            ),
+            (
+                "domain = \"x.org\"\n[mesh]\nmax_timing_watches = 0\n",
+                "mesh.max_timing_watches",
+                3,
             ),
         ] {
             let path = dir.join("relay.toml");

@@ -677,6 +677,13 @@ impl prometheus_client::collector::Collector for Scrape {
         )?;
         family(
             e,
+            "timing_watches_refused",
+            "Local deliveries with a dataTiming option left unwatched: mesh.max_timing_watches were running.",
+            Counter,
+            per_shard(&|r| r.core.relay.timing_watches_refused),
+        )?;
+        family(
+            e,
             "held_messages",
             "Data in the hold queue now.",
             Gauge,

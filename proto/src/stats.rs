@@ -206,6 +206,9 @@ pub struct RelayStats {
     /// Forwarded statusRequests left unwatched because `mesh.max_report_watches` watches
     /// were running (issue 19 item 7).
     pub report_watches_refused: u64,
+    /// Local deliveries with a `dataTiming` option left unwatched (no timing reports) because
+    /// `mesh.max_timing_watches` watches were running.
+    pub timing_watches_refused: u64,
 }
 
 /// Sessions by what they are doing.
@@ -314,6 +317,7 @@ impl ShardSnapshot {
         mine.data_forwarded += theirs.data_forwarded;
         mine.data_held += theirs.data_held;
         mine.report_watches_refused += theirs.report_watches_refused;
+        mine.timing_watches_refused += theirs.timing_watches_refused;
         mine.errors.merge(&theirs.errors);
         mine.reports.merge(&theirs.reports);
         mine.latency.merge(&theirs.latency);

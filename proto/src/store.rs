@@ -545,11 +545,11 @@ fn decode_hold(id: HoldId, value: &[u8]) -> Result<StoredHold, RecordError> {
             let trans_id = take_u32(&mut buf).ok_or_else(truncated)?;
             let originator = take_str(&mut buf).ok_or_else(truncated)?;
             let named = take_str(&mut buf).ok_or_else(truncated)?;
-            Some(ReportRequest {
+            Some(ReportRequest::asked(
                 trans_id,
-                originator: Endpoint::parse(&originator).map_err(|e| bad(&e.to_string()))?,
-                recipient: CompactString::from(named),
-            })
+                Endpoint::parse(&originator).map_err(|e| bad(&e.to_string()))?,
+                CompactString::from(named),
+            ))
         }
         _ => return Err(truncated()),
     };
@@ -711,11 +711,8 @@ mod tests {
         let mut mutations = Vec::new();
         let (_, m) = state.apply(change(Some("core:data"), None), at(1));
         mutations.extend(m);
-        let report = ReportRequest {
-            trans_id: 7,
-            originator: endpoint("barney@example.com"),
-            recipient: "fred@example.com".into(),
-        };
+        let report =
+            ReportRequest::asked(7, endpoint("barney@example.com"), "fred@example.com".into());
         let (outcome, m) = state.apply(
             StoreOp::Hold(HeldMessage {
                 recipient: endpoint("fred@example.com"),

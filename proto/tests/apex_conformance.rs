@@ -2567,6 +2567,7 @@ fn issue_19_item_7_watches_are_bounded_per_shard() {
         .set_report_watch(apex_proto::apex::relay::ReportWatchLimits {
             timeout_ms: 1000,
             max_watches: 2,
+            ..Default::default()
         });
     let (fred, ch) = attached(&mut net, 0, "fred@example.com");
     for trans_id in 1..=5 {

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! apex [RELAY] [SECURITY] attach NAME [--count N] [--timeout SECS]
-//! apex [RELAY] [SECURITY] send --from NAME --to NAME [--to NAME...] [--status] [--timeout SECS] TEXT|-
+//! apex [RELAY] [SECURITY] send --from NAME --to NAME [--to NAME...] [--status] [TIMING] [--timeout SECS] TEXT|-
 //! apex [RELAY] [SECURITY] access --as NAME [--timeout SECS] query OWNER ACTOR ACTION...
 //! apex [RELAY] [SECURITY] access --as NAME [--timeout SECS] get [--literal] OWNER ACTOR
 //! apex [RELAY] [SECURITY] access --as NAME [--timeout SECS] set [--literal] OWNER ACTOR ACTION... [--last-update TS]
@@ -25,7 +25,11 @@
 //! piggybacking `<attach endpoint='NAME' transID='1' />` (RFC 3340 §4.2). `attach` then
 //! prints `attached NAME` and one line per delivered `data`; `send` sends one `data` and prints
 //! `accepted` or `error CODE TEXT`, then, with `--status`, one `status IDENTITY CODE TEXT` line per
-//! destination of the relay's statusResponse (RFC 3340 §5.1, §6.2). Blocking std
+//! destination of the relay's statusResponse (RFC 3340 §5.1, §6.2). TIMING (`--no-later-than
+//! MS`, `--report-after MS`, `--return-trip MS`, `--report-errors`) adds a dataTiming option
+//! (RFC 3342 §2, `targetHop='all' mustUnderstand='true'`): each timing report prints
+//! `timing IDENTITY CODE TEXT` (350 transient, 550 timing error, 250 final hop), and with
+//! `--return-trip` send waits for a 250 or 550 per recipient. Blocking std
 //! networking over the sans-IO session of `apex-proto`; no async runtime.
 //!
 //! `access` attaches as `--as NAME` and talks to the access service of OWNER's domain,
@@ -211,6 +215,19 @@ enum Command {
         /// Ask for a statusResponse and print `status IDENTITY CODE TEXT` per destination.
         #[arg(long)]
         status: bool,
+        /// dataTiming noLaterThan: the data must be delivered within MS milliseconds
+        /// (RFC 3342 §2.1).
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(1..=MAX_TIMING_MS))]
+        no_later_than: Option<u32>,
+        /// dataTiming reportAfter: a transient report (350) when delivery takes longer than MS.
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(1..=MAX_TIMING_MS))]
+        report_after: Option<u32>,
+        /// dataTiming returnTrip: a final hop report (250) on delivery, itself bounded by MS.
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(1..=MAX_TIMING_MS))]
+        return_trip: Option<u32>,
+        /// dataTiming reportErrors: a timing error report (550) when noLaterThan runs out.
+        #[arg(long)]
+        report_errors: bool,
         /// The content, sent as text in a data-content element; `-` reads standard input
         /// (one trailing newline is dropped).
         #[arg(value_name = "TEXT|-")]
@@ -408,6 +425,10 @@ fn run(cli: Cli) -> Result<Status> {
             from,
             to,
             status,
+            no_later_than,
+            report_after,
+            return_trip,
+            report_errors,
             text,
         } => {
             let from = endpoint(from)?;
@@ -418,10 +439,18 @@ fn run(cli: Cli) -> Result<Status> {
                 text.clone()
             };
             check_xml_chars(&text)?;
+            let status = status.then(status_trans_id);
             let opts = SendOpts {
                 from,
                 to: to.iter().map(|t| endpoint(t)).collect::<Result<_>>()?,
-                status: status.then(status_trans_id),
+                status,
+                timing: timing_option(
+                    *no_later_than,
+                    *report_after,
+                    *return_trip,
+                    *report_errors,
+                    status,
+                )?,
                 security,
                 text,
                 status_timeout: cli.timeout.unwrap_or(DEFAULT_STATUS_TIMEOUT),
@@ -670,6 +699,33 @@ fn check_xml_chars(text: &str) -> Result<()> {
         ),
         None => Ok(()),
     }
+}
+
+/// The largest dataTiming value (MILLISECS, RFC 3342 §6: 0..2147483647).
+const MAX_TIMING_MS: i64 = 0x7FFF_FFFF;
+
+/// The dataTiming option of `apex send`, when any TIMING flag was given: its transID is
+/// fresh, and distinct from the statusRequest's (`status`), so that reports tell apart.
+fn timing_option(
+    no_later_than: Option<u32>,
+    report_after: Option<u32>,
+    return_trip: Option<u32>,
+    report_errors: bool,
+    status: Option<u32>,
+) -> Result<Option<Timing>> {
+    if no_later_than.is_none() && report_after.is_none() && return_trip.is_none() {
+        if report_errors {
+            bail!("--report-errors goes with --no-later-than");
+        }
+        return Ok(None);
+    }
+    Ok(Some(Timing {
+        trans_id: status.map_or_else(status_trans_id, |id| id % 0x7FFF_FFFF + 1),
+        no_later_than: no_later_than.unwrap_or(0),
+        report_after: report_after.unwrap_or(0),
+        return_trip: return_trip.unwrap_or(0),
+        report_errors,
+    }))
 }
 
 /// A random-looking transaction identifier in 1..=2^31-1 (RFC 3340 §6.1.1).
@@ -1564,19 +1620,64 @@ struct SendOpts {
     to: Vec<Endpoint>,
     /// The statusRequest transID, when `--status` was given.
     status: Option<u32>,
+    /// The dataTiming option, when TIMING flags were given.
+    timing: Option<Timing>,
     security: Security,
     text: String,
     status_timeout: Duration,
     io_timeout: Duration,
 }
 
-/// The `data` message of `apex send` (RFC 3340 §4.4.4).
-fn data_document(from: &Endpoint, to: &[Endpoint], status: Option<u32>, text: &str) -> Bytes {
-    let data = DataBuilder::new(from.as_str()).to_all(to.iter().map(Endpoint::as_str));
-    match status {
-        Some(id) => data.status_request(id).text(text),
-        None => data.text(text),
+/// The values of `apex send`'s dataTiming option (RFC 3342 §2, §6); 0 leaves one out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Timing {
+    trans_id: u32,
+    no_later_than: u32,
+    report_after: u32,
+    return_trip: u32,
+    report_errors: bool,
+}
+
+impl Timing {
+    /// The option element: an originator sets `targetHop='all'` and `mustUnderstand='true'`
+    /// (RFC 3342 §2, OPT-07).
+    fn option_xml(&self) -> String {
+        let mut element = String::from("<dataTiming");
+        for (name, value) in [
+            ("noLaterThan", self.no_later_than),
+            ("returnTrip", self.return_trip),
+            ("reportAfter", self.report_after),
+        ] {
+            if value != 0 {
+                element.push_str(&format!(" {name}='{value}'"));
+            }
+        }
+        if self.report_errors {
+            element.push_str(" reportErrors='true'");
+        }
+        format!(
+            "<option internal='dataTiming' targetHop='all' mustUnderstand='true' transID='{}'>{element} /></option>",
+            self.trans_id
+        )
     }
+}
+
+/// The `data` message of `apex send` (RFC 3340 §4.4.4).
+fn data_document(
+    from: &Endpoint,
+    to: &[Endpoint],
+    status: Option<u32>,
+    timing: Option<&Timing>,
+    text: &str,
+) -> Bytes {
+    let mut data = DataBuilder::new(from.as_str()).to_all(to.iter().map(Endpoint::as_str));
+    if let Some(id) = status {
+        data = data.status_request(id);
+    }
+    if let Some(timing) = timing {
+        data = data.option(timing.option_xml());
+    }
+    data.text(text)
 }
 
 /// `apex send`: attaches as the originator, sends one data, reports the answer and, with
@@ -1593,7 +1694,13 @@ fn run_send(
     else {
         return Ok(Status::Failed);
     };
-    let payload = data_document(&opts.from, &opts.to, opts.status, &opts.text);
+    let payload = data_document(
+        &opts.from,
+        &opts.to,
+        opts.status,
+        opts.timing.as_ref(),
+        &opts.text,
+    );
     let data_msgno = peer
         .session
         .send_msg(channel, payload)
@@ -1605,11 +1712,16 @@ fn run_send(
             missing.push(to);
         }
     }
+    // With returnTrip, each recipient's final timing report (250 or 550) is waited for.
+    let mut timing_missing: Vec<&Endpoint> = match opts.timing {
+        Some(timing) if timing.return_trip != 0 => missing.clone(),
+        _ => Vec::new(),
+    };
     // Status lines that arrive before the relay's `ok` are printed after `accepted`.
     let mut held: Vec<String> = Vec::new();
     let mut deadline = Instant::now() + io;
     loop {
-        if accepted && (opts.status.is_none() || missing.is_empty()) {
+        if accepted && (opts.status.is_none() || missing.is_empty()) && timing_missing.is_empty() {
             break;
         }
         let event = match peer.wait(Some(deadline))? {
@@ -1618,7 +1730,11 @@ fn run_send(
                 bail!("timed out waiting for the relay to answer the data")
             }
             Wait::Timeout => {
-                let names: Vec<&str> = missing.iter().map(|e| e.as_str()).collect();
+                let names: Vec<&str> = missing
+                    .iter()
+                    .chain(&timing_missing)
+                    .map(|e| e.as_str())
+                    .collect();
                 bail!("timed out waiting for the status of {}", names.join(", "))
             }
             Wait::Interrupted => bail!("interrupted"),
@@ -1658,13 +1774,21 @@ fn run_send(
                 Msg::Data(_, Some(response)) => {
                     // The carrying data is answered ok whatever it reports (RFC 3340 §6.2).
                     peer.rpy_ok(c, msgno)?;
-                    if Some(response.trans_id) != opts.status {
+                    let is_status = Some(response.trans_id) == opts.status;
+                    let is_timing = opts.timing.map(|t| t.trans_id) == Some(response.trans_id);
+                    if !is_status && !is_timing {
                         continue;
                     }
                     for d in response.destinations {
-                        let line = format!("status {} {}", d.identity, code_text(d.code, &d.text));
+                        let kind = if is_status { "status" } else { "timing" };
+                        let line = format!("{kind} {} {}", d.identity, code_text(d.code, &d.text));
                         if let Ok(dest) = Endpoint::parse(&d.identity) {
-                            missing.retain(|m| **m != dest);
+                            if is_status {
+                                missing.retain(|m| **m != dest);
+                            } else if d.code != 350 {
+                                // 350 is transient (RFC 3342 §2.2.1); 250 and 550 are final.
+                                timing_missing.retain(|m| **m != dest);
+                            }
                         }
                         if accepted {
                             writeln!(out, "{line}")?;
@@ -2474,6 +2598,7 @@ mod tests {
             from: ep("fred@example.com"),
             to: to.iter().map(|t| ep(t)).collect(),
             status,
+            timing: None,
             security: Security::default(),
             text: text.to_owned(),
             status_timeout: Duration::from_secs(5),
@@ -2487,6 +2612,59 @@ mod tests {
             "\r\n      <statusResponse transID='{trans_id}'>\r\n         <destination identity='barney@example.com'>\r\n            <reply code='250' transID='{trans_id}' />\r\n         </destination>\r\n         <destination identity='wilma@example.com'>\r\n            <reply code='550' transID='{trans_id}'>unknown endpoint identity</reply>\r\n         </destination>\r\n      </statusResponse>\r\n   "
         );
         data_payload("apex=report@example.com", "fred@example.com", &content)
+    }
+
+    /// A report from the report service on barney: `code` for option `trans_id`.
+    fn timing_report(trans_id: u32, code: u16) -> Bytes {
+        let content = format!(
+            "\r\n      <statusResponse transID='{trans_id}'>\r\n         <destination identity='barney@example.com'>\r\n            <reply code='{code}' transID='{trans_id}' />\r\n         </destination>\r\n      </statusResponse>\r\n   "
+        );
+        data_payload("apex=report@example.com", "fred@example.com", &content)
+    }
+
+    /// RFC 3342 §2 (OPT-07): `--no-later-than`, `--report-after`, `--return-trip` and
+    /// `--report-errors` send one dataTiming option with targetHop='all' and
+    /// mustUnderstand='true'; the transient report prints, and send waits for the final hop
+    /// report.
+    #[test]
+    fn opt_07_send_with_timing_prints_timing_reports() {
+        let timing = timing_option(Some(300), Some(100), Some(10_000), true, Some(86))
+            .unwrap()
+            .unwrap();
+        assert_eq!(timing.trans_id, 87, "distinct from the statusRequest's");
+        assert_eq!(
+            timing.option_xml(),
+            "<option internal='dataTiming' targetHop='all' mustUnderstand='true' transID='87'><dataTiming noLaterThan='300' returnTrip='10000' reportAfter='100' reportErrors='true' /></option>"
+        );
+        assert!(timing_option(None, None, None, true, None).is_err());
+        assert_eq!(timing_option(None, None, None, false, None).unwrap(), None);
+        let respond: Respond = Box::new(|payload| {
+            let Ok(Operation::Data(data)) = parse_message(payload, &limits()) else {
+                return (false, error_payload(501, "not data"), Vec::new());
+            };
+            let option = &data.options[0];
+            assert_eq!(option.internal.as_deref(), Some("dataTiming"));
+            let id = option.trans_id;
+            let reports = vec![timing_report(id, 350), timing_report(id, 250)];
+            (true, ok_payload(), reports)
+        });
+        let (addr, relay) = fake_relay(Some("<ok />"), Vec::new(), respond);
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut out = Vec::new();
+        let mut opts = send_opts(&["barney@example.com"], None, "hi");
+        opts.timing = Some(Timing {
+            trans_id: 9,
+            ..timing
+        });
+        let status = run_send(stream, &opts, stop(), &mut out).unwrap();
+        assert_eq!(status, Status::Success);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "accepted\n\
+             timing barney@example.com 350\n\
+             timing barney@example.com 250\n"
+        );
+        relay.join().unwrap();
     }
 
     #[test]
@@ -2709,6 +2887,7 @@ mod tests {
             &ep("o'brien@example.com"),
             &[ep("b&b@example.com")],
             Some(5),
+            None,
             "<tag> & \"q\"",
         );
         let Operation::Data(data) = parse_message(&doc, &limits()).unwrap() else {

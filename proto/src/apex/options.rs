@@ -14,7 +14,7 @@
 //! | attach step 4 | [`attach_options`]; on `override_existing`, [`override_terminate_payload`] |
 //! | data step 2 (before `ok`) | [`check_must_understand`] on the per-data options (504 on failure) |
 //! | data step 4 / 5.1 | [`check_must_understand`] on originator / recipient options (recipient fails) |
-//! | 5.2 forward | [`prepare_forward`] on the per-data options; [`must_remove_before_sending`] on party options; [`edit_payload`] |
+//! | 5.2 forward | [`prepare_forward`] on the per-data options; [`must_remove_before_sending`] on party options; [`edit_payload`]; [`restamp_forward`] as the data leaves the link |
 //! | 5.3 local | [`prepare_delivery`]; [`hold_requested`] + [`HoldLimits`]; after the application's answer [`DataTiming::on_ok`] / [`DataTiming::on_deadline`] |
 //! | reports | [`status_requests_for`], [`Report::payload`], [`report_payload`] |
 //!
@@ -936,6 +936,69 @@ pub fn prepare_forward(
             options: out,
             reports,
         })
+    }
+}
+
+/// What to do with a forwarded data as it leaves for the next relay ([`restamp_forward`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Restamp {
+    /// Send `payload` (its `dataTiming` brought up to date, carried as `option`); send
+    /// `report` too (a transient timing report when `reportAfter` ran out meanwhile).
+    Send {
+        /// The data message to send.
+        payload: Bytes,
+        /// The `dataTiming` option as it now stands in `payload`.
+        option: ApexOption,
+        /// Transient timing report to send, if any.
+        report: Option<Report>,
+    },
+    /// `noLaterThan` ran out while the data waited: do not send it; send `report` (a timing
+    /// error report, when `reportErrors='true'`).
+    Drop {
+        /// Timing error report to send, if any.
+        report: Option<Report>,
+    },
+}
+
+/// Step 5.2 once more, immediately before a forwarded data goes to the next relay (RFC 3342
+/// §2.1: "immediately prior to sending"; OPT-08, OPT-12): `payload` carries the `dataTiming`
+/// `option` whose values held at `stamped_at_ms` (see [`prepare_forward`]); the time since,
+/// spent in this relay's queues, is subtracted now, at `now_ms`. Only that option changes.
+pub fn restamp_forward(
+    payload: &Bytes,
+    option: &ApexOption,
+    stamped_at_ms: u64,
+    now_ms: u64,
+) -> Result<Restamp, OpError> {
+    let unchanged = |report| Restamp::Send {
+        payload: payload.clone(),
+        option: option.clone(),
+        report,
+    };
+    if now_ms <= stamped_at_ms {
+        return Ok(unchanged(None));
+    }
+    let timing = DataTiming::parse(option)?;
+    match timing.elapse(stamped_at_ms, now_ms) {
+        TimingCheck::Expired { report } => Ok(Restamp::Drop { report }),
+        TimingCheck::Continue { timing: next, .. } if next == timing => Ok(unchanged(None)),
+        TimingCheck::Continue {
+            timing: next,
+            report,
+        } => {
+            let Some(at) = memchr::memmem::find(payload, &option.raw) else {
+                return Err(invalid("the dataTiming option is not in the data"));
+            };
+            let rewritten = next.rewrite(option)?;
+            let target = payload.slice(at..at + option.raw.len());
+            let edited = edit_payload(payload, &[Edit::replace(&target, rewritten.raw.clone())])
+                .ok_or_else(|| invalid("the dataTiming option is not in the data"))?;
+            Ok(Restamp::Send {
+                payload: edited,
+                option: rewritten,
+                report,
+            })
+        }
     }
 }
 

@@ -23,6 +23,7 @@ use bytes::Bytes;
 
 use crate::apex::client::{self, Answer};
 use crate::apex::msg::{self};
+use crate::apex::options::{self, Restamp};
 use crate::apex::relay::{ConnId, ForwardReports, APEX_PROFILE};
 use crate::beep::mgmt::{code, ProfileOffer};
 use crate::beep::session::{Event, ReplyKind, Session};
@@ -164,7 +165,13 @@ pub(super) struct LinkEffects {
     pub(super) connect: bool,
     /// The next relay said `proceed`: begin the TLS handshake on the connection.
     pub(super) start_tls: bool,
+    /// Reports a forward's `dataTiming` asked for as it left (transient, 350) or instead of
+    /// leaving (timing error), with the forward they are about (RFC 3342 §2.1, §2.2).
+    pub(super) timing_reports: Vec<(Box<ForwardReports>, options::Report)>,
 }
+
+/// Why a forward fails whose `dataTiming` `noLaterThan` ran out while it waited on the link.
+pub(super) const TIMING_EXPIRED: &str = "dataTiming noLaterThan ran out before the data left";
 
 /// The link to one remote domain.
 #[derive(Debug)]
@@ -183,6 +190,33 @@ pub(super) struct Link {
     bound: bool,
     /// Whether the current connection runs TLS.
     secured: bool,
+}
+
+/// `payload`, the data of `forward`, with the time since its `dataTiming` values were worked
+/// out subtracted at relay-clock `now_ms` (`forward.timing` follows), or `None` when its
+/// `noLaterThan` ran out; and the report that asks for, if any. Option content that no longer
+/// parses (it parsed when the data was accepted) leaves the data as it is.
+fn restamp(
+    forward: &mut ForwardReports,
+    payload: &Bytes,
+    now_ms: u64,
+) -> (Option<Bytes>, Option<options::Report>) {
+    let Some(timing) = forward.timing.as_mut() else {
+        return (Some(payload.clone()), None);
+    };
+    match options::restamp_forward(payload, &timing.option, timing.stamped_at_ms, now_ms) {
+        Ok(Restamp::Send {
+            payload,
+            option,
+            report,
+        }) => {
+            timing.option = option;
+            timing.stamped_at_ms = timing.stamped_at_ms.max(now_ms);
+            (Some(payload), report)
+        }
+        Ok(Restamp::Drop { report }) => (None, report),
+        Err(_) => (Some(payload.clone()), None),
+    }
 }
 
 /// Why data fails when the next relay answers it with something that is not `ok` or `error`.
@@ -221,12 +255,14 @@ impl Link {
 
     /// Queues `payload`; sends it at once when bound and there is room (`session` is the
     /// link's, when open). A full queue fails it.
+    /// `now_ms` is the relay clock's (see [`Link::pump`]).
     pub(super) fn enqueue(
         &mut self,
         payload: Bytes,
         reports: Answers,
         session: Option<&mut Session>,
         config: &LinkConfig,
+        now_ms: u64,
         effects: &mut LinkEffects,
     ) {
         if self.queue.len() >= config.queue {
@@ -241,7 +277,7 @@ impl Link {
                 self.state = LinkState::Connecting;
                 effects.connect = true;
             }
-            (LinkState::Open { .. }, Some(session)) => self.pump(session, config),
+            (LinkState::Open { .. }, Some(session)) => self.pump(session, config, now_ms, effects),
             _ => {}
         }
     }
@@ -306,6 +342,7 @@ impl Link {
         event: Event,
         config: &LinkConfig,
         now: Instant,
+        now_ms: u64,
         effects: &mut LinkEffects,
     ) {
         let LinkState::Open { conn, phase } = self.state else {
@@ -473,7 +510,7 @@ impl Link {
         match failure {
             Some(reason) => self.end(session, conn, reason, now),
             // Newly bound, or a reply made room: what is queued goes out.
-            None => self.pump(session, config),
+            None => self.pump(session, config, now_ms, effects),
         }
     }
 
@@ -519,8 +556,16 @@ impl Link {
         self.state = LinkState::Open { conn, phase };
     }
 
-    /// Sends queued data while the in-flight bound allows (only when bound).
-    pub(super) fn pump(&mut self, session: &mut Session, config: &LinkConfig) {
+    /// Sends queued data while the in-flight bound allows (only when bound). A data with a
+    /// `dataTiming` has the time it waited here subtracted as it leaves (relay-clock `now_ms`;
+    /// OPT-08, OPT-12): one whose `noLaterThan` ran out is not sent but fails.
+    pub(super) fn pump(
+        &mut self,
+        session: &mut Session,
+        config: &LinkConfig,
+        now_ms: u64,
+        effects: &mut LinkEffects,
+    ) {
         let LinkState::Open {
             phase: Phase::Bound { channel },
             ..
@@ -529,9 +574,26 @@ impl Link {
             return;
         };
         while self.in_flight.len() < config.in_flight {
-            let Some(Queued { payload, reports }) = self.queue.pop_front() else {
+            let Some(Queued {
+                mut payload,
+                mut reports,
+            }) = self.queue.pop_front()
+            else {
                 break;
             };
+            if let Some(forward) = reports.as_mut().filter(|r| r.timing.is_some()) {
+                let (restamped, report) = restamp(forward, &payload, now_ms);
+                if let Some(report) = report {
+                    effects.timing_reports.push((forward.clone(), report));
+                }
+                match restamped {
+                    Some(restamped) => payload = restamped,
+                    None => {
+                        effects.failed.push((reports, TIMING_EXPIRED.to_owned()));
+                        continue;
+                    }
+                }
+            }
             match session.try_send_msg(channel, payload) {
                 Ok(_) => self.in_flight.push_back(reports),
                 Err((_, payload)) => {

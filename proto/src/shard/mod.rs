@@ -622,8 +622,16 @@ impl ShardCore {
             };
             let mut effects = LinkEffects::default();
             let before = link.deadline(&self.link_config);
+            let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
             while let Some(event) = c.session.poll_event() {
-                link.handle_event(&mut c.session, event, &self.link_config, now, &mut effects);
+                link.handle_event(
+                    &mut c.session,
+                    event,
+                    &self.link_config,
+                    now,
+                    now_ms,
+                    &mut effects,
+                );
             }
             if !effects.start_tls && c.session.input_paused() {
                 c.session.resume_input();
@@ -857,7 +865,13 @@ impl ShardCore {
 
     /// Data for another domain (after the relay's routing): onto this shard's link to it, or
     /// to the shard that owns that link.
-    fn forward(&mut self, domain: String, payload: Bytes, reports: Option<Box<ForwardReports>>) {
+    fn forward(
+        &mut self,
+        domain: String,
+        payload: Bytes,
+        reports: Option<Box<ForwardReports>>,
+        now_ms: u64,
+    ) {
         let owner = domain_shard(&domain, self.shards);
         if owner != self.shard {
             self.to_shards.push_back((
@@ -890,7 +904,14 @@ impl ShardCore {
             .and_then(|conn| self.conns.get_mut(&conn))
             .map(|c| &mut c.session);
         let mut effects = LinkEffects::default();
-        link.enqueue(payload, reports, session, &self.link_config, &mut effects);
+        link.enqueue(
+            payload,
+            reports,
+            session,
+            &self.link_config,
+            now_ms,
+            &mut effects,
+        );
         if let Some(conn) = link.conn() {
             self.wake(conn);
         }
@@ -900,6 +921,9 @@ impl ShardCore {
     /// Carries out what a link asked: failed data is reported by the relay (APEX-24), and a
     /// connection is asked of the runtime. The caller executes the relay's actions.
     fn apply_link_effects(&mut self, key: &str, effects: LinkEffects) {
+        for (forward, report) in effects.timing_reports {
+            self.relay.forward_timing_report(&forward, report);
+        }
         for (reports, reason) in effects.failed {
             tracing::debug!(domain = key, %reason, "relay link data failed");
             self.relay.forward_failed(reports.as_deref(), &reason);
@@ -1204,7 +1228,8 @@ impl ShardCore {
                     reports,
                 } => {
                     self.counts.data_forwarded += 1;
-                    self.forward(domain, payload, reports)
+                    let now_ms = self.ms(now);
+                    self.forward(domain, payload, reports, now_ms)
                 }
                 Action::ResolveRelay { domain } => self.resolves.push_back(domain),
                 Action::Store(request) => self.stores.push_back(request),

@@ -409,6 +409,10 @@ pub struct RelayNet {
     /// While set, envelopes between shards stay queued (a slow shard queue): lets a test
     /// interleave connection events with cross-shard exchanges.
     pub pause_mesh: bool,
+    /// While set, links' requests for a connection wait (a slow connect): data queues on the
+    /// link until [`RelayNet::release_connects`].
+    pub hold_connects: bool,
+    held_connects: Vec<(usize, String)>,
     /// The relay's durable state, as the runtime's store keeps it: [`Output::Store`] requests
     /// are applied to it, and the shards get its access table after every change.
     pub store: crate::store::StoreState,
@@ -541,6 +545,8 @@ impl RelayNet {
             },
             now_ms: 0,
             pause_mesh: false,
+            hold_connects: false,
+            held_connects: Vec::new(),
             envelopes: VecDeque::new(),
             epoch,
         }
@@ -718,6 +724,15 @@ impl RelayNet {
             if core.poll_timeout().is_some_and(|due| due <= now) {
                 core.handle_timeout(now);
             }
+        }
+        self.drive();
+    }
+
+    /// Connects the links whose connection waited ([`RelayNet::hold_connects`]), and drives.
+    pub fn release_connects(&mut self) {
+        self.hold_connects = false;
+        for (shard, domain) in std::mem::take(&mut self.held_connects) {
+            self.connect_link(shard, domain);
         }
         self.drive();
     }
@@ -1042,6 +1057,9 @@ impl RelayNet {
                         } => {
                             self.envelopes_sent += 1;
                             self.envelopes.push_back((to, envelope));
+                        }
+                        Output::Connect { domain } if self.hold_connects => {
+                            self.held_connects.push((shard, domain))
                         }
                         Output::Connect { domain } => self.connect_link(shard, domain),
                         Output::Store(request) => self.store_queue.push_back((shard, request)),

@@ -199,6 +199,14 @@ pub enum Envelope {
         /// Refusing from now on, or no longer.
         refusing: bool,
     },
+    /// To the shard running a delivery's `dataTiming` watch ([`TimingHandle`]): the
+    /// recipient answered (`delivered`: with `ok`), or the delivery failed.
+    TimingSettled {
+        /// The watch's number on that shard.
+        id: u64,
+        /// Whether the recipient answered `ok`.
+        delivered: bool,
+    },
 }
 
 /// A delivery of data kept in the store (hold4Endpoint): what holds it again should the
@@ -250,6 +258,48 @@ pub struct ReportRequest {
     pub originator: Endpoint,
     /// The recipient reported on, as the data named it.
     pub recipient: CompactString,
+    /// Whether a statusRequest asked for this report: `false` when the request only carries
+    /// `timing` (data with a `dataTiming` option and no statusRequest).
+    pub status_asked: bool,
+    /// The delivery's `dataTiming` watch (RFC 3342 §2.1, §2.2), told the delivery's outcome.
+    pub timing: Option<TimingHandle>,
+}
+
+impl ReportRequest {
+    /// The request of a statusRequest with transID `trans_id` (RFC 3340 §5.1), with no
+    /// `dataTiming` watch.
+    pub fn asked(trans_id: u32, originator: Endpoint, recipient: CompactString) -> Self {
+        Self {
+            trans_id,
+            originator,
+            recipient,
+            status_asked: true,
+            timing: None,
+        }
+    }
+}
+
+/// Where a local delivery's `dataTiming` watch runs: the shard that accepted the data, and
+/// the watch's number there (see `timing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimingHandle {
+    /// The shard whose relay runs the watch.
+    pub shard: usize,
+    /// The watch's number on that shard.
+    pub id: u64,
+}
+
+/// A forward's `dataTiming` (RFC 3342 §2.1, §2.2): the values its payload carries were
+/// worked out at relay-clock millisecond `stamped_at_ms`; the time from then until the data
+/// leaves for the next relay is subtracted when it does (OPT-08, OPT-12).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardTiming {
+    /// The `dataTiming` option as it stands in the payload.
+    pub option: ApexOption,
+    /// When its values were last brought up to date (relay-clock ms).
+    pub stamped_at_ms: u64,
+    /// The recipients the forward carries, as the data named them (for reports).
+    pub recipients: Vec<CompactString>,
 }
 
 /// One statusRequest of forwarded data, for one recipient (RFC 3340 §5.1).
@@ -278,6 +328,8 @@ pub struct ForwardReports {
     /// may take before this relay reports the outcome unknown (ms; issue 19 item 7). `None`:
     /// not watched (the originator is not of this domain, so its reports do not pass here).
     pub watch_ms: Option<u64>,
+    /// The forward's `dataTiming`, when it has one with something to count down.
+    pub timing: Option<ForwardTiming>,
 }
 
 /// A report from another relay's report service on one recipient, seen passing through on

@@ -47,6 +47,29 @@ pub(super) fn rebuild(
         .unwrap_or_else(|| data.payload_for(recipients, |o| options.iter().any(|n| n.raw == o.raw)))
 }
 
+/// The `dataTiming` of a forward whose per-data options are `options` (as they will be sent,
+/// values brought up to `now_ms`), when it applies on the way and has something to count down
+/// until the data leaves for the next relay (RFC 3342 §2.1, §2.2; OPT-08, OPT-12).
+fn forward_timing(
+    options: &[ApexOption],
+    now_ms: u64,
+    recipients: &[&str],
+) -> Option<ForwardTiming> {
+    let option = options.iter().find(|o| {
+        options::KnownOption::of(o) == Some(options::KnownOption::DataTiming)
+            && options::applies_here(o, Hop::Intermediate)
+    })?;
+    let timing = options::DataTiming::parse(option).ok()?;
+    if timing.no_later_than == 0 && timing.report_after == 0 {
+        return None;
+    }
+    Some(ForwardTiming {
+        option: option.clone(),
+        stamped_at_ms: now_ms,
+        recipients: recipients.iter().map(|r| CompactString::from(*r)).collect(),
+    })
+}
+
 impl Relay {
     /// Whether data for `at` is refused (see [`Relay::set_refusing`]).
     pub(super) fn is_refusing(&self, at: &ChannelRef) -> bool {
@@ -198,11 +221,11 @@ impl Relay {
             let report = options::status_requests_for(data, i, Hop::Final)
                 .first()
                 .map(|&trans_id| {
-                    Box::new(ReportRequest {
+                    Box::new(ReportRequest::asked(
                         trans_id,
-                        originator: originator.clone(),
-                        recipient: recipient.identity.clone(),
-                    })
+                        originator.clone(),
+                        recipient.identity.clone(),
+                    ))
                 });
             if let Some(e) = &originator_refused {
                 self.report(report, e.code, &e.text);
@@ -250,6 +273,13 @@ impl Relay {
                     timings,
                 }) => {
                     self.option_reports(&reports, &originator, &[recipient.identity.as_str()]);
+                    // From receipt (now) until the recipient's `ok` (RFC 3342 §2.1, §2.2).
+                    let report = match timings.first() {
+                        Some(timing) => {
+                            self.with_timing(report, timing, &originator, &recipient.identity)
+                        }
+                        None => report,
+                    };
                     let payload = rebuild(data, &[i], &options, Hop::Final);
                     let hold = if options::hold_requested(&data.options, Hop::Final) {
                         match self.config.hold.deadline(self.now_ms, timings.first()) {
@@ -276,7 +306,8 @@ impl Relay {
                 Ok(options::Forward::Send { options, reports }) => {
                     self.option_reports(&reports, &originator, &names);
                     let payload = rebuild(data, &recipients, &options, Hop::Intermediate);
-                    let reports = self.forward_reports(data, &originator, &recipients);
+                    let timing = forward_timing(&options, self.now_ms, &names);
+                    let reports = self.forward_reports(data, &originator, &recipients, timing);
                     self.actions.push_back(Action::Forward {
                         domain,
                         payload,
@@ -292,11 +323,11 @@ impl Relay {
                         let report = options::status_requests_for(data, i, Hop::Intermediate)
                             .first()
                             .map(|&trans_id| {
-                                Box::new(ReportRequest {
+                                Box::new(ReportRequest::asked(
                                     trans_id,
-                                    originator: originator.clone(),
-                                    recipient: data.recipients[i].identity.clone(),
-                                })
+                                    originator.clone(),
+                                    data.recipients[i].identity.clone(),
+                                ))
                             });
                         self.report(report, e.code, &e.text);
                     }
@@ -317,6 +348,7 @@ impl Relay {
         data: &Data,
         originator: &Endpoint,
         recipients: &[usize],
+        timing: Option<ForwardTiming>,
     ) -> Option<Box<ForwardReports>> {
         let mut here = Vec::new();
         let mut onward = Vec::new();
@@ -337,7 +369,7 @@ impl Relay {
                     .map(asked),
             );
         }
-        if here.is_empty() && onward.is_empty() {
+        if here.is_empty() && onward.is_empty() && timing.is_none() {
             return None;
         }
         let watch_ms = if !onward.is_empty() && self.serves(originator.domain()) {
@@ -356,7 +388,31 @@ impl Relay {
             here,
             onward,
             watch_ms,
+            timing,
         }))
+    }
+
+    /// `report` carrying the handle of a new `dataTiming` watch on the delivery to
+    /// `recipient` of data received now (see `timing`); a request made for it alone when no
+    /// statusRequest asked. Unchanged when there is nothing to watch or no room.
+    fn with_timing(
+        &mut self,
+        report: Option<Report>,
+        timing: &options::DataTiming,
+        originator: &Endpoint,
+        recipient: &CompactString,
+    ) -> Option<Report> {
+        let Some(handle) = self.watch_timing(timing, self.now_ms, originator, recipient) else {
+            return report;
+        };
+        let mut request = report.unwrap_or_else(|| {
+            Box::new(ReportRequest {
+                status_asked: false,
+                ..ReportRequest::asked(timing.trans_id, originator.clone(), recipient.clone())
+            })
+        });
+        request.timing = Some(handle);
+        Some(request)
     }
 
     /// Sends the reports options asked for (dataTiming, dataHopping) to the originator.

@@ -114,17 +114,25 @@ impl Relay {
             return;
         }
         let holds = std::mem::take(&mut self.persisting);
-        let ops = holds
-            .iter()
-            .map(|h| {
-                StoreOp::Hold(HeldMessage {
-                    recipient: h.recipient.clone(),
-                    payload: h.payload.clone(),
-                    report: h.report.as_deref().cloned(),
-                    remaining_ms: h.hold.deadline().map(|at| at.saturating_sub(self.now_ms)),
+        let ops =
+            holds
+                .iter()
+                .map(|h| {
+                    StoreOp::Hold(HeldMessage {
+                        recipient: h.recipient.clone(),
+                        payload: h.payload.clone(),
+                        // Only a statusRequest survives a restart; a dataTiming watch is this
+                        // process's (the record keeps the time the data may still wait).
+                        report: h.report.as_deref().filter(|r| r.status_asked).map(|r| {
+                            ReportRequest {
+                                timing: None,
+                                ..r.clone()
+                            }
+                        }),
+                        remaining_ms: h.hold.deadline().map(|at| at.saturating_sub(self.now_ms)),
+                    })
                 })
-            })
-            .collect();
+                .collect();
         let all_held = holds.len() == recipients;
         self.ask_store(
             ops,

@@ -16,6 +16,8 @@ pub(super) struct Held {
     deadline: Option<u64>,
     /// Its record in the store.
     stored: Option<HoldId>,
+    /// When it was put here (relay-clock ms): its `dataTiming` loses the time held.
+    held_at: u64,
 }
 
 impl Relay {
@@ -106,15 +108,26 @@ impl Relay {
                 report,
                 deadline,
                 stored,
+                held_at: self.now_ms,
             });
     }
 
-    /// `endpoint` attached at `at`: what was held for it goes there, in arrival order.
+    /// `endpoint` attached at `at`: what was held for it goes there, in arrival order, its
+    /// `dataTiming` reduced by the time held (RFC 3342 §2.1, §3). Data whose deadline has
+    /// passed stays for [`Relay::handle_timeout`], which drops and reports it.
     pub(super) fn release_held(&mut self, endpoint: &Endpoint, at: ChannelRef) {
         if let Some(queue) = self.held.remove(endpoint) {
+            let now_ms = self.now_ms;
+            let (expired, queue): (VecDeque<Held>, VecDeque<Held>) = queue
+                .into_iter()
+                .partition(|held| held.deadline.is_some_and(|d| d <= now_ms));
+            if !expired.is_empty() {
+                self.held.insert(endpoint.clone(), expired);
+            }
             self.as_own(|relay| {
-                for held in queue {
+                for mut held in queue {
                     relay.uncount_held(held.originator.as_ref(), held.payload.len());
+                    held.payload = relay.less_time_held(held.payload, held.held_at);
                     let stored = held.stored.map(|id| {
                         Box::new(Stored {
                             id,
@@ -129,20 +142,54 @@ impl Relay {
         }
     }
 
+    /// `payload` (held data) with the time since `held_at` subtracted from its `dataTiming`
+    /// options (OPT-09, OPT-12): the recipient is given what remains. Its transient report is
+    /// the delivery's `dataTiming` watch's business (see `timing`), not sent here.
+    fn less_time_held(&mut self, payload: Bytes, held_at: u64) -> Bytes {
+        if self.now_ms <= held_at
+            || memchr::memmem::find(&payload, options::KnownOption::DataTiming.name().as_bytes())
+                .is_none()
+        {
+            return payload;
+        }
+        let Ok(Operation::Data(data)) = msg::parse_message(&payload, &self.config.limits) else {
+            return payload;
+        };
+        let Ok(options::Delivery::Deliver { options, .. }) =
+            options::prepare_delivery(&data.options, held_at, self.now_ms)
+        else {
+            return payload;
+        };
+        let edits: Vec<Edit> = data
+            .options
+            .iter()
+            .zip(&options)
+            .filter(|(old, new)| old.raw != new.raw)
+            .map(|(old, new)| Edit::replace(&old.raw, new.raw.clone()))
+            .collect();
+        options::edit_payload(data.payload(), &edits).unwrap_or(payload)
+    }
+
     /// When the relay next needs [`Relay::handle_timeout`] (relay-clock ms), if ever.
     pub fn next_deadline(&self) -> Option<u64> {
-        match (self.hold_deadline, self.watches.next_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.hold_deadline,
+            self.watches.next_deadline(),
+            self.timing_watches.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Time passed: held data past its deadline is dropped and reported (RFC 3342 §3), and so
-    /// are forwards no later relay reported on in time (see `watch`).
+    /// are forwards no later relay reported on in time (see `watch`) and deliveries whose
+    /// `dataTiming` ran out (see `timing`).
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.routes_may_change();
         self.now_ms = now_ms;
         self.expire_watches(now_ms);
+        self.expire_timings(now_ms);
         let mut expired = Vec::new();
         for queue in self.held.values_mut() {
             queue.retain_mut(|held| {

@@ -24,7 +24,8 @@
 //! recipient is reached from this shard, a pure function), `deliver` (data acceptance and
 //! delivery), `hold` (hold4Endpoint, each originator's share of it), `report` (the report
 //! service, and the outcome of forwards), `watch` (forwarded statusRequests waiting for a
-//! later relay's report), `reply` (what replies to the relay's MSGs say), `error` (each refusal
+//! later relay's report), `timing` (dataTiming watches on local deliveries, RFC 3342 §2),
+//! `reply` (what replies to the relay's MSGs say), `error` (each refusal
 //! with its reply code) and `actions` (what goes to the runtime and to other shards).
 
 use std::collections::{HashMap, VecDeque};
@@ -64,11 +65,12 @@ mod report;
 mod route;
 #[cfg(test)]
 mod tests;
+mod timing;
 mod watch;
 
 pub use actions::{
-    Action, Envelope, ForwardReports, Hold, MsgReply, Report, ReportRequest, ReportSeen,
-    StatusAsked, Stored,
+    Action, Envelope, ForwardReports, ForwardTiming, Hold, MsgReply, Report, ReportRequest,
+    ReportSeen, StatusAsked, Stored, TimingHandle,
 };
 use auth::BindCheck;
 pub use auth::{
@@ -83,6 +85,7 @@ use reply::ReplyOutcome;
 pub use reply::{POORLY_FORMED_REPLY, POORLY_FORMED_REPLY_CLOSE_CODE};
 pub use route::{domain_shard, home_shard};
 use route::{route, Route};
+pub use timing::DEFAULT_MAX_TIMING_WATCHES;
 pub use watch::{ReportWatchLimits, DEFAULT_MAX_REPORT_WATCHES, DEFAULT_REPORT_TIMEOUT_MS};
 
 /// A connection of one shard: a slot and the generation of the connection in it (see the
@@ -350,6 +353,8 @@ pub struct Relay {
     release_retry: Vec<HoldId>,
     /// Forwarded statusRequests waiting for a report from a relay further on.
     watches: watch::Watches,
+    /// Local deliveries of data with a `dataTiming` option, waiting for their recipient.
+    timing_watches: timing::TimingWatches,
 }
 
 /// Most cached access decisions before the cache starts over.
@@ -400,6 +405,7 @@ impl Relay {
             hold_full: Vec::new(),
             release_retry: Vec::new(),
             watches: watch::Watches::default(),
+            timing_watches: timing::TimingWatches::default(),
         }
     }
 
@@ -968,6 +974,7 @@ impl Relay {
                 self.current_source = None;
             }
             Envelope::Refusing { at, refusing } => self.set_refusing(at, refusing),
+            Envelope::TimingSettled { id, delivered } => self.timing_settled(id, delivered),
             // The shard core's business: a relay handed one has nothing to do with it.
             Envelope::Window { .. } => {}
         }

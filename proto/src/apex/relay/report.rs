@@ -6,8 +6,16 @@ use super::*;
 
 impl Relay {
     /// Sends a statusResponse from `apex=report@<domain>` to the originator (APEX-38).
+    /// Also the moment a delivery's outcome is known: its `dataTiming` watch, if any, is told
+    /// (success is only ever reported for a delivered data).
     pub(super) fn report(&mut self, request: Option<Report>, reply_code: u16, text: &str) {
         let Some(request) = request else { return };
+        if let Some(timing) = request.timing {
+            self.timing_outcome(timing, reply_code == apex_code::SUCCESS);
+        }
+        if !request.status_asked {
+            return;
+        }
         self.as_own(|relay| relay.send_report(&request, reply_code, text));
     }
 
@@ -143,11 +151,11 @@ impl Relay {
         }
         let text = format!("accepted by the relay of {next_relay}");
         for asked in &reports.here {
-            let request = ReportRequest {
-                trans_id: asked.trans_id,
-                originator: reports.originator.clone(),
-                recipient: asked.recipient.clone(),
-            };
+            let request = ReportRequest::asked(
+                asked.trans_id,
+                reports.originator.clone(),
+                asked.recipient.clone(),
+            );
             self.as_own(|relay| relay.send_report(&request, apex_code::SUCCESS, &text));
         }
     }
@@ -168,11 +176,11 @@ impl Relay {
                 continue;
             }
             answered.push((asked.trans_id, asked.recipient.as_str()));
-            let request = Box::new(ReportRequest {
-                trans_id: asked.trans_id,
-                originator: reports.originator.clone(),
-                recipient: asked.recipient.clone(),
-            });
+            let request = Box::new(ReportRequest::asked(
+                asked.trans_id,
+                reports.originator.clone(),
+                asked.recipient.clone(),
+            ));
             self.report(Some(request), code::ACTION_NOT_TAKEN, reason);
         }
     }

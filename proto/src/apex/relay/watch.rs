@@ -34,6 +34,9 @@ pub struct ReportWatchLimits {
     pub timeout_ms: u64,
     /// Most watches per shard.
     pub max_watches: usize,
+    /// Most `dataTiming` watches on local deliveries per shard (`mesh.max_timing_watches`;
+    /// see `timing`).
+    pub max_timing_watches: usize,
 }
 
 impl Default for ReportWatchLimits {
@@ -41,6 +44,7 @@ impl Default for ReportWatchLimits {
         Self {
             timeout_ms: DEFAULT_REPORT_TIMEOUT_MS,
             max_watches: DEFAULT_MAX_REPORT_WATCHES,
+            max_timing_watches: super::timing::DEFAULT_MAX_TIMING_WATCHES,
         }
     }
 }
@@ -248,11 +252,11 @@ impl Relay {
     /// Watches past their bound: the originator hears that the outcome is unknown (450).
     pub(super) fn expire_watches(&mut self, now_ms: u64) {
         for key in self.watches.expire(now_ms) {
-            let request = Box::new(ReportRequest {
-                trans_id: key.trans_id,
-                originator: key.originator,
-                recipient: CompactString::from(key.recipient.as_str()),
-            });
+            let request = Box::new(ReportRequest::asked(
+                key.trans_id,
+                key.originator,
+                CompactString::from(key.recipient.as_str()),
+            ));
             self.report(
                 Some(request),
                 code::ACTION_NOT_TAKEN_TRANSIENT,
