@@ -5,18 +5,23 @@ resident memory, closes them all, waits until apexd has closed its side, reads i
 times.
 
     churn.py --port PORT --pid PID [--rounds R] [--connections N] [--attaching A]
-             [--domain D] [--batch B] [--settle-ms MS] [--max-seconds S]
+             [--domain D] [--batch B] [--settle-ms MS] [--after-seconds W]
+             [--min-returned-pct P] [--max-seconds S]
 
 Prints one line per measurement (KiB from /proc/PID/status; VmRSS and RssAnon):
     BASELINE rss_kib=X anon_kib=Y fds=F
     ROUND n=K held_rss_kib=X held_anon_kib=Y closed_rss_kib=X closed_anon_kib=Y
           kib_per_conn=Z seconds=T
+    SETTLED after_seconds=W rss_kib=X anon_kib=Y
     SUMMARY rounds=R connections=N attaching=A baseline_rss_kib=X peak_held_rss_kib=X
-            last_closed_rss_kib=X max_kib_per_conn=Z returned_pct=P
+            last_closed_rss_kib=X settled_rss_kib=X max_kib_per_conn=Z returned_pct=P
 kib_per_conn is (held RSS - baseline RSS) / CONNECTIONS: what each open session costs over an
-apexd that has none. returned_pct is how much of the last round's growth over the baseline was
-given back once its sessions closed. Exit 0 when every round ran, 1 when one could not (a
-connection refused or reset, a greeting or attach that did not come, the time bound).
+apexd that has none. settled_rss_kib is the RSS --after-seconds after the last round's sessions
+closed (an allocator may give pages back on a timer, not at once). returned_pct is how much of
+the churn's growth (peak held RSS over the baseline) was given back by then: 100 means back to
+the baseline, 0 means nothing came back. Exit 0 when every round ran and returned_pct is at least
+--min-returned-pct (default 0: no bound), 1 when a round could not run (a connection refused or
+reset, a greeting or attach that did not come, the time bound), 3 when too little came back.
 
 Loopback only, bounded: at most --batch sessions are being set up at once, and the whole run
 ends after --max-seconds. Standard library only; the BEEP framing comes from the independent
@@ -171,11 +176,15 @@ def main(argv=None):
     ap.add_argument("--domain", default="example.com")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--settle-ms", type=int, default=500)
+    ap.add_argument("--after-seconds", type=float, default=15.0)
+    ap.add_argument("--min-returned-pct", type=float, default=0.0)
     ap.add_argument("--max-seconds", type=float, default=120.0)
     args = ap.parse_args(argv)
     if not (1 <= args.rounds <= 100 and 1 <= args.connections <= 100000
-            and 0 <= args.attaching <= args.connections and 1 <= args.batch <= 4096):
-        ap.error("rounds 1-100, connections 1-100000, attaching 0-connections, batch 1-4096")
+            and 0 <= args.attaching <= args.connections and 1 <= args.batch <= 4096
+            and 0 <= args.after_seconds <= 600 and 0 <= args.min_returned_pct <= 100):
+        ap.error("rounds 1-100, connections 1-100000, attaching 0-connections, batch 1-4096, "
+                 "after-seconds 0-600, min-returned-pct 0-100")
     deadline = time.monotonic() + args.max_seconds
     settle = args.settle_ms / 1000
 
@@ -212,12 +221,26 @@ def main(argv=None):
     except (Failed, BeepError, OSError) as e:
         print(f"churn: {e}", file=sys.stderr)
         return 1
-    grown = held_rss - base_rss
-    returned = 100.0 * (held_rss - closed_rss) / grown if grown > 0 else 100.0
+    # Not bound by --max-seconds: the rounds are, and this wait is bounded on its own (0-600 s).
+    time.sleep(args.after_seconds)
+    try:
+        settled_rss = status_kib(args.pid, "VmRSS")
+        settled_anon = status_kib(args.pid, "RssAnon")
+    except (Failed, OSError) as e:
+        print(f"churn: {e}", file=sys.stderr)
+        return 1
+    print(f"SETTLED after_seconds={args.after_seconds:g} rss_kib={settled_rss} "
+          f"anon_kib={settled_anon}", flush=True)
+    grown = peak - base_rss
+    returned = 100.0 * (peak - settled_rss) / grown if grown > 0 else 100.0
     print(f"SUMMARY rounds={args.rounds} connections={args.connections} "
           f"attaching={args.attaching} baseline_rss_kib={base_rss} peak_held_rss_kib={peak} "
-          f"last_closed_rss_kib={closed_rss} max_kib_per_conn={worst:.1f} "
-          f"returned_pct={int(round(returned))}", flush=True)
+          f"last_closed_rss_kib={closed_rss} settled_rss_kib={settled_rss} "
+          f"max_kib_per_conn={worst:.1f} returned_pct={int(round(returned))}", flush=True)
+    if returned < args.min_returned_pct:
+        print(f"churn: {returned:.0f}% of the growth came back within {args.after_seconds:g} s; "
+              f"at least {args.min_returned_pct:g}% must", file=sys.stderr)
+        return 3
     return 0
 
 
