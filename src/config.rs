@@ -115,7 +115,7 @@ peers = []
 # Domains whose relays may relay data for originators of other domains (trusted
 # intermediaries, RFC 3340 §4.5.2); "*" trusts every relay that binds. (reload)
 trusted = []
-# Link settings, down to close_timeout_ms (reload).
+# Link settings, down to setup_timeout_ms (reload).
 # Data messages queued per outbound link while it connects; beyond it recipients fail.
 link_queue = 4096
 # Data messages in flight (awaiting the next relay's reply) per link.
@@ -127,6 +127,10 @@ connect_attempts = 5
 # How long a link that asked the next relay to release the session (RFC 3080 §2.4) waits for
 # its answer before closing the connection anyway (milliseconds).
 close_timeout_ms = 5000
+# How long a new link connection may take to be bound: the next relay's greeting, TLS, the
+# channel start and the answer to our bind (milliseconds). A relay that accepts the connection
+# and goes silent loses it, and the data queued for it fails (reported when asked).
+setup_timeout_ms = 10000
 # Watches on forwarded data that asks for status reports (statusRequest), for originators of
 # this domain: when no relay further on reports within report_timeout_ms (or the data's
 # dataTiming noLaterThan + returnTrip) of the data going onto the link, this relay reports 450,
@@ -343,6 +347,8 @@ pub struct MeshConfig {
     pub connect_attempts: u32,
     /// Wait for the next relay's answer to our session `close`, milliseconds.
     pub close_timeout_ms: u64,
+    /// Wait from a link's connection until it is bound, milliseconds.
+    pub setup_timeout_ms: u64,
     /// Wait for a later relay's status report on forwarded data, milliseconds; 0: none.
     pub report_timeout_ms: u64,
     /// Most forwards watched for a later relay's report, per shard.
@@ -752,6 +758,7 @@ impl Config {
             connect_attempts: self.mesh.connect_attempts,
             max_backoff: std::time::Duration::from_millis(self.mesh.max_backoff_ms),
             close_timeout: std::time::Duration::from_millis(self.mesh.close_timeout_ms),
+            setup_timeout: std::time::Duration::from_millis(self.mesh.setup_timeout_ms),
             // Links start TLS when there are roots to verify the next relay with.
             tls: !self.tls.ca.is_empty(),
         }
@@ -939,6 +946,9 @@ impl Config {
         }
         if self.mesh.max_timing_watches == 0 {
             bail!("field `mesh.max_timing_watches` must be at least 1");
+        }
+        if self.mesh.setup_timeout_ms == 0 {
+            bail!("field `mesh.setup_timeout_ms` must be at least 1");
         }
         parse_dns_server(&self.mesh.dns_server)?;
         Limits::from(&self.limits)
@@ -1265,6 +1275,11 @@ mod tests {
         .unwrap();
         assert_eq!(config.report_watch().timeout_ms, 1500);
         assert_eq!(config.report_watch().max_watches, 10);
+        let config = Config::from_toml("[mesh]\nsetup_timeout_ms = 250\n", "t.toml").unwrap();
+        assert_eq!(
+            config.link_config().setup_timeout,
+            std::time::Duration::from_millis(250)
+        );
         let config = Config::from_toml("[mesh]\nmax_timing_watches = 7\n", "t.toml").unwrap();
         assert_eq!(config.report_watch().max_timing_watches, 7);
         let dir = std::env::temp_dir().join(format!("apexd-hold-{}", std::process::id()));
@@ -1284,6 +1299,11 @@ mod tests {
                 "domain = \"x.org\"\n[mesh]\nmax_timing_watches = 0\n",
                 "mesh.max_timing_watches",
                 3,
+            ),
+            (
+                "domain = \"x.org\"\n[mesh]\n\nsetup_timeout_ms = 0\n",
+                "mesh.setup_timeout_ms",
+                4,
             ),
         ] {
             let path = dir.join("relay.toml");

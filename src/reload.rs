@@ -47,6 +47,7 @@ pub const RELOADABLE: &[&str] = &[
     "mesh.max_backoff_ms",
     "mesh.connect_attempts",
     "mesh.close_timeout_ms",
+    "mesh.setup_timeout_ms",
     "auth",
     "tls",
     "hold",

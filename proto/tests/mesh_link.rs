@@ -438,3 +438,66 @@ fn beep_41_an_unexpected_msg_on_a_link_gets_err_504_and_the_link_stays() {
     assert_eq!(net.forwards_to("rubble.com"), vec![first, second]);
     assert!(reports(&net, fred).is_empty(), "nothing failed");
 }
+
+/// A next relay that accepts the connection and never greets (RFC 3080 §2.4: either side may
+/// close a session that goes nowhere): the link keeps it `setup_timeout` and not a moment less,
+/// then closes it, and the queued data fails with that reason, reported where asked.
+#[test]
+fn a_next_relay_that_never_greets_loses_the_connection_at_the_setup_timeout() {
+    for shards in [1, 2] {
+        let (mut net, fred, channel) = net_with(
+            shards,
+            NextRelayBehaviour {
+                silent: true,
+                ..NextRelayBehaviour::default()
+            },
+        );
+        let (ok, _) = net.send(fred, channel, to_barney("to a silent relay"));
+        assert!(ok, "accepted by our relay before it is forwarded");
+        let owner = net.next_relays[0].shard;
+        assert!(matches!(
+            link_state(&net, owner),
+            Some(LinkState::Open {
+                phase: LinkPhase::Greeting,
+                ..
+            })
+        ));
+        let timeout = LinkConfig::new("example.com").setup_timeout.as_millis() as u64;
+        net.advance(timeout - 1);
+        assert!(
+            net.next_relays[0].connected,
+            "still within the setup timeout"
+        );
+        assert!(reports(&net, fred).is_empty());
+        net.advance(1);
+        assert!(!net.next_relays[0].connected, "closed at the setup timeout");
+        assert_eq!(link_state(&net, owner), Some(LinkState::Idle));
+        let reported = reports(&net, fred);
+        assert_eq!(reported.len(), 1, "{reported:?}");
+        assert_eq!(reported[0].0, 550);
+        assert!(
+            reported[0]
+                .1
+                .contains("did not set up the session within 10000 ms"),
+            "{reported:?}"
+        );
+        assert!(net.forwards.is_empty());
+    }
+}
+
+/// The setup timeout runs only until the link is bound: a bound link that stays quiet far
+/// longer keeps its connection and sends the next data on it.
+#[test]
+fn a_bound_link_is_not_subject_to_the_setup_timeout() {
+    let (mut net, fred, channel) = net_with(1, NextRelayBehaviour::default());
+    let (ok, _) = net.send(fred, channel, to_barney("one"));
+    assert!(ok);
+    let timeout = LinkConfig::new("example.com").setup_timeout.as_millis() as u64;
+    net.advance(3 * timeout);
+    assert!(net.next_relays[0].connected);
+    let (ok, _) = net.send(fred, channel, to_barney("two"));
+    assert!(ok);
+    assert_eq!(net.forwards_to("rubble.com").len(), 2);
+    assert_eq!(net.next_relays.len(), 1, "one connection served both");
+    assert!(reports(&net, fred).is_empty());
+}

@@ -44,7 +44,10 @@ pub fn connect(ctx: &Rc<ShardContext>, domain: String) {
         };
         match outcome {
             Ok((stream, addr)) => {
-                let conn = ctx.core.borrow_mut().link_connected(&domain);
+                let conn = ctx
+                    .core
+                    .borrow_mut()
+                    .link_connected(&domain, Instant::now());
                 match conn {
                     Some(conn) => {
                         info!(shard = ctx.id, %domain, %addr, %conn, "relay link connected");

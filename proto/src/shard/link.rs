@@ -13,8 +13,11 @@
 //! to the originator when asked (statusRequest). A reply that is neither `ok` nor `error` is a
 //! failure too, and ends the link (RFC 3080 §2.2.2.1 closes the channel, BEEP-15). A link that must end asks the next relay to
 //! release the session and waits for its answer before the transport is closed (RFC 3080
-//! §2.4), at most [`LinkConfig::close_timeout`]. Failed connection attempts back off, doubling
-//! from [`FIRST_BACKOFF`] up to [`LinkConfig::max_backoff`].
+//! §2.4), at most [`LinkConfig::close_timeout`]. A next relay that accepts the connection but
+//! does not greet, start the channel or answer the `bind` within [`LinkConfig::setup_timeout`]
+//! loses it, as an accepted peer that does not greet does (RFC 3080 §2.4 lets either side
+//! close a session that goes nowhere). Failed connection attempts back off, doubling from
+//! [`FIRST_BACKOFF`] up to [`LinkConfig::max_backoff`].
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -48,6 +51,8 @@ pub struct LinkConfig {
     /// How long a link that asked to release its session waits for the next relay's answer
     /// before its transport is closed anyway.
     pub close_timeout: Duration,
+    /// From the connection until bound: greeting, TLS, channel start and `bind` answered.
+    pub setup_timeout: Duration,
     /// Start TLS before binding, and give up on a next relay that does not offer it (a
     /// greeting without TLS may be a man in the middle's, RFC 3080 §9).
     pub tls: bool,
@@ -63,6 +68,7 @@ impl LinkConfig {
             connect_attempts: 5,
             max_backoff: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
+            setup_timeout: Duration::from_secs(10),
             tls: false,
         }
     }
@@ -107,6 +113,20 @@ pub enum Phase {
     },
     /// The next relay did not answer our `close` in time: the transport is being closed.
     Abandoned,
+}
+
+impl Phase {
+    /// Whether the connection is still being set up (not yet bound, not ending).
+    pub fn is_setup(&self) -> bool {
+        matches!(
+            self,
+            Phase::Greeting
+                | Phase::StartingTls
+                | Phase::Securing
+                | Phase::Starting
+                | Phase::Binding { .. }
+        )
+    }
 }
 
 /// A link's state.
@@ -190,6 +210,9 @@ pub(super) struct Link {
     bound: bool,
     /// Whether the current connection runs TLS.
     secured: bool,
+    /// When the current connection was made: its setup must be done by
+    /// [`LinkConfig::setup_timeout`] after it.
+    connected_at: Option<Instant>,
 }
 
 /// `payload`, the data of `forward`, with the time since its `dataTiming` values were worked
@@ -237,6 +260,7 @@ impl Link {
             ending: None,
             bound: false,
             secured: false,
+            connected_at: None,
         }
     }
 
@@ -282,8 +306,10 @@ impl Link {
         }
     }
 
-    /// The runtime connected the link: `conn` carries its initiator session from now on.
-    pub(super) fn connected(&mut self, conn: ConnId) {
+    /// The runtime connected the link at `now`: `conn` carries its initiator session from now
+    /// on.
+    pub(super) fn connected(&mut self, conn: ConnId, now: Instant) {
+        self.connected_at = Some(now);
         self.attempts = 0;
         self.backoff = FIRST_BACKOFF;
         self.ending = None;
@@ -660,6 +686,9 @@ impl Link {
                 phase: Phase::Closing { since },
                 ..
             } => Some(since + config.close_timeout),
+            LinkState::Open { phase, .. } if phase.is_setup() => {
+                self.connected_at.map(|since| since + config.setup_timeout)
+            }
             _ => None,
         }
     }
@@ -686,6 +715,21 @@ impl Link {
                 conn,
                 phase: Phase::Closing { since },
             } if since + config.close_timeout <= now => {
+                self.set_phase(conn, Phase::Abandoned);
+                true
+            }
+            LinkState::Open { conn, phase }
+                if phase.is_setup()
+                    && self
+                        .connected_at
+                        .is_some_and(|since| since + config.setup_timeout <= now) =>
+            {
+                // No session to release yet (or none that answers): the transport goes. What
+                // is queued fails with this reason, as after any setup that did not bind.
+                self.ending = Some(format!(
+                    "the next relay did not set up the session within {} ms",
+                    config.setup_timeout.as_millis()
+                ));
                 self.set_phase(conn, Phase::Abandoned);
                 true
             }

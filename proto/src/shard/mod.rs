@@ -795,10 +795,10 @@ impl ShardCore {
         self.execute(now);
     }
 
-    /// The runtime connected the link to `domain` (after [`Output::Connect`]): returns the
-    /// connection's id, whose initiator session the runtime drives like any other; `None`
-    /// when the link no longer wants it (close the transport).
-    pub fn link_connected(&mut self, domain: &str) -> Option<ConnId> {
+    /// The runtime connected the link to `domain` at `now` (after [`Output::Connect`]):
+    /// returns the connection's id, whose initiator session the runtime drives like any other;
+    /// `None` when the link no longer wants it (close the transport).
+    pub fn link_connected(&mut self, domain: &str, now: Instant) -> Option<ConnId> {
         let key = domain.to_ascii_lowercase();
         let link = self.links.get_mut(&key)?;
         if link.state != LinkState::Connecting || self.stopping {
@@ -821,7 +821,9 @@ impl ShardCore {
             watch: ConnWatch::default(),
             address: None,
         })?;
-        link.connected(conn);
+        link.connected(conn, now);
+        let after = link.deadline(&self.link_config);
+        self.note_deadline(None, after);
         self.wake(conn);
         Some(conn)
     }

@@ -888,7 +888,7 @@ impl RelayNet {
             core.link_connect_failed(&domain, failure, now);
             return;
         }
-        if let Some(conn) = core.link_connected(&domain) {
+        if let Some(conn) = core.link_connected(&domain, now) {
             self.next_relays
                 .push(NextRelay::new(shard, conn, domain, behaviour));
         }
@@ -922,7 +922,7 @@ impl RelayNet {
             core.close(link.conn, now);
             return true;
         }
-        if closing && !link.behaviour.answers_close {
+        if (closing && !link.behaviour.answers_close) || link.behaviour.silent {
             return moved;
         }
         let before = link.inbox.len();

@@ -34,6 +34,8 @@ pub struct NextRelayBehaviour {
     /// When set, it answers every `data` with a RPY carrying this payload instead of `ok`
     /// (a broken relay's poorly formed reply, BEEP-15).
     pub data_reply: Option<Bytes>,
+    /// Whether it accepts the connection and then neither reads nor writes (no greeting).
+    pub silent: bool,
 }
 
 impl Default for NextRelayBehaviour {
@@ -47,6 +49,7 @@ impl Default for NextRelayBehaviour {
             answers_close: true,
             holds_data: false,
             data_reply: None,
+            silent: false,
         }
     }
 }
