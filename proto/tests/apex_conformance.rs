@@ -1880,7 +1880,7 @@ fn apex_25_data_overtaking_the_attached_broadcast_reaches_the_recipient() {
 }
 
 #[test]
-fn opt_13_held_data_from_a_non_home_shard_is_released_once() {
+fn opt_14_held_data_from_a_non_home_shard_is_released_once() {
     // hold4Endpoint data arrives on shard 1 for an endpoint whose home is shard 0 and which is
     // not attached: it is held (at the home shard) and delivered exactly once when it attaches
     // on either shard.
