@@ -427,3 +427,45 @@ fn a_scram_exchange_ends_with_its_channel() {
         "{reply}"
     );
 }
+
+/// BEEP-30 (RFC 3080 §2.3.1.5) in the SASL profile: its `error` carries English text, labelled
+/// `xml:lang='en'` for a peer whose greeting asked for French first, unlabelled for one that
+/// asked for nothing. Byte-exact: a `ready` where a `blob` belongs.
+#[test]
+fn beep_30_a_sasl_error_is_labelled_for_a_peer_asking_for_another_language() {
+    for (greeting, label) in [
+        ("<greeting localize='fr' />", " xml:lang='en'"),
+        ("<greeting />", ""),
+    ] {
+        let mut net = RelayNet::new("example.com", 1);
+        let verifier = ScramVerifier::from_password("yabba", b"fixed salt", 4096);
+        let users = Users::parse(&format!("fred@example.com {verifier}\n"), "test").unwrap();
+        net.set_security(Security {
+            tls_server: None,
+            tls_client: None,
+            users: Arc::new(users),
+        });
+        let id = net.connect_raw(0, ConnKind::Edge);
+        let greeting = beep_xml(&format!("{greeting}\r\n"));
+        net.inject(id, &frame("RPY", 0, 0, 0, &greeting));
+        let client = ScramClient::new("fred@example.com", "yabba", "nonce");
+        let first = start(
+            3,
+            "http://iana.org/beep/SASL/SCRAM-SHA-256",
+            Some(&blob(&client.first())),
+        );
+        net.inject(id, &frame("MSG", 0, 1, greeting.len() as u32, &first));
+        assert!(
+            frames(&net, id, 0).pop().unwrap().starts_with("RPY 0 1 ."),
+            "the exchange started"
+        );
+        net.inject(id, &frame("MSG", 3, 0, 0, &beep_xml("<ready />")));
+        let error = beep_xml(&format!(
+            "<error code='501'{label}>expected a blob</error>\r\n"
+        ));
+        assert_eq!(
+            frames(&net, id, 0).pop().unwrap(),
+            String::from_utf8(frame("ERR", 3, 0, 0, &error)).unwrap()
+        );
+    }
+}

@@ -186,8 +186,14 @@ pub(super) fn is_tuning_event(session: &Session, event: &Event) -> bool {
     }
 }
 
-fn error_payload(code: u16, text: &str) -> Bytes {
-    Mgmt::Error(ErrorElement::new(code, text)).to_payload()
+/// A tuning profile's `error`, its English text labelled `lang` when the peer asked for another
+/// language first (RFC 3080 §2.3.1.5, BEEP-30: see [`Session::diagnostic_lang`]).
+fn error_payload(code: u16, text: &str, lang: Option<&str>) -> Bytes {
+    Mgmt::Error(ErrorElement {
+        lang: lang.map(str::to_owned),
+        ..ErrorElement::new(code, text)
+    })
+    .to_payload()
 }
 
 /// How a tuning step ended for the session's input.
@@ -446,12 +452,13 @@ impl ShardCore {
             .channel_profile(channel)
             .unwrap_or_default()
             .to_owned();
+        let lang = c.session.diagnostic_lang();
         let element = match tuning::parse(payload, 4, 4) {
             Ok(element) => element,
             Err(e) => {
                 let _ = c
                     .session
-                    .send_err(channel, msgno, error_payload(e.code, &e.text));
+                    .send_err(channel, msgno, error_payload(e.code, &e.text, lang));
                 return After::Resume;
             }
         };
@@ -466,12 +473,13 @@ impl ShardCore {
                     After::Tls
                 }
                 TuningElement::Ready { .. } => {
-                    let refusal = error_payload(code::ACTION_NOT_TAKEN, "TLS may not start now");
+                    let refusal =
+                        error_payload(code::ACTION_NOT_TAKEN, "TLS may not start now", lang);
                     let _ = c.session.send_err(channel, msgno, refusal);
                     After::Resume
                 }
                 _ => {
-                    let refusal = error_payload(code::PARAMETER_ERROR, "expected ready");
+                    let refusal = error_payload(code::PARAMETER_ERROR, "expected ready", lang);
                     let _ = c.session.send_err(channel, msgno, refusal);
                     After::Resume
                 }
@@ -480,7 +488,7 @@ impl ShardCore {
         let (status, data) = match element {
             TuningElement::Blob { status, data } => (status, data),
             _ => {
-                let refusal = error_payload(code::PARAMETER_ERROR, "expected a blob");
+                let refusal = error_payload(code::PARAMETER_ERROR, "expected a blob", lang);
                 let _ = c.session.send_err(channel, msgno, refusal);
                 return After::Resume;
             }
@@ -495,6 +503,7 @@ impl ShardCore {
             Err(error_payload(
                 code::AUTHENTICATION_FAILED,
                 "authentication aborted",
+                lang,
             ))
         } else {
             match self.sasl_step(conn, channel, &mechanism, &data) {
@@ -503,6 +512,7 @@ impl ShardCore {
                 Step::Failed => Err(error_payload(
                     code::AUTHENTICATION_FAILED,
                     "authentication failed",
+                    lang,
                 )),
             }
         };
