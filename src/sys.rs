@@ -22,6 +22,20 @@ pub fn memlock_limit() -> io::Result<Option<u64>> {
     Ok((soft != rlimit::INFINITY).then_some(soft))
 }
 
+/// Whether the process holds CAP_IPC_LOCK in its effective set (capability 14,
+/// linux/capability.h), with which the kernel charges nothing to RLIMIT_MEMLOCK. Read from
+/// /proc/self/status (`CapEff`, hexadecimal); false when that cannot be read.
+pub fn has_ipc_lock_capability() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|effective| effective & (1 << CAP_IPC_LOCK) != 0)
+}
+
 /// The process's effective user id (geteuid(2)): whether apexd runs as root decides where its
 /// data lives by default.
 pub fn effective_uid() -> u32 {
