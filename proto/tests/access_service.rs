@@ -811,6 +811,41 @@ fn issue_19_item_8_one_flooding_originator_gets_only_its_share_of_the_hold_queue
     }
 }
 
+/// The share is the originator's without its subaddress: an application attached as several
+/// subaddresses of itself (RFC 3340 §2.2) fills one share between them, not one each, and
+/// another originator still has room (issue 19 item 8).
+#[test]
+fn issue_19_item_8_subaddresses_of_one_originator_share_its_hold_queue_share() {
+    use apex_proto::apex::options::DEFAULT_MAX_HELD_PER_ORIGINATOR as SHARE;
+    let mut net = RelayNet::with("example.com", 1, grants(), Vec::new());
+    let flooders: Vec<(String, _)> = (0..3)
+        .map(|k| {
+            let identity = format!("mallory/{k}@example.com");
+            let attached = attached(&mut net, 0, &identity);
+            (identity, attached)
+        })
+        .collect();
+    let (fred, fch) = attached(&mut net, 0, "fred@example.com");
+    let mut accepted = 0;
+    for i in 0..SHARE {
+        for (identity, (id, channel)) in &flooders {
+            let flood = data(identity, &["absent@example.com"], HOLD, &format!("{i}"));
+            if net.send(*id, *channel, flood).0 {
+                accepted += 1;
+            }
+        }
+    }
+    assert_eq!(accepted, SHARE, "three subaddresses, one share");
+    assert_eq!(net.relay(0).held_count(), SHARE);
+    let mine = data(
+        "fred@example.com",
+        &["barney@example.com"],
+        HOLD,
+        "for barney",
+    );
+    assert!(net.send(fred, fch, mine).0, "room for another originator");
+}
+
 /// Held data without a `dataTiming` bound is no longer held for ever: after the default
 /// `hold.max_hold_ms` (one hour) it is dropped and reported (issue 19 item 8, OPT-15).
 #[test]

@@ -21,12 +21,17 @@ pub(super) struct Held {
 }
 
 impl Relay {
-    /// The originator of data to hold, whose share of the queue it counts against. Held data
-    /// was parsed when it was accepted, so this only fails for a record of the store that no
-    /// longer parses: that counts against the queue alone.
+    /// The originator of data to hold, whose share of the queue it counts against: the
+    /// endpoint without its subaddress (RFC 3340 §2.2), so that an application attached as
+    /// many subaddresses of itself still has one share. Held data was parsed when it was
+    /// accepted, so this only fails for a record of the store that no longer parses: that
+    /// counts against the queue alone.
     pub(super) fn held_originator(&mut self, payload: &Bytes) -> Option<Endpoint> {
         match msg::parse_message(payload, &self.config.limits) {
-            Ok(Operation::Data(data)) => self.parse_endpoint(&data.originator.identity).ok(),
+            Ok(Operation::Data(data)) => self
+                .parse_endpoint(&data.originator.identity)
+                .ok()
+                .map(|originator| originator.base().into_owned()),
             _ => None,
         }
     }
