@@ -142,6 +142,30 @@ fn opt_09_11_12_13_late_recipient_gets_transient_then_timing_error_only() {
     }
 }
 
+/// OPT-09, OPT-11, OPT-12: `reportAfter` equal to `noLaterThan` keeps both timers: at that
+/// instant the transient report, then the timing error, and the watch ends.
+#[test]
+fn opt_09_12_report_after_equal_to_no_later_than_sends_both_reports() {
+    let mut net = granted(1);
+    let (fred, ch) = attached(&mut net, 0, "fred@example.com");
+    let (barney, _) = attached(&mut net, 0, "barney@example.com");
+    net.clients[barney].auto_reply = false;
+    let options = timing(8, "noLaterThan='300' reportAfter='300' reportErrors='true'");
+    let sent = data("fred@example.com", "barney@example.com", &options, "hi");
+    assert!(net.send(fred, ch, sent).0);
+    net.advance(299);
+    assert!(reports(&net, fred).is_empty());
+    net.advance(1);
+    assert_eq!(
+        reports(&net, fred),
+        vec![
+            report(8, "barney@example.com", 350),
+            report(8, "barney@example.com", 550)
+        ]
+    );
+    assert_eq!(net.relay(0).watched_timings(), 0);
+}
+
 /// OPT-09, OPT-10, OPT-07: an `ok` within noLaterThan with returnTrip non-zero gets a final hop
 /// report: a new dataTiming (targetHop='all', mustUnderstand='true', fresh transID) whose only
 /// attribute is noLaterThan = the original returnTrip, and a statusResponse with the option's

@@ -18,7 +18,7 @@
 //! without bound. Forwarded data needs no watch: its time is subtracted when it leaves for the
 //! next relay (see [`options::restamp_forward`] and the shard core's links).
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 use super::*;
 use crate::apex::options::DataTiming;
@@ -40,19 +40,21 @@ struct TimingWatch {
     report_due: Option<u64>,
 }
 
-/// Which timer of a watch a deadline entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which timer of a watch a deadline entry is. Part of the entry's key, so that a
+/// `reportAfter` equal to `noLaterThan` keeps both timers; at the same instant the transient
+/// report goes first (the order of the variants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Due {
-    Ok,
     ReportAfter,
+    Ok,
 }
 
 /// The running `dataTiming` watches of one shard, by number and by deadline.
 #[derive(Debug, Default)]
 pub(super) struct TimingWatches {
     by_id: FxHashMap<u64, TimingWatch>,
-    /// (deadline in relay-clock ms, watch number) -> which timer.
-    by_deadline: BTreeMap<(u64, u64), Due>,
+    /// (deadline in relay-clock ms, watch number, which timer).
+    by_deadline: BTreeSet<(u64, u64, Due)>,
     next_id: u64,
 }
 
@@ -64,16 +66,16 @@ impl TimingWatches {
 
     /// The earliest deadline, if any timer runs.
     pub(super) fn next_deadline(&self) -> Option<u64> {
-        self.by_deadline.keys().next().map(|(at, _)| *at)
+        self.by_deadline.first().map(|(at, _, _)| *at)
     }
 
     fn remove(&mut self, id: u64) -> Option<TimingWatch> {
         let watch = self.by_id.remove(&id)?;
         if let Some(at) = watch.ok_due {
-            self.by_deadline.remove(&(at, id));
+            self.by_deadline.remove(&(at, id, Due::Ok));
         }
         if let Some(at) = watch.report_due {
-            self.by_deadline.remove(&(at, id));
+            self.by_deadline.remove(&(at, id, Due::ReportAfter));
         }
         Some(watch)
     }
@@ -107,10 +109,10 @@ impl Relay {
         let ok_due = timing.deadline(received_at_ms);
         let report_due = timing.report_after_deadline(received_at_ms);
         if let Some(at) = ok_due {
-            watches.by_deadline.insert((at, id), Due::Ok);
+            watches.by_deadline.insert((at, id, Due::Ok));
         }
         if let Some(at) = report_due {
-            watches.by_deadline.insert((at, id), Due::ReportAfter);
+            watches.by_deadline.insert((at, id, Due::ReportAfter));
         }
         watches.by_id.insert(
             id,
@@ -171,11 +173,11 @@ impl Relay {
     /// Timers due at `now_ms`: `reportAfter` sends the transient report and the watch goes
     /// on; `noLaterThan` ends the watch with a timing error report when `reportErrors`.
     pub(super) fn expire_timings(&mut self, now_ms: u64) {
-        while let Some(entry) = self.timing_watches.by_deadline.first_entry() {
-            if entry.key().0 > now_ms {
+        while let Some(&(at, id, due)) = self.timing_watches.by_deadline.first() {
+            if at > now_ms {
                 break;
             }
-            let ((_, id), due) = entry.remove_entry();
+            self.timing_watches.by_deadline.remove(&(at, id, due));
             let report = match due {
                 Due::Ok => self.timing_watches.remove(id).and_then(|w| {
                     w.timing
