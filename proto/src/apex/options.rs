@@ -243,24 +243,7 @@ pub fn override_terminate_payload(old_trans_id: u32) -> Bytes {
 /// OPT-03: such data must not contain a statusRequest, so one that does is not honoured, which
 /// also prevents report loops). Administrative disabling (OPT-04) is the caller's policy.
 pub fn status_requests_for(data: &Data, recipient: usize, hop: Hop) -> Vec<u32> {
-    let own = data
-        .recipients
-        .get(recipient)
-        .map(|r| &r.options[..])
-        .unwrap_or_default();
-    if (data.options.is_empty() && own.is_empty()) || carries_status_response(data) {
-        return Vec::new();
-    }
-    let mut ids: Vec<u32> = Vec::new();
-    for o in data.options.iter().chain(own) {
-        if KnownOption::of(o) == Some(KnownOption::StatusRequest)
-            && applies_here(o, hop)
-            && !ids.contains(&o.trans_id)
-        {
-            ids.push(o.trans_id);
-        }
-    }
-    ids
+    status_requests_where(data, recipient, |o| applies_here(o, hop))
 }
 
 /// The transIDs of the `statusRequest` options (per-data, then `recipient`'s own) that travel
@@ -268,6 +251,17 @@ pub fn status_requests_for(data: &Data, recipient: usize, hop: Hop) -> Vec<u32> 
 /// `targetHop='final'` or `'all'`, which a later relay answers (RFC 3340 §5; `this` ones are
 /// removed when forwarding, APEX-35). Empty for data carrying a `statusResponse` (OPT-03).
 pub fn status_requests_onward(data: &Data, recipient: usize) -> Vec<u32> {
+    status_requests_where(data, recipient, |o| o.target_hop != TargetHop::This)
+}
+
+/// The transIDs of the `statusRequest` options of `data` (per-data, then `recipient`'s own)
+/// that `wanted` selects, duplicates removed; none for data carrying a `statusResponse`
+/// (OPT-03).
+fn status_requests_where(
+    data: &Data,
+    recipient: usize,
+    wanted: impl Fn(&ApexOption) -> bool,
+) -> Vec<u32> {
     let own = data
         .recipients
         .get(recipient)
@@ -279,7 +273,7 @@ pub fn status_requests_onward(data: &Data, recipient: usize) -> Vec<u32> {
     let mut ids: Vec<u32> = Vec::new();
     for o in data.options.iter().chain(own) {
         if KnownOption::of(o) == Some(KnownOption::StatusRequest)
-            && o.target_hop != TargetHop::This
+            && wanted(o)
             && !ids.contains(&o.trans_id)
         {
             ids.push(o.trans_id);
